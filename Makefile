@@ -1,0 +1,30 @@
+# llama_mp: `make install`, `make test`, `make demo`, `make bench`.
+# CPU build of torch by default; `make install TORCH=torch` (or a CUDA wheel spec) for a GPU machine.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	@test -f $(DEMO)/params.json || $(PY) -m llama_mp synth $(DEMO) --mp 2
+	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29517 launch/text_completion.py \
+		--ckpt_dir $(DEMO) --tokenizer_path $(DEMO)/tokenizer.model --max_gen_len 32 --backend gloo --device cpu
+
+clean:
+	rm -rf $(VENV) $(DEMO) build *.egg-info

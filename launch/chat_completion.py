@@ -1,0 +1,16 @@
+"""torchrun entry point: chat completion over a Meta LLaMA checkpoint (see README).
+
+    torchrun --nproc_per_node N launch/chat_completion.py --ckpt_dir DIR --tokenizer_path tokenizer.model ...
+
+Also runs as one plain process: python launch/chat_completion.py ...
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from llama_mp.completion_cli import chat_completion, run  # noqa: E402
+
+if __name__ == "__main__":
+    run(chat_completion)

@@ -1,0 +1,197 @@
+"""Reading and writing Meta's consolidated checkpoint directories.
+
+A directory holds `params.json`, `consolidated.00.pth` ... `consolidated.{K-1}.pth` and usually
+`checklist.chk` (md5sum lines). Shards are opened with `mmap=True`, so a rank that needs only a slice
+of a tensor reads only those pages: peak host memory per rank stays near its own share of the model,
+whatever the number of shards K and processes N.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from typing import Dict, List, Tuple
+
+import torch
+
+from . import layout
+from .errors import LlamaMPError
+from .params import ModelArgs, save_params
+
+StateDict = Dict[str, torch.Tensor]
+_SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def shard_paths(ckpt_dir: str) -> List[str]:
+    """The shard files of a checkpoint directory in order, checked for gaps."""
+    if not os.path.isdir(ckpt_dir):
+        raise LlamaMPError(f"Checkpoint directory {ckpt_dir!r} does not exist. Pass --ckpt_dir the folder "
+                           "that holds params.json and consolidated.00.pth (e.g. llama-2-7b/).")
+    found = {}
+    for path in glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")):
+        m = _SHARD_NAME.match(os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    if not found:
+        raise LlamaMPError(f"No consolidated.*.pth shard files in {ckpt_dir!r}. Check that the download "
+                           "finished and that --ckpt_dir points at the model folder, not its parent.")
+    missing = [i for i in range(max(found) + 1) if i not in found]
+    if missing:
+        names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
+        raise LlamaMPError(f"{ckpt_dir!r} has {len(found)} shard files but is missing {names}. "
+                           "Download the missing shard(s) again; `llama-mp verify` checks the whole folder.")
+    return [found[i] for i in range(len(found))]
+
+
+def load_shard(path: str) -> StateDict:
+    """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt zip archives
+        raise LlamaMPError(f"Cannot read shard {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                           "The file is truncated or corrupt; download it again and run "
+                           "`llama-mp verify` on the folder.") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise LlamaMPError(f"{path} does not hold a state dict of tensors, so it is not a Meta consolidated "
+                           "shard. Convert other formats with `llama-mp convert`.")
+    return sd
+
+
+def vocab_size_of(shard: StateDict, where: str) -> int:
+    emb = shard.get("tok_embeddings.weight")
+    if emb is None or emb.dim() != 2:
+        raise LlamaMPError(f"{where} has no 2-D tok_embeddings.weight, so it is not a LLaMA shard.")
+    return emb.shape[0]
+
+
+def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str) -> None:
+    """Strict key and shape check, naming every missing, unexpected or misshaped tensor."""
+    problems = []
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and k not in layout.IGNORED_KEYS]
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    for k, shape in expected.items():
+        if k in sd and tuple(sd[k].shape) != tuple(shape):
+            problems.append(f"{k} has shape {list(sd[k].shape)} but params.json implies {list(shape)}")
+    if problems:
+        raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])
+                           + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+                           + ". The params.json and the shards probably come from different models; "
+                             "`llama-mp verify` lists everything.")
+
+
+def _few(keys: List[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def resolve_vocab(args: ModelArgs, first_shard: StateDict, where: str) -> ModelArgs:
+    """Fill in vocab_size from the checkpoint when params.json says -1, and check it otherwise."""
+    vocab = vocab_size_of(first_shard, where)
+    if args.vocab_size not in (-1, vocab):
+        raise LlamaMPError(f"params.json says vocab_size {args.vocab_size} but {where} has {vocab} token "
+                           "embeddings. Fix vocab_size in params.json (Meta's files use -1).")
+    return args.with_vocab(vocab)
+
+
+def overlapping_shards(rank: int, world_size: int, num_shards: int) -> List[int]:
+    """Shards whose slice of a split dimension overlaps rank `rank` of `world_size`."""
+    return [k for k in range(num_shards)
+            if k * world_size < (rank + 1) * num_shards and rank * num_shards < (k + 1) * world_size]
+
+
+def rank_slice(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s share of a tensor split over `num_shards` shards, from the overlapping pieces."""
+    per_shard = next(iter(pieces.values())).shape[dim]
+    total = per_shard * num_shards
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    parts = []
+    for k in sorted(pieces):
+        start, stop = max(lo, k * per_shard), min(hi, (k + 1) * per_shard)
+        parts.append(pieces[k].narrow(dim, start - k * per_shard, stop - start))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def check_world_size(args: ModelArgs, num_shards: int, world_size: int, ckpt_dir: str) -> None:
+    valid = layout.valid_world_sizes(args)
+    if world_size not in valid:
+        raise LlamaMPError(
+            f"This checkpoint ({ckpt_dir}, {num_shards} shard(s), n_heads {args.n_heads}, n_kv_heads "
+            f"{args.kv_heads}, FFN {args.ffn_hidden_dim}) cannot be split over {world_size} processes: every "
+            f"head, the FFN and the vocabulary must divide evenly. Valid process counts: {valid}. "
+            f"Run with torchrun --nproc_per_node one of those.")
+
+
+def load_rank_state_dict(ckpt_dir: str, args: ModelArgs, rank: int, world_size: int) -> Tuple[ModelArgs, StateDict]:
+    """This rank's tensors for a `world_size`-way split, whatever the checkpoint's shard count.
+
+    With as many processes as shards, rank r simply takes shard r. Otherwise each rank opens only the
+    shards that overlap its slice and cuts or concatenates the pieces it needs (load-time resharding).
+    Returns the params with vocab_size filled in, and the state dict (mmap-backed where possible).
+    """
+    paths = shard_paths(ckpt_dir)
+    num_shards = len(paths)
+    needed = overlapping_shards(rank, world_size, num_shards)
+    shards = {k: load_shard(paths[k]) for k in needed}
+    first = shards[needed[0]]
+    args = resolve_vocab(args, first, paths[needed[0]])
+    check_world_size(args, num_shards, world_size, ckpt_dir)
+    expected = layout.shard_shapes(args, num_shards)
+    for k, sd in shards.items():
+        check_tensors(sd, expected, paths[k])
+    if num_shards == world_size:
+        return args, {k: v for k, v in first.items() if k not in layout.IGNORED_KEYS}
+    out: StateDict = {}
+    for key in expected:
+        dim = layout.split_dim(key)
+        if dim is None:
+            out[key] = first[key]
+        else:
+            out[key] = rank_slice({k: sd[key] for k, sd in shards.items()}, dim, num_shards, rank, world_size)
+    return args, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def md5_file(path: str, chunk_bytes: int = 1 << 22, progress=None) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+            if progress is not None:
+                progress(len(block))
+
+
+def write_checklist(ckpt_dir: str) -> None:
+    """Write `checklist.chk` in md5sum format for params.json and every shard, as Meta ships it."""
+    names = ["params.json"] + [os.path.basename(p) for p in shard_paths(ckpt_dir)]
+    lines = [f"{md5_file(os.path.join(ckpt_dir, n))}  {n}\n" for n in names]
+    with open(os.path.join(ckpt_dir, "checklist.chk"), "w") as f:
+        f.writelines(lines)
+
+
+def shard_name(index: int) -> str:
+    return f"consolidated.{index:02d}.pth"
+
+
+def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num_shards: int) -> None:
+    """Split a whole-model state dict into `num_shards` Meta shards plus params.json and checklist.chk.
+
+    `args.vocab_size` is written as given (pass -1 to mimic Meta's files).
+    """
+    os.makedirs(ckpt_dir, exist_ok=True)
+    save_params(args, ckpt_dir)
+    for index in range(num_shards):
+        shard = {k: layout.split(v, layout.split_dim(k), num_shards, index).clone()
+                 for k, v in full_state.items() if k not in layout.IGNORED_KEYS}
+        torch.save(shard, os.path.join(ckpt_dir, shard_name(index)))
+    write_checklist(ckpt_dir)
