@@ -1,0 +1,62 @@
+"""An independent LLaMA forward pass for checking the production model.
+
+Plain torch on the whole (unsplit) state dict: no fairscale, no KV cache, no SDPA, rotary embeddings
+with complex numbers instead of cos/sin tables, attention written out by hand. Deliberately shares no
+code with llama_mp, so a mistake in the production path cannot hide in both.
+"""
+
+import math
+
+import torch
+
+
+def _rms(x, weight, eps):
+    return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def _rotate(x, positions, theta):
+    # x: [seq, heads, head_dim]; consecutive pairs are the real and imaginary parts.
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    angle = positions[:, None].double() * inv_freq[None, :]
+    turn = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)  # [seq, half]
+    as_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], half, 2))
+    return torch.view_as_real(as_complex * turn[:, None, :]).reshape(x.shape)
+
+
+def reference_logits(state, args, tokens):
+    """Logits [seq, vocab] for one sequence of token ids (a list), float32, from the whole state dict."""
+    sd = {k: v.float() for k, v in state.items()}
+    n_kv = args.n_kv_heads or args.n_heads
+    hd = args.dim // args.n_heads
+    ids = torch.tensor(tokens)
+    seq = len(tokens)
+    pos = torch.arange(seq)
+    x = sd["tok_embeddings.weight"][ids]
+    future = torch.triu(torch.full((seq, seq), float("-inf")), diagonal=1)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        h = _rms(x, sd[p + "attention_norm.weight"], args.norm_eps)
+        q = (h @ sd[p + "attention.wq.weight"].T).view(seq, args.n_heads, hd)
+        k = (h @ sd[p + "attention.wk.weight"].T).view(seq, n_kv, hd)
+        v = (h @ sd[p + "attention.wv.weight"].T).view(seq, n_kv, hd)
+        q, k = _rotate(q, pos, args.rope_theta), _rotate(k, pos, args.rope_theta)
+        group = args.n_heads // n_kv
+        heads = []
+        for head in range(args.n_heads):
+            kv = head // group
+            scores = q[:, head] @ k[:, kv].T / math.sqrt(hd) + future
+            heads.append(torch.softmax(scores, dim=-1) @ v[:, kv])
+        x = x + torch.cat(heads, dim=-1) @ sd[p + "attention.wo.weight"].T
+        h = _rms(x, sd[p + "ffn_norm.weight"], args.norm_eps)
+        gate = h @ sd[p + "feed_forward.w1.weight"].T
+        x = x + (gate * torch.sigmoid(gate) * (h @ sd[p + "feed_forward.w3.weight"].T)) @ sd[p + "feed_forward.w2.weight"].T
+    return _rms(x, sd["norm.weight"], args.norm_eps) @ sd["output.weight"].T
+
+
+def reference_greedy(state, args, prompt, steps):
+    """Greedy continuation by recomputing the whole sequence each step (no cache)."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(reference_logits(state, args, tokens)[-1].argmax()))
+    return tokens[len(prompt):]

@@ -1,0 +1,121 @@
+"""The model-parallel model computes the same function on 1, 2 and 4 ranks, and the same function as an
+independent reference implementation and as Hugging Face transformers on the same weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from multiproc import run_ranks
+from reference import reference_greedy, reference_logits
+from workers import build, logits_and_greedy, sampled
+
+STEPS = 12
+MHA = dict()                           # 4 heads, each with its own keys/values
+GQA = dict(n_heads=8, n_kv_heads=4)    # grouped-query attention, 2 query heads per kv head
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    texts = ["The capital of France is", "Once upon a time", "Model parallel inference splits every layer"]
+    return [tokenizer.encode(t, bos=True, eos=False) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def one_rank(make_checkpoint, tokenizer_path, prompts):
+    """Logits and greedy ids of MHA and GQA models from a single-shard checkpoint, in one process."""
+    cases = [make_checkpoint(shards=1, **MHA)[0], make_checkpoint(shards=1, **GQA)[0]]
+    return logits_and_greedy(cases, tokenizer_path, prompts, STEPS)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_compute_the_same_logits_and_greedy_ids_as_one_rank(world_size, make_checkpoint, tokenizer_path,
+                                                                 prompts, one_rank):
+    cases = [make_checkpoint(shards=world_size, **MHA)[0], make_checkpoint(shards=world_size, **GQA)[0]]
+    per_rank = run_ranks(world_size, logits_and_greedy, cases, tokenizer_path, prompts, STEPS)
+    for (ref_logits, ref_ids), *ranks in zip(one_rank, *per_rank):
+        for logits, ids in ranks:  # every rank returns the same results
+            np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5)
+            assert ids == ref_ids
+
+
+def test_model_matches_independent_reference(make_checkpoint, tokenizer_path, prompts, one_rank):
+    for (logits, ids), cfg in zip(one_rank, (MHA, GQA)):
+        _, args, state = make_checkpoint(shards=1, **cfg)
+        expected = reference_logits(state, args, prompts[0]).numpy()
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+        assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
+
+
+def test_bfloat16_checkpoint_loads_in_float32_and_bfloat16(make_checkpoint, tokenizer_path, prompts):
+    ckpt_dir, args, state = make_checkpoint(shards=2, dtype=torch.bfloat16, **GQA)
+    expected = reference_logits(state, args, prompts[0])  # reference upcasts the bf16 weights
+    as_f32 = build(ckpt_dir, tokenizer_path, dtype="float32")
+    as_bf16 = build(ckpt_dir, tokenizer_path, dtype="bfloat16")
+    assert as_f32.model.output.weight.dtype == torch.float32
+    assert as_bf16.model.output.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        f32 = as_f32.model(torch.tensor([prompts[0]]), 0, all_positions=True)[0]
+        bf16 = as_bf16.model(torch.tensor([prompts[0]]), 0, all_positions=True)[0]
+    torch.testing.assert_close(f32, expected, rtol=0, atol=1e-4)
+    # bfloat16 keeps ~3 significant digits: close in bulk, not bit-equal.
+    assert (bf16 - expected).abs().mean() < 0.05 * expected.abs().mean()
+
+
+def test_sampling_with_a_seed_gives_the_same_text_on_any_rank_count(make_checkpoint, tokenizer_path, prompts):
+    one = sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 7)
+    two = run_ranks(2, sampled, make_checkpoint(shards=2)[0], tokenizer_path, prompts, STEPS, 7)
+    assert two[0] == two[1] == one
+    other_seed = sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 8)
+    assert other_seed != one
+
+
+def _to_transformers(state, args):
+    """The same weights as a transformers LlamaForCausalLM, written here independently of llama_mp.
+
+    Meta rotates interleaved pairs (x0, x1), (x2, x3), ...; transformers rotates the two halves of each
+    head. Reordering the rows of wq and wk within each head maps one convention to the other."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    n_kv = args.n_kv_heads or args.n_heads
+    hd = args.dim // args.n_heads
+
+    def permute(w, heads):
+        return w.view(heads, hd // 2, 2, args.dim).transpose(1, 2).reshape(heads * hd, args.dim)
+
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=n_kv,
+                         rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, max_position_embeddings=256,
+                         tie_word_embeddings=False, torch_dtype="float32")
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+          "lm_head.weight": state["output.weight"]}
+    for i in range(args.n_layers):
+        m, p = f"model.layers.{i}.", f"layers.{i}."
+        hf.update({
+            m + "self_attn.q_proj.weight": permute(state[p + "attention.wq.weight"], args.n_heads),
+            m + "self_attn.k_proj.weight": permute(state[p + "attention.wk.weight"], n_kv),
+            m + "self_attn.v_proj.weight": state[p + "attention.wv.weight"],
+            m + "self_attn.o_proj.weight": state[p + "attention.wo.weight"],
+            m + "mlp.gate_proj.weight": state[p + "feed_forward.w1.weight"],
+            m + "mlp.down_proj.weight": state[p + "feed_forward.w2.weight"],
+            m + "mlp.up_proj.weight": state[p + "feed_forward.w3.weight"],
+            m + "input_layernorm.weight": state[p + "attention_norm.weight"],
+            m + "post_attention_layernorm.weight": state[p + "ffn_norm.weight"],
+        })
+    model = LlamaForCausalLM(config).float().eval()
+    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
+    return model
+
+
+def test_transformers_gives_the_same_greedy_ids(make_checkpoint, prompts, one_rank):
+    pytest.importorskip("transformers")
+    for (logits, ids), cfg in zip(one_rank, (MHA, GQA)):
+        _, args, state = make_checkpoint(shards=1, **cfg)
+        hf = _to_transformers(state, args)
+        with torch.inference_mode():
+            hf_logits = hf(torch.tensor([prompts[0]])).logits[0]
+            np.testing.assert_allclose(logits, hf_logits.numpy(), rtol=0, atol=1e-4)
+            for prompt, ours in zip(prompts, ids):
+                seq = list(prompt)
+                for _ in range(STEPS):
+                    seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+                assert seq[len(prompt):] == ours
