@@ -24,7 +24,11 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
-    return find_or_make_tokenizer(str(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+    """../shared's real tokenizer, or a tiny trained one (always, with LLAMA_MP_TEST_TOKENIZER=tiny)."""
+    fallback = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    if os.environ.get("LLAMA_MP_TEST_TOKENIZER") == "tiny":
+        return find_or_make_tokenizer(fallback, shared=None)
+    return find_or_make_tokenizer(fallback)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,73 @@
+"""params.json parsing, shard layout and presets."""
+
+import json
+
+import pytest
+
+from llama_mp import LlamaMPError, layout
+from llama_mp.params import load_params, load_preset, parse_params, preset_names
+
+LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
+
+
+def test_meta_params_parse_and_imply_the_published_sizes():
+    args = parse_params(LLAMA2_7B)
+    assert (args.head_dim, args.kv_heads, args.ffn_hidden_dim) == (128, 32, 11008)
+    assert args.with_vocab(32000).parameter_count() == 6_738_415_616
+
+
+@pytest.mark.parametrize("name, shards, hidden, billions", [
+    ("llama-7b", 1, 11008, 6.74), ("llama-13b", 2, 13824, 13.02), ("llama-33b", 4, 17920, 32.53),
+    ("llama-65b", 8, 22016, 65.29), ("llama-2-70b", 8, 28672, 68.98), ("codellama-34b", 4, 22016, 33.74),
+])
+def test_presets_match_the_published_models(name, shards, hidden, billions):
+    args, k = load_preset(name)
+    assert k == shards and args.ffn_hidden_dim == hidden
+    assert args.parameter_count() / 1e9 == pytest.approx(billions, abs=0.01)
+    assert shards in layout.valid_world_sizes(args)
+
+
+def test_all_presets_load():
+    assert {"llama-2-7b", "llama-2-13b", "llama-2-70b"} <= set(preset_names())
+    for name in preset_names():
+        load_preset(name)
+    with pytest.raises(LlamaMPError, match="Unknown model preset"):
+        load_preset("llama-9b")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_heads": None}, "missing field"),
+    ({"use_scaled_rope": True}, "unknown field"),
+    ({"dim": "4096"}, "dim must be an integer"),
+    ({"n_kv_heads": 5}, "n_kv_heads 5 must be positive and divide"),
+    ({"dim": 4095}, "not divisible by n_heads"),
+    ({"vocab_size": 0}, "vocab_size"),
+])
+def test_bad_params_name_the_field(change, words):
+    raw = dict(LLAMA2_7B, **change)
+    raw = {k: v for k, v in raw.items() if v is not None}
+    with pytest.raises(LlamaMPError, match=words):
+        parse_params(raw)
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(LlamaMPError, match="does not exist"):
+        load_params(str(tmp_path))
+    (tmp_path / "params.json").write_text("{not json")
+    with pytest.raises(LlamaMPError, match="not valid JSON"):
+        load_params(str(tmp_path))
+    (tmp_path / "params.json").write_text(json.dumps(LLAMA2_7B))
+    assert load_params(str(tmp_path)).dim == 4096
+
+
+def test_layout_follows_meta_sharding():
+    args = parse_params(dict(LLAMA2_7B, n_kv_heads=8)).with_vocab(32000)
+    shapes = layout.shard_shapes(args, 2)
+    assert shapes["tok_embeddings.weight"] == (32000, 2048)       # embedding dim split
+    assert shapes["output.weight"] == (16000, 4096)               # vocab split
+    assert shapes["layers.0.attention.wq.weight"] == (2048, 4096)
+    assert shapes["layers.0.attention.wk.weight"] == (512, 4096)  # 8 kv heads of 128, split in two
+    assert shapes["layers.0.attention.wo.weight"] == (4096, 2048)
+    assert shapes["layers.0.feed_forward.w2.weight"] == (4096, 5504)
+    assert shapes["layers.0.ffn_norm.weight"] == (4096,)
+    assert layout.valid_world_sizes(args) == [1, 2, 4, 8]
