@@ -24,22 +24,33 @@ StateDict = Dict[str, torch.Tensor]
 _SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
-def shard_paths(ckpt_dir: str) -> List[str]:
-    """The shard files of a checkpoint directory in order, checked for gaps."""
+def find_shards(ckpt_dir: str) -> Dict[int, str]:
+    """Every `consolidated.NN.pth` in a directory, by index, gaps included (callers decide what a gap means)."""
     if not os.path.isdir(ckpt_dir):
         raise LlamaMPError(f"Checkpoint directory {ckpt_dir!r} does not exist. Pass --ckpt_dir the folder "
                            "that holds params.json and consolidated.00.pth (e.g. llama-2-7b/).")
     found = {}
-    for path in glob.glob(os.path.join(ckpt_dir, "consolidated.*.pth")):
+    for path in glob.glob(os.path.join(glob.escape(ckpt_dir), "consolidated.*.pth")):
         m = _SHARD_NAME.match(os.path.basename(path))
         if m:
             found[int(m.group(1))] = path
+    return found
+
+
+def missing_shards(found: Dict[int, str]) -> List[int]:
+    """Indexes below the highest one found that have no file (a shard count is only known from the names)."""
+    return [i for i in range(max(found) + 1) if i not in found] if found else []
+
+
+def shard_paths(ckpt_dir: str) -> List[str]:
+    """The shard files of a checkpoint directory in order, checked for gaps."""
+    found = find_shards(ckpt_dir)
     if not found:
         raise LlamaMPError(f"No consolidated.*.pth shard files in {ckpt_dir!r}. Check that the download "
                            "finished and that --ckpt_dir points at the model folder, not its parent.")
-    missing = [i for i in range(max(found) + 1) if i not in found]
+    missing = missing_shards(found)
     if missing:
-        names = ", ".join(f"consolidated.{i:02d}.pth" for i in missing)
+        names = ", ".join(shard_name(i) for i in missing)
         raise LlamaMPError(f"{ckpt_dir!r} has {len(found)} shard files but is missing {names}. "
                            "Download the missing shard(s) again; `llama-mp verify` checks the whole folder.")
     return [found[i] for i in range(len(found))]
@@ -66,18 +77,28 @@ def vocab_size_of(shard: StateDict, where: str) -> int:
     return emb.shape[0]
 
 
-def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str) -> None:
-    """Strict key and shape check, naming every missing, unexpected or misshaped tensor."""
+def shape_problems(shapes: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]]) -> List[str]:
+    """Every missing, unexpected or misshaped tensor, one readable item each (empty when all match)."""
     problems = []
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and k not in layout.IGNORED_KEYS]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected and k not in layout.IGNORED_KEYS]
     if missing:
         problems.append(f"missing {_few(missing)}")
     if unexpected:
         problems.append(f"unexpected {_few(unexpected)}")
     for k, shape in expected.items():
-        if k in sd and tuple(sd[k].shape) != tuple(shape):
-            problems.append(f"{k} has shape {list(sd[k].shape)} but params.json implies {list(shape)}")
+        if k in shapes and tuple(shapes[k]) != tuple(shape):
+            problems.append(f"{k} has shape {list(shapes[k])} but params.json implies {list(shape)}")
+    return problems
+
+
+def tensor_shapes(sd: StateDict) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str) -> None:
+    """Strict key and shape check, naming every missing, unexpected or misshaped tensor."""
+    problems = shape_problems(tensor_shapes(sd), expected)
     if problems:
         raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])
                            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -112,7 +133,10 @@ def rank_slice(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank:
     parts = []
     for k in sorted(pieces):
         start, stop = max(lo, k * per_shard), min(hi, (k + 1) * per_shard)
-        parts.append(pieces[k].narrow(dim, start - k * per_shard, stop - start))
+        if stop > start:  # a caller may pass more shards than overlap; they contribute nothing
+            parts.append(pieces[k].narrow(dim, start - k * per_shard, stop - start))
+    if not parts:
+        raise ValueError(f"no piece overlaps rank {rank} of {world_size} (shards given: {sorted(pieces)})")
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 

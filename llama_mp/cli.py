@@ -1,6 +1,10 @@
 """`llama-mp`: the tools around checkpoints, as subcommands (fire).
 
     llama-mp synth DIR --mp 2        write a small random checkpoint in Meta's layout (+ a tokenizer)
+    llama-mp reshard SRC DST --mp M  rewrite a Meta checkpoint with M shards
+    llama-mp verify DIR              check checksums and structure, listing every problem
+    llama-mp convert SRC DST --mp M  Hugging Face / llama2.c / Meta -> Meta (--to hf: Meta -> Hugging Face)
+    llama-mp plan --model NAME --gpus N --gpu_mem_gb G   will it fit, and if not what would
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import sys
 
 from .errors import LlamaMPError
 from .params import parse_params
+from .tools_cli import TOOLS
 
 
 def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads: int = 8,
@@ -46,7 +51,7 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
           f"{tok_dst}", file=sys.stderr)
 
 
-COMMANDS = {"synth": synth}
+COMMANDS = {"synth": synth, **TOOLS}
 
 
 def main() -> None:

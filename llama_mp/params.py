@@ -70,6 +70,29 @@ class ModelArgs:
         return self.n_layers * per_layer + 2 * self.vocab_size * d + d
 
 
+def ffn_fields_for(dim: int, hidden: int) -> Dict[str, Any]:
+    """`multiple_of` (and `ffn_dim_multiplier` if needed) that make `ModelArgs.ffn_hidden_dim == hidden`.
+
+    Other formats (Hugging Face, llama2.c) store the FFN width itself; params.json can only derive it.
+    Prefer Meta's style: `multiple_of` 256 (LLaMA 7B-65B, Llama 2 7B/13B, Code Llama) or else the largest
+    power of two that rounds 2/3 * 4 * dim up to `hidden`; widths no rounding reaches (Llama 2 70B) get
+    the shortest decimal `ffn_dim_multiplier` that works (1.3 for 70B, as Meta wrote it).
+    """
+    def width(**fields) -> int:
+        return ModelArgs(dim=dim, n_layers=1, n_heads=1, **fields).ffn_hidden_dim
+
+    powers = [256] + [1 << p for p in range(hidden.bit_length(), -1, -1) if 1 << p != 256]
+    for m in powers:
+        if width(multiple_of=m) == hidden:
+            return {"multiple_of": m}
+    ratio = hidden / int(2 * (4 * dim) / 3)
+    for multiplier in [round(ratio, digits) for digits in range(1, 7)] + [ratio]:
+        for m in powers:
+            if multiplier > 0 and width(multiple_of=m, ffn_dim_multiplier=multiplier) == hidden:
+                return {"multiple_of": m, "ffn_dim_multiplier": multiplier}
+    raise LlamaMPError(f"No params.json can describe an FFN width of {hidden} for dim {dim}.")
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(ModelArgs)}
 _REQUIRED = [name for name, f in _FIELDS.items()
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

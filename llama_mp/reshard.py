@@ -1,0 +1,123 @@
+"""`llama-mp reshard`: rewrite a Meta checkpoint with a different number of shards.
+
+Output shards are built one at a time. For each one, only the input shards that overlap it are opened
+(mmap), each tensor's slice is cut or concatenated exactly as a loading rank would do it
+(`checkpoint.rank_slice`), and the shard is saved and dropped before the next one starts. Peak host
+memory is therefore about one output shard plus the input pages it touches, never the whole model
+(unless the output has a single shard, which *is* the whole model).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Callable, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, layout
+from .checkpoint import StateDict
+from .errors import LlamaMPError
+from .output_dir import staged_output_dir
+from .params import ModelArgs, load_params
+
+# What a writer asks for: the piece of tensor `key` that goes into output shard `index`.
+PieceFn = Callable[[str, int], torch.Tensor]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """`None` (keep the source's dtype) or the torch dtype for --dtype NAME."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise LlamaMPError(f"Unknown --dtype {name!r}; use one of {', '.join(DTYPES)} (or leave it out to keep "
+                           "the source's dtype).")
+    return DTYPES[name]
+
+
+def check_shard_count(args: ModelArgs, num_shards: int) -> None:
+    """The same rule as for process counts: every head, the FFN, the embedding and vocab split evenly."""
+    valid = layout.valid_world_sizes(args)
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards not in valid:
+        raise LlamaMPError(f"--mp {num_shards!r} cannot split this model (n_heads {args.n_heads}, n_kv_heads "
+                           f"{args.kv_heads}, FFN {args.ffn_hidden_dim}, dim {args.dim}, vocab "
+                           f"{args.vocab_size}) evenly. Valid shard counts: {valid}.")
+
+
+def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
+                 dtype: Optional[torch.dtype] = None, progress: bool = True) -> None:
+    """Save `consolidated.00.pth` ... one shard at a time, each tensor a compact copy of its piece.
+
+    The copy matters: `torch.save` of a view would store the view's whole underlying storage (the full
+    mmap-backed tensor), so every piece is cloned into its own contiguous storage first.
+    """
+    with tqdm(total=num_shards * len(keys), desc=f"writing {num_shards} shard(s)", unit="tensor",
+              file=sys.stderr, disable=not progress) as bar:
+        for index in range(num_shards):
+            shard: StateDict = {}
+            for key in keys:
+                t = piece(key, index)
+                shard[key] = t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+                bar.update()
+            torch.save(shard, os.path.join(out_dir, checkpoint.shard_name(index)))
+            del shard
+
+
+def copy_tokenizer(out_dir: str, *candidates: Optional[str]) -> None:
+    """Copy the first existing file among `candidates` to `out_dir`/tokenizer.model (none: do nothing)."""
+    for path in candidates:
+        if path and os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model"))
+            return
+
+
+def open_meta(src: str):
+    """(params with vocab resolved, shard paths, key order of shard 0): every shard checked, none read."""
+    paths = checkpoint.shard_paths(src)
+    args = load_params(src)
+    keys: List[str] = []
+    for index, path in enumerate(paths):
+        shard = checkpoint.load_shard(path)
+        if index == 0:
+            args = checkpoint.resolve_vocab(args, shard, path)
+            expected = layout.shard_shapes(args, len(paths))
+            keys = list(shard)  # keep Meta's own key order (and LLaMA 1's rope.freqs, replicated)
+        checkpoint.check_tensors(shard, expected, path)
+    return args, paths, keys
+
+
+def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optional[str] = None,
+            tokenizer: Optional[str] = None, progress: bool = True) -> ModelArgs:
+    """Write the Meta checkpoint `src` to `dst` with `mp` shards; return its params (vocab resolved).
+
+    params.json is copied byte for byte, tokenizer.model too (or `tokenizer`), and a fresh checklist.chk
+    is written. Tensors are bit-identical (unless `dtype` converts them), so K -> M -> K round-trips.
+    """
+    args, paths, keys = open_meta(src)
+    check_shard_count(args, mp)
+    torch_dtype = parse_dtype(dtype)
+    num_in = len(paths)
+    opened = {"index": None, "shards": {}}
+
+    def piece(key: str, index: int) -> torch.Tensor:
+        if opened["index"] != index:  # a new output shard: open only the inputs that overlap it
+            opened["shards"] = {k: checkpoint.load_shard(paths[k])
+                                for k in checkpoint.overlapping_shards(index, mp, num_in)}
+            opened["index"] = index
+        shards = opened["shards"]
+        dim = None if key in layout.IGNORED_KEYS else layout.split_dim(key)
+        if dim is None:
+            return next(iter(shards.values()))[key]
+        return checkpoint.rank_slice({k: sd[key] for k, sd in shards.items()}, dim, num_in, index, mp)
+
+    with staged_output_dir(dst, overwrite, src=src) as out:
+        shutil.copyfile(os.path.join(src, "params.json"), os.path.join(out, "params.json"))
+        copy_tokenizer(out, tokenizer, os.path.join(src, "tokenizer.model"))
+        write_shards(out, keys, mp, piece, torch_dtype, progress)
+        opened["shards"] = {}  # unmap the inputs before hashing the outputs
+        checkpoint.write_checklist(out)
+    return args
