@@ -17,7 +17,7 @@ import torch
 from . import checkpoint, distributed
 from .chat import UNSAFE_ERROR, Dialog, Message, check_dialog, encode_dialog, has_special_tags
 from .distributed import DistEnv
-from .errors import LlamaMPError, RemoteRankError
+from .errors import LlamaMPError
 from .model import Transformer, skip_fairscale_init
 from .params import ModelArgs, load_params
 from .sampling import check_sampling, sample
@@ -64,7 +64,7 @@ def load_model(ckpt_dir: str, env: DistEnv, dtype: torch.dtype, max_batch_size: 
     # Same dtype on the same device is a no-op: CPU float32 weights stay mmap-backed, read on demand.
     model.to(device=env.device, dtype=dtype)
     model.requires_grad_(False)
-    model.setup_caches(max_batch_size, max_seq_len)
+    model.prepare(max_batch_size, max_seq_len)
     return args, model.eval()
 
 
@@ -89,12 +89,14 @@ class Llama:
         device: str = "auto",
         dtype: str = "auto",
         timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+        load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
     ) -> "Llama":
         """Join the process group, load this rank's part of the checkpoint and the tokenizer.
 
         Call it on every rank (torchrun starts them). Any number of ranks that splits the model evenly
         works, whatever the checkpoint's shard count. `model_parallel_size`, if given, must equal the
-        world size. If any rank fails to load, every rank raises.
+        world size. If any rank fails to load, every rank raises. Each wait for another rank is bounded
+        by `timeout_s`, the wait for the slowest rank to finish loading by `load_timeout_s`.
         """
         env = distributed.setup(backend, device, timeout_s)
         start = time.perf_counter()
@@ -115,7 +117,7 @@ class Llama:
                                    "together. Use the tokenizer.model shipped with this checkpoint.")
         except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, or the others hang
             error = e
-        distributed.agree(env, error)
+        distributed.agree(env, error, timeout_s=load_timeout_s)
         log(env, f"Loaded {ckpt_dir} on {env.world_size} rank(s) ({env.backend}, {env.device.type}, "
                  f"{str(torch_dtype).replace('torch.', '')}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, env, seed)
@@ -162,18 +164,12 @@ class Llama:
         """
         env = self.env
         request = (prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
-        verdict = None
-        if env.is_main:
-            try:
-                self._check_request(prompt_tokens, max_gen_len, temperature, top_p, top_k)
-            except LlamaMPError as e:
-                verdict = e
-        verdict, request = distributed.broadcast_from_main(env, (verdict and str(verdict), request))
-        if verdict is not None:
-            if env.is_main:
-                raise LlamaMPError(verdict)
-            raise RemoteRankError("rank 0 rejected the request; see its message.")
-        prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo = request
+
+        def checked():
+            self._check_request(prompt_tokens, max_gen_len, temperature, top_p, top_k)
+            return request
+
+        prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo = distributed.decided_by_main(env, checked)
         return self._generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, on_token)
 
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo, on_token):
@@ -191,27 +187,33 @@ class Llama:
             in_prompt[i, :len(p)] = True
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=device) if logprobs else None
-        step = torch.empty(bsz, dtype=torch.long, device=device)  # the broadcast buffer, reused
+        chosen = torch.empty(bsz, dtype=torch.long, device=device)  # the broadcast buffer, reused
 
+        # Greedy without logprobs needs no logits on rank 0: every rank finds the argmax itself (one
+        # tiny all-gather), so neither the logits gather nor the token broadcast is needed.
+        greedy_everywhere = temperature == 0 and not logprobs
         prev = 0
         for cur in range(min_len, total_len):
             # First call: the shortest prompt in one forward. Then one position per call; where a
-            # longer prompt still has tokens, its own token is kept instead of the sampled one.
+            # longer prompt still has tokens, its own token is kept instead of the chosen one.
             want_all = logprobs and echo and prev == 0
-            logits = model(tokens[:, prev:cur], prev, all_positions=want_all)
-            if env.is_main:
-                last = logits[:, -1] if want_all else logits
-                nxt = sample(last, temperature, top_p, top_k, self.generator)
-                if cur < max_len:
-                    nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
-                step.copy_(nxt)
-                if logprobs:
-                    if want_all and cur > 1:
-                        lp = torch.log_softmax(logits[:, :-1], dim=-1)
-                        token_logprobs[:, 1:cur] = lp.gather(-1, tokens[:, 1:cur, None])[..., 0]
-                    token_logprobs[:, cur] = torch.log_softmax(last, dim=-1).gather(-1, step[:, None])[:, 0]
-            if env.world_size > 1:
-                torch.distributed.broadcast(step, src=0)
+            h = model.hidden(tokens[:, prev:cur], prev, all_positions=want_all)
+            if greedy_everywhere:
+                step = model.greedy_next(h)
+            else:
+                logits = model.logits(h)  # rank 0 only
+                if env.is_main:
+                    step = sample(logits[:, -1], temperature, top_p, top_k, self.generator)
+            if cur < max_len and (greedy_everywhere or env.is_main):
+                step = torch.where(in_prompt[:, cur], tokens[:, cur], step)
+            if not greedy_everywhere:
+                if env.is_main:
+                    if logprobs:
+                        self._record_logprobs(token_logprobs, logits, tokens, step, cur, want_all)
+                    chosen.copy_(step)
+                if env.world_size > 1:
+                    torch.distributed.broadcast(chosen, src=0)
+                step = chosen
             tokens[:, cur] = step
             done |= ~in_prompt[:, cur] & (step == eos)
             prev = cur
@@ -232,6 +234,14 @@ class Llama:
             if logprobs:
                 out_logprobs.append(lp_rows[i][start:stop])
         return out_tokens, (out_logprobs if logprobs else None)
+
+    @staticmethod
+    def _record_logprobs(token_logprobs, logits, tokens, step, cur: int, all_positions: bool) -> None:
+        """Log-probabilities of the tokens at `cur` (and, on an echo prefill, of the prompt before it)."""
+        if all_positions and cur > 1:
+            lp = torch.log_softmax(logits[:, :-1], dim=-1)
+            token_logprobs[:, 1:cur] = lp.gather(-1, tokens[:, 1:cur, None])[..., 0]
+        token_logprobs[:, cur] = torch.log_softmax(logits[:, -1], dim=-1).gather(-1, step[:, None])[:, 0]
 
     # ------------------------------------------------------------------------------------------
     def text_completion(

@@ -2,11 +2,13 @@
 
 Each rank holds its own slice of every weight, exactly as Meta's shards store them (see layout.py):
 attention heads and FFN columns are divided between ranks; `wo` and `w2` then sum the partial results
-across ranks (one all-reduce each per layer), and the embedding and output layers all-gather. The KV
-cache is preallocated per rank for that rank's own key/value heads only.
+across ranks (two sums per layer, see collectives.py), and the output layer's vocabulary slices are
+gathered on rank 0 for sampling. The fairscale layers hold the weights in Meta's layout; the forward
+pass is written here, with only the collectives the math needs. The KV cache is preallocated per rank
+for that rank's own key/value heads only.
 
 Build it on the meta device (no random init, no memory), load real tensors with `assign=True`, then
-call `setup_caches` to allocate the KV cache and rotary tables on the target device.
+call `prepare` to fuse projections and allocate the KV cache and rotary table on the target device.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fairscale_layers
-from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_model_parallel_world_size
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
+from .collectives import all_gather_last_dim, all_sum, gather_last_dim_to_main, global_argmax
 from .params import ModelArgs
 
 
@@ -52,26 +55,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, as Meta does, then scale.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if x.dtype == torch.float32:  # one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half precision: normalise in float32, round, then scale, exactly as Meta does.
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device):
-    """cos and sin of every (position, frequency) pair, float32, shape [max_seq_len, head_dim // 2]."""
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * frequency), complex64 [max_seq_len, head_dim // 2]."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate Meta-style interleaved pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate Meta-style interleaved pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim].
+
+    Each pair is one complex number; rotating it is one complex multiplication (in float32)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -86,31 +88,54 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.wqkv: Optional[torch.Tensor] = None
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype):
-        # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by SDPA.
+    def prepare(self, max_batch_size: int, max_seq_len: int) -> None:
+        device, dtype = self.wq.weight.device, self.wq.weight.dtype
+        # One matrix-vector product instead of three: q, k and v rows stacked (the three weights
+        # become views of it, so no memory is duplicated).
+        self.wqkv = _fuse(self.wq, self.wk, self.wv)
+        # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, x, start_pos: int, cos, sin, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, start_pos: int, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        qkv = F.linear(x, self.wqkv).view(bsz, seqlen, heads + 2 * kv_heads, hd)
+        qk = apply_rotary(qkv[:, :, :heads + kv_heads], rotation)  # q and k rotate together
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
 
         end = start_pos + seqlen
         self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
         self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
         keys, values = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]
 
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask,
-            enable_gqa=self.n_local_heads != self.n_local_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        if seqlen == 1:
+            # Decoding: one query per head against the cache. Queries that share a kv head are
+            # grouped as rows of one matrix product, so kv heads are never copied (GQA for free).
+            q = q.reshape(bsz, kv_heads, heads // kv_heads, hd) * hd ** -0.5
+            scores = torch.matmul(q, keys.transpose(2, 3))
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 enable_gqa=heads != kv_heads)
+            out = out.transpose(1, 2)
+        return all_sum(F.linear(out.reshape(bsz, seqlen, heads * hd), self.wo.weight))
+
+
+def _fuse(*layers: nn.Module) -> torch.Tensor:
+    """Stack the layers' weights into one matrix and make each weight a view of its rows."""
+    fused = torch.cat([layer.weight for layer in layers], dim=0)
+    row = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(fused[row:row + rows], requires_grad=False)
+        row += rows
+    return fused
 
 
 class FeedForward(nn.Module):
@@ -120,9 +145,14 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w13: Optional[torch.Tensor] = None
+
+    def prepare(self) -> None:
+        self.w13 = _fuse(self.w1, self.w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return all_sum(F.linear(F.silu(gate) * up, self.w2.weight))
 
 
 class TransformerBlock(nn.Module):
@@ -133,12 +163,18 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos: int, cos, sin, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x, start_pos: int, rotation, mask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
+    """The whole model on one rank: its slice of every layer, plus the full embedding table.
+
+    Calls: `hidden` runs the layers over new tokens (every rank, same result); `logits` gathers the
+    vocabulary on rank 0 for sampling; `greedy_next` finds the argmax without moving logits at all.
+    """
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         assert args.vocab_size > 0, "resolve vocab_size from the checkpoint before building the model"
@@ -150,31 +186,47 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache and rotary tables next to the weights (after loading them)."""
-        device, dtype = self.output.weight.device, self.output.weight.dtype
+    def prepare(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Get ready to run, once the weights are loaded: fuse projections, allocate the KV cache and
+        rotary table next to the weights, and assemble the whole embedding table on every rank.
+
+        Meta's shards split the embedding by columns, which would cost an all-gather per step; one
+        all-gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves it for good."""
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
-            layer.attention.setup_cache(max_batch_size, max_seq_len, device, dtype)
-        self.rope_cos, self.rope_sin = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device)
+            layer.attention.prepare(max_batch_size, max_seq_len)
+            layer.feed_forward.prepare()
+        self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta,
+                                      self.output.weight.device)
+        table = all_gather_last_dim(self.tok_embeddings.weight)
+        self.tok_embeddings.weight = nn.Parameter(table, requires_grad=False)
+        self.vocab_offset = self.output.weight.shape[0] * get_model_parallel_rank()
 
-    def forward(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
-        """Float32 logits for the last position ([batch, vocab]), or every position with all_positions.
-
-        `tokens` continue the cached sequence at `start_pos`: the whole prompt on the first call, then
-        one new token per call.
-        """
+    def hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
+        """Final normed hidden states [batch, seq or 1, dim] for `tokens` continuing the cache at
+        `start_pos` (the prompt on the first call, then one token per call)."""
         seqlen = tokens.shape[1]
-        h = self.tok_embeddings(tokens)
-        cos = self.rope_cos[start_pos:start_pos + seqlen]
-        sin = self.rope_sin[start_pos:start_pos + seqlen]
+        h = F.embedding(tokens, self.tok_embeddings.weight)
+        rotation = self.rotation[start_pos:start_pos + seqlen]
         mask = None
         if seqlen > 1:  # causal over the new tokens; every cached position is visible
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
-        if not all_positions:
-            h = h[:, -1:]
-        logits = self.output(self.norm(h)).float()
-        return logits if all_positions else logits[:, 0]
+            h = layer(h, start_pos, rotation, mask)
+        return self.norm(h if all_positions else h[:, -1:])
+
+    def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
+        full = gather_last_dim_to_main(F.linear(h, self.output.weight))
+        return None if full is None else full.float()
+
+    def greedy_next(self, h: torch.Tensor) -> torch.Tensor:
+        """Greedy next token [batch] on every rank, from h of shape [batch, 1, dim]."""
+        return global_argmax(F.linear(h[:, -1], self.output.weight), self.vocab_offset)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> Optional[torch.Tensor]:
+        """Logits on rank 0 (None elsewhere): [batch, vocab] for the last position, or
+        [batch, seq, vocab] with all_positions."""
+        logits = self.logits(self.hidden(tokens, start_pos, all_positions))
+        return logits if logits is None or all_positions else logits[:, -1]

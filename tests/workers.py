@@ -12,14 +12,14 @@ def build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="flo
 
 
 def logits_and_greedy(cases, tokenizer_path, prompts, steps):
-    """For each checkpoint dir in `cases`: all-position logits of prompts[0] and greedy ids of all prompts."""
+    """For each checkpoint dir in `cases`: all-position logits of prompts[0] (rank 0) and greedy ids."""
     out = []
     for ckpt_dir in cases:
         llama = build(ckpt_dir, tokenizer_path)
         with torch.inference_mode():
-            logits = llama.model(torch.tensor([prompts[0]]), 0, all_positions=True)[0]
+            logits = llama.model(torch.tensor([prompts[0]]), 0, all_positions=True)  # None off rank 0
         ids, _ = llama.generate(prompts, steps, temperature=0.0)
-        out.append((logits.numpy(), ids))
+        out.append((None if logits is None else logits[0].numpy(), ids))
     return out
 
 
