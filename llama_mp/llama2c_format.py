@@ -110,7 +110,8 @@ class Llama2cSource:
     def _check_rope(self, path: str, seq_len: int) -> None:
         from .model import rotary_tables
 
-        cos, sin = rotary_tables(self.args.head_dim, seq_len, self.args.rope_theta, torch.device("cpu"))
+        rotation = rotary_tables(self.args.head_dim, seq_len, self.args.rope_theta, torch.device("cpu"))
+        cos, sin = rotation.real, rotation.imag  # the file stores e^(i * angle) as its two parts
         if not (torch.allclose(self._tensors["rope.cos"], cos, atol=1e-3)
                 and torch.allclose(self._tensors["rope.sin"], sin, atol=1e-3)):
             raise LlamaMPError(f"The rotary tables in {path} do not match rope_theta 10000, llama2.c's value; "

@@ -95,12 +95,10 @@ def structure_problems(ckpt_dir: str) -> List[str]:
     found = checkpoint.find_shards(ckpt_dir)
     if not found:
         return problems + ["there are no consolidated.NN.pth shard files"]
-    num_shards = max(found) + 1  # a missing last shard cannot be seen; a gap can
-    for index in checkpoint.missing_shards(found):
-        problems.append(f"{checkpoint.shard_name(index)} is missing ({len(found)} of {num_shards} shards present)")
     shards = _open_shards(found, problems)
+    num_shards = max(found) + 1  # names show a gap; a missing *last* shard shows only in the tensor shapes
     if not shards:
-        return problems
+        return problems + _missing(found, num_shards)
     first_index = min(shards)
     first = shards[first_index]
     expected = None
@@ -110,6 +108,9 @@ def structure_problems(ckpt_dir: str) -> List[str]:
         except LlamaMPError as e:
             problems.append(str(e))
             args = None
+    if args is not None:
+        num_shards = max(num_shards, _implied_shard_count(args, first))
+    problems.extend(_missing(found, num_shards))
     if args is not None:
         if num_shards not in layout.valid_world_sizes(args, limit=max(num_shards, 64)):
             problems.append(f"{num_shards} shards cannot split this model evenly (valid shard counts: "
@@ -123,6 +124,19 @@ def structure_problems(ckpt_dir: str) -> List[str]:
             problems.append(f"{checkpoint.shard_name(index)}: {problem}")
     problems.extend(_agreement_problems(shards))
     return problems
+
+
+def _implied_shard_count(args: ModelArgs, shard: checkpoint.StateDict) -> int:
+    """How many shards the first layer's wq slice says the model was cut into (1 if it cannot tell)."""
+    wq = shard.get("layers.0.attention.wq.weight")
+    if wq is None or wq.dim() != 2 or wq.shape[0] == 0 or args.dim % wq.shape[0]:
+        return 1
+    return args.dim // wq.shape[0]
+
+
+def _missing(found: Dict[int, str], num_shards: int) -> List[str]:
+    return [f"{checkpoint.shard_name(i)} is missing ({len(found)} of {num_shards} shards present)"
+            for i in range(num_shards) if i not in found]
 
 
 def _agreement_problems(shards: Dict[int, checkpoint.StateDict]) -> List[str]:

@@ -1,0 +1,208 @@
+"""`llama-mp convert`: Hugging Face and llama2.c checkpoints become Meta checkpoints that run the same
+model, and Meta checkpoints become Hugging Face folders that transformers loads and runs the same way.
+
+The parity checks compare greedy token ids with transformers' own LlamaForCausalLM (float32), and the
+llama2.c reader with the Meta weights the test file was written from.
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llama_mp import checkpoint, layout
+from llama_mp.convert import convert, detect
+from llama_mp.errors import LlamaMPError
+from llama_mp.hf_format import from_hf_rows, to_hf_rows
+from llama_mp.params import load_params
+from greedy_worker import greedy_ids, prompt_ids
+from multiproc import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+MAX_NEW = 12
+
+
+def meta_state(ckpt_dir):
+    """The whole model of a Meta folder, merged from its shards."""
+    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in checkpoint.shard_paths(ckpt_dir)]
+    return {k: layout.merge([s[k] for s in shards], layout.split_dim(k)) for k in shards[0]}
+
+
+def random_hf_model(vocab_size, tie=False):
+    """A tiny LlamaForCausalLM with GQA, re-initialised at a scale where greedy choices are clear-cut."""
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=192,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    model.generation_config.pad_token_id = 2
+    return model
+
+
+def hf_greedy(model, prompts):
+    """transformers' greedy continuations, cut at eos like ours."""
+    out = []
+    for ids in prompts:
+        new = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist()
+        out.append(new[:new.index(2)] if 2 in new else new)
+    return out
+
+
+def write_llama2c(path, state, n_heads, n_kv_heads, seq_len=32, shared=False):
+    """A llama2.c version 0 file, following its format: 7 int32, then float32 arrays in a fixed order."""
+    dim, vocab = state["tok_embeddings.weight"].shape[1], state["tok_embeddings.weight"].shape[0]
+    hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    head = dim // n_heads
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+    arrays = [state["tok_embeddings.weight"]]
+    for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        arrays += [state[f"layers.{i}.{name}.weight"] for i in range(n_layers)]
+    arrays += [state["norm.weight"], torch.cos(angles), torch.sin(angles)]
+    if not shared:
+        arrays.append(state["output.weight"])
+    with open(path, "wb") as f:
+        f.write(struct.pack("<7i", dim, hidden, n_layers, n_heads, n_kv_heads,
+                            vocab if shared else -vocab, seq_len))
+        for a in arrays:
+            f.write(a.to(torch.float32).numpy().astype("<f4").tobytes())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, make_checkpoint, tokenizer, tokenizer_path):
+    """Every conversion the parity tests need, and one 2-rank run that generates with all of them."""
+    root = tmp_path_factory.mktemp("convert")
+    hf_model = random_hf_model(tokenizer.n_words)
+    hf_model.save_pretrained(str(root / "hf"))
+    convert(str(root / "hf"), str(root / "meta_from_hf"), mp=2, progress=False)
+
+    meta_src, args, full = make_checkpoint(shards=2, n_kv_heads=2)
+    convert(meta_src, str(root / "hf_from_meta"), to="hf", progress=False)
+    write_llama2c(str(root / "model.bin"), full, args.n_heads, args.kv_heads)
+    convert(str(root / "model.bin"), str(root / "meta_from_l2c"), mp=2, progress=False)
+
+    dirs = [str(root / "meta_from_hf"), meta_src, str(root / "meta_from_l2c")]
+    ids = dict(zip(["from_hf", "meta", "from_l2c"], run_ranks(2, greedy_ids, dirs, tokenizer_path, MAX_NEW)[0]))
+    return {"root": root, "hf_model": hf_model, "meta_src": meta_src, "args": args, "full": full,
+            "ids": ids, "prompts": prompt_ids(tokenizer_path)}
+
+
+def test_hf_to_meta_generates_what_transformers_generates(world):
+    expected = hf_greedy(world["hf_model"], world["prompts"])
+    assert any(expected) and world["ids"]["from_hf"] == expected
+
+
+def test_meta_to_hf_loads_in_transformers_and_generates_what_we_generate(world):
+    model = transformers.LlamaForCausalLM.from_pretrained(str(world["root"] / "hf_from_meta")).eval()
+    model.generation_config.pad_token_id = 2
+    assert hf_greedy(model, world["prompts"]) == world["ids"]["meta"]
+
+
+def test_llama2c_to_meta_is_the_model_it_was_written_from(world):
+    converted = meta_state(str(world["root"] / "meta_from_l2c"))
+    for key, whole in world["full"].items():
+        assert torch.equal(converted[key], whole), key
+    assert world["ids"]["from_l2c"] == world["ids"]["meta"]
+
+
+def test_hf_to_meta_writes_params_checklist_and_tokenizer(world, tmp_path, tokenizer_path):
+    meta = str(world["root"] / "meta_from_hf")
+    params = load_params(meta)
+    assert (params.dim, params.n_layers, params.n_heads, params.kv_heads, params.ffn_hidden_dim) == (64, 2, 4, 2, 192)
+    assert params.norm_eps == 1e-5 and params.rope_theta == 10000.0
+    assert len(checkpoint.shard_paths(meta)) == 2
+    from llama_mp.verify import verify_checkpoint
+    assert verify_checkpoint(meta, progress=False) == []
+    # A tokenizer.model in the source folder travels along.
+    shutil.copyfile(tokenizer_path, world["root"] / "hf" / "tokenizer.model")
+    convert(str(world["root"] / "hf"), str(tmp_path / "with_tok"), mp=1, progress=False)
+    assert os.path.isfile(tmp_path / "with_tok" / "tokenizer.model")
+
+
+def test_sharded_safetensors_and_pytorch_bin_sources_give_the_same_tensors(world, tmp_path):
+    reference = meta_state(str(world["root"] / "meta_from_hf"))
+    model = world["hf_model"]
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="300KB")
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    os.makedirs(tmp_path / "bin")
+    shutil.copyfile(world["root"] / "hf" / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(model.state_dict(), str(tmp_path / "bin" / "pytorch_model.bin"))
+    for name in ("sharded", "bin"):
+        convert(str(tmp_path / name), str(tmp_path / f"{name}_meta"), mp=1, progress=False)
+        got = meta_state(str(tmp_path / f"{name}_meta"))
+        assert got.keys() == reference.keys()
+        assert all(torch.equal(got[k], reference[k]) for k in got), name
+
+
+def test_tied_embeddings_become_a_separate_output_matrix(tmp_path, tokenizer):
+    model = random_hf_model(tokenizer.n_words, tie=True)
+    model.save_pretrained(str(tmp_path / "tied"))
+    convert(str(tmp_path / "tied"), str(tmp_path / "meta"), progress=False)
+    state = meta_state(str(tmp_path / "meta"))
+    assert torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+
+
+def test_rotary_row_order_round_trips_and_keeps_head_boundaries():
+    w = torch.arange(4 * 8 * 3, dtype=torch.float32).reshape(32, 3)  # 4 heads of 8 rows
+    hf = to_hf_rows(w, 4)
+    assert torch.equal(from_hf_rows(hf, 4), w)
+    # Head 0 in HF order: the even rows of Meta's head 0, then its odd rows.
+    assert hf[:8, 0].tolist() == w[[0, 2, 4, 6, 1, 3, 5, 7], 0].tolist()
+
+
+def test_llama2c_shared_classifier_and_bad_files(tmp_path, make_checkpoint):
+    _, args, full = make_checkpoint(shards=1)
+    path = str(tmp_path / "shared.bin")
+    write_llama2c(path, full, args.n_heads, args.kv_heads, shared=True)
+    assert detect(path) == "llama2c"
+    convert(path, str(tmp_path / "meta"), progress=False)
+    state = meta_state(str(tmp_path / "meta"))
+    assert torch.equal(state["output.weight"], full["tok_embeddings.weight"])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    with pytest.raises(LlamaMPError, match="truncated"):
+        convert(path, str(tmp_path / "again"), progress=False)
+    assert not (tmp_path / "again").exists()
+
+
+def test_unsupported_sources_are_refused_with_a_reason(tmp_path, world):
+    with pytest.raises(LlamaMPError, match="Cannot tell what"):
+        convert(str(tmp_path), str(tmp_path / "out"), progress=False)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(world["root"] / "hf", scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlamaMPError, match="rope scaling 'linear'"):
+        convert(str(scaled), str(tmp_path / "out"), progress=False)
+    with pytest.raises(LlamaMPError, match=r"Valid shard counts: \[1, 2\]"):
+        convert(str(world["root"] / "hf"), str(tmp_path / "out"), mp=4, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_convert_exit_codes(world, tmp_path):
+    base = [sys.executable, "-m", "llama_mp", "convert"]
+    ok = subprocess.run(base + [str(world["root"] / "model.bin"), str(tmp_path / "m"), "--mp", "2", "--dtype",
+                                "bfloat16"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "from the llama2c checkpoint" in ok.stdout
+    assert torch.load(checkpoint.shard_paths(str(tmp_path / "m"))[1], weights_only=True)["norm.weight"].dtype == torch.bfloat16
+    bad = subprocess.run(base + [str(tmp_path / "nothing"), str(tmp_path / "n")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Cannot tell what" in bad.stderr
