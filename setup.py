@@ -8,7 +8,7 @@ setup(
     description="Model-parallel LLaMA inference over Meta checkpoints, launched with torchrun",
     packages=find_packages(include=["llama_mp", "llama_mp.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "fairscale", "sentencepiece", "fire", "tqdm"],
+    install_requires=["torch>=2.4", "fairscale", "sentencepiece", "fire", "tqdm", "safetensors", "numpy"],
     extras_require={"test": ["pytest", "transformers", "safetensors"]},
     data_files=[("share/llama_mp/configs", glob.glob("configs/*.json"))],
     entry_points={"console_scripts": ["llama-mp=llama_mp.cli:main"]},

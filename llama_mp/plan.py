@@ -3,7 +3,8 @@
 Per-rank memory is estimated as the sum of
 
 * weights: this rank's slice of every tensor (`layout.shard_shapes(args, N)`: split tensors / N,
-  norms whole), times the dtype's size;
+  norms whole), times the dtype's size, plus the rest of the token embedding table, which the model
+  assembles whole on every rank at load time (a lookup then needs no communication);
 * KV cache: keys and values for this rank's own kv heads only, preallocated for the whole
   batch x max_seq_len: 2 * n_layers * batch * seq * (kv_heads / N) * head_dim * dtype size;
 * working memory, an estimate (not a measurement) kept deliberately simple:
@@ -58,7 +59,9 @@ class Estimate:
 def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int) -> Estimate:
     """Memory one rank needs to run `args` split `ranks` ways (see the module docstring for the model)."""
     size = DTYPE_BYTES[dtype]
-    weights = sum(math.prod(shape) for shape in layout.shard_shapes(args, ranks).values()) * size
+    full, shard = layout.full_shapes(args), layout.shard_shapes(args, ranks)
+    embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])
+    weights = (sum(math.prod(shape) for shape in shard.values()) + embedding_rest) * size
     local_kv = args.kv_heads // ranks
     kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * size
     logits = 2 * batch * args.vocab_size * 4
@@ -157,7 +160,7 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
 
 
 def _gib(n: int) -> str:
-    return f"{n / GIB:9.2f} GiB"
+    return f"{n / GIB:9.2f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):9.1f} MiB"
 
 
 def format_plan(plan: Dict) -> str:
@@ -169,8 +172,8 @@ def format_plan(plan: Dict) -> str:
         f"{plan['max_batch_size']} x {plan['max_seq_len']} tokens, on {plan['gpus']} GPU(s) of "
         f"{plan['gpu_mem_bytes'] / GIB:g} GiB",
         "",
-        f"  {'per rank':<28}{'':>13}",
-        f"  {'weights':<28}{_gib(r['weights'])}   1/{plan['gpus']} of the split tensors + norms",
+        "  per rank",
+        f"  {'weights':<28}{_gib(r['weights'])}   1/{plan['gpus']} of the split tensors, norms, whole embedding",
         f"  {'KV cache':<28}{_gib(r['kv_cache'])}   {kv_heads // plan['gpus']} of {kv_heads} kv heads per rank",
         f"  {'CUDA context (estimate)':<28}{_gib(r['cuda_context'])}",
         f"  {'logits':<28}{_gib(r['logits'])}",
