@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
 .PHONY: install test demo bench clean
+BENCH_ARGS ?= --new_tokens 256 --runs 3
 
 install: $(STAMP)
 
@@ -25,6 +26,13 @@ demo: $(STAMP)
 	@test -f $(DEMO)/params.json || $(PY) -m llama_mp synth $(DEMO) --mp 2
 	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29517 launch/text_completion.py \
 		--ckpt_dir $(DEMO) --tokenizer_path $(DEMO)/tokenizer.model --max_gen_len 32 --backend gloo --device cpu
+
+# Decode speed on this machine (see README "Speed"): llama2.c's 15M and 110M shapes, 1 and 2 ranks.
+bench: $(STAMP)
+	$(PY) -m llama_mp bench --dim 288 --n_layers 6 --n_heads 6 --multiple_of 32 $(BENCH_ARGS) --compare transformers
+	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29518 launch/bench.py --dim 288 --n_layers 6 --n_heads 6 \
+		--multiple_of 32 --backend gloo --device cpu $(BENCH_ARGS)
+	$(PY) -m llama_mp bench --dim 768 --n_layers 12 --n_heads 12 --multiple_of 32 $(BENCH_ARGS) --compare transformers
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

@@ -5,6 +5,7 @@
     llama-mp verify DIR              check checksums and structure, listing every problem
     llama-mp convert SRC DST --mp M  Hugging Face / llama2.c / Meta -> Meta (--to hf: Meta -> Hugging Face)
     llama-mp plan --model NAME --gpus N --gpu_mem_gb G   will it fit, and if not what would
+    llama-mp bench --model NAME | --ckpt_dir DIR | --dim ...   prefill/decode speed (under torchrun for N ranks)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .bench import bench
 from .errors import LlamaMPError
 from .params import parse_params
 from .tools_cli import TOOLS
@@ -51,7 +53,7 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
           f"{tok_dst}", file=sys.stderr)
 
 
-COMMANDS = {"synth": synth, **TOOLS}
+COMMANDS = {"synth": synth, "bench": bench, **TOOLS}
 
 
 def main() -> None:

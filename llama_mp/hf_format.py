@@ -222,6 +222,17 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int)
     }
 
 
+def to_hf_tensor(meta_key: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """A whole Meta tensor as transformers stores it (wq/wk rows reordered, others unchanged)."""
+    heads = _heads_for(meta_key, args)
+    return to_hf_rows(t, heads) if heads else t
+
+
+def hf_state_dict(args: ModelArgs, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A whole-model Meta state dict as a `LlamaForCausalLM` state dict (views where possible)."""
+    return {hf_name(k): to_hf_tensor(k, v, args) for k, v in state.items() if k not in layout.IGNORED_KEYS}
+
+
 def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[str], torch.Tensor],
              max_file_bytes: int = 5 << 30, max_position_embeddings: int = 4096,
              progress: Callable[[], None] = None) -> None:
@@ -247,9 +258,7 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
     for name, group in zip(names, groups):
         out = {}
         for key in group:
-            t = tensor(key)
-            heads = _heads_for(key, args)
-            out[hf_name(key)] = (to_hf_rows(t, heads) if heads else t).clone(memory_format=torch.contiguous_format)
+            out[hf_name(key)] = to_hf_tensor(key, tensor(key), args).clone(memory_format=torch.contiguous_format)
             weight_map[hf_name(key)] = name
             if progress:
                 progress()

@@ -1,0 +1,247 @@
+"""`llama-mp bench`: load time, prefill and decode speed, memory and bandwidth of the real decode path.
+
+Runs on every rank of a torchrun job (or one plain process). The model is a checkpoint, a preset shape
+or an explicit shape; shapes get random weights made on the fly on each rank (its own slice only), so
+a 70B shape needs no 70B download. Timings are medians over several runs after a warm-up, taken
+around `Llama.generate` itself (sampling, collectives and the per-step host sync included).
+Decode speed is the marginal cost of one more token: (time for 1 + N tokens - time for 1) / N.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import os
+import resource
+import statistics
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import distributed
+from .errors import LlamaMPError
+from .generation import Llama, choose_dtype, load_model
+from .model import Transformer, skip_fairscale_init
+from .params import ModelArgs, load_params, load_preset, parse_params
+
+
+class _NoStop:
+    """Stands in for the tokenizer: an eos that never occurs, so every run makes all its tokens."""
+    eos_id = -1
+
+
+def shape_args(ckpt_dir: Optional[str], model: Optional[str], shape: Dict) -> ModelArgs:
+    if sum(x is not None for x in (ckpt_dir, model, shape.get("dim"))) != 1:
+        raise LlamaMPError("Say what to benchmark with exactly one of --ckpt_dir DIR, --model PRESET "
+                           "(e.g. llama-2-7b) or an explicit shape (--dim, --n_layers, --n_heads, ...).")
+    if ckpt_dir:
+        return load_params(ckpt_dir)
+    if model:
+        return load_preset(model)[0]
+    raw = {k: v for k, v in shape.items() if v is not None}
+    raw.setdefault("vocab_size", 32000)
+    return parse_params(raw, where="bench shape options")
+
+
+def random_model(args: ModelArgs, env: distributed.DistEnv, dtype: torch.dtype, batch: int, max_seq_len: int,
+                 seed: int) -> Transformer:
+    """This rank's slice of a model with random weights (scaled so activations stay O(1))."""
+    with torch.device("meta"), skip_fairscale_init():
+        model = Transformer(args)
+    model.to_empty(device=env.device)
+    g = torch.Generator(device=env.device).manual_seed(seed * 1000 + env.rank)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 if "tok_embeddings" in name else p.shape[1] ** -0.5, generator=g)
+    model.to(dtype=dtype).requires_grad_(False)
+    model.prepare(batch, max_seq_len)
+    return model.eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write): the memory bandwidth we can hope for."""
+    n = (1 << 28 if device.type == "cuda" else 1 << 26) // 4  # 1 GiB on a GPU, 64 MiB on the CPU
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(device, lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * src.numel() * 4 / best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def bytes_read_per_token(model: Transformer) -> int:
+    """Weights one decode step streams from memory on this rank: all but the embedding table, of which
+    only one row is read."""
+    emb = model.tok_embeddings.weight
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def run_bench(llama: Llama, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int,
+              seed: int) -> Dict[str, float]:
+    device = llama.env.device
+    g = torch.Generator().manual_seed(seed)
+    vocab = llama.model.args.vocab_size
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
+    for _ in range(warmup):
+        llama.generate(prompts, min(new_tokens, 16), temperature=0)
+    first, total = [], []
+    for _ in range(runs):
+        first.append(_timed(device, lambda: llama.generate(prompts, 1, temperature=0)))
+        total.append(_timed(device, lambda: llama.generate(prompts, 1 + new_tokens, temperature=0)))
+    prefill_s = statistics.median(first)
+    decode_s = max(statistics.median(total) - prefill_s, 1e-9) / new_tokens
+    return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch / decode_s,
+            "ms_per_token": decode_s * 1e3}
+
+
+def compare_transformers(model: Transformer, batch: int, prompt_len: int, new_tokens: int, runs: int,
+                         seed: int) -> float:
+    """Decode tok/s of transformers' LlamaForCausalLM.generate on the same weights (one rank only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .hf_format import hf_config, hf_state_dict
+
+    args = model.args
+    dtype = model.output.weight.dtype
+    state = {k: v for k, v in model.state_dict().items()}
+    config = LlamaConfig(**hf_config(args, dtype, max_position_embeddings=prompt_len + new_tokens + 8))
+    hf = LlamaForCausalLM(config).to(dtype=dtype, device=model.output.weight.device).eval()
+    hf.load_state_dict(hf_state_dict(args, state), strict=True)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=g).to(model.output.weight.device)
+    device = model.output.weight.device
+
+    def gen(n):
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    gen(8)
+    first = statistics.median(_timed(device, lambda: gen(1)) for _ in range(runs))
+    total = statistics.median(_timed(device, lambda: gen(1 + new_tokens)) for _ in range(runs))
+    return batch * new_tokens / max(total - first, 1e-9)
+
+
+def bench(
+    ckpt_dir: Optional[str] = None,
+    model: Optional[str] = None,
+    dim: Optional[int] = None,
+    n_layers: Optional[int] = None,
+    n_heads: Optional[int] = None,
+    n_kv_heads: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    multiple_of: Optional[int] = None,
+    ffn_dim_multiplier: Optional[float] = None,
+    dtype: str = "auto",
+    batch: int = 1,
+    prompt_len: int = 32,
+    new_tokens: int = 256,
+    runs: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    backend: str = "auto",
+    device: str = "auto",
+    compare: Optional[str] = None,
+    json: bool = False,
+) -> None:
+    """Measure load time, prefill and decode speed, peak memory and bandwidth; run under torchrun for N ranks.
+
+    Pick the model with --ckpt_dir DIR, --model PRESET (configs/, e.g. llama-2-7b) or an explicit shape
+    (--dim 288 --n_layers 6 --n_heads 6 [--n_kv_heads --vocab_size 32000 --multiple_of 32]); shapes get
+    random weights. Greedy decoding of --new_tokens tokens at --batch, median of --runs after --warmup.
+    --compare transformers also times LlamaForCausalLM.generate on the same weights (one rank only).
+    --json prints one JSON object instead of the table.
+    """
+    shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+             "vocab_size": vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier}
+    args = shape_args(ckpt_dir, model, shape)
+    if min(batch, prompt_len, new_tokens, runs) < 1 or warmup < 0:
+        raise LlamaMPError("--batch, --prompt_len, --new_tokens and --runs must be >= 1, --warmup >= 0.")
+    if compare not in (None, "transformers"):
+        raise LlamaMPError(f"--compare knows only 'transformers', got {compare!r}.")
+    env = distributed.setup(backend, device)
+    if compare and env.world_size > 1:
+        raise LlamaMPError("--compare transformers runs on one process (transformers has no model parallelism "
+                           "here); drop torchrun or the comparison.")
+    torch_dtype = choose_dtype(dtype, env.device)
+    max_seq_len = prompt_len + new_tokens + 1
+    load_s = time.perf_counter()
+    if ckpt_dir:
+        args, net = load_model(ckpt_dir, env, torch_dtype, batch, max_seq_len)
+    else:
+        net = random_model(args, env, torch_dtype, batch, max_seq_len, seed)
+    _sync(env.device)
+    load_s = time.perf_counter() - load_s
+    llama = Llama(net, _NoStop(), env)
+    result = run_bench(llama, batch, prompt_len, new_tokens, runs, warmup, seed)
+    per_token = bytes_read_per_token(net)
+    bandwidth = copy_bandwidth(env.device)
+    peaks = [peak_memory_bytes(env.device)]
+    if env.world_size > 1:
+        peaks = [None] * env.world_size
+        dist.all_gather_object(peaks, peak_memory_bytes(env.device))
+    report = {
+        "model": ckpt_dir or model or f"dim{args.dim}_L{args.n_layers}_H{args.n_heads}",
+        "parameters": args.parameter_count(), "ranks": env.world_size, "device": _device_name(env.device),
+        "threads": torch.get_num_threads(), "dtype": str(torch_dtype).replace("torch.", ""), "batch": batch,
+        "prompt_len": prompt_len, "new_tokens": new_tokens, "load_s": load_s, **result,
+        "peak_memory_per_rank_gib": [p / 2**30 for p in peaks],
+        "weight_bytes_per_token_per_rank": per_token,
+        "achieved_gb_s_per_rank": per_token * result["decode_tok_s"] / batch / 1e9,
+        "copy_gb_s_per_rank": bandwidth / 1e9,
+    }
+    report["bandwidth_fraction"] = report["achieved_gb_s_per_rank"] / report["copy_gb_s_per_rank"]
+    if compare:
+        report["transformers_decode_tok_s"] = compare_transformers(net, batch, prompt_len, new_tokens, runs, seed)
+        report["speedup_vs_transformers"] = result["decode_tok_s"] / report["transformers_decode_tok_s"]
+    if env.is_main:
+        print(jsonlib.dumps(report) if json else format_report(report), flush=True)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def format_report(r: Dict) -> str:
+    rows: List[tuple] = [
+        ("model", f"{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['dtype']})"),
+        ("ranks / device", f"{r['ranks']} x {r['device']}, {r['threads']} thread(s) per rank"),
+        ("batch / prompt / new", f"{r['batch']} / {r['prompt_len']} / {r['new_tokens']} tokens"),
+        ("load", f"{r['load_s']:.2f} s"),
+        ("prefill", f"{r['prefill_tok_s']:.1f} tok/s"),
+        ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['ms_per_token']:.2f} ms/token)"),
+        ("peak memory per rank", ", ".join(f"{m:.2f} GiB" for m in r["peak_memory_per_rank_gib"])),
+        ("weights read per token", f"{r['weight_bytes_per_token_per_rank'] / 1e6:.1f} MB per rank"),
+        ("bandwidth", f"{r['achieved_gb_s_per_rank']:.1f} GB/s per rank, {100 * r['bandwidth_fraction']:.0f}% of "
+                      f"a {r['copy_gb_s_per_rank']:.1f} GB/s copy"),
+    ]
+    if "transformers_decode_tok_s" in r:
+        rows.append(("transformers decode", f"{r['transformers_decode_tok_s']:.1f} tok/s "
+                                            f"(llama_mp is {r['speedup_vs_transformers']:.2f}x)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+

@@ -1,0 +1,38 @@
+"""The benchmark harness reports what it promises (no timing assertions: speed lives in `make bench`)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llama_mp import LlamaMPError
+from llama_mp.bench import bench
+
+TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "32", "--vocab_size", "512"]
+
+
+def test_bench_reports_speed_memory_and_bandwidth_as_json():
+    out = subprocess.run([sys.executable, "-m", "llama_mp", "bench", *TINY, "--new_tokens", "8", "--runs", "1",
+                          "--json", "--backend", "gloo", "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for key in ("load_s", "prefill_tok_s", "decode_tok_s", "ms_per_token", "peak_memory_per_rank_gib",
+                "achieved_gb_s_per_rank", "copy_gb_s_per_rank"):
+        assert report[key] and all(v > 0 for v in (report[key] if isinstance(report[key], list) else [report[key]]))
+    assert report["ranks"] == 1 and report["parameters"] == 2 * 512 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 192 + 128) + 64
+
+
+def test_bench_compares_with_transformers_on_the_same_weights(capsys):
+    pytest.importorskip("transformers")
+    bench(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=512, new_tokens=4, runs=1,
+          warmup=0, compare="transformers", json=True, backend="gloo", device="cpu")
+    report = json.loads(capsys.readouterr().out)
+    assert report["transformers_decode_tok_s"] > 0 and report["speedup_vs_transformers"] > 0
+
+
+def test_bench_needs_exactly_one_model_source():
+    with pytest.raises(LlamaMPError, match="exactly one"):
+        bench(model="llama-2-7b", dim=64)
+    with pytest.raises(LlamaMPError, match="exactly one"):
+        bench()
