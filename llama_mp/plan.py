@@ -31,10 +31,11 @@ from typing import Dict, List, Optional
 from . import checkpoint, layout
 from .errors import LlamaMPError
 from .params import ModelArgs, load_params, load_preset, preset_names
+from .reshard import DTYPES
 
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 * GIB
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 
 @dataclasses.dataclass

@@ -110,6 +110,13 @@ def test_a_failure_half_way_leaves_no_destination_and_no_staging_folder(make_che
     with pytest.raises(OSError):
         reshard(src, str(tmp_path / "out"), 2, progress=False)
     assert os.listdir(tmp_path) == []
+    # With --overwrite, the old folder survives a failed attempt untouched.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "keep.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(OSError):
+        reshard(src, str(tmp_path / "old"), 2, overwrite=True, progress=False)
+    assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == ["keep.txt"]
 
 
 def test_an_invalid_shard_count_lists_the_valid_ones(make_checkpoint, tmp_path):
