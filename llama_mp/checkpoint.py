@@ -195,10 +195,11 @@ def md5_file(path: str, chunk_bytes: int = 1 << 22, progress=None) -> str:
                 progress(len(block))
 
 
-def write_checklist(ckpt_dir: str) -> None:
-    """Write `checklist.chk` in md5sum format for params.json and every shard, as Meta ships it."""
+def write_checklist(ckpt_dir: str, progress=None) -> None:
+    """Write `checklist.chk` in md5sum format for params.json and every shard, as Meta ships it.
+    `progress`, if given, is called with the number of bytes hashed after each block."""
     names = ["params.json"] + [os.path.basename(p) for p in shard_paths(ckpt_dir)]
-    lines = [f"{md5_file(os.path.join(ckpt_dir, n))}  {n}\n" for n in names]
+    lines = [f"{md5_file(os.path.join(ckpt_dir, n), progress=progress)}  {n}\n" for n in names]
     with open(os.path.join(ckpt_dir, "checklist.chk"), "w") as f:
         f.writelines(lines)
 

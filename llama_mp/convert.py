@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import torch
 from tqdm import tqdm
@@ -27,7 +27,8 @@ from .hf_format import HFSource, is_hf_dir, write_hf
 from .llama2c_format import Llama2cSource, looks_like_llama2c
 from .output_dir import staged_output_dir
 from .params import ModelArgs, save_params
-from .reshard import check_shard_count, copy_tokenizer, open_meta, parse_dtype, reshard, write_shards
+from .reshard import (check_shard_count, copy_tokenizer, open_meta, parse_dtype, reshard, write_checklist,
+                      write_shards)
 
 
 class Source(Protocol):
@@ -35,6 +36,8 @@ class Source(Protocol):
     tokenizer: Optional[str]
 
     def keys(self) -> List[str]: ...
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]: ...
 
     def tensor(self, meta_key: str) -> torch.Tensor: ...
 
@@ -49,6 +52,9 @@ class MetaSource:
 
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return layout.full_shapes(self.args)  # open_meta has checked every shard against it
 
     def tensor(self, meta_key: str) -> torch.Tensor:
         return layout.merge([sd[meta_key] for sd in self._shards], layout.split_dim(meta_key))
@@ -79,8 +85,7 @@ def open_source(src: str) -> Source:
 
 def check_source_shapes(source: Source, where: str) -> None:
     """Every tensor has the shape the derived params imply, before anything is written."""
-    shapes = {k: tuple(source.tensor(k).shape) for k in source.keys()}
-    problems = checkpoint.shape_problems(shapes, layout.full_shapes(source.args))
+    problems = checkpoint.shape_problems(source.shapes(), layout.full_shapes(source.args))
     if problems:
         raise LlamaMPError(f"{where} is inconsistent with its own config: " + "; ".join(problems[:6])
                            + ". The files are incomplete or from different models.")
@@ -100,7 +105,7 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
         save_params(source.args, out)
         copy_tokenizer(out, tokenizer, source.tokenizer)
         write_shards(out, source.keys(), mp, piece, torch_dtype, progress)
-        checkpoint.write_checklist(out)
+        write_checklist(out, progress)
 
 
 def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optional[str] = None,

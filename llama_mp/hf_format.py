@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -180,12 +180,26 @@ class HFSource:
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
 
-    def tensor(self, meta_key: str) -> torch.Tensor:
+    def _locate(self, meta_key: str):
+        """(open weights file, HF name) holding `meta_key`; files are opened on first use."""
         name = hf_name("tok_embeddings.weight" if meta_key == "output.weight" and self._tied else meta_key)
         path = self._files[name]
         if path not in self._open:
             self._open[path] = _open_weights(path)
-        t = self._open[path].get_tensor(name)
+        return self._open[path], name
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Every tensor's shape from the file headers, without reading any weights."""
+        out = {}
+        for key in self.keys():
+            handle, name = self._locate(key)
+            out[key] = tuple(handle.get_slice(name).get_shape() if hasattr(handle, "get_slice")
+                             else handle.get_tensor(name).shape)
+        return out
+
+    def tensor(self, meta_key: str) -> torch.Tensor:
+        handle, name = self._locate(meta_key)
+        t = handle.get_tensor(name)
         heads = _heads_for(meta_key, self.args)
         return from_hf_rows(t, heads) if heads else t
 

@@ -120,5 +120,8 @@ class Llama2cSource:
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
 
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {key: tuple(self._tensors[key].shape) for key in self.keys()}
+
     def tensor(self, meta_key: str) -> torch.Tensor:
         return self._tensors[meta_key]

@@ -67,6 +67,14 @@ def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
             del shard
 
 
+def write_checklist(out_dir: str, progress: bool = True) -> None:
+    """checklist.chk for a freshly written folder, with a progress bar: hashing 100+ GB takes minutes."""
+    total = sum(os.path.getsize(p) for p in checkpoint.shard_paths(out_dir))
+    with tqdm(total=total, desc="md5", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              disable=not progress) as bar:
+        checkpoint.write_checklist(out_dir, progress=bar.update)
+
+
 def copy_tokenizer(out_dir: str, *candidates: Optional[str]) -> None:
     """Copy the first existing file among `candidates` to `out_dir`/tokenizer.model (none: do nothing)."""
     for path in candidates:
@@ -119,5 +127,5 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
         copy_tokenizer(out, tokenizer, os.path.join(src, "tokenizer.model"))
         write_shards(out, keys, mp, piece, torch_dtype, progress)
         opened["shards"] = {}  # unmap the inputs before hashing the outputs
-        checkpoint.write_checklist(out)
+        write_checklist(out, progress)
     return args

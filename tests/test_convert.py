@@ -192,6 +192,11 @@ def test_unsupported_sources_are_refused_with_a_reason(tmp_path, world):
     (scaled / "config.json").write_text(json.dumps(config))
     with pytest.raises(LlamaMPError, match="rope scaling 'linear'"):
         convert(str(scaled), str(tmp_path / "out"), progress=False)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    config["intermediate_size"] = 256  # the weights say 192
+    (scaled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlamaMPError, match=r"inconsistent with its own config: .*w1.weight has shape \[192, 64\]"):
+        convert(str(scaled), str(tmp_path / "out"), progress=False)
     with pytest.raises(LlamaMPError, match=r"Valid shard counts: \[1, 2\]"):
         convert(str(world["root"] / "hf"), str(tmp_path / "out"), mp=4, progress=False)
     assert not (tmp_path / "out").exists()
