@@ -2,22 +2,26 @@
 
 Each process of the job runs the same function; only rank 0 prints. Results go to stdout (human text,
 or JSON Lines with --json); logs, timings and errors go to stderr. Errors exit non-zero with one
-message from the rank that found the problem.
+message from the rank that found the problem (exit codes: see errors.py).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json as jsonlib
+import signal
 import sys
 import time
 from typing import Callable, List, Optional, Union
 
 from . import distributed
 from .chat import load_dialogs
-from .errors import LlamaMPError, RemoteRankError
+from .errors import LlamaMPError, RemoteRankError, report
 from .generation import Llama, log
 from .tokenizer import TextStream
 
+REPORTER_GRACE_S = 1.0
 EXAMPLE_PROMPTS = [
     "The best thing about running a language model on your own machine is",
     "Simply put, the theory of relativity states that ",
@@ -57,16 +61,19 @@ def text_completion(
     dtype: str = "auto",
     json: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+    load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
 ) -> None:
     """Complete text prompts with a LLaMA checkpoint on every process of this torchrun job.
 
     --prompts takes one string or a JSON list of strings (built-in examples if absent). With one prompt
     and without --json, text is streamed as it is generated. --json prints one JSON object per prompt:
-    {"prompt", "generation", "token_ids"[, "logprobs"]}.
+    {"prompt", "generation", "token_ids"[, "logprobs"]}. --timeout_s bounds every wait for another rank
+    during generation; --load_timeout_s the wait for the slowest rank to load its shard.
     """
     prompt_list = _prompt_list(prompts)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed,
-                            backend=backend, device=device, dtype=dtype, timeout_s=timeout_s)
+                            backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
+                            load_timeout_s=load_timeout_s)
     stream_one = len(prompt_list) == 1 and not json and generator.env.is_main
     on_token: Optional[Callable] = None
     if stream_one:
@@ -115,14 +122,18 @@ def chat_completion(
     dtype: str = "auto",
     json: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+    load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
 ) -> None:
     """Answer Llama 2 chat dialogs (a JSON file of dialogs via --dialogs; built-in examples otherwise).
 
     --json prints one JSON object per dialog: {"dialog", "generation": {"role", "content"}, "token_ids"}.
+    Only the first node needs the --dialogs file: rank 0 reads it, before the model is loaded.
     """
-    dialog_list = load_dialogs(dialogs)
+    env = distributed.setup(backend, device, timeout_s)
+    dialog_list = distributed.decided_by_main(env, lambda: load_dialogs(dialogs))
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed,
-                            backend=backend, device=device, dtype=dtype, timeout_s=timeout_s)
+                            backend=backend, device=device, dtype=dtype, timeout_s=timeout_s,
+                            load_timeout_s=load_timeout_s)
     results = generator.chat_completion(dialog_list, temperature=temperature, top_p=top_p,
                                         max_gen_len=max_gen_len, logprobs=logprobs, top_k=top_k)
     if not generator.env.is_main:
@@ -140,20 +151,85 @@ def chat_completion(
                 "\n==================================\n\n")
 
 
+def check_options(fn: Callable, argv: List[str]) -> None:
+    """Reject an --option that `fn` does not take. Fire would hand it to `fn`'s return value after
+    running the whole job, and only then complain, once per rank."""
+    params = inspect.signature(fn).parameters
+    takes_value = False
+    for arg in argv:
+        if arg == "--":
+            return
+        if takes_value or not arg.startswith("--") or arg == "--help":
+            takes_value = False
+            continue
+        name, has_value = arg[2:].split("=", 1)[0].replace("-", "_"), "=" in arg
+        negated = name[2:].lstrip("_") if name.startswith("no") else None  # --nojson / --no-json
+        if name in params:
+            takes_value = not has_value and params[name].annotation not in (bool, "bool")
+            continue
+        if negated in params:
+            continue
+        close = difflib.get_close_matches(name, list(params), n=1)
+        raise LlamaMPError(f"Unknown option --{name}" + (f"; did you mean --{close[0]}?" if close else ".")
+                           + f" {fn.__name__} takes --{', --'.join(params)}.")
+
+
+def _quiet_sigint() -> List[bool]:
+    """Make Ctrl-C raise KeyboardInterrupt as usual, and remember that it came: a rank whose peer was
+    interrupted first sees a broken connection, which is then no error worth printing."""
+    seen = [False]
+
+    def on_sigint(signum, frame):
+        seen[0] = True
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+    return seen
+
+
 def run(component, name: Optional[str] = None) -> None:
-    """Run a fire component as a command: one clear message and a non-zero exit on a user error."""
+    """Run a fire component as a command: one clear message and a non-zero exit on a user error.
+
+    SIGTERM (what torchrun sends the other ranks when one fails) keeps its default action: the rank
+    ends at once, silently, even inside a blocked collective, where a Python handler could not run.
+    """
     import fire
 
-    code = 0
+    interrupted = _quiet_sigint()
+    code = 1  # until fire returns: a bug that escapes keeps this, and its traceback
     try:
+        if inspect.isfunction(component):
+            argv = sys.argv[1:]
+            try:
+                check_options(component, argv)
+            except LlamaMPError as e:  # the same on every rank: the first local rank says it
+                raise distributed.said_once(e, lambda _: check_options(component, argv),
+                                            distributed.env_ranks()[2]) from None
         fire.Fire(component, name=name)
-    except RemoteRankError as e:  # another rank printed the reason
-        code = e.exit_code
-    except LlamaMPError as e:
-        print(f"llama_mp: error: {e}", file=sys.stderr, flush=True)
-        code = e.exit_code
+        code = 0
+    except Exception as e:  # noqa: BLE001 - sorted below; bugs are re-raised
+        code = _report(e, interrupted[0])
     except KeyboardInterrupt:
         code = 130
     finally:
-        distributed.teardown()
+        distributed.teardown(failed=code != 0)
     sys.exit(code)
+
+
+def _report(error: Exception, interrupted: bool) -> int:
+    """Print what the user needs to read about `error` (at most one paragraph) and return the exit code."""
+    if interrupted:
+        return 130
+    if not isinstance(error, LlamaMPError):
+        error = distributed.peer_lost(error) or error
+    if isinstance(error, RemoteRankError):  # another rank printed the reason
+        # torchrun stops every rank once the first one exits: let the reporting rank finish first, so
+        # that its message is out (nothing else orders it before a failure found before the process
+        # group existed) and torchrun's report names it as the root cause, with its exit code.
+        time.sleep(REPORTER_GRACE_S)
+        return error.exit_code
+    if isinstance(error, LlamaMPError):
+        report(error)
+        return error.exit_code
+    raise error

@@ -54,9 +54,9 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(ckpt_dir: str, env: DistEnv, dtype: torch.dtype, max_batch_size: int,
-               max_seq_len: int) -> Tuple[ModelArgs, Transformer]:
-    """This rank's slice of the checkpoint in a ready-to-run model (weights, KV cache, rotary tables)."""
+def load_weights(ckpt_dir: str, env: DistEnv, dtype: torch.dtype) -> Tuple[ModelArgs, Transformer]:
+    """This rank's slice of the checkpoint in a model, not yet prepared. No collective runs here, so
+    a rank that fails can still meet the others in `distributed.agree` instead of in a collective."""
     args, state = checkpoint.load_rank_state_dict(ckpt_dir, load_params(ckpt_dir), env.rank, env.world_size)
     with torch.device("meta"), skip_fairscale_init():  # shapes only: no random init, no memory
         model = Transformer(args)
@@ -64,8 +64,15 @@ def load_model(ckpt_dir: str, env: DistEnv, dtype: torch.dtype, max_batch_size: 
     # Same dtype on the same device is a no-op: CPU float32 weights stay mmap-backed, read on demand.
     model.to(device=env.device, dtype=dtype)
     model.requires_grad_(False)
-    model.prepare(max_batch_size, max_seq_len)
     return args, model.eval()
+
+
+def load_model(ckpt_dir: str, env: DistEnv, dtype: torch.dtype, max_batch_size: int,
+               max_seq_len: int) -> Tuple[ModelArgs, Transformer]:
+    """This rank's slice of the checkpoint in a ready-to-run model (weights, KV cache, rotary tables)."""
+    args, model = load_weights(ckpt_dir, env, dtype)
+    model.prepare(max_batch_size, max_seq_len)  # a collective: every rank must get here
+    return args, model
 
 
 class Llama:
@@ -110,7 +117,7 @@ class Llama:
                                    f"{max_batch_size}.")
             torch_dtype = choose_dtype(dtype, env.device)
             tokenizer = Tokenizer(tokenizer_path)
-            args, model = load_model(ckpt_dir, env, torch_dtype, max_batch_size, max_seq_len)
+            args, model = load_weights(ckpt_dir, env, torch_dtype)
             if tokenizer.n_words > args.vocab_size:
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
                                    f"in {ckpt_dir!r} only has {args.vocab_size} token embeddings: they do not belong "
@@ -118,6 +125,7 @@ class Llama:
         except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, or the others hang
             error = e
         distributed.agree(env, error, timeout_s=load_timeout_s)
+        model.prepare(max_batch_size, max_seq_len)  # collectives only once every rank has loaded
         log(env, f"Loaded {ckpt_dir} on {env.world_size} rank(s) ({env.backend}, {env.device.type}, "
                  f"{str(torch_dtype).replace('torch.', '')}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, env, seed)
