@@ -59,6 +59,7 @@ def random_model(args: ModelArgs, env: distributed.DistEnv, dtype: torch.dtype, 
                 p.normal_(0.0, 1.0 if "tok_embeddings" in name else p.shape[1] ** -0.5, generator=g)
     model.to(dtype=dtype).requires_grad_(False)
     model.prepare(batch, max_seq_len)
+    model.share_embedding()
     return model.eval()
 
 

@@ -71,7 +71,8 @@ def load_model(ckpt_dir: str, env: DistEnv, dtype: torch.dtype, max_batch_size: 
                max_seq_len: int) -> Tuple[ModelArgs, Transformer]:
     """This rank's slice of the checkpoint in a ready-to-run model (weights, KV cache, rotary tables)."""
     args, model = load_weights(ckpt_dir, env, dtype)
-    model.prepare(max_batch_size, max_seq_len)  # a collective: every rank must get here
+    model.prepare(max_batch_size, max_seq_len)
+    model.share_embedding()  # a collective: every rank must get here
     return args, model
 
 
@@ -122,10 +123,17 @@ class Llama:
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
                                    f"in {ckpt_dir!r} only has {args.vocab_size} token embeddings: they do not belong "
                                    "together. Use the tokenizer.model shipped with this checkpoint.")
+            model.prepare(max_batch_size, max_seq_len)
+        except torch.OutOfMemoryError as e:
+            error = LlamaMPError(
+                f"Rank {env.rank} ran out of memory on {env.device} while loading {ckpt_dir!r} with max_seq_len "
+                f"{max_seq_len} and max_batch_size {max_batch_size} ({str(e).splitlines()[0]}). Run `llama-mp plan "
+                f"--ckpt_dir {ckpt_dir} --gpus N --gpu_mem_gb G` to see what fits: more ranks, a smaller "
+                "--max_seq_len or --max_batch_size, or another --dtype.")
         except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, or the others hang
             error = e
         distributed.agree(env, error, timeout_s=load_timeout_s)
-        model.prepare(max_batch_size, max_seq_len)  # collectives only once every rank has loaded
+        model.share_embedding()  # collectives only once every rank has loaded
         log(env, f"Loaded {ckpt_dir} on {env.world_size} rank(s) ({env.backend}, {env.device.type}, "
                  f"{str(torch_dtype).replace('torch.', '')}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, env, seed)

@@ -8,7 +8,8 @@ pass is written here, with only the collectives the math needs. The KV cache is 
 for that rank's own key/value heads only.
 
 Build it on the meta device (no random init, no memory), load real tensors with `assign=True`, then
-call `prepare` to fuse projections and allocate the KV cache and rotary table on the target device.
+call `prepare` (fuse projections, allocate the KV cache and rotary table on the target device) and,
+once every rank got that far, `share_embedding`.
 """
 
 from __future__ import annotations
@@ -197,11 +198,9 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
 
     def prepare(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Get ready to run, once the weights are loaded: fuse projections, allocate the KV cache and
-        rotary table next to the weights, and assemble the whole embedding table on every rank.
-
-        Meta's shards split the embedding by columns, which would cost an all-gather per step; one
-        all-gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves it for good."""
+        """Get ready to run, once the weights are loaded: fuse projections and allocate the KV cache
+        and rotary table next to the weights. Local to this rank (no collective), so running out of
+        memory here is reported like a load failure. `share_embedding` must follow."""
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             layer.attention.prepare(max_batch_size, max_seq_len)
@@ -209,9 +208,15 @@ class Transformer(nn.Module):
         self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta,
                                       self.output.weight.device)
         self.output_t = _fuse_transposed(self.output)
+        self.vocab_offset = self.output.weight.shape[0] * get_model_parallel_rank()
+
+    def share_embedding(self) -> None:
+        """Collective: assemble the whole embedding table on every rank.
+
+        Meta's shards split the embedding by columns, which would cost an all-gather per step; one
+        all-gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves it for good."""
         table = all_gather_last_dim(self.tok_embeddings.weight)
         self.tok_embeddings.weight = nn.Parameter(table, requires_grad=False)
-        self.vocab_offset = self.output.weight.shape[0] * get_model_parallel_rank()
 
     def hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
         """Final normed hidden states [batch, seq or 1, dim] for `tokens` continuing the cache at
