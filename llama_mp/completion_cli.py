@@ -152,19 +152,23 @@ def chat_completion(
 
 
 def check_options(fn: Callable, argv: List[str]) -> None:
-    """Reject an --option that `fn` does not take. Fire would hand it to `fn`'s return value after
-    running the whole job, and only then complain, once per rank."""
+    """Reject an --option that `fn` does not take, or a missing required one, before anything runs.
+    Fire would hand an unknown option to `fn`'s return value after running the whole job, and only
+    then complain; and it reports a missing one with a usage screen per rank."""
     params = inspect.signature(fn).parameters
     takes_value = False
+    given, positional = set(), 0
     for arg in argv:
-        if arg == "--":
+        if arg == "--" or arg in ("--help", "-h"):
             return
-        if takes_value or not arg.startswith("--") or arg == "--help":
+        if takes_value or not arg.startswith("--"):
+            positional += not takes_value
             takes_value = False
             continue
         name, has_value = arg[2:].split("=", 1)[0].replace("-", "_"), "=" in arg
         negated = name[2:].lstrip("_") if name.startswith("no") else None  # --nojson / --no-json
         if name in params:
+            given.add(name)
             takes_value = not has_value and params[name].annotation not in (bool, "bool")
             continue
         if negated in params:
@@ -172,6 +176,10 @@ def check_options(fn: Callable, argv: List[str]) -> None:
         close = difflib.get_close_matches(name, list(params), n=1)
         raise LlamaMPError(f"Unknown option --{name}" + (f"; did you mean --{close[0]}?" if close else ".")
                            + f" {fn.__name__} takes --{', --'.join(params)}.")
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in given]
+    missing = required[positional:]  # positional arguments fill the required ones in order
+    if missing:
+        raise LlamaMPError(f"{fn.__name__} needs --{' and --'.join(missing)}; --help lists every option.")
 
 
 def _quiet_sigint() -> List[bool]:

@@ -294,8 +294,12 @@ class Llama:
         """
         if max_gen_len is None:
             max_gen_len = self.model.max_seq_len - 1
-        for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
+        def checked() -> List[Dialog]:
+            for i, dialog in enumerate(dialogs):
+                check_dialog(dialog, i)
+            return dialogs
+
+        dialogs = distributed.decided_by_main(self.env, checked)  # one message, from rank 0
         unsafe = [has_special_tags(d) for d in dialogs]
         prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
         ids, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, top_k)

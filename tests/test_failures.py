@@ -343,9 +343,18 @@ def test_dialogs_file_errors(tmp_path, content, key_words):
 
 
 def test_misspelt_options_are_caught_and_correct_ones_pass():
-    check_options(text_completion, ["--ckpt_dir", "x", "--json", "--nojson", "--top-p=0.5", "--prompts", "--x"])
+    check_options(text_completion, ["--ckpt_dir", "x", "--tokenizer_path", "t", "--json", "--nojson",
+                                    "--top-p=0.5", "--prompts", "--x"])
+    check_options(text_completion, ["ckpt", "tok.model", "--max_gen_len", "3"])  # positional, as fire allows
     with raises("Unknown option --max_gen", "did you mean --max_gen_len?"):
         check_options(text_completion, ["--max_gen", "3"])
+
+
+def test_missing_required_options_are_named_before_anything_runs():
+    with raises("needs --tokenizer_path"):
+        check_options(text_completion, ["--ckpt_dir", "x", "--max_gen_len", "3"])
+    with raises("needs --ckpt_dir and --tokenizer_path"):
+        check_options(text_completion, ["--json"])
 
 
 def test_only_the_first_local_rank_to_fail_a_node_check_reports_it():
