@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
+from .checkpoint import check_world_size
 from .errors import LlamaMPError
-from .generation import Llama, choose_dtype, load_model
+from .generation import Llama, choose_dtype, load_weights, ready_on_every_rank
 from .model import Transformer, skip_fairscale_init
 from .params import ModelArgs, load_params, load_preset, parse_params
 
@@ -44,9 +45,8 @@ def shape_args(ckpt_dir: Optional[str], model: Optional[str], shape: Dict) -> Mo
     return parse_params(raw, where="bench shape options")
 
 
-def random_model(args: ModelArgs, env: distributed.DistEnv, dtype: torch.dtype, batch: int, max_seq_len: int,
-                 seed: int) -> Transformer:
-    """This rank's slice of a model with random weights (scaled so activations stay O(1))."""
+def random_model(args: ModelArgs, env: distributed.DistEnv, dtype: torch.dtype, seed: int) -> Transformer:
+    """This rank's slice of a model with random weights (scaled so activations stay O(1)), unprepared."""
     with torch.device("meta"), skip_fairscale_init():
         model = Transformer(args)
     model.to_empty(device=env.device)
@@ -57,10 +57,7 @@ def random_model(args: ModelArgs, env: distributed.DistEnv, dtype: torch.dtype, 
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 1.0 if "tok_embeddings" in name else p.shape[1] ** -0.5, generator=g)
-    model.to(dtype=dtype).requires_grad_(False)
-    model.prepare(batch, max_seq_len)
-    model.share_embedding()
-    return model.eval()
+    return model.to(dtype=dtype).requires_grad_(False).eval()
 
 
 def _sync(device: torch.device) -> None:
@@ -189,10 +186,15 @@ def bench(
     torch_dtype = choose_dtype(dtype, env.device)
     max_seq_len = prompt_len + new_tokens + 1
     load_s = time.perf_counter()
-    if ckpt_dir:
-        args, net = load_model(ckpt_dir, env, torch_dtype, batch, max_seq_len)
-    else:
-        net = random_model(args, env, torch_dtype, batch, max_seq_len, seed)
+
+    def make_model() -> Transformer:
+        if ckpt_dir:
+            return load_weights(ckpt_dir, env, torch_dtype)[1]
+        check_world_size(args, env.world_size, f"This shape (dim {args.dim}, vocab {args.vocab_size}")
+        return random_model(args, env, torch_dtype, seed)
+
+    net = ready_on_every_rank(env, make_model, batch, max_seq_len, distributed.DEFAULT_LOAD_TIMEOUT_S)
+    args = net.args
     _sync(env.device)
     load_s = time.perf_counter() - load_s
     llama = Llama(net, _NoStop(), env)

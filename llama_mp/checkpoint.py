@@ -12,13 +12,13 @@ import glob
 import hashlib
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import layout
 from .errors import LlamaMPError
-from .params import ModelArgs, save_params
+from .params import ModelArgs
 
 StateDict = Dict[str, torch.Tensor]
 _SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -37,9 +37,11 @@ def find_shards(ckpt_dir: str) -> Dict[int, str]:
     return found
 
 
-def missing_shards(found: Dict[int, str]) -> List[int]:
-    """Indexes below the highest one found that have no file (a shard count is only known from the names)."""
-    return [i for i in range(max(found) + 1) if i not in found] if found else []
+def missing_shards(found: Dict[int, str], num_shards: Optional[int] = None) -> List[int]:
+    """Indexes below `num_shards` (default: the highest one found + 1, all the names tell) with no file."""
+    if num_shards is None:
+        num_shards = max(found) + 1 if found else 0
+    return [i for i in range(num_shards) if i not in found]
 
 
 def shard_paths(ckpt_dir: str) -> List[str]:
@@ -140,11 +142,13 @@ def rank_slice(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def check_world_size(args: ModelArgs, num_shards: int, world_size: int, ckpt_dir: str) -> None:
+def check_world_size(args: ModelArgs, world_size: int, what: str) -> None:
+    """Raise unless `world_size` ranks split the model `what` (e.g. "This checkpoint (DIR, 2 shards")
+    evenly, naming the process counts that would."""
     valid = layout.valid_world_sizes(args)
     if world_size not in valid:
         raise LlamaMPError(
-            f"This checkpoint ({ckpt_dir}, {num_shards} shard(s), n_heads {args.n_heads}, n_kv_heads "
+            f"{what}, n_heads {args.n_heads}, n_kv_heads "
             f"{args.kv_heads}, FFN {args.ffn_hidden_dim}) cannot be split over {world_size} processes: every "
             f"head, the FFN and the vocabulary must divide evenly. Valid process counts: {valid}. "
             f"Run with torchrun --nproc_per_node one of those.")
@@ -163,7 +167,7 @@ def load_rank_state_dict(ckpt_dir: str, args: ModelArgs, rank: int, world_size: 
     shards = {k: load_shard(paths[k]) for k in needed}
     first = shards[needed[0]]
     args = resolve_vocab(args, first, paths[needed[0]])
-    check_world_size(args, num_shards, world_size, ckpt_dir)
+    check_world_size(args, world_size, f"This checkpoint ({ckpt_dir}, {num_shards} shard(s)")
     expected = layout.shard_shapes(args, num_shards)
     for k, sd in shards.items():
         check_tensors(sd, expected, paths[k])
@@ -206,17 +210,3 @@ def write_checklist(ckpt_dir: str, progress=None) -> None:
 
 def shard_name(index: int) -> str:
     return f"consolidated.{index:02d}.pth"
-
-
-def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num_shards: int) -> None:
-    """Split a whole-model state dict into `num_shards` Meta shards plus params.json and checklist.chk.
-
-    `args.vocab_size` is written as given (pass -1 to mimic Meta's files).
-    """
-    os.makedirs(ckpt_dir, exist_ok=True)
-    save_params(args, ckpt_dir)
-    for index in range(num_shards):
-        shard = {k: layout.split(v, layout.split_dim(k), num_shards, index).clone()
-                 for k, v in full_state.items() if k not in layout.IGNORED_KEYS}
-        torch.save(shard, os.path.join(ckpt_dir, shard_name(index)))
-    write_checklist(ckpt_dir)

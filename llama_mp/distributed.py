@@ -24,6 +24,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .errors import LlamaMPError, PeerLostError, RemoteRankError, report
 
 # A generation step takes milliseconds to seconds, so 5 minutes of silence means a peer is gone or
@@ -187,6 +188,7 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = DEFAUL
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints its group sizes on stdout
             mpu.initialize_model_parallel(dist.get_world_size())
         _bound_waits(timeout)
+        collectives.setup(dist.get_rank(), dist.get_world_size(), dist.get_backend(), timeout_s)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, chosen, timeout_s)
 
 
@@ -198,6 +200,7 @@ def teardown(failed: bool = False) -> None:
     """
     from fairscale.nn.model_parallel import initialize as mpu
 
+    collectives.teardown()
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     if not dist.is_initialized():

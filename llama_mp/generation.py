@@ -17,13 +17,12 @@ import torch
 from . import checkpoint, distributed
 from .chat import UNSAFE_ERROR, Dialog, Message, check_dialog, encode_dialog, has_special_tags
 from .distributed import DistEnv
+from .dtypes import parse_dtype
 from .errors import LlamaMPError
 from .model import Transformer, skip_fairscale_init
 from .params import ModelArgs, load_params
 from .sampling import check_sampling, sample
 from .tokenizer import Tokenizer
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -49,9 +48,7 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if dtype not in DTYPES:
-        raise LlamaMPError(f"Unknown --dtype {dtype!r}; use auto, {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
+    return parse_dtype(str(dtype), extra=("auto",))
 
 
 def load_weights(ckpt_dir: str, env: DistEnv, dtype: torch.dtype) -> Tuple[ModelArgs, Transformer]:
@@ -61,19 +58,32 @@ def load_weights(ckpt_dir: str, env: DistEnv, dtype: torch.dtype) -> Tuple[Model
     with torch.device("meta"), skip_fairscale_init():  # shapes only: no random init, no memory
         model = Transformer(args)
     model.load_state_dict(state, strict=True, assign=True)
-    # Same dtype on the same device is a no-op: CPU float32 weights stay mmap-backed, read on demand.
-    model.to(device=env.device, dtype=dtype)
+    model.to(device=env.device, dtype=dtype)  # read from the memory-mapped shards only now
     model.requires_grad_(False)
     return args, model.eval()
 
 
-def load_model(ckpt_dir: str, env: DistEnv, dtype: torch.dtype, max_batch_size: int,
-               max_seq_len: int) -> Tuple[ModelArgs, Transformer]:
-    """This rank's slice of the checkpoint in a ready-to-run model (weights, KV cache, rotary tables)."""
-    args, model = load_weights(ckpt_dir, env, dtype)
-    model.prepare(max_batch_size, max_seq_len)
-    model.share_embedding()  # a collective: every rank must get here
-    return args, model
+def ready_on_every_rank(env: DistEnv, make_model: Callable[[], Transformer], max_batch_size: int,
+                        max_seq_len: int, load_timeout_s: float) -> Transformer:
+    """Make this rank's model with `make_model()` (load, or random weights) and prepare it; then the
+    ranks agree that all of them succeeded before the first collective, so a failure on one rank is
+    one message and a non-zero exit everywhere, never a rank left waiting."""
+    error: Optional[BaseException] = None
+    model = None
+    try:
+        model = make_model()
+        model.prepare(max_batch_size, max_seq_len)
+    except torch.OutOfMemoryError as e:
+        error = LlamaMPError(
+            f"Rank {env.rank} ran out of memory on {env.device} while loading the model for max_seq_len "
+            f"{max_seq_len} and max_batch_size {max_batch_size} ({str(e).splitlines()[0]}). Run `llama-mp plan "
+            "--ckpt_dir DIR --gpus N --gpu_mem_gb G` to see what fits: more ranks, a smaller --max_seq_len or "
+            "--max_batch_size, or another --dtype.")
+    except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, or the others hang
+        error = e
+    distributed.agree(env, error, timeout_s=load_timeout_s)
+    model.share_embedding()  # the first collective, once every rank is ready
+    return model
 
 
 class Llama:
@@ -108,35 +118,28 @@ class Llama:
         """
         env = distributed.setup(backend, device, timeout_s)
         start = time.perf_counter()
-        error: Optional[BaseException] = None
-        try:
+        loaded = {}
+
+        def load() -> Transformer:
             if model_parallel_size is not None and model_parallel_size != env.world_size:
                 raise LlamaMPError(f"model_parallel_size={model_parallel_size} but {env.world_size} process(es) "
                                    "were started; leave it unset, or start that many with torchrun.")
-            if max_seq_len < 2 or max_batch_size < 1:
-                raise LlamaMPError(f"max_seq_len must be >= 2 and max_batch_size >= 1; got {max_seq_len} and "
-                                   f"{max_batch_size}.")
-            torch_dtype = choose_dtype(dtype, env.device)
-            tokenizer = Tokenizer(tokenizer_path)
-            args, model = load_weights(ckpt_dir, env, torch_dtype)
+            for name, value, least in (("max_seq_len", max_seq_len, 2), ("max_batch_size", max_batch_size, 1)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    raise LlamaMPError(f"{name} must be an integer >= {least}, got {value!r}.")
+            loaded["dtype"] = choose_dtype(dtype, env.device)
+            loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
+            args, model = load_weights(ckpt_dir, env, loaded["dtype"])
             if tokenizer.n_words > args.vocab_size:
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
                                    f"in {ckpt_dir!r} only has {args.vocab_size} token embeddings: they do not belong "
                                    "together. Use the tokenizer.model shipped with this checkpoint.")
-            model.prepare(max_batch_size, max_seq_len)
-        except torch.OutOfMemoryError as e:
-            error = LlamaMPError(
-                f"Rank {env.rank} ran out of memory on {env.device} while loading {ckpt_dir!r} with max_seq_len "
-                f"{max_seq_len} and max_batch_size {max_batch_size} ({str(e).splitlines()[0]}). Run `llama-mp plan "
-                f"--ckpt_dir {ckpt_dir} --gpus N --gpu_mem_gb G` to see what fits: more ranks, a smaller "
-                "--max_seq_len or --max_batch_size, or another --dtype.")
-        except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, or the others hang
-            error = e
-        distributed.agree(env, error, timeout_s=load_timeout_s)
-        model.share_embedding()  # collectives only once every rank has loaded
+            return model
+
+        model = ready_on_every_rank(env, load, max_batch_size, max_seq_len, load_timeout_s)
         log(env, f"Loaded {ckpt_dir} on {env.world_size} rank(s) ({env.backend}, {env.device.type}, "
-                 f"{str(torch_dtype).replace('torch.', '')}) in {time.perf_counter() - start:.2f} s")
-        return Llama(model, tokenizer, env, seed)
+                 f"{str(loaded['dtype']).replace('torch.', '')}) in {time.perf_counter() - start:.2f} s")
+        return Llama(model, loaded["tokenizer"], env, seed)
 
     # ------------------------------------------------------------------------------------------
     def _check_request(self, prompt_tokens, max_gen_len: int, temperature: float, top_p: float, top_k: int) -> None:

@@ -24,7 +24,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
-from .collectives import all_gather_last_dim, all_sum, gather_last_dim_to_main, global_argmax
+from .collectives import all_sum, gather_into, gather_last_dim_to_main, global_argmax
 from .params import ModelArgs
 
 
@@ -209,14 +209,24 @@ class Transformer(nn.Module):
                                       self.output.weight.device)
         self.output_t = _fuse_transposed(self.output)
         self.vocab_offset = self.output.weight.shape[0] * get_model_parallel_rank()
+        ranks, piece = get_model_parallel_world_size(), self.tok_embeddings.weight
+        if ranks > 1:  # room for the whole embedding table, taken now while failing is still orderly
+            self._embedding_parts = torch.empty((ranks, *piece.shape), dtype=piece.dtype, device=piece.device)
+            self._embedding_table = torch.empty((piece.shape[0], piece.shape[1] * ranks), dtype=piece.dtype,
+                                                device=piece.device)
 
     def share_embedding(self) -> None:
-        """Collective: assemble the whole embedding table on every rank.
+        """Collective: assemble the whole embedding table on every rank (into memory `prepare` took).
 
         Meta's shards split the embedding by columns, which would cost an all-gather per step; one
         all-gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves it for good."""
-        table = all_gather_last_dim(self.tok_embeddings.weight)
+        if get_model_parallel_world_size() == 1:
+            return
+        parts = gather_into(self._embedding_parts, self.tok_embeddings.weight)  # [ranks, vocab, dim/ranks]
+        table = self._embedding_table
+        table.view(table.shape[0], parts.shape[0], -1).copy_(parts.transpose(0, 1))
         self.tok_embeddings.weight = nn.Parameter(table, requires_grad=False)
+        del self._embedding_parts, self._embedding_table
 
     def hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
         """Final normed hidden states [batch, seq or 1, dim] for `tokens` continuing the cache at

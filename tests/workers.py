@@ -27,3 +27,17 @@ def sampled(ckpt_dir, tokenizer_path, prompts, steps, seed):
     llama = build(ckpt_dir, tokenizer_path, seed=seed)
     ids, _ = llama.generate(prompts, steps, temperature=0.8, top_p=0.95)
     return ids
+
+
+def collective_results(rounds):
+    """Sums and argmaxes over the ranks, and whether the shared-memory exchange carried them."""
+    from llama_mp import collectives, distributed
+
+    env = distributed.setup("gloo", "cpu")
+    sums = [collectives.all_sum(torch.full((1, 1, 8), float(env.rank + 1) * (i + 1))) for i in range(rounds)]
+    logits = torch.zeros(2, 4)
+    logits[0, 1] = 5.0  # row 0: every rank ties on its second id -> the lowest global id wins
+    logits[1, env.rank] = float(env.rank)  # row 1: the last rank holds the maximum
+    argmax = collectives.global_argmax(logits, vocab_offset=4 * env.rank)
+    big = collectives.all_sum(torch.ones(1 << 17))  # over the exchange's slot size: gloo's path
+    return collectives._exchange is not None, [s.flatten().tolist() for s in sums], argmax.tolist(), float(big[0])
