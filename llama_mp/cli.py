@@ -14,43 +14,38 @@ import os
 import sys
 
 from .bench import bench
-from .errors import LlamaMPError
+from .dtypes import parse_dtype
 from .params import parse_params
 from .tools_cli import TOOLS
 
 
 def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads: int = 8,
           n_kv_heads: int = None, vocab_size: int = 0, multiple_of: int = 32, seed: int = 0,
-          dtype: str = "float32", tokenizer: str = None) -> None:
+          dtype: str = "float32", tokenizer: str = None, overwrite: bool = False) -> None:
     """Write a random checkpoint with MP shards in Meta's exact layout, for demos and benchmarks.
 
     The tokenizer is ../shared/assets/tokenizer.model when present (or --tokenizer), else a tiny one
     trained on the spot; it is copied next to the shards as tokenizer.model and the vocabulary is
-    sized to it unless --vocab_size is given.
+    sized to it unless --vocab_size is given. MP must split every head, the FFN, the embedding and the
+    vocabulary evenly. The folder appears only once complete (--overwrite replaces a non-empty one).
     """
-    import shutil
-
-    import torch
-
+    from .output_dir import staged_output_dir
+    from .reshard import check_shard_count, copy_tokenizer
     from .synthetic import find_or_make_tokenizer, write_random_checkpoint
     from .tokenizer import Tokenizer
 
-    if os.path.exists(os.path.join(out_dir, "params.json")):
-        raise LlamaMPError(f"{out_dir} already holds a checkpoint; remove it or pick another folder.")
-    os.makedirs(out_dir, exist_ok=True)
-    tok_dst = os.path.join(out_dir, "tokenizer.model")
-    src = tokenizer or find_or_make_tokenizer(tok_dst)
-    if os.path.abspath(src) != os.path.abspath(tok_dst):
-        shutil.copyfile(src, tok_dst)
-    vocab = vocab_size or Tokenizer(tok_dst).n_words
-    args = parse_params({"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-                         "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5}, where="synth options")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise LlamaMPError(f"Unknown --dtype {dtype!r}; use one of {', '.join(dtypes)}.")
-    write_random_checkpoint(out_dir, args, mp, seed=seed, dtype=dtypes[dtype])
+    torch_dtype = parse_dtype(dtype)
+    with staged_output_dir(out_dir, overwrite) as out:
+        tok_dst = os.path.join(out, "tokenizer.model")
+        copy_tokenizer(out, tokenizer, None if tokenizer is not None else find_or_make_tokenizer(tok_dst))
+        vocab = vocab_size or Tokenizer(tok_dst).n_words
+        args = parse_params({"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+                             "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5},
+                            where="synth options")
+        check_shard_count(args, mp)
+        write_random_checkpoint(out, args, mp, seed=seed, dtype=torch_dtype)
     print(f"wrote {out_dir}: {mp} shard(s), {args.parameter_count() / 1e6:.1f}M parameters, tokenizer "
-          f"{tok_dst}", file=sys.stderr)
+          f"{os.path.join(out_dir, 'tokenizer.model')}", file=sys.stderr)
 
 
 COMMANDS = {"synth": synth, "bench": bench, **TOOLS}

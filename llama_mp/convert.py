@@ -25,10 +25,10 @@ from . import checkpoint, layout
 from .errors import LlamaMPError
 from .hf_format import HFSource, is_hf_dir, write_hf
 from .llama2c_format import Llama2cSource, looks_like_llama2c
+from .dtypes import parse_dtype
 from .output_dir import staged_output_dir
 from .params import ModelArgs, save_params
-from .reshard import (check_shard_count, copy_tokenizer, open_meta, parse_dtype, reshard, write_checklist,
-                      write_shards)
+from .reshard import check_shard_count, copy_tokenizer, open_meta, reshard, write_checklist, write_shards
 
 
 class Source(Protocol):
@@ -96,7 +96,7 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
     """Write `source` as a Meta directory with `mp` shards, params.json (real vocab size), checklist.chk
     and tokenizer.model (the source's, or `tokenizer`)."""
     check_shard_count(source.args, mp)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, optional=True)
 
     def piece(key: str, index: int) -> torch.Tensor:
         return layout.split(source.tensor(key), layout.split_dim(key), mp, index)
@@ -111,7 +111,7 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
 def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optional[str] = None,
                  tokenizer: Optional[str] = None, progress: bool = True, src: Optional[str] = None) -> None:
     """Write `source` as a Hugging Face Llama directory (config.json, safetensors, tokenizer.model)."""
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, optional=True)
     keys = source.keys()
 
     def tensor(key: str) -> torch.Tensor:
@@ -121,8 +121,8 @@ def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optio
     with staged_output_dir(dst, overwrite, src=src) as out, \
             tqdm(total=len(keys), desc="writing safetensors", unit="tensor", file=sys.stderr,
                  disable=not progress) as bar:
+        copy_tokenizer(out, tokenizer, source.tokenizer)  # first: a wrong --tokenizer fails before the writing
         write_hf(out, source.args, keys, tensor, progress=bar.update)
-        copy_tokenizer(out, tokenizer, source.tokenizer)
         if os.path.isfile(os.path.join(out, "tokenizer.model")):
             # Enough for transformers' LlamaTokenizer(Fast) to find and use tokenizer.model.
             with open(os.path.join(out, "tokenizer_config.json"), "w") as f:

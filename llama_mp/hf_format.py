@@ -117,6 +117,29 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
     return parse_params(raw, where=where)
 
 
+def _damaged(path: str, problem: str) -> LlamaMPError:
+    """The error for a file of a Hugging Face download that cannot be used as it is."""
+    return LlamaMPError(f"Cannot read {path}: {problem}. The download is damaged or incomplete; download "
+                        "this file again (e.g. `huggingface-cli download` re-fetches what does not match).")
+
+
+def _reason(e: BaseException) -> str:
+    """The exception's type and first sentence (torch's load errors go on with advice that does not apply)."""
+    text = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise _damaged(path, f"it is not valid JSON ({_reason(e)})") from None
+    if not isinstance(data, dict):
+        raise _damaged(path, f"it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def _weight_files(model_dir: str) -> Dict[str, str]:
     """{HF tensor name: file} from an index json, or every name of the single weights file."""
     for name in WEIGHT_FILES:
@@ -124,8 +147,9 @@ def _weight_files(model_dir: str) -> Dict[str, str]:
         if not os.path.isfile(path):
             continue
         if name.endswith(".index.json"):
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = _read_json(path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise _damaged(path, 'it has no "weight_map" object of tensor name -> file name')
             return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
         return {k: path for k in _open_weights(path).keys()}
     raise LlamaMPError(f"{model_dir} has a config.json but none of {', '.join(WEIGHT_FILES)}. Download the "
@@ -137,9 +161,14 @@ class _TorchBin:
 
     def __init__(self, path: str):
         try:
-            self.sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError:  # pre-zip (legacy) torch files cannot be mapped; read them whole
-            self.sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                self.sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # pre-zip (legacy) torch files cannot be mapped; read them whole
+                self.sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for truncated or corrupt files
+            raise _damaged(path, _reason(e)) from None
+        if not isinstance(self.sd, dict) or not all(isinstance(v, torch.Tensor) for v in self.sd.values()):
+            raise _damaged(path, "it does not hold a state dict of tensors")
 
     def keys(self) -> List[str]:
         return list(self.sd)
@@ -152,7 +181,10 @@ def _open_weights(path: str):
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        return safe_open(path, framework="pt")
+        try:
+            return safe_open(path, framework="pt")
+        except Exception as e:  # SafetensorError (bad header, truncated data), OSError (missing shard)
+            raise _damaged(path, _reason(e)) from None
     return _TorchBin(path)
 
 
@@ -161,8 +193,7 @@ class HFSource:
 
     def __init__(self, model_dir: str):
         config_path = os.path.join(model_dir, "config.json")
-        with open(config_path) as f:
-            self.config = json.load(f)
+        self.config = _read_json(config_path)
         self.args = args_from_config(self.config, config_path)
         self.tokenizer = os.path.join(model_dir, "tokenizer.model")
         self._files = _weight_files(model_dir)
@@ -193,13 +224,20 @@ class HFSource:
         out = {}
         for key in self.keys():
             handle, name = self._locate(key)
-            out[key] = tuple(handle.get_slice(name).get_shape() if hasattr(handle, "get_slice")
-                             else handle.get_tensor(name).shape)
+            out[key] = tuple(self._read(name, lambda: handle.get_slice(name).get_shape()
+                                        if hasattr(handle, "get_slice") else handle.get_tensor(name).shape))
         return out
+
+    def _read(self, name: str, read: Callable[[], object]):
+        """`read()` of tensor `name`, a failure inside its file reported as a damaged download."""
+        try:
+            return read()
+        except Exception as e:  # SafetensorError (truncated data), or a name the file lacks
+            raise _damaged(self._files[name], f"{_reason(e)} (reading {name})") from None
 
     def tensor(self, meta_key: str) -> torch.Tensor:
         handle, name = self._locate(meta_key)
-        t = handle.get_tensor(name)
+        t = self._read(name, lambda: handle.get_tensor(name))
         heads = _heads_for(meta_key, self.args)
         return from_hf_rows(t, heads) if heads else t
 
@@ -255,8 +293,11 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
     from safetensors.torch import save_file
 
     shapes = layout.full_shapes(args)
-    first = tensor(keys[0])
-    itemsize = first.dtype.itemsize
+    # The first tensor gives the dtype (hence file sizes) and is the first one written: fetched once,
+    # and not held past its own file.
+    pending = {keys[0]: tensor(keys[0])}
+    dtype = pending[keys[0]].dtype
+    itemsize = dtype.itemsize
     groups: List[List[str]] = [[]]
     size = 0
     for key in keys:
@@ -272,7 +313,9 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
     for name, group in zip(names, groups):
         out = {}
         for key in group:
-            out[hf_name(key)] = to_hf_tensor(key, tensor(key), args).clone(memory_format=torch.contiguous_format)
+            t = pending.pop(key) if key in pending else tensor(key)
+            out[hf_name(key)] = to_hf_tensor(key, t, args).clone(memory_format=torch.contiguous_format)
+            del t
             weight_map[hf_name(key)] = name
             if progress:
                 progress()
@@ -283,4 +326,4 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(args, first.dtype, max_position_embeddings), f, indent=2)
+        json.dump(hf_config(args, dtype, max_position_embeddings), f, indent=2)

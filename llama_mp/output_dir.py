@@ -43,13 +43,33 @@ def staged_output_dir(dst: str, overwrite: bool = False, src: str = None) -> Ite
     try:
         yield staging
         if os.path.exists(dst):
-            # Move the old folder aside first: a rename cannot replace a non-empty directory.
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-            os.rename(dst, os.path.join(old, "replaced"))
-            os.rename(staging, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace(staging, dst, parent)
         else:
             os.rename(staging, dst)
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staging: str, dst: str, parent: str) -> None:
+    """Move the old `dst` aside (a rename cannot replace a non-empty folder), move `staging` to `dst`, then
+    delete the old one. If the second move fails, the old folder goes back to `dst` before the error."""
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+    aside = os.path.join(old, "replaced")
+    try:
+        os.rename(dst, aside)
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.rename(staging, dst)
+    except BaseException as e:
+        try:
+            os.rename(aside, dst)
+        except OSError as back:
+            raise LlamaMPError(f"Could not move the new output into {dst} ({e}) nor the previous folder back "
+                               f"({back}); the previous contents are in {aside}: move that folder to {dst} "
+                               "yourself.") from None
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -29,9 +29,9 @@ import math
 from typing import Dict, List, Optional
 
 from . import checkpoint, layout
+from .dtypes import DTYPES, parse_dtype
 from .errors import LlamaMPError
 from .params import ModelArgs, load_params, load_preset, preset_names
-from .reshard import DTYPES
 
 GIB = 1 << 30
 CUDA_CONTEXT_BYTES = 1 * GIB
@@ -126,8 +126,7 @@ def model_args(ckpt_dir: Optional[str], model: Optional[str]) -> (str, ModelArgs
 def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: str = "bfloat16",
               max_seq_len: int = 512, max_batch_size: int = 4) -> Dict:
     """The whole answer as a dict (what --json prints): estimate, verdict, reason and options."""
-    if dtype not in DTYPE_BYTES:
-        raise LlamaMPError(f"Unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}.")
+    parse_dtype(dtype)  # a known name, or a LlamaMPError listing them
     for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LlamaMPError(f"{flag} must be an integer >= {low}, got {value!r}.")

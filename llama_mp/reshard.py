@@ -19,25 +19,13 @@ from tqdm import tqdm
 
 from . import checkpoint, layout
 from .checkpoint import StateDict
+from .dtypes import parse_dtype
 from .errors import LlamaMPError
 from .output_dir import staged_output_dir
-from .params import ModelArgs, load_params
+from .params import ModelArgs, load_params, save_params
 
 # What a writer asks for: the piece of tensor `key` that goes into output shard `index`.
 PieceFn = Callable[[str, int], torch.Tensor]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    """`None` (keep the source's dtype) or the torch dtype for --dtype NAME."""
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise LlamaMPError(f"Unknown --dtype {name!r}; use one of {', '.join(DTYPES)} (or leave it out to keep "
-                           "the source's dtype).")
-    return DTYPES[name]
-
 
 def check_shard_count(args: ModelArgs, num_shards: int) -> None:
     """The same rule as for process counts: every head, the FFN, the embedding and vocab split evenly."""
@@ -75,12 +63,31 @@ def write_checklist(out_dir: str, progress: bool = True) -> None:
         checkpoint.write_checklist(out_dir, progress=bar.update)
 
 
-def copy_tokenizer(out_dir: str, *candidates: Optional[str]) -> None:
-    """Copy the first existing file among `candidates` to `out_dir`/tokenizer.model (none: do nothing)."""
-    for path in candidates:
+def copy_tokenizer(out_dir: str, explicit: Optional[str], *fallbacks: Optional[str]) -> None:
+    """Copy `explicit` (the user's --tokenizer, which must be a file), else the first existing file among
+    `fallbacks`, to `out_dir`/tokenizer.model (none: do nothing)."""
+    if explicit is not None and not os.path.isfile(explicit):
+        raise LlamaMPError(f"--tokenizer {explicit!r} is not a file. Pass the path of a SentencePiece "
+                           "tokenizer.model, or leave --tokenizer out to use the one beside the source.")
+    dst = os.path.join(out_dir, "tokenizer.model")
+    for path in (explicit, *fallbacks):
         if path and os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model"))
+            if not (os.path.exists(dst) and os.path.samefile(path, dst)):
+                shutil.copyfile(path, dst)
             return
+
+
+def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num_shards: int,
+                      progress: bool = False) -> None:
+    """Split a whole-model state dict into `num_shards` Meta shards plus params.json and checklist.chk,
+    with the same shard writer as reshard. `args.vocab_size` is written as given (-1 mimics Meta's files)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    save_params(args, ckpt_dir)
+    keys = [k for k in full_state if k not in layout.IGNORED_KEYS]
+    write_shards(ckpt_dir, keys, num_shards,
+                 lambda key, index: layout.split(full_state[key], layout.split_dim(key), num_shards, index),
+                 progress=progress)
+    write_checklist(ckpt_dir, progress)
 
 
 def open_meta(src: str):
@@ -107,7 +114,7 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
     """
     args, paths, keys = open_meta(src)
     check_shard_count(args, mp)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, optional=True)
     num_in = len(paths)
     opened = {"index": None, "shards": {}}
 

@@ -2,7 +2,7 @@
 
 No weights can be downloaded here, so everything that needs a checkpoint makes one: a whole-model state
 dict with random values of a sensible scale (activations stay O(1), so greedy choices are not
-near-ties), split into Meta shards by `checkpoint.save_consolidated`.
+near-ties), split into Meta shards by `reshard.save_consolidated`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 
 from . import layout
-from .checkpoint import StateDict, save_consolidated
+from .checkpoint import StateDict
 from .params import ModelArgs
+from .reshard import save_consolidated
 
 SHARED_TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "..", "shared", "assets", "tokenizer.model")

@@ -136,7 +136,7 @@ def _implied_shard_count(args: ModelArgs, shard: checkpoint.StateDict) -> int:
 
 def _missing(found: Dict[int, str], num_shards: int) -> List[str]:
     return [f"{checkpoint.shard_name(i)} is missing ({len(found)} of {num_shards} shards present)"
-            for i in range(num_shards) if i not in found]
+            for i in checkpoint.missing_shards(found, num_shards)]
 
 
 def _agreement_problems(shards: Dict[int, checkpoint.StateDict]) -> List[str]:

@@ -1,0 +1,23 @@
+"""The dtypes every tool accepts by name (--dtype), and the one parser for them."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import LlamaMPError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: Optional[str], option: str = "--dtype", extra: Sequence[str] = (),
+                optional: bool = False) -> Optional[torch.dtype]:
+    """The torch dtype for `option NAME`. With `optional`, None (the option left out: keep the source's
+    dtype) gives None. `extra` names values the caller handles itself (e.g. "auto"), for the error."""
+    if name is None and optional:
+        return None
+    if isinstance(name, str) and name in DTYPES:
+        return DTYPES[name]
+    keep = " (or leave it out to keep the source's dtype)" if optional else ""
+    raise LlamaMPError(f"Unknown {option} {name!r}; use one of {', '.join([*extra, *DTYPES])}{keep}.")
