@@ -92,6 +92,8 @@ def text_completion(
     if not generator.env.is_main:
         return
     new_tokens = sum(len(r["token_ids"]) for r in results)
+    if echo:  # token_ids then start with the prompt
+        new_tokens -= sum(len(generator.tokenizer.encode(p, bos=True, eos=False)) for p in prompt_list)
     for prompt, result in zip(prompt_list, results):
         if json:
             record = {"prompt": prompt, "generation": result["generation"], "token_ids": result["token_ids"]}

@@ -2,8 +2,9 @@
 
 The public surface follows facebookresearch/llama (`Llama.build`, `generate`, `text_completion`,
 `chat_completion`), so its users can switch imports. Every rank of the job calls the same methods with
-the same arguments; rank 0's arguments are the ones used (it validates and broadcasts them), rank 0
-samples each next token and broadcasts it, and every rank returns the same results.
+the same arguments; rank 0's arguments are the ones used (it validates and broadcasts them). Greedy
+decoding lets every rank find the argmax itself; otherwise rank 0 samples each next token and
+broadcasts it. Every rank returns the same results.
 """
 
 from __future__ import annotations

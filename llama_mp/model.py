@@ -125,8 +125,10 @@ class Attention(nn.Module):
             scores = torch.matmul(q, keys.transpose(2, 3))
             out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
         else:
+            # A prompt from position 0 is plain causal attention (lets SDPA pick its fastest kernel);
+            # new tokens after cached ones need the explicit mask.
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 enable_gqa=heads != kv_heads)
+                                                 is_causal=mask is None, enable_gqa=heads != kv_heads)
             out = out.transpose(1, 2)
         return all_sum(torch.matmul(out.reshape(bsz, seqlen, heads * hd), self.wo_t))
 
@@ -138,7 +140,7 @@ def _fuse_transposed(*layers: nn.Module) -> torch.Tensor:
     twice as fast on CPUs (MKL's matrix-vector kernel) as `x @ w.T` with w stored [out, in]: decoding
     is bound by reading weights. Each layer's weight becomes a view into the fused matrix (still
     [out, in], as in the checkpoint), so no memory is duplicated and state_dict() is unchanged."""
-    fused = torch.cat([layer.weight for layer in layers], dim=0).t().contiguous()
+    fused = torch.cat([layer.weight.t() for layer in layers], dim=1)  # one copy, already [in, out]
     col = 0
     for layer in layers:
         rows = layer.weight.shape[0]
@@ -235,7 +237,7 @@ class Transformer(nn.Module):
         h = F.embedding(tokens, self.tok_embeddings.weight)
         rotation = self.rotation[start_pos:start_pos + seqlen]
         mask = None
-        if seqlen > 1:  # causal over the new tokens; every cached position is visible
+        if seqlen > 1 and start_pos > 0:  # causal over the new tokens; every cached position is visible
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
         for layer in self.layers:

@@ -13,10 +13,14 @@ import torch
 from .errors import LlamaMPError
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if not temperature >= 0:
+    if not _number(temperature) or not temperature >= 0:
         raise LlamaMPError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
-    if not 0 < top_p <= 1:
+    if not _number(top_p) or not 0 < top_p <= 1:
         raise LlamaMPError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}.")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise LlamaMPError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}.")

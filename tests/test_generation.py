@@ -110,6 +110,8 @@ def test_chat_completion_uses_llama2_format_and_refuses_special_tags(llama):
     ([[1, 2]], {"top_p": 0}, "top_p"),
     ([[1, 2]], {"top_p": 1.5}, "top_p"),
     ([[1, 2]], {"top_k": -1}, "top_k"),
+    ([[1, 2]], {"temperature": "hot"}, "temperature"),
+    ([[1, 2]], {"top_p": "all"}, "top_p"),
     ([[1, 10 ** 9]], {}, "vocabulary"),
 ])
 def test_bad_requests_are_refused_with_a_clear_message(llama, prompts, kwargs, words):
