@@ -151,8 +151,9 @@ def _init_failed(error: Exception, world: int, timeout_s: float) -> LlamaMPError
 
 def _bound_waits(timeout: datetime.timedelta) -> None:
     """Give fairscale's groups our timeout: `new_group` without one gets torch's default (30 min for
-    gloo, 10 for NCCL), whatever the default group has, so a hung peer would block a layer's
-    all-reduce that long. `_set_pg_timeout` is private; without it we keep torch's defaults."""
+    gloo, 10 for NCCL), whatever the default group has. Our forward pass uses the default group (see
+    collectives.py), but code that calls fairscale's own layer forwards uses these groups, and must not
+    wait longer than --timeout_s either. `_set_pg_timeout` is private; without it we keep torch's defaults."""
     from fairscale.nn.model_parallel import initialize as mpu
 
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
