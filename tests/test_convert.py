@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from llama_mp.convert import convert, detect
 from llama_mp.errors import LlamaMPError
 from llama_mp.hf_format import from_hf_rows, to_hf_rows
 from llama_mp.params import load_params
-from greedy_worker import greedy_ids, prompt_ids
+from workers import greedy_ids, prompt_ids
 from multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")

@@ -10,10 +10,9 @@ import torch
 
 from llama_mp import checkpoint, layout
 from llama_mp.errors import LlamaMPError
-from llama_mp.params import ModelArgs, load_params
-from llama_mp.synthetic import random_state_dict
+from llama_mp.params import load_params
 from multiproc import run_ranks
-from greedy_worker import greedy_ids
+from workers import greedy_ids
 
 GQA = dict(n_kv_heads=2)
 

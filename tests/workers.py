@@ -23,6 +23,27 @@ def logits_and_greedy(cases, tokenizer_path, prompts, steps):
     return out
 
 
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "Model parallel"]
+
+
+def prompt_ids(tokenizer_path):
+    from llama_mp.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    return [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
+
+
+def greedy_ids(ckpt_dirs, tokenizer_path, max_gen_len=12):
+    """For each checkpoint: greedy continuations of PROMPTS (checkpoints that should hold one model)."""
+    out = []
+    for ckpt_dir in ckpt_dirs:
+        llama = build(ckpt_dir, tokenizer_path, max_batch_size=len(PROMPTS))
+        prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+        ids, _ = llama.generate(prompts, max_gen_len=max_gen_len, temperature=0)
+        out.append(ids)
+    return out
+
+
 def sampled(ckpt_dir, tokenizer_path, prompts, steps, seed):
     llama = build(ckpt_dir, tokenizer_path, seed=seed)
     ids, _ = llama.generate(prompts, steps, temperature=0.8, top_p=0.95)
