@@ -24,6 +24,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank, get_
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from torch import nn
 
+from . import cpu_kernels
 from .collectives import all_sum, gather_into, gather_last_dim_to_main, global_argmax
 from .params import ModelArgs
 
@@ -92,15 +93,17 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
         self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.wqkv: Optional[torch.Tensor] = None  # [dim, q + k + v features of this rank]
-        self.wo_t: Optional[torch.Tensor] = None
+        self.out_in = False  # layout of the prepared matrices below: see `_fuse`
+        self.wqkv: Optional[torch.Tensor] = None  # q, k and v features of this rank together
+        self.wo_w: Optional[torch.Tensor] = None
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
-    def prepare(self, max_batch_size: int, max_seq_len: int) -> None:
+    def prepare(self, max_batch_size: int, max_seq_len: int, out_in: bool) -> None:
         device, dtype = self.wq.weight.device, self.wq.weight.dtype
-        self.wqkv = _fuse_transposed(self.wq, self.wk, self.wv)
-        self.wo_t = _fuse_transposed(self.wo)
+        self.out_in = out_in
+        self.wqkv = _fuse(out_in, self.wq, self.wk, self.wv)
+        self.wo_w = _fuse(out_in, self.wo)
         # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
@@ -109,7 +112,7 @@ class Attention(nn.Module):
     def forward(self, x, start_pos: int, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        qkv = torch.matmul(x, self.wqkv).view(bsz, seqlen, heads + 2 * kv_heads, hd)
+        qkv = _project(x, self.wqkv, self.out_in).view(bsz, seqlen, heads + 2 * kv_heads, hd)
         qk = apply_rotary(qkv[:, :, :heads + kv_heads], rotation)  # q and k rotate together
         q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
 
@@ -130,23 +133,33 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                                  is_causal=mask is None, enable_gqa=heads != kv_heads)
             out = out.transpose(1, 2)
-        return all_sum(torch.matmul(out.reshape(bsz, seqlen, heads * hd), self.wo_t))
+        return all_sum(_project(out.reshape(bsz, seqlen, heads * hd), self.wo_w, self.out_in))
 
 
-def _fuse_transposed(*layers: nn.Module) -> torch.Tensor:
-    """The layers' weights side by side as one [in_features, sum of out_features] contiguous matrix.
+def _fuse(out_in: bool, *layers: nn.Module) -> torch.Tensor:
+    """The layers' weights as one contiguous matrix: one product instead of several.
 
-    One product instead of several, and `x @ w` with w stored [in, out] streams the weights about
-    twice as fast on CPUs (MKL's matrix-vector kernel) as `x @ w.T` with w stored [out, in]: decoding
-    is bound by reading weights. Each layer's weight becomes a view into the fused matrix (still
-    [out, in], as in the checkpoint), so no memory is duplicated and state_dict() is unchanged."""
-    fused = torch.cat([layer.weight.t() for layer in layers], dim=1)  # one copy, already [in, out]
-    col = 0
+    Layout [sum of out_features, in_features] (the checkpoint's, `out_in`) for the CPU decode kernels,
+    whose dot products stream it fastest; otherwise [in_features, sum of out_features], because
+    `x @ w` with w stored [in, out] runs MKL's matrix-vector kernel about twice as fast as `x @ w.T`
+    (decoding is bound by reading weights), and costs nothing on GPUs. Each layer's weight becomes a
+    view into the fused matrix (still [out, in]), so no memory is duplicated and state_dict() is
+    unchanged."""
+    if out_in:
+        fused = torch.cat([layer.weight for layer in layers], dim=0)
+    else:
+        fused = torch.cat([layer.weight.t() for layer in layers], dim=1).t()  # stored [in, out]
+    start = 0
     for layer in layers:
         rows = layer.weight.shape[0]
-        layer.weight = nn.Parameter(fused[:, col:col + rows].t(), requires_grad=False)
-        col += rows
-    return fused
+        layer.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
+    return fused if out_in else fused.t()
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, out_in: bool) -> torch.Tensor:
+    """x @ W for a matrix prepared by `_fuse`."""
+    return F.linear(x, w) if out_in else torch.matmul(x, w)
 
 
 class FeedForward(nn.Module):
@@ -156,16 +169,18 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.out_in = False
         self.w13: Optional[torch.Tensor] = None
-        self.w2_t: Optional[torch.Tensor] = None
+        self.w2_w: Optional[torch.Tensor] = None
 
-    def prepare(self) -> None:
-        self.w13 = _fuse_transposed(self.w1, self.w3)
-        self.w2_t = _fuse_transposed(self.w2)
+    def prepare(self, out_in: bool) -> None:
+        self.out_in = out_in
+        self.w13 = _fuse(out_in, self.w1, self.w3)
+        self.w2_w = _fuse(out_in, self.w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = torch.matmul(x, self.w13).chunk(2, dim=-1)
-        return all_sum(torch.matmul(F.silu(gate) * up, self.w2_t))
+        gate, up = _project(x, self.w13, self.out_in).chunk(2, dim=-1)
+        return all_sum(_project(F.silu(gate) * up, self.w2_w, self.out_in))
 
 
 class TransformerBlock(nn.Module):
@@ -198,18 +213,21 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
         self.max_batch_size = 0
         self.max_seq_len = 0
+        self.out_in = False
+        self.decoder: Optional[cpu_kernels.CpuDecoder] = None  # the C decode path, when in use
 
     def prepare(self, max_batch_size: int, max_seq_len: int) -> None:
         """Get ready to run, once the weights are loaded: fuse projections and allocate the KV cache
         and rotary table next to the weights. Local to this rank (no collective), so running out of
         memory here is reported like a load failure. `share_embedding` must follow."""
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        weight = self.output.weight
+        self.out_in = cpu_kernels.wanted(weight.device, weight.dtype)
         for layer in self.layers:
-            layer.attention.prepare(max_batch_size, max_seq_len)
-            layer.feed_forward.prepare()
-        self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta,
-                                      self.output.weight.device)
-        self.output_t = _fuse_transposed(self.output)
+            layer.attention.prepare(max_batch_size, max_seq_len, self.out_in)
+            layer.feed_forward.prepare(self.out_in)
+        self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device)
+        self.output_w = _fuse(self.out_in, self.output)
         self.vocab_offset = self.output.weight.shape[0] * get_model_parallel_rank()
         ranks, piece = get_model_parallel_world_size(), self.tok_embeddings.weight
         if ranks > 1:  # room for the whole embedding table, taken now while failing is still orderly
@@ -221,19 +239,24 @@ class Transformer(nn.Module):
         """Collective: assemble the whole embedding table on every rank (into memory `prepare` took).
 
         Meta's shards split the embedding by columns, which would cost an all-gather per step; one
-        all-gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves it for good."""
-        if get_model_parallel_world_size() == 1:
-            return
-        parts = gather_into(self._embedding_parts, self.tok_embeddings.weight)  # [ranks, vocab, dim/ranks]
-        table = self._embedding_table
-        table.view(table.shape[0], parts.shape[0], -1).copy_(parts.transpose(0, 1))
-        self.tok_embeddings.weight = nn.Parameter(table, requires_grad=False)
-        del self._embedding_parts, self._embedding_table
+        all-gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves it for good.
+        Then, every tensor being in place, the CPU decoder (if used) takes its pointers."""
+        ranks = get_model_parallel_world_size()
+        if ranks > 1:
+            parts = gather_into(self._embedding_parts, self.tok_embeddings.weight)  # [ranks, vocab, dim/ranks]
+            table = self._embedding_table
+            table.view(table.shape[0], parts.shape[0], -1).copy_(parts.transpose(0, 1))
+            self.tok_embeddings.weight = nn.Parameter(table, requires_grad=False)
+            del self._embedding_parts, self._embedding_table
+        if self.out_in:
+            self.decoder = cpu_kernels.CpuDecoder(self, all_sum, ranks)
 
     def hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
         """Final normed hidden states [batch, seq or 1, dim] for `tokens` continuing the cache at
         `start_pos` (the prompt on the first call, then one token per call)."""
         seqlen = tokens.shape[1]
+        if seqlen == 1 and self.decoder is not None:
+            return self.decoder.hidden(tokens, start_pos)
         h = F.embedding(tokens, self.tok_embeddings.weight)
         rotation = self.rotation[start_pos:start_pos + seqlen]
         mask = None
@@ -246,12 +269,18 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
-        full = gather_last_dim_to_main(torch.matmul(h, self.output_t))
+        full = gather_last_dim_to_main(self._output(h))
         return None if full is None else full.float()
 
     def greedy_next(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next token [batch] on every rank, from h of shape [batch, 1, dim]."""
-        return global_argmax(torch.matmul(h[:, -1], self.output_t), self.vocab_offset)
+        return global_argmax(self._output(h[:, -1]), self.vocab_offset)
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits."""
+        if self.decoder is not None and h.numel() <= 8 * h.shape[-1]:  # a few rows: the C kernel
+            return self.decoder.project(h, self.output_w)
+        return _project(h, self.output_w, self.out_in)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> Optional[torch.Tensor]:
         """Logits on rank 0 (None elsewhere): [batch, vocab] for the last position, or

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llama_mp import LlamaMPError
+from llama_mp import LlamaMPError, cpu_kernels
 from llama_mp.bench import bench
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "32", "--vocab_size", "512"]
@@ -18,8 +18,9 @@ def test_bench_reports_speed_memory_and_bandwidth_as_json():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     for key in ("load_s", "prefill_tok_s", "decode_tok_s", "ms_per_token", "peak_memory_per_rank_gib",
-                "achieved_gb_s_per_rank", "copy_gb_s_per_rank"):
+                "achieved_gb_s_per_rank", "read_gb_s_per_rank"):
         assert report[key] and all(v > 0 for v in (report[key] if isinstance(report[key], list) else [report[key]]))
+    assert report["decode_path"] == ("C kernels" if cpu_kernels.library() is not None else "PyTorch")
     assert report["ranks"] == 1 and report["parameters"] == 2 * 512 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 192 + 128) + 64
 
 

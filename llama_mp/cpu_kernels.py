@@ -1,0 +1,206 @@
+"""The CPU decode kernels of csrc/cpu_decode.c: built once with the system C compiler, called via ctypes.
+
+Used for float32 decoding on x86-64 CPUs with AVX2 and FMA (see the C file for why they are faster).
+The shared library is compiled on first use (well under a second) into a cache folder keyed by the
+source, flags and compiler, so every later run and every rank just loads it. Without a compiler, on
+another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators instead: the same
+math, slower. LLAMA_MP_CPU_KERNELS=1 makes their absence an error instead (for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .errors import LlamaMPError
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+ENV = "LLAMA_MP_CPU_KERNELS"
+
+_loaded: Optional[ctypes.CDLL] = None
+_why_not: Optional[str] = None  # set once the library was found unusable
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("LLAMA_MP_CACHE", os.path.join(base, "llama_mp")))
+
+
+def _build(compiler: str) -> Path:
+    """Compile the source unless a library built from the same source, flags and compiler exists."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # ranks may build at once
+    try:
+        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(scratch), "-lm"],
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {(run.stderr.strip() or run.stdout.strip())[:400]}")
+        os.replace(scratch, target)  # atomic: a reader sees no library or a whole one
+    finally:
+        scratch.unlink(missing_ok=True)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC to use another)")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        "matvec": ([pointer, pointer, pointer, i64, i64, i64, i64], None),
+        "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer], None),
+        "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
+        "finish": ([pointer, i64, pointer, pointer, pointer], None),
+        "embed": ([pointer, pointer, i64, i64, pointer], i64),
+        "decode": ([pointer, pointer, i64, i64, i64, pointer, pointer, pointer], i64),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None where they can't be used (the reason is said once, on stderr)."""
+    global _loaded, _why_not
+    if _loaded is not None or _why_not is not None:
+        return _loaded
+    setting = os.environ.get(ENV, "auto").strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        _why_not = f"turned off by {ENV}={setting}"
+        return None
+    if not _cpu_has_avx2_fma():
+        _why_not = "this CPU is not x86-64 with AVX2 and FMA"
+    else:
+        try:
+            _loaded = _load()
+            return _loaded
+        except Exception as e:  # noqa: BLE001 - any build or load failure means: decode with PyTorch
+            _why_not = f"{type(e).__name__}: {e}"
+    if setting in ("1", "on", "true", "yes"):
+        raise LlamaMPError(f"{ENV}={setting} asks for the CPU decode kernels, but they are unusable here: "
+                           f"{_why_not}. Install a C compiler (gcc) or unset {ENV}.")
+    if os.environ.get("RANK", "0") == "0" and _cpu_has_avx2_fma():
+        print(f"llama_mp: CPU decode kernels unavailable ({_why_not}); decoding with PyTorch operators, "
+              "which is slower.", file=sys.stderr, flush=True)
+    return None
+
+
+def wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` in `dtype` decodes with the kernels (loading them if so)."""
+    return device.type == "cpu" and dtype == torch.float32 and library() is not None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "cache_k", "cache_v")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int64) for name in
+                 ("dim", "n_layers", "heads", "kv_heads", "head_dim", "hidden", "vocab", "max_rows",
+                  "max_seq_len", "threads")]
+                + [("eps", ctypes.c_float)]
+                + [(name, ctypes.c_void_p) for name in ("rotation", "norm", "embedding")]
+                + [("vocab_total", ctypes.c_int64), ("layers", ctypes.POINTER(_Layer))]
+                + [(name, ctypes.c_void_p) for name in ("x", "qkv", "att", "scores", "ffn", "act")])
+
+
+class CpuDecoder:
+    """Decode steps of one prepared `Transformer` (weights [out, in]) through the C kernels.
+
+    Holds pointers into the model's tensors, so it must be made after the last of them is in place
+    (the whole embedding table included) and dropped with the model. `hidden` runs one new token per
+    row; with several ranks it sums the partial results between the C calls, like model.py does."""
+
+    def __init__(self, model, sum_across_ranks, ranks: int):
+        self.lib = library()
+        assert self.lib is not None
+        a, first = model.args, model.layers[0]
+        att, ffn = first.attention, first.feed_forward
+        rows, seq = model.max_batch_size, model.max_seq_len
+        self.sum, self.ranks, self.dim = sum_across_ranks, ranks, a.dim
+        self.n_layers = a.n_layers
+        f32 = dict(dtype=torch.float32)
+        qkv_dim = (att.n_local_heads + 2 * att.n_local_kv_heads) * a.head_dim
+        hidden = ffn.w13.shape[0] // 2
+        self._keep: List[torch.Tensor] = [
+            torch.view_as_real(model.rotation).contiguous(),
+            *(torch.empty(rows * n, **f32) for n in (a.dim, qkv_dim, att.n_local_heads * a.head_dim,
+                                                    att.n_local_heads * seq, 2 * hidden, hidden)),
+        ]
+        rotation, x, qkv, attn, scores, ffn_buf, act = self._keep
+        self._layers = (_Layer * a.n_layers)(*(
+            _Layer(*(_ptr(t) for t in (layer.attention_norm.weight, layer.attention.wqkv, layer.attention.wo_w,
+                                       layer.ffn_norm.weight, layer.feed_forward.w13, layer.feed_forward.w2_w,
+                                       layer.attention.cache_k, layer.attention.cache_v)))
+            for layer in model.layers))
+        embedding = model.tok_embeddings.weight
+        self.model = _Model(
+            a.dim, a.n_layers, att.n_local_heads, att.n_local_kv_heads, a.head_dim, hidden, model.output_w.shape[0],
+            rows, seq, torch.get_num_threads(), a.norm_eps, _ptr(rotation), _ptr(model.norm.weight),
+            _ptr(embedding), embedding.shape[0], self._layers, *(_ptr(t) for t in (x, qkv, attn, scores, ffn_buf, act)))
+        self.ref = ctypes.byref(self.model)
+        self.h = torch.empty(rows, a.dim, **f32)        # the residual stream
+        self.partial = torch.empty(rows, a.dim, **f32)  # this rank's share of a row-parallel product
+
+    def hidden(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Final normed hidden states [rows, 1, dim] for one new token per row (tokens [rows, 1], int64)
+        at position `pos`, appending to the KV cache."""
+        rows = tokens.shape[0]
+        lib, m, h, partial = self.lib, self.ref, _ptr(self.h), self.partial
+        out = torch.empty(rows, 1, self.dim, dtype=torch.float32)
+        if self.ranks == 1:
+            bad = lib.decode(m, tokens.data_ptr(), tokens.stride(0), rows, pos, h, _ptr(partial), out.data_ptr())
+        else:
+            bad = lib.embed(m, tokens.data_ptr(), tokens.stride(0), rows, h)  # the same ids on every rank
+            incoming = None
+            for layer in range(self.n_layers if bad < 0 else 0):
+                lib.attention_block(m, layer, rows, pos, h, _ptr(incoming), _ptr(partial))
+                incoming = self.sum(partial[:rows])
+                lib.ffn_block(m, layer, rows, h, _ptr(incoming), _ptr(partial))
+                incoming = self.sum(partial[:rows])
+            if bad < 0:
+                lib.finish(m, rows, h, _ptr(incoming), out.data_ptr())
+        if bad >= 0:
+            raise IndexError(f"token id {int(tokens[bad, 0])} is outside the vocabulary (0..{self.model.vocab_total - 1})")
+        return out
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ weight.T for weight [out, in], x float32 with few rows."""
+        x = x.contiguous()
+        rows = x.numel() // x.shape[-1]
+        y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+        self.lib.matvec(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, weight.shape[1], weight.shape[0],
+                        self.model.threads)
+        return y

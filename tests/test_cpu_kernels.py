@@ -1,0 +1,129 @@
+"""The C decode kernels (llama_mp/csrc/cpu_decode.c) compute what the PyTorch decode path computes.
+
+Float32 greedy decoding must give the same ids with and without them, on one rank and on several, for
+multi-head and grouped-query attention, batches, and sizes that are not multiples of the SIMD width.
+Without a compiler the model falls back to PyTorch with one note; asked for explicitly, their absence
+is a clear error.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_mp import cpu_kernels
+from multiproc import run_ranks
+from reference import reference_greedy
+from workers import build, greedy_ids, prompt_ids
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="the CPU kernels can't be built here")
+
+SHAPES = {
+    "mha": dict(),
+    "gqa": dict(n_heads=8, n_kv_heads=2),
+    "odd": dict(dim=40, n_heads=4, multiple_of=24),  # head_dim 10, FFN 120: scalar tails everywhere
+}
+STEPS = 10
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _build_without_kernels(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "wanted", lambda device, dtype: False)
+        llama = build(*args, **kwargs)
+    assert llama.model.decoder is None
+    return llama
+
+
+def _stepwise_logits(model, prompts, steps):
+    """Greedy decode of a batch of equal-length prompts; the logits of every step [steps, batch, vocab]."""
+    tokens = torch.tensor(prompts)
+    out = []
+    with torch.inference_mode():
+        logits = model(tokens, 0)  # prefill
+        for step in range(steps):
+            out.append(logits)
+            logits = model(logits.argmax(-1, keepdim=True), tokens.shape[1] + step)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_decode_steps_match_the_pytorch_path(shape, make_checkpoint, tokenizer_path, monkeypatch):
+    ckpt_dir, args, _ = make_checkpoint(shards=1, **SHAPES[shape])
+    prompts = torch.randint(3, args.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    fast = build(ckpt_dir, tokenizer_path)
+    assert fast.model.decoder is not None
+    slow = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path)
+    expected = _stepwise_logits(slow.model, prompts, STEPS)
+    got = _stepwise_logits(fast.model, prompts, STEPS)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_greedy_ids_match_the_independent_reference(shape, make_checkpoint, tokenizer_path):
+    ckpt_dir, args, state = make_checkpoint(shards=1, **SHAPES[shape])
+    prompts = prompt_ids(tokenizer_path)  # different lengths: prompt tokens are forced during decode
+    ids, _ = build(ckpt_dir, tokenizer_path).generate(prompts, STEPS, temperature=0)
+    assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
+
+
+def test_two_ranks_give_the_same_ids_with_and_without_kernels(make_checkpoint, tokenizer_path, monkeypatch):
+    ckpt_dir, _, _ = make_checkpoint(shards=2, **SHAPES["gqa"])
+    with_kernels = run_ranks(2, greedy_ids, [ckpt_dir], tokenizer_path)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")  # inherited by the spawned ranks
+    without = run_ranks(2, greedy_ids, [ckpt_dir], tokenizer_path)
+    one_rank = greedy_ids([make_checkpoint(shards=1, **SHAPES["gqa"])[0]], tokenizer_path)
+    assert with_kernels == without == [one_rank, one_rank]
+
+
+def test_seeded_sampling_gives_the_same_text_with_and_without_kernels(make_checkpoint, tokenizer_path, monkeypatch):
+    ckpt_dir, _, _ = make_checkpoint(shards=1, **SHAPES["mha"])
+    prompts = prompt_ids(tokenizer_path)
+    slow = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path, seed=5)
+    slow = slow.generate(prompts, STEPS, temperature=0.8, top_p=0.95)
+    fast = build(ckpt_dir, tokenizer_path, seed=5)
+    assert fast.model.decoder is not None
+    assert fast.generate(prompts, STEPS, temperature=0.8, top_p=0.95) == slow
+
+
+def _python(code, tmp_path, **env):
+    full = {**os.environ, "LLAMA_MP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+
+
+PROBE = ("import torch; from llama_mp import cpu_kernels; "
+         "print(cpu_kernels.wanted(torch.device('cpu'), torch.float32))")
+
+
+def test_the_library_is_built_once_into_the_cache(tmp_path):
+    first = _python(PROBE, tmp_path)
+    assert first.stdout.strip() == "True", first.stderr
+    built = list((tmp_path / "cache").glob("cpu_decode-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+    assert _python(PROBE, tmp_path).stdout.strip() == "True"
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_without_a_compiler_decoding_falls_back_with_one_note(tmp_path):
+    run = _python(PROBE, tmp_path, CC="no-such-compiler")
+    assert run.returncode == 0 and run.stdout.strip() == "False"
+    assert run.stderr.count("CPU decode kernels unavailable") == 1
+    assert "no-such-compiler" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_turned_off_they_are_not_built_and_nothing_is_said(tmp_path):
+    run = _python(PROBE, tmp_path, **{cpu_kernels.ENV: "0"})
+    assert run.stdout.strip() == "False" and run.stderr == ""
+    assert not (tmp_path / "cache").exists()
+
+
+def test_asked_for_but_unavailable_is_one_clear_error(tmp_path):
+    code = ("import sys; from llama_mp.cli import main; sys.argv = ['llama-mp', 'bench', '--dim', '64', "
+            "'--n_layers', '1', '--n_heads', '4', '--new_tokens', '2', '--runs', '1', '--device', 'cpu']; main()")
+    run = _python(code, tmp_path, CC="no-such-compiler", **{cpu_kernels.ENV: "1"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.count("asks for the CPU decode kernels") == 1 and "no-such-compiler" in run.stderr
