@@ -158,8 +158,12 @@ def _fuse(out_in: bool, *layers: nn.Module) -> torch.Tensor:
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, out_in: bool) -> torch.Tensor:
-    """x @ W for a matrix prepared by `_fuse`."""
-    return F.linear(x, w) if out_in else torch.matmul(x, w)
+    """x @ W for a matrix prepared by `_fuse` (with the kernels' layout, their product for few rows)."""
+    if not out_in:
+        return torch.matmul(x, w)
+    if x.numel() <= cpu_kernels.PROJECT_MAX_ROWS * x.shape[-1]:
+        return cpu_kernels.project(x, w)
+    return F.linear(x, w)
 
 
 class FeedForward(nn.Module):
@@ -269,18 +273,12 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
-        full = gather_last_dim_to_main(self._output(h))
+        full = gather_last_dim_to_main(_project(h, self.output_w, self.out_in))
         return None if full is None else full.float()
 
     def greedy_next(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next token [batch] on every rank, from h of shape [batch, 1, dim]."""
-        return global_argmax(self._output(h[:, -1]), self.vocab_offset)
-
-    def _output(self, h: torch.Tensor) -> torch.Tensor:
-        """This rank's vocabulary slice of the logits."""
-        if self.decoder is not None and h.numel() <= 8 * h.shape[-1]:  # a few rows: the C kernel
-            return self.decoder.project(h, self.output_w)
-        return _project(h, self.output_w, self.out_in)
+        return global_argmax(_project(h[:, -1], self.output_w, self.out_in), self.vocab_offset)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> Optional[torch.Tensor]:
         """Logits on rank 0 (None elsewhere): [batch, vocab] for the last position, or

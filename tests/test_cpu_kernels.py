@@ -52,10 +52,11 @@ def _stepwise_logits(model, prompts, steps):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_decode_steps_match_the_pytorch_path(shape, make_checkpoint, tokenizer_path, monkeypatch):
     ckpt_dir, args, _ = make_checkpoint(shards=1, **SHAPES[shape])
-    prompts = torch.randint(3, args.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0)).tolist()
-    fast = build(ckpt_dir, tokenizer_path)
+    # 5 rows: the kernels take rows four at a time, then one by one
+    prompts = torch.randint(3, args.vocab_size, (5, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    fast = build(ckpt_dir, tokenizer_path, max_batch_size=5)
     assert fast.model.decoder is not None
-    slow = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path)
+    slow = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path, max_batch_size=5)
     expected = _stepwise_logits(slow.model, prompts, STEPS)
     got = _stepwise_logits(fast.model, prompts, STEPS)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

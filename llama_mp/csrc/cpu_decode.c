@@ -40,6 +40,12 @@ typedef struct {
     float *x, *qkv, *att, *scores, *ffn, *act;
 } Model;
 
+static float hsum(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
 static float dot(const float *a, const float *b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t i = 0;
@@ -51,13 +57,29 @@ static float dot(const float *a, const float *b, int64_t n) {
     }
     for (; i + 8 <= n; i += 8)
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    float total = _mm_cvtss_f32(h);
+    float total = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
     for (; i < n; ++i) total += a[i] * b[i];
     return total;
+}
+
+/* Four rows of x (row stride n) against one weight row at once: each weight load feeds four FMAs,
+ * which is what makes a few rows (a prompt, a batch) cheaper than four separate passes. */
+static void dot4(const float *x, const float *w, int64_t n, float *y, int64_t y_stride) {
+    __m256 s[8];
+    for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        for (int r = 0; r < 4; ++r) {
+            s[2 * r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * n + i), s[2 * r]);
+            s[2 * r + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * n + i + 8), s[2 * r + 1]);
+        }
+    }
+    for (int r = 0; r < 4; ++r) {
+        float total = hsum(_mm256_add_ps(s[2 * r], s[2 * r + 1]));
+        for (int64_t j = i; j < n; ++j) total += x[r * n + j] * w[j];
+        y[r * y_stride] = total;
+    }
 }
 
 /* y[r, o] = x[r, :] . w[o, :] for `rows` rows of x. Each weight row is read from memory once and
@@ -67,7 +89,9 @@ void matvec(const float *x, const float *w, float *y, int64_t rows, int64_t in, 
     #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 65536)
     for (int64_t o = 0; o < out; ++o) {
         const float *row = w + o * in;
-        for (int64_t r = 0; r < rows; ++r) y[r * out + o] = dot(x + r * in, row, in);
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) dot4(x + r * in, row, in, y + r * out + o, out);
+        for (; r < rows; ++r) y[r * out + o] = dot(x + r * in, row, in);
     }
 }
 
