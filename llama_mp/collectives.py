@@ -54,20 +54,35 @@ class SharedMemoryExchange:
         self.counters = raw[:world_size * self.LINE].view(np.int64)[::self.LINE // 8]
         self.slots = torch.from_numpy(raw[world_size * self.LINE:]).view(2, world_size, self.SLOT_BYTES)
         self.round = 0
+        self._views: dict = {}  # (shape, dtype) -> per set: (this rank's slot, all slots) as tensors
 
     @staticmethod
     def usable(x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.numel() * x.element_size() <= SharedMemoryExchange.SLOT_BYTES
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's `x` stacked in rank order, [n, *x.shape] (a copy, safe to keep)."""
+        """Every rank's `x` stacked in rank order, [n, *x.shape]: a view of the shared memory, valid until
+        this rank's next `gather` (only then can another rank start writing that set again)."""
         self.round += 1
-        nbytes = x.numel() * x.element_size()
-        data = self.slots[self.round % 2]
-        data[self.rank, :nbytes].view(x.dtype).copy_(x.reshape(-1))
+        mine, everyone = self._slot_views(x)[self.round % 2]
+        mine.copy_(x)
         self.counters[self.rank] = self.round
         self._wait_for_round()
-        return data[:, :nbytes].view(x.dtype).view(self.n, *x.shape).clone()
+        return everyone
+
+    def _slot_views(self, x: torch.Tensor):
+        """Tensor views of the slots shaped like `x`, made once per shape: a decode step's few
+        exchanges then cost one copy in, the wait, and whatever reads the result."""
+        key = (x.shape, x.dtype)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 64:  # prompts of many lengths: don't grow without bound
+                self._views.clear()
+            nbytes = x.numel() * x.element_size()
+            views = self._views[key] = [(data[self.rank, :nbytes].view(x.dtype).view(x.shape),
+                                         data[:, :nbytes].view(x.dtype).view(self.n, *x.shape))
+                                        for data in self.slots]
+        return views
 
     def _wait_for_round(self) -> None:
         counters, r = self.counters, self.round
@@ -87,6 +102,7 @@ class SharedMemoryExchange:
 
     def close(self) -> None:
         self.slots = self.counters = None
+        self._views.clear()
         self.map.close()
 
 
@@ -138,7 +154,8 @@ def teardown() -> None:
 
 
 def _stacked(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Every rank's `x`, stacked: [n, *x.shape]."""
+    """Every rank's `x`, stacked: [n, *x.shape]. Read it before the next collective: it may be a view
+    of the shared-memory exchange."""
     x = x.contiguous()
     if _exchange is not None and _exchange.usable(x):
         return _exchange.gather(x)
