@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import distributed
+from . import cpu_kernels, distributed
 from .checkpoint import check_world_size
 from .errors import LlamaMPError
 from .generation import Llama, choose_dtype, load_weights, ready_on_every_rank
@@ -75,9 +75,10 @@ def _timed(device: torch.device, fn) -> float:
 
 def read_bandwidth(device: torch.device) -> float:
     """Bytes/s of reading a large tensor once (a sum over 1 GiB on a GPU, 256 MiB on the CPU, far beyond
-    the caches): the memory bandwidth a decode step, which only reads weights, can hope for."""
+    the caches, in memory placed as the weights are): what a decode step, which only reads weights,
+    can hope for."""
     n = (1 << 30 if device.type == "cuda" else 1 << 28) // 4
-    src = torch.ones(n, device=device)
+    src = cpu_kernels.empty_for_streaming((n,), torch.float32, device).fill_(1.0)
     src.sum()
     best = min(_timed(device, lambda: src.sum()) for _ in range(5))
     return src.numel() * 4 / best

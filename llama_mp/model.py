@@ -106,8 +106,8 @@ class Attention(nn.Module):
         self.wo_w = _fuse(out_in, self.wo)
         # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
-        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
-        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_k = cpu_kernels.empty_for_streaming(shape, dtype, device).zero_()
+        self.cache_v = cpu_kernels.empty_for_streaming(shape, dtype, device).zero_()
 
     def forward(self, x, start_pos: int, rotation, mask: Optional[torch.Tensor]) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
@@ -145,10 +145,13 @@ def _fuse(out_in: bool, *layers: nn.Module) -> torch.Tensor:
     (decoding is bound by reading weights), and costs nothing on GPUs. Each layer's weight becomes a
     view into the fused matrix (still [out, in]), so no memory is duplicated and state_dict() is
     unchanged."""
+    weights = [layer.weight for layer in layers]
+    shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+    room = cpu_kernels.empty_for_streaming(shape if out_in else shape[::-1], weights[0].dtype, weights[0].device)
     if out_in:
-        fused = torch.cat([layer.weight for layer in layers], dim=0)
+        fused = torch.cat(weights, dim=0, out=room)
     else:
-        fused = torch.cat([layer.weight.t() for layer in layers], dim=1).t()  # stored [in, out]
+        fused = torch.cat([w.t() for w in weights], dim=1, out=room).t()  # stored [in, out]
     start = 0
     for layer in layers:
         rows = layer.weight.shape[0]

@@ -128,3 +128,29 @@ def test_asked_for_but_unavailable_is_one_clear_error(tmp_path):
     run = _python(code, tmp_path, CC="no-such-compiler", **{cpu_kernels.ENV: "1"})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.count("asks for the CPU decode kernels") == 1 and "no-such-compiler" in run.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_weights_and_cache_sit_in_huge_page_aligned_memory_that_is_freed_with_them():
+    import resource
+
+    cpu = torch.device("cpu")
+    t = cpu_kernels.empty_for_streaming((3, 5, 7), torch.float32, cpu)
+    assert t.shape == (3, 5, 7) and t.is_contiguous() and t.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+    t.fill_(2.0)
+    assert float(t.sum()) == 2.0 * 105
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(20):  # 20 x 64 MiB, touched: a leak would show in the peak RSS
+        cpu_kernels.empty_for_streaming((1 << 24,), torch.float32, cpu).fill_(1.0)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400 * 1024  # KiB
+
+
+def test_a_prepared_model_keeps_its_state_dict_and_streams_from_aligned_memory(make_checkpoint, tokenizer_path):
+    ckpt_dir, _, state = make_checkpoint(shards=1, **SHAPES["gqa"])
+    model = build(ckpt_dir, tokenizer_path).model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    if sys.platform.startswith("linux"):
+        attention = model.layers[0].attention
+        for t in (attention.wqkv, attention.cache_k, model.layers[1].feed_forward.w13, model.output_w):
+            assert t.data_ptr() % cpu_kernels.HUGE_PAGE == 0
