@@ -201,11 +201,11 @@ def bench(
     llama = Llama(net, _NoStop(), env)
     result = run_bench(llama, batch, prompt_len, new_tokens, runs, warmup, seed)
     per_token = bytes_read_per_token(net)
-    bandwidth = read_bandwidth(env.device)
-    peaks = [peak_memory_bytes(env.device)]
+    peaks = [peak_memory_bytes(env.device)]  # before the bandwidth probe adds its own buffer
     if env.world_size > 1:
         peaks = [None] * env.world_size
         dist.all_gather_object(peaks, peak_memory_bytes(env.device))
+    bandwidth = read_bandwidth(env.device)
     report = {
         "model": ckpt_dir or model or f"dim{args.dim}_L{args.n_layers}_H{args.n_heads}",
         "parameters": args.parameter_count(), "ranks": env.world_size, "device": _device_name(env.device),

@@ -10,6 +10,9 @@ for that rank's own key/value heads only.
 Build it on the meta device (no random init, no memory), load real tensors with `assign=True`, then
 call `prepare` (fuse projections, allocate the KV cache and rotary table on the target device) and,
 once every rank got that far, `share_embedding`.
+
+On x86-64 CPUs in float32, decode steps (one new token per sequence) run in C instead, with the same
+math and the same collectives (cpu_kernels.py); prompts and everything else run the code below.
 """
 
 from __future__ import annotations
