@@ -25,6 +25,7 @@ from .errors import LlamaMPError
 from .generation import Llama, choose_dtype, load_weights, ready_on_every_rank
 from .model import Transformer, skip_fairscale_init
 from .params import ModelArgs, load_params, load_preset, parse_params
+from .sampling import check_sampling
 
 
 class _NoStop:
@@ -99,17 +100,18 @@ def bytes_read_per_token(model: Transformer) -> int:
 
 
 def run_bench(llama: Llama, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int,
-              seed: int) -> Dict[str, float]:
+              seed: int, temperature: float = 0.0, top_p: float = 0.9) -> Dict[str, float]:
     device = llama.env.device
     g = torch.Generator().manual_seed(seed)
     vocab = llama.model.args.vocab_size
     prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
     for _ in range(warmup):
-        llama.generate(prompts, min(new_tokens, 16), temperature=0)
+        llama.generate(prompts, min(new_tokens, 16), temperature=temperature, top_p=top_p)
     first, total = [], []
     for _ in range(runs):
-        first.append(_timed(device, lambda: llama.generate(prompts, 1, temperature=0)))
-        total.append(_timed(device, lambda: llama.generate(prompts, 1 + new_tokens, temperature=0)))
+        first.append(_timed(device, lambda: llama.generate(prompts, 1, temperature=temperature, top_p=top_p)))
+        total.append(_timed(device, lambda: llama.generate(prompts, 1 + new_tokens, temperature=temperature,
+                                                             top_p=top_p)))
     prefill_s = statistics.median(first)
     decode_s = max(statistics.median(total) - prefill_s, 1e-9) / new_tokens
     return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch / decode_s,
@@ -160,6 +162,8 @@ def bench(
     runs: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.9,
     backend: str = "auto",
     device: str = "auto",
     compare: Optional[str] = None,
@@ -169,7 +173,8 @@ def bench(
 
     Pick the model with --ckpt_dir DIR, --model PRESET (configs/, e.g. llama-2-7b) or an explicit shape
     (--dim 288 --n_layers 6 --n_heads 6 [--n_kv_heads --vocab_size 32000 --multiple_of 32]); shapes get
-    random weights. Greedy decoding of --new_tokens tokens at --batch, median of --runs after --warmup.
+    random weights. Greedy decoding (or sampling with --temperature > 0 and --top_p) of --new_tokens tokens
+    at --batch, median of --runs after --warmup.
     --compare transformers also times LlamaForCausalLM.generate on the same weights (one rank only).
     --json prints one JSON object instead of the table.
     """
@@ -178,6 +183,9 @@ def bench(
     args = shape_args(ckpt_dir, model, shape)
     if min(batch, prompt_len, new_tokens, runs) < 1 or warmup < 0:
         raise LlamaMPError("--batch, --prompt_len, --new_tokens and --runs must be >= 1, --warmup >= 0.")
+    check_sampling(temperature, top_p, 0)
+    if compare and temperature:
+        raise LlamaMPError("--compare transformers times greedy decoding; drop --temperature or the comparison.")
     if compare not in (None, "transformers"):
         raise LlamaMPError(f"--compare knows only 'transformers', got {compare!r}.")
     env = distributed.setup(backend, device)
@@ -199,7 +207,7 @@ def bench(
     _sync(env.device)
     load_s = time.perf_counter() - load_s
     llama = Llama(net, _NoStop(), env)
-    result = run_bench(llama, batch, prompt_len, new_tokens, runs, warmup, seed)
+    result = run_bench(llama, batch, prompt_len, new_tokens, runs, warmup, seed, temperature, top_p)
     per_token = bytes_read_per_token(net)
     peaks = [peak_memory_bytes(env.device)]  # before the bandwidth probe adds its own buffer
     if env.world_size > 1:
@@ -210,7 +218,9 @@ def bench(
         "model": ckpt_dir or model or f"dim{args.dim}_L{args.n_layers}_H{args.n_heads}",
         "parameters": args.parameter_count(), "ranks": env.world_size, "device": _device_name(env.device),
         "threads": torch.get_num_threads(), "dtype": str(torch_dtype).replace("torch.", ""), "batch": batch,
-        "prompt_len": prompt_len, "new_tokens": new_tokens, "load_s": load_s, **result,
+        "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "decoding": f"sampling (temperature {temperature}, top_p {top_p})" if temperature else "greedy",
+        "load_s": load_s, **result,
         "peak_memory_per_rank_gib": [p / 2**30 for p in peaks],
         "weight_bytes_per_token_per_rank": per_token,
         "achieved_gb_s_per_rank": per_token * result["decode_tok_s"] / batch / 1e9,
@@ -235,7 +245,7 @@ def format_report(r: Dict) -> str:
     rows: List[tuple] = [
         ("model", f"{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['dtype']})"),
         ("ranks / device", f"{r['ranks']} x {r['device']}, {r['threads']} thread(s) per rank"),
-        ("batch / prompt / new", f"{r['batch']} / {r['prompt_len']} / {r['new_tokens']} tokens"),
+        ("batch / prompt / new", f"{r['batch']} / {r['prompt_len']} / {r['new_tokens']} tokens, {r['decoding']}"),
         ("load", f"{r['load_s']:.2f} s"),
         ("prefill", f"{r['prefill_tok_s']:.1f} tok/s"),
         ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['ms_per_token']:.2f} ms/token), {r['decode_path']}"),

@@ -37,3 +37,14 @@ def test_bench_needs_exactly_one_model_source():
         bench(model="llama-2-7b", dim=64)
     with pytest.raises(LlamaMPError, match="exactly one"):
         bench()
+
+
+def test_bench_times_sampling_when_asked(capsys):
+    bench(dim=64, n_layers=2, n_heads=4, multiple_of=32, vocab_size=512, new_tokens=4, runs=1, warmup=0,
+          temperature=0.8, top_p=0.9, json=True, backend="gloo", device="cpu")
+    report = json.loads(capsys.readouterr().out)
+    assert report["decoding"] == "sampling (temperature 0.8, top_p 0.9)" and report["decode_tok_s"] > 0
+    with pytest.raises(LlamaMPError, match="greedy"):
+        bench(dim=64, n_layers=2, n_heads=4, temperature=0.5, compare="transformers")
+    with pytest.raises(LlamaMPError, match="top_p"):
+        bench(dim=64, n_layers=2, n_heads=4, temperature=0.5, top_p=1.5)
