@@ -186,9 +186,22 @@ def gather_last_dim_to_main(x: torch.Tensor) -> Optional[torch.Tensor]:
     if n == 1:
         return x
     x = x.contiguous()
+    if _exchange is not None and _exchange.usable(x):  # everyone gets all parts; only rank 0 keeps them
+        parts = _exchange.gather(x)
+        return torch.cat(parts.unbind(0), dim=-1) if _exchange.rank == 0 else None
     parts = [torch.empty_like(x) for _ in range(n)] if dist.get_rank() == 0 else None  # sampling only
     dist.gather(x, parts, dst=0)
     return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def broadcast_from_main_(x: torch.Tensor) -> torch.Tensor:
+    """Collective: rank 0's `x` copied into `x` on every rank (the sampled tokens)."""
+    if world() == 1:
+        return x
+    if _exchange is not None and _exchange.usable(x):
+        return x.copy_(_exchange.gather(x)[0])
+    dist.broadcast(x, src=0)
+    return x
 
 
 def global_argmax(local_logits: torch.Tensor, vocab_offset: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint, distributed
 from .chat import UNSAFE_ERROR, Dialog, Message, check_dialog, encode_dialog, has_special_tags
+from .collectives import broadcast_from_main_
 from .distributed import DistEnv
 from .dtypes import parse_dtype
 from .errors import LlamaMPError
@@ -231,9 +232,7 @@ class Llama:
                     if logprobs:
                         self._record_logprobs(token_logprobs, logits, tokens, step, cur, want_all)
                     chosen.copy_(step)
-                if env.world_size > 1:
-                    torch.distributed.broadcast(chosen, src=0)
-                step = chosen
+                step = broadcast_from_main_(chosen)
             tokens[:, cur] = step
             done |= ~in_prompt[:, cur] & (step == eos)
             prev = cur

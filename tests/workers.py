@@ -61,4 +61,9 @@ def collective_results(rounds):
     logits[1, env.rank] = float(env.rank)  # row 1: the last rank holds the maximum
     argmax = collectives.global_argmax(logits, vocab_offset=4 * env.rank)
     big = collectives.all_sum(torch.ones(1 << 17))  # over the exchange's slot size: gloo's path
-    return collectives._exchange is not None, [s.flatten().tolist() for s in sums], argmax.tolist(), float(big[0])
+    gathered = [collectives.gather_last_dim_to_main(torch.full((2, n), float(env.rank))) for n in (3, 1 << 16)]
+    gathered = [None if g is None else (tuple(g.shape), g[0].tolist()[:1] + g[1].tolist()[-1:]) for g in gathered]
+    tokens = [collectives.broadcast_from_main_(torch.full((3,), env.rank + 10 * i)).tolist() for i in range(3)]
+    tokens.append(collectives.broadcast_from_main_(torch.full((1 << 16,), env.rank + 7))[-2:].tolist())  # gloo's path
+    return (collectives._exchange is not None, [s.flatten().tolist() for s in sums], argmax.tolist(), float(big[0]),
+            gathered, tokens)
