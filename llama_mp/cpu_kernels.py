@@ -109,7 +109,8 @@ def library() -> Optional[ctypes.CDLL]:
                            f"{_why_not}. Install a C compiler (gcc) or unset {ENV}.")
     if os.environ.get("RANK", "0") == "0" and _cpu_has_avx2_fma():
         print(f"llama_mp: CPU decode kernels unavailable ({_why_not}); decoding with PyTorch operators, "
-              "which is slower.", file=sys.stderr, flush=True)
+              f"about half as fast. Install gcc (or set CC), point LLAMA_MP_CACHE at a writable folder, or "
+              f"set {ENV}=0 to silence this.", file=sys.stderr, flush=True)
     return None
 
 
