@@ -217,6 +217,10 @@ class CpuDecoder:
         """Final normed hidden states [rows, 1, dim] for one new token per row (tokens [rows, 1], int64)
         at position `pos`, appending to the KV cache."""
         rows = tokens.shape[0]
+        if rows > self.model.max_rows or not 0 <= pos < self.model.max_seq_len:  # C checks no bounds
+            raise ValueError(f"{rows} rows at position {pos} do not fit the cache of {self.model.max_rows} rows "
+                             f"x {self.model.max_seq_len} positions")
+        tokens = tokens.long()
         lib, m, h, partial = self.lib, self.ref, _ptr(self.h), self.partial
         out = torch.empty(rows, 1, self.dim, dtype=torch.float32)
         if self.ranks == 1:
@@ -232,5 +236,6 @@ class CpuDecoder:
             if bad < 0:
                 lib.finish(m, rows, h, _ptr(incoming), out.data_ptr())
         if bad >= 0:
-            raise IndexError(f"token id {int(tokens[bad, 0])} is outside the vocabulary (0..{self.model.vocab_total - 1})")
+            raise IndexError(f"token id {int(tokens[bad, 0])} is outside the vocabulary "
+                             f"(0..{self.model.vocab_total - 1})")
         return out

@@ -154,3 +154,15 @@ def test_a_prepared_model_keeps_its_state_dict_and_streams_from_aligned_memory(m
         attention = model.layers[0].attention
         for t in (attention.wqkv, attention.cache_k, model.layers[1].feed_forward.w13, model.output_w):
             assert t.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+
+
+def test_steps_outside_the_cache_are_refused_not_written(make_checkpoint, tokenizer_path):
+    ckpt_dir, _, _ = make_checkpoint(shards=1, **SHAPES["mha"])
+    model = build(ckpt_dir, tokenizer_path, max_seq_len=16, max_batch_size=2).model
+    with pytest.raises(ValueError, match="do not fit"):
+        model.hidden(torch.ones(3, 1, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.hidden(torch.ones(1, 1, dtype=torch.long), 16)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        model.hidden(torch.full((1, 1), 10**6), 0)
+    assert model.hidden(torch.ones(2, 1, dtype=torch.int32), 15).shape == (2, 1, model.args.dim)
