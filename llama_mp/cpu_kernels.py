@@ -1,6 +1,8 @@
 """The CPU decode kernels of csrc/cpu_decode.c: built once with the system C compiler, called via ctypes.
 
-Used for float32 decoding on x86-64 CPUs with AVX2 and FMA (see the C file for why they are faster).
+Used on x86-64 CPUs with AVX2 and FMA for models in float32 or bfloat16 (see the C file for why they
+are faster). A bfloat16 model then keeps its weights in bfloat16 (half the memory and half the bytes
+per token) and computes in float32: its activations and KV cache are float32.
 The shared library is compiled on first use (well under a second) into a cache folder keyed by the
 source, flags and compiler, so every later run and every rank just loads it. Without a compiler, on
 another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators instead: the same
@@ -74,7 +76,7 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(compiler)))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
-        "matvec": ([pointer, pointer, pointer, i64, i64, i64, i64], None),
+        "matvec": ([pointer, pointer, pointer, i64, i64, i64, i64, i64], None),
         "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer], None),
         "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
         "finish": ([pointer, i64, pointer, pointer, pointer], None),
@@ -114,9 +116,12 @@ def library() -> Optional[ctypes.CDLL]:
     return None
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def wanted(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a model on `device` in `dtype` decodes with the kernels (loading them if so)."""
-    return device.type == "cpu" and dtype == torch.float32 and library() is not None
+    """Whether a model on `device` with weights in `dtype` decodes with the kernels (loading them if so)."""
+    return device.type == "cpu" and dtype in WEIGHT_DTYPES and library() is not None
 
 
 HUGE_PAGE = 2 << 20
@@ -142,17 +147,19 @@ def empty_for_streaming(shape, dtype: torch.dtype, device: torch.device) -> torc
     return flat.view(dtype)[:torch.Size(shape).numel()].view(shape)
 
 
-# Up to this many rows of x, `project` beats MKL's F.linear on the CPUs we measured (at 1 row by 1.6-2x,
-# at 4-8 rows by 3-4x); beyond ~64 rows MKL's blocked matrix product is faster.
+# Up to this many rows of x, `project` beats MKL's F.linear on float32 weights on the CPUs we measured
+# (at 1 row by 1.6-2x, at 4-8 rows by 3-4x); beyond ~64 rows MKL's blocked matrix product is faster.
+# For bfloat16 weights it is always used: PyTorch's own bfloat16 products ran ~100x slower here.
 PROJECT_MAX_ROWS = 32
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight.T for float32 CPU tensors, weight [out, in] contiguous (kernels loaded)."""
-    x = x.contiguous()
+    """x [..., in] @ weight.T in float32 for CPU tensors, weight [out, in] contiguous in float32 or
+    bfloat16 (kernels loaded)."""
+    x = x.float().contiguous()
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
     _loaded.matvec(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], weight.shape[1],
-                   weight.shape[0], torch.get_num_threads())
+                   weight.shape[0], torch.get_num_threads(), weight.dtype == torch.bfloat16)
     return y
 
 
@@ -162,13 +169,13 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
 
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "cache_k", "cache_v")]
+                ("attention_norm", "ffn_norm", "wqkv", "wo", "w13", "w2", "cache_k", "cache_v")]
 
 
 class _Model(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in
                  ("dim", "n_layers", "heads", "kv_heads", "head_dim", "hidden", "vocab", "max_rows",
-                  "max_seq_len", "threads")]
+                  "max_seq_len", "threads", "bf16")]
                 + [("eps", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("rotation", "norm", "embedding")]
                 + [("vocab_total", ctypes.c_int64), ("layers", ctypes.POINTER(_Layer))]
@@ -199,16 +206,24 @@ class CpuDecoder:
                                                     att.n_local_heads * seq, 2 * hidden, hidden)),
         ]
         rotation, x, qkv, attn, scores, ffn_buf, act = self._keep
+
+        def norm(weight: torch.Tensor) -> int:  # the C code reads norm weights as float32
+            self._keep.append(weight.float().contiguous())
+            return _ptr(self._keep[-1])
+
         self._layers = (_Layer * a.n_layers)(*(
-            _Layer(*(_ptr(t) for t in (layer.attention_norm.weight, layer.attention.wqkv, layer.attention.wo_w,
-                                       layer.ffn_norm.weight, layer.feed_forward.w13, layer.feed_forward.w2_w,
-                                       layer.attention.cache_k, layer.attention.cache_v)))
+            _Layer(norm(layer.attention_norm.weight), norm(layer.ffn_norm.weight),
+                   *(_ptr(t) for t in (layer.attention.wqkv, layer.attention.wo_w, layer.feed_forward.w13,
+                                       layer.feed_forward.w2_w, layer.attention.cache_k, layer.attention.cache_v)))
             for layer in model.layers))
         embedding = model.tok_embeddings.weight
+        assert embedding.dtype == model.output_w.dtype and embedding.dtype in WEIGHT_DTYPES
+        assert all(layer.attention.cache_k.dtype == torch.float32 for layer in model.layers)
         self.model = _Model(
             a.dim, a.n_layers, att.n_local_heads, att.n_local_kv_heads, a.head_dim, hidden, model.output_w.shape[0],
-            rows, seq, torch.get_num_threads(), a.norm_eps, _ptr(rotation), _ptr(model.norm.weight),
-            _ptr(embedding), embedding.shape[0], self._layers, *(_ptr(t) for t in (x, qkv, attn, scores, ffn_buf, act)))
+            rows, seq, torch.get_num_threads(), embedding.dtype == torch.bfloat16, a.norm_eps, _ptr(rotation),
+            norm(model.norm.weight), _ptr(embedding), embedding.shape[0], self._layers,
+            *(_ptr(t) for t in (x, qkv, attn, scores, ffn_buf, act)))
         self.ref = ctypes.byref(self.model)
         self.h = torch.empty(rows, a.dim, **f32)        # the residual stream
         self.partial = torch.empty(rows, a.dim, **f32)  # this rank's share of a row-parallel product

@@ -102,8 +102,9 @@ class Attention(nn.Module):
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
-    def prepare(self, max_batch_size: int, max_seq_len: int, out_in: bool) -> None:
-        device, dtype = self.wq.weight.device, self.wq.weight.dtype
+    def prepare(self, max_batch_size: int, max_seq_len: int, out_in: bool, dtype: torch.dtype) -> None:
+        """`dtype`: of the activations and so of the KV cache (float32 with the CPU kernels)."""
+        device = self.wq.weight.device
         self.out_in = out_in
         self.wqkv = _fuse(out_in, self.wq, self.wk, self.wv)
         self.wo_w = _fuse(out_in, self.wo)
@@ -164,10 +165,11 @@ def _fuse(out_in: bool, *layers: nn.Module) -> torch.Tensor:
 
 
 def _project(x: torch.Tensor, w: torch.Tensor, out_in: bool) -> torch.Tensor:
-    """x @ W for a matrix prepared by `_fuse` (with the kernels' layout, their product for few rows)."""
+    """x @ W for a matrix prepared by `_fuse`; with the kernels' layout, their product for few rows
+    or bfloat16 weights."""
     if not out_in:
         return torch.matmul(x, w)
-    if x.numel() <= cpu_kernels.PROJECT_MAX_ROWS * x.shape[-1]:
+    if w.dtype != torch.float32 or x.numel() <= cpu_kernels.PROJECT_MAX_ROWS * x.shape[-1]:
         return cpu_kernels.project(x, w)
     return F.linear(x, w)
 
@@ -224,6 +226,7 @@ class Transformer(nn.Module):
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.out_in = False
+        self.act_dtype = torch.float32
         self.decoder: Optional[cpu_kernels.CpuDecoder] = None  # the C decode path, when in use
 
     def prepare(self, max_batch_size: int, max_seq_len: int) -> None:
@@ -233,8 +236,10 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         weight = self.output.weight
         self.out_in = cpu_kernels.wanted(weight.device, weight.dtype)
+        # With the CPU kernels a bfloat16 model computes in float32; otherwise in its weights' dtype.
+        self.act_dtype = torch.float32 if self.out_in else weight.dtype
         for layer in self.layers:
-            layer.attention.prepare(max_batch_size, max_seq_len, self.out_in)
+            layer.attention.prepare(max_batch_size, max_seq_len, self.out_in, self.act_dtype)
             layer.feed_forward.prepare(self.out_in)
         self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, weight.device)
         self.output_w = _fuse(self.out_in, self.output)
@@ -267,7 +272,7 @@ class Transformer(nn.Module):
         seqlen = tokens.shape[1]
         if seqlen == 1 and self.decoder is not None:
             return self.decoder.hidden(tokens, start_pos)
-        h = F.embedding(tokens, self.tok_embeddings.weight)
+        h = F.embedding(tokens, self.tok_embeddings.weight).to(self.act_dtype)
         rotation = self.rotation[start_pos:start_pos + seqlen]
         mask = None
         if seqlen > 1 and start_pos > 0:  # causal over the new tokens; every cached position is visible

@@ -166,3 +166,27 @@ def test_steps_outside_the_cache_are_refused_not_written(make_checkpoint, tokeni
     with pytest.raises(IndexError, match="outside the vocabulary"):
         model.hidden(torch.full((1, 1), 10**6), 0)
     assert model.hidden(torch.ones(2, 1, dtype=torch.int32), 15).shape == (2, 1, model.args.dim)
+
+
+def test_a_bfloat16_model_keeps_bfloat16_weights_and_computes_the_float32_model(make_checkpoint, tokenizer_path,
+                                                                                monkeypatch):
+    ckpt_dir, args, state = make_checkpoint(shards=1, dtype=torch.bfloat16, **SHAPES["gqa"])
+    prompts = prompt_ids(tokenizer_path)
+    half = build(ckpt_dir, tokenizer_path, dtype="bfloat16")
+    assert half.model.decoder is not None and half.model.output_w.dtype == torch.bfloat16
+    assert half.model.layers[0].attention.cache_k.dtype == torch.float32
+    full = build(ckpt_dir, tokenizer_path, dtype="float32")  # the same weights, widened
+    with torch.inference_mode():
+        for prompt in prompts:
+            expected = full.model(torch.tensor([prompt]), 0, all_positions=True)
+            got = half.model(torch.tensor([prompt]), 0, all_positions=True)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    ids, _ = half.generate(prompts, STEPS, temperature=0)
+    assert ids == full.generate(prompts, STEPS, temperature=0)[0]
+    assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
+    # PyTorch's own bfloat16 path (GPUs, other CPUs) still runs: close in bulk, as bfloat16 goes
+    eager = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path, dtype="bfloat16")
+    with torch.inference_mode():
+        rough = eager.model(torch.tensor([prompts[0]]), 0, all_positions=True).float()
+        exact = full.model(torch.tensor([prompts[0]]), 0, all_positions=True)
+    assert (rough - exact).abs().mean() < 0.05 * exact.abs().mean()

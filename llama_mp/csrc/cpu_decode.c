@@ -1,5 +1,6 @@
-/* llama_mp's CPU decode kernels: one new token for each of `rows` sequences, float32, x86-64 with AVX2
- * and FMA. Built on first use by cpu_kernels.py with the system C compiler and called through ctypes.
+/* llama_mp's CPU decode kernels: one new token for each of `rows` sequences on x86-64 with AVX2 and
+ * FMA; weights in float32 or bfloat16, all arithmetic in float32. Built on first use by cpu_kernels.py
+ * with the system C compiler and called through ctypes.
  *
  * Why C: decoding reads every weight once per token, so it runs at the speed weights stream from
  * memory. Two things keep eager PyTorch well below that on a CPU: about 25 operators per layer at a
@@ -16,7 +17,9 @@
  * the sum comes back as the next call's `incoming`. With one rank, `decode` runs the whole step in one
  * call. Weights keep the checkpoint's [out, in] layout, so every output is one contiguous dot product,
  * and every operation follows model.py's order (q is scaled after rotation, the softmax is taken in
- * float32), so the results differ from the eager path only by the rounding of sums.
+ * float32), so the results differ from the eager path only by the rounding of sums. With bfloat16
+ * weights the result is that of the float32 model holding the same (widened) weights: half the bytes
+ * to stream, and none of the precision lost by rounding activations to bfloat16 between operations.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -24,21 +27,43 @@
 #include <string.h>
 
 typedef struct {
-    const float *attention_norm, *wqkv, *wo, *ffn_norm, *w13, *w2;  /* weights, [out, in] */
+    const float *attention_norm, *ffn_norm;                /* float32 */
+    const void *wqkv, *wo, *w13, *w2;                      /* [out, in], float32 or bfloat16 */
     float *cache_k, *cache_v;  /* [max_rows, kv_heads, max_seq_len, head_dim] */
 } Layer;
 
 typedef struct {
     /* this rank's share: heads, kv_heads, hidden (FFN features) and vocab are per rank */
     int64_t dim, n_layers, heads, kv_heads, head_dim, hidden, vocab, max_rows, max_seq_len, threads;
+    int64_t bf16;            /* weights and embedding are bfloat16 (else float32) */
     float eps;
     const float *rotation;   /* [max_seq_len, head_dim / 2, 2]: cos and sin of each position and pair */
-    const float *norm, *embedding;  /* final norm weight; whole embedding table [vocab_total, dim] */
+    const float *norm;       /* final norm weight, float32 */
+    const void *embedding;   /* whole embedding table [vocab_total, dim], in the weights' type */
     int64_t vocab_total;
     const Layer *layers;
     /* scratch, max_rows rows each */
     float *x, *qkv, *att, *scores, *ffn, *act;
 } Model;
+
+/* Weights may be bfloat16: the upper half of a float32, so widening is a 16-bit shift. Everything
+ * else (activations, norms, the cache) is float32. The functions below take `bf16` as a constant
+ * from their callers and are inlined, so each loop is compiled once per weight type. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE __m256 load8(const void *w, int64_t i, int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)w + i);
+    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+INLINE float load1(const void *w, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)w)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
 
 static float hsum(__m256 s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -46,30 +71,32 @@ static float hsum(__m256 s) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
+INLINE float dot_any(const float *a, const void *b, int64_t n, int bf16) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {  /* four independent sums keep both FMA units busy */
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
-        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b, i, bf16), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b, i + 8, bf16), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), load8(b, i + 16, bf16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), load8(b, i + 24, bf16), s3);
     }
     for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b, i, bf16), s0);
     float total = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-    for (; i < n; ++i) total += a[i] * b[i];
+    for (; i < n; ++i) total += a[i] * load1(b, i, bf16);
     return total;
 }
 
+static float dot(const float *a, const float *b, int64_t n) { return dot_any(a, b, n, 0); }
+
 /* Four rows of x (row stride n) against one weight row at once: each weight load feeds four FMAs,
  * which is what makes a few rows (a prompt, a batch) cheaper than four separate passes. */
-static void dot4(const float *x, const float *w, int64_t n, float *y, int64_t y_stride) {
+INLINE void dot4(const float *x, const void *w, int64_t n, float *y, int64_t y_stride, int bf16) {
     __m256 s[8];
     for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        const __m256 w0 = _mm256_loadu_ps(w + i), w1 = _mm256_loadu_ps(w + i + 8);
+        const __m256 w0 = load8(w, i, bf16), w1 = load8(w, i + 8, bf16);
         for (int r = 0; r < 4; ++r) {
             s[2 * r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * n + i), s[2 * r]);
             s[2 * r + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * n + i + 8), s[2 * r + 1]);
@@ -77,22 +104,38 @@ static void dot4(const float *x, const float *w, int64_t n, float *y, int64_t y_
     }
     for (int r = 0; r < 4; ++r) {
         float total = hsum(_mm256_add_ps(s[2 * r], s[2 * r + 1]));
-        for (int64_t j = i; j < n; ++j) total += x[r * n + j] * w[j];
+        for (int64_t j = i; j < n; ++j) total += x[r * n + j] * load1(w, j, bf16);
         y[r * y_stride] = total;
     }
 }
 
-/* y[r, o] = x[r, :] . w[o, :] for `rows` rows of x. Each weight row is read from memory once and
- * reused from L1 for every row of x; threads take contiguous ranges of output features. */
-void matvec(const float *x, const float *w, float *y, int64_t rows, int64_t in, int64_t out,
-            int64_t threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 65536)
-    for (int64_t o = 0; o < out; ++o) {
-        const float *row = w + o * in;
-        int64_t r = 0;
-        for (; r + 4 <= rows; r += 4) dot4(x + r * in, row, in, y + r * out + o, out);
-        for (; r < rows; ++r) y[r * out + o] = dot(x + r * in, row, in);
+/* Up to this many rows of x share one pass over the weights; their rows then stay in the caches. */
+#define ROW_BLOCK 32
+
+INLINE void matvec_any(const float *x, const void *w, float *y, int64_t rows, int64_t in, int64_t out,
+                       int64_t threads, int bf16) {
+    const int64_t row_bytes = in * (bf16 ? 2 : 4);
+    for (int64_t first = 0; first < rows; first += ROW_BLOCK) {
+        const int64_t last = first + ROW_BLOCK < rows ? first + ROW_BLOCK : rows;
+        #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 65536)
+        for (int64_t o = 0; o < out; ++o) {
+            const void *row = (const char *)w + o * row_bytes;
+            int64_t r = first;
+            for (; r + 4 <= last; r += 4) dot4(x + r * in, row, in, y + r * out + o, out, bf16);
+            for (; r < last; ++r) y[r * out + o] = dot_any(x + r * in, row, in, bf16);
+        }
     }
+}
+
+/* y[r, o] = x[r, :] . w[o, :] for `rows` rows of x, w float32 or (bf16) bfloat16. Each weight row
+ * is read from memory once per block of rows and reused from L1 for each of them; threads take
+ * contiguous ranges of output features. */
+void matvec(const float *x, const void *w, float *y, int64_t rows, int64_t in, int64_t out, int64_t threads,
+            int64_t bf16) {
+    if (bf16)
+        matvec_any(x, w, y, rows, in, out, threads, 1);
+    else
+        matvec_any(x, w, y, rows, in, out, threads, 0);
 }
 
 static void rmsnorm(float *out, const float *x, const float *weight, int64_t n, float eps) {
@@ -149,7 +192,7 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, f
     const float scale = (float)(1.0 / sqrt((double)hd));
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->attention_norm, dim, m->eps);
-    matvec(m->x, l->wqkv, m->qkv, rows, dim, qkv_dim, m->threads);
+    matvec(m->x, l->wqkv, m->qkv, rows, dim, qkv_dim, m->threads, m->bf16);
     for (int64_t r = 0; r < rows; ++r) {
         float *q = m->qkv + r * qkv_dim, *k = q + q_dim, *v = k + kv_dim;
         rotate(m, q, m->heads + m->kv_heads, pos);  /* q and k are adjacent: rotate them together */
@@ -161,7 +204,7 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, f
         }
     }
     attend(m, l, rows, pos);
-    matvec(m->att, l->wo, partial, rows, q_dim, dim, m->threads);
+    matvec(m->att, l->wo, partial, rows, q_dim, dim, m->threads, m->bf16);
 }
 
 void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const float *incoming, float *partial) {
@@ -169,13 +212,13 @@ void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const floa
     const int64_t dim = m->dim, hidden = m->hidden;
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->ffn_norm, dim, m->eps);
-    matvec(m->x, l->w13, m->ffn, rows, dim, 2 * hidden, m->threads);  /* w1 rows, then w3 rows */
+    matvec(m->x, l->w13, m->ffn, rows, dim, 2 * hidden, m->threads, m->bf16);  /* w1 rows, then w3 rows */
     for (int64_t r = 0; r < rows; ++r) {
         const float *gate = m->ffn + r * 2 * hidden, *up = gate + hidden;
         float *act = m->act + r * hidden;
         for (int64_t i = 0; i < hidden; ++i) act[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
-    matvec(m->act, l->w2, partial, rows, hidden, dim, m->threads);
+    matvec(m->act, l->w2, partial, rows, hidden, dim, m->threads, m->bf16);
 }
 
 void finish(const Model *m, int64_t rows, float *h, const float *incoming, float *out) {
@@ -188,7 +231,7 @@ int64_t embed(const Model *m, const int64_t *tokens, int64_t stride, int64_t row
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t id = tokens[r * stride];
         if (id < 0 || id >= m->vocab_total) return r;
-        memcpy(h + r * m->dim, m->embedding + id * m->dim, m->dim * sizeof(float));
+        for (int64_t i = 0; i < m->dim; ++i) h[r * m->dim + i] = load1(m->embedding, id * m->dim + i, (int)m->bf16);
     }
     return -1;
 }
