@@ -6,7 +6,7 @@ per token) and computes in float32: its activations and KV cache are float32.
 The shared library is compiled on first use (well under a second) into a cache folder keyed by the
 source, flags and compiler, so every later run and every rank just loads it. Without a compiler, on
 another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators instead: the same
-math, slower. LLAMA_MP_CPU_KERNELS=1 makes their absence an error instead (for tests and benchmarks).
+math, about half as fast in float32 and far slower in bfloat16 (which PyTorch then computes in). LLAMA_MP_CPU_KERNELS=1 makes their absence an error instead (for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def library() -> Optional[ctypes.CDLL]:
         except Exception as e:  # noqa: BLE001 - any build or load failure means: decode with PyTorch
             _why_not = f"{type(e).__name__}: {e}"
     if setting in ("1", "on", "true", "yes"):
+        fix = "Install a C compiler (gcc) or unset" if _cpu_has_avx2_fma() else "Unset"
         raise LlamaMPError(f"{ENV}={setting} asks for the CPU decode kernels, but they are unusable here: "
-                           f"{_why_not}. Install a C compiler (gcc) or unset {ENV}.")
+                           f"{_why_not}. {fix} {ENV}.")
     if os.environ.get("RANK", "0") == "0" and _cpu_has_avx2_fma():
         print(f"llama_mp: CPU decode kernels unavailable ({_why_not}); decoding with PyTorch operators, "
               f"about half as fast. Install gcc (or set CC), point LLAMA_MP_CACHE at a writable folder, or "
