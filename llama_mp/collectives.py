@@ -153,11 +153,16 @@ def teardown() -> None:
     _world, _gloo, _exchange = 1, False, None
 
 
+def _shared(x: torch.Tensor) -> Optional[SharedMemoryExchange]:
+    """The shared-memory exchange, if this job has one and `x` fits it; else None (use gloo/NCCL)."""
+    return _exchange if _exchange is not None and _exchange.usable(x) else None
+
+
 def _stacked(x: torch.Tensor, n: int) -> torch.Tensor:
     """Every rank's `x`, stacked: [n, *x.shape]. Read it before the next collective: it may be a view
     of the shared-memory exchange."""
     x = x.contiguous()
-    if _exchange is not None and _exchange.usable(x):
+    if _shared(x):
         return _exchange.gather(x)
     return gather_into(torch.empty((n, *x.shape), dtype=x.dtype, device=x.device), x)
 
@@ -186,7 +191,7 @@ def gather_last_dim_to_main(x: torch.Tensor) -> Optional[torch.Tensor]:
     if n == 1:
         return x
     x = x.contiguous()
-    if _exchange is not None and _exchange.usable(x):  # everyone gets all parts; only rank 0 keeps them
+    if _shared(x):  # everyone gets all parts; only rank 0 keeps them
         parts = _exchange.gather(x)
         return torch.cat(parts.unbind(0), dim=-1) if _exchange.rank == 0 else None
     parts = [torch.empty_like(x) for _ in range(n)] if dist.get_rank() == 0 else None  # sampling only
@@ -198,7 +203,7 @@ def broadcast_from_main_(x: torch.Tensor) -> torch.Tensor:
     """Collective: rank 0's `x` copied into `x` on every rank (the sampled tokens)."""
     if world() == 1:
         return x
-    if _exchange is not None and _exchange.usable(x):
+    if _shared(x):
         return x.copy_(_exchange.gather(x)[0])
     dist.broadcast(x, src=0)
     return x

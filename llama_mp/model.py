@@ -11,8 +11,9 @@ Build it on the meta device (no random init, no memory), load real tensors with 
 call `prepare` (fuse projections, allocate the KV cache and rotary table on the target device) and,
 once every rank got that far, `share_embedding`.
 
-On x86-64 CPUs in float32, decode steps (one new token per sequence) run in C instead, with the same
-math and the same collectives (cpu_kernels.py); prompts and everything else run the code below.
+On x86-64 CPUs with float32 or bfloat16 weights, decode steps (one new token per sequence) run in C
+instead, with the same math and the same collectives (cpu_kernels.py); the products of prompts go
+through its kernels too, and everything else runs the code below, in float32.
 """
 
 from __future__ import annotations
