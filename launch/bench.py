@@ -8,8 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from llama_mp.bench import bench  # noqa: E402
-from llama_mp.completion_cli import run  # noqa: E402
+from llama_mp.tools.bench import bench  # noqa: E402
+from llama_mp.cli.runner import run  # noqa: E402
 
 if __name__ == "__main__":
     run(bench)

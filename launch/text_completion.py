@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from llama_mp.completion_cli import text_completion, run  # noqa: E402
+from llama_mp.cli.completion import text_completion  # noqa: E402
+from llama_mp.cli.runner import run  # noqa: E402
 
 if __name__ == "__main__":
     run(text_completion)

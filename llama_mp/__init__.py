@@ -1,11 +1,11 @@
 """llama_mp: model-parallel LLaMA inference over Meta checkpoints, launched with torchrun."""
 
-from .chat import Dialog, Message
+from .checkpoints.params import ModelArgs
 from .errors import LlamaMPError
-from .generation import ChatPrediction, CompletionPrediction, Llama
-from .model import Transformer
-from .params import ModelArgs
-from .tokenizer import Tokenizer
+from .runtime.chat import Dialog, Message
+from .runtime.llama import ChatPrediction, CompletionPrediction, Llama
+from .runtime.model import Transformer
+from .runtime.tokenizer import Tokenizer
 
 __all__ = ["Llama", "Dialog", "Message", "ChatPrediction", "CompletionPrediction", "ModelArgs",
            "Transformer", "Tokenizer", "LlamaMPError"]

@@ -21,3 +21,14 @@ def parse_dtype(name: Optional[str], option: str = "--dtype", extra: Sequence[st
         return DTYPES[name]
     keep = " (or leave it out to keep the source's dtype)" if optional else ""
     raise LlamaMPError(f"Unknown {option} {name!r}; use one of {', '.join([*extra, *DTYPES])}{keep}.")
+
+
+def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """--dtype for a model on `device`; "auto" is bfloat16 on GPUs that compute in it natively (compute
+    capability 8.0 and up: A100, H100, RTX 30xx/40xx), float16 on older ones (V100, T4, which only
+    emulate bfloat16), float32 on the CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+        return torch.float32
+    return parse_dtype(str(dtype), extra=("auto",))

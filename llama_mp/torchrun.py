@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from .distributed import port_in_use, port_in_use_error
+from .distributed.failure import port_in_use, port_in_use_error
 
 # Exit codes of our ranks (errors.py), in words.
 _ENDINGS = {1: "failed (see its traceback above)", 2: "reported the error above",

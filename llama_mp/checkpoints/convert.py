@@ -1,0 +1,150 @@
+"""`llama-mp convert`: any supported checkpoint to Meta's consolidated layout (or Meta to Hugging Face).
+
+Sources are detected from what is on disk:
+
+* a Meta directory (params.json + consolidated.NN.pth): resharded (`reshard.py`);
+* a Hugging Face Llama directory (config.json + safetensors or pytorch_model*.bin): `hf_format.py`;
+* a llama2.c `.bin` file: `llama2c_format.py`.
+
+Every reader presents the same small interface, a "source": `args` (ModelArgs, vocab known), `keys()`
+in Meta order, `tensor(key)` giving the whole tensor in Meta's layout (read lazily), and `tokenizer`
+(a path or None). The writer then splits each tensor with `layout.split`, one output shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Protocol, Tuple
+
+import torch
+from tqdm import tqdm
+
+from ..dtypes import parse_dtype
+from ..errors import LlamaMPError
+from . import layout
+from . import meta as checkpoint
+from .hf import HFSource, is_hf_dir, write_hf
+from .llama2c import Llama2cSource, looks_like_llama2c
+from .meta import write_checklist
+from .params import ModelArgs, save_params
+from .reshard import check_shard_count, copy_tokenizer, open_meta, reshard, write_shards
+from .staging import staged_output_dir
+
+
+class Source(Protocol):
+    args: ModelArgs
+    tokenizer: Optional[str]
+
+    def keys(self) -> List[str]: ...
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]: ...
+
+    def tensor(self, meta_key: str) -> torch.Tensor: ...
+
+
+class MetaSource:
+    """A Meta directory seen as whole tensors: each one merged from its shards (mmap) when asked for."""
+
+    def __init__(self, ckpt_dir: str):
+        self.args, paths, _ = open_meta(ckpt_dir)
+        self._shards = [checkpoint.load_shard(p) for p in paths]
+        self.tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
+
+    def keys(self) -> List[str]:
+        return list(layout.full_shapes(self.args))
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return layout.full_shapes(self.args)  # open_meta has checked every shard against it
+
+    def tensor(self, meta_key: str) -> torch.Tensor:
+        return layout.merge([sd[meta_key] for sd in self._shards], layout.split_dim(meta_key, self.args))
+
+
+def detect(src: str) -> str:
+    """'meta', 'hf' or 'llama2c', or an error saying what was looked for."""
+    if os.path.isdir(src):
+        if os.path.isfile(os.path.join(src, "params.json")) and checkpoint.find_shards(src):
+            return "meta"
+        if is_hf_dir(src):
+            return "hf"
+    elif looks_like_llama2c(src):
+        return "llama2c"
+    raise LlamaMPError(f"Cannot tell what {src!r} is. convert reads a Meta checkpoint folder (params.json + "
+                       "consolidated.00.pth), a Hugging Face Llama folder (config.json + model*.safetensors "
+                       "or pytorch_model*.bin) or a llama2.c model file (*.bin).")
+
+
+def open_source(src: str) -> Source:
+    kind = detect(src)
+    if kind == "hf":
+        return HFSource(src)
+    if kind == "llama2c":
+        return Llama2cSource(src)
+    return MetaSource(src)
+
+
+def check_source_shapes(source: Source, where: str) -> None:
+    """Every tensor has the shape the derived params imply, before anything is written."""
+    problems = checkpoint.shape_problems(source.shapes(), layout.full_shapes(source.args))
+    if problems:
+        raise LlamaMPError(f"{where} is inconsistent with its own config: " + "; ".join(problems[:6])
+                           + ". The files are incomplete or from different models.")
+
+
+def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype: Optional[str] = None,
+               tokenizer: Optional[str] = None, progress: bool = True, src: Optional[str] = None) -> None:
+    """Write `source` as a Meta directory with `mp` shards, params.json (real vocab size), checklist.chk
+    and tokenizer.model (the source's, or `tokenizer`)."""
+    check_shard_count(source.args, mp)
+    torch_dtype = parse_dtype(dtype, optional=True)
+
+    def piece(key: str, index: int) -> torch.Tensor:
+        return layout.split(source.tensor(key), layout.split_dim(key, source.args), mp, index)
+
+    with staged_output_dir(dst, overwrite, src=src) as out:
+        save_params(source.args, out)
+        copy_tokenizer(out, tokenizer, source.tokenizer)
+        write_shards(out, source.keys(), mp, piece, torch_dtype, progress)
+        write_checklist(out, progress)
+
+
+def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optional[str] = None,
+                 tokenizer: Optional[str] = None, progress: bool = True, src: Optional[str] = None) -> None:
+    """Write `source` as a Hugging Face Llama directory (config.json, safetensors, tokenizer.model)."""
+    torch_dtype = parse_dtype(dtype, optional=True)
+    keys = source.keys()
+
+    def tensor(key: str) -> torch.Tensor:
+        t = source.tensor(key)
+        return t.to(torch_dtype) if torch_dtype else t
+
+    with staged_output_dir(dst, overwrite, src=src) as out, \
+            tqdm(total=len(keys), desc="writing safetensors", unit="tensor", file=sys.stderr,
+                 disable=not progress) as bar:
+        copy_tokenizer(out, tokenizer, source.tokenizer)  # first: a wrong --tokenizer fails before the writing
+        write_hf(out, source.args, keys, tensor, progress=bar.update)
+        if os.path.isfile(os.path.join(out, "tokenizer.model")):
+            # Enough for transformers' LlamaTokenizer(Fast) to find and use tokenizer.model.
+            with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, f, indent=2)
+
+
+def convert(src: str, dst: str, mp: int = 1, to: str = "meta", overwrite: bool = False,
+            dtype: Optional[str] = None, tokenizer: Optional[str] = None, progress: bool = True) -> str:
+    """Convert `src` (detected) to `to` ('meta' with `mp` shards, or 'hf'); return the source kind."""
+    if to not in ("meta", "hf"):
+        raise LlamaMPError(f"--to {to!r} is not a target; use --to meta (default) or --to hf.")
+    kind = detect(src)
+    if to == "meta" and kind == "meta":
+        reshard(src, dst, mp, overwrite=overwrite, dtype=dtype, tokenizer=tokenizer, progress=progress)
+        return kind
+    source = open_source(src)
+    check_source_shapes(source, src)
+    if to == "hf":
+        write_hf_dir(source, dst, overwrite, dtype, tokenizer, progress, src=src)
+    else:
+        write_meta(source, dst, mp, overwrite, dtype, tokenizer, progress, src=src)
+    return kind

@@ -1,0 +1,329 @@
+"""Hugging Face Llama checkpoints (`LlamaForCausalLM`): read them as Meta tensors, write Meta as them.
+
+Two differences from Meta's layout besides the names:
+
+* Rotary embeddings. Meta rotates adjacent pairs of each head's features (2i, 2i+1); transformers
+  rotates feature i with feature i + head_dim/2 ("rotate_half"). Meta's conversion script therefore
+  reorders the output rows of wq and wk within each head. `to_hf_rows` applies that reordering and
+  `from_hf_rows` undoes it; wk uses the number of *key/value* heads (GQA).
+* HF stores the FFN width (`intermediate_size`) itself; params.json derives it from `multiple_of` and
+  `ffn_dim_multiplier`, so `params.ffn_fields_for` finds values that reproduce it.
+
+Weights may be one `model.safetensors`, several `model-0000i-of-0000n.safetensors` with an index json,
+or the older `pytorch_model*.bin` equivalents. Each tensor is read only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import LlamaMPError
+from . import layout
+from .params import ModelArgs, ffn_fields_for, parse_params
+
+# Meta name (inside a layer) -> HF name (inside model.layers.N.)
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def hf_name(meta_key: str) -> str:
+    """The transformers parameter name of a Meta tensor name."""
+    if meta_key in _TOP_NAMES:
+        return _TOP_NAMES[meta_key]
+    _, layer, rest = meta_key.split(".", 2)
+    return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+
+
+def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder wq/wk output rows from Meta's interleaved pairs to transformers' split halves, per head."""
+    rows, cols = w.shape
+    # Per head, Meta's rows are (pair i, member j); HF wants (member j, pair i).
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def from_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `to_hf_rows`."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _heads_for(meta_key: str, args: ModelArgs) -> Optional[int]:
+    """Head count whose rows `meta_key` must be reordered by, or None for tensors left as they are."""
+    if meta_key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_key.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def args_from_config(config: dict, where: str) -> ModelArgs:
+    """Meta params for a transformers LlamaConfig dict, refusing what our model cannot run."""
+    def need(name):
+        if name not in config:
+            raise LlamaMPError(f"{where} has no {name!r}; it is not a Llama config.json.")
+        return config[name]
+
+    if config.get("model_type", "llama") != "llama":
+        raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; only Llama "
+                           "(model_type 'llama', LlamaForCausalLM) checkpoints can be converted.")
+    rope = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise LlamaMPError(f"{where} uses rope scaling {kind!r}, which llama_mp does not implement; only plain "
+                           "rotary embeddings (rope_theta) are supported.")
+    unsupported = [name for name in ("attention_bias", "mlp_bias") if config.get(name)]
+    if config.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={config['hidden_act']}")
+    dim, n_heads = need("hidden_size"), need("num_attention_heads")
+    if config.get("head_dim") not in (None, dim // n_heads):
+        unsupported.append(f"head_dim={config['head_dim']} (Meta's layout needs hidden_size/heads)")
+    if unsupported:
+        raise LlamaMPError(f"{where} uses {', '.join(unsupported)}, which Meta's LLaMA layout cannot express.")
+    kv = config.get("num_key_value_heads") or n_heads
+    raw = {"dim": dim, "n_layers": need("num_hidden_layers"), "n_heads": n_heads,
+           "n_kv_heads": kv if kv != n_heads else None, "vocab_size": need("vocab_size"),
+           "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+           "rope_theta": float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)}
+    raw.update(ffn_fields_for(dim, need("intermediate_size")))
+    return parse_params(raw, where=where)
+
+
+def _damaged(path: str, problem: str) -> LlamaMPError:
+    """The error for a file of a Hugging Face download that cannot be used as it is."""
+    return LlamaMPError(f"Cannot read {path}: {problem}. The download is damaged or incomplete; download "
+                        "this file again (e.g. `huggingface-cli download` re-fetches what does not match).")
+
+
+def _reason(e: BaseException) -> str:
+    """The exception's type and first sentence (torch's load errors go on with advice that does not apply)."""
+    text = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise _damaged(path, f"it is not valid JSON ({_reason(e)})") from None
+    if not isinstance(data, dict):
+        raise _damaged(path, f"it holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _weight_files(model_dir: str) -> Dict[str, str]:
+    """{HF tensor name: file} from an index json, or every name of the single weights file."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            continue
+        if name.endswith(".index.json"):
+            weight_map = _read_json(path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise _damaged(path, 'it has no "weight_map" object of tensor name -> file name')
+            return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+        return {k: path for k in _open_weights(path).keys()}
+    raise LlamaMPError(f"{model_dir} has a config.json but none of {', '.join(WEIGHT_FILES)}. Download the "
+                       "weights too (safetensors preferred).")
+
+
+class _TorchBin:
+    """A `pytorch_model*.bin` opened like a safetensors file: mmap when the file allows it."""
+
+    def __init__(self, path: str):
+        try:
+            try:
+                self.sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # pre-zip (legacy) torch files cannot be mapped; read them whole
+                self.sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for truncated or corrupt files
+            raise _damaged(path, _reason(e)) from None
+        if not isinstance(self.sd, dict) or not all(isinstance(v, torch.Tensor) for v in self.sd.values()):
+            raise _damaged(path, "it does not hold a state dict of tensors")
+
+    def keys(self) -> List[str]:
+        return list(self.sd)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.sd[name]
+
+
+def _open_weights(path: str):
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            return safe_open(path, framework="pt")
+        except Exception as e:  # SafetensorError (bad header, truncated data), OSError (missing shard)
+            raise _damaged(path, _reason(e)) from None
+    return _TorchBin(path)
+
+
+class HFSource:
+    """A Hugging Face Llama directory seen as whole Meta-layout tensors (see convert.py)."""
+
+    def __init__(self, model_dir: str):
+        config_path = os.path.join(model_dir, "config.json")
+        self.config = _read_json(config_path)
+        self.args = args_from_config(self.config, config_path)
+        self.tokenizer = os.path.join(model_dir, "tokenizer.model")
+        self._files = _weight_files(model_dir)
+        self._open: Dict[str, object] = {}
+        self._tied = "lm_head.weight" not in self._files
+        if self._tied and not self.config.get("tie_word_embeddings", False):
+            raise LlamaMPError(f"{model_dir} has no lm_head.weight and its config does not tie it to the "
+                               "embedding; the weights are incomplete.")
+        missing = [hf_name(k) for k in self.keys()
+                   if hf_name(k) not in self._files and not (k == "output.weight" and self._tied)]
+        if missing:
+            raise LlamaMPError(f"{model_dir} lacks {len(missing)} tensor(s) a Llama model needs, e.g. "
+                               f"{', '.join(missing[:4])}. The download is incomplete or not a Llama model.")
+
+    def keys(self) -> List[str]:
+        return list(layout.full_shapes(self.args))
+
+    def _locate(self, meta_key: str):
+        """(open weights file, HF name) holding `meta_key`; files are opened on first use."""
+        name = hf_name("tok_embeddings.weight" if meta_key == "output.weight" and self._tied else meta_key)
+        path = self._files[name]
+        if path not in self._open:
+            self._open[path] = _open_weights(path)
+        return self._open[path], name
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Every tensor's shape from the file headers, without reading any weights."""
+        out = {}
+        for key in self.keys():
+            handle, name = self._locate(key)
+            out[key] = tuple(self._read(name, lambda: handle.get_slice(name).get_shape()
+                                        if hasattr(handle, "get_slice") else handle.get_tensor(name).shape))
+        return out
+
+    def _read(self, name: str, read: Callable[[], object]):
+        """`read()` of tensor `name`, a failure inside its file reported as a damaged download."""
+        try:
+            return read()
+        except Exception as e:  # SafetensorError (truncated data), or a name the file lacks
+            raise _damaged(self._files[name], f"{_reason(e)} (reading {name})") from None
+
+    def tensor(self, meta_key: str) -> torch.Tensor:
+        handle, name = self._locate(meta_key)
+        t = self._read(name, lambda: handle.get_tensor(name))
+        heads = _heads_for(meta_key, self.args)
+        return from_hf_rows(t, heads) if heads else t
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int) -> dict:
+    """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x)."""
+    dtype_name = str(dtype).replace("torch.", "")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "max_position_embeddings": max_position_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def to_hf_tensor(meta_key: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """A whole Meta tensor as transformers stores it (wq/wk rows reordered, others unchanged)."""
+    heads = _heads_for(meta_key, args)
+    return to_hf_rows(t, heads) if heads else t
+
+
+def hf_state_dict(args: ModelArgs, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A whole-model Meta state dict as a `LlamaForCausalLM` state dict (views where possible)."""
+    return {hf_name(k): to_hf_tensor(k, v, args) for k, v in state.items() if k not in layout.IGNORED_KEYS}
+
+
+def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[str], torch.Tensor],
+             max_file_bytes: int = 5 << 30, max_position_embeddings: int = 4096,
+             progress: Callable[[], None] = None) -> None:
+    """Write `model.safetensors` (or size-capped `model-0000i-of-0000n.safetensors` + index) from whole
+    Meta tensors fetched one at a time by `tensor(key)`; one file's tensors are in memory at once."""
+    from safetensors.torch import save_file
+
+    shapes = layout.full_shapes(args)
+    # The first tensor gives the dtype (hence file sizes) and is the first one written: fetched once,
+    # and not held past its own file.
+    pending = {keys[0]: tensor(keys[0])}
+    dtype = pending[keys[0]].dtype
+    itemsize = dtype.itemsize
+    groups: List[List[str]] = [[]]
+    size = 0
+    for key in keys:
+        nbytes = itemsize * torch.Size(shapes[key]).numel()
+        if groups[-1] and size + nbytes > max_file_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map = {}
+    for name, group in zip(names, groups):
+        out = {}
+        for key in group:
+            t = pending.pop(key) if key in pending else tensor(key)
+            out[hf_name(key)] = to_hf_tensor(key, t, args).clone(memory_format=torch.contiguous_format)
+            del t
+            weight_map[hf_name(key)] = name
+            if progress:
+                progress()
+        save_file(out, os.path.join(out_dir, name), metadata={"format": "pt"})
+        del out
+    if len(names) > 1:
+        total = sum(itemsize * torch.Size(s).numel() for s in shapes.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(args, dtype, max_position_embeddings), f, indent=2)

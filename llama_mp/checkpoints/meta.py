@@ -1,0 +1,236 @@
+"""Reading and writing Meta's consolidated checkpoint directories.
+
+A directory holds `params.json`, `consolidated.00.pth` ... `consolidated.{K-1}.pth` and usually
+`checklist.chk` (md5sum lines). Shards are opened with `mmap=True`, so a rank that needs only a slice
+of a tensor reads only those pages: peak host memory per rank stays near its own share of the model,
+whatever the number of shards K and processes N.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from tqdm import tqdm
+
+from ..errors import LlamaMPError
+from . import layout
+from .params import ModelArgs
+
+StateDict = Dict[str, torch.Tensor]
+_SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def find_shards(ckpt_dir: str) -> Dict[int, str]:
+    """Every `consolidated.NN.pth` in a directory, by index, gaps included (callers decide what a gap means)."""
+    if not os.path.isdir(ckpt_dir):
+        raise LlamaMPError(f"Checkpoint directory {ckpt_dir!r} does not exist. Pass --ckpt_dir the folder "
+                           "that holds params.json and consolidated.00.pth (e.g. llama-2-7b/).")
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(ckpt_dir), "consolidated.*.pth")):
+        m = _SHARD_NAME.match(os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    return found
+
+
+def missing_shards(found: Dict[int, str], num_shards: Optional[int] = None) -> List[int]:
+    """Indexes below `num_shards` (default: the highest one found + 1, all the names tell) with no file."""
+    if num_shards is None:
+        num_shards = max(found) + 1 if found else 0
+    return [i for i in range(num_shards) if i not in found]
+
+
+def shard_paths(ckpt_dir: str) -> List[str]:
+    """The shard files of a checkpoint directory in order, checked for gaps."""
+    found = find_shards(ckpt_dir)
+    if not found:
+        raise LlamaMPError(f"No consolidated.*.pth shard files in {ckpt_dir!r}. Check that the download "
+                           "finished and that --ckpt_dir points at the model folder, not its parent.")
+    missing = missing_shards(found)
+    if missing:
+        names = ", ".join(shard_name(i) for i in missing)
+        raise LlamaMPError(f"{ckpt_dir!r} has {len(found)} shard files but is missing {names}. "
+                           "Download the missing shard(s) again; `llama-mp verify` checks the whole folder.")
+    return [found[i] for i in range(len(found))]
+
+
+def load_shard(path: str) -> StateDict:
+    """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt zip archives
+        raise LlamaMPError(f"Cannot read shard {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                           "The file is truncated or corrupt; download it again and run "
+                           "`llama-mp verify` on the folder.") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise LlamaMPError(f"{path} does not hold a state dict of tensors, so it is not a Meta consolidated "
+                           "shard. Convert other formats with `llama-mp convert`.")
+    return sd
+
+
+def vocab_size_of(shard: StateDict, where: str) -> int:
+    emb = shard.get("tok_embeddings.weight")
+    if emb is None or emb.dim() != 2:
+        raise LlamaMPError(f"{where} has no 2-D tok_embeddings.weight, so it is not a LLaMA shard.")
+    return emb.shape[0]
+
+
+def shape_problems(shapes: Dict[str, Tuple[int, ...]], expected: Dict[str, Tuple[int, ...]]) -> List[str]:
+    """Every missing, unexpected or misshaped tensor, one readable item each (empty when all match)."""
+    problems = []
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected and k not in layout.IGNORED_KEYS]
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    for k, shape in expected.items():
+        if k in shapes and tuple(shapes[k]) != tuple(shape):
+            problems.append(f"{k} has shape {list(shapes[k])} but params.json implies {list(shape)}")
+    return problems
+
+
+def tensor_shapes(sd: StateDict) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str) -> None:
+    """Strict key and shape check, naming every missing, unexpected or misshaped tensor."""
+    problems = shape_problems(tensor_shapes(sd), expected)
+    if problems:
+        raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])
+                           + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+                           + ". The params.json and the shards probably come from different models; "
+                             "`llama-mp verify` lists everything.")
+
+
+def _few(keys: List[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def resolve_vocab(args: ModelArgs, first_shard: StateDict, where: str) -> ModelArgs:
+    """Fill in vocab_size from the checkpoint when params.json says -1, and check it otherwise."""
+    vocab = vocab_size_of(first_shard, where)
+    if args.vocab_size not in (-1, vocab):
+        raise LlamaMPError(f"params.json says vocab_size {args.vocab_size} but {where} has {vocab} token "
+                           "embeddings. Fix vocab_size in params.json (Meta's files use -1).")
+    return args.with_vocab(vocab)
+
+
+def overlapping_shards(rank: int, world_size: int, num_shards: int) -> List[int]:
+    """Shards whose slice of a split dimension overlaps rank `rank` of `world_size`."""
+    return [k for k in range(num_shards)
+            if k * world_size < (rank + 1) * num_shards and rank * num_shards < (k + 1) * world_size]
+
+
+def rank_pieces(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank: int,
+                world_size: int) -> List[Tuple[int, torch.Tensor]]:
+    """Rank `rank`'s share of a tensor split over `num_shards` shards, from the overlapping pieces: a list
+    of (offset along `dim` in the rank's share, view of a piece), in order."""
+    per_shard = next(iter(pieces.values())).shape[dim]
+    total = per_shard * num_shards
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    parts = []
+    for k in sorted(pieces):
+        start, stop = max(lo, k * per_shard), min(hi, (k + 1) * per_shard)
+        if stop > start:  # a caller may pass more shards than overlap; they contribute nothing
+            parts.append((start - lo, pieces[k].narrow(dim, start - k * per_shard, stop - start)))
+    if not parts:
+        raise ValueError(f"no piece overlaps rank {rank} of {world_size} (shards given: {sorted(pieces)})")
+    return parts
+
+
+def rank_slice(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s share of a tensor split over `num_shards` shards, as one tensor (a view when one
+    piece covers it, else a concatenation in host memory)."""
+    parts = [t for _, t in rank_pieces(pieces, dim, num_shards, rank, world_size)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+class RankSlices:
+    """This rank's share of every tensor of a checkpoint for a `world_size`-way split, whatever the
+    checkpoint's shard count, read from the memory-mapped shards that overlap it.
+
+    With as many processes as shards, rank r simply takes shard r. Otherwise each rank opens only the
+    shards that overlap its slice and cuts or joins the pieces it needs (load-time resharding), one
+    tensor at a time: `copy_into` writes the pieces straight into their place in the destination (on
+    any device, in any dtype), so no whole rank slice is ever assembled in host memory."""
+
+    def __init__(self, ckpt_dir: str, args: ModelArgs, rank: int, world_size: int):
+        paths = shard_paths(ckpt_dir)
+        self.num_shards, self.rank, self.world_size = len(paths), rank, world_size
+        needed = overlapping_shards(rank, world_size, self.num_shards)
+        self.shards = {k: load_shard(paths[k]) for k in needed}
+        self.args = resolve_vocab(args, self.shards[needed[0]], paths[needed[0]])
+        layout.require_split(self.args, world_size, f"This checkpoint ({ckpt_dir}, {self.num_shards} shard(s))",
+                             "process", " Run with torchrun --nproc_per_node one of those.")
+        expected = layout.shard_shapes(self.args, self.num_shards)
+        for k, sd in self.shards.items():
+            check_tensors(sd, expected, paths[k])
+
+    def keys(self) -> List[str]:
+        return list(layout.full_shapes(self.args))
+
+    def pieces(self, key: str) -> Tuple[Optional[int], List[Tuple[int, torch.Tensor]]]:
+        """(split dim or None, [(offset, piece)]) making up this rank's share of `key`."""
+        dim = layout.split_dim(key, self.args)
+        if dim is None:
+            return None, [(0, next(iter(self.shards.values()))[key])]
+        return dim, rank_pieces({k: sd[key] for k, sd in self.shards.items()}, dim, self.num_shards,
+                                self.rank, self.world_size)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        dim, parts = self.pieces(key)
+        return parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts], dim=dim)
+
+    def copy_into(self, key: str, dest: torch.Tensor) -> None:
+        """Write this rank's share of `key` into `dest` (of its shape; converted to its dtype and device)."""
+        dim, parts = self.pieces(key)
+        for offset, piece in parts:
+            (dest if dim is None else dest.narrow(dim, offset, piece.shape[dim])).copy_(piece)
+
+
+def load_rank_state_dict(ckpt_dir: str, args: ModelArgs, rank: int, world_size: int) -> Tuple[ModelArgs, StateDict]:
+    """This rank's tensors for a `world_size`-way split as a state dict (views where one shard covers a
+    tensor): for tools and tests; the loader streams them with `RankSlices.copy_into` instead."""
+    slices = RankSlices(ckpt_dir, args, rank, world_size)
+    return slices.args, {key: slices.tensor(key) for key in slices.keys()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def md5_file(path: str, chunk_bytes: int = 1 << 22, progress=None) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+            if progress is not None:
+                progress(len(block))
+
+
+def write_checklist(ckpt_dir: str, progress: bool = True) -> None:
+    """Write `checklist.chk` in md5sum format for params.json and every shard, as Meta ships it, with a
+    progress bar (hashing 100+ GB takes minutes)."""
+    names = ["params.json"] + [os.path.basename(p) for p in shard_paths(ckpt_dir)]
+    total = sum(os.path.getsize(os.path.join(ckpt_dir, n)) for n in names)
+    with tqdm(total=total, desc="md5", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              disable=not progress) as bar:
+        lines = [f"{md5_file(os.path.join(ckpt_dir, n), progress=bar.update)}  {n}\n" for n in names]
+    with open(os.path.join(ckpt_dir, "checklist.chk"), "w") as f:
+        f.writelines(lines)
+
+
+def shard_name(index: int) -> str:
+    return f"consolidated.{index:02d}.pth"

@@ -1,0 +1,207 @@
+"""Model hyper-parameters: Meta's `params.json`, parsed strictly, plus the shapes they imply."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from ..errors import LlamaMPError
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The fields of a LLaMA 1 / Llama 2 / Code Llama `params.json`.
+
+    `vocab_size == -1` means "take it from the checkpoint" (Meta's LLaMA and Llama 2 files say -1);
+    `n_kv_heads is None` means plain multi-head attention (every head has its own keys and values).
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU width: 2/3 of 4*dim, scaled, then rounded up to a multiple of `multiple_of`."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def with_vocab(self, vocab_size: int) -> "ModelArgs":
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+    def to_json_dict(self) -> Dict[str, Any]:
+        """The dict Meta writes: optional fields left out when they hold their defaults."""
+        out = dataclasses.asdict(self)
+        if out["n_kv_heads"] is None:
+            del out["n_kv_heads"]
+        if out["ffn_dim_multiplier"] is None:
+            del out["ffn_dim_multiplier"]
+        if out["rope_theta"] == 10000.0:
+            del out["rope_theta"]
+        return out
+
+    def parameter_count(self) -> int:
+        """Number of weights (embedding, layers, final norm, output), for sizing and bandwidth."""
+        if self.vocab_size <= 0:
+            raise ValueError("parameter_count needs a known vocab_size")
+        d, h = self.dim, self.ffn_hidden_dim
+        kv = self.kv_heads * self.head_dim
+        per_layer = d * d * 2 + 2 * d * kv + 3 * d * h + 2 * d
+        return self.n_layers * per_layer + 2 * self.vocab_size * d + d
+
+
+def ffn_fields_for(dim: int, hidden: int) -> Dict[str, Any]:
+    """`multiple_of` (and `ffn_dim_multiplier` if needed) that make `ModelArgs.ffn_hidden_dim == hidden`.
+
+    Other formats (Hugging Face, llama2.c) store the FFN width itself; params.json can only derive it.
+    Prefer Meta's style: `multiple_of` 256 (LLaMA 7B-65B, Llama 2 7B/13B, Code Llama) or else the largest
+    power of two that rounds 2/3 * 4 * dim up to `hidden`; widths no rounding reaches (Llama 2 70B) get
+    the shortest decimal `ffn_dim_multiplier` that works (1.3 for 70B, as Meta wrote it).
+    """
+    def width(**fields) -> int:
+        return ModelArgs(dim=dim, n_layers=1, n_heads=1, **fields).ffn_hidden_dim
+
+    powers = [256] + [1 << p for p in range(hidden.bit_length(), -1, -1) if 1 << p != 256]
+    for m in powers:
+        if width(multiple_of=m) == hidden:
+            return {"multiple_of": m}
+    ratio = hidden / int(2 * (4 * dim) / 3)
+    for multiplier in [round(ratio, digits) for digits in range(1, 7)] + [ratio]:
+        for m in powers:
+            if multiplier > 0 and width(multiple_of=m, ffn_dim_multiplier=multiplier) == hidden:
+                return {"multiple_of": m, "ffn_dim_multiplier": multiplier}
+    raise LlamaMPError(f"No params.json can describe an FFN width of {hidden} for dim {dim}.")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelArgs)}
+_REQUIRED = [name for name, f in _FIELDS.items()
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+_INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"}
+_FLOATS = {"ffn_dim_multiplier", "norm_eps", "rope_theta"}
+
+
+def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
+    """Validate a params dict and build `ModelArgs`, naming every bad field in one message."""
+    if not isinstance(raw, dict):
+        raise LlamaMPError(f"{where} must hold a JSON object such as {{\"dim\": 4096, ...}}, "
+                           f"but it holds a {type(raw).__name__}.")
+    problems = []
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        problems.append(f"unknown field(s) {unknown} (llama_mp knows {sorted(_FIELDS)}; "
+                        "Llama 3 checkpoints are not supported)")
+    missing = [name for name in _REQUIRED if name not in raw]
+    if missing:
+        problems.append(f"missing field(s) {missing}")
+    values: Dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _FIELDS:
+            continue
+        if value is None and _FIELDS[name].default is None:
+            values[name] = None
+        elif name in _INTS and not (isinstance(value, int) and not isinstance(value, bool)):
+            problems.append(f"{name} must be an integer, got {value!r}")
+        elif name in _FLOATS and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            problems.append(f"{name} must be a number, got {value!r}")
+        else:
+            values[name] = float(value) if name in _FLOATS else value
+    if not problems:
+        problems.extend(_consistency_problems(values))
+    if problems:
+        raise LlamaMPError(f"{where} is not a valid LLaMA params file: " + "; ".join(problems)
+                           + ". Compare it with the params.json that came with the checkpoint "
+                             "(see configs/ for the official values).")
+    return ModelArgs(**values)
+
+
+def _consistency_problems(v: Dict[str, Any]) -> list:
+    problems = []
+    for name in ("dim", "n_layers", "n_heads", "multiple_of"):
+        if v.get(name, 1) <= 0:
+            problems.append(f"{name} must be positive, got {v[name]}")
+    if problems:
+        return problems
+    if v["dim"] % v["n_heads"]:
+        problems.append(f"dim {v['dim']} is not divisible by n_heads {v['n_heads']}")
+    elif (v["dim"] // v["n_heads"]) % 2:
+        problems.append(f"head size dim/n_heads = {v['dim'] // v['n_heads']} must be even for rotary embeddings")
+    kv = v.get("n_kv_heads")
+    if kv is not None and (kv <= 0 or v["n_heads"] % kv):
+        problems.append(f"n_kv_heads {kv} must be positive and divide n_heads {v['n_heads']}")
+    if v.get("vocab_size", -1) == 0 or v.get("vocab_size", -1) < -1:
+        problems.append(f"vocab_size must be positive or -1 (from the checkpoint), got {v['vocab_size']}")
+    if v.get("norm_eps", 1e-5) <= 0:
+        problems.append(f"norm_eps must be positive, got {v['norm_eps']}")
+    if v.get("rope_theta", 1e4) <= 0:
+        problems.append(f"rope_theta must be positive, got {v['rope_theta']}")
+    if v.get("ffn_dim_multiplier") is not None and v["ffn_dim_multiplier"] <= 0:
+        problems.append(f"ffn_dim_multiplier must be positive, got {v['ffn_dim_multiplier']}")
+    return problems
+
+
+def load_params(ckpt_dir: str) -> ModelArgs:
+    """Read and validate `<ckpt_dir>/params.json`."""
+    path = os.path.join(ckpt_dir, "params.json")
+    if not os.path.isfile(path):
+        raise LlamaMPError(f"{path} does not exist. A Meta checkpoint directory holds params.json, "
+                           "consolidated.00.pth, ... and checklist.chk; check --ckpt_dir.")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlamaMPError(f"{path} is not valid JSON ({e}). Restore it from the original download.") from None
+    return parse_params(raw, where=path)
+
+
+def save_params(args: ModelArgs, ckpt_dir: str) -> None:
+    with open(os.path.join(ckpt_dir, "params.json"), "w") as f:
+        json.dump(args.to_json_dict(), f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: configs/<name>.json holds Meta's params.json for each published model, its shard count and
+# the real vocabulary size (Meta's files say -1).
+
+
+def _configs_dir() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "..", "..", "configs"),
+                      os.path.join(sys.prefix, "share", "llama_mp", "configs")):
+        if os.path.isdir(candidate):
+            return os.path.normpath(candidate)
+    raise LlamaMPError("Cannot find the model presets (configs/*.json); reinstall llama_mp.")
+
+
+def preset_names() -> list:
+    return sorted(name[:-5] for name in os.listdir(_configs_dir()) if name.endswith(".json"))
+
+
+def load_preset(name: str) -> Tuple[ModelArgs, int]:
+    """(params with the real vocab size, Meta's shard count) of a published model, e.g. 'llama-2-13b'."""
+    path = os.path.join(_configs_dir(), f"{name}.json")
+    if not os.path.isfile(path):
+        raise LlamaMPError(f"Unknown model preset {name!r}; known presets: {', '.join(preset_names())}.")
+    with open(path) as f:
+        preset = json.load(f)
+    args = parse_params(preset["params"], where=path)
+    return args.with_vocab(preset["vocab_size"]), preset["shards"]

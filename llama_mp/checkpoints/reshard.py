@@ -1,0 +1,127 @@
+"""`llama-mp reshard`: rewrite a Meta checkpoint with a different number of shards.
+
+Output shards are built one at a time. For each one, only the input shards that overlap it are opened
+(mmap), each tensor's slice is cut or concatenated exactly as a loading rank would do it
+(`checkpoint.rank_slice`), and the shard is saved and dropped before the next one starts. Peak host
+memory is therefore about one output shard plus the input pages it touches, never the whole model
+(unless the output has a single shard, which *is* the whole model).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Callable, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from ..dtypes import parse_dtype
+from ..errors import LlamaMPError
+from . import layout
+from . import meta as checkpoint
+from .meta import StateDict, write_checklist
+from .params import ModelArgs, load_params, save_params
+from .staging import staged_output_dir
+
+# What a writer asks for: the piece of tensor `key` that goes into output shard `index`.
+PieceFn = Callable[[str, int], torch.Tensor]
+
+def check_shard_count(args: ModelArgs, num_shards) -> None:
+    """--mp must split the model like a process count does (layout.require_split)."""
+    layout.require_split(args, num_shards, f"--mp {num_shards!r}: this model", "shard")
+
+
+def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
+                 dtype: Optional[torch.dtype] = None, progress: bool = True) -> None:
+    """Save `consolidated.00.pth` ... one shard at a time, each tensor a compact copy of its piece.
+
+    The copy matters: `torch.save` of a view would store the view's whole underlying storage (the full
+    mmap-backed tensor), so every piece is cloned into its own contiguous storage first.
+    """
+    with tqdm(total=num_shards * len(keys), desc=f"writing {num_shards} shard(s)", unit="tensor",
+              file=sys.stderr, disable=not progress) as bar:
+        for index in range(num_shards):
+            shard: StateDict = {}
+            for key in keys:
+                t = piece(key, index)
+                shard[key] = t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+                bar.update()
+            torch.save(shard, os.path.join(out_dir, checkpoint.shard_name(index)))
+            del shard
+
+
+def copy_tokenizer(out_dir: str, explicit: Optional[str], *fallbacks: Optional[str]) -> None:
+    """Copy `explicit` (the user's --tokenizer, which must be a file), else the first existing file among
+    `fallbacks`, to `out_dir`/tokenizer.model (none: do nothing)."""
+    if explicit is not None and not os.path.isfile(explicit):
+        raise LlamaMPError(f"--tokenizer {explicit!r} is not a file. Pass the path of a SentencePiece "
+                           "tokenizer.model, or leave --tokenizer out to use the one beside the source.")
+    dst = os.path.join(out_dir, "tokenizer.model")
+    for path in (explicit, *fallbacks):
+        if path and os.path.isfile(path):
+            if not (os.path.exists(dst) and os.path.samefile(path, dst)):
+                shutil.copyfile(path, dst)
+            return
+
+
+def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num_shards: int,
+                      progress: bool = False) -> None:
+    """Split a whole-model state dict into `num_shards` Meta shards plus params.json and checklist.chk,
+    with the same shard writer as reshard. `args.vocab_size` is written as given (-1 mimics Meta's files)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    save_params(args, ckpt_dir)
+    keys = [k for k in full_state if k not in layout.IGNORED_KEYS]
+    write_shards(ckpt_dir, keys, num_shards,
+                 lambda key, index: layout.split(full_state[key], layout.split_dim(key, args), num_shards, index),
+                 progress=progress)
+    write_checklist(ckpt_dir, progress)
+
+
+def open_meta(src: str):
+    """(params with vocab resolved, shard paths, key order of shard 0): every shard checked, none read."""
+    paths = checkpoint.shard_paths(src)
+    args = load_params(src)
+    keys: List[str] = []
+    for index, path in enumerate(paths):
+        shard = checkpoint.load_shard(path)
+        if index == 0:
+            args = checkpoint.resolve_vocab(args, shard, path)
+            expected = layout.shard_shapes(args, len(paths))
+            keys = list(shard)  # keep Meta's own key order (and LLaMA 1's rope.freqs, replicated)
+        checkpoint.check_tensors(shard, expected, path)
+    return args, paths, keys
+
+
+def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optional[str] = None,
+            tokenizer: Optional[str] = None, progress: bool = True) -> ModelArgs:
+    """Write the Meta checkpoint `src` to `dst` with `mp` shards; return its params (vocab resolved).
+
+    params.json is copied byte for byte, tokenizer.model too (or `tokenizer`), and a fresh checklist.chk
+    is written. Tensors are bit-identical (unless `dtype` converts them), so K -> M -> K round-trips.
+    """
+    args, paths, keys = open_meta(src)
+    check_shard_count(args, mp)
+    torch_dtype = parse_dtype(dtype, optional=True)
+    num_in = len(paths)
+    opened = {"index": None, "shards": {}}
+
+    def piece(key: str, index: int) -> torch.Tensor:
+        if opened["index"] != index:  # a new output shard: open only the inputs that overlap it
+            opened["shards"] = {k: checkpoint.load_shard(paths[k])
+                                for k in checkpoint.overlapping_shards(index, mp, num_in)}
+            opened["index"] = index
+        shards = opened["shards"]
+        dim = None if key in layout.IGNORED_KEYS else layout.split_dim(key, args)
+        if dim is None:
+            return next(iter(shards.values()))[key]
+        return checkpoint.rank_slice({k: sd[key] for k, sd in shards.items()}, dim, num_in, index, mp)
+
+    with staged_output_dir(dst, overwrite, src=src) as out:
+        shutil.copyfile(os.path.join(src, "params.json"), os.path.join(out, "params.json"))
+        copy_tokenizer(out, tokenizer, os.path.join(src, "tokenizer.model"))
+        write_shards(out, keys, mp, piece, torch_dtype, progress)
+        opened["shards"] = {}  # unmap the inputs before hashing the outputs
+        write_checklist(out, progress)
+    return args

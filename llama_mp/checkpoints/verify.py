@@ -1,0 +1,182 @@
+"""`llama-mp verify`: check a Meta checkpoint directory and list *every* problem, not just the first.
+
+Two independent checks, so one broken part does not hide another:
+
+* integrity: the md5 of every file named in `checklist.chk` (streamed, with a progress bar), and
+  whether every shard and params.json is covered by it;
+* structure: params.json parses, the shard files have no gaps and open, and every key and shape in
+  every shard is what params.json and the shard count imply (`layout.shard_shapes`), replicated
+  tensors agree across shards, and each tensor has one dtype everywhere.
+
+The loader raises on the first problem it meets; this module collects them (`checkpoint.shape_problems`)
+so a user with a 130 GB download learns everything that is wrong in one run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from ..errors import LlamaMPError
+from . import layout
+from . import meta as checkpoint
+from .params import ModelArgs, load_params
+
+CHECKLIST = "checklist.chk"
+
+
+def read_checklist(path: str) -> Tuple[Dict[str, str], List[str]]:
+    """({file name: md5}, problems) from an md5sum-format file ("<md5>  <name>" or "<md5> *<name>")."""
+    entries, problems = {}, []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split(None, 1)
+            digest = parts[0].lower() if parts else ""
+            if len(parts) != 2 or len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+                problems.append(f"{CHECKLIST} line {number} is not an md5sum line: {line.strip()[:80]!r}")
+                continue
+            entries[parts[1].strip().lstrip("*")] = digest
+    return entries, problems
+
+
+def checksum_problems(ckpt_dir: str, shard_names: List[str], progress: bool = True) -> List[str]:
+    """Every file whose md5 differs from checklist.chk, every listed file that is missing, every shard
+    (and params.json) the checklist does not cover. Empty when there is no checklist."""
+    path = os.path.join(ckpt_dir, CHECKLIST)
+    if not os.path.isfile(path):
+        return []
+    entries, problems = read_checklist(path)
+    present = {name: os.path.join(ckpt_dir, name) for name in entries
+               if os.path.isfile(os.path.join(ckpt_dir, name))}
+    for name in entries:
+        if name not in present:
+            problems.append(f"{name} is listed in {CHECKLIST} but does not exist")
+    for name in ["params.json"] + shard_names:
+        if name not in entries and os.path.isfile(os.path.join(ckpt_dir, name)):
+            problems.append(f"{name} is not listed in {CHECKLIST}, so its content cannot be checked")
+    total = sum(os.path.getsize(p) for p in present.values())
+    with tqdm(total=total, desc="md5", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              disable=not progress) as bar:
+        for name, file_path in present.items():
+            actual = checkpoint.md5_file(file_path, progress=bar.update)
+            if actual != entries[name]:
+                problems.append(f"{name} has md5 {actual} but {CHECKLIST} says {entries[name]}: the file is "
+                                "corrupt or incomplete")
+    return problems
+
+
+def _open_shards(found: Dict[int, str], problems: List[str]) -> Dict[int, checkpoint.StateDict]:
+    opened = {}
+    for index, path in sorted(found.items()):
+        try:
+            opened[index] = checkpoint.load_shard(path)
+        except LlamaMPError as e:
+            problems.append(str(e).split(". ")[0])
+    return opened
+
+
+def _params(ckpt_dir: str, problems: List[str]) -> Optional[ModelArgs]:
+    try:
+        return load_params(ckpt_dir)
+    except LlamaMPError as e:
+        problems.append(str(e))
+        return None
+
+
+def structure_problems(ckpt_dir: str) -> List[str]:
+    """Everything wrong with params.json, the shard files and their tensors (nothing is read but headers)."""
+    problems: List[str] = []
+    args = _params(ckpt_dir, problems)
+    found = checkpoint.find_shards(ckpt_dir)
+    if not found:
+        return problems + ["there are no consolidated.NN.pth shard files"]
+    shards = _open_shards(found, problems)
+    num_shards = max(found) + 1  # names show a gap; a missing *last* shard shows only in the tensor shapes
+    if not shards:
+        return problems + _missing(found, num_shards)
+    first_index = min(shards)
+    first = shards[first_index]
+    expected = None
+    if args is not None:
+        try:
+            args = checkpoint.resolve_vocab(args, first, found[first_index])
+        except LlamaMPError as e:
+            problems.append(str(e))
+            args = None
+    if args is not None:
+        num_shards = max(num_shards, _implied_shard_count(args, first))
+    problems.extend(_missing(found, num_shards))
+    if args is not None:
+        try:
+            layout.require_split(args, num_shards, "params.json's model", "shard")
+            expected = layout.shard_shapes(args, num_shards)
+        except LlamaMPError as e:
+            problems.append(f"{num_shards} shards: {e} The files do not match params.json.")
+    if expected is None:  # without trustworthy params, at least the shards must agree with each other
+        expected = checkpoint.tensor_shapes(first)
+    for index, sd in sorted(shards.items()):
+        for problem in checkpoint.shape_problems(checkpoint.tensor_shapes(sd), expected):
+            problems.append(f"{checkpoint.shard_name(index)}: {problem}")
+    problems.extend(_agreement_problems(shards, args))
+    return problems
+
+
+def _implied_shard_count(args: ModelArgs, shard: checkpoint.StateDict) -> int:
+    """How many shards the first layer's wq slice says the model was cut into (1 if it cannot tell)."""
+    wq = shard.get("layers.0.attention.wq.weight")
+    if wq is None or wq.dim() != 2 or wq.shape[0] == 0 or args.dim % wq.shape[0]:
+        return 1
+    return args.dim // wq.shape[0]
+
+
+def _missing(found: Dict[int, str], num_shards: int) -> List[str]:
+    return [f"{checkpoint.shard_name(i)} is missing ({len(found)} of {num_shards} shards present)"
+            for i in checkpoint.missing_shards(found, num_shards)]
+
+
+def _agreement_problems(shards: Dict[int, checkpoint.StateDict], args: Optional[ModelArgs]) -> List[str]:
+    """Replicated tensors (norms) must be equal in every shard, and each key must have one dtype."""
+    problems = []
+    first_index = min(shards)
+    first = shards[first_index]
+    for index, sd in sorted(shards.items()):
+        if index == first_index:
+            continue
+        for key, t in sd.items():
+            ref = first.get(key)
+            if ref is None:
+                continue
+            if t.dtype != ref.dtype:
+                problems.append(f"{checkpoint.shard_name(index)}: {key} is {t.dtype} but "
+                                f"{checkpoint.shard_name(first_index)} has {ref.dtype}")
+            elif _replicated(key, args) and t.shape == ref.shape and not torch.equal(t, ref):
+                problems.append(f"{checkpoint.shard_name(index)}: replicated tensor {key} differs from "
+                                f"{checkpoint.shard_name(first_index)}")
+    return problems
+
+
+def _replicated(key: str, args: Optional[ModelArgs]) -> bool:
+    if key in layout.IGNORED_KEYS:
+        return True
+    try:
+        return layout.split_dim(key, args) is None
+    except KeyError:  # an unexpected key, already reported by the shape check
+        return False
+
+
+def verify_checkpoint(ckpt_dir: str, progress: bool = True) -> List[str]:
+    """All problems found in a Meta checkpoint directory (empty list: it is sound)."""
+    if not os.path.isdir(ckpt_dir):
+        return [f"{ckpt_dir} is not a directory"]
+    shard_names = [os.path.basename(p) for p in checkpoint.find_shards(ckpt_dir).values()]
+    return checksum_problems(ckpt_dir, sorted(shard_names), progress) + structure_problems(ckpt_dir)
+
+
+def has_checklist(ckpt_dir: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, CHECKLIST))

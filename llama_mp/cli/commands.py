@@ -1,0 +1,144 @@
+"""`llama-mp`: the tools around checkpoints, as subcommands (fire).
+
+    llama-mp synth DIR --mp 2        write a small random checkpoint in Meta's layout (+ a tokenizer)
+    llama-mp reshard SRC DST --mp M  rewrite a Meta checkpoint with M shards
+    llama-mp verify DIR              check checksums and structure, listing every problem
+    llama-mp convert SRC DST --mp M  Hugging Face / llama2.c / Meta -> Meta (--to hf: Meta -> Hugging Face)
+    llama-mp plan --model NAME --gpus N --gpu_mem_gb G   will it fit, and if not what would
+    llama-mp bench --model NAME | --ckpt_dir DIR | --dim ...   prefill/decode speed (under torchrun for N ranks)
+
+Each function is what fire shows for `llama-mp <command> --help`, so its docstring is the manual page.
+Results go to stdout; progress bars and notes to stderr; user errors raise LlamaMPError (exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from ..checkpoints.params import parse_params
+from ..dtypes import parse_dtype
+from ..errors import LlamaMPError
+from ..tools.bench import bench
+
+
+def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads: int = 8,
+          n_kv_heads: int = None, vocab_size: int = 0, multiple_of: int = 32, seed: int = 0,
+          dtype: str = "float32", tokenizer: str = None, overwrite: bool = False) -> None:
+    """Write a random checkpoint with MP shards in Meta's exact layout, for demos and benchmarks.
+
+    The tokenizer is ../shared/assets/tokenizer.model when present (or --tokenizer), else a tiny one
+    trained on the spot; it is copied next to the shards as tokenizer.model and the vocabulary is
+    sized to it unless --vocab_size is given. MP must split every head, the FFN, the embedding and the
+    vocabulary evenly. The folder appears only once complete (--overwrite replaces a non-empty one).
+    """
+    from ..checkpoints.reshard import check_shard_count, copy_tokenizer
+    from ..checkpoints.staging import staged_output_dir
+    from ..checkpoints.synth import find_or_make_tokenizer, write_random_checkpoint
+    from ..runtime.tokenizer import Tokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    with staged_output_dir(out_dir, overwrite) as out:
+        tok_dst = os.path.join(out, "tokenizer.model")
+        copy_tokenizer(out, tokenizer, None if tokenizer is not None else find_or_make_tokenizer(tok_dst))
+        vocab = vocab_size or Tokenizer(tok_dst).n_words
+        args = parse_params({"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
+                             "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5},
+                            where="synth options")
+        check_shard_count(args, mp)
+        write_random_checkpoint(out, args, mp, seed=seed, dtype=torch_dtype)
+    print(f"wrote {out_dir}: {mp} shard(s), {args.parameter_count() / 1e6:.1f}M parameters, tokenizer "
+          f"{os.path.join(out_dir, 'tokenizer.model')}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optional[str] = None) -> None:
+    """Rewrite the Meta checkpoint SRC into a new folder DST with --mp M shards.
+
+    Writes consolidated.00.pth ... consolidated.{M-1}.pth, a copy of params.json (and tokenizer.model
+    when SRC has one) and a fresh checklist.chk. One output shard is built at a time from memory-mapped
+    inputs, so host memory stays near one output shard. Tensors are copied bit for bit (--dtype
+    float32|bfloat16|float16 converts them). M must split every head, the FFN, the embedding and the
+    vocabulary evenly; the error lists the valid counts. DST must not exist or be empty, unless
+    --overwrite; it appears only once complete (written beside it, then renamed).
+    """
+    from ..checkpoints.reshard import reshard as run
+
+    args = run(str(src), str(dst), mp, overwrite=overwrite, dtype=dtype)
+    print(f"wrote {dst}: {mp} shard(s) of a {args.parameter_count() / 1e9:.2f} B parameter model")
+
+
+def verify(ckpt_dir: str, quiet: bool = False) -> None:
+    """Check a Meta checkpoint folder and report every problem found; exit 0 only if there are none.
+
+    Checks the md5 of every file listed in checklist.chk (when present; streamed), that every shard is
+    listed, that params.json is valid, that no shard is missing or unreadable, and that every key and
+    shape in every shard matches params.json and the shard count (replicated tensors equal everywhere).
+    Prints one line per problem on stdout and exits 2 if any. --quiet hides the progress bar.
+    """
+    from ..checkpoints.verify import has_checklist, verify_checkpoint
+
+    ckpt_dir = str(ckpt_dir)
+    problems = verify_checkpoint(ckpt_dir, progress=not quiet)
+    if not has_checklist(ckpt_dir):
+        _note(f"note: {ckpt_dir} has no checklist.chk, so file contents were not checksummed (structure only)")
+    if not problems:
+        print(f"OK: {ckpt_dir} is a sound checkpoint")
+        return
+    print(f"{len(problems)} problem(s) in {ckpt_dir}:")
+    for problem in problems:
+        print(f"  - {problem}")
+    raise LlamaMPError(f"{ckpt_dir} failed verification with {len(problems)} problem(s), listed above. "
+                       "Download the named files again, or fix params.json to match the shards.")
+
+
+def convert(src: str, dst: str, mp: int = 1, to: str = "meta", overwrite: bool = False,
+            dtype: Optional[str] = None, tokenizer: Optional[str] = None) -> None:
+    """Convert SRC into a Meta checkpoint folder DST with --mp M shards (or, with --to hf, into Hugging Face format).
+
+    SRC is detected: a Hugging Face Llama folder (config.json + model*.safetensors or pytorch_model*.bin,
+    sharded or not; q/k rotary row order converted, GQA kept), a llama2.c model file (*.bin, the original
+    float32 format), or a Meta folder (resharded). DST gets params.json (multiple_of/ffn_dim_multiplier
+    chosen to reproduce the FFN width), the shards, checklist.chk and SRC's tokenizer.model (or
+    --tokenizer PATH). --to hf writes config.json + model.safetensors (split into 5 GiB files when larger)
+    that transformers' LlamaForCausalLM.from_pretrained loads. --dtype float32|bfloat16|float16 converts
+    the weights (default: keep). DST must not exist or be empty unless --overwrite.
+    """
+    from ..checkpoints.convert import convert as run
+
+    kind = run(str(src), str(dst), mp=mp, to=to, overwrite=overwrite, dtype=dtype,
+               tokenizer=None if tokenizer is None else str(tokenizer))
+    target = "a Hugging Face folder" if to == "hf" else f"a Meta checkpoint with {mp} shard(s)"
+    print(f"wrote {dst}: {target}, from the {kind} checkpoint {src}")
+
+
+def plan(gpus: int, gpu_mem_gb: float, ckpt_dir: Optional[str] = None, model: Optional[str] = None,
+         dtype: str = "bfloat16", max_seq_len: int = 512, max_batch_size: int = 4, json: bool = False) -> None:
+    """Say whether a model fits on --gpus N GPUs of --gpu_mem_gb G GiB each, and if not, what would.
+
+    The model is --ckpt_dir DIR (a Meta checkpoint; only its headers are read) or --model NAME, a preset:
+    llama-7b, llama-13b, llama-33b, llama-65b, llama-2-7b, llama-2-13b, llama-2-70b, codellama-34b.
+    Per rank it adds the weights, the KV cache for max_batch_size x max_seq_len (its own kv heads only)
+    and an estimate of working memory (1 GiB CUDA context, logits, activations), and compares with G.
+    When it does not fit it lists single changes that would: the fewest GPUs, a smaller batch or
+    sequence length, a smaller dtype. Prints a table, or with --json a JSON object. Exits 0 whether or
+    not the model fits (read "fits" in the JSON); exits 2 for bad input (e.g. a GPU count that cannot
+    split the model, with the valid counts).
+    """
+    from ..tools.plan import make_plan, model_args, plan_to_text
+
+    name, args = model_args(ckpt_dir, model)
+    print(plan_to_text(make_plan(args, name, gpus, gpu_mem_gb, str(dtype), max_seq_len, max_batch_size), json))
+
+
+COMMANDS = {"synth": synth, "bench": bench, "reshard": reshard, "verify": verify, "convert": convert, "plan": plan}
+
+
+def main() -> None:
+    from .runner import run
+
+    run(COMMANDS, name="llama-mp")

@@ -1,0 +1,91 @@
+"""Llama 2 chat format: dialogs to prompt tokens, with Meta's rules and its special-tag guard."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, TypedDict
+
+from ..errors import LlamaMPError
+from .tokenizer import Tokenizer
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+ROLES = ("system", "user", "assistant")
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+Dialog = List[Message]
+
+EXAMPLE_DIALOGS: List[Dialog] = [
+    [{"role": "user", "content": "What is the recipe of mayonnaise?"}],
+    [
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+        {"role": "assistant", "content": "The Eiffel Tower, the Louvre and Notre-Dame are the classics."},
+        {"role": "user", "content": "What is so great about #1?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with Haiku"},
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+    ],
+]
+
+
+def check_dialog(dialog, index: int) -> None:
+    """Raise a clear error unless `dialog` is [system?] user (assistant user)* with string contents."""
+    where = f"dialog {index}"
+    if not isinstance(dialog, list) or not dialog:
+        raise LlamaMPError(f"{where} must be a non-empty list of messages like "
+                           '{"role": "user", "content": "..."}.')
+    for j, msg in enumerate(dialog):
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise LlamaMPError(f"{where}, message {j} must be an object with role one of {ROLES} and a string "
+                               f"content; got {json.dumps(msg)[:200]}.")
+    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
+    expected = ["user" if j % 2 == 0 else "assistant" for j in range(len(turns))]
+    if [m["role"] for m in turns] != expected or not turns:
+        raise LlamaMPError(f"{where} must alternate user/assistant turns after an optional system message and "
+                           f"end with a user turn; its roles are {[m['role'] for m in dialog]}.")
+
+
+def has_special_tags(dialog: Dialog) -> bool:
+    return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
+
+
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+    """Prompt tokens for a checked dialog: each exchange is `<s>[INST] user [/INST] answer </s>`."""
+    if dialog[0]["role"] == "system":
+        dialog = [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
+    tokens: List[int] = []
+    for user, answer in zip(dialog[:-1:2], dialog[1::2]):
+        tokens += tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ",
+                                   bos=True, eos=True)
+    tokens += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    return tokens
+
+
+def load_dialogs(path: Optional[str]) -> List[Dialog]:
+    """Dialogs from a JSON file (a list of dialogs, or one dialog), or the built-in examples."""
+    if path is None:
+        return EXAMPLE_DIALOGS
+    if not os.path.isfile(path):
+        raise LlamaMPError(f"Dialogs file {path!r} does not exist.")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlamaMPError(f"Dialogs file {path!r} is not valid JSON ({e}). It should hold a list of dialogs, "
+                           'each a list of {"role": ..., "content": ...} messages.') from None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = [data]  # a single dialog
+    if not isinstance(data, list) or not data:
+        raise LlamaMPError(f"Dialogs file {path!r} must hold a non-empty JSON list of dialogs.")
+    for i, dialog in enumerate(data):
+        check_dialog(dialog, i)
+    return data

@@ -1,0 +1,66 @@
+"""Decoders: how a rank computes, chosen once at load. The model's math is written once (model.py);
+a decoder decides where its weight matrices live (the Projection class) and how a decode step, one
+new token per row, is run.
+
+* `pytorch`: PyTorch operators, what GPUs (and CPUs without the kernels) run.
+* `cpu_kernels`: the C kernels of llama_mp/kernels on x86-64 CPUs with AVX2 and FMA.
+* `auto` (default): the CPU kernels where they can run, else PyTorch.
+
+A CUDA-graph decoder is one more class here, not a flag threaded through the model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import LlamaMPError
+from .projection import InOutProjection, Projection
+
+if TYPE_CHECKING:
+    from .model import Transformer
+
+DECODERS = ("auto", "pytorch", "cpu_kernels")
+
+
+class Decoder:
+    """PyTorch operators for everything. On a CPU the matrices are stored [in, out] (MKL's fast
+    matrix-vector path); on a GPU as the checkpoint has them, [out, in], for `F.linear`."""
+
+    name = "PyTorch"
+
+    def projection(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> Projection:
+        kind = InOutProjection if device.type == "cpu" else Projection
+        return kind(holders, dtype, device)
+
+    def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of activations and the KV cache for weights in `weight_dtype`."""
+        return weight_dtype
+
+    def start(self, model: "Transformer") -> None:
+        """Called once every tensor of the model is in place (the whole embedding table included)."""
+
+    def step(self, model: "Transformer", tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Final normed hidden states [rows, 1, dim] for one new token per row (tokens [rows, 1]) at
+        position `pos`, appending to the KV cache."""
+        return model.forward_hidden(tokens, pos)
+
+
+def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype) -> Decoder:
+    """The decoder `name` (one of DECODERS) for weights in `weight_dtype` on `device`."""
+    from ..kernels import cpu
+    from ..kernels.decoder import CpuKernelDecoder
+
+    if name not in DECODERS:
+        raise LlamaMPError(f"Unknown --decoder {name!r}; use one of {', '.join(DECODERS)}.")
+    if name == "pytorch":
+        return Decoder()
+    if name == "cpu_kernels":
+        if device.type != "cpu" or weight_dtype not in cpu.WEIGHT_DTYPES:
+            raise LlamaMPError(f"--decoder cpu_kernels runs on the CPU with float32 or bfloat16 weights, not on "
+                               f"{device.type} with {str(weight_dtype).replace('torch.', '')}; use --decoder auto.")
+        cpu.library(required=True)
+        return CpuKernelDecoder()
+    return CpuKernelDecoder() if cpu.usable(device, weight_dtype) else Decoder()

@@ -1,0 +1,193 @@
+"""The engine: one generation loop run by every rank, and the protocol that keeps the ranks in step.
+
+Rank protocol. Rank 0 decides every piece of work: it validates a request and sends `(op, payload)` to
+the other ranks, which run the same op on the same payload (`call`); a request rank 0 refuses is
+refused on every rank, with one message. Code where every rank calls the same method (Meta's API:
+`Llama.generate` on each rank) and code where only rank 0 takes requests while the others wait in
+`serve()` (a server) use the same messages.
+
+Generation. `generate` prefills the prompts, then decodes one position per step; `next_token` is the
+one place a step's token is chosen, on every rank: greedy decoding finds the argmax across the ranks'
+vocabulary slices (no logits move), sampling gathers the logits on rank 0, samples there and
+broadcasts the ids. There is one host sync per step (the stop check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..distributed import Group, decided_by_main
+from ..errors import LlamaMPError
+from ..checks import require_int
+from .model import Transformer
+from .sampling import check_sampling, sample
+
+STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One batch of prompts to continue, as rank 0 validated it."""
+
+    prompt_tokens: List[List[int]]
+    max_gen_len: int
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 0
+    logprobs: bool = False
+    echo: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Engine:
+    """Runs requests on one rank's model, in step with the other ranks of its group."""
+
+    def __init__(self, model: Transformer, group: Group, stop_ids: Sequence[int], seed: int = 1):
+        self.model, self.group = model, group
+        self.stop_ids = list(stop_ids)
+        self.generator = torch.Generator(device=group.device)
+        self.generator.manual_seed(seed)
+        self.ops: Dict[str, Callable[..., Any]] = {"generate": self.generate}
+
+    # ------------------------------------------------------------------------------------------
+    # Rank protocol
+
+    def call(self, op: str, decide: Callable[[], Any], **local) -> Any:
+        """Every rank: run `op` on the payload rank 0's `decide()` returns. If `decide` raises, rank 0
+        re-raises it and the others raise RemoteRankError. `local` arguments (callbacks) stay on this rank."""
+        op, payload = decided_by_main(self.group, lambda: (op, decide()))
+        if op == STOP:
+            raise LlamaMPError("rank 0 stopped serving while this rank expected work.")
+        return self.ops[op](payload, **local)
+
+    def serve(self) -> None:
+        """Ranks other than 0: run whatever rank 0 sends, until it sends `stop()`."""
+        while True:
+            op, payload = decided_by_main(self.group, lambda: None)
+            if op == STOP:
+                return
+            self.ops[op](payload)
+
+    def stop(self) -> None:
+        """Rank 0: let the ranks in `serve()` return."""
+        decided_by_main(self.group, lambda: (STOP, None))
+
+    # ------------------------------------------------------------------------------------------
+    # Requests
+
+    def check(self, request: Request) -> Request:
+        """`request` if this model can run it, else a LlamaMPError saying what to change."""
+        model = self.model
+        prompts = request.prompt_tokens
+        limits = f"(max_batch_size {model.max_batch_size}, max_seq_len {model.max_seq_len})"
+        if not isinstance(prompts, list) or not prompts:
+            raise LlamaMPError("No prompts were given: pass at least one prompt.")
+        if len(prompts) > model.max_batch_size:
+            raise LlamaMPError(f"{len(prompts)} prompts were given but the model was built for at most "
+                               f"{model.max_batch_size} at once {limits}. Raise --max_batch_size (more KV cache "
+                               "memory) or pass fewer prompts.")
+        vocab = model.args.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise LlamaMPError(f"Prompt {i} is empty (no tokens).")
+            if len(p) >= model.max_seq_len:
+                raise LlamaMPError(f"Prompt {i} has {len(p)} tokens, which leaves no room to generate within "
+                                   f"max_seq_len {model.max_seq_len}. Shorten it or raise --max_seq_len.")
+            if min(p) < 0 or max(p) >= vocab:
+                raise LlamaMPError(f"Prompt {i} has token ids outside the vocabulary [0, {vocab}).")
+        require_int("max_gen_len", request.max_gen_len, 1)
+        check_sampling(request.temperature, request.top_p, request.top_k)
+        return request
+
+    # ------------------------------------------------------------------------------------------
+    # Generation (every rank)
+
+    @torch.inference_mode()
+    def generate(self, request: Request, on_token: Optional[Callable[[torch.Tensor], None]] = None
+                 ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt until a stop token or `max_gen_len` new tokens (or max_seq_len in all).
+
+        Returns the ids per prompt (the prompt in front if `echo`, the stop token excluded) and, with
+        `logprobs`, each returned token's log-probability (rank 0; zeros elsewhere). `on_token`, on rank 0,
+        receives each step's new tokens ([batch] tensor on the host)."""
+        model, device, main = self.model, self.group.device, self.group.is_main
+        prompts, logprobs = request.prompt_tokens, request.logprobs
+        bsz = len(prompts)
+        lengths = [len(p) for p in prompts]
+        min_len, max_len = min(lengths), max(lengths)
+        total_len = min(model.max_seq_len, request.max_gen_len + max_len)
+
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)     # prompts, then output
+        in_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)  # which are prompt ids
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+            in_prompt[i, :len(p)] = True
+        stop_ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=device) if logprobs else None
+
+        prev = 0
+        for cur in range(min_len, total_len):
+            # First call: the shortest prompt in one forward. Then one position per call; where a
+            # longer prompt still has tokens, its own token is kept instead of the chosen one.
+            want_all = logprobs and request.echo and prev == 0
+            h = model.hidden(tokens[:, prev:cur], prev, all_positions=want_all)
+            forced = (in_prompt[:, cur], tokens[:, cur]) if cur < max_len else None
+            step, logits = self.next_token(h, request, forced)
+            if logits is not None and logprobs:
+                self._record_logprobs(token_logprobs, logits, tokens, step, cur, want_all)
+            tokens[:, cur] = step
+            done |= ~in_prompt[:, cur] & torch.isin(step, stop_ids)
+            prev = cur
+            if on_token is not None and main:
+                on_token(step.cpu())
+            if done.all():  # the one host sync per step
+                break
+        return self._results(tokens, token_logprobs, lengths, request, total_len)
+
+    def next_token(self, h: torch.Tensor, request: Request,
+                   forced: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The next token [batch] on every rank from final hidden states h [batch, seq, dim], and rank 0's
+        float32 logits when they were gathered (None otherwise). `forced` = (mask, ids): rows where the
+        mask is set take those ids (prompt tokens still being fed) instead of the chosen ones.
+
+        Greedy without logprobs: every rank finds the argmax itself (one tiny exchange), so neither the
+        logits gather nor the token broadcast is needed. Otherwise rank 0 samples and broadcasts."""
+        if request.greedy and not request.logprobs:
+            step = self.model.greedy_next(h)
+            return (step if forced is None else torch.where(forced[0], forced[1], step)), None
+        logits = self.model.logits(h)  # rank 0 only
+        chosen = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
+        if logits is not None:
+            step = sample(logits[:, -1], request.temperature, request.top_p, request.top_k, self.generator)
+            chosen.copy_(step if forced is None else torch.where(forced[0], forced[1], step))
+        return self.model.comm.broadcast_from_main_(chosen), logits
+
+    @staticmethod
+    def _record_logprobs(token_logprobs, logits, tokens, step, cur: int, all_positions: bool) -> None:
+        """Log-probabilities of the tokens at `cur` (and, on an echo prefill, of the prompt before it)."""
+        if all_positions and cur > 1:
+            lp = torch.log_softmax(logits[:, :-1], dim=-1)
+            token_logprobs[:, 1:cur] = lp.gather(-1, tokens[:, 1:cur, None])[..., 0]
+        token_logprobs[:, cur] = torch.log_softmax(logits[:, -1], dim=-1).gather(-1, step[:, None])[:, 0]
+
+    def _results(self, tokens, token_logprobs, lengths, request: Request, total_len: int):
+        out_tokens, out_logprobs = [], []
+        rows = tokens.tolist()
+        lp_rows = token_logprobs.tolist() if request.logprobs else None
+        stops = set(self.stop_ids)
+        for i, length in enumerate(lengths):
+            start = 0 if request.echo else length
+            end = min(length + request.max_gen_len, total_len)
+            stop = next((j for j in range(length, end) if rows[i][j] in stops), end)
+            out_tokens.append(rows[i][start:stop])
+            if request.logprobs:
+                out_logprobs.append(lp_rows[i][start:stop])
+        return out_tokens, (out_logprobs if request.logprobs else None)

@@ -1,0 +1,195 @@
+"""`Llama`: build a model-parallel model from a Meta checkpoint and generate text.
+
+The public surface follows facebookresearch/llama (`Llama.build`, `generate`, `text_completion`,
+`chat_completion`), so its users can switch imports. Every rank of the job calls the same methods with
+the same arguments; rank 0's arguments are the ones used: it validates them and sends the work to the
+others through the engine's rank protocol (engine.py). Every rank returns the same results.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, List, Optional, Tuple, TypedDict
+
+import torch
+
+from .. import distributed
+from ..checks import require_int
+from ..distributed import Group
+from ..dtypes import choose_dtype
+from ..errors import LlamaMPError
+from .chat import UNSAFE_ERROR, Dialog, Message, check_dialog, encode_dialog, has_special_tags
+from .decode import choose_decoder
+from .engine import Engine, Request
+from .loading import load_checkpoint, ready_on_every_rank
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]
+    logprobs: List[float]
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]
+    logprobs: List[float]
+
+
+def log(group: Optional[Group], message: str) -> None:
+    """A line on stderr from rank 0 only; stdout is kept for results."""
+    if group is None or group.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, group: Group, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.group = group
+        self.engine = Engine(model, group, [tokenizer.eos_id], seed)
+        self.engine.ops.update({"text": self._text_op, "chat": self._chat_op})
+
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        *,
+        backend: str = "auto",
+        device: str = "auto",
+        dtype: str = "auto",
+        decoder: str = "auto",
+        timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+        load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
+        group: Optional[Group] = None,
+    ) -> "Llama":
+        """Join the process group, load this rank's part of the checkpoint and the tokenizer.
+
+        Call it on every rank (torchrun starts them). Any number of ranks that splits the model evenly
+        works, whatever the checkpoint's shard count. `model_parallel_size`, if given, must equal the
+        world size. `decoder` picks how decode steps run: "auto" (the CPU kernels where they can run,
+        else PyTorch), "pytorch" or "cpu_kernels". If any rank fails to load, every rank raises. Each wait
+        for another rank is bounded by `timeout_s`, the wait for the slowest rank to finish loading by
+        `load_timeout_s`. `group` is a process group from `distributed.setup` to join instead of a new one.
+        """
+        group = group or distributed.setup(backend, device, timeout_s)
+        start = time.perf_counter()
+        loaded = {}
+
+        def load() -> Transformer:
+            if model_parallel_size is not None and model_parallel_size != group.world_size:
+                raise LlamaMPError(f"model_parallel_size={model_parallel_size} but {group.world_size} process(es) "
+                                   "were started; leave it unset, or start that many with torchrun.")
+            require_int("max_seq_len", max_seq_len, 2)
+            require_int("max_batch_size", max_batch_size, 1)
+            loaded["dtype"] = torch_dtype = choose_dtype(dtype, group.device)
+            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype)
+            loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
+            model = load_checkpoint(ckpt_dir, group, torch_dtype, chosen, max_batch_size, max_seq_len)
+            if tokenizer.n_words > model.args.vocab_size:
+                raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
+                                   f"in {ckpt_dir!r} only has {model.args.vocab_size} token embeddings: they do not "
+                                   "belong together. Use the tokenizer.model shipped with this checkpoint.")
+            return model
+
+        model = ready_on_every_rank(group, load, max_batch_size, max_seq_len, load_timeout_s)
+        log(group, f"Loaded {ckpt_dir} on {group.world_size} rank(s) ({group.backend}, {group.device.type}, "
+                   f"{str(loaded['dtype']).replace('torch.', '')}, {loaded['decoder'].name}) in "
+                   f"{time.perf_counter() - start:.2f} s")
+        return Llama(model, loaded["tokenizer"], group, seed)
+
+    # ------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        top_k: int = 0,
+        on_token: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt until eos or `max_gen_len` new tokens (or max_seq_len in all).
+
+        Returns the generated ids per prompt (with the prompt in front if `echo`, eos excluded) and, with
+        `logprobs`, the log-probability of each returned token. Greedy when temperature is 0.
+        `on_token`, on rank 0, receives each step's new tokens ([batch] tensor on the host).
+        """
+        request = Request(prompt_tokens, max_gen_len, temperature, top_p, top_k, logprobs, echo)
+        return self.engine.call("generate", lambda: self.engine.check(request), on_token=on_token)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        top_k: int = 0,
+        on_token: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt; `max_gen_len` defaults to filling max_seq_len."""
+        def decide() -> Request:
+            prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+            return self.engine.check(Request(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
+                                             logprobs, echo))
+
+        return self.engine.call("text", decide, on_token=on_token)
+
+    def _text_op(self, request: Request, on_token=None) -> List[CompletionPrediction]:
+        ids, lps = self.engine.generate(request, on_token)
+        return [self._prediction(t, lps[i] if lps else None, wrap=None) for i, t in enumerate(ids)]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        top_k: int = 0,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant (Llama 2 chat format).
+
+        A dialog whose messages contain the format's special tags is not run: its answer is Meta's error
+        text, as in the reference implementation.
+        """
+        def decide() -> Tuple[List[bool], Request]:
+            for i, dialog in enumerate(dialogs):
+                check_dialog(dialog, i)
+            prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+            request = Request(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k, logprobs)
+            return [has_special_tags(d) for d in dialogs], self.engine.check(request)
+
+        return self.engine.call("chat", decide)
+
+    def _chat_op(self, payload: Tuple[List[bool], Request]) -> List[ChatPrediction]:
+        unsafe, request = payload
+        ids, lps = self.engine.generate(request)
+        out: List[ChatPrediction] = []
+        for i, t in enumerate(ids):
+            if unsafe[i]:
+                out.append({"generation": {"role": "assistant", "content": UNSAFE_ERROR}})
+            else:
+                out.append(self._prediction(t, lps[i] if lps else None, wrap="assistant"))
+        return out
+
+    def _gen_len(self, max_gen_len: Optional[int]) -> int:
+        return self.model.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _prediction(self, ids: List[int], lps: Optional[List[float]], wrap: Optional[str]) -> dict:
+        text = self.tokenizer.decode(ids)
+        pred: dict = {"generation": {"role": wrap, "content": text} if wrap else text, "token_ids": ids}
+        if lps is not None:
+            pred["tokens"] = [self.tokenizer.decode([x]) for x in ids]
+            pred["logprobs"] = lps
+        return pred

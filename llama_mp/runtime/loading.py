@@ -1,0 +1,83 @@
+"""Making this rank's model: shapes on the meta device, tensors where the decoder wants them, weights
+from the checkpoint (or random), then every rank agreeing that it succeeded.
+
+Peak memory while loading is the model itself: nothing is allocated before the decoder has said where
+each matrix lives, and each tensor is copied from the memory-mapped shards straight into its place
+(converted to the model's dtype on the way), one at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoints import layout
+from ..checkpoints.meta import RankSlices
+from ..checkpoints.params import ModelArgs, load_params
+from ..checkpoints.synth import random_tensor
+from ..distributed import Group, agree
+from ..errors import LlamaMPError
+from .decode import Decoder
+from .model import Transformer
+
+
+def empty_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
+                max_seq_len: int) -> Transformer:
+    """This rank's model with every tensor allocated (weights uninitialised) as `decoder` lays them out."""
+    with torch.device("meta"):  # shapes only: no random init, no memory
+        model = Transformer(args, group)
+    model.materialize(decoder, dtype, group.device, max_batch_size, max_seq_len)
+    return model.eval()
+
+
+def load_checkpoint(ckpt_dir: str, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
+                    max_seq_len: int) -> Transformer:
+    """This rank's slice of the checkpoint in `ckpt_dir`, in a model not yet shared (see `ready_on_every_rank`)."""
+    slices = RankSlices(ckpt_dir, load_params(ckpt_dir), group.rank, group.world_size)
+    model = empty_model(slices.args, group, dtype, decoder, max_batch_size, max_seq_len)
+    targets = model.state_dict()  # views of the tensors the decoder allocated
+    assert set(targets) == set(slices.keys()), "the model's tensors are the layout's"
+    with torch.no_grad():
+        for key in tqdm(slices.keys(), desc="loading", unit="tensor", file=sys.stderr,
+                        disable=None if group.is_main else True):
+            slices.copy_into(key, targets[key])
+    return model
+
+
+def random_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
+                 max_seq_len: int, seed: int = 0) -> Transformer:
+    """This rank's slice of a model with random weights (`synth.random_tensor`; each rank draws its own),
+    for benchmarks of shapes without a download. One float32 tensor exists besides the model at a time."""
+    layout.require_split(args, group.world_size, f"This shape (dim {args.dim}, vocab {args.vocab_size})", "process")
+    model = empty_model(args, group, dtype, decoder, max_batch_size, max_seq_len)
+    full = layout.full_shapes(args)
+    g = torch.Generator().manual_seed(seed * 1000 + group.rank)
+    with torch.no_grad():
+        for key, target in model.state_dict().items():
+            target.copy_(random_tensor(key, target.shape, full[key][-1], g))
+    return model
+
+
+def ready_on_every_rank(group: Group, make_model: Callable[[], Transformer], max_batch_size: int,
+                        max_seq_len: int, load_timeout_s: float) -> Transformer:
+    """Make this rank's model with `make_model()`; then the ranks agree that all of them succeeded before
+    the first collective (the embedding gather), so a failure on one rank is one message and a non-zero
+    exit everywhere, never a rank left waiting."""
+    error: Optional[BaseException] = None
+    model = None
+    try:
+        model = make_model()
+    except torch.OutOfMemoryError as e:
+        error = LlamaMPError(
+            f"Rank {group.rank} ran out of memory on {group.device} while loading the model for max_seq_len "
+            f"{max_seq_len} and max_batch_size {max_batch_size} ({str(e).splitlines()[0]}). Run `llama-mp plan "
+            "--ckpt_dir DIR --gpus N --gpu_mem_gb G` to see what fits: more ranks, a smaller --max_seq_len or "
+            "--max_batch_size, or another --dtype.")
+    except Exception as e:  # noqa: BLE001 - every rank must hear of any failure, or they hang
+        error = e
+    agree(group, error, timeout_s=load_timeout_s)
+    model.share_embedding()  # the first collective, once every rank is ready
+    return model

@@ -1,0 +1,254 @@
+"""The LLaMA transformer of one rank: its slice of every weight, and the forward pass written as the math.
+
+Each rank holds its own slice of every weight, exactly as `checkpoints/layout.py` says Meta's shards
+store them: attention heads and FFN columns are divided between ranks (column-parallel wq, wk, wv, w1,
+w3 and output; row-parallel wo and w2). After `wo` and `w2` the ranks sum their partial results (two
+sums per layer), and the output layer's vocabulary slices meet on rank 0 for sampling, or in a
+distributed argmax for greedy decoding. The KV cache is preallocated per rank for its own kv heads.
+
+Life of a model: built on the meta device (shapes only, no memory); `materialize` lets the decoder
+(decode.py) allocate every matrix where and how it reads it fastest and takes the KV cache and rotary
+table; the checkpoint is then copied straight into those tensors (loading.py); once every rank got that
+far, `share_embedding` assembles the whole embedding table on every rank (a lookup then needs no
+communication) and the decoder starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints import layout
+from ..checkpoints.params import ModelArgs
+from ..distributed.collectives import Collectives
+from .memory import empty_for_streaming
+from .projection import Projection
+
+if TYPE_CHECKING:
+    from ..distributed import Group
+    from .decode import Decoder
+
+
+class Weight(nn.Module):
+    """One of this rank's weight tensors in Meta's layout and name (`<module>.weight`), a slice of the
+    whole tensor as layout.py splits it. It only holds the tensor: Projections compute with it."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+class RMSNorm(Weight):
+    def __init__(self, shape, eps: float):
+        super().__init__(shape)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, round to the model dtype, then scale, exactly as Meta does. Written
+        # out: on CPU this is several times faster than F.rms_norm for one token's vector.
+        xf = x if x.dtype == torch.float32 else x.float()
+        normed = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
+        return (normed if x.dtype == torch.float32 else normed.type_as(x)) * self.weight
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * frequency), complex64 [max_seq_len, head_dim // 2]."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate Meta-style interleaved pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim].
+
+    Each pair is one complex number; rotating it is one complex multiplication (in float32)."""
+    if x.dtype != torch.float32:
+        return apply_rotary(x.float(), rotation).type_as(x)
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, shapes, prefix: str, comm: Collectives):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq, self.wk, self.wv, self.wo = (Weight(shapes[f"{prefix}{name}.weight"]) for name in ("wq", "wk", "wv", "wo"))
+        self.n_local_heads = self.wq.weight.shape[0] // args.head_dim
+        self.n_local_kv_heads = self.wk.weight.shape[0] // args.head_dim
+        self.comm = comm
+        self.qkv: Optional[Projection] = None  # q, k and v features of this rank, fused
+        self.out: Optional[Projection] = None
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
+                    max_seq_len: int) -> None:
+        self.qkv = decoder.projection([self.wq, self.wk, self.wv], dtype, device)
+        self.out = decoder.projection([self.wo], dtype, device)
+        # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        cache_dtype = decoder.activation_dtype(dtype)
+        self.cache_k = empty_for_streaming(shape, cache_dtype, device).zero_()
+        self.cache_v = empty_for_streaming(shape, cache_dtype, device).zero_()
+
+    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(bsz, seqlen, heads + 2 * kv_heads, hd)
+        qk = apply_rotary(qkv[:, :, :heads + kv_heads], rotation)  # q and k rotate together
+        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
+
+        end = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+        keys, values = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]  # [bsz, kv_heads, end, hd]
+
+        if seqlen == 1:
+            # Decoding: one query per head against the cache. Queries that share a kv head are
+            # grouped as rows of one matrix product, so kv heads are never copied (GQA for free).
+            q = q.reshape(bsz, kv_heads, heads // kv_heads, hd) * hd ** -0.5
+            scores = torch.matmul(q, keys.transpose(2, 3))
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+        else:
+            # A prompt from position 0 is plain causal attention (lets SDPA pick its fastest kernel);
+            # new tokens after cached ones need the explicit mask.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 is_causal=mask is None, enable_gqa=heads != kv_heads)
+            out = out.transpose(1, 2)
+        return self.comm.all_sum(self.out(out.reshape(bsz, seqlen, heads * hd)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, shapes, prefix: str, comm: Collectives):
+        super().__init__()
+        self.w1, self.w2, self.w3 = (Weight(shapes[f"{prefix}{name}.weight"]) for name in ("w1", "w2", "w3"))
+        self.comm = comm
+        self.gate_up: Optional[Projection] = None  # w1 and w3 fused
+        self.down: Optional[Projection] = None
+
+    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device) -> None:
+        self.gate_up = decoder.projection([self.w1, self.w3], dtype, device)
+        self.down = decoder.projection([self.w2], dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.comm.all_sum(self.down(F.silu(gate) * up))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, shapes, index: int, comm: Collectives):
+        super().__init__()
+        prefix = f"layers.{index}."
+        self.attention = Attention(args, shapes, prefix + "attention.", comm)
+        self.feed_forward = FeedForward(shapes, prefix + "feed_forward.", comm)
+        self.attention_norm = RMSNorm(shapes[prefix + "attention_norm.weight"], args.norm_eps)
+        self.ffn_norm = RMSNorm(shapes[prefix + "ffn_norm.weight"], args.norm_eps)
+
+    def forward(self, x, start_pos: int, rotation, mask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The whole model on one rank: its slice of every layer, plus (once shared) the whole embedding.
+
+    Calls: `hidden` runs the layers over new tokens (every rank, same result); `logits` gathers the
+    vocabulary on rank 0 for sampling; `greedy_next` finds the argmax without moving logits at all.
+    Build it inside `torch.device("meta")` to get shapes without memory (see loading.py).
+    """
+
+    def __init__(self, args: ModelArgs, group: Optional["Group"] = None):
+        super().__init__()
+        assert args.vocab_size > 0, "resolve vocab_size from the checkpoint before building the model"
+        self.args = args
+        self.rank, self.world_size = (group.rank, group.world_size) if group is not None else (0, 1)
+        self.comm = group.collectives if group is not None else Collectives(0, 1, "none")
+        shapes = layout.shard_shapes(args, self.world_size)
+        self.tok_embeddings = Weight(shapes["tok_embeddings.weight"])  # this rank's slice, until shared
+        self.layers = nn.ModuleList(TransformerBlock(args, shapes, i, self.comm) for i in range(args.n_layers))
+        self.norm = RMSNorm(shapes["norm.weight"], args.norm_eps)
+        self.output = Weight(shapes["output.weight"])
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+        self.decoder: Optional["Decoder"] = None
+        self.act_dtype = torch.float32
+        self.logits_of: Optional[Projection] = None
+
+    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
+                    max_seq_len: int) -> None:
+        """Allocate every tensor on `device` (uninitialised: the checkpoint fills the weights), laid out
+        as `decoder` wants them, with the KV cache for `max_batch_size` x `max_seq_len` and the rotary
+        table. Local to this rank (no collective), so running out of memory here is reported like a
+        load failure; the room for the whole embedding table is taken now for the same reason."""
+        self.decoder, self.max_batch_size, self.max_seq_len = decoder, max_batch_size, max_seq_len
+        self.act_dtype = decoder.activation_dtype(dtype)
+        for layer in self.layers:
+            layer.attention.materialize(decoder, dtype, device, max_batch_size, max_seq_len)
+            layer.feed_forward.materialize(decoder, dtype, device)
+        self.logits_of = decoder.projection([self.output], dtype, device)
+        for holder in (self.tok_embeddings, self.norm, *(m for layer in self.layers
+                                                            for m in (layer.attention_norm, layer.ffn_norm))):
+            holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
+                                         requires_grad=False)
+        self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device)
+        self.vocab_offset = self.output.weight.shape[0] * self.rank
+        if self.world_size > 1:
+            self._embedding_table = torch.empty(layout.full_shapes(self.args)["tok_embeddings.weight"],
+                                                dtype=dtype, device=device)
+
+    def share_embedding(self) -> None:
+        """Collective: assemble the whole embedding table on every rank (into the memory `materialize`
+        took), merging the ranks' slices along the dimension layout.py splits it; then start the decoder.
+
+        One gather now (vocab x dim values per rank, e.g. 0.5 GB for 70B in bf16) saves one per step."""
+        if self.world_size > 1:
+            piece, table = self.tok_embeddings.weight, self._embedding_table
+            dim = layout.split_dim("tok_embeddings.weight", self.args)
+            if dim == 0:  # vocabulary rows: the ranks' slices, stacked in rank order, are the table
+                self.comm.gather_into(table.view(self.world_size, *piece.shape), piece)
+            else:
+                parts = self.comm.gather_into(torch.empty((self.world_size, *piece.shape), dtype=piece.dtype,
+                                                          device=piece.device), piece)
+                torch.cat(parts.unbind(0), dim=dim, out=table)
+            self.tok_embeddings.weight = nn.Parameter(table, requires_grad=False)
+            del self._embedding_table
+        self.decoder.start(self)
+
+    def hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
+        """Final normed hidden states [batch, seq or 1, dim] for `tokens` continuing the cache at
+        `start_pos` (the prompt on the first call, then one token per call, which the decoder runs)."""
+        if tokens.shape[1] == 1:
+            return self.decoder.step(self, tokens, start_pos)
+        return self.forward_hidden(tokens, start_pos, all_positions)
+
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
+        """`hidden` with PyTorch operators, for any number of new tokens."""
+        seqlen = tokens.shape[1]
+        h = F.embedding(tokens, self.tok_embeddings.weight).to(self.act_dtype)  # [batch, seq, dim]
+        rotation = self.rotation[start_pos:start_pos + seqlen]                   # [seq, head_dim / 2]
+        mask = None
+        if seqlen > 1 and start_pos > 0:  # causal over the new tokens; every cached position is visible
+            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
+            mask = mask.tril(diagonal=start_pos)
+        for layer in self.layers:
+            h = layer(h, start_pos, rotation, mask)
+        return self.norm(h if all_positions else h[:, -1:])
+
+    def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
+        full = self.comm.gather_last_dim_to_main(self.logits_of(h))
+        return None if full is None else full.float()
+
+    def greedy_next(self, h: torch.Tensor) -> torch.Tensor:
+        """Greedy next token [batch] on every rank, from h of shape [batch, 1, dim]."""
+        return self.comm.global_argmax(self.logits_of(h[:, -1]), self.vocab_offset)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> Optional[torch.Tensor]:
+        """Logits on rank 0 (None elsewhere): [batch, vocab] for the last position, or
+        [batch, seq, vocab] with all_positions."""
+        logits = self.logits(self.hidden(tokens, start_pos, all_positions))
+        return logits if logits is None or all_positions else logits[:, -1]

@@ -1,0 +1,203 @@
+"""`llama-mp plan`: will a model fit on N GPUs, and if not, what would?
+
+Per-rank memory is estimated as the sum of
+
+* weights: this rank's slice of every tensor (`layout.shard_shapes(args, N)`: split tensors / N,
+  norms whole), times the dtype's size, plus the rest of the token embedding table, which the model
+  assembles whole on every rank at load time (a lookup then needs no communication);
+* KV cache: keys and values for this rank's own kv heads only, preallocated for the whole
+  batch x max_seq_len: 2 * n_layers * batch * seq * (kv_heads / N) * head_dim * dtype size;
+* working memory, an estimate (not a measurement) kept deliberately simple:
+  - 1 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack (typically 0.5-1 GiB);
+  - logits: every rank gathers the full vocabulary in float32, plus one float32 copy for sampling:
+    2 * batch * vocab * 4 bytes;
+  - activations of the largest step (the prompt, up to max_seq_len tokens): per token, about four
+    hidden-size buffers (residual, norm output, attention output, layer output), this rank's q/k/v
+    in float32 (rotary works in float32) and three FFN-width buffers (w1, w3, their product) for this
+    rank's share of the FFN. Attention scores are not counted: SDPA's fused kernels do not store the
+    seq x seq matrix.
+
+Memory sizes are in GiB (2**30 bytes), the unit nvidia-smi's MiB / 1024 gives: a "12 GB" card is 12.
+The verdict is a planning aid with a margin of a few hundred MiB, not a guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Dict, List, Optional
+
+from ..checkpoints import layout
+from ..checkpoints import meta as checkpoint
+from ..checkpoints.params import ModelArgs, load_params, load_preset, preset_names
+from ..checks import is_number, require_int
+from ..dtypes import DTYPES, parse_dtype
+from ..errors import LlamaMPError
+
+GIB = 1 << 30
+CUDA_CONTEXT_BYTES = 1 * GIB
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Per-rank memory in bytes for one configuration."""
+
+    ranks: int
+    dtype: str
+    batch: int
+    seq: int
+    weights: int
+    kv_cache: int
+    cuda_context: int
+    logits: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.cuda_context + self.logits + self.activations
+
+
+def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int) -> Estimate:
+    """Memory one rank needs to run `args` split `ranks` ways (see the module docstring for the model)."""
+    size = DTYPE_BYTES[dtype]
+    full, shard = layout.full_shapes(args), layout.shard_shapes(args, ranks)
+    embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])
+    weights = (sum(math.prod(shape) for shape in shard.values()) + embedding_rest) * size
+    local_kv = args.kv_heads // ranks
+    kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * size
+    logits = 2 * batch * args.vocab_size * 4
+    qkv = (args.n_heads // ranks + 2 * local_kv) * args.head_dim * 4
+    per_token = 4 * args.dim * size + qkv + 3 * (args.ffn_hidden_dim // ranks) * size
+    return Estimate(ranks, dtype, batch, seq, weights, kv_cache, CUDA_CONTEXT_BYTES, logits, batch * seq * per_token)
+
+
+def _largest(fits, upper: int, lower: int = 1) -> Optional[int]:
+    """Largest value in [lower, upper] for which `fits` holds (it is monotone), else None."""
+    if not fits(lower):
+        return None
+    lo, hi = lower, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, budget: int) -> List[Dict]:
+    """What would fit in `budget` bytes per GPU: fewer/more ranks, a smaller batch or sequence, a dtype."""
+    def ok(**change) -> bool:
+        setting = {"ranks": ranks, "dtype": dtype, "batch": batch, "seq": seq, **change}
+        return estimate(args, **setting).total <= budget
+
+    options = []
+    fewest = next((n for n in layout.valid_world_sizes(args) if ok(ranks=n)), None)
+    if fewest is not None and fewest != ranks:
+        options.append({"change": "ranks", "ranks": fewest,
+                        "total_bytes": estimate(args, fewest, dtype, batch, seq).total})
+    if batch > 1:
+        b = _largest(lambda x: ok(batch=x), batch - 1)
+        if b:
+            options.append({"change": "batch", "max_batch_size": b,
+                            "total_bytes": estimate(args, ranks, dtype, b, seq).total})
+    if seq > 2:
+        s = _largest(lambda x: ok(seq=x), seq - 1, lower=2)
+        if s:
+            s = s - s % 64 if s >= 64 else s  # a round number is easier to pass on
+            options.append({"change": "seq", "max_seq_len": s,
+                            "total_bytes": estimate(args, ranks, dtype, batch, s).total})
+    for other in DTYPE_BYTES:
+        if DTYPE_BYTES[other] < DTYPE_BYTES[dtype] and ok(dtype=other):
+            options.append({"change": "dtype", "dtype": other,
+                            "total_bytes": estimate(args, ranks, other, batch, seq).total})
+    return options
+
+
+def model_args(ckpt_dir: Optional[str], model: Optional[str]) -> (str, ModelArgs):
+    """(a name to show, params with a known vocab) from a checkpoint folder or a preset name."""
+    if (ckpt_dir is None) == (model is None):
+        raise LlamaMPError("Give exactly one of --ckpt_dir DIR (a Meta checkpoint) or --model NAME (one of "
+                           f"{', '.join(preset_names())}).")
+    if model is not None:
+        return str(model), load_preset(str(model))[0]
+    ckpt_dir = str(ckpt_dir)
+    paths = checkpoint.shard_paths(ckpt_dir)
+    return ckpt_dir, checkpoint.resolve_vocab(load_params(ckpt_dir), checkpoint.load_shard(paths[0]), paths[0])
+
+
+def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: str = "bfloat16",
+              max_seq_len: int = 512, max_batch_size: int = 4) -> Dict:
+    """The whole answer as a dict (what --json prints): estimate, verdict, reason and options."""
+    parse_dtype(dtype)  # a known name, or a LlamaMPError listing them
+    for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
+        require_int(flag, value, low)
+    if not is_number(gpu_mem_gb) or gpu_mem_gb <= 0:
+        raise LlamaMPError(f"--gpu_mem_gb must be a positive number of GiB (e.g. 24), got {gpu_mem_gb!r}.")
+    layout.require_split(args, gpus, name, "GPU")
+    valid = layout.valid_world_sizes(args)
+    budget = int(gpu_mem_gb * GIB)
+    est = estimate(args, gpus, dtype, max_batch_size, max_seq_len)
+    fits = est.total <= budget
+    if fits:
+        reason = f"{est.total / GIB:.2f} GiB per rank of {gpu_mem_gb:g} GiB, {(budget - est.total) / GIB:.2f} GiB spare"
+    elif est.weights + est.cuda_context > budget:
+        reason = (f"the weights alone need {est.weights / GIB:.2f} GiB per rank (+ {est.cuda_context / GIB:.0f} GiB "
+                  f"CUDA context), more than the {gpu_mem_gb:g} GiB of one GPU: split the model over more GPUs "
+                  "or use a smaller dtype")
+    else:
+        reason = (f"weights {est.weights / GIB:.2f} GiB fit, but with the KV cache ({est.kv_cache / GIB:.2f} GiB) "
+                  f"and working memory a rank needs {est.total / GIB:.2f} GiB, more than {gpu_mem_gb:g} GiB")
+    return {
+        "model": name, "params": args.to_json_dict(), "parameters": args.parameter_count(),
+        "gpus": gpus, "gpu_mem_bytes": budget, "dtype": dtype, "max_batch_size": max_batch_size,
+        "max_seq_len": max_seq_len, "per_rank": {**{k: v for k, v in dataclasses.asdict(est).items()
+                                                    if k not in ("ranks", "dtype", "batch", "seq")},
+                                                 "total": est.total},
+        "fits": fits, "reason": reason, "valid_gpu_counts": valid,
+        "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget),
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:9.2f} GiB" if n >= GIB // 10 else f"{n / (1 << 20):9.1f} MiB"
+
+
+def format_plan(plan: Dict) -> str:
+    """The human table for stdout."""
+    r = plan["per_rank"]
+    kv_heads = plan["params"].get("n_kv_heads", plan["params"]["n_heads"])
+    lines = [
+        f"{plan['model']}: {plan['parameters'] / 1e9:.2f} B parameters, {plan['dtype']}, batch "
+        f"{plan['max_batch_size']} x {plan['max_seq_len']} tokens, on {plan['gpus']} GPU(s) of "
+        f"{plan['gpu_mem_bytes'] / GIB:g} GiB",
+        "",
+        "  per rank",
+        f"  {'weights':<28}{_gib(r['weights'])}   1/{plan['gpus']} of the split tensors, norms, whole embedding",
+        f"  {'KV cache':<28}{_gib(r['kv_cache'])}   {kv_heads // plan['gpus']} of {kv_heads} kv heads per rank",
+        f"  {'CUDA context (estimate)':<28}{_gib(r['cuda_context'])}",
+        f"  {'logits':<28}{_gib(r['logits'])}",
+        f"  {'activations (estimate)':<28}{_gib(r['activations'])}",
+        f"  {'total':<28}{_gib(r['total'])}",
+        f"  {'GPU memory':<28}{_gib(plan['gpu_mem_bytes'])}",
+        "",
+        f"Fits: {'YES' if plan['fits'] else 'NO'} - {plan['reason']}.",
+    ]
+    if not plan["fits"]:
+        described = {
+            "ranks": lambda o: f"run on {o['ranks']} GPUs (torchrun --nproc_per_node {o['ranks']})",
+            "batch": lambda o: f"--max_batch_size {o['max_batch_size']}",
+            "seq": lambda o: f"--max_seq_len {o['max_seq_len']}",
+            "dtype": lambda o: f"--dtype {o['dtype']}",
+        }
+        if plan["options"]:
+            lines.append("What would fit (one change at a time):")
+            lines += [f"  - {described[o['change']](o)}: {o['total_bytes'] / GIB:.2f} GiB per rank"
+                      for o in plan["options"]]
+        else:
+            lines.append(f"Nothing fits on GPUs of this size (valid GPU counts: {plan['valid_gpu_counts']}); "
+                         "use larger GPUs.")
+    return "\n".join(lines)
+
+
+def plan_to_text(plan: Dict, as_json: bool) -> str:
+    return json.dumps(plan, indent=2) if as_json else format_plan(plan)
