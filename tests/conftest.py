@@ -14,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from llama_mp.params import ModelArgs  # noqa: E402
-from llama_mp.synthetic import find_or_make_tokenizer, write_random_checkpoint  # noqa: E402
-from llama_mp.tokenizer import Tokenizer  # noqa: E402
+from llama_mp.checkpoints.params import ModelArgs  # noqa: E402
+from llama_mp.checkpoints.synth import find_or_make_tokenizer, write_random_checkpoint  # noqa: E402
+from llama_mp.runtime.tokenizer import Tokenizer  # noqa: E402
 
 # Small shapes that still exercise every split: 4 heads (so 1, 2 and 4 ranks), GQA with 2 kv heads.
 TINY = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
@@ -56,3 +56,21 @@ def make_checkpoint(tmp_path_factory, tokenizer):
         return cache[key]
 
     return make
+
+
+@pytest.fixture
+def llama_mp_command(monkeypatch, capsys):
+    """llama_mp_command(*argv) -> (exit code, stdout, stderr) of `llama-mp ARGV`, run in this process
+    through the same runner as the installed command (starting Python and torch again would add seconds
+    per call and test nothing more)."""
+    from llama_mp.cli import main
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["llama-mp", *map(str, argv)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as ended:
+            main()
+        out = capsys.readouterr()
+        return ended.value.code, out.out, out.err
+
+    return run

@@ -1,22 +1,21 @@
 """The benchmark harness reports what it promises (no timing assertions: speed lives in `make bench`)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from llama_mp import LlamaMPError, cpu_kernels
-from llama_mp.bench import bench
+from llama_mp import LlamaMPError
+from llama_mp.kernels import cpu as cpu_kernels
+from llama_mp.tools.bench import bench
 
 TINY = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "32", "--vocab_size", "512"]
 
 
-def test_bench_reports_speed_memory_and_bandwidth_as_json():
-    out = subprocess.run([sys.executable, "-m", "llama_mp", "bench", *TINY, "--new_tokens", "8", "--runs", "1",
-                          "--json", "--backend", "gloo", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+def test_bench_reports_speed_memory_and_bandwidth_as_json(llama_mp_command):
+    code, out, err = llama_mp_command("bench", *TINY, "--new_tokens", "8", "--runs", "1", "--json", "--backend",
+                                      "gloo", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads(out)
     for key in ("load_s", "prefill_tok_s", "decode_tok_s", "ms_per_token", "peak_memory_per_rank_gib",
                 "achieved_gb_s_per_rank", "read_gb_s_per_rank"):
         assert report[key] and all(v > 0 for v in (report[key] if isinstance(report[key], list) else [report[key]]))

@@ -8,28 +8,28 @@ import os
 import pytest
 import torch
 
-from llama_mp import output_dir, reshard as reshard_mod
-from llama_mp.cli import synth
-from llama_mp.convert import convert
+from llama_mp.checkpoints import reshard as reshard_mod, staging as output_dir
+from llama_mp.cli.commands import synth
+from llama_mp.checkpoints.convert import convert
 from llama_mp.dtypes import DTYPES, parse_dtype
 from llama_mp.errors import LlamaMPError
-from llama_mp.generation import choose_dtype
-from llama_mp.hf_format import write_hf
-from llama_mp.params import load_params
-from llama_mp.reshard import reshard
-from llama_mp.verify import verify_checkpoint
+from llama_mp.dtypes import choose_dtype
+from llama_mp.checkpoints.hf import write_hf
+from llama_mp.checkpoints.params import load_params
+from llama_mp.checkpoints.reshard import reshard
+from llama_mp.checkpoints.verify import verify_checkpoint
 
 SMALL = dict(dim=48, n_layers=1, n_heads=6, vocab_size=96, multiple_of=16)
 
 
 def test_synth_refuses_a_shard_count_that_does_not_split_before_writing_anything(tmp_path, tokenizer_path):
-    with pytest.raises(LlamaMPError, match=r"--mp 3 cannot split.*Valid shard counts: \[1, 2\]"):
+    with pytest.raises(LlamaMPError, match=r"--mp 3: this model .* cannot be split over 3 shards.*Valid shard counts: \[1, 2\]"):
         synth(str(tmp_path / "x"), mp=3, tokenizer=tokenizer_path, **SMALL)
     assert os.listdir(tmp_path) == []  # no folder, no staging left behind
 
 
 def test_synth_writes_a_checkpoint_verify_accepts_all_or_nothing(tmp_path, tokenizer_path, monkeypatch):
-    import llama_mp.synthetic as synthetic
+    import llama_mp.checkpoints.synth as synthetic
 
     out = tmp_path / "ckpt"
     real = synthetic.write_random_checkpoint

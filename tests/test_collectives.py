@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from llama_mp.collectives import SharedMemoryExchange
+from llama_mp.distributed.shm import SharedMemoryExchange
 from llama_mp.errors import PeerLostError
 from multiproc import run_ranks
 from workers import collective_results

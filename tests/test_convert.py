@@ -9,17 +9,15 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from llama_mp import checkpoint, layout
-from llama_mp.convert import convert, detect
+from llama_mp.checkpoints import layout, meta as checkpoint
+from llama_mp.checkpoints.convert import convert, detect
 from llama_mp.errors import LlamaMPError
-from llama_mp.hf_format import from_hf_rows, to_hf_rows
-from llama_mp.params import load_params
+from llama_mp.checkpoints.hf import from_hf_rows, to_hf_rows
+from llama_mp.checkpoints.params import load_params
 from workers import greedy_ids, prompt_ids
 from multiproc import run_ranks
 
@@ -31,7 +29,7 @@ MAX_NEW = 12
 def meta_state(ckpt_dir):
     """The whole model of a Meta folder, merged from its shards."""
     shards = [torch.load(p, map_location="cpu", weights_only=True) for p in checkpoint.shard_paths(ckpt_dir)]
-    return {k: layout.merge([s[k] for s in shards], layout.split_dim(k)) for k in shards[0]}
+    return {k: layout.merge([s[k] for s in shards], layout.split_dim(k, None)) for k in shards[0]}
 
 
 def random_hf_model(vocab_size, tie=False):
@@ -127,7 +125,7 @@ def test_hf_to_meta_writes_params_checklist_and_tokenizer(world, tmp_path, token
     assert (params.dim, params.n_layers, params.n_heads, params.kv_heads, params.ffn_hidden_dim) == (64, 2, 4, 2, 192)
     assert params.norm_eps == 1e-5 and params.rope_theta == 10000.0
     assert len(checkpoint.shard_paths(meta)) == 2
-    from llama_mp.verify import verify_checkpoint
+    from llama_mp.checkpoints.verify import verify_checkpoint
     assert verify_checkpoint(meta, progress=False) == []
     # A tokenizer.model in the source folder travels along.
     shutil.copyfile(tokenizer_path, world["root"] / "hf" / "tokenizer.model")
@@ -201,12 +199,11 @@ def test_unsupported_sources_are_refused_with_a_reason(tmp_path, world):
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_convert_exit_codes(world, tmp_path):
-    base = [sys.executable, "-m", "llama_mp", "convert"]
-    ok = subprocess.run(base + [str(world["root"] / "model.bin"), str(tmp_path / "m"), "--mp", "2", "--dtype",
-                                "bfloat16"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "from the llama2c checkpoint" in ok.stdout
+def test_command_line_convert_exit_codes(world, tmp_path, llama_mp_command):
+    code, out, err = llama_mp_command("convert", world["root"] / "model.bin", tmp_path / "m", "--mp", "2",
+                                      "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "from the llama2c checkpoint" in out
     assert torch.load(checkpoint.shard_paths(str(tmp_path / "m"))[1], weights_only=True)["norm.weight"].dtype == torch.bfloat16
-    bad = subprocess.run(base + [str(tmp_path / "nothing"), str(tmp_path / "n")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Cannot tell what" in bad.stderr
+    code, _, err = llama_mp_command("convert", tmp_path / "nothing", tmp_path / "n")
+    assert code == 2 and "Cannot tell what" in err

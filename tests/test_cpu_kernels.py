@@ -1,9 +1,9 @@
-"""The C decode kernels (llama_mp/csrc/cpu_decode.c) compute what the PyTorch decode path computes.
+"""The C decode kernels (llama_mp/kernels/csrc/cpu_decode.c) compute what the PyTorch decoder computes.
 
-Float32 greedy decoding must give the same ids with and without them, on one rank and on several, for
-multi-head and grouped-query attention, batches, and sizes that are not multiples of the SIMD width.
-Without a compiler the model falls back to PyTorch with one note; asked for explicitly, their absence
-is a clear error.
+Step by step their logits equal the PyTorch decoder's for multi-head and grouped-query attention,
+batches, and sizes that are not multiples of the SIMD width (the parity tests run both decoders on 1, 2
+and 4 ranks against the reference and transformers). Without a compiler the model falls back to PyTorch
+with one note; asked for explicitly, their absence is a clear error.
 """
 
 import os
@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from llama_mp import cpu_kernels
-from multiproc import run_ranks
+from llama_mp.kernels import cpu as cpu_kernels
+from llama_mp.runtime import memory
 from reference import reference_greedy
-from workers import build, greedy_ids, prompt_ids
+from workers import build, prompt_ids
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="the CPU kernels can't be built here")
 
@@ -27,14 +27,6 @@ SHAPES = {
 }
 STEPS = 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _build_without_kernels(monkeypatch, *args, **kwargs):
-    with monkeypatch.context() as m:
-        m.setattr(cpu_kernels, "wanted", lambda device, dtype: False)
-        llama = build(*args, **kwargs)
-    assert llama.model.decoder is None
-    return llama
 
 
 def _stepwise_logits(model, prompts, steps):
@@ -50,44 +42,17 @@ def _stepwise_logits(model, prompts, steps):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_decode_steps_match_the_pytorch_path(shape, make_checkpoint, tokenizer_path, monkeypatch):
+def test_kernel_decode_steps_match_the_pytorch_decoder(shape, make_checkpoint, tokenizer_path):
     ckpt_dir, args, _ = make_checkpoint(shards=1, **SHAPES[shape])
     # 5 rows: the kernels take rows four at a time, then one by one
     prompts = torch.randint(3, args.vocab_size, (5, 6), generator=torch.Generator().manual_seed(0)).tolist()
     fast = build(ckpt_dir, tokenizer_path, max_batch_size=5)
-    assert fast.model.decoder is not None
-    slow = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path, max_batch_size=5)
+    assert fast.model.decoder.name == "C kernels"  # what auto picks here
+    slow = build(ckpt_dir, tokenizer_path, max_batch_size=5, decoder="pytorch")
     expected = _stepwise_logits(slow.model, prompts, STEPS)
     got = _stepwise_logits(fast.model, prompts, STEPS)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_greedy_ids_match_the_independent_reference(shape, make_checkpoint, tokenizer_path):
-    ckpt_dir, args, state = make_checkpoint(shards=1, **SHAPES[shape])
-    prompts = prompt_ids(tokenizer_path)  # different lengths: prompt tokens are forced during decode
-    ids, _ = build(ckpt_dir, tokenizer_path).generate(prompts, STEPS, temperature=0)
-    assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
-
-
-def test_two_ranks_give_the_same_ids_with_and_without_kernels(make_checkpoint, tokenizer_path, monkeypatch):
-    ckpt_dir, _, _ = make_checkpoint(shards=2, **SHAPES["gqa"])
-    with_kernels = run_ranks(2, greedy_ids, [ckpt_dir], tokenizer_path)
-    monkeypatch.setenv(cpu_kernels.ENV, "0")  # inherited by the spawned ranks
-    without = run_ranks(2, greedy_ids, [ckpt_dir], tokenizer_path)
-    one_rank = greedy_ids([make_checkpoint(shards=1, **SHAPES["gqa"])[0]], tokenizer_path)
-    assert with_kernels == without == [one_rank, one_rank]
-
-
-def test_seeded_sampling_gives_the_same_text_with_and_without_kernels(make_checkpoint, tokenizer_path, monkeypatch):
-    ckpt_dir, _, _ = make_checkpoint(shards=1, **SHAPES["mha"])
-    prompts = prompt_ids(tokenizer_path)
-    slow = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path, seed=5)
-    slow = slow.generate(prompts, STEPS, temperature=0.8, top_p=0.95)
-    fast = build(ckpt_dir, tokenizer_path, seed=5)
-    assert fast.model.decoder is not None
-    assert fast.generate(prompts, STEPS, temperature=0.8, top_p=0.95) == slow
 
 
 def _python(code, tmp_path, **env):
@@ -95,8 +60,8 @@ def _python(code, tmp_path, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
 
 
-PROBE = ("import torch; from llama_mp import cpu_kernels; "
-         "print(cpu_kernels.wanted(torch.device('cpu'), torch.float32))")
+PROBE = ("import torch; from llama_mp.kernels import cpu; "
+         "print(cpu.usable(torch.device('cpu'), torch.float32))")
 
 
 def test_the_library_is_built_once_into_the_cache(tmp_path):
@@ -123,11 +88,13 @@ def test_turned_off_they_are_not_built_and_nothing_is_said(tmp_path):
 
 
 def test_asked_for_but_unavailable_is_one_clear_error(tmp_path):
-    code = ("import sys; from llama_mp.cli import main; sys.argv = ['llama-mp', 'bench', '--dim', '64', "
-            "'--n_layers', '1', '--n_heads', '4', '--new_tokens', '2', '--runs', '1', '--device', 'cpu']; main()")
-    run = _python(code, tmp_path, CC="no-such-compiler", **{cpu_kernels.ENV: "1"})
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.count("asks for the CPU decode kernels") == 1 and "no-such-compiler" in run.stderr
+    bench = ("import sys; from llama_mp.cli import main; sys.argv = ['llama-mp', 'bench', '--dim', '64', "
+             "'--n_layers', '1', '--n_heads', '4', '--new_tokens', '2', '--runs', '1', '--device', 'cpu'{}]; main()")
+    by_env = _python(bench.format(""), tmp_path, CC="no-such-compiler", **{cpu_kernels.ENV: "1"})
+    by_option = _python(bench.format(", '--decoder', 'cpu_kernels'"), tmp_path, CC="no-such-compiler")
+    for run, asked in ((by_env, f"{cpu_kernels.ENV}=1"), (by_option, "--decoder cpu_kernels")):
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert run.stderr.count(f"{asked} asks for the CPU decode kernels") == 1 and "no-such-compiler" in run.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
@@ -135,13 +102,13 @@ def test_weights_and_cache_sit_in_huge_page_aligned_memory_that_is_freed_with_th
     import resource
 
     cpu = torch.device("cpu")
-    t = cpu_kernels.empty_for_streaming((3, 5, 7), torch.float32, cpu)
-    assert t.shape == (3, 5, 7) and t.is_contiguous() and t.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+    t = memory.empty_for_streaming((3, 5, 7), torch.float32, cpu)
+    assert t.shape == (3, 5, 7) and t.is_contiguous() and t.data_ptr() % memory.HUGE_PAGE == 0
     t.fill_(2.0)
     assert float(t.sum()) == 2.0 * 105
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(20):  # 20 x 64 MiB, touched: a leak would show in the peak RSS
-        cpu_kernels.empty_for_streaming((1 << 24,), torch.float32, cpu).fill_(1.0)
+        memory.empty_for_streaming((1 << 24,), torch.float32, cpu).fill_(1.0)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 400 * 1024  # KiB
 
 
@@ -152,8 +119,9 @@ def test_a_prepared_model_keeps_its_state_dict_and_streams_from_aligned_memory(m
         assert torch.equal(tensor, state[name]), name
     if sys.platform.startswith("linux"):
         attention = model.layers[0].attention
-        for t in (attention.wqkv, attention.cache_k, model.layers[1].feed_forward.w13, model.output_w):
-            assert t.data_ptr() % cpu_kernels.HUGE_PAGE == 0
+        for t in (attention.qkv.storage, attention.cache_k, model.layers[1].feed_forward.gate_up.storage,
+                  model.logits_of.storage):
+            assert t.data_ptr() % memory.HUGE_PAGE == 0
 
 
 def test_steps_outside_the_cache_are_refused_not_written(make_checkpoint, tokenizer_path):
@@ -168,12 +136,11 @@ def test_steps_outside_the_cache_are_refused_not_written(make_checkpoint, tokeni
     assert model.hidden(torch.ones(2, 1, dtype=torch.int32), 15).shape == (2, 1, model.args.dim)
 
 
-def test_a_bfloat16_model_keeps_bfloat16_weights_and_computes_the_float32_model(make_checkpoint, tokenizer_path,
-                                                                                monkeypatch):
+def test_a_bfloat16_model_keeps_bfloat16_weights_and_computes_the_float32_model(make_checkpoint, tokenizer_path):
     ckpt_dir, args, state = make_checkpoint(shards=1, dtype=torch.bfloat16, **SHAPES["gqa"])
     prompts = prompt_ids(tokenizer_path)
     half = build(ckpt_dir, tokenizer_path, dtype="bfloat16")
-    assert half.model.decoder is not None and half.model.output_w.dtype == torch.bfloat16
+    assert half.model.decoder.name == "C kernels" and half.model.logits_of.storage.dtype == torch.bfloat16
     assert half.model.layers[0].attention.cache_k.dtype == torch.float32
     full = build(ckpt_dir, tokenizer_path, dtype="float32")  # the same weights, widened
     with torch.inference_mode():
@@ -185,7 +152,7 @@ def test_a_bfloat16_model_keeps_bfloat16_weights_and_computes_the_float32_model(
     assert ids == full.generate(prompts, STEPS, temperature=0)[0]
     assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
     # PyTorch's own bfloat16 path (GPUs, other CPUs) still runs: close in bulk, as bfloat16 goes
-    eager = _build_without_kernels(monkeypatch, ckpt_dir, tokenizer_path, dtype="bfloat16")
+    eager = build(ckpt_dir, tokenizer_path, dtype="bfloat16", decoder="pytorch")
     with torch.inference_mode():
         rough = eager.model(torch.tensor([prompts[0]]), 0, all_positions=True).float()
         exact = full.model(torch.tensor([prompts[0]]), 0, all_positions=True)

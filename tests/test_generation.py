@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llama_mp import LlamaMPError
-from llama_mp.chat import UNSAFE_ERROR, encode_dialog
+from llama_mp.runtime.chat import UNSAFE_ERROR, encode_dialog
 from reference import reference_greedy, reference_logits
 from workers import build
 
@@ -52,11 +52,11 @@ def test_generation_stops_at_eos_and_excludes_it(llama):
     # stop before it, while the other one runs on (unless it meets that token too).
     stop_token = free[0][2]
     assert stop_token not in free[0][:2]
-    original, llama.tokenizer.eos_id = llama.tokenizer.eos_id, stop_token
+    original, llama.engine.stop_ids = llama.engine.stop_ids, [stop_token]
     try:
         stopped, _ = llama.generate(prompts, 8, temperature=0)
     finally:
-        llama.tokenizer.eos_id = original
+        llama.engine.stop_ids = original
     assert stopped[0] == free[0][:2]
     cut = free[1].index(stop_token) if stop_token in free[1] else len(free[1])
     assert stopped[1] == free[1][:cut]

@@ -5,12 +5,14 @@ K shards on disk, opening only the shards that overlap its slice; the model it r
 so greedy generation gives the same tokens as with N == K.
 """
 
+import os
+
 import pytest
 import torch
 
-from llama_mp import checkpoint, layout
+from llama_mp.checkpoints import layout, meta as checkpoint
 from llama_mp.errors import LlamaMPError
-from llama_mp.params import load_params
+from llama_mp.checkpoints.params import load_params
 from multiproc import run_ranks
 from workers import greedy_ids
 
@@ -37,7 +39,7 @@ def test_every_rank_gets_exactly_its_split_of_every_tensor(make_checkpoint, num_
         assert got_args.vocab_size == args.vocab_size
         assert set(state) == set(layout.full_shapes(args))
         for key, whole in full.items():
-            assert torch.equal(state[key], layout.split(whole, layout.split_dim(key), world_size, rank)), key
+            assert torch.equal(state[key], layout.split(whole, layout.split_dim(key, args), world_size, rank)), key
 
 
 def test_a_rank_opens_only_the_shards_that_overlap_its_slice(make_checkpoint, monkeypatch):
@@ -78,3 +80,55 @@ def test_greedy_tokens_are_the_same_whatever_the_shard_and_process_counts(make_c
     assert on4[0] == [ids[:6] for ids in ref_a]  # 2 shards on 4 processes (6 new tokens)
     assert on1[3] == ref_b and on1[4] == on2[4] == ref_b  # GQA: 2 shards on 1, 1 shard on 2
     assert ref_b != ref_a  # a different model really gives different tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the model is built as shapes only, and each tensor goes straight to its place
+
+
+def test_a_model_built_on_the_meta_device_takes_no_memory():
+    from llama_mp.checkpoints.params import load_preset
+    from llama_mp.runtime.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(load_preset("llama-2-70b")[0])  # 69B weights: nothing may be allocated
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_loading_copies_each_piece_into_its_place_without_joining_slices_in_host_memory(make_checkpoint, monkeypatch):
+    from llama_mp.distributed import Group
+    from llama_mp.runtime.decode import Decoder
+    from llama_mp.runtime.loading import load_checkpoint
+
+    ckpt_dir, args, full = make_checkpoint(shards=4, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("a rank slice was joined in host memory"))
+    group = Group(0, 1, 0, torch.device("cpu"), "gloo")
+    model = load_checkpoint(ckpt_dir, group, torch.float32, Decoder(), 1, 8)  # 4 shards on 1 rank, widened
+    monkeypatch.undo()
+    for key, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, full[key].float()), key
+
+
+def _resident_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_random_weights_are_made_in_the_target_dtype_one_tensor_at_a_time():
+    """bench's random models: a bfloat16 model must never exist in float32 first (7B: 25 GiB for 13)."""
+    from llama_mp.checkpoints.params import ModelArgs
+    from llama_mp.distributed import Group
+    from llama_mp.runtime.decode import Decoder
+    from llama_mp.runtime.loading import random_model
+    from llama_mp.tools.bench import reset_peak_memory
+
+    args = ModelArgs(dim=512, n_layers=8, n_heads=8, multiple_of=256, vocab_size=32000)
+    reset_peak_memory(torch.device("cpu"))
+    before = _resident_bytes("VmRSS:")
+    model = random_model(args, Group(0, 1, 0, torch.device("cpu"), "gloo"), torch.bfloat16, Decoder(), 1, 8)
+    kept, peak = _resident_bytes("VmRSS:") - before, _resident_bytes("VmHWM:") - before
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert all(t.dtype == torch.bfloat16 for t in model.state_dict().values())
+    # Beyond the model itself, only a few rows' draws: a float32 copy first would add twice its weights.
+    assert peak - kept < 0.5 * weights, (peak, kept, weights)

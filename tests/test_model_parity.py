@@ -1,17 +1,26 @@
 """The model-parallel model computes the same function on 1, 2 and 4 ranks, and the same function as an
-independent reference implementation and as Hugging Face transformers on the same weights."""
+independent reference implementation and as Hugging Face transformers on the same weights, with every
+decoder that ships: PyTorch (what GPUs run) and the CPU kernels."""
 
 import numpy as np
 import pytest
 import torch
 
+from llama_mp.kernels import cpu
 from multiproc import run_ranks
 from reference import reference_greedy, reference_logits
-from workers import build, logits_and_greedy, sampled
+from workers import build, greedy_after_the_callers_own_setup, greedy_ids, logits_and_greedy, sampled
 
 STEPS = 12
 MHA = dict()                           # 4 heads, each with its own keys/values
 GQA = dict(n_heads=8, n_kv_heads=4)    # grouped-query attention, 2 query heads per kv head
+DECODERS = ["pytorch", pytest.param("cpu_kernels", marks=pytest.mark.skipif(
+    cpu.library() is None, reason="the CPU kernels can't be built here"))]
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def decoder(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +30,17 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def one_rank(make_checkpoint, tokenizer_path, prompts):
+def one_rank(make_checkpoint, tokenizer_path, prompts, decoder):
     """Logits and greedy ids of MHA and GQA models from a single-shard checkpoint, in one process."""
     cases = [make_checkpoint(shards=1, **MHA)[0], make_checkpoint(shards=1, **GQA)[0]]
-    return logits_and_greedy(cases, tokenizer_path, prompts, STEPS)
+    return logits_and_greedy(cases, tokenizer_path, prompts, STEPS, decoder)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_compute_the_same_logits_and_greedy_ids_as_one_rank(world_size, make_checkpoint, tokenizer_path,
-                                                                 prompts, one_rank):
+                                                                 prompts, decoder, one_rank):
     cases = [make_checkpoint(shards=world_size, **MHA)[0], make_checkpoint(shards=world_size, **GQA)[0]]
-    per_rank = run_ranks(world_size, logits_and_greedy, cases, tokenizer_path, prompts, STEPS)
+    per_rank = run_ranks(world_size, logits_and_greedy, cases, tokenizer_path, prompts, STEPS, decoder)
     for (ref_logits, ref_ids), *ranks in zip(one_rank, *per_rank):
         logits = ranks[0][0]
         np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5)  # gathered on rank 0
@@ -49,8 +58,8 @@ def test_model_matches_independent_reference(make_checkpoint, tokenizer_path, pr
 def test_bfloat16_checkpoint_loads_in_float32_and_bfloat16(make_checkpoint, tokenizer_path, prompts):
     ckpt_dir, args, state = make_checkpoint(shards=2, dtype=torch.bfloat16, **GQA)
     expected = reference_logits(state, args, prompts[0])  # reference upcasts the bf16 weights
-    as_f32 = build(ckpt_dir, tokenizer_path, dtype="float32")
-    as_bf16 = build(ckpt_dir, tokenizer_path, dtype="bfloat16")
+    as_f32 = build(ckpt_dir, tokenizer_path, dtype="float32", decoder="pytorch")
+    as_bf16 = build(ckpt_dir, tokenizer_path, dtype="bfloat16", decoder="pytorch")  # the kernels: test_cpu_kernels
     assert as_f32.model.output.weight.dtype == torch.float32
     assert as_bf16.model.output.weight.dtype == torch.bfloat16
     with torch.inference_mode():
@@ -61,12 +70,23 @@ def test_bfloat16_checkpoint_loads_in_float32_and_bfloat16(make_checkpoint, toke
     assert (bf16 - expected).abs().mean() < 0.05 * expected.abs().mean()
 
 
-def test_sampling_with_a_seed_gives_the_same_text_on_any_rank_count(make_checkpoint, tokenizer_path, prompts):
-    one = sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 7)
+def test_sampling_with_a_seed_gives_the_same_text_on_any_rank_count_and_decoder(make_checkpoint, tokenizer_path,
+                                                                                prompts):
+    one = sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 7, "pytorch")
     two = run_ranks(2, sampled, make_checkpoint(shards=2)[0], tokenizer_path, prompts, STEPS, 7)
     assert two[0] == two[1] == one
+    if cpu.library() is not None:
+        assert sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 7, "cpu_kernels") == one
     other_seed = sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 8)
     assert other_seed != one
+
+
+def test_a_caller_that_set_up_torch_distributed_and_fairscale_itself_gets_the_same_tokens(make_checkpoint,
+                                                                                          tokenizer_path):
+    """Meta's scripts start the process group and fairscale's model-parallel group before building: the
+    ranks must still sum each other's partial results, not compute alone and disagree."""
+    one = greedy_ids([make_checkpoint(shards=1)[0]], tokenizer_path)
+    assert run_ranks(2, greedy_after_the_callers_own_setup, make_checkpoint(shards=2)[0], tokenizer_path) == [one] * 2
 
 
 def _to_transformers(state, args):

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from llama_mp import LlamaMPError, layout
-from llama_mp.params import load_params, load_preset, parse_params, preset_names
+from llama_mp import LlamaMPError
+from llama_mp.checkpoints import layout
+from llama_mp.checkpoints.params import load_params, load_preset, parse_params, preset_names
 
 LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1}
 

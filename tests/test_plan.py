@@ -1,16 +1,14 @@
 """`llama-mp plan`: per-rank memory, a verdict, and what would fit instead."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from llama_mp import layout
+from llama_mp.checkpoints import layout
 from llama_mp.errors import LlamaMPError
-from llama_mp.params import load_preset
-from llama_mp.plan import CUDA_CONTEXT_BYTES, GIB, estimate, make_plan
-from llama_mp.tools_cli import plan as plan_command
+from llama_mp.checkpoints.params import load_preset
+from llama_mp.tools.plan import CUDA_CONTEXT_BYTES, GIB, estimate, make_plan
+from llama_mp.cli.commands import plan as plan_command
 
 
 def test_7b_bfloat16_does_not_fit_one_12gb_card_and_two_is_the_way_out():
@@ -78,12 +76,12 @@ def test_bad_input_is_an_error(kwargs, words):
         plan_command(**kwargs)
 
 
-def test_command_line_prints_a_table_and_exits_zero_whether_or_not_it_fits():
-    base = [sys.executable, "-m", "llama_mp", "plan", "--model", "llama-2-7b", "--gpu_mem_gb", "12"]
-    no = subprocess.run(base + ["--gpus", "1"], capture_output=True, text=True)
-    assert no.returncode == 0, no.stderr
-    assert "Fits: NO" in no.stdout and "torchrun --nproc_per_node 2" in no.stdout
-    yes = subprocess.run(base + ["--gpus", "2", "--json"], capture_output=True, text=True)
-    assert yes.returncode == 0 and json.loads(yes.stdout)["fits"] is True
-    bad = subprocess.run(base + ["--gpus", "3"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Valid GPU counts" in bad.stderr
+def test_command_line_prints_a_table_and_exits_zero_whether_or_not_it_fits(llama_mp_command):
+    base = ["plan", "--model", "llama-2-7b", "--gpu_mem_gb", "12"]
+    code, out, err = llama_mp_command(*base, "--gpus", "1")
+    assert code == 0, err
+    assert "Fits: NO" in out and "torchrun --nproc_per_node 2" in out
+    code, out, _ = llama_mp_command(*base, "--gpus", "2", "--json")
+    assert code == 0 and json.loads(out)["fits"] is True
+    code, _, err = llama_mp_command(*base, "--gpus", "3")
+    assert code == 2 and "Valid GPU counts" in err

@@ -1,16 +1,14 @@
 """`llama-mp reshard`: a new folder with M shards, the same tensors, written all-or-nothing."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from llama_mp import checkpoint, layout, reshard as reshard_mod
+from llama_mp.checkpoints import layout, meta as checkpoint, reshard as reshard_mod
 from llama_mp.errors import LlamaMPError
-from llama_mp.reshard import reshard
-from llama_mp.verify import verify_checkpoint
+from llama_mp.checkpoints.reshard import reshard
+from llama_mp.checkpoints.verify import verify_checkpoint
 
 
 def shard_tensors(ckpt_dir):
@@ -28,7 +26,7 @@ def test_reshard_writes_m_shards_that_split_the_same_model(make_checkpoint, tmp_
     for index, shard in enumerate(shard_tensors(dst)):
         assert list(shard) == list(full)  # Meta's key order kept
         for key, whole in full.items():
-            assert torch.equal(shard[key], layout.split(whole, layout.split_dim(key), 4, index))
+            assert torch.equal(shard[key], layout.split(whole, layout.split_dim(key, None), 4, index))
     assert verify_checkpoint(dst, progress=False) == []  # fresh checklist.chk matches
 
 
@@ -126,11 +124,11 @@ def test_an_invalid_shard_count_lists_the_valid_ones(make_checkpoint, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_command_line_exit_codes(make_checkpoint, tmp_path):
+def test_command_line_exit_codes(make_checkpoint, tmp_path, llama_mp_command):
     src, _, _ = make_checkpoint(shards=2)
-    run = [sys.executable, "-m", "llama_mp", "reshard", src, str(tmp_path / "one"), "--mp", "1"]
-    ok = subprocess.run(run, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert "wrote" in ok.stdout and "writing" in ok.stderr  # result on stdout, progress bar on stderr
-    again = subprocess.run(run, capture_output=True, text=True)
-    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    run = ["reshard", src, tmp_path / "one", "--mp", "1"]
+    code, out, err = llama_mp_command(*run)
+    assert code == 0, err
+    assert "wrote" in out and "writing" in err  # result on stdout, progress bar on stderr
+    code, _, err = llama_mp_command(*run)
+    assert code == 2 and "--overwrite" in err and "Traceback" not in err

@@ -4,7 +4,7 @@ to the nucleus of mass top_p (computed as if the whole vocabulary were sorted), 
 import pytest
 import torch
 
-from llama_mp.sampling import _nucleus, sample
+from llama_mp.runtime.sampling import _nucleus, sample
 
 DRAWS = 40000  # one row per draw: frequencies within ~0.006 (3 sigma) of the probabilities
 

@@ -3,7 +3,7 @@
 import pytest
 
 from llama_mp import LlamaMPError
-from llama_mp.tokenizer import TextStream, Tokenizer
+from llama_mp.runtime.tokenizer import TextStream, Tokenizer
 
 
 def test_llama_special_ids_and_round_trip(tokenizer):

@@ -3,14 +3,12 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from llama_mp.tools_cli import verify as verify_command
+from llama_mp.cli.commands import verify as verify_command
 from llama_mp.errors import LlamaMPError
-from llama_mp.verify import verify_checkpoint
+from llama_mp.checkpoints.verify import verify_checkpoint
 
 
 @pytest.fixture
@@ -98,16 +96,16 @@ def test_invalid_params_and_unlisted_files_are_reported_together(ckpt):
     assert any("consolidated.01.pth is not listed" in p for p in problems)
 
 
-def test_the_command_prints_every_problem_and_exits_non_zero(ckpt):
+def test_the_command_prints_every_problem_and_exits_non_zero(ckpt, llama_mp_command):
     os.remove(os.path.join(ckpt, "consolidated.01.pth"))
     with open(os.path.join(ckpt, "consolidated.00.pth"), "ab") as f:
         f.write(b"junk")
     with pytest.raises(LlamaMPError, match="3 problem"):
         verify_command(ckpt, quiet=True)
-    done = subprocess.run([sys.executable, "-m", "llama_mp", "verify", ckpt], capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "consolidated.00.pth has md5" in done.stdout
-    assert "consolidated.01.pth is listed in checklist.chk but does not exist" in done.stdout
+    code, out, err = llama_mp_command("verify", ckpt)
+    assert code == 2
+    assert "consolidated.00.pth has md5" in out
+    assert "consolidated.01.pth is listed in checklist.chk but does not exist" in out
     # The last shard leaves no gap in the names; the halved tensors in shard 0 give it away.
-    assert "consolidated.01.pth is missing (1 of 2 shards present)" in done.stdout
-    assert "failed verification" in done.stderr and "Traceback" not in done.stderr
+    assert "consolidated.01.pth is missing (1 of 2 shards present)" in out
+    assert "failed verification" in err and "Traceback" not in err

@@ -7,15 +7,16 @@ from llama_mp import Llama
 GLOO = dict(backend="gloo", device="cpu")
 
 
-def build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="float32", seed=1):
-    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, dtype=dtype, **GLOO)
+def build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="float32", seed=1, decoder="auto"):
+    return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, dtype=dtype,
+                       decoder=decoder, **GLOO)
 
 
-def logits_and_greedy(cases, tokenizer_path, prompts, steps):
+def logits_and_greedy(cases, tokenizer_path, prompts, steps, decoder="auto"):
     """For each checkpoint dir in `cases`: all-position logits of prompts[0] (rank 0) and greedy ids."""
     out = []
     for ckpt_dir in cases:
-        llama = build(ckpt_dir, tokenizer_path)
+        llama = build(ckpt_dir, tokenizer_path, decoder=decoder)
         with torch.inference_mode():
             logits = llama.model(torch.tensor([prompts[0]]), 0, all_positions=True)  # None off rank 0
         ids, _ = llama.generate(prompts, steps, temperature=0.0)
@@ -27,43 +28,53 @@ PROMPTS = ["The quick brown fox", "Once upon a time there was", "Model parallel"
 
 
 def prompt_ids(tokenizer_path):
-    from llama_mp.tokenizer import Tokenizer
+    from llama_mp.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
     return [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
 
 
-def greedy_ids(ckpt_dirs, tokenizer_path, max_gen_len=12):
+def greedy_ids(ckpt_dirs, tokenizer_path, max_gen_len=12, decoder="auto"):
     """For each checkpoint: greedy continuations of PROMPTS (checkpoints that should hold one model)."""
     out = []
     for ckpt_dir in ckpt_dirs:
-        llama = build(ckpt_dir, tokenizer_path, max_batch_size=len(PROMPTS))
+        llama = build(ckpt_dir, tokenizer_path, max_batch_size=len(PROMPTS), decoder=decoder)
         prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
         ids, _ = llama.generate(prompts, max_gen_len=max_gen_len, temperature=0)
         out.append(ids)
     return out
 
 
-def sampled(ckpt_dir, tokenizer_path, prompts, steps, seed):
-    llama = build(ckpt_dir, tokenizer_path, seed=seed)
+def sampled(ckpt_dir, tokenizer_path, prompts, steps, seed, decoder="auto"):
+    llama = build(ckpt_dir, tokenizer_path, seed=seed, decoder=decoder)
     ids, _ = llama.generate(prompts, steps, temperature=0.8, top_p=0.95)
     return ids
 
 
+def greedy_after_the_callers_own_setup(ckpt_dir, tokenizer_path):
+    """What Meta's scripts do: start torch.distributed and fairscale's model-parallel group, then build."""
+    from fairscale.nn.model_parallel import initialize as mpu
+
+    torch.distributed.init_process_group("gloo")
+    mpu.initialize_model_parallel(torch.distributed.get_world_size())
+    return greedy_ids([ckpt_dir], tokenizer_path)
+
+
 def collective_results(rounds):
     """Sums and argmaxes over the ranks, and whether the shared-memory exchange carried them."""
-    from llama_mp import collectives, distributed
+    from llama_mp import distributed
 
-    env = distributed.setup("gloo", "cpu")
-    sums = [collectives.all_sum(torch.full((1, 1, 8), float(env.rank + 1) * (i + 1))) for i in range(rounds)]
+    group = distributed.setup("gloo", "cpu")
+    comm, rank = group.collectives, group.rank
+    sums = [comm.all_sum(torch.full((1, 1, 8), float(rank + 1) * (i + 1))) for i in range(rounds)]
     logits = torch.zeros(2, 4)
     logits[0, 1] = 5.0  # row 0: every rank ties on its second id -> the lowest global id wins
-    logits[1, env.rank] = float(env.rank)  # row 1: the last rank holds the maximum
-    argmax = collectives.global_argmax(logits, vocab_offset=4 * env.rank)
-    big = collectives.all_sum(torch.ones(1 << 17))  # over the exchange's slot size: gloo's path
-    gathered = [collectives.gather_last_dim_to_main(torch.full((2, n), float(env.rank))) for n in (3, 1 << 16)]
+    logits[1, rank] = float(rank)  # row 1: the last rank holds the maximum
+    argmax = comm.global_argmax(logits, vocab_offset=4 * rank)
+    big = comm.all_sum(torch.ones(1 << 17))  # over the exchange's slot size: gloo's path
+    gathered = [comm.gather_last_dim_to_main(torch.full((2, n), float(rank))) for n in (3, 1 << 16)]
     gathered = [None if g is None else (tuple(g.shape), g[0].tolist()[:1] + g[1].tolist()[-1:]) for g in gathered]
-    tokens = [collectives.broadcast_from_main_(torch.full((3,), env.rank + 10 * i)).tolist() for i in range(3)]
-    tokens.append(collectives.broadcast_from_main_(torch.full((1 << 16,), env.rank + 7))[-2:].tolist())  # gloo's path
-    return (collectives._exchange is not None, [s.flatten().tolist() for s in sums], argmax.tolist(), float(big[0]),
+    tokens = [comm.broadcast_from_main_(torch.full((3,), rank + 10 * i)).tolist() for i in range(3)]
+    tokens.append(comm.broadcast_from_main_(torch.full((1 << 16,), rank + 7))[-2:].tolist())  # gloo's path
+    return (comm.exchange is not None, [s.flatten().tolist() for s in sums], argmax.tolist(), float(big[0]),
             gathered, tokens)

@@ -25,11 +25,12 @@ SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "ass
 def random_tensor(key: str, shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
     """Float32 random values for (a slice of) weight `key`: norms near 1, the embedding N(0, 1), linear
     weights N(0, 1/fan_in) with `fan_in` the whole matrix's input size, so activations stay O(1)."""
+    noise = torch.randn(shape, generator=generator)
     if len(shape) == 1:
-        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        return noise.mul_(0.1).add_(1.0)
     if key == "tok_embeddings.weight":
-        return torch.randn(shape, generator=generator)
-    return torch.randn(shape, generator=generator) / fan_in ** 0.5
+        return noise
+    return noise.mul_(fan_in ** -0.5)
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> StateDict:

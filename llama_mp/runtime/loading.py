@@ -50,14 +50,16 @@ def load_checkpoint(ckpt_dir: str, group: Group, dtype: torch.dtype, decoder: De
 def random_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
                  max_seq_len: int, seed: int = 0) -> Transformer:
     """This rank's slice of a model with random weights (`synth.random_tensor`; each rank draws its own),
-    for benchmarks of shapes without a download. One float32 tensor exists besides the model at a time."""
+    for benchmarks of shapes without a download. Drawn a few rows at a time, straight
+    into the model's tensors in its dtype: no whole tensor exists twice."""
     layout.require_split(args, group.world_size, f"This shape (dim {args.dim}, vocab {args.vocab_size})", "process")
     model = empty_model(args, group, dtype, decoder, max_batch_size, max_seq_len)
     full = layout.full_shapes(args)
     g = torch.Generator().manual_seed(seed * 1000 + group.rank)
     with torch.no_grad():
         for key, target in model.state_dict().items():
-            target.copy_(random_tensor(key, target.shape, full[key][-1], g))
+            for rows in target.split(1024):  # float32 draws of a few MiB, converted as they are copied
+                rows.copy_(random_tensor(key, rows.shape, full[key][-1], g))
     return model
 
 
