@@ -78,3 +78,22 @@ def collective_results(rounds):
     tokens.append(comm.broadcast_from_main_(torch.full((1 << 16,), rank + 7))[-2:].tolist())  # gloo's path
     return (comm.exchange is not None, [s.flatten().tolist() for s in sums], argmax.tolist(), float(big[0]),
             gathered, tokens)
+
+
+def served_by_rank_0(ckpt_dir, tokenizer_path):
+    """Rank 0 takes requests (two, then a bad one); the other ranks wait in the engine's serve loop and
+    run whatever it sends, until it stops them."""
+    from llama_mp.errors import LlamaMPError
+
+    llama = build(ckpt_dir, tokenizer_path, max_batch_size=len(PROMPTS))
+    if not llama.group.is_main:
+        llama.engine.serve()
+        return "served"
+    answers = [llama.text_completion(PROMPTS, max_gen_len=6, temperature=0),
+               llama.chat_completion([[{"role": "user", "content": PROMPTS[0]}]], max_gen_len=3, temperature=0)]
+    try:
+        llama.text_completion(PROMPTS * 2, max_gen_len=6)  # more prompts than max_batch_size
+    except LlamaMPError as e:
+        answers.append(str(e).split(" but ")[0])
+    llama.engine.stop()
+    return answers

@@ -3,8 +3,8 @@
 Sources are detected from what is on disk:
 
 * a Meta directory (params.json + consolidated.NN.pth): resharded (`reshard.py`);
-* a Hugging Face Llama directory (config.json + safetensors or pytorch_model*.bin): `hf_format.py`;
-* a llama2.c `.bin` file: `llama2c_format.py`.
+* a Hugging Face Llama directory (config.json + safetensors or pytorch_model*.bin): `hf.py`;
+* a llama2.c `.bin` file: `llama2c.py`.
 
 Every reader presents the same small interface, a "source": `args` (ModelArgs, vocab known), `keys()`
 in Meta order, `tensor(key)` giving the whole tensor in Meta's layout (read lazily), and `tokenizer`

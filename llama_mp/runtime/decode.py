@@ -26,8 +26,9 @@ DECODERS = ("auto", "pytorch", "cpu_kernels")
 
 
 class Decoder:
-    """PyTorch operators for everything. On a CPU the matrices are stored [in, out] (MKL's fast
-    matrix-vector path); on a GPU as the checkpoint has them, [out, in], for `F.linear`."""
+    """The `pytorch` decoder, whose four methods are the interface other decoders override: PyTorch
+    operators for everything. On a CPU the matrices are stored [in, out] (MKL's fast matrix-vector
+    path); on a GPU as the checkpoint has them, [out, in], for `F.linear`."""
 
     name = "PyTorch"
 

@@ -1,10 +1,10 @@
 """The engine: one generation loop run by every rank, and the protocol that keeps the ranks in step.
 
 Rank protocol. Rank 0 decides every piece of work: it validates a request and sends `(op, payload)` to
-the other ranks, which run the same op on the same payload (`call`); a request rank 0 refuses is
-refused on every rank, with one message. Code where every rank calls the same method (Meta's API:
-`Llama.generate` on each rank) and code where only rank 0 takes requests while the others wait in
-`serve()` (a server) use the same messages.
+the other ranks, which run the same op on the same payload (`call`); a request rank 0 refuses is said
+once, by rank 0. Code where every rank calls the same method (Meta's API: `Llama.generate` on each
+rank; there the refusal stops every rank) and code where only rank 0 takes requests while the others
+wait in `serve()` (a server; there they wait for the next one) use the same messages.
 
 Generation. `generate` prefills the prompts, then decodes one position per step; `next_token` is the
 one place a step's token is chosen, on every rank: greedy decoding finds the argmax across the ranks'
@@ -19,13 +19,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..distributed import Group, decided_by_main
-from ..errors import LlamaMPError
+from ..distributed import Group, broadcast_from_main
+from ..errors import LlamaMPError, RemoteRankError, report
 from ..checks import require_int
 from .model import Transformer
 from .sampling import check_sampling, sample
 
-STOP = "stop"
+STOP, REFUSED = "stop", "refused"  # the protocol's own ops
 
 
 @dataclass(frozen=True)
@@ -59,24 +59,38 @@ class Engine:
     # Rank protocol
 
     def call(self, op: str, decide: Callable[[], Any], **local) -> Any:
-        """Every rank: run `op` on the payload rank 0's `decide()` returns. If `decide` raises, rank 0
-        re-raises it and the others raise RemoteRankError. `local` arguments (callbacks) stay on this rank."""
-        op, payload = decided_by_main(self.group, lambda: (op, decide()))
+        """Every rank: run `op` on the payload rank 0's `decide()` returns. If `decide` raises, rank 0 says
+        so (one message) and re-raises; ranks that called `call` too raise RemoteRankError, ranks in
+        `serve()` wait for the next request. `local` arguments (callbacks) stay on this rank."""
+        if self.group.is_main:
+            try:
+                payload = decide()
+            except Exception as e:  # noqa: BLE001 - the others must hear of any failure, or they hang
+                if isinstance(e, LlamaMPError):
+                    report(e)  # before the others hear of it (they may exit at once)
+                broadcast_from_main(self.group, (REFUSED, None))
+                raise
+            broadcast_from_main(self.group, (op, payload))
+            return self.ops[op](payload, **local)
+        op, payload = broadcast_from_main(self.group, None)
+        if op == REFUSED:
+            raise RemoteRankError("rank 0 refused the request; see its message.")
         if op == STOP:
             raise LlamaMPError("rank 0 stopped serving while this rank expected work.")
-        return self.ops[op](payload, **local)
+        return self.ops[op](payload)
 
     def serve(self) -> None:
         """Ranks other than 0: run whatever rank 0 sends, until it sends `stop()`."""
         while True:
-            op, payload = decided_by_main(self.group, lambda: None)
+            op, payload = broadcast_from_main(self.group, None)
             if op == STOP:
                 return
-            self.ops[op](payload)
+            if op != REFUSED:
+                self.ops[op](payload)
 
     def stop(self) -> None:
         """Rank 0: let the ranks in `serve()` return."""
-        decided_by_main(self.group, lambda: (STOP, None))
+        broadcast_from_main(self.group, (STOP, None))
 
     # ------------------------------------------------------------------------------------------
     # Requests

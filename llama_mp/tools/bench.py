@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..checkpoints.params import ModelArgs, load_params, load_preset, parse_params
+from ..checks import require_int
 from ..dtypes import choose_dtype
 from ..errors import LlamaMPError
 from ..runtime.decode import choose_decoder
@@ -188,8 +189,9 @@ def bench(
     shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
              "vocab_size": vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_dim_multiplier}
     args = shape_args(ckpt_dir, model, shape)
-    if min(batch, prompt_len, new_tokens, runs) < 1 or warmup < 0:
-        raise LlamaMPError("--batch, --prompt_len, --new_tokens and --runs must be >= 1, --warmup >= 0.")
+    for flag, value, least in (("--batch", batch, 1), ("--prompt_len", prompt_len, 1),
+                               ("--new_tokens", new_tokens, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
+        require_int(flag, value, least)
     check_sampling(temperature, top_p, 0)
     if compare and temperature:
         raise LlamaMPError("--compare transformers times greedy decoding; drop --temperature or the comparison.")

@@ -1,5 +1,5 @@
 /* llama_mp's CPU decode kernels: one new token for each of `rows` sequences on x86-64 with AVX2 and
- * FMA; weights in float32 or bfloat16, all arithmetic in float32. Built on first use by cpu_kernels.py
+ * FMA; weights in float32 or bfloat16, all arithmetic in float32. Built on first use by kernels/cpu.py
  * with the system C compiler and called through ctypes.
  *
  * Why C: decoding reads every weight once per token, so it runs at the speed weights stream from
