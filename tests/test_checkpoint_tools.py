@@ -38,7 +38,7 @@ def test_synth_writes_a_checkpoint_verify_accepts_all_or_nothing(tmp_path, token
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(synthetic, "write_random_checkpoint", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(LlamaMPError, match="No space left on device"):
         synth(str(out), mp=2, tokenizer=tokenizer_path, **SMALL)
     assert os.listdir(tmp_path) == []  # the next run is not refused by a half folder
     monkeypatch.setattr(synthetic, "write_random_checkpoint", real)
@@ -126,7 +126,7 @@ def test_a_failed_final_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(output_dir.os, "rename", rename)
-    with pytest.raises(OSError, match="Permission denied"):
+    with pytest.raises(LlamaMPError, match=r"the folder .* is not writable \(Permission denied\)"):
         with output_dir.staged_output_dir(str(dst), overwrite=True) as out:
             open(os.path.join(out, "new.txt"), "w").close()
     assert os.listdir(tmp_path) == ["out"] and os.listdir(dst) == ["keep.txt"]

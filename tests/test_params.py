@@ -72,3 +72,81 @@ def test_layout_follows_meta_sharding():
     assert shapes["layers.0.feed_forward.w2.weight"] == (4096, 5504)
     assert shapes["layers.0.ffn_norm.weight"] == (4096,)
     assert layout.valid_world_sizes(args) == [1, 2, 4, 8]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile values: json reads NaN and Infinity, which pass every comparison-based range check, and
+# nothing stops a file from holding strings, bools or numbers no model can have.
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+FLOAT_FIELDS = ["norm_eps", "rope_theta", "ffn_dim_multiplier"]
+INT_FIELDS = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"]
+NOT_NUMBERS = st.one_of(st.text(max_size=8), st.booleans(), st.lists(st.integers(), max_size=2))
+BAD_FLOATS = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), 10 ** 400, -(10 ** 400)]),
+    st.floats(max_value=0.0, allow_nan=False),  # zero and negative
+    NOT_NUMBERS,
+)
+BAD_INTS = st.one_of(
+    st.integers(max_value=-2), st.just(0),
+    st.integers(min_value=2 ** 31, max_value=10 ** 30),  # no tensor dimension is that large
+    st.floats(allow_nan=True, allow_infinity=True),  # 4096.0 is not an integer either
+    NOT_NUMBERS,
+)
+
+
+def refused_fields(raw):
+    with pytest.raises(LlamaMPError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert "\n" not in message and message.count("is not a valid LLaMA params file") == 1
+    return message
+
+
+@settings(max_examples=50, deadline=None)
+@given(bad=st.dictionaries(st.sampled_from(FLOAT_FIELDS), BAD_FLOATS, min_size=1))
+def test_every_non_finite_or_impossible_float_field_is_named_in_one_message(bad):
+    message = refused_fields(dict(LLAMA2_7B, **bad))
+    for name in bad:
+        assert f"{name} must be" in message, message
+
+
+@settings(max_examples=50, deadline=None)
+@given(bad=st.dictionaries(st.sampled_from(INT_FIELDS), BAD_INTS, min_size=1),
+       bad_float=st.sampled_from(FLOAT_FIELDS), float_value=BAD_FLOATS)
+def test_every_bad_integer_field_is_named_together_with_bad_float_fields(bad, bad_float, float_value):
+    message = refused_fields(dict(LLAMA2_7B, **bad, **{bad_float: float_value}))
+    for name in [*bad, bad_float]:
+        assert name in message, message
+
+
+@settings(max_examples=50, deadline=None)
+@given(norm_eps=st.floats(min_value=1e-12, max_value=0.5), rope_theta=st.floats(min_value=1.0, max_value=1e9),
+       ffn_dim_multiplier=st.floats(min_value=0.01, max_value=100.0))
+def test_finite_values_in_range_are_accepted(norm_eps, rope_theta, ffn_dim_multiplier):
+    args = parse_params(dict(LLAMA2_7B, norm_eps=norm_eps, rope_theta=rope_theta,
+                             ffn_dim_multiplier=ffn_dim_multiplier))
+    assert (args.norm_eps, args.rope_theta) == (norm_eps, rope_theta) and args.ffn_hidden_dim > 0
+
+
+def test_nan_and_infinity_in_a_params_file_are_refused(tmp_path):
+    (tmp_path / "params.json").write_text(
+        '{"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "vocab_size": -1, '
+        '"norm_eps": NaN, "rope_theta": Infinity, "ffn_dim_multiplier": -Infinity}')
+    with pytest.raises(LlamaMPError, match=r"params\.json is not a valid LLaMA params file: "
+                                           r"norm_eps must be a finite number, got nan .*; "
+                                           r"rope_theta must be a finite number, got inf .*; "
+                                           r"ffn_dim_multiplier must be a finite number, got -inf"):
+        load_params(str(tmp_path))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"norm_eps": 1.0}, "norm_eps must be positive and below 1"),
+    ({"ffn_dim_multiplier": 1e-9}, "FFN width of 0"),
+    ({"ffn_dim_multiplier": 1e300}, "FFN width of"),
+    ({"dim": 2 ** 40}, "dim 1099511627776 is impossibly large"),
+])
+def test_values_no_model_can_have_are_refused(change, words):
+    with pytest.raises(LlamaMPError, match=words):
+        parse_params(dict(LLAMA2_7B, **change))

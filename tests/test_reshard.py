@@ -105,14 +105,14 @@ def test_a_failure_half_way_leaves_no_destination_and_no_staging_folder(make_che
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(reshard_mod.torch, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(LlamaMPError, match="No space left on device while writing .*out.* needs about"):
         reshard(src, str(tmp_path / "out"), 2, progress=False)
     assert os.listdir(tmp_path) == []
     # With --overwrite, the old folder survives a failed attempt untouched.
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("mine")
     calls.clear()
-    with pytest.raises(OSError):
+    with pytest.raises(LlamaMPError, match="No space left on device"):
         reshard(src, str(tmp_path / "old"), 2, overwrite=True, progress=False)
     assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == ["keep.txt"]
 

@@ -109,3 +109,24 @@ def test_the_command_prints_every_problem_and_exits_non_zero(ckpt, llama_mp_comm
     # The last shard leaves no gap in the names; the halved tensors in shard 0 give it away.
     assert "consolidated.01.pth is missing (1 of 2 shards present)" in out
     assert "failed verification" in err and "Traceback" not in err
+
+
+def test_checklist_lines_naming_files_outside_the_folder_are_reported_and_not_read(ckpt, tmp_path, monkeypatch):
+    from llama_mp.checkpoints import meta
+
+    (tmp_path / "secret").write_text("not yours")
+    os.mkdir(os.path.join(ckpt, "sub"))
+    with open(os.path.join(ckpt, "sub", "x"), "w") as f:
+        f.write("x")
+    with open(os.path.join(ckpt, "checklist.chk"), "a") as f:
+        for name in ("../secret", str(tmp_path / "secret"), "sub/x", "*../secret", ".."):
+            f.write(f"{'0' * 32}  {name}\n")
+    read = []
+    real_md5 = meta.md5_file
+    monkeypatch.setattr(meta, "md5_file", lambda path, *a, **k: read.append(path) or real_md5(path, *a, **k))
+    problems = problems_of(ckpt)
+    assert sorted(os.path.basename(p) for p in read) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    for name in ("../secret", str(tmp_path / "secret"), "sub/x", ".."):
+        assert any(f"names {name!r}, which is not a file of this folder" in p and "it was not read" in p
+                   for p in problems), problems
+    assert len(problems) == 5

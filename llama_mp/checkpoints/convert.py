@@ -41,6 +41,9 @@ class Source(Protocol):
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]: ...
 
+    def dtypes(self) -> Dict[str, object]:
+        """{label naming the file and tensor: dtype} from headers where the format has them."""
+
     def tensor(self, meta_key: str) -> torch.Tensor: ...
 
 
@@ -57,6 +60,9 @@ class MetaSource:
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         return layout.full_shapes(self.args)  # open_meta has checked every shard against it
+
+    def dtypes(self) -> Dict[str, object]:
+        return {key: self._shards[0][key].dtype for key in self.keys()}  # checked by open_meta too
 
     def tensor(self, meta_key: str) -> torch.Tensor:
         return layout.merge([sd[meta_key] for sd in self._shards], layout.split_dim(meta_key, self.args))
@@ -86,11 +92,25 @@ def open_source(src: str) -> Source:
 
 
 def check_source_shapes(source: Source, where: str) -> None:
-    """Every tensor has the shape the derived params imply, before anything is written."""
+    """Every tensor is a weight (`meta.is_weight_dtype`) of the shape the derived params imply, before
+    anything is written: an int8 tensor would otherwise be written out as a checkpoint that cannot load."""
+    wrong_kind = checkpoint.dtype_problems(source.dtypes())
+    if wrong_kind:
+        raise LlamaMPError(f"{where} holds tensors that are not weights: " + "; ".join(wrong_kind[:6])
+                           + (f"; and {len(wrong_kind) - 6} more" if len(wrong_kind) > 6 else "")
+                           + ". " + checkpoint.weight_dtype_advice())
     problems = checkpoint.shape_problems(source.shapes(), layout.full_shapes(source.args))
     if problems:
         raise LlamaMPError(f"{where} is inconsistent with its own config: " + "; ".join(problems[:6])
                            + ". The files are incomplete or from different models.")
+
+
+def output_bytes(source: Source, dtype: Optional[torch.dtype]) -> int:
+    """About how many bytes the converted weights take: every parameter in `dtype`, or else in the dtype
+    of the source's first tensor (for a full disk's message)."""
+    if dtype is None:
+        dtype = checkpoint.as_torch_dtype(next(iter(source.dtypes().values())))
+    return source.args.parameter_count() * dtype.itemsize
 
 
 def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype: Optional[str] = None,
@@ -103,7 +123,7 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
     def piece(key: str, index: int) -> torch.Tensor:
         return layout.split(source.tensor(key), layout.split_dim(key, source.args), mp, index)
 
-    with staged_output_dir(dst, overwrite, src=src) as out:
+    with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(source, torch_dtype)) as out:
         save_params(source.args, out)
         copy_tokenizer(out, tokenizer, source.tokenizer)
         write_shards(out, source.keys(), mp, piece, torch_dtype, progress)
@@ -120,7 +140,7 @@ def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optio
         t = source.tensor(key)
         return t.to(torch_dtype) if torch_dtype else t
 
-    with staged_output_dir(dst, overwrite, src=src) as out, \
+    with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(source, torch_dtype)) as out, \
             tqdm(total=len(keys), desc="writing safetensors", unit="tensor", file=sys.stderr,
                  disable=not progress) as bar:
         copy_tokenizer(out, tokenizer, source.tokenizer)  # first: a wrong --tokenizer fails before the writing

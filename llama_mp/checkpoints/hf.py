@@ -228,6 +228,17 @@ class HFSource:
                                         if hasattr(handle, "get_slice") else handle.get_tensor(name).shape))
         return out
 
+    def dtypes(self) -> Dict[str, object]:
+        """{"file: HF name": dtype} of every tensor, from the safetensors headers (a string such as
+        "BF16" or "I8") or the loaded state dict of a pytorch_model*.bin (a torch.dtype)."""
+        out = {}
+        for key in self.keys():
+            handle, name = self._locate(key)
+            dtype = self._read(name, lambda: handle.get_slice(name).get_dtype()
+                               if hasattr(handle, "get_slice") else handle.get_tensor(name).dtype)
+            out[f"{os.path.basename(self._files[name])}: {name}"] = dtype
+        return out
+
     def _read(self, name: str, read: Callable[[], object]):
         """`read()` of tensor `name`, a failure inside its file reported as a damaged download."""
         try:

@@ -123,5 +123,9 @@ class Llama2cSource:
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         return {key: tuple(self._tensors[key].shape) for key in self.keys()}
 
+    def dtypes(self) -> Dict[str, object]:
+        """Always float32: the version 0 format has no other (the mapping above reads it as such)."""
+        return {key: self._tensors[key].dtype for key in self.keys()}
+
     def tensor(self, meta_key: str) -> torch.Tensor:
         return self._tensors[meta_key]

@@ -19,6 +19,7 @@ import torch
 
 from tqdm import tqdm
 
+from ..dtypes import DTYPES
 from ..errors import LlamaMPError
 from . import layout
 from .params import ModelArgs
@@ -101,8 +102,52 @@ def tensor_shapes(sd: StateDict) -> Dict[str, Tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
+# A weight is a floating-point tensor of one of the dtypes every tool accepts by name (dtypes.DTYPES).
+# Anything else (int8/int4 quantised weights, bool, complex, float64) would end in a traceback while
+# loading, or be copied into float weights as nonsense. Safetensors headers name dtypes as strings.
+WEIGHT_DTYPES = frozenset(DTYPES.values())
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def is_weight_dtype(dtype) -> bool:
+    """Whether `dtype` (a torch.dtype, or a safetensors header string such as "BF16") can hold weights."""
+    return _SAFETENSORS_DTYPES.get(dtype, dtype) in WEIGHT_DTYPES
+
+
+def as_torch_dtype(dtype) -> torch.dtype:
+    """The torch dtype of a weight dtype given either way (torch.dtype or safetensors string)."""
+    return _SAFETENSORS_DTYPES.get(dtype, dtype)
+
+
+def dtype_name(dtype) -> str:
+    """`torch.int8` -> "int8"; a safetensors string stays as it is ("I8")."""
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_problems(dtypes: Dict[str, object]) -> List[str]:
+    """One item per tensor (by label: a key, or "file: name") whose dtype cannot hold weights."""
+    return [f"{label} is {dtype_name(dtype)}, not a floating-point weight"
+            for label, dtype in dtypes.items() if not is_weight_dtype(dtype)]
+
+
+def weight_dtype_advice() -> str:
+    """What a message about a wrong tensor dtype tells the user to do."""
+    return (f"Weights must be {', '.join(DTYPES)}; quantised (int8/int4) or otherwise altered files cannot "
+            "be used: download the original weights again, or convert them from an unquantised copy.")
+
+
+def tensor_dtypes(sd: StateDict) -> Dict[str, torch.dtype]:
+    return {k: v.dtype for k, v in sd.items()}
+
+
 def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str) -> None:
-    """Strict key and shape check, naming every missing, unexpected or misshaped tensor."""
+    """Strict dtype, key and shape check, naming every tensor of the wrong kind, then every missing,
+    unexpected or misshaped one."""
+    wrong_kind = dtype_problems(tensor_dtypes(sd))
+    if wrong_kind:
+        raise LlamaMPError(f"{where} holds tensors that are not weights: " + "; ".join(wrong_kind[:8])
+                           + (f"; and {len(wrong_kind) - 8} more" if len(wrong_kind) > 8 else "")
+                           + ". " + weight_dtype_advice())
     problems = shape_problems(tensor_shapes(sd), expected)
     if problems:
         raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -98,6 +99,17 @@ _REQUIRED = [name for name, f in _FIELDS.items()
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 _INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"}
 _FLOATS = {"ffn_dim_multiplier", "norm_eps", "rope_theta"}
+# No tensor dimension of a model that fits anywhere reaches 2**31; a bigger value is a typo or an attack,
+# and would otherwise end in an allocation traceback (or an overflow) far from params.json.
+LARGEST_SIZE = 2 ** 31 - 1
+# Per float field: the open range of sensible values and why. Python's json reads NaN and Infinity, which
+# pass every comparison-based check (NaN <= 0 is False) and make the model emit <unk> forever.
+_FLOAT_RANGES = {
+    "norm_eps": (0.0, 1.0, "it is the epsilon of RMSNorm, about 1e-5 or 1e-6; 1 or more would drown the "
+                           "activations"),
+    "rope_theta": (0.0, math.inf, "it is the base of the rotary frequencies, 10000 or 1000000"),
+    "ffn_dim_multiplier": (0.0, math.inf, "it scales the FFN width, e.g. 1.3"),
+}
 
 
 def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
@@ -119,10 +131,10 @@ def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
             continue
         if value is None and _FIELDS[name].default is None:
             values[name] = None
-        elif name in _INTS and not (isinstance(value, int) and not isinstance(value, bool)):
-            problems.append(f"{name} must be an integer, got {value!r}")
-        elif name in _FLOATS and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            problems.append(f"{name} must be a number, got {value!r}")
+            continue
+        problem = _field_problem(name, value)
+        if problem:
+            problems.append(problem)
         else:
             values[name] = float(value) if name in _FLOATS else value
     if not problems:
@@ -134,28 +146,58 @@ def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
     return ModelArgs(**values)
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _field_problem(name: str, value: Any) -> Optional[str]:
+    """What is wrong with one field's value on its own (type, finiteness, range), or None.
+
+    Each field is judged alone, so one message names every bad field, not just the first."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "an integer" if name in _INTS else "a number"
+        return f"{name} must be {kind}, got {_shown(value)} (a {type(value).__name__})"
+    if name in _INTS:
+        if not isinstance(value, int):
+            return f"{name} must be an integer, got {_shown(value)}"
+        if name == "vocab_size":
+            ok = value == -1 or 0 < value <= LARGEST_SIZE
+            return None if ok else (f"vocab_size must be positive or -1 (from the checkpoint), got "
+                                    f"{_shown(value)}")
+        if value <= 0:
+            return f"{name} must be positive, got {value}"
+        if value > LARGEST_SIZE:
+            return f"{name} {_shown(value)} is impossibly large (more than {LARGEST_SIZE})"
+        return None
+    low, high, why = _FLOAT_RANGES[name]
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        return f"{name} must be a finite number, got {_shown(value)} ({why})"
+    if not low < number < high:
+        bound = f"positive and below {high:g}" if math.isfinite(high) else "positive"
+        return f"{name} must be {bound}, got {_shown(value)} ({why})"
+    return None
+
+
 def _consistency_problems(v: Dict[str, Any]) -> list:
+    """What is wrong with the fields together (each one is valid on its own)."""
     problems = []
-    for name in ("dim", "n_layers", "n_heads", "multiple_of"):
-        if v.get(name, 1) <= 0:
-            problems.append(f"{name} must be positive, got {v[name]}")
-    if problems:
-        return problems
     if v["dim"] % v["n_heads"]:
         problems.append(f"dim {v['dim']} is not divisible by n_heads {v['n_heads']}")
     elif (v["dim"] // v["n_heads"]) % 2:
         problems.append(f"head size dim/n_heads = {v['dim'] // v['n_heads']} must be even for rotary embeddings")
     kv = v.get("n_kv_heads")
-    if kv is not None and (kv <= 0 or v["n_heads"] % kv):
+    if kv is not None and v["n_heads"] % kv:
         problems.append(f"n_kv_heads {kv} must be positive and divide n_heads {v['n_heads']}")
-    if v.get("vocab_size", -1) == 0 or v.get("vocab_size", -1) < -1:
-        problems.append(f"vocab_size must be positive or -1 (from the checkpoint), got {v['vocab_size']}")
-    if v.get("norm_eps", 1e-5) <= 0:
-        problems.append(f"norm_eps must be positive, got {v['norm_eps']}")
-    if v.get("rope_theta", 1e4) <= 0:
-        problems.append(f"rope_theta must be positive, got {v['rope_theta']}")
-    if v.get("ffn_dim_multiplier") is not None and v["ffn_dim_multiplier"] <= 0:
-        problems.append(f"ffn_dim_multiplier must be positive, got {v['ffn_dim_multiplier']}")
+    fields = {k: v[k] for k in ("dim", "multiple_of", "ffn_dim_multiplier") if v.get(k) is not None}
+    hidden = ModelArgs(n_layers=1, n_heads=1, **fields).ffn_hidden_dim
+    if not 0 < hidden <= LARGEST_SIZE:
+        problems.append(f"dim, multiple_of and ffn_dim_multiplier give an FFN width of {hidden}, which no model "
+                        f"can have (it must be from 1 to {LARGEST_SIZE})")
     return problems
 
 

@@ -38,7 +38,9 @@ def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
     """Save `consolidated.00.pth` ... one shard at a time, each tensor a compact copy of its piece.
 
     The copy matters: `torch.save` of a view would store the view's whole underlying storage (the full
-    mmap-backed tensor), so every piece is cloned into its own contiguous storage first.
+    mmap-backed tensor), so every piece is cloned into its own contiguous storage first. Saving through
+    a Python file keeps the OSError of a failed write (ENOSPC: a full disk), which torch.save given a
+    path turns into a RuntimeError saying only "unexpected pos".
     """
     with tqdm(total=num_shards * len(keys), desc=f"writing {num_shards} shard(s)", unit="tensor",
               file=sys.stderr, disable=not progress) as bar:
@@ -48,7 +50,8 @@ def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
                 t = piece(key, index)
                 shard[key] = t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
                 bar.update()
-            torch.save(shard, os.path.join(out_dir, checkpoint.shard_name(index)))
+            with open(os.path.join(out_dir, checkpoint.shard_name(index)), "wb") as f:
+                torch.save(shard, f)
             del shard
 
 
@@ -118,7 +121,10 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
             return next(iter(shards.values()))[key]
         return checkpoint.rank_slice({k: sd[key] for k, sd in shards.items()}, dim, num_in, index, mp)
 
-    with staged_output_dir(dst, overwrite, src=src) as out:
+    needs = sum(os.path.getsize(p) for p in paths)
+    if torch_dtype is not None:  # the shards' size scales with the element size
+        needs = needs * torch_dtype.itemsize // checkpoint.load_shard(paths[0])[keys[0]].dtype.itemsize
+    with staged_output_dir(dst, overwrite, src=src, needs_bytes=needs) as out:
         shutil.copyfile(os.path.join(src, "params.json"), os.path.join(out, "params.json"))
         copy_tokenizer(out, tokenizer, os.path.join(src, "tokenizer.model"))
         write_shards(out, keys, mp, piece, torch_dtype, progress)

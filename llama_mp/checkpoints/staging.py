@@ -1,20 +1,41 @@
 """Writing a whole output directory atomically: all of it appears at its final name, or none of it does.
 
-Checkpoint tools write gigabytes over minutes; a crash, a full disk or Ctrl-C half way must not leave a
-folder that looks like a checkpoint but lacks shards. So everything is written into a hidden staging
-folder beside the destination (same filesystem, so the final `os.rename` is atomic) and moved into place
-only when complete. On any failure the staging folder is deleted and the destination is untouched.
+Checkpoint tools write gigabytes over minutes; a crash, a full disk, Ctrl-C or SIGTERM half way must not
+leave a folder that looks like a checkpoint but lacks shards. So everything is written into a hidden
+staging folder beside the destination (same filesystem, so the final `os.rename` is atomic) and moved
+into place only when complete. On any failure the staging folder is deleted and the destination is
+untouched.
+
+Two writers aimed at one destination would otherwise both stage and the second rename would silently
+replace the first's output. A lock file beside the destination (`.NAME.lock`, created exclusively, holding
+the writer's PID) makes writers of one host exclusive; a lock whose process is gone is stale and taken
+over. The destination rule is checked again right before the final rename, so that without --overwrite a
+folder that appeared meanwhile (made by anything) is never replaced.
+
+The usual ways writing fails become one message each: a folder that cannot be written (permissions, a
+read-only filesystem) and a full disk (ENOSPC, or a quota: EDQUOT).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import signal
+import sys
 import tempfile
-from typing import Iterator
+import threading
+import time
+from typing import Iterator, Optional
 
 from ..errors import LlamaMPError
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# A lock file that exists but holds no PID yet is being written by its owner; one older than this was
+# left by a writer that died between creating and filling it.
+_EMPTY_LOCK_GRACE_S = 10.0
 
 
 def check_destination(dst: str, overwrite: bool, src: str = None) -> None:
@@ -29,26 +50,207 @@ def check_destination(dst: str, overwrite: bool, src: str = None) -> None:
                            "pass --overwrite to replace it (it is only replaced once the new one is complete).")
 
 
+class Terminated(SystemExit):
+    """SIGTERM arrived while an output was being written: raised so that the staging folder is removed,
+    then ends the command with 143 (128 + SIGTERM), as a shell reports a process stopped by SIGTERM."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def staged_output_dir(dst: str, overwrite: bool = False, src: str = None) -> Iterator[str]:
-    """Yield an empty staging folder; when the block succeeds, it becomes `dst` (replacing it if allowed)."""
+def staged_output_dir(dst: str, overwrite: bool = False, src: str = None,
+                      needs_bytes: Optional[int] = None) -> Iterator[str]:
+    """Yield an empty staging folder; when the block succeeds, it becomes `dst` (replacing it if allowed).
+
+    `needs_bytes`, when the caller can tell, is how big the output will be; a full disk's message says it.
+    """
     check_destination(dst, overwrite, src)
+    shown = dst
     dst = os.path.abspath(dst)
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    with _writable(shown, parent):
+        os.makedirs(parent, exist_ok=True)
+    with _sigterm_raises(), _exclusive_writer(shown, dst, parent):
+        staging = None
+        try:
+            with _writable(shown, parent):
+                staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+            yield staging
+            check_destination(shown, overwrite, src)  # something may have created it meanwhile
+            with _writable(shown, parent):
+                if os.path.exists(dst):
+                    _replace(staging, dst, parent)
+                else:
+                    _rename_unless_created(staging, dst, shown)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise _disk_full(shown, parent, staging, needs_bytes, e) from None
+            raise
+        except Terminated:
+            print(f"llama_mp: stopped by SIGTERM; the unfinished output for {shown} was removed.",
+                  file=sys.stderr, flush=True)
+            raise
+        finally:
+            if staging is not None and os.path.isdir(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _rename_unless_created(staging: str, dst: str, shown: str) -> None:
+    """Move `staging` to the free name `dst`. A non-empty folder created there since the check makes the
+    rename itself fail (ENOTEMPTY/EEXIST): that is the destination rule, not a crash."""
     try:
-        yield staging
-        if os.path.exists(dst):
-            _replace(staging, dst, parent)
-        else:
-            os.rename(staging, dst)
+        os.rename(staging, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            check_destination(shown, overwrite=False)
+        raise
+
+
+def _disk_full(shown: str, parent: str, staging: Optional[str], needs_bytes: Optional[int], e: OSError) -> LlamaMPError:
+    written = _folder_bytes(staging) if staging else 0
+    try:
+        free = f"; {_size(shutil.disk_usage(parent).free)} are free there now"
+    except OSError:
+        free = ""
+    need = f"The output needs about {_size(needs_bytes)}" if needs_bytes else "The output did not fit"
+    return LlamaMPError(f"No space left on device while writing {shown} (in {parent}): {_size(written)} were "
+                        f"written before the disk filled. {need}{free}. Free that much space "
+                        "or write to another disk; the unfinished output was removed, and the destination "
+                        "is as it was.")
+
+
+def _folder_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@contextlib.contextmanager
+def _writable(shown: str, parent: str) -> Iterator[None]:
+    """Turn a refused write into the folder (permissions, read-only filesystem) into one message."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _NOT_WRITABLE:
+            raise
+        folder = e.filename if isinstance(e.filename, str) and os.path.isdir(e.filename) else parent
+        raise LlamaMPError(f"Cannot write the output {shown}: the folder {folder} is not writable "
+                           f"({e.strerror}). Choose a destination in a folder you can write to, or ask for "
+                           "write permission there; nothing was written.") from None
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While writing, make SIGTERM raise `Terminated` so cleanup runs (its default action would end the
+    process at once and leave the staging folder behind). Only the main thread can set a handler; the
+    previous handler comes back afterwards, and an ignored SIGTERM stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
     finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _exclusive_writer(shown: str, dst: str, parent: str) -> Iterator[None]:
+    """Hold `.NAME.lock` beside `dst` while writing it, or fail at once if a live writer holds it."""
+    lock = os.path.join(parent, f".{os.path.basename(dst)}.lock")
+    with _writable(shown, parent):
+        while not _try_lock(lock):
+            owner = _lock_owner(lock)
+            if owner is not None:
+                raise LlamaMPError(f"Another llama_mp command ({owner}) is writing {shown} right now (it "
+                                   f"holds {lock}). Wait for it to finish or pick another destination; if no "
+                                   f"such process is running, delete {lock}.")
+            _take_over_stale(lock)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
+def _try_lock(lock: str) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    return True
+
+
+def _lock_owner(lock: str) -> Optional[str]:
+    """Who holds `lock` ("PID 1234", or a description when that cannot be told), or None when the lock is
+    stale (its process is gone, or it was never filled in) or has vanished."""
+    try:
+        with open(lock) as f:
+            text = f.read().strip()
+        age = _age(lock)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # not a readable file: only a person can sort that out
+        return f"unknown: {lock} cannot be read ({e.strerror})"
+    if not text.isdigit():
+        return "PID not written yet" if age < _EMPTY_LOCK_GRACE_S else None
+    if int(text) <= 0:  # 0 and below are process groups, not a writer
+        return None
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, owned by another user
+        pass
+    except OverflowError:  # not a PID any process can have
+        return None
+    return f"PID {text}"
+
+
+def _age(path: str) -> float:
+    return time.time() - os.path.getmtime(path)
+
+
+def _take_over_stale(lock: str) -> None:
+    """Remove a stale lock so that the next exclusive create can take it. It is first renamed to a name
+    of our own, so that of two writers finding it stale only one removes it; if what was moved turns
+    out to be a live writer's fresh lock, it is put back."""
+    moved = f"{lock}.stale-{os.getpid()}-{threading.get_ident()}"
+    try:
+        os.rename(lock, moved)
+    except FileNotFoundError:
+        return
+    if _lock_owner(moved) is not None:
+        with contextlib.suppress(OSError):
+            os.link(moved, lock)  # fails if a third writer took the name: that one holds it then
+    with contextlib.suppress(OSError):
+        os.remove(moved)
 
 
 def _replace(staging: str, dst: str, parent: str) -> None:

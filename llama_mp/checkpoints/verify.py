@@ -30,7 +30,11 @@ CHECKLIST = "checklist.chk"
 
 
 def read_checklist(path: str) -> Tuple[Dict[str, str], List[str]]:
-    """({file name: md5}, problems) from an md5sum-format file ("<md5>  <name>" or "<md5> *<name>")."""
+    """({file name: md5}, problems) from an md5sum-format file ("<md5>  <name>" or "<md5> *<name>").
+
+    Only plain names of files in the checkpoint folder itself are taken: a line naming `../x`, an
+    absolute path or a subfolder is reported, and that file is never opened (a checklist must not make
+    verify read files outside the folder)."""
     entries, problems = {}, []
     with open(path, errors="replace") as f:
         for number, line in enumerate(f, 1):
@@ -41,8 +45,19 @@ def read_checklist(path: str) -> Tuple[Dict[str, str], List[str]]:
             if len(parts) != 2 or len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
                 problems.append(f"{CHECKLIST} line {number} is not an md5sum line: {line.strip()[:80]!r}")
                 continue
-            entries[parts[1].strip().lstrip("*")] = digest
+            name = parts[1].strip().lstrip("*")
+            if not is_plain_file_name(name):
+                problems.append(f"{CHECKLIST} line {number} names {name[:80]!r}, which is not a file of this "
+                                "folder (a path outside it or in a subfolder); it was not read")
+                continue
+            entries[name] = digest
     return entries, problems
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A name of a file directly in the folder: no separator, not absolute, not "." or ".."."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not os.path.isabs(name))
 
 
 def checksum_problems(ckpt_dir: str, shard_names: List[str], progress: bool = True) -> List[str]:
@@ -121,7 +136,8 @@ def structure_problems(ckpt_dir: str) -> List[str]:
     if expected is None:  # without trustworthy params, at least the shards must agree with each other
         expected = checkpoint.tensor_shapes(first)
     for index, sd in sorted(shards.items()):
-        for problem in checkpoint.shape_problems(checkpoint.tensor_shapes(sd), expected):
+        for problem in (checkpoint.dtype_problems(checkpoint.tensor_dtypes(sd))
+                        + checkpoint.shape_problems(checkpoint.tensor_shapes(sd), expected)):
             problems.append(f"{checkpoint.shard_name(index)}: {problem}")
     problems.extend(_agreement_problems(shards, args))
     return problems
@@ -152,6 +168,8 @@ def _agreement_problems(shards: Dict[int, checkpoint.StateDict], args: Optional[
             ref = first.get(key)
             if ref is None:
                 continue
+            if not (checkpoint.is_weight_dtype(t.dtype) and checkpoint.is_weight_dtype(ref.dtype)):
+                continue  # already reported as not a weight
             if t.dtype != ref.dtype:
                 problems.append(f"{checkpoint.shard_name(index)}: {key} is {t.dtype} but "
                                 f"{checkpoint.shard_name(first_index)} has {ref.dtype}")
