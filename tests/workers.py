@@ -97,3 +97,11 @@ def served_by_rank_0(ckpt_dir, tokenizer_path):
         answers.append(str(e).split(" but ")[0])
     llama.engine.stop()
     return answers
+
+
+def generated_ids_and_text(ckpt_dir, tokenizer_path, steps=24):
+    """Greedy and sampled ids of PROMPTS, and the greedy texts (which decoding every id needs)."""
+    llama = build(ckpt_dir, tokenizer_path, max_batch_size=len(PROMPTS))
+    greedy = llama.text_completion(PROMPTS, max_gen_len=steps, temperature=0)
+    sampled_ids, _ = llama.generate(prompt_ids(tokenizer_path), steps, temperature=1.0, top_p=1.0)
+    return [g["token_ids"] for g in greedy] + sampled_ids, [g["generation"] for g in greedy]

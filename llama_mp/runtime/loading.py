@@ -21,12 +21,16 @@ from ..checkpoints.synth import random_tensor
 from ..distributed import Group, agree
 from ..errors import LlamaMPError
 from .decode import Decoder
+from .footprint import require_fit
 from .model import Transformer
 
 
 def empty_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
                 max_seq_len: int) -> Transformer:
-    """This rank's model with every tensor allocated (weights uninitialised) as `decoder` lays them out."""
+    """This rank's model with every tensor allocated (weights uninitialised) as `decoder` lays them out,
+    once the estimate of its memory says the device can hold it."""
+    require_fit(args, group.world_size, dtype, decoder.activation_dtype(dtype), max_batch_size, max_seq_len,
+                group.device)
     with torch.device("meta"):  # shapes only: no random init, no memory
         model = Transformer(args, group)
     model.materialize(decoder, dtype, group.device, max_batch_size, max_seq_len)

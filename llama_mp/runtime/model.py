@@ -177,6 +177,7 @@ class Transformer(nn.Module):
         self.decoder: Optional["Decoder"] = None
         self.act_dtype = torch.float32
         self.logits_of: Optional[Projection] = None
+        self.unusable_from: Optional[int] = None  # local output ids from here on are never generated
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
                     max_seq_len: int) -> None:
@@ -218,6 +219,20 @@ class Transformer(nn.Module):
             del self._embedding_table
         self.decoder.start(self)
 
+    def limit_vocab(self, usable: int) -> None:
+        """Never generate ids >= `usable`: the tokenizer has only that many pieces, and a padded
+        vocabulary's extra rows (real checkpoints have them) would give ids it cannot decode."""
+        local = self.output.weight.shape[0]
+        start = usable - self.vocab_offset
+        self.unusable_from = max(start, 0) if start < local else None
+
+    def _local_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the logits [..., vocab / ranks], ids past the usable vocabulary at -inf."""
+        logits = self.logits_of(h)
+        if self.unusable_from is not None:
+            logits[..., self.unusable_from:] = float("-inf")
+        return logits
+
     def hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
         """Final normed hidden states [batch, seq or 1, dim] for `tokens` continuing the cache at
         `start_pos` (the prompt on the first call, then one token per call, which the decoder runs)."""
@@ -240,12 +255,12 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
-        full = self.comm.gather_last_dim_to_main(self.logits_of(h))
+        full = self.comm.gather_last_dim_to_main(self._local_logits(h))
         return None if full is None else full.float()
 
     def greedy_next(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next token [batch] on every rank, from h of shape [batch, 1, dim]."""
-        return self.comm.global_argmax(self.logits_of(h[:, -1]), self.vocab_offset)
+        return self.comm.global_argmax(self._local_logits(h[:, -1]), self.vocab_offset)
 
     def forward(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> Optional[torch.Tensor]:
         """Logits on rank 0 (None elsewhere): [batch, vocab] for the last position, or

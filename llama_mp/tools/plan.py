@@ -1,21 +1,6 @@
 """`llama-mp plan`: will a model fit on N GPUs, and if not, what would?
 
-Per-rank memory is estimated as the sum of
-
-* weights: this rank's slice of every tensor (`layout.shard_shapes(args, N)`: split tensors / N,
-  norms whole), times the dtype's size, plus the rest of the token embedding table, which the model
-  assembles whole on every rank at load time (a lookup then needs no communication);
-* KV cache: keys and values for this rank's own kv heads only, preallocated for the whole
-  batch x max_seq_len: 2 * n_layers * batch * seq * (kv_heads / N) * head_dim * dtype size;
-* working memory, an estimate (not a measurement) kept deliberately simple:
-  - 1 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack (typically 0.5-1 GiB);
-  - logits: every rank gathers the full vocabulary in float32, plus one float32 copy for sampling:
-    2 * batch * vocab * 4 bytes;
-  - activations of the largest step (the prompt, up to max_seq_len tokens): per token, about four
-    hidden-size buffers (residual, norm output, attention output, layer output), this rank's q/k/v
-    in float32 (rotary works in float32) and three FFN-width buffers (w1, w3, their product) for this
-    rank's share of the FFN. Attention scores are not counted: SDPA's fused kernels do not store the
-    seq x seq matrix.
+Per-rank memory is estimated by `runtime/footprint.py` (see there for what it counts).
 
 Memory sizes are in GiB (2**30 bytes), the unit nvidia-smi's MiB / 1024 gives: a "12 GB" card is 12.
 The verdict is a planning aid with a margin of a few hundred MiB, not a guarantee.
@@ -25,63 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Dict, List, Optional
 
 from ..checkpoints import layout
 from ..checkpoints import meta as checkpoint
 from ..checkpoints.params import ModelArgs, load_params, load_preset, preset_names
 from ..checks import is_number, require_int
-from ..dtypes import DTYPES, parse_dtype
+from ..dtypes import parse_dtype
 from ..errors import LlamaMPError
+from ..runtime.footprint import CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, estimate, largest
 
-GIB = 1 << 30
-CUDA_CONTEXT_BYTES = 1 * GIB
-DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
-
-
-@dataclasses.dataclass
-class Estimate:
-    """Per-rank memory in bytes for one configuration."""
-
-    ranks: int
-    dtype: str
-    batch: int
-    seq: int
-    weights: int
-    kv_cache: int
-    cuda_context: int
-    logits: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.cuda_context + self.logits + self.activations
-
-
-def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int) -> Estimate:
-    """Memory one rank needs to run `args` split `ranks` ways (see the module docstring for the model)."""
-    size = DTYPE_BYTES[dtype]
-    full, shard = layout.full_shapes(args), layout.shard_shapes(args, ranks)
-    embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])
-    weights = (sum(math.prod(shape) for shape in shard.values()) + embedding_rest) * size
-    local_kv = args.kv_heads // ranks
-    kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * size
-    logits = 2 * batch * args.vocab_size * 4
-    qkv = (args.n_heads // ranks + 2 * local_kv) * args.head_dim * 4
-    per_token = 4 * args.dim * size + qkv + 3 * (args.ffn_hidden_dim // ranks) * size
-    return Estimate(ranks, dtype, batch, seq, weights, kv_cache, CUDA_CONTEXT_BYTES, logits, batch * seq * per_token)
-
-
-def _largest(fits, upper: int, lower: int = 1) -> Optional[int]:
-    """Largest value in [lower, upper] for which `fits` holds (it is monotone), else None."""
-    if not fits(lower):
-        return None
-    lo, hi = lower, upper
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+__all__ = ["CUDA_CONTEXT_BYTES", "GIB", "estimate", "make_plan", "model_args", "plan_to_text"]
 
 
 def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, budget: int) -> List[Dict]:
@@ -96,12 +35,12 @@ def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, 
         options.append({"change": "ranks", "ranks": fewest,
                         "total_bytes": estimate(args, fewest, dtype, batch, seq).total})
     if batch > 1:
-        b = _largest(lambda x: ok(batch=x), batch - 1)
+        b = largest(lambda x: ok(batch=x), batch - 1)
         if b:
             options.append({"change": "batch", "max_batch_size": b,
                             "total_bytes": estimate(args, ranks, dtype, b, seq).total})
     if seq > 2:
-        s = _largest(lambda x: ok(seq=x), seq - 1, lower=2)
+        s = largest(lambda x: ok(seq=x), seq - 1, lower=2)
         if s:
             s = s - s % 64 if s >= 64 else s  # a round number is easier to pass on
             options.append({"change": "seq", "max_seq_len": s,

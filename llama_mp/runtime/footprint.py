@@ -1,0 +1,133 @@
+"""How much memory one rank needs, estimated before anything is allocated (and by `llama-mp plan`).
+
+Per-rank memory is estimated as the sum of
+
+* weights: this rank's slice of every tensor (`layout.shard_shapes(args, N)`: split tensors / N,
+  norms whole), times the dtype's size, plus the rest of the token embedding table, which the model
+  assembles whole on every rank at load time (a lookup then needs no communication);
+* KV cache: keys and values for this rank's own kv heads only, preallocated for the whole
+  batch x max_seq_len: 2 * n_layers * batch * seq * (kv_heads / N) * head_dim * dtype size;
+* working memory, an estimate (not a measurement) kept deliberately simple:
+  - 1 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack (typically 0.5-1 GiB);
+  - logits: every rank gathers the full vocabulary in float32, plus one float32 copy for sampling:
+    2 * batch * vocab * 4 bytes;
+  - activations of the largest step (the prompt, up to max_seq_len tokens): per token, about four
+    hidden-size buffers (residual, norm output, attention output, layer output), this rank's q/k/v
+    in float32 (rotary works in float32) and three FFN-width buffers (w1, w3, their product) for this
+    rank's share of the FFN. Attention scores are not counted: SDPA's fused kernels do not store the
+    seq x seq matrix.
+
+Memory sizes are in GiB (2**30 bytes). Loading refuses a model or a `max_seq_len` x `max_batch_size`
+that cannot fit in the memory the device has free, with the numbers, instead of being killed by the
+kernel's out-of-memory killer half way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ..checkpoints import layout
+from ..checkpoints.params import ModelArgs
+from ..dtypes import DTYPES
+from ..errors import LlamaMPError
+
+GIB = 1 << 30
+CUDA_CONTEXT_BYTES = 1 * GIB
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
+@dataclasses.dataclass
+class Estimate:
+    """Per-rank memory in bytes for one configuration."""
+
+    ranks: int
+    dtype: str
+    batch: int
+    seq: int
+    weights: int
+    kv_cache: int
+    cuda_context: int
+    logits: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.cuda_context + self.logits + self.activations
+
+
+def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cache_dtype: Optional[str] = None,
+             cuda_context: int = CUDA_CONTEXT_BYTES) -> Estimate:
+    """Memory one rank needs to run `args` split `ranks` ways with weights in `dtype` (the KV cache in
+    `cache_dtype`, by default the same), see the module docstring for what is counted."""
+    size = DTYPE_BYTES[dtype]
+    one_layer = dataclasses.replace(args, n_layers=1)  # layers are alike: count one, then multiply
+    full, shard = layout.full_shapes(one_layer), layout.shard_shapes(one_layer, ranks)
+    embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])
+    per_layer = sum(math.prod(shape) for key, shape in shard.items() if key.startswith("layers."))
+    rest = sum(math.prod(shape) for key, shape in shard.items() if not key.startswith("layers."))
+    weights = (args.n_layers * per_layer + rest + embedding_rest) * size
+    local_kv = args.kv_heads // ranks
+    kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * DTYPE_BYTES[cache_dtype or dtype]
+    logits = 2 * batch * args.vocab_size * 4
+    qkv = (args.n_heads // ranks + 2 * local_kv) * args.head_dim * 4
+    per_token = 4 * args.dim * size + qkv + 3 * (args.ffn_hidden_dim // ranks) * size
+    return Estimate(ranks, dtype, batch, seq, weights, kv_cache, cuda_context, logits, batch * seq * per_token)
+
+
+def largest(fits: Callable[[int], bool], upper: int, lower: int = 1) -> Optional[int]:
+    """Largest value in [lower, upper] for which `fits` holds (it is monotone), else None."""
+    if not fits(lower):
+        return None
+    lo, hi = lower, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory this rank may still take on `device`: the GPU's free memory, or on a CPU the host's
+    available memory shared by the ranks torchrun started on it. None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def require_fit(args: ModelArgs, ranks: int, dtype: torch.dtype, cache_dtype: torch.dtype, batch: int, seq: int,
+                device: torch.device) -> None:
+    """Refuse, with the numbers and what would fit, a model that this rank's device cannot hold."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    name, cache = (str(t).replace("torch.", "") for t in (dtype, cache_dtype))
+    context = CUDA_CONTEXT_BYTES if device.type == "cuda" else 0
+
+    def need(b: int, s: int) -> Estimate:
+        return estimate(args, ranks, name, b, s, cache, cuda_context=context)
+
+    est = need(batch, seq)
+    if est.total <= free:
+        return
+    where = f"on {device}" + (" (this host's available memory, shared by its ranks)" if device.type == "cpu" else "")
+    numbers = (f"about {est.total / GIB:.1f} GiB {where}: weights {est.weights / GIB:.1f} GiB, KV cache "
+               f"{est.kv_cache / GIB:.1f} GiB for max_batch_size {batch} x max_seq_len {seq}, working memory "
+               f"{(est.total - est.weights - est.kv_cache) / GIB:.1f} GiB; {free / GIB:.1f} GiB is free")
+    if need(1, 2).total > free:
+        advice = (f"The weights alone do not fit: use more ranks (valid counts: {layout.valid_world_sizes(args)}), a "
+                  "smaller --dtype, or a machine with more memory")
+    else:
+        fits_seq = largest(lambda s: need(batch, s).total <= free, seq, lower=2)
+        fits_batch = largest(lambda b: need(b, seq).total <= free, batch)
+        options = ([f"--max_seq_len {fits_seq}"] if fits_seq else []) + ([f"--max_batch_size {fits_batch}"] if fits_batch else [])
+        advice = f"Lower {' or '.join(options) or '--max_seq_len and --max_batch_size'}, or use more ranks"
+    raise LlamaMPError(f"This rank would need {numbers}. {advice}; `llama-mp plan` shows what fits where.")
