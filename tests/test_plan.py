@@ -85,3 +85,10 @@ def test_command_line_prints_a_table_and_exits_zero_whether_or_not_it_fits(llama
     assert code == 0 and json.loads(out)["fits"] is True
     code, _, err = llama_mp_command(*base, "--gpus", "3")
     assert code == 2 and "Valid GPU counts" in err
+
+
+def test_subcommand_options_are_checked_and_kept_as_typed(llama_mp_command):
+    code, _, err = llama_mp_command("plan", "--model", "7", "--gpus", "1", "--gpu_mem_gb", "12")
+    assert code == 2 and "Unknown model preset '7'" in err  # a name, not the number fire would make of it
+    code, _, err = llama_mp_command("plan", "--modl", "llama-2-7b", "--gpus", "1", "--gpu_mem_gb", "12")
+    assert code == 2 and "Unknown option --modl; did you mean --model?" in err

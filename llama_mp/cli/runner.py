@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import signal
 import sys
 import time
@@ -20,16 +21,68 @@ from ..errors import LlamaMPError, RemoteRankError, report
 REPORTER_GRACE_S = 1.0
 
 
+TEXT_TYPES = (str, Optional[str], "str", "Optional[str]", "str | None")
+
+
+def text_options(fn: Callable) -> List[str]:
+    """The options of `fn` whose values are text (annotated `str` or `Optional[str]`): paths, names,
+    prompts. Fire would read their values as Python literals: `1.50` as 1.5, `a,b` as a tuple, `None`
+    as None; `exact_text` keeps them as typed."""
+    return [n for n, p in inspect.signature(fn).parameters.items() if p.annotation in TEXT_TYPES]
+
+
+def exact_text(fn: Callable, argv: List[str]) -> List[str]:
+    """`argv` with the value of every text option of `fn` (`--name VALUE`, `--name=VALUE`, or positional)
+    written as a Python string literal, which fire reads back as exactly the text that was typed.
+    Expects argv that `check_options` accepted."""
+    params = inspect.signature(fn).parameters
+    texts = set(text_options(fn))
+    out: List[str] = []
+    named, positional = set(), []  # which parameters got a value by name; indices in `out` of positional ones
+    pending = None  # the option whose value is the next argument
+    for i, arg in enumerate(argv):
+        if pending is not None:  # a value, whatever it looks like ("--help" is a fine prompt)
+            out.append(f"{arg!r}" if pending in texts else arg)
+            pending = None
+            continue
+        if arg == "--" or arg in ("--help", "-h"):
+            out += argv[i:]
+            break
+        if arg.startswith("--"):
+            name, has_value = arg[2:].split("=", 1)[0].replace("-", "_"), "=" in arg
+            named.add(name)
+            if name in texts and has_value:
+                arg = f"--{name}={arg.split('=', 1)[1]!r}"
+            elif name in params and not has_value and params[name].annotation not in (bool, "bool"):
+                pending = name
+            out.append(arg)
+            continue
+        positional.append(len(out))
+        out.append(arg)
+    if pending is not None and pending in texts:
+        raise LlamaMPError(f"--{pending} needs a value; --help lists every option.")
+    unnamed = [n for n in params if n not in named]  # what fire fills with positional arguments, in order
+    for index, name in zip(positional, unnamed):
+        if name in texts:
+            out[index] = repr(out[index])
+    return out
+
+
 def check_options(fn: Callable, argv: List[str]) -> None:
     """Reject an --option that `fn` does not take, or a missing required one, before anything runs.
     Fire would hand an unknown option to `fn`'s return value after running the whole job, and only
-    then complain; and it reports a missing one with a usage screen per rank."""
+    then complain; and it reports a missing one with a usage screen per rank. One-letter shortcuts
+    (`-p`), which fire would match to an option by its first letter, are refused: options are written
+    in full, so that what fire receives is what `exact_text` saw."""
     params = inspect.signature(fn).parameters
     takes_value = False
     given, positional = set(), 0
     for arg in argv:
-        if arg == "--" or arg in ("--help", "-h"):
+        if not takes_value and (arg == "--" or arg in ("--help", "-h")):
             return
+        if not takes_value and arg[:1] == "-" and arg[1:2].isalpha():
+            raise LlamaMPError(f"Unknown option {arg.split('=', 1)[0]}: write options in full, with two dashes "
+                               f"(--{', --'.join(params)}).")
         if takes_value or not arg.startswith("--"):
             positional += not takes_value
             takes_value = False
@@ -76,14 +129,25 @@ def run(component, name: Optional[str] = None) -> None:
     interrupted = _quiet_sigint()
     code = 1  # until fire returns: a bug that escapes keeps this, and its traceback
     try:
-        if inspect.isfunction(component):
-            argv = sys.argv[1:]
+        argv, command, target = sys.argv[1:], [], component
+        if isinstance(component, dict) and argv and argv[0] in component:  # `llama-mp SUBCOMMAND ...`
+            command, argv, target = argv[:1], argv[1:], component[argv[0]]
+        if inspect.isfunction(target):
+
+            def checked() -> List[str]:
+                check_options(target, argv)
+                return exact_text(target, argv)
+
             try:
-                check_options(component, argv)
+                argv = checked()
             except LlamaMPError as e:  # the same on every rank: the first local rank says it
-                raise distributed.said_once(e, lambda _: check_options(component, argv),
-                                            distributed.env_ranks()[2]) from None
-        fire.Fire(component, name=name)
+                raise distributed.said_once(e, lambda _: checked(), distributed.env_ranks()[2]) from None
+            fire.Fire(component, command=command + argv, name=name)
+        else:
+            fire.Fire(component, name=name)
+        code = 0
+    except BrokenPipeError:  # stdout's reader went away (`... | head -1`): it has all it wanted
+        discard_output()
         code = 0
     except Exception as e:  # noqa: BLE001 - sorted below; bugs are re-raised
         code = _report(e, interrupted[0])
@@ -92,6 +156,19 @@ def run(component, name: Optional[str] = None) -> None:
     finally:
         distributed.teardown(failed=code != 0)
     sys.exit(code)
+
+
+def discard_output() -> None:
+    """Point stdout and stderr at /dev/null once a reader went away, so that nothing later (the last
+    lines, Python's flush at exit, which would print "Exception ignored ... BrokenPipeError") meets
+    the closed pipe again. Nothing is said: the reader chose to stop reading."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # not a file (captured by a test, or closed)
+            pass
+    os.close(devnull)
 
 
 def _report(error: Exception, interrupted: bool) -> int:

@@ -80,6 +80,19 @@ def peer_lost(error: BaseException) -> Optional[PeerLostError]:
 
 
 @contextlib.contextmanager
+def waking_peers_on_loss(group: "Group"):
+    """Run the block; if a collective in it failed because a peer died or went silent, wake the
+    stopped ranks of this host (`Group.wake_local_peers`) before the error goes on, so that the
+    SIGTERM torchrun sends them once this rank exits ends them at once."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, PeerLostError) or peer_lost(e) is not None:  # the first: the shared-memory exchange's
+            group.wake_local_peers()
+        raise
+
+
+@contextlib.contextmanager
 def patience(group: "Group", timeout_s: Optional[float]):
     """Let collectives on the default group inside this block wait up to `timeout_s`, then restore
     `group.timeout_s`. Without torch's private setter the group keeps its usual timeout."""
@@ -105,7 +118,7 @@ def agree(group: "Group", error: Optional[BaseException], timeout_s: Optional[fl
     # MIN over ranks of "my rank if I failed, else world_size": the lowest failing rank, if any.
     first = torch.tensor([group.world_size if error is None else group.rank], dtype=torch.int64, device=group.device)
     if group.world_size > 1:
-        with patience(group, timeout_s):
+        with waking_peers_on_loss(group), patience(group, timeout_s):
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
     first_failed = int(first.item())
     if first_failed == group.world_size:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 
+from ..checks import require_seconds
 from ..errors import LlamaMPError, RemoteRankError
 from .collectives import Collectives
 from .failure import port_in_use, port_in_use_error, said_once
@@ -44,6 +47,8 @@ class Group:
     backend: str
     timeout_s: float = DEFAULT_TIMEOUT_S
     collectives: Collectives = field(default=None, repr=False)
+    # (host, pid) of every rank, by rank: who shares this rank's host, for `wake_local_peers`.
+    peers: Tuple[Tuple[str, int], ...] = field(default=(), repr=False)
 
     def __post_init__(self):
         if self.collectives is None:
@@ -52,6 +57,18 @@ class Group:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def wake_local_peers(self) -> None:
+        """Send SIGCONT to the other ranks of this host. Called when this rank gives up on a silent peer:
+        a stopped rank (SIGSTOP, Ctrl-Z) cannot act on torchrun's SIGTERM until it runs again, so
+        torchrun would wait its 30 s grace before SIGKILL. SIGCONT does nothing to a running process."""
+        host = host_identity()
+        for rank, (peer_host, pid) in enumerate(self.peers):
+            if rank != self.rank and peer_host == host:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:  # it has ended, or is not ours to signal
+                    pass
 
     def close(self) -> None:
         """Release the shared-memory exchange (the process group itself is torch's: see `teardown`)."""
@@ -103,11 +120,20 @@ def choose_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def host_identity() -> str:
+    """This host as the ranks compare it: its name and, where Linux says, its PID namespace, so that
+    containers sharing a host name do not take each other's process ids for their own."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/{namespace}"
+
+
 def _choose(backend: str, device: str, timeout_s: float, local_rank: int) -> tuple:
+    require_seconds("timeout_s", timeout_s)
     dev = choose_device(device, local_rank)
     chosen = choose_backend(backend, dev)
-    if not timeout_s > 0:
-        raise LlamaMPError(f"--timeout_s must be a positive number of seconds, got {timeout_s}.")
     return dev, chosen
 
 
@@ -133,8 +159,9 @@ def _check_callers_fairscale(world: int) -> None:
     size = mpu.get_model_parallel_world_size()
     if size != world:
         error = LlamaMPError(f"fairscale's model-parallel group was set up with {size} rank(s) but the job has "
-                           f"{world}: llama_mp splits the model over every rank of the job. Initialise it with "
-                           f"initialize_model_parallel({world}), or leave the setup to llama_mp.")
+                             f"{world}: llama_mp splits the model over every rank of the job. Initialise it with "
+                             f"initialize_model_parallel({world}), or leave the setup to llama_mp.")
+        raise error if dist.get_rank() == 0 else RemoteRankError("rank 0 reported the problem.")
 
 
 def setup(backend: str = "auto", device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
@@ -161,7 +188,11 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = DEFAUL
     rank, world, chosen = dist.get_rank(), dist.get_world_size(), dist.get_backend()
     _check_callers_fairscale(world)
     exchange = open_exchange(rank, world, chosen, timeout_s)
-    return Group(rank, world, local, dev, chosen, timeout_s, Collectives(rank, world, chosen, exchange))
+    peers = [(host_identity(), os.getpid())] * world
+    if world > 1:
+        dist.all_gather_object(peers, peers[0])
+    return Group(rank, world, local, dev, chosen, timeout_s, Collectives(rank, world, chosen, exchange),
+                 tuple(peers))
 
 
 def teardown(failed: bool = False) -> None:

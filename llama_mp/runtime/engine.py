@@ -14,18 +14,46 @@ broadcasts the ids. There is one host sync per step (the stop check).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..checks import described, is_int, require_bool, require_int
 from ..distributed import Group, broadcast_from_main
+from ..distributed.failure import waking_peers_on_loss
 from ..errors import LlamaMPError, RemoteRankError, report
-from ..checks import require_int
 from .model import Transformer
 from .sampling import check_sampling, sample
 
 STOP, REFUSED = "stop", "refused"  # the protocol's own ops
+PROMPT_TOKENS_FORM = ("prompt_tokens must be a list of prompts, each a list of token ids (Python ints), e.g. "
+                      "[[1, 306, 4658]]")
+
+
+def check_prompt_tokens(prompt_tokens) -> List[List[int]]:
+    """`prompt_tokens` as a list of lists of ints, or a LlamaMPError that says which prompt and which id
+    is wrong. Lists and tuples are accepted; tensors and arrays are not: `.tolist()` says what they hold."""
+    if not isinstance(prompt_tokens, (list, tuple)):
+        raise LlamaMPError(f"{PROMPT_TOKENS_FORM}; got {described(prompt_tokens)}.{_hint(prompt_tokens)}")
+    prompts = []
+    for i, prompt in enumerate(prompt_tokens):
+        if not isinstance(prompt, (list, tuple)):
+            raise LlamaMPError(f"{PROMPT_TOKENS_FORM}; prompt {i} is {described(prompt)}.{_hint(prompt)}")
+        for j, token in enumerate(prompt):
+            if not is_int(token):
+                raise LlamaMPError(f"{PROMPT_TOKENS_FORM}; prompt {i} has {described(token)} at position {j}, "
+                                   "which is not a token id.")
+        prompts.append(list(prompt))
+    return prompts
+
+
+def _hint(value) -> str:
+    if isinstance(value, str):
+        return " Text goes to text_completion, or through tokenizer.encode(text, bos=True, eos=False)."
+    if hasattr(value, "tolist"):  # a tensor or an array
+        return " Pass ids.tolist()."
+    return ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,10 @@ class Engine:
         """Every rank: run `op` on the payload rank 0's `decide()` returns. If `decide` raises, rank 0 says
         so (one message) and re-raises; ranks that called `call` too raise RemoteRankError, ranks in
         `serve()` wait for the next request. `local` arguments (callbacks) stay on this rank."""
+        with waking_peers_on_loss(self.group):
+            return self._call(op, decide, **local)
+
+    def _call(self, op: str, decide: Callable[[], Any], **local) -> Any:
         if self.group.is_main:
             try:
                 payload = decide()
@@ -81,6 +113,10 @@ class Engine:
 
     def serve(self) -> None:
         """Ranks other than 0: run whatever rank 0 sends, until it sends `stop()`."""
+        with waking_peers_on_loss(self.group):
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             op, payload = broadcast_from_main(self.group, None)
             if op == STOP:
@@ -96,11 +132,13 @@ class Engine:
     # Requests
 
     def check(self, request: Request) -> Request:
-        """`request` if this model can run it, else a LlamaMPError saying what to change."""
+        """`request` if this model can run it, else a LlamaMPError saying what to change. Prompts may be
+        lists or tuples (the request returned holds lists) of Python ints; anything else, a tensor or a
+        float id included, is refused rather than converted, since converting would truncate 1.9 to 1."""
         model = self.model
-        prompts = request.prompt_tokens
+        prompts = check_prompt_tokens(request.prompt_tokens)
         limits = f"(max_batch_size {model.max_batch_size}, max_seq_len {model.max_seq_len})"
-        if not isinstance(prompts, list) or not prompts:
+        if not prompts:
             raise LlamaMPError("No prompts were given: pass at least one prompt.")
         if len(prompts) > model.max_batch_size:
             raise LlamaMPError(f"{len(prompts)} prompts were given but the model was built for at most "
@@ -117,7 +155,9 @@ class Engine:
                 raise LlamaMPError(f"Prompt {i} has token ids outside the vocabulary [0, {vocab}).")
         require_int("max_gen_len", request.max_gen_len, 1)
         check_sampling(request.temperature, request.top_p, request.top_k)
-        return request
+        require_bool("logprobs", request.logprobs)
+        require_bool("echo", request.echo)
+        return replace(request, prompt_tokens=prompts)
 
     # ------------------------------------------------------------------------------------------
     # Generation (every rank)

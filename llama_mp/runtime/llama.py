@@ -8,6 +8,7 @@ others through the engine's rank protocol (engine.py). Every rank returns the sa
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable, List, Optional, Tuple, TypedDict
@@ -15,11 +16,11 @@ from typing import Callable, List, Optional, Tuple, TypedDict
 import torch
 
 from .. import distributed
-from ..checks import require_int
+from ..checks import described, require_int, require_seconds, require_seed
 from ..distributed import Group
 from ..dtypes import choose_dtype
 from ..errors import LlamaMPError
-from .chat import UNSAFE_ERROR, Dialog, Message, check_dialog, encode_dialog, has_special_tags
+from .chat import UNSAFE_ERROR, Dialog, Message, check_dialogs, encode_dialog, has_special_tags
 from .decode import choose_decoder
 from .engine import Engine, Request
 from .loading import load_checkpoint, ready_on_every_rank
@@ -43,6 +44,33 @@ def log(group: Optional[Group], message: str) -> None:
     """A line on stderr from rank 0 only; stdout is kept for results."""
     if group is None or group.is_main:
         print(message, file=sys.stderr, flush=True)
+
+
+def check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s) -> Tuple[str, str]:
+    """The paths as strings (a pathlib.Path is welcome), if these arguments of `Llama.build` are sound;
+    else a LlamaMPError. Checked before the process group starts, so a bad one costs no wait."""
+    paths = []
+    for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
+        if not isinstance(path, (str, os.PathLike)):
+            raise LlamaMPError(f"{name} must be a path (a string), got {described(path)}.")
+        paths.append(os.fspath(path))
+    require_seed("seed", seed)
+    require_seconds("timeout_s", timeout_s)
+    require_seconds("load_timeout_s", load_timeout_s)
+    return paths[0], paths[1]
+
+
+def check_prompts(prompts) -> None:
+    """Raise a clear error unless `prompts` is a non-empty list (or tuple) of strings."""
+    if isinstance(prompts, str):
+        raise LlamaMPError("prompts must be a list of strings, got one string: wrap it in a list, "
+                           f"[{described(prompts)}].")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise LlamaMPError(f"prompts must be a non-empty list of strings, got {described(prompts)}.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            hint = " Token ids go to generate(prompt_tokens=...)." if isinstance(prompt, (list, tuple)) else ""
+            raise LlamaMPError(f"prompts must be a list of strings, but prompt {i} is {described(prompt)}.{hint}")
 
 
 class Llama:
@@ -79,6 +107,13 @@ class Llama:
         for another rank is bounded by `timeout_s`, the wait for the slowest rank to finish loading by
         `load_timeout_s`. `group` is a process group from `distributed.setup` to join instead of a new one.
         """
+        try:
+            ckpt_dir, tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s,
+                                                             load_timeout_s)
+        except LlamaMPError as e:  # every rank finds it alike: the first local rank says it
+            local_rank = group.local_rank if group is not None else distributed.env_ranks()[2]
+            raise distributed.said_once(e, lambda _: check_build_arguments(
+                ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s), local_rank) from None
         group = group or distributed.setup(backend, device, timeout_s)
         start = time.perf_counter()
         loaded = {}
@@ -97,6 +132,10 @@ class Llama:
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
                                    f"in {ckpt_dir!r} only has {model.args.vocab_size} token embeddings: they do not "
                                    "belong together. Use the tokenizer.model shipped with this checkpoint.")
+            if tokenizer.n_words < model.args.vocab_size:  # a padded vocabulary: its extra ids are never generated
+                model.limit_vocab(tokenizer.n_words)
+                log(group, f"note: the model has {model.args.vocab_size} token embeddings and the tokenizer "
+                           f"{tokenizer.n_words} pieces; ids from {tokenizer.n_words} on are never generated.")
             return model
 
         model = ready_on_every_rank(group, load, max_batch_size, max_seq_len, load_timeout_s)
@@ -139,6 +178,7 @@ class Llama:
     ) -> List[CompletionPrediction]:
         """Complete each prompt; `max_gen_len` defaults to filling max_seq_len."""
         def decide() -> Request:
+            check_prompts(prompts)
             prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
             return self.engine.check(Request(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k,
                                              logprobs, echo))
@@ -164,8 +204,7 @@ class Llama:
         text, as in the reference implementation.
         """
         def decide() -> Tuple[List[bool], Request]:
-            for i, dialog in enumerate(dialogs):
-                check_dialog(dialog, i)
+            check_dialogs(dialogs)
             prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
             request = Request(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k, logprobs)
             return [has_special_tags(d) for d in dialogs], self.engine.check(request)

@@ -10,17 +10,26 @@ from typing import Optional
 
 import torch
 
-from ..checks import is_int, is_number
+from ..checks import described, is_finite_number, is_int, is_number, require_number
 from ..errors import LlamaMPError
 
 
+# Temperatures below this divide real logits (tens, in float32) into a distribution that is already
+# greedy to the last bit, and far below it into inf and NaN; above the upper bound every token is as
+# likely as any other to within float precision, so larger values only hide a typo.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if not is_number(temperature) or not temperature >= 0:
-        raise LlamaMPError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise LlamaMPError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}.")
+    """The one rule for sampling parameters: temperature 0 (greedy) or in [1e-3, 100]; top_p in (0, 1];
+    top_k an integer >= 0 (0 turns it off). Bools and strings are not numbers."""
+    if not (is_number(temperature) and temperature == 0):
+        require_number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
+                       " (or 0 for greedy decoding)")
+    if not is_finite_number(top_p) or not 0 < top_p <= 1:
+        raise LlamaMPError(f"top_p must be a number in (0, 1] (1 keeps every token), got {described(top_p)}.")
     if not is_int(top_k) or top_k < 0:
-        raise LlamaMPError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}.")
+        raise LlamaMPError(f"top_k must be an integer >= 0 (0 turns it off), got {described(top_k)}.")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,

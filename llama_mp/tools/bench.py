@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .. import distributed
 from ..checkpoints.params import ModelArgs, load_params, load_preset, parse_params
-from ..checks import require_int
+from ..checks import require_int, require_seed
 from ..dtypes import choose_dtype
 from ..errors import LlamaMPError
 from ..runtime.decode import choose_decoder
@@ -35,6 +35,10 @@ from ..runtime.sampling import check_sampling
 class _NoStop:
     """Stands in for the tokenizer: an eos that never occurs, so every run makes all its tokens."""
     eos_id = -1
+
+
+# Random weights seed each rank's generator with seed * 1000 + rank, which must stay within 64 bits.
+BENCH_SEED_LIMIT = 2 ** 32
 
 
 def shape_args(ckpt_dir: Optional[str], model: Optional[str], shape: Dict) -> ModelArgs:
@@ -179,8 +183,9 @@ def bench(
 
     Pick the model with --ckpt_dir DIR, --model PRESET (configs/, e.g. llama-2-7b) or an explicit shape
     (--dim 288 --n_layers 6 --n_heads 6 [--n_kv_heads --vocab_size 32000 --multiple_of 32]); shapes get
-    random weights. Greedy decoding (or sampling with --temperature > 0 and --top_p) of --new_tokens tokens
-    at --batch, median of --runs after --warmup.
+    random weights. Greedy decoding (or sampling with --temperature from 0.001 to 100 and --top_p in
+    (0, 1]) of --new_tokens tokens at --batch, median of --runs after --warmup; --seed (an integer from 0
+    to 2**32 - 1) picks the prompts and the random weights.
     --compare transformers also times LlamaForCausalLM.generate on the same weights (one rank only).
     --decoder pytorch|cpu_kernels picks the decode path (auto: the CPU kernels where they can run). The
     model is built in --dtype directly; peak memory is measured from the end of loading on.
@@ -192,6 +197,7 @@ def bench(
     for flag, value, least in (("--batch", batch, 1), ("--prompt_len", prompt_len, 1),
                                ("--new_tokens", new_tokens, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
         require_int(flag, value, least)
+    require_seed("--seed", seed, BENCH_SEED_LIMIT)
     check_sampling(temperature, top_p, 0)
     if compare and temperature:
         raise LlamaMPError("--compare transformers times greedy decoding; drop --temperature or the comparison.")
