@@ -379,3 +379,40 @@ def test_a_single_process_needs_no_port_and_exits_zero(ckpt, tokenizer_path):
     assert job.returncode == 0, job.stderr
     assert json.loads(job.stdout)["prompt"] == "hi"
 
+
+
+def test_one_bad_input_of_each_class_ends_the_real_launcher_with_one_message(ckpt, tokenizer_path, tmp_path):
+    """A representative of each class of bad input, through launch/*.py in plain processes started
+    together (each would cost a Python start alone): exit 2, one message naming the problem, no
+    traceback, nothing on stdout, within seconds."""
+    nan_params = copy_of(ckpt, tmp_path, "nan")
+    params = json.load(open(os.path.join(nan_params, "params.json")))
+    with open(os.path.join(nan_params, "params.json"), "w") as f:
+        f.write(json.dumps(params)[:-1] + ', "norm_eps": NaN}')
+    int_tensor = copy_of(ckpt, tmp_path, "int8")
+    shard = os.path.join(int_tensor, "consolidated.00.pth")
+    state = torch.load(shard, weights_only=True)
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"].to(torch.int8)
+    torch.save(state, shard)
+    dialogs = tmp_path / "ends_with_the_assistant.json"
+    dialogs.write_text(json.dumps([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]))
+    cases = {  # class: (launcher, arguments, words the message must hold)
+        "numbers": ("text_completion", args_for(ckpt, tokenizer_path, "--temperature", "1e-300"),
+                    ["temperature must be a number from 0.001 to 100"]),
+        "seeds": ("text_completion", args_for(ckpt, tokenizer_path, "--seed", str(2 ** 64)), ["seed must be"]),
+        "sizes": ("text_completion", args_for(ckpt, tokenizer_path, "--max_seq_len", str(10 ** 12)),
+                  ["KV cache", "Lower --max_seq_len"]),
+        "params": ("text_completion", args_for(nan_params, tokenizer_path), ["norm_eps must be a finite number"]),
+        "tensors": ("text_completion", args_for(int_tensor, tokenizer_path), ["is int8, not a floating-point weight"]),
+        "chat": ("chat_completion", ["--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path, "--dialogs", str(dialogs)],
+                 ["ends with an assistant turn"]),
+    }
+    started = {name: (start([sys.executable, script(launcher)] + args + CPU), time.monotonic())
+               for name, (launcher, args, _) in cases.items()}
+    for name, (proc, t0) in started.items():
+        job = finish(proc, t0, 120)
+        assert job.returncode == 2 and job.count(ERROR) == 1, (name, job.stderr[-2000:])
+        message = job.stderr[job.stderr.index(ERROR):]
+        assert all(words in message for words in cases[name][2]), (name, message)
+        assert no_traceback(job.stderr) and "Traceback" not in job.stderr and job.stdout == "", name
+        assert job.elapsed < BOUND_S, name
