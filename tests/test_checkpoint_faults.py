@@ -161,7 +161,7 @@ def test_a_full_disk_is_one_message_and_leaves_nothing(make_checkpoint, tmp_path
     code, out, err = llama_mp_command("reshard", src, tmp_path / "out", "--mp", "2")
     assert code == 2 and "Traceback" not in err and err.count("llama_mp: error:") == 1
     assert f"No space left on device while writing {tmp_path / 'out'}" in err
-    assert f"needs about {source_bytes / 2 ** 20:.1f} MiB" in err and "were written before" in err
+    assert f"needs about {staging._size(source_bytes)}" in err and "were written before" in err
     assert os.listdir(tmp_path) == []
 
 
