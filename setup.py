@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["llama_mp", "llama_mp.*"]),
     package_data={"llama_mp": ["kernels/csrc/*.c"]},  # compiled on first use (llama_mp/kernels/cpu.py)
     python_requires=">=3.9",
-    install_requires=["torch>=2.5", "fairscale", "sentencepiece", "fire", "tqdm", "safetensors", "numpy"],
+    install_requires=["torch>=2.5", "fairscale", "sentencepiece", "tiktoken", "fire", "tqdm", "safetensors", "numpy"],
     extras_require={"test": ["pytest", "hypothesis", "transformers", "safetensors"]},
     data_files=[("share/llama_mp/configs", glob.glob("configs/*.json"))],
     entry_points={"console_scripts": ["llama-mp=llama_mp.cli:main"]},
