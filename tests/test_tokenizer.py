@@ -1,5 +1,7 @@
 """Tokenizer wrapper and streaming decode."""
 
+import re
+
 import pytest
 
 from llama_mp import LlamaMPError
@@ -8,6 +10,10 @@ from llama_mp.runtime.tokenizer import TextStream, Tokenizer
 
 def test_llama_special_ids_and_round_trip(tokenizer):
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (1, 2, -1)
+    assert tokenizer.family == "llama" and not tokenizer.byte_level and tokenizer.stop_ids == [2]
+    assert (tokenizer.special_id("<s>"), tokenizer.special_id("</s>")) == (1, 2)
+    with pytest.raises(LlamaMPError, match=re.escape("no special token '<|eot_id|>'")):
+        tokenizer.special_id("<|eot_id|>")
     ids = tokenizer.encode("Hello world", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2
     assert tokenizer.decode(ids) == "Hello world"
@@ -29,5 +35,5 @@ def test_missing_or_invalid_tokenizer_file_is_explained(tmp_path):
         Tokenizer(str(tmp_path / "nope.model"))
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"this is not a sentencepiece model")
-    with pytest.raises(LlamaMPError, match="not a SentencePiece model"):
+    with pytest.raises(LlamaMPError, match="not a SentencePiece model .* nor a tiktoken BPE file"):
         Tokenizer(str(bad))

@@ -1,4 +1,10 @@
-"""Llama 2 chat format: dialogs to prompt tokens, with Meta's rules and its special-tag guard."""
+"""Chat formats: dialogs to prompt tokens, with Meta's rules.
+
+The format follows the tokenizer's family. Llama 2 wraps turns in [INST] tags written as text, so Meta
+refuses a dialog whose text contains those tags (`has_special_tags`, answered with UNSAFE_ERROR). Llama 3
+marks turns with special token ids that no text can produce, so its dialogs need no such guard: text
+that looks like a special token is encoded as the plain text it is.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 ROLES = ("system", "user", "assistant")
+# Llama 3.1's tool calling adds a role for tool output ("ipython" in Meta's format); it needs tool
+# definitions in the system prompt and eom_id handling, which this runner does not do.
+TOOL_ROLES = ("ipython", "tool")
 
 
 class Message(TypedDict):
@@ -47,6 +56,10 @@ def check_dialog(dialog, index: int) -> None:
         raise LlamaMPError(f"{where} must be a non-empty list of messages like "
                            f'{{"role": "user", "content": "..."}}; got {described(dialog)}.')
     for j, msg in enumerate(dialog):
+        if isinstance(msg, dict) and msg.get("role") in TOOL_ROLES:
+            raise LlamaMPError(f"{where}, message {j} has role {msg['role']!r}: tool calls and tool output "
+                               f"are not supported, only the roles {ROLES}. Give the tool's result to the "
+                               "model as part of a user message instead.")
         if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise LlamaMPError(f"{where}, message {j} must be an object with role one of {ROLES} and a string "
                                f"content; got {described(msg)}.")
@@ -74,12 +87,25 @@ def check_dialogs(dialogs) -> None:
         check_dialog(dialog, i)
 
 
-def has_special_tags(dialog: Dialog) -> bool:
+def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> bool:
+    """Whether Meta's Llama 2 guard refuses `dialog`: its text contains the [INST] / <<SYS>> tags, which
+    would let a user forge turns. Never for a Llama 3 tokenizer, whose turn markers are special ids that
+    text cannot produce."""
+    if tokenizer is not None and tokenizer.family == "llama3":
+        return False
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
 
 def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """Prompt tokens for a checked dialog: each exchange is `<s>[INST] user [/INST] answer </s>`."""
+    """Prompt tokens for a checked dialog, in the chat format of the tokenizer's family."""
+    if tokenizer.family == "llama3":
+        return _encode_llama3_dialog(tokenizer, dialog)
+    return _encode_llama2_dialog(tokenizer, dialog)
+
+
+def _encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+    """Each exchange is `<s>[INST] user [/INST] answer </s>`; a system message goes inside the first
+    user turn, between <<SYS>> tags."""
     if dialog[0]["role"] == "system":
         dialog = [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
     tokens: List[int] = []
@@ -88,6 +114,25 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
                                    bos=True, eos=True)
     tokens += tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
     return tokens
+
+
+def _llama3_header(tokenizer: Tokenizer, role: str) -> List[int]:
+    # The blank line after the header is encoded on its own, as Meta does, so that it never merges with
+    # the first characters of the content into other tokens.
+    return ([tokenizer.special_id("<|start_header_id|>")] + tokenizer.encode(role, bos=False, eos=False)
+            + [tokenizer.special_id("<|end_header_id|>")] + tokenizer.encode("\n\n", bos=False, eos=False))
+
+
+def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+    """`<|begin_of_text|>`, then per message `<|start_header_id|>role<|end_header_id|>` a blank line, the
+    stripped content and `<|eot_id|>`, then an open assistant header for the model to complete. Markers
+    are ids; contents are encoded as plain text."""
+    tokens = [tokenizer.bos_id]
+    for message in dialog:
+        tokens += _llama3_header(tokenizer, message["role"])
+        tokens += tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        tokens.append(tokenizer.special_id("<|eot_id|>"))
+    return tokens + _llama3_header(tokenizer, "assistant")
 
 
 def load_dialogs(path: Optional[str]) -> List[Dialog]:
