@@ -32,6 +32,15 @@ def tokenizer_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama3_tokenizer_path(tmp_path_factory):
+    """Meta's Llama 3 tokenizer from ../shared, or a tiny tiktoken file (always, with LLAMA_MP_TEST_TOKENIZER=tiny)."""
+    fallback = str(tmp_path_factory.mktemp("tok3") / "tokenizer.model")
+    if os.environ.get("LLAMA_MP_TEST_TOKENIZER") == "tiny":
+        return find_or_make_tokenizer(fallback, shared=None, family="llama3")
+    return find_or_make_tokenizer(fallback, family="llama3")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
     return Tokenizer(tokenizer_path)
 

@@ -14,10 +14,16 @@ def _rms(x, weight, eps):
     return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
 
 
-def _rotate(x, positions, theta):
+def _rotate(x, positions, theta, scale=None):
     # x: [seq, heads, head_dim]; consecutive pairs are the real and imaginary parts.
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    if scale is not None:
+        # Llama 3.1: a frequency that turns fewer than once in 8192 positions is slowed by `scale`, one that
+        # turns more than 4 times is kept, and in between the two are mixed linearly in the turn count.
+        turns = 8192 * inv_freq / (2 * math.pi)
+        kept = ((turns - 1) / 3).clamp(0, 1)
+        inv_freq = inv_freq * (kept + (1 - kept) / scale)
     angle = positions[:, None].double() * inv_freq[None, :]
     turn = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)  # [seq, half]
     as_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], half, 2))
@@ -40,7 +46,8 @@ def reference_logits(state, args, tokens):
         q = (h @ sd[p + "attention.wq.weight"].T).view(seq, args.n_heads, hd)
         k = (h @ sd[p + "attention.wk.weight"].T).view(seq, n_kv, hd)
         v = (h @ sd[p + "attention.wv.weight"].T).view(seq, n_kv, hd)
-        q, k = _rotate(q, pos, args.rope_theta), _rotate(k, pos, args.rope_theta)
+        scale = args.rope_scale if args.use_scaled_rope else None
+        q, k = _rotate(q, pos, args.rope_theta, scale), _rotate(k, pos, args.rope_theta, scale)
         group = args.n_heads // n_kv
         heads = []
         for head in range(args.n_heads):

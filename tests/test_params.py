@@ -38,7 +38,8 @@ def test_all_presets_load():
 
 @pytest.mark.parametrize("change, words", [
     ({"n_heads": None}, "missing field"),
-    ({"use_scaled_rope": True}, "unknown field"),
+    ({"use_scaled_rope": True, "rope_scaling": 8}, "unknown field"),
+    ({"use_scaled_rope": "yes"}, "use_scaled_rope must be true or false"),
     ({"dim": "4096"}, "dim must be an integer"),
     ({"n_kv_heads": 5}, "n_kv_heads 5 must be positive and divide"),
     ({"dim": 4095}, "not divisible by n_heads"),

@@ -7,7 +7,8 @@ model-parallel code (fairscale) splits
 * column-parallel weights (wq, wk, wv, w1, w3, output) along dim 0, their output features;
 * row-parallel weights (wo, w2) along dim 1, their input features;
 * the token embedding along dim 1, the embedding dimension, in LLaMA 1 / Llama 2 / Code Llama
-  (fairscale `ParallelEmbedding`); a family that splits it by vocabulary rows is one table entry;
+  (fairscale `ParallelEmbedding`), and along dim 0, the vocabulary, in Llama 3.x
+  (`VocabParallelEmbedding`);
 * norms are replicated in every shard. LLaMA 1 shards also carry `rope.freqs`, which we ignore.
 
 The one rule for process and shard counts lives here too: N must split every head, the FFN, the
@@ -29,7 +30,7 @@ IGNORED_KEYS = frozenset({"rope.freqs"})
 
 # Per model family: the dimension each tensor is split along (None: replicated). Keys inside a layer
 # are given without their "layers.N." prefix.
-SPLIT_DIMS = {"llama": {
+_LLAMA = {
     "tok_embeddings.weight": 1,
     "output.weight": 0,
     "norm.weight": None,
@@ -42,14 +43,19 @@ SPLIT_DIMS = {"llama": {
     "feed_forward.w3.weight": 0,
     "attention_norm.weight": None,
     "ffn_norm.weight": None,
-}}
+}
+SPLIT_DIMS = {
+    "llama": _LLAMA,
+    # Llama 3.x: fairscale's VocabParallelEmbedding splits the embedding by vocabulary rows.
+    "llama3": {**_LLAMA, "tok_embeddings.weight": 0},
+}
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def family(args: Optional[ModelArgs]) -> str:
-    """The model family whose layout `args` describes (one so far: LLaMA 1, Llama 2, Code Llama). None
-    (params unknown, as for a damaged folder) gives the LLaMA family's table."""
-    return "llama"
+    """The model family whose layout `args` describes: "llama" (LLaMA 1, Llama 2, Code Llama) or
+    "llama3". None (params unknown, as for a damaged folder) gives the LLaMA family's table."""
+    return "llama" if args is None else args.family
 
 
 def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:

@@ -160,12 +160,16 @@ def _few(keys: List[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def resolve_vocab(args: ModelArgs, first_shard: StateDict, where: str) -> ModelArgs:
-    """Fill in vocab_size from the checkpoint when params.json says -1, and check it otherwise."""
+def resolve_vocab(args: ModelArgs, first_shard: StateDict, where: str, num_shards: int) -> ModelArgs:
+    """Fill in vocab_size from the checkpoint when params.json says -1, and check it otherwise. A family
+    that splits the embedding by vocabulary rows (Llama 3) holds 1/num_shards of them in each shard."""
     vocab = vocab_size_of(first_shard, where)
+    if layout.split_dim("tok_embeddings.weight", args) == 0:
+        vocab *= num_shards
     if args.vocab_size not in (-1, vocab):
-        raise LlamaMPError(f"params.json says vocab_size {args.vocab_size} but {where} has {vocab} token "
-                           "embeddings. Fix vocab_size in params.json (Meta's files use -1).")
+        raise LlamaMPError(f"params.json says vocab_size {args.vocab_size} but the shards ({where}, ...) hold "
+                           f"{vocab} token embeddings. Fix vocab_size in params.json (LLaMA and Llama 2 files "
+                           "use -1; Llama 3 files 128256).")
     return args.with_vocab(vocab)
 
 
@@ -213,7 +217,7 @@ class RankSlices:
         self.num_shards, self.rank, self.world_size = len(paths), rank, world_size
         needed = overlapping_shards(rank, world_size, self.num_shards)
         self.shards = {k: load_shard(paths[k]) for k in needed}
-        self.args = resolve_vocab(args, self.shards[needed[0]], paths[needed[0]])
+        self.args = resolve_vocab(args, self.shards[needed[0]], paths[needed[0]], self.num_shards)
         layout.require_split(self.args, world_size, f"This checkpoint ({ckpt_dir}, {self.num_shards} shard(s))",
                              "process", " Run with torchrun --nproc_per_node one of those.")
         expected = layout.shard_shapes(self.args, self.num_shards)

@@ -12,13 +12,20 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..errors import LlamaMPError
 
+LLAMA3_VOCAB = 128256          # 128000 BPE tokens + 256 special tokens
+LLAMA3_CONTEXT = 8192          # Llama 3
+LLAMA31_CONTEXT = 131072       # Llama 3.1, 3.2, 3.3 (scaled rope)
+LLAMA32_SMALL_SHAPES = {(2048, 16), (3072, 28)}  # Llama 3.2 1B and 3B: (dim, n_layers); rope scaled by 32
+
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The fields of a LLaMA 1 / Llama 2 / Code Llama `params.json`.
+    """The fields of a LLaMA 1 / Llama 2 / Code Llama / Llama 3.x `params.json`.
 
     `vocab_size == -1` means "take it from the checkpoint" (Meta's LLaMA and Llama 2 files say -1);
     `n_kv_heads is None` means plain multi-head attention (every head has its own keys and values).
+    `use_scaled_rope` (Llama 3.1 and later) stretches the rotary frequencies to a longer context by
+    `rope_scaling_factor`, which Meta's files leave out: 32 for Llama 3.2 1B and 3B, 8 otherwise.
     """
 
     dim: int
@@ -30,6 +37,28 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False
+    rope_scaling_factor: Optional[float] = None
+
+    @property
+    def family(self) -> str:
+        """"llama3" for Llama 3.x (a 128256-token tiktoken vocabulary, scaled rope from 3.1 on), else
+        "llama" (LLaMA 1, Llama 2, Code Llama): what layout, tokenizer and chat format go with it."""
+        return "llama3" if self.use_scaled_rope or self.vocab_size == LLAMA3_VOCAB else "llama"
+
+    @property
+    def max_context(self) -> Optional[int]:
+        """The longest sequence the model was made for, where Meta states one (Llama 3.x); else None."""
+        if self.family != "llama3":
+            return None
+        return LLAMA31_CONTEXT if self.use_scaled_rope else LLAMA3_CONTEXT
+
+    @property
+    def rope_scale(self) -> float:
+        """How much scaled rope stretches the low frequencies (only with `use_scaled_rope`)."""
+        if self.rope_scaling_factor is not None:
+            return self.rope_scaling_factor
+        return 32.0 if (self.dim, self.n_layers) in LLAMA32_SMALL_SHAPES else 8.0
 
     @property
     def kv_heads(self) -> int:
@@ -59,6 +88,10 @@ class ModelArgs:
             del out["ffn_dim_multiplier"]
         if out["rope_theta"] == 10000.0:
             del out["rope_theta"]
+        if not out["use_scaled_rope"]:
+            del out["use_scaled_rope"]
+        if out["rope_scaling_factor"] is None:
+            del out["rope_scaling_factor"]
         return out
 
     def parameter_count(self) -> int:
@@ -98,7 +131,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ModelArgs)}
 _REQUIRED = [name for name, f in _FIELDS.items()
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 _INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"}
-_FLOATS = {"ffn_dim_multiplier", "norm_eps", "rope_theta"}
+_FLOATS = {"ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor"}
+_BOOLS = {"use_scaled_rope"}
 # No tensor dimension of a model that fits anywhere reaches 2**31; a bigger value is a typo or an attack,
 # and would otherwise end in an allocation traceback (or an overflow) far from params.json.
 LARGEST_SIZE = 2 ** 31 - 1
@@ -109,6 +143,7 @@ _FLOAT_RANGES = {
                            "activations"),
     "rope_theta": (0.0, math.inf, "it is the base of the rotary frequencies, 10000 or 1000000"),
     "ffn_dim_multiplier": (0.0, math.inf, "it scales the FFN width, e.g. 1.3"),
+    "rope_scaling_factor": (0.0, math.inf, "it stretches the rotary frequencies of scaled rope, 8 or 32"),
 }
 
 
@@ -120,8 +155,7 @@ def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
     problems = []
     unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
-        problems.append(f"unknown field(s) {unknown} (llama_mp knows {sorted(_FIELDS)}; "
-                        "Llama 3 checkpoints are not supported)")
+        problems.append(f"unknown field(s) {unknown} (llama_mp knows {sorted(_FIELDS)})")
     missing = [name for name in _REQUIRED if name not in raw]
     if missing:
         problems.append(f"missing field(s) {missing}")
@@ -155,6 +189,8 @@ def _field_problem(name: str, value: Any) -> Optional[str]:
     """What is wrong with one field's value on its own (type, finiteness, range), or None.
 
     Each field is judged alone, so one message names every bad field, not just the first."""
+    if name in _BOOLS:
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {_shown(value)}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "an integer" if name in _INTS else "a number"
         return f"{name} must be {kind}, got {_shown(value)} (a {type(value).__name__})"

@@ -90,7 +90,7 @@ def open_meta(src: str):
     for index, path in enumerate(paths):
         shard = checkpoint.load_shard(path)
         if index == 0:
-            args = checkpoint.resolve_vocab(args, shard, path)
+            args = checkpoint.resolve_vocab(args, shard, path, len(paths))
             expected = layout.shard_shapes(args, len(paths))
             keys = list(shard)  # keep Meta's own key order (and LLaMA 1's rope.freqs, replicated)
         checkpoint.check_tensors(shard, expected, path)

@@ -7,6 +7,7 @@ near-ties), split into Meta shards by `reshard.save_consolidated`.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from typing import Optional
@@ -20,6 +21,8 @@ from .reshard import save_consolidated
 
 REPO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "assets", "tokenizer.model"))
+SHARED_TOKENIZERS = {"llama": SHARED_TOKENIZER,
+                     "llama3": os.path.join(os.path.dirname(SHARED_TOKENIZER), "llama3-tokenizer.model")}
 
 
 def random_tensor(key: str, shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -44,7 +47,7 @@ def write_random_checkpoint(ckpt_dir: str, args: ModelArgs, num_shards: int, see
     """Write a random checkpoint; return its whole state dict. params.json says vocab_size -1 like
     Meta's files unless `vocab_in_params`."""
     state = random_state_dict(args, seed, dtype)
-    written = args if vocab_in_params else args.with_vocab(-1)
+    written = args if vocab_in_params or args.family == "llama3" else args.with_vocab(-1)  # as Meta's files
     save_consolidated(ckpt_dir, written, state, num_shards)
     return state
 
@@ -80,10 +83,44 @@ def train_tiny_tokenizer(path: str, vocab_size: int = 320) -> str:
     return path
 
 
-def find_or_make_tokenizer(fallback_path: str, shared: Optional[str] = SHARED_TOKENIZER) -> str:
-    """The real LLaMA tokenizer from ../shared when it exists, else a freshly trained tiny one."""
+def write_tiny_tiktoken(path: str, merges: int = 64) -> str:
+    """A small Llama 3-style tiktoken file (`base64-token rank` lines): the 256 single bytes, then the
+    `merges` most frequent adjacent pairs of the corpus, merged greedily one after another (plain BPE
+    training). Llama 3's 256 special tokens come after these ranks, as in Meta's file."""
+    words = [word.encode() for line in _CORPUS.splitlines() for word in line.split(" ")]
+    pieces = [[bytes([b]) for b in (b" " + w if i else w)] for i, w in enumerate(words)]
+    vocab = [bytes([b]) for b in range(256)]
+    for _ in range(merges):
+        counts: dict = {}
+        for word in pieces:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=lambda pair: (counts[pair], pair))
+        vocab.append(best[0] + best[1])
+        for k, word in enumerate(pieces):
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            pieces[k] = merged
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.writelines(base64.b64encode(token) + b" %d\n" % rank for rank, token in enumerate(vocab))
+    return path
+
+
+def find_or_make_tokenizer(fallback_path: str, shared: Optional[str] = SHARED_TOKENIZER, family: str = "llama") -> str:
+    """The family's real tokenizer from ../shared when it exists (`shared`, or the family's file), else a
+    freshly made tiny one: a SentencePiece model for LLaMA / Llama 2, a tiktoken file for Llama 3."""
+    shared = SHARED_TOKENIZERS[family] if shared is SHARED_TOKENIZER else shared
     if shared and os.path.isfile(shared):
         return os.path.abspath(shared)
     if not os.path.isfile(fallback_path):
-        train_tiny_tokenizer(fallback_path)
+        (write_tiny_tiktoken if family == "llama3" else train_tiny_tokenizer)(fallback_path)
     return fallback_path

@@ -119,13 +119,12 @@ def structure_problems(ckpt_dir: str) -> List[str]:
     first = shards[first_index]
     expected = None
     if args is not None:
+        num_shards = max(num_shards, _implied_shard_count(args, first))
         try:
-            args = checkpoint.resolve_vocab(args, first, found[first_index])
+            args = checkpoint.resolve_vocab(args, first, found[first_index], num_shards)
         except LlamaMPError as e:
             problems.append(str(e))
             args = None
-    if args is not None:
-        num_shards = max(num_shards, _implied_shard_count(args, first))
     problems.extend(_missing(found, num_shards))
     if args is not None:
         try:

@@ -25,12 +25,14 @@ from ..tools.bench import bench
 
 def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads: int = 8,
           n_kv_heads: int = None, vocab_size: int = 0, multiple_of: int = 32, seed: int = 0,
-          dtype: str = "float32", tokenizer: str = None, overwrite: bool = False) -> None:
+          dtype: str = "float32", tokenizer: str = None, overwrite: bool = False, family: str = "llama") -> None:
     """Write a random checkpoint with MP shards in Meta's exact layout, for demos and benchmarks.
 
-    The tokenizer is ../shared/assets/tokenizer.model when present (or --tokenizer), else a tiny one
-    trained on the spot; it is copied next to the shards as tokenizer.model and the vocabulary is
-    sized to it unless --vocab_size is given. MP must split every head, the FFN, the embedding and the
+    --family llama (LLaMA / Llama 2 layout and SentencePiece tokenizer) or llama3 (Llama 3.1: embedding
+    split by vocabulary rows, scaled rope with theta 500000, tiktoken tokenizer). The tokenizer is the
+    family's file in ../shared/assets when present (or --tokenizer), else a tiny one made on the spot;
+    it is copied next to the shards as tokenizer.model and the vocabulary is sized to it unless
+    --vocab_size is given. MP must split every head, the FFN, the embedding and the
     vocabulary evenly. The folder appears only once complete (--overwrite replaces a non-empty one).
     """
     from ..checkpoints.reshard import check_shard_count, copy_tokenizer
@@ -38,18 +40,24 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
     from ..checkpoints.synth import find_or_make_tokenizer, write_random_checkpoint
     from ..runtime.tokenizer import Tokenizer
 
+    if family not in FAMILY_PARAMS:
+        raise LlamaMPError(f"Unknown --family {family!r}; use one of {', '.join(FAMILY_PARAMS)}.")
     torch_dtype = parse_dtype(dtype)
     with staged_output_dir(out_dir, overwrite) as out:
         tok_dst = os.path.join(out, "tokenizer.model")
-        copy_tokenizer(out, tokenizer, None if tokenizer is not None else find_or_make_tokenizer(tok_dst))
+        made = None if tokenizer is not None else find_or_make_tokenizer(tok_dst, family=family)
+        copy_tokenizer(out, tokenizer, made)
         vocab = vocab_size or Tokenizer(tok_dst).n_words
         args = parse_params({"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-                             "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5},
-                            where="synth options")
+                             "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5,
+                             **FAMILY_PARAMS[family]}, where="synth options")
         check_shard_count(args, mp)
         write_random_checkpoint(out, args, mp, seed=seed, dtype=torch_dtype)
     print(f"wrote {out_dir}: {mp} shard(s), {args.parameter_count() / 1e6:.1f}M parameters, tokenizer "
           f"{os.path.join(out_dir, 'tokenizer.model')}", file=sys.stderr)
+
+
+FAMILY_PARAMS = {"llama": {}, "llama3": {"rope_theta": 500000.0, "use_scaled_rope": True}}
 
 
 def _note(message: str) -> None:

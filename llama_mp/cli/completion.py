@@ -87,7 +87,7 @@ class _Streamed:
 
     def __init__(self, generator: Llama, prompt: str):
         self.stream = TextStream(generator.tokenizer)
-        self.eos, self.prompt = generator.tokenizer.eos_id, prompt
+        self.stop_ids, self.prompt = set(generator.tokenizer.stop_ids), prompt
         self.alone = generator.group.world_size == 1
         self.started = False
 
@@ -103,7 +103,7 @@ class _Streamed:
         if not self.started:
             self.started = True
             self._write(self.prompt)
-        if step[0] != self.eos:
+        if int(step[0]) not in self.stop_ids:
             self._write(self.stream.push(int(step[0])))
 
     def finish(self) -> None:

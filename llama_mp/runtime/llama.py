@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Tuple, TypedDict
 import torch
 
 from .. import distributed
+from ..checkpoints.params import load_params
 from ..checks import described, require_int, require_seconds, require_seed
 from ..distributed import Group
 from ..dtypes import choose_dtype
@@ -26,6 +27,9 @@ from .engine import Engine, Request
 from .loading import load_checkpoint, ready_on_every_rank
 from .model import Transformer
 from .tokenizer import Tokenizer
+
+
+FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken")}
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -78,7 +82,7 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.group = group
-        self.engine = Engine(model, group, [tokenizer.eos_id], seed)
+        self.engine = Engine(model, group, tokenizer.stop_ids, seed)
         self.engine.ops.update({"text": self._text_op, "chat": self._chat_op})
 
     @staticmethod
@@ -127,6 +131,12 @@ class Llama:
             loaded["dtype"] = torch_dtype = choose_dtype(dtype, group.device)
             loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype)
             loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
+            family = load_params(ckpt_dir).family
+            if tokenizer.family != family:  # before any weight is read
+                (tok_name, tok_kind), (name, kind) = FAMILY_NAMES[tokenizer.family], FAMILY_NAMES[family]
+                raise LlamaMPError(f"The tokenizer {tokenizer_path!r} is a {tok_name} tokenizer ({tok_kind}), but "
+                                   f"{ckpt_dir!r} holds a {name} model (its params.json says so), which needs a "
+                                   f"{kind} one. Use the tokenizer.model shipped with this checkpoint.")
             model = load_checkpoint(ckpt_dir, group, torch_dtype, chosen, max_batch_size, max_seq_len)
             if tokenizer.n_words > model.args.vocab_size:
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
@@ -198,7 +208,7 @@ class Llama:
         logprobs: bool = False,
         top_k: int = 0,
     ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant (Llama 2 chat format).
+        """Answer each dialog as the assistant, in the checkpoint family's chat format (Llama 2's or Llama 3's).
 
         A dialog whose messages contain the format's special tags is not run: its answer is Meta's error
         text, as in the reference implementation.
@@ -207,7 +217,7 @@ class Llama:
             check_dialogs(dialogs)
             prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
             request = Request(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k, logprobs)
-            return [has_special_tags(d) for d in dialogs], self.engine.check(request)
+            return [has_special_tags(d, self.tokenizer) for d in dialogs], self.engine.check(request)
 
         return self.engine.call("chat", decide)
 

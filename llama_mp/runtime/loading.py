@@ -29,6 +29,10 @@ def empty_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Deco
                 max_seq_len: int) -> Transformer:
     """This rank's model with every tensor allocated (weights uninitialised) as `decoder` lays them out,
     once the estimate of its memory says the device can hold it."""
+    if args.max_context is not None and max_seq_len > args.max_context:
+        raise LlamaMPError(f"max_seq_len {max_seq_len} is longer than the {args.max_context} tokens this model was "
+                           f"made for (Llama 3: 8192; 3.1 and later: 131072). Use --max_seq_len {args.max_context} "
+                           "or less.")
     require_fit(args, group.world_size, dtype, decoder.activation_dtype(dtype), max_batch_size, max_seq_len,
                 group.device)
     with torch.device("meta"):  # shapes only: no random init, no memory

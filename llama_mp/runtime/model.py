@@ -15,6 +15,7 @@ communication) and the decoder starts.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -54,11 +55,30 @@ class RMSNorm(Weight):
         return (normed if x.dtype == torch.float32 else normed.type_as(x)) * self.weight
 
 
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device) -> torch.Tensor:
-    """Unit complex numbers e^(i * position * frequency), complex64 [max_seq_len, head_dim // 2]."""
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """Unit complex numbers e^(i * position * frequency), complex64 [max_seq_len, head_dim // 2].
+
+    With `scale` (Llama 3.1's scaled rope), frequencies whose wavelength is longer than the original
+    8192-token context are divided by `scale`, those shorter than a quarter of it are kept, and those in
+    between are blended smoothly; computed in float64 from the float32 frequencies, as Meta does."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scale is not None:
+        freqs = scaled_rope_frequencies(freqs, scale)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def scaled_rope_frequencies(freqs: torch.Tensor, scale: float, original_context: int = 8192,
+                            low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> torch.Tensor:
+    """Llama 3.1's frequency scaling (see `rotary_tables`), float32 in and out."""
+    f = freqs.double()
+    wavelength = 2 * math.pi / f
+    long_wave, short_wave = original_context / low_freq_factor, original_context / high_freq_factor
+    blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    between = (1 - blend) * f / scale + blend * f
+    scaled = torch.where(wavelength < short_wave, f, torch.where(wavelength > long_wave, f / scale, between))
+    return scaled.to(freqs.dtype)
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -195,7 +215,8 @@ class Transformer(nn.Module):
                                                             for m in (layer.attention_norm, layer.ffn_norm))):
             holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
                                          requires_grad=False)
-        self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device)
+        self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device,
+                                      self.args.rope_scale if self.args.use_scaled_rope else None)
         self.vocab_offset = self.output.weight.shape[0] * self.rank
         if self.world_size > 1:
             self._embedding_table = torch.empty(layout.full_shapes(self.args)["tok_embeddings.weight"],

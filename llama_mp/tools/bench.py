@@ -35,6 +35,7 @@ from ..runtime.sampling import check_sampling
 class _NoStop:
     """Stands in for the tokenizer: an eos that never occurs, so every run makes all its tokens."""
     eos_id = -1
+    stop_ids: list = []
 
 
 # Random weights seed each rank's generator with seed * 1000 + rank, which must stay within 64 bits.

@@ -61,7 +61,8 @@ def model_args(ckpt_dir: Optional[str], model: Optional[str]) -> (str, ModelArgs
         return str(model), load_preset(str(model))[0]
     ckpt_dir = str(ckpt_dir)
     paths = checkpoint.shard_paths(ckpt_dir)
-    return ckpt_dir, checkpoint.resolve_vocab(load_params(ckpt_dir), checkpoint.load_shard(paths[0]), paths[0])
+    return ckpt_dir, checkpoint.resolve_vocab(load_params(ckpt_dir), checkpoint.load_shard(paths[0]), paths[0],
+                                              len(paths))
 
 
 def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: str = "bfloat16",
