@@ -7,7 +7,7 @@ import pytest
 from llama_mp.checkpoints import layout
 from llama_mp.errors import LlamaMPError
 from llama_mp.checkpoints.params import load_preset
-from llama_mp.tools.plan import CUDA_CONTEXT_BYTES, GIB, estimate, make_plan
+from llama_mp.tools.plan import CUDA_CONTEXT_BYTES, GIB, estimate, make_plan, plan_to_text
 from llama_mp.cli.commands import plan as plan_command
 
 
@@ -92,3 +92,11 @@ def test_subcommand_options_are_checked_and_kept_as_typed(llama_mp_command):
     assert code == 2 and "Unknown model preset '7'" in err  # a name, not the number fire would make of it
     code, _, err = llama_mp_command("plan", "--modl", "llama-2-7b", "--gpus", "1", "--gpu_mem_gb", "12")
     assert code == 2 and "Unknown option --modl; did you mean --model?" in err
+
+
+def test_a_model_too_big_for_its_largest_split_says_how_many_gpus_its_weights_fill():
+    args, _ = load_preset("llama-3.1-405b")
+    plan = make_plan(args, "llama-3.1-405b", 8, 80)
+    assert not plan["fits"] and plan["options"] == [] and plan["gpus_the_weights_need"] == 11
+    text = plan_to_text(plan, as_json=False)
+    assert "fill at least 11 GPUs of this size, but the model splits over at most 8 ranks" in text

@@ -129,7 +129,8 @@ def plan(gpus: int, gpu_mem_gb: float, ckpt_dir: Optional[str] = None, model: Op
     """Say whether a model fits on --gpus N GPUs of --gpu_mem_gb G GiB each, and if not, what would.
 
     The model is --ckpt_dir DIR (a Meta checkpoint; only its headers are read) or --model NAME, a preset:
-    llama-7b, llama-13b, llama-33b, llama-65b, llama-2-7b, llama-2-13b, llama-2-70b, codellama-34b.
+    llama-7b, llama-13b, llama-33b, llama-65b, llama-2-7b, llama-2-13b, llama-2-70b, codellama-34b,
+    llama-3-8b, llama-3-70b, llama-3.1-8b, llama-3.1-70b, llama-3.1-405b, llama-3.2-1b, llama-3.2-3b, llama-3.3-70b.
     Per rank it adds the weights, the KV cache for max_batch_size x max_seq_len (its own kv heads only)
     and an estimate of working memory (1 GiB CUDA context, logits, activations), and compares with G.
     When it does not fit it lists single changes that would: the fewest GPUs, a smaller batch or

@@ -95,7 +95,17 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
                                                  "total": est.total},
         "fits": fits, "reason": reason, "valid_gpu_counts": valid,
         "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget),
+        "gpus_the_weights_need": gpus_the_weights_need(args, dtype, budget),
     }
+
+
+def gpus_the_weights_need(args: ModelArgs, dtype: str, budget: int) -> int:
+    """How many GPUs of `budget` bytes the weights alone would fill (each also holding a CUDA context and
+    the whole embedding table): a lower bound on the GPUs the model needs, valid split or not."""
+    whole = estimate(args, 1, dtype, 1, 2).weights
+    embedding = estimate(args, 2, dtype, 1, 2).weights * 2 - whole  # counted again on every extra rank
+    room = budget - CUDA_CONTEXT_BYTES - embedding
+    return -(-(whole - embedding) // room) if room > 0 else 0
 
 
 def _gib(n: int) -> str:
@@ -134,8 +144,13 @@ def format_plan(plan: Dict) -> str:
             lines += [f"  - {described[o['change']](o)}: {o['total_bytes'] / GIB:.2f} GiB per rank"
                       for o in plan["options"]]
         else:
-            lines.append(f"Nothing fits on GPUs of this size (valid GPU counts: {plan['valid_gpu_counts']}); "
-                         "use larger GPUs.")
+            need, valid = plan["gpus_the_weights_need"], plan["valid_gpu_counts"]
+            lines.append(f"Nothing fits on GPUs of this size (valid GPU counts: {valid}); use larger GPUs.")
+            if need > max(valid):
+                kv = plan["params"].get("n_kv_heads", plan["params"]["n_heads"])
+                lines.append(f"The weights alone fill at least {need} GPUs of this size, but the model splits over "
+                             f"at most {max(valid)} ranks: one per key/value head ({kv}); llama_mp does not yet "
+                             "replicate key/value heads across ranks, which more ranks would need.")
     return "\n".join(lines)
 
 
