@@ -201,8 +201,11 @@ def chat_completion(
     json: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
     load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
+    interactive: bool = False,
+    system: Optional[str] = None,
 ) -> None:
-    """Answer Llama 2 chat dialogs (a JSON file of dialogs via --dialogs; built-in examples otherwise).
+    """Answer chat dialogs (a JSON file of dialogs via --dialogs; built-in examples otherwise), or chat in
+    the terminal with --interactive (as launch/chat.py does; --system TEXT sets its system message).
 
     --dialogs is the path of a JSON file (taken as typed): a list of dialogs, each a list of
     {"role": "system"|"user"|"assistant", "content": ...} messages, [system?] user (assistant user)*: the
@@ -211,6 +214,12 @@ def chat_completion(
     before the model is loaded. --temperature, --top_p, --top_k, --seed, --timeout_s and --load_timeout_s
     take the values text_completion's --help lists (temperature 0 or 0.001 to 100, top_p in (0, 1], ...).
     """
+    if interactive or system is not None:
+        from .chat import chat, check_interactive_options  # chat.py builds on this module
+
+        _before_loading(lambda: check_interactive_options(interactive, system, dialogs, json, logprobs))
+        return chat(ckpt_dir, tokenizer_path, system, max_seq_len, max_batch_size, max_gen_len, temperature,
+                    top_p, top_k, seed, backend, device, dtype, decoder, timeout_s, load_timeout_s)
     _before_loading(lambda: (check_sampling(temperature, top_p, top_k),
                              check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s)))
     group = distributed.setup(backend, device, timeout_s)

@@ -92,6 +92,11 @@ def waking_peers_on_loss(group: "Group"):
         raise
 
 
+# How long a rank waits for a person (the next line of an interactive chat): unbounded in practice, yet
+# a number gloo and NCCL add to the current time without overflow (they count in milliseconds).
+WAIT_FOR_PERSON_S = 365 * 24 * 3600.0
+
+
 @contextlib.contextmanager
 def patience(group: "Group", timeout_s: Optional[float]):
     """Let collectives on the default group inside this block wait up to `timeout_s`, then restore

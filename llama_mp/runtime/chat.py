@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, TypedDict
+from typing import List, Optional, Tuple, TypedDict
 
 from ..checks import described
 from ..errors import LlamaMPError
@@ -133,6 +133,28 @@ def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
         tokens += tokenizer.encode(message["content"].strip(), bos=False, eos=False)
         tokens.append(tokenizer.special_id("<|eot_id|>"))
     return tokens + _llama3_header(tokenizer, "assistant")
+
+
+def fit_dialog(tokenizer: Tokenizer, dialog: Dialog, max_prompt_tokens: int) -> Tuple[List[int], Dialog, int]:
+    """(prompt tokens, dialog kept, exchanges dropped) for a checked dialog whose prompt must fit in
+    `max_prompt_tokens`: a conversation that grew too long forgets its oldest user/assistant exchanges
+    first, as a person forgets the start of a long talk, but keeps the system message, which says how to
+    answer at all. If even the last user message alone (with the system message) is too long, a
+    LlamaMPError says by how much, and nothing is dropped."""
+    system = dialog[:1] if dialog[0]["role"] == "system" else []
+    turns = list(dialog[len(system):])
+    dropped = 0
+    while True:
+        kept = system + turns
+        tokens = encode_dialog(tokenizer, kept)
+        if len(tokens) <= max_prompt_tokens:
+            return tokens, kept, dropped
+        if len(turns) == 1:
+            with_system = " with the system message" if system else ""
+            raise LlamaMPError(f"This message needs {len(tokens)} prompt tokens{with_system}, but at most "
+                               f"{max_prompt_tokens} fit.")
+        turns = turns[2:]
+        dropped += 1
 
 
 def load_dialogs(path: Optional[str]) -> List[Dialog]:

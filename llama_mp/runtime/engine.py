@@ -21,7 +21,7 @@ import torch
 
 from ..checks import described, is_int, require_bool, require_int
 from ..distributed import Group, broadcast_from_main
-from ..distributed.failure import waking_peers_on_loss
+from ..distributed.failure import patience, waking_peers_on_loss
 from ..errors import LlamaMPError, RemoteRankError, report
 from .model import Transformer
 from .sampling import check_sampling, sample
@@ -111,14 +111,19 @@ class Engine:
             raise LlamaMPError("rank 0 stopped serving while this rank expected work.")
         return self.ops[op](payload)
 
-    def serve(self) -> None:
-        """Ranks other than 0: run whatever rank 0 sends, until it sends `stop()`."""
-        with waking_peers_on_loss(self.group):
-            self._serve()
+    def serve(self, idle_timeout_s: Optional[float] = None) -> None:
+        """Ranks other than 0: run whatever rank 0 sends, until it sends `stop()`.
 
-    def _serve(self) -> None:
+        `idle_timeout_s` bounds the wait for rank 0's next request when that wait is not the group's
+        `timeout_s`: in an interactive chat rank 0 waits for a person, who may think for minutes, while
+        a silent peer during a request must still be given up on after `timeout_s`."""
+        with waking_peers_on_loss(self.group):
+            self._serve(idle_timeout_s)
+
+    def _serve(self, idle_timeout_s: Optional[float]) -> None:
         while True:
-            op, payload = broadcast_from_main(self.group, None)
+            with patience(self.group, idle_timeout_s):
+                op, payload = broadcast_from_main(self.group, None)
             if op == STOP:
                 return
             if op != REFUSED:
