@@ -18,7 +18,7 @@ from llama_mp.checkpoints.convert import convert, detect
 from llama_mp.errors import LlamaMPError
 from llama_mp.checkpoints.hf import from_hf_rows, to_hf_rows
 from llama_mp.checkpoints.params import load_params
-from workers import greedy_ids, prompt_ids
+from workers import PROMPTS, greedy_ids, prompt_ids
 from multiproc import run_ranks
 
 transformers = pytest.importorskip("transformers")
@@ -207,3 +207,136 @@ def test_command_line_convert_exit_codes(world, tmp_path, llama_mp_command):
     assert torch.load(checkpoint.shard_paths(str(tmp_path / "m"))[1], weights_only=True)["norm.weight"].dtype == torch.bfloat16
     code, _, err = llama_mp_command("convert", tmp_path / "nothing", tmp_path / "n")
     assert code == 2 and "Cannot tell what" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama 3.x: scaled rope, the 128256-token tiktoken vocabulary, tied embeddings.
+
+LLAMA31 = dict(n_heads=8, n_kv_heads=4, use_scaled_rope=True, rope_theta=500000.0)  # head_dim 8: all 3 rope bands
+
+
+def hf_greedy_until(model, prompts, stop_ids):
+    """transformers' greedy continuations, cut at the first of `stop_ids` like ours."""
+    out = []
+    for ids in prompts:
+        new = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist()
+        ends = [i for i, t in enumerate(new) if t in stop_ids]
+        out.append(new[:ends[0]] if ends else new)
+    return out
+
+
+def hf_tensors(hf_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(hf_dir, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def llama3_world(tmp_path_factory, make_checkpoint, llama3_tokenizer_path):
+    from llama_mp.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(llama3_tokenizer_path)
+    root = tmp_path_factory.mktemp("convert3")
+    meta_src, args, full = make_checkpoint(shards=2, vocab_size=tok.n_words, **LLAMA31)
+    shutil.copyfile(llama3_tokenizer_path, os.path.join(meta_src, "tokenizer.model"))
+    convert(meta_src, str(root / "hf"), to="hf", progress=False)
+    return {"root": root, "meta_src": meta_src, "args": args, "full": full, "tok": tok,
+            "ids": greedy_ids([meta_src], llama3_tokenizer_path, MAX_NEW)[0]}
+
+
+def test_llama31_meta_to_hf_loads_in_transformers_and_generates_what_we_generate(llama3_world):
+    hf_dir, tok = str(llama3_world["root"] / "hf"), llama3_world["tok"]
+    config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+    assert config["rope_parameters"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                         "rope_theta": 500000.0}
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["max_position_embeddings"] == 131072
+    assert config["bos_token_id"] == tok.bos_id == 128000 and config["eos_token_id"] == tok.stop_ids
+    assert sorted(tok.stop_ids) == [128001, 128008, 128009]
+    assert os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
+    # transformers reads the tiktoken tokenizer.model (not as SentencePiece) and encodes text as we do.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in PROMPTS + ["The capital of France is   Paris!\n\n 12345 ça va? 日本語"]:
+        assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True, eos=False)
+    assert hf_tok.convert_tokens_to_ids("<|eot_id|>") == tok.special_id("<|eot_id|>")
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    model.generation_config.pad_token_id = tok.eos_id
+    prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]
+    ours = llama3_world["ids"]
+    assert any(ours) and hf_greedy_until(model, prompts, tok.stop_ids) == ours
+
+
+def test_llama31_hf_to_meta_reproduces_params_tensors_and_tokenizer(llama3_world, tmp_path, llama3_tokenizer_path):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(llama3_world["root"] / "hf", hf_dir)
+    # Hugging Face's Llama 3 repos keep Meta's tiktoken file under original/, not beside config.json.
+    os.makedirs(hf_dir / "original")
+    os.replace(hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model")
+    convert(str(hf_dir), str(tmp_path / "meta"), mp=2, progress=False)
+    with open(tmp_path / "meta" / "params.json") as f:
+        written = json.load(f)
+    with open(os.path.join(llama3_world["meta_src"], "params.json")) as f:
+        source = json.load(f)
+    # The same fields (use_scaled_rope, rope_theta 500000, vocab 128256, no factor: 8 is inferred), and
+    # a multiple_of that may differ but gives the same FFN width.
+    assert {k: v for k, v in written.items() if k != "multiple_of"} == \
+        {k: v for k, v in source.items() if k != "multiple_of"}
+    assert load_params(str(tmp_path / "meta")).ffn_hidden_dim == llama3_world["args"].ffn_hidden_dim
+    assert written["use_scaled_rope"] is True and "rope_scaling_factor" not in written
+    with open(tmp_path / "meta" / "tokenizer.model", "rb") as f, open(llama3_tokenizer_path, "rb") as g:
+        assert f.read() == g.read()
+    shards = [torch.load(p, weights_only=True) for p in checkpoint.shard_paths(str(tmp_path / "meta"))]
+    for key, whole in llama3_world["full"].items():
+        assert torch.equal(layout.merge([s[key] for s in shards], layout.split_dim(key, llama3_world["args"])),
+                           whole), key
+
+
+def test_llama3_rope_variants_become_the_params_that_reproduce_them(llama3_world, tmp_path):
+    def convert_with(name, **changes):
+        hf_dir = tmp_path / name
+        shutil.copytree(llama3_world["root"] / "hf", hf_dir)
+        config = json.loads((hf_dir / "config.json").read_text())
+        config.update(changes)
+        (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        convert(str(hf_dir), str(tmp_path / f"{name}_meta"), progress=False)
+        with open(tmp_path / f"{name}_meta" / "params.json") as f:
+            return json.load(f)
+
+    rope32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    # transformers 4.x style: rope_scaling beside a top-level rope_theta. 32 is not what Meta's rule
+    # infers for this shape (only the 3.2 1B/3B shapes get 32), so params.json states it.
+    params = convert_with("factor32", rope_parameters=None, rope_scaling=rope32)
+    assert params["use_scaled_rope"] is True and params["rope_scaling_factor"] == 32.0
+    assert load_params(str(tmp_path / "factor32_meta")).rope_scale == 32.0
+    # Llama 3.0: no rope scaling, the 128256-token vocabulary, theta 500000.
+    params = convert_with("llama30", rope_scaling=None,
+                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    assert "use_scaled_rope" not in params and params["vocab_size"] == 128256 and params["rope_theta"] == 500000.0
+    for field, value in (("low_freq_factor", 2.0), ("original_max_position_embeddings", 4096)):
+        with pytest.raises(LlamaMPError, match=rf"{field} {value!r} \(Meta's: .*only Meta's Llama 3.1 scheme"):
+            convert_with(f"bad_{field}", rope_parameters={**rope32, field: value, "rope_theta": 500000.0})
+
+
+def test_tied_llama3_hf_folder_round_trips_through_meta(llama3_world, tmp_path):
+    args = llama3_world["args"]
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, rope_parameters=rope, max_position_embeddings=131072, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(str(tmp_path / "hf"))
+    assert "lm_head.weight" not in hf_tensors(str(tmp_path / "hf"))
+    convert(str(tmp_path / "hf"), str(tmp_path / "meta"), mp=2, progress=False)
+    state = meta_state(str(tmp_path / "meta"))
+    merged_embedding = torch.cat([torch.load(p, weights_only=True)["tok_embeddings.weight"]
+                                  for p in checkpoint.shard_paths(str(tmp_path / "meta"))])
+    assert torch.equal(merged_embedding, model.model.embed_tokens.weight)
+    assert torch.equal(state["output.weight"], model.model.embed_tokens.weight)
+    convert(str(tmp_path / "meta"), str(tmp_path / "hf_again"), to="hf", progress=False)
+    before, after = hf_tensors(str(tmp_path / "hf")), hf_tensors(str(tmp_path / "hf_again"))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.equal(after["lm_head.weight"], before["model.embed_tokens.weight"])

@@ -9,6 +9,15 @@ Sources are detected from what is on disk:
 Every reader presents the same small interface, a "source": `args` (ModelArgs, vocab known), `keys()`
 in Meta order, `tensor(key)` giving the whole tensor in Meta's layout (read lazily), and `tokenizer`
 (a path or None). The writer then splits each tensor with `layout.split`, one output shard at a time.
+A source may also say `ties_output` (its output layer is the embedding: a Meta checkpoint without
+output.weight, a Hugging Face folder without lm_head.weight); `tensor("output.weight")` then gives the
+embedding. Meta folders are always written with output.weight, as Meta's own files are (Llama 3.2 too);
+Hugging Face folders keep the tie (`tie_word_embeddings`, no lm_head.weight).
+
+A Hugging Face repo of a Meta model also carries Meta's checkpoint under `original/`. convert reads the
+folder the user named, i.e. the Hugging Face weights (what transformers runs; the tensors are the same),
+and takes only the tokenizer from `original/`; a folder whose safetensors were not downloaded is
+pointed at `original/` instead.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from .staging import staged_output_dir
 class Source(Protocol):
     args: ModelArgs
     tokenizer: Optional[str]
+    ties_output: bool  # optional: absent means False
 
     def keys(self) -> List[str]: ...
 
@@ -54,6 +64,8 @@ class MetaSource:
         self.args, paths, _ = open_meta(ckpt_dir)
         self._shards = [checkpoint.load_shard(p) for p in paths]
         self.tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
+        # open_meta has checked that a missing output.weight can be read from the embedding.
+        self.ties_output = checkpoint.ties_output(self._shards[0])
 
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
@@ -62,9 +74,12 @@ class MetaSource:
         return layout.full_shapes(self.args)  # open_meta has checked every shard against it
 
     def dtypes(self) -> Dict[str, object]:
-        return {key: self._shards[0][key].dtype for key in self.keys()}  # checked by open_meta too
+        return {key: self._shards[0][checkpoint.stored_key(key, self._shards[0])].dtype
+                for key in self.keys()}  # checked by open_meta too
 
     def tensor(self, meta_key: str) -> torch.Tensor:
+        if meta_key == checkpoint.OUTPUT_KEY and self.ties_output:
+            meta_key = checkpoint.EMBEDDING_KEY
         return layout.merge([sd[meta_key] for sd in self._shards], layout.split_dim(meta_key, self.args))
 
 
@@ -132,7 +147,8 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
 
 def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optional[str] = None,
                  tokenizer: Optional[str] = None, progress: bool = True, src: Optional[str] = None) -> None:
-    """Write `source` as a Hugging Face Llama directory (config.json, safetensors, tokenizer.model)."""
+    """Write `source` as a Hugging Face Llama directory (config.json, safetensors, tokenizer.model and a
+    tokenizer_config.json for it); config.json takes its bos and stop ids from that tokenizer."""
     torch_dtype = parse_dtype(dtype, optional=True)
     keys = source.keys()
 
@@ -144,12 +160,38 @@ def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optio
             tqdm(total=len(keys), desc="writing safetensors", unit="tensor", file=sys.stderr,
                  disable=not progress) as bar:
         copy_tokenizer(out, tokenizer, source.tokenizer)  # first: a wrong --tokenizer fails before the writing
-        write_hf(out, source.args, keys, tensor, progress=bar.update)
-        if os.path.isfile(os.path.join(out, "tokenizer.model")):
-            # Enough for transformers' LlamaTokenizer(Fast) to find and use tokenizer.model.
+        copied = _copied_tokenizer(out)
+        special_ids = (copied.bos_id, list(copied.stop_ids)) if copied else None
+        write_hf(out, source.args, keys, tensor, progress=bar.update, special_ids=special_ids,
+                 tie_word_embeddings=getattr(source, "ties_output", False))
+        if copied is not None:
             with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-                json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}, f, indent=2)
+                json.dump(hf_tokenizer_config(copied), f, indent=2)
+
+
+def hf_tokenizer_config(tokenizer) -> dict:
+    """tokenizer_config.json that makes transformers' AutoTokenizer read the copied tokenizer.model.
+
+    SentencePiece (LLaMA, Llama 2): LlamaTokenizer(Fast), which reads tokenizer.model itself. tiktoken
+    (Llama 3): LlamaTokenizer would misread the file; transformers 5 builds a fast tokenizer from a tiktoken
+    tokenizer.model when the config names PreTrainedTokenizerFast (after a logged failed attempt to read
+    it as SentencePiece), given the special tokens in id order after the BPE ranks, which is how Meta
+    numbers them, and add_bos_token for Meta's leading <|begin_of_text|>."""
+    if tokenizer.family != "llama3":
+        return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|end_of_text|>", "add_bos_token": True, "add_eos_token": False,
+            "extra_special_tokens": specials, "model_input_names": ["input_ids", "attention_mask"]}
+
+
+def _copied_tokenizer(out_dir: str):
+    """The tokenizer copied into `out_dir` (read, so config.json gets its bos and stop ids), or None."""
+    from ..runtime.tokenizer import Tokenizer
+
+    path = os.path.join(out_dir, "tokenizer.model")
+    return Tokenizer(path) if os.path.isfile(path) else None
 
 
 def convert(src: str, dst: str, mp: int = 1, to: str = "meta", overwrite: bool = False,

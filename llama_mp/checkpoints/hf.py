@@ -8,6 +8,9 @@ Two differences from Meta's layout besides the names:
   `from_hf_rows` undoes it; wk uses the number of *key/value* heads (GQA).
 * HF stores the FFN width (`intermediate_size`) itself; params.json derives it from `multiple_of` and
   `ffn_dim_multiplier`, so `params.ffn_fields_for` finds values that reproduce it.
+* Llama 3.1's scaled rope is `rope_parameters` (transformers 5) / `rope_scaling` (4.x) of type "llama3"
+  in config.json, `use_scaled_rope` (+ `rope_scaling_factor` where Meta's rule would infer another
+  factor) in params.json.
 
 Weights may be one `model.safetensors`, several `model-0000i-of-0000n.safetensors` with an index json,
 or the older `pytorch_model*.bin` equivalents. Each tensor is read only when asked for.
@@ -24,6 +27,15 @@ import torch
 from ..errors import LlamaMPError
 from . import layout
 from .params import ModelArgs, ffn_fields_for, parse_params
+
+# Meta's scaled rope (Llama 3.1 and later; runtime/model.py) as transformers names it: rope_type "llama3".
+# Only the stretch `factor` varies between Meta's models; these three are fixed in Meta's code, so a
+# config with other values describes a model llama_mp would run differently.
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# bos and stop ids written into config.json when no tokenizer says otherwise. Llama 3: Meta's HF configs
+# (transformers' convert_llama_weights_to_hf.py) give 128000 and, for instruct models, end_of_text,
+# eom_id and eot_id; llama_mp stops on all three for every Llama 3 model, so the HF folder does too.
+FAMILY_SPECIAL_IDS = {"llama": (1, [2]), "llama3": (128000, [128001, 128008, 128009])}
 
 # Meta name (inside a layer) -> HF name (inside model.layers.N.)
 _LAYER_NAMES = {
@@ -94,12 +106,14 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
     if config.get("model_type", "llama") != "llama":
         raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; only Llama "
                            "(model_type 'llama', LlamaForCausalLM) checkpoints can be converted.")
-    rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
+    # transformers 5 writes `rope_parameters` (with rope_theta inside); 4.x wrote `rope_scaling` beside a
+    # top-level rope_theta. Either may be present, or both.
+    rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ("default", "llama3"):
         raise LlamaMPError(f"{where} uses rope scaling {kind!r}, which llama_mp does not implement; only plain "
-                           "rotary embeddings (rope_theta) are supported.")
+                           "rotary embeddings (rope_theta) and Meta's Llama 3.1 scaling (rope_type 'llama3') "
+                           "are supported.")
     unsupported = [name for name in ("attention_bias", "mlp_bias") if config.get(name)]
     if config.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act={config['hidden_act']}")
@@ -114,7 +128,30 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
            "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
            "rope_theta": float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)}
     raw.update(ffn_fields_for(dim, need("intermediate_size")))
-    return parse_params(raw, where=where)
+    if kind == "default":
+        return parse_params(raw, where=where)
+    factor = _llama3_rope_factor(rope, where)
+    raw["use_scaled_rope"] = True
+    args = parse_params(raw, where=where)
+    if args.rope_scale != factor:  # params.json states the factor only where Meta's rule would guess wrong
+        args = parse_params({**raw, "rope_scaling_factor": factor}, where=where)
+    return args
+
+
+def _llama3_rope_factor(rope: dict, where: str) -> float:
+    """The stretch factor of a rope_type "llama3" config, refusing parameters Meta's scheme does not use."""
+    factor = rope.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+        raise LlamaMPError(f"{where} uses rope scaling 'llama3' but its factor is {factor!r}, not a positive "
+                           "number (Llama 3.1 and 3.3 use 8, Llama 3.2 1B and 3B 32).")
+    different = [f"{name} {rope.get(name)!r} (Meta's: {value:g})" for name, value in LLAMA3_ROPE_FIXED.items()
+                 if rope.get(name, value) != value]
+    if different:
+        raise LlamaMPError(f"{where} uses rope scaling 'llama3' with {', '.join(different)}. llama_mp implements "
+                           "only Meta's Llama 3.1 scheme, whose low_freq_factor, high_freq_factor and "
+                           "original_max_position_embeddings are fixed, so this model would run differently "
+                           "here; it cannot be converted.")
+    return float(factor)
 
 
 def _damaged(path: str, problem: str) -> LlamaMPError:
@@ -152,6 +189,12 @@ def _weight_files(model_dir: str) -> Dict[str, str]:
                 raise _damaged(path, 'it has no "weight_map" object of tensor name -> file name')
             return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
         return {k: path for k in _open_weights(path).keys()}
+    original = os.path.join(model_dir, "original")
+    if os.path.isfile(os.path.join(original, "params.json")):
+        # Meta's repos on the Hub carry Meta's own checkpoint there; it converts (reshards) as it is.
+        raise LlamaMPError(f"{model_dir} has a config.json but none of {', '.join(WEIGHT_FILES)}; its original/ "
+                           f"folder holds Meta's checkpoint, so convert that instead: `llama-mp convert "
+                           f"{original} DST --mp M`, or download the safetensors weights too.")
     raise LlamaMPError(f"{model_dir} has a config.json but none of {', '.join(WEIGHT_FILES)}. Download the "
                        "weights too (safetensors preferred).")
 
@@ -188,6 +231,16 @@ def _open_weights(path: str):
     return _TorchBin(path)
 
 
+def hf_tokenizer_model(model_dir: str) -> Optional[str]:
+    """The tokenizer file llama_mp reads, from a Hugging Face folder: its own tokenizer.model (Llama 2
+    repos: SentencePiece), else `original/tokenizer.model` (Llama 3 repos keep Meta's tiktoken file there,
+    beside a tokenizer.json that llama_mp does not read). None when there is neither."""
+    for path in (os.path.join(model_dir, "tokenizer.model"), os.path.join(model_dir, "original", "tokenizer.model")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 class HFSource:
     """A Hugging Face Llama directory seen as whole Meta-layout tensors (see convert.py)."""
 
@@ -195,10 +248,11 @@ class HFSource:
         config_path = os.path.join(model_dir, "config.json")
         self.config = _read_json(config_path)
         self.args = args_from_config(self.config, config_path)
-        self.tokenizer = os.path.join(model_dir, "tokenizer.model")
+        self.tokenizer = hf_tokenizer_model(model_dir)
         self._files = _weight_files(model_dir)
         self._open: Dict[str, object] = {}
         self._tied = "lm_head.weight" not in self._files
+        self.ties_output = self._tied
         if self._tied and not self.config.get("tie_word_embeddings", False):
             raise LlamaMPError(f"{model_dir} has no lm_head.weight and its config does not tie it to the "
                                "embedding; the weights are incomplete.")
@@ -257,10 +311,24 @@ class HFSource:
 # Writing
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int) -> dict:
-    """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x)."""
+def hf_rope(args: ModelArgs) -> Tuple[dict, Optional[dict]]:
+    """(rope_parameters for transformers 5, rope_scaling for 4.x or None) of the model's rotary embedding."""
+    if not args.use_scaled_rope:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}, None
+    scaling = {"rope_type": "llama3", "factor": args.rope_scale, **LLAMA3_ROPE_FIXED}
+    return {**scaling, "rope_theta": args.rope_theta}, scaling
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Optional[int] = None,
+              tie_word_embeddings: bool = False, special_ids: Optional[Tuple[int, List[int]]] = None) -> dict:
+    """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x).
+
+    `max_position_embeddings` defaults to the context the model was made for (Llama 3.x), else 4096;
+    `special_ids` (bos id, stop ids) to the family's (`FAMILY_SPECIAL_IDS`)."""
     dtype_name = str(dtype).replace("torch.", "")
-    return {
+    rope_parameters, rope_scaling = hf_rope(args)
+    bos, stops = special_ids or FAMILY_SPECIAL_IDS[args.family]
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
@@ -272,17 +340,20 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: int)
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "max_position_embeddings": max_position_embeddings,
+        "rope_parameters": rope_parameters,
+        "max_position_embeddings": max_position_embeddings or args.max_context or 4096,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": bos,
+        "eos_token_id": stops[0] if len(stops) == 1 else list(stops),
         "torch_dtype": dtype_name,
         "dtype": dtype_name,
     }
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
 
 
 def to_hf_tensor(meta_key: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
@@ -297,13 +368,17 @@ def hf_state_dict(args: ModelArgs, state: Dict[str, torch.Tensor]) -> Dict[str, 
 
 
 def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[str], torch.Tensor],
-             max_file_bytes: int = 5 << 30, max_position_embeddings: int = 4096,
-             progress: Callable[[], None] = None) -> None:
+             max_file_bytes: int = 5 << 30, max_position_embeddings: Optional[int] = None,
+             progress: Callable[[], None] = None, tie_word_embeddings: bool = False,
+             special_ids: Optional[Tuple[int, List[int]]] = None) -> None:
     """Write `model.safetensors` (or size-capped `model-0000i-of-0000n.safetensors` + index) from whole
-    Meta tensors fetched one at a time by `tensor(key)`; one file's tensors are in memory at once."""
+    Meta tensors fetched one at a time by `tensor(key)`; one file's tensors are in memory at once.
+    With `tie_word_embeddings` no lm_head.weight is written (transformers uses the embedding)."""
     from safetensors.torch import save_file
 
     shapes = layout.full_shapes(args)
+    if tie_word_embeddings:
+        keys = [key for key in keys if key != "output.weight"]
     # The first tensor gives the dtype (hence file sizes) and is the first one written: fetched once,
     # and not held past its own file.
     pending = {keys[0]: tensor(keys[0])}
@@ -333,8 +408,8 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
         save_file(out, os.path.join(out_dir, name), metadata={"format": "pt"})
         del out
     if len(names) > 1:
-        total = sum(itemsize * torch.Size(s).numel() for s in shapes.values())
+        total = sum(itemsize * torch.Size(shapes[key]).numel() for key in keys)
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(args, dtype, max_position_embeddings), f, indent=2)
+        json.dump(hf_config(args, dtype, max_position_embeddings, tie_word_embeddings, special_ids), f, indent=2)

@@ -140,15 +140,59 @@ def tensor_dtypes(sd: StateDict) -> Dict[str, torch.dtype]:
     return {k: v.dtype for k, v in sd.items()}
 
 
-def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str) -> None:
+# Llama 3.2 1B and 3B tie the output layer to the token embedding. Meta's own consolidated files still
+# store output.weight (transformers' conversion script reads it for 3.2 too), but a file written by other
+# tools may leave it out. A shard without output.weight is read as tied when its embedding slice *is* its
+# output slice: always in the Llama 3 layout (both split by vocabulary rows), and in a single shard of the
+# LLaMA / Llama 2 layout (whole tensors). Several LLaMA-layout shards split the embedding by columns, so no
+# shard holds any output rows whole; such a checkpoint is refused (`tied_output_problem`).
+OUTPUT_KEY, EMBEDDING_KEY = "output.weight", "tok_embeddings.weight"
+
+
+def ties_output(sd: StateDict) -> bool:
+    """Whether a shard leaves out output.weight and so uses its embedding slice as the output layer."""
+    return OUTPUT_KEY not in sd and EMBEDDING_KEY in sd
+
+
+def stored_key(key: str, sd: StateDict) -> str:
+    """The key under which shard `sd` holds tensor `key` (the embedding for a tied output layer)."""
+    return EMBEDDING_KEY if key == OUTPUT_KEY and ties_output(sd) else key
+
+
+def can_tie_output(args: Optional[ModelArgs], num_shards: int) -> bool:
+    """Whether each of `num_shards` shards' embedding slice equals its output.weight slice."""
+    return num_shards == 1 or layout.split_dim(EMBEDDING_KEY, args) == layout.split_dim(OUTPUT_KEY, args)
+
+
+def tied_output_problem(num_shards: int) -> str:
+    return (f"output.weight is missing, and it cannot be taken from the embedding (a tied output layer): "
+            f"this LLaMA / Llama 2 layout splits tok_embeddings.weight by columns over the {num_shards} "
+            "shards, so no shard holds whole output rows. Convert the model from a copy that has "
+            "output.weight, or from a single-shard copy")
+
+
+def tied_shapes(sd: StateDict, tie_allowed: bool = True) -> Dict[str, Tuple[int, ...]]:
+    """The shard's tensor shapes, with output.weight filled in from the embedding when the shard ties
+    them (and `tie_allowed`), so the usual shape check applies to both."""
+    shapes = tensor_shapes(sd)
+    if tie_allowed and ties_output(sd):
+        shapes[OUTPUT_KEY] = shapes[EMBEDDING_KEY]
+    return shapes
+
+
+def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: str,
+                  args: Optional[ModelArgs] = None, num_shards: int = 1) -> None:
     """Strict dtype, key and shape check, naming every tensor of the wrong kind, then every missing,
-    unexpected or misshaped one."""
+    unexpected or misshaped one. A shard without output.weight passes when its embedding can stand in
+    for it (`can_tie_output` for `args` and `num_shards`), and is refused with the reason otherwise."""
     wrong_kind = dtype_problems(tensor_dtypes(sd))
     if wrong_kind:
         raise LlamaMPError(f"{where} holds tensors that are not weights: " + "; ".join(wrong_kind[:8])
                            + (f"; and {len(wrong_kind) - 8} more" if len(wrong_kind) > 8 else "")
                            + ". " + weight_dtype_advice())
-    problems = shape_problems(tensor_shapes(sd), expected)
+    if ties_output(sd) and not can_tie_output(args, num_shards):
+        raise LlamaMPError(f"{where}: {tied_output_problem(num_shards)}.")
+    problems = shape_problems(tied_shapes(sd), expected)
     if problems:
         raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])
                            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -222,7 +266,7 @@ class RankSlices:
                              "process", " Run with torchrun --nproc_per_node one of those.")
         expected = layout.shard_shapes(self.args, self.num_shards)
         for k, sd in self.shards.items():
-            check_tensors(sd, expected, paths[k])
+            check_tensors(sd, expected, paths[k], self.args, self.num_shards)
 
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
@@ -232,8 +276,10 @@ class RankSlices:
         dim = layout.split_dim(key, self.args)
         if dim is None:
             return None, [(0, next(iter(self.shards.values()))[key])]
-        return dim, rank_pieces({k: sd[key] for k, sd in self.shards.items()}, dim, self.num_shards,
-                                self.rank, self.world_size)
+        # A tied output layer is cut from the embedding exactly as output.weight would be (check_tensors
+        # has made sure the two slices coincide).
+        return dim, rank_pieces({k: sd[stored_key(key, sd)] for k, sd in self.shards.items()}, dim,
+                                self.num_shards, self.rank, self.world_size)
 
     def tensor(self, key: str) -> torch.Tensor:
         dim, parts = self.pieces(key)

@@ -93,7 +93,7 @@ def open_meta(src: str):
             args = checkpoint.resolve_vocab(args, shard, path, len(paths))
             expected = layout.shard_shapes(args, len(paths))
             keys = list(shard)  # keep Meta's own key order (and LLaMA 1's rope.freqs, replicated)
-        checkpoint.check_tensors(shard, expected, path)
+        checkpoint.check_tensors(shard, expected, path, args, len(paths))
     return args, paths, keys
 
 
@@ -106,6 +106,10 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
     """
     args, paths, keys = open_meta(src)
     check_shard_count(args, mp)
+    if checkpoint.OUTPUT_KEY not in keys and not checkpoint.can_tie_output(args, mp):
+        # A tied output layer stays tied where the output's shards can hold it (Llama 3, or one shard);
+        # LLaMA-layout shards split the embedding by columns, so there it is written out, cut by rows.
+        keys = keys + [checkpoint.OUTPUT_KEY]
     torch_dtype = parse_dtype(dtype, optional=True)
     num_in = len(paths)
     opened = {"index": None, "shards": {}}
@@ -119,7 +123,8 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
         dim = None if key in layout.IGNORED_KEYS else layout.split_dim(key, args)
         if dim is None:
             return next(iter(shards.values()))[key]
-        return checkpoint.rank_slice({k: sd[key] for k, sd in shards.items()}, dim, num_in, index, mp)
+        return checkpoint.rank_slice({k: sd[checkpoint.stored_key(key, sd)] for k, sd in shards.items()},
+                                     dim, num_in, index, mp)
 
     needs = sum(os.path.getsize(p) for p in paths)
     if torch_dtype is not None:  # the shards' size scales with the element size

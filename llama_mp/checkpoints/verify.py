@@ -133,13 +133,32 @@ def structure_problems(ckpt_dir: str) -> List[str]:
         except LlamaMPError as e:
             problems.append(f"{num_shards} shards: {e} The files do not match params.json.")
     if expected is None:  # without trustworthy params, at least the shards must agree with each other
-        expected = checkpoint.tensor_shapes(first)
+        expected = checkpoint.tied_shapes(first)
     for index, sd in sorted(shards.items()):
         for problem in (checkpoint.dtype_problems(checkpoint.tensor_dtypes(sd))
-                        + checkpoint.shape_problems(checkpoint.tensor_shapes(sd), expected)):
+                        + _tie_problems(sd, args, num_shards, expected)
+                        + checkpoint.shape_problems(_shapes(sd, args, num_shards, expected), expected)):
             problems.append(f"{checkpoint.shard_name(index)}: {problem}")
     problems.extend(_agreement_problems(shards, args))
     return problems
+
+
+def _tie_problems(sd: checkpoint.StateDict, args: Optional[ModelArgs], num_shards: int,
+                  expected: Dict[str, Tuple[int, ...]]) -> List[str]:
+    """A missing output.weight that the embedding cannot stand in for (see `checkpoint.ties_output`)."""
+    if checkpoint.ties_output(sd) and args is not None and not checkpoint.can_tie_output(args, num_shards):
+        return [checkpoint.tied_output_problem(num_shards)]
+    return []
+
+
+def _shapes(sd: checkpoint.StateDict, args: Optional[ModelArgs], num_shards: int,
+            expected: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[int, ...]]:
+    """The shard's shapes for the shape check: a tied output layer counts as its embedding slice; one
+    that cannot be tied is left out of the shape check, `_tie_problems` having said why."""
+    shapes = checkpoint.tied_shapes(sd)
+    if _tie_problems(sd, args, num_shards, expected):
+        shapes[checkpoint.OUTPUT_KEY] = expected[checkpoint.OUTPUT_KEY]
+    return shapes
 
 
 def _implied_shard_count(args: ModelArgs, shard: checkpoint.StateDict) -> int:
