@@ -251,8 +251,9 @@ def test_llama31_meta_to_hf_loads_in_transformers_and_generates_what_we_generate
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
                                          "rope_theta": 500000.0}
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["max_position_embeddings"] == 131072
-    assert config["bos_token_id"] == tok.bos_id == 128000 and config["eos_token_id"] == tok.stop_ids
-    assert sorted(tok.stop_ids) == [128001, 128008, 128009]
+    assert config["bos_token_id"] == tok.bos_id and config["eos_token_id"] == tok.stop_ids
+    base = tok.n_words - 256  # the first special id: 128000 in Meta's file
+    assert tok.bos_id == base and sorted(tok.stop_ids) == [base + 1, base + 8, base + 9]
     assert os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
     # transformers reads the tiktoken tokenizer.model (not as SentencePiece) and encodes text as we do.
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -313,7 +314,8 @@ def test_llama3_rope_variants_become_the_params_that_reproduce_them(llama3_world
     # Llama 3.0: no rope scaling, the 128256-token vocabulary, theta 500000.
     params = convert_with("llama30", rope_scaling=None,
                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    assert "use_scaled_rope" not in params and params["vocab_size"] == 128256 and params["rope_theta"] == 500000.0
+    hf_vocab = json.loads((llama3_world["root"] / "hf" / "config.json").read_text())["vocab_size"]  # 128256 with Meta's tokenizer
+    assert "use_scaled_rope" not in params and params["vocab_size"] == hf_vocab and params["rope_theta"] == 500000.0
     for field, value in (("low_freq_factor", 2.0), ("original_max_position_embeddings", 4096)):
         with pytest.raises(LlamaMPError, match=rf"{field} {value!r} \(Meta's: .*only Meta's Llama 3.1 scheme"):
             convert_with(f"bad_{field}", rope_parameters={**rope32, field: value, "rope_theta": 500000.0})

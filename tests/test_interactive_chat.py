@@ -98,7 +98,7 @@ def jobs(llama2_ckpt, llama3_ckpt, tokenizer_path, llama3_tokenizer_path, tmp_pa
         "ctrl_c": Job(plain + llama2 + GREEDY + CPU, tmp / "ctrl_c"),
         "torchrun": Job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                          str(free_port()), script("chat"), "--ckpt_dir", llama3_ckpt, "--tokenizer_path",
-                         llama3_tokenizer_path, "--max_seq_len", "128", "--timeout_s", str(TIMEOUT_S)]
+                         llama3_tokenizer_path, "--max_seq_len", "512", "--timeout_s", str(TIMEOUT_S)]
                         + GREEDY + CPU, tmp / "torchrun"),
     }
     yield started
@@ -109,7 +109,7 @@ def jobs(llama2_ckpt, llama3_ckpt, tokenizer_path, llama3_tokenizer_path, tmp_pa
 
 
 def expected_answers(ckpt_dir, tokenizer_path, dialogs):
-    llama = build(ckpt_dir, tokenizer_path, max_seq_len=128, max_batch_size=len(dialogs))
+    llama = build(ckpt_dir, tokenizer_path, max_seq_len=512, max_batch_size=len(dialogs))
     results = llama.chat_completion(dialogs, temperature=0, max_gen_len=8)
     return [r["generation"]["content"] for r in results]
 
