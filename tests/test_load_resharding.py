@@ -1,6 +1,6 @@
 """Load-time resharding: any checkpoint on any valid number of processes.
 
-A rank of an N-way job assembles exactly `layout.split(whole, dim, N, rank)` of every tensor from the
+A rank of an N-way job assembles exactly `layout.split(key, whole, args, N, rank)` of every tensor from the
 K shards on disk, opening only the shards that overlap its slice; the model it runs is the same model,
 so greedy generation gives the same tokens as with N == K.
 """
@@ -20,14 +20,14 @@ GQA = dict(n_kv_heads=2)
 
 
 @pytest.mark.parametrize("num_shards,world_size", [(2, 1), (1, 2), (2, 4), (4, 2), (4, 1), (2, 3), (3, 2), (4, 6), (6, 4), (3, 3)])
-def test_rank_slice_equals_split_of_the_whole_tensor(num_shards, world_size):
+def test_rank_share_equals_split_of_the_whole_tensor(num_shards, world_size):
     whole = torch.arange(12 * 5 * 2, dtype=torch.float32).reshape(12, 5 * 2).repeat(1, 6)  # 12 x 60
     for dim in (0, 1):
-        pieces = [layout.split(whole, dim, num_shards, k) for k in range(num_shards)]
+        pieces = list(whole.chunk(num_shards, dim))
         for rank in range(world_size):
             needed = checkpoint.overlapping_shards(rank, world_size, num_shards)
-            got = checkpoint.rank_slice({k: pieces[k] for k in needed}, dim, num_shards, rank, world_size)
-            assert torch.equal(got, layout.split(whole, dim, world_size, rank)), (dim, rank)
+            got = checkpoint.joined(dim, checkpoint.rank_pieces({k: pieces[k] for k in needed}, dim, num_shards, rank, world_size))
+            assert torch.equal(got, whole.chunk(world_size, dim)[rank]), (dim, rank)
 
 
 @pytest.mark.parametrize("num_shards,world_size,kv", [(2, 1, None), (1, 2, None), (2, 4, None), (4, 2, None),
@@ -39,7 +39,7 @@ def test_every_rank_gets_exactly_its_split_of_every_tensor(make_checkpoint, num_
         assert got_args.vocab_size == args.vocab_size
         assert set(state) == set(layout.full_shapes(args))
         for key, whole in full.items():
-            assert torch.equal(state[key], layout.split(whole, layout.split_dim(key, args), world_size, rank)), key
+            assert torch.equal(state[key], layout.split(key, whole, args, world_size, rank)), key
 
 
 def test_a_rank_opens_only_the_shards_that_overlap_its_slice(make_checkpoint, monkeypatch):
@@ -51,9 +51,9 @@ def test_a_rank_opens_only_the_shards_that_overlap_its_slice(make_checkpoint, mo
     assert opened == ["02", "03"]
 
 
-def test_rank_slice_of_more_shards_than_overlap_ignores_the_extra_ones():
+def test_rank_share_of_more_shards_than_overlap_ignores_the_extra_ones():
     pieces = {k: torch.full((2, 3), float(k)) for k in range(4)}
-    got = checkpoint.rank_slice(pieces, 0, 4, 0, 2)  # rank 0 of 2 needs shards 0 and 1 only
+    got = checkpoint.joined(0, checkpoint.rank_pieces(pieces, 0, 4, 0, 2))  # rank 0 of 2 needs shards 0 and 1 only
     assert torch.equal(got, torch.cat([pieces[0], pieces[1]]))
 
 

@@ -72,7 +72,7 @@ def test_layout_follows_meta_sharding():
     assert shapes["layers.0.attention.wo.weight"] == (4096, 2048)
     assert shapes["layers.0.feed_forward.w2.weight"] == (4096, 5504)
     assert shapes["layers.0.ffn_norm.weight"] == (4096,)
-    assert layout.valid_world_sizes(args) == [1, 2, 4, 8]
+    assert layout.valid_world_sizes(args) == [1, 2, 4, 8, 16, 32]  # past 8: kv heads replicated
 
 
 # ----------------------------------------------------------------------------------------------

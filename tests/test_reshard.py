@@ -26,7 +26,7 @@ def test_reshard_writes_m_shards_that_split_the_same_model(make_checkpoint, tmp_
     for index, shard in enumerate(shard_tensors(dst)):
         assert list(shard) == list(full)  # Meta's key order kept
         for key, whole in full.items():
-            assert torch.equal(shard[key], layout.split(whole, layout.split_dim(key, None), 4, index))
+            assert torch.equal(shard[key], layout.split(key, whole, None, 4, index))
     assert verify_checkpoint(dst, progress=False) == []  # fresh checklist.chk matches
 
 
@@ -119,8 +119,8 @@ def test_a_failure_half_way_leaves_no_destination_and_no_staging_folder(make_che
 
 def test_an_invalid_shard_count_lists_the_valid_ones(make_checkpoint, tmp_path):
     src, _, _ = make_checkpoint(shards=2, n_kv_heads=2)
-    with pytest.raises(LlamaMPError, match=r"Valid shard counts: \[1, 2\]"):
-        reshard(src, str(tmp_path / "x"), 4, progress=False)
+    with pytest.raises(LlamaMPError, match=r"Valid shard counts: \[1, 2, 4\]"):
+        reshard(src, str(tmp_path / "x"), 3, progress=False)
     assert not (tmp_path / "x").exists()
 
 

@@ -80,7 +80,7 @@ class MetaSource:
     def tensor(self, meta_key: str) -> torch.Tensor:
         if meta_key == checkpoint.OUTPUT_KEY and self.ties_output:
             meta_key = checkpoint.EMBEDDING_KEY
-        return layout.merge([sd[meta_key] for sd in self._shards], layout.split_dim(meta_key, self.args))
+        return layout.merge(meta_key, [sd[meta_key] for sd in self._shards], self.args)
 
 
 def detect(src: str) -> str:
@@ -136,7 +136,7 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
     torch_dtype = parse_dtype(dtype, optional=True)
 
     def piece(key: str, index: int) -> torch.Tensor:
-        return layout.split(source.tensor(key), layout.split_dim(key, source.args), mp, index)
+        return layout.split(key, source.tensor(key), source.args, mp, index)
 
     with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(source, torch_dtype)) as out:
         save_params(source.args, out)

@@ -11,8 +11,12 @@ model-parallel code (fairscale) splits
   (`VocabParallelEmbedding`);
 * norms are replicated in every shard. LLaMA 1 shards also carry `rope.freqs`, which we ignore.
 
-The one rule for process and shard counts lives here too: N must split every head, the FFN, the
-embedding and the vocabulary evenly (`require_split`).
+Above `n_kv_heads` ranks (Llama 3.1 405B, 8 kv heads, on 16 GPUs) the kv projections wk and wv cannot
+be cut further: each rank then holds one whole kv head, the one its query heads use, and N / n_kv_heads
+neighbouring ranks (and shards) hold the same head, as in Meta's reference code (`pieces`).
+
+The one rule for process and shard counts lives here too: N must split every query head, the FFN, the
+embedding and the vocabulary evenly, and either divide n_kv_heads or be a multiple of it (`require_split`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ SPLIT_DIMS = {
     "llama3": {**_LLAMA, "tok_embeddings.weight": 0},
 }
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
+# Cut by kv head, and replicated once there are more ranks than kv heads.
+_KV_KEYS = frozenset({"attention.wk.weight", "attention.wv.weight"})
 
 
 def family(args: Optional[ModelArgs]) -> str:
@@ -62,6 +68,22 @@ def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:
     """The dimension along which `key` is split across shards, or None if it is replicated."""
     m = _LAYER_KEY.match(key)
     return SPLIT_DIMS[family(args)][m.group(2) if m else key]
+
+
+def kv_replicas(args: ModelArgs, count: int) -> int:
+    """How many of `count` ranks or shards hold each kv head: 1 up to n_kv_heads, else count / n_kv_heads."""
+    return max(count // args.kv_heads, 1)
+
+
+def pieces(key: str, args: Optional[ModelArgs], count: int, index: int = 0) -> Tuple[int, int]:
+    """(parts, part): split `count` ways, the whole `key` is cut into `parts` equal pieces along its split
+    dim and rank or shard `index` holds piece `part`. That is (count, index) for every tensor except wk and
+    wv beyond n_kv_heads ranks, which are cut into n_kv_heads pieces, `kv_replicas` ranks holding each."""
+    m = _LAYER_KEY.match(key)
+    if args is None or (m.group(2) if m else key) not in _KV_KEYS or count <= args.kv_heads:
+        return count, index
+    replicas = kv_replicas(args, count)
+    return count // replicas, index // replicas
 
 
 def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
@@ -87,25 +109,34 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def shard_shape(full_shape: Tuple[int, ...], dim: Optional[int], num_shards: int) -> Tuple[int, ...]:
+def shard_shape(key: str, full_shape: Tuple[int, ...], args: ModelArgs, num_shards: int) -> Tuple[int, ...]:
+    """Shape of `key`'s piece in each of `num_shards` shards (or ranks)."""
+    dim = split_dim(key, args)
     if dim is None:
         return tuple(full_shape)
     shape = list(full_shape)
-    shape[dim] //= num_shards
+    shape[dim] //= pieces(key, args, num_shards)[0]
     return tuple(shape)
 
 
 def shard_shapes(args: ModelArgs, num_shards: int) -> Dict[str, Tuple[int, ...]]:
     """Shape of every tensor in one of `num_shards` shards (all shards have the same shapes)."""
-    return {k: shard_shape(s, split_dim(k, args), num_shards) for k, s in full_shapes(args).items()}
+    return {k: shard_shape(k, s, args, num_shards) for k, s in full_shapes(args).items()}
+
+
+def local_kv_heads(args: ModelArgs, count: int) -> int:
+    """kv heads each of `count` ranks holds (and caches)."""
+    return args.kv_heads // pieces("attention.wk.weight", args, count)[0]
 
 
 def valid_world_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
-    """Every process count (up to `limit`) that splits all heads, FFN, embedding and vocab evenly."""
-    must_divide = [args.n_heads, args.kv_heads, args.ffn_hidden_dim, args.dim]
+    """Every process count (up to `limit`) that splits query heads, FFN, embedding and vocab evenly and
+    divides n_kv_heads or is a multiple of it (each rank's query heads then share one kv head)."""
+    must_divide = [args.n_heads, args.ffn_hidden_dim, args.dim]
     if args.vocab_size > 0:
         must_divide.append(args.vocab_size)
-    return [n for n in range(1, limit + 1) if all(x % n == 0 for x in must_divide)]
+    return [n for n in range(1, limit + 1)
+            if all(x % n == 0 for x in must_divide) and (args.kv_heads % n == 0 or n % args.kv_heads == 0)]
 
 
 def require_split(args: ModelArgs, count, subject: str, unit: str, advice: str = "") -> None:
@@ -117,17 +148,31 @@ def require_split(args: ModelArgs, count, subject: str, unit: str, advice: str =
     raise LlamaMPError(
         f"{subject} (n_heads {args.n_heads}, n_kv_heads {args.kv_heads}, FFN {args.ffn_hidden_dim}, dim "
         f"{args.dim}, vocab {args.vocab_size}) cannot be split over {count!r} {unit}{'es' if unit == 'process' else 's'}: "
-        f"every head, the FFN, the embedding and the vocabulary must divide evenly. Valid {unit} counts: "
+        f"every query head, the FFN, the embedding and the vocabulary must divide evenly, and the count must divide n_kv_heads or be a multiple of it. Valid {unit} counts: "
         f"{valid_world_sizes(args)}.{advice}")
 
 
-def split(tensor: torch.Tensor, dim: Optional[int], num_shards: int, index: int) -> torch.Tensor:
-    """Shard `index` of `num_shards` of a whole tensor (a view; replicated tensors come back whole)."""
+def split(key: str, tensor: torch.Tensor, args: ModelArgs, num_shards: int, index: int) -> torch.Tensor:
+    """Shard `index` of `num_shards` of the whole tensor `key` (a view; replicated tensors come back whole)."""
+    dim = split_dim(key, args)
     if dim is None:
         return tensor
-    return tensor.chunk(num_shards, dim=dim)[index]
+    parts, part = pieces(key, args, num_shards, index)
+    return tensor.chunk(parts, dim=dim)[part]
 
 
-def merge(pieces: List[torch.Tensor], dim: Optional[int]) -> torch.Tensor:
-    """Inverse of `split`: the whole tensor from all of its shards, in shard order."""
-    return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+def merge(key: str, shards: List[torch.Tensor], args: ModelArgs) -> torch.Tensor:
+    """Inverse of `split`: the whole tensor `key` from all of its shards, in shard order (one of each
+    set of replicas)."""
+    dim = split_dim(key, args)
+    if dim is None:
+        return shards[0]
+    parts, _ = pieces(key, args, len(shards))
+    return torch.cat(shards[::len(shards) // parts], dim=dim)
+
+
+def first_replica(key: str, args: ModelArgs, num_shards: int, index: int) -> int:
+    """The first shard holding the same piece of split tensor `key` as shard `index`: `index` itself,
+    except for kv heads held by several shards (their copies must be equal)."""
+    parts, part = pieces(key, args, num_shards, index)
+    return part * (num_shards // parts)

@@ -240,11 +240,27 @@ def rank_pieces(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank
     return parts
 
 
-def rank_slice(pieces: Dict[int, torch.Tensor], dim: int, num_shards: int, rank: int, world_size: int) -> torch.Tensor:
-    """Rank `rank`'s share of a tensor split over `num_shards` shards, as one tensor (a view when one
-    piece covers it, else a concatenation in host memory)."""
-    parts = [t for _, t in rank_pieces(pieces, dim, num_shards, rank, world_size)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+def joined(dim: Optional[int], parts: List[Tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """The (offset, piece) list of `rank_pieces` as one tensor: the piece itself (a view) when there is
+    one, else a concatenation in host memory."""
+    return parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts], dim=dim)
+
+
+def share_of(key: str, args: ModelArgs, shards: Dict[int, StateDict], num_shards: int, rank: int,
+             world_size: int) -> Tuple[Optional[int], List[Tuple[int, torch.Tensor]]]:
+    """(split dim or None, [(offset, piece)]) making up rank `rank` of `world_size`'s share of `key`, from
+    the `overlapping_shards` of a `num_shards`-shard checkpoint. Replicated kv heads (`layout.pieces`)
+    are read from one of their shards and handed to every rank that uses them."""
+    dim = None if key in layout.IGNORED_KEYS else layout.split_dim(key, args)
+    if dim is None:
+        return None, [(0, next(iter(shards.values()))[key])]
+    parts_in, _ = layout.pieces(key, args, num_shards)
+    parts_out, part = layout.pieces(key, args, world_size, rank)
+    replicas = num_shards // parts_in
+    # A tied output layer is cut from the embedding exactly as output.weight would be (check_tensors
+    # has made sure the two slices coincide).
+    distinct = {k // replicas: sd[stored_key(key, sd)] for k, sd in shards.items()}
+    return dim, rank_pieces(distinct, dim, parts_in, part, parts_out)
 
 
 class RankSlices:
@@ -273,17 +289,10 @@ class RankSlices:
 
     def pieces(self, key: str) -> Tuple[Optional[int], List[Tuple[int, torch.Tensor]]]:
         """(split dim or None, [(offset, piece)]) making up this rank's share of `key`."""
-        dim = layout.split_dim(key, self.args)
-        if dim is None:
-            return None, [(0, next(iter(self.shards.values()))[key])]
-        # A tied output layer is cut from the embedding exactly as output.weight would be (check_tensors
-        # has made sure the two slices coincide).
-        return dim, rank_pieces({k: sd[stored_key(key, sd)] for k, sd in self.shards.items()}, dim,
-                                self.num_shards, self.rank, self.world_size)
+        return share_of(key, self.args, self.shards, self.num_shards, self.rank, self.world_size)
 
     def tensor(self, key: str) -> torch.Tensor:
-        dim, parts = self.pieces(key)
-        return parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts], dim=dim)
+        return joined(*self.pieces(key))
 
     def copy_into(self, key: str, dest: torch.Tensor) -> None:
         """Write this rank's share of `key` into `dest` (of its shape; converted to its dtype and device)."""

@@ -2,7 +2,7 @@
 
 Output shards are built one at a time. For each one, only the input shards that overlap it are opened
 (mmap), each tensor's slice is cut or concatenated exactly as a loading rank would do it
-(`checkpoint.rank_slice`), and the shard is saved and dropped before the next one starts. Peak host
+(`checkpoint.share_of`), and the shard is saved and dropped before the next one starts. Peak host
 memory is therefore about one output shard plus the input pages it touches, never the whole model
 (unless the output has a single shard, which *is* the whole model).
 """
@@ -77,7 +77,7 @@ def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num
     save_params(args, ckpt_dir)
     keys = [k for k in full_state if k not in layout.IGNORED_KEYS]
     write_shards(ckpt_dir, keys, num_shards,
-                 lambda key, index: layout.split(full_state[key], layout.split_dim(key, args), num_shards, index),
+                 lambda key, index: layout.split(key, full_state[key], args, num_shards, index),
                  progress=progress)
     write_checklist(ckpt_dir, progress)
 
@@ -119,12 +119,7 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
             opened["shards"] = {k: checkpoint.load_shard(paths[k])
                                 for k in checkpoint.overlapping_shards(index, mp, num_in)}
             opened["index"] = index
-        shards = opened["shards"]
-        dim = None if key in layout.IGNORED_KEYS else layout.split_dim(key, args)
-        if dim is None:
-            return next(iter(shards.values()))[key]
-        return checkpoint.rank_slice({k: sd[checkpoint.stored_key(key, sd)] for k, sd in shards.items()},
-                                     dim, num_in, index, mp)
+        return checkpoint.joined(*checkpoint.share_of(key, args, opened["shards"], num_in, index, mp))
 
     needs = sum(os.path.getsize(p) for p in paths)
     if torch_dtype is not None:  # the shards' size scales with the element size

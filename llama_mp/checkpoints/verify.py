@@ -139,7 +139,7 @@ def structure_problems(ckpt_dir: str) -> List[str]:
                         + _tie_problems(sd, args, num_shards, expected)
                         + checkpoint.shape_problems(_shapes(sd, args, num_shards, expected), expected)):
             problems.append(f"{checkpoint.shard_name(index)}: {problem}")
-    problems.extend(_agreement_problems(shards, args))
+    problems.extend(_agreement_problems(shards, args, num_shards))
     return problems
 
 
@@ -174,7 +174,8 @@ def _missing(found: Dict[int, str], num_shards: int) -> List[str]:
             for i in checkpoint.missing_shards(found, num_shards)]
 
 
-def _agreement_problems(shards: Dict[int, checkpoint.StateDict], args: Optional[ModelArgs]) -> List[str]:
+def _agreement_problems(shards: Dict[int, checkpoint.StateDict], args: Optional[ModelArgs],
+                        num_shards: int) -> List[str]:
     """Replicated tensors (norms) must be equal in every shard, and each key must have one dtype."""
     problems = []
     first_index = min(shards)
@@ -194,6 +195,23 @@ def _agreement_problems(shards: Dict[int, checkpoint.StateDict], args: Optional[
             elif _replicated(key, args) and t.shape == ref.shape and not torch.equal(t, ref):
                 problems.append(f"{checkpoint.shard_name(index)}: replicated tensor {key} differs from "
                                 f"{checkpoint.shard_name(first_index)}")
+        problems.extend(_replica_problems(shards, sd, index, args, num_shards))
+    return problems
+
+
+def _replica_problems(shards: Dict[int, checkpoint.StateDict], sd: checkpoint.StateDict, index: int,
+                      args: Optional[ModelArgs], num_shards: int) -> List[str]:
+    """Shards beyond n_kv_heads hold their kv head's wk and wv again (layout.pieces): the copies must match."""
+    if args is None or num_shards <= args.kv_heads:
+        return []
+    problems = []
+    for key, t in sd.items():
+        source = layout.first_replica(key, args, num_shards, index)
+        ref = shards.get(source, {}).get(key)
+        if source != index and ref is not None and ref.shape == t.shape and ref.dtype == t.dtype \
+                and not torch.equal(t, ref):
+            problems.append(f"{checkpoint.shard_name(index)}: {key} should repeat the kv head of "
+                            f"{checkpoint.shard_name(source)} (more shards than n_kv_heads) but differs from it")
     return problems
 
 

@@ -11,13 +11,14 @@ A CUDA-graph decoder is one more class here, not a flag threaded through the mod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import LlamaMPError
-from .projection import InOutProjection, Projection
+from ..quant.scheme import Scheme
+from .projection import InOutProjection, Projection, QuantizedProjection
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -32,7 +33,12 @@ class Decoder:
 
     name = "PyTorch"
 
-    def projection(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device) -> Projection:
+    def projection(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device,
+                   scheme: Optional[Scheme] = None) -> Projection:
+        """The Projection for these weight holders: in `dtype`, or quantized by `scheme` with
+        activations in `dtype`."""
+        if scheme is not None:
+            return QuantizedProjection(holders, dtype, device, scheme)
         kind = InOutProjection if device.type == "cpu" else Projection
         return kind(holders, dtype, device)
 

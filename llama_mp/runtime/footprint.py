@@ -6,7 +6,8 @@ Per-rank memory is estimated as the sum of
   norms whole), times the dtype's size, plus the rest of the token embedding table, which the model
   assembles whole on every rank at load time (a lookup then needs no communication);
 * KV cache: keys and values for this rank's own kv heads only, preallocated for the whole
-  batch x max_seq_len: 2 * n_layers * batch * seq * (kv_heads / N) * head_dim * dtype size;
+  batch x max_seq_len: 2 * n_layers * batch * seq * local kv heads * head_dim * dtype size, where a
+  rank holds kv_heads / N heads, or one when N exceeds kv_heads (`layout.local_kv_heads`);
 * working memory, an estimate (not a measurement) kept deliberately simple:
   - 1 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack (typically 0.5-1 GiB);
   - logits: every rank gathers the full vocabulary in float32, plus one float32 copy for sampling:
@@ -71,7 +72,7 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     per_layer = sum(math.prod(shape) for key, shape in shard.items() if key.startswith("layers."))
     rest = sum(math.prod(shape) for key, shape in shard.items() if not key.startswith("layers."))
     weights = (args.n_layers * per_layer + rest + embedding_rest) * size
-    local_kv = args.kv_heads // ranks
+    local_kv = layout.local_kv_heads(args, ranks)
     kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * DTYPE_BYTES[cache_dtype or dtype]
     logits = 2 * batch * args.vocab_size * 4
     qkv = (args.n_heads // ranks + 2 * local_kv) * args.head_dim * 4

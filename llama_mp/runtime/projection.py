@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.scheme import Scheme, dequantize
 from .memory import empty_for_streaming
 
 
@@ -56,3 +57,35 @@ class InOutProjection(Projection):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, self.storage)
+
+
+class QuantizedProjection(Projection):
+    """`y = x @ W.T` for W quantized by `scheme` (quant/scheme.py): `storage` holds the integers (int8
+    [out, in], or int4 packed two per byte [out, in / 2]) and `scales` their scales ([out], or
+    [out, in / group_size]). Each holder gets views of both, `weight` and `scales`, so a checkpoint's
+    `<name>.weight` and `<name>.scales` load straight into place. Activations stay in `dtype`.
+
+    This is the portable path: it multiplies by the dequantised matrix, made for each call (correct
+    everywhere, fast nowhere); decoders subclass it with fused kernels."""
+
+    def __init__(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device, scheme: Scheme):
+        self.scheme, self.dtype = scheme, dtype
+        shapes = [tuple(h.weight.shape) for h in holders]
+        self.in_features = shapes[0][1]
+        self.out_features = sum(rows for rows, _ in shapes)
+        self.storage = empty_for_streaming(scheme.weight_shape(self.out_features, self.in_features),
+                                           scheme.weight_dtype, device)
+        self.scales = torch.empty(scheme.scale_shape(self.out_features, self.in_features), dtype=scheme.scale_dtype,
+                                  device=device)
+        start = 0
+        for holder, (rows, _) in zip(holders, shapes):
+            holder.weight = nn.Parameter(self.storage[start:start + rows], requires_grad=False)
+            holder.scales = nn.Parameter(self.scales[start:start + rows], requires_grad=False)
+            start += rows
+
+    def matrix(self) -> torch.Tensor:
+        """The dequantised weights [out, in] in the activation dtype (a new tensor)."""
+        return dequantize(self.storage, self.scales, self.scheme, self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.matrix())

@@ -93,7 +93,7 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
         "max_seq_len": max_seq_len, "per_rank": {**{k: v for k, v in dataclasses.asdict(est).items()
                                                     if k not in ("ranks", "dtype", "batch", "seq")},
                                                  "total": est.total},
-        "fits": fits, "reason": reason, "valid_gpu_counts": valid,
+        "fits": fits, "reason": reason, "valid_gpu_counts": valid, "local_kv_heads": layout.local_kv_heads(args, gpus),
         "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget),
         "gpus_the_weights_need": gpus_the_weights_need(args, dtype, budget),
     }
@@ -116,6 +116,8 @@ def format_plan(plan: Dict) -> str:
     """The human table for stdout."""
     r = plan["per_rank"]
     kv_heads = plan["params"].get("n_kv_heads", plan["params"]["n_heads"])
+    local_kv = plan["local_kv_heads"]
+    shared = f", each shared by {plan['gpus'] // kv_heads} ranks" if plan["gpus"] > kv_heads else ""
     lines = [
         f"{plan['model']}: {plan['parameters'] / 1e9:.2f} B parameters, {plan['dtype']}, batch "
         f"{plan['max_batch_size']} x {plan['max_seq_len']} tokens, on {plan['gpus']} GPU(s) of "
@@ -123,7 +125,7 @@ def format_plan(plan: Dict) -> str:
         "",
         "  per rank",
         f"  {'weights':<28}{_gib(r['weights'])}   1/{plan['gpus']} of the split tensors, norms, whole embedding",
-        f"  {'KV cache':<28}{_gib(r['kv_cache'])}   {kv_heads // plan['gpus']} of {kv_heads} kv heads per rank",
+        f"  {'KV cache':<28}{_gib(r['kv_cache'])}   {local_kv} of {kv_heads} kv heads per rank{shared}",
         f"  {'CUDA context (estimate)':<28}{_gib(r['cuda_context'])}",
         f"  {'logits':<28}{_gib(r['logits'])}",
         f"  {'activations (estimate)':<28}{_gib(r['activations'])}",
@@ -147,10 +149,8 @@ def format_plan(plan: Dict) -> str:
             need, valid = plan["gpus_the_weights_need"], plan["valid_gpu_counts"]
             lines.append(f"Nothing fits on GPUs of this size (valid GPU counts: {valid}); use larger GPUs.")
             if need > max(valid):
-                kv = plan["params"].get("n_kv_heads", plan["params"]["n_heads"])
-                lines.append(f"The weights alone fill at least {need} GPUs of this size, but the model splits over "
-                             f"at most {max(valid)} ranks: one per key/value head ({kv}); llama_mp does not yet "
-                             "replicate key/value heads across ranks, which more ranks would need.")
+                lines.append(f"The weights alone fill at least {need} GPUs of this size, but the model splits "
+                             f"over at most {max(valid)} ranks.")
     return "\n".join(lines)
 
 
