@@ -105,3 +105,11 @@ def generated_ids_and_text(ckpt_dir, tokenizer_path, steps=24):
     greedy = llama.text_completion(PROMPTS, max_gen_len=steps, temperature=0)
     sampled_ids, _ = llama.generate(prompt_ids(tokenizer_path), steps, temperature=1.0, top_p=1.0)
     return [g["token_ids"] for g in greedy] + sampled_ids, [g["generation"] for g in greedy]
+
+
+def perplexity_report(ckpt_dir, tokenizer_path, text_path, window, stride, max_seq_len=64, **build_options):
+    """`tools.perplexity.perplexity` on every rank: the report (rank 0) or None."""
+    from llama_mp.tools.perplexity import perplexity
+
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, dtype="float32", **GLOO, **build_options)
+    return perplexity(llama, text_path, window, stride)

@@ -81,7 +81,7 @@ class Engine:
         self.stop_ids = list(stop_ids)
         self.generator = torch.Generator(device=group.device)
         self.generator.manual_seed(seed)
-        self.ops: Dict[str, Callable[..., Any]] = {"generate": self.generate}
+        self.ops: Dict[str, Callable[..., Any]] = {"generate": self.generate, "score": self.score}
 
     # ------------------------------------------------------------------------------------------
     # Rank protocol
@@ -164,8 +164,30 @@ class Engine:
         require_bool("echo", request.echo)
         return replace(request, prompt_tokens=prompts)
 
+    def check_score(self, tokens) -> List[int]:
+        """`tokens` if `score` can run them: 2 to max_seq_len ids of the vocabulary."""
+        tokens, = check_prompt_tokens([tokens])
+        if not 2 <= len(tokens) <= self.model.max_seq_len:
+            raise LlamaMPError(f"Scoring needs 2 to max_seq_len ({self.model.max_seq_len}) tokens at once, got "
+                               f"{len(tokens)}. Use a shorter window or raise --max_seq_len.")
+        if min(tokens) < 0 or max(tokens) >= self.model.args.vocab_size:
+            raise LlamaMPError(f"Token ids outside the vocabulary [0, {self.model.args.vocab_size}).")
+        return tokens
+
     # ------------------------------------------------------------------------------------------
-    # Generation (every rank)
+    # Teacher forcing and generation (every rank)
+
+    @torch.inference_mode()
+    def score(self, tokens: List[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Teacher forcing over one sequence: the log-probability of each token given the ones before it
+        and the most likely token at each of those positions, two [len - 1] tensors on the host (float32,
+        int64) on rank 0; None on the other ranks. The KV cache is overwritten from position 0."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.group.device)
+        logits = self.model.logits(self.model.hidden(ids, 0, all_positions=True))  # [1, len, vocab] on rank 0
+        if logits is None:
+            return None
+        logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+        return logprobs.gather(-1, ids[0, 1:, None])[:, 0].cpu(), logprobs.argmax(dim=-1).cpu()
 
     @torch.inference_mode()
     def generate(self, request: Request, on_token: Optional[Callable[[torch.Tensor], None]] = None
