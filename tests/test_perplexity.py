@@ -3,6 +3,7 @@
 Every token after the first is scored once, with the context its window gives it; the figure equals the
 independent reference run on the same windows, and is the same on 1 and 2 ranks."""
 
+import json
 import math
 
 import pytest
@@ -63,3 +64,30 @@ def test_agreement_of_a_run_with_itself_is_perfect_and_of_different_runs_is_meas
     assert agreement(b, a) == pytest.approx({"mean_abs_delta_logprob": 0.25, "greedy_agreement": 2 / 3})
     with pytest.raises(LlamaMPError, match="different numbers of tokens"):
         agreement(a, Scores(a.logprobs[:2], a.argmax[:2]))
+
+
+def test_the_command_prints_the_figure_and_compares_two_runs(make_checkpoint, tokenizer_path, text_file,
+                                                             llama_mp_command, tmp_path):
+    ckpt_dir, _, _ = make_checkpoint(shards=2)
+    saved = str(tmp_path / "full.json")
+    base = ["perplexity", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--text", text_file,
+            "--max_seq_len", 32, "--device", "cpu", "--backend", "gloo", "--dtype", "float32"]
+    code, out, err = llama_mp_command(*base, "--per_token", saved)
+    assert code == 0, err
+    assert out.startswith("perplexity ") and "windows of 32 tokens, stride 16" in out
+    code, out, err = llama_mp_command(*base, "--decoder", "pytorch", "--compare", saved, "--json")
+    assert code == 0, err
+    report = json.loads(out)  # the same model through the other decoder: the same figures
+    assert report["window"] == 32 and report["greedy_agreement"] == 1.0 and report["mean_abs_delta_logprob"] < 1e-4
+
+
+@pytest.mark.parametrize("option,says", [(["--window", 64], "longer than --max_seq_len 32"),
+                                         (["--window", 8, "--stride", 8], "not shorter than --window 8"),
+                                         (["--text", "/nonexistent.txt"], "is not a file")])
+def test_bad_options_are_one_message_before_loading(make_checkpoint, tokenizer_path, text_file, llama_mp_command,
+                                                    option, says):
+    ckpt_dir, _, _ = make_checkpoint(shards=2)
+    args = ["perplexity", "--ckpt_dir", ckpt_dir, "--tokenizer_path", tokenizer_path, "--text", text_file,
+            "--max_seq_len", 32, *option]
+    code, out, err = llama_mp_command(*args)
+    assert code == 2 and says in err and out == ""

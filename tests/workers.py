@@ -107,9 +107,10 @@ def generated_ids_and_text(ckpt_dir, tokenizer_path, steps=24):
     return [g["token_ids"] for g in greedy] + sampled_ids, [g["generation"] for g in greedy]
 
 
-def perplexity_report(ckpt_dir, tokenizer_path, text_path, window, stride, max_seq_len=64, **build_options):
+def perplexity_report(ckpt_dir, tokenizer_path, text_path, window, stride, max_seq_len=64, per_token=None,
+                      compare=None, **build_options):
     """`tools.perplexity.perplexity` on every rank: the report (rank 0) or None."""
     from llama_mp.tools.perplexity import perplexity
 
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, dtype="float32", **GLOO, **build_options)
-    return perplexity(llama, text_path, window, stride)
+    return perplexity(llama, text_path, window, stride, per_token, compare)

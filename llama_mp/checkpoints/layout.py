@@ -17,6 +17,16 @@ neighbouring ranks (and shards) hold the same head, as in Meta's reference code 
 
 The one rule for process and shard counts lives here too: N must split every query head, the FFN, the
 embedding and the vocabulary evenly, and either divide n_kv_heads or be a multiple of it (`require_split`).
+
+Quantized checkpoints (`args.scheme`, quant/scheme.py) store every linear layer of every transformer
+layer (wq wk wv wo w1 w2 w3) as integers `<name>.weight` (int8 [out, in], or int4 packed two per byte,
+uint8 [out, in / 2]) plus `<name>.scales`, and the output layer as int8 per row in both modes (it is read
+every token and is the most sensitive); the embedding and the norms stay float. Scales split like their
+weights along the output rows (column-parallel: dim 0; wk and wv by the kv `pieces` rule). A row-parallel
+matrix (wo, w2) is split along its inputs: its int8 scales cover whole rows and are replicated in every
+shard, its int4 scales are per group of inputs and split along dim 1, so with int4 every rank's slice of
+those inputs must be whole groups (`valid_world_sizes`). `quantized_dtype` says which dtype each
+quantized tensor must have.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import torch
 
 from ..checks import is_int
 from ..errors import LlamaMPError
+from ..quant.scheme import INT4_GROUP_SIZES, Scheme
 from .params import ModelArgs
 
 IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -55,7 +66,11 @@ SPLIT_DIMS = {
 }
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Cut by kv head, and replicated once there are more ranks than kv heads.
-_KV_KEYS = frozenset({"attention.wk.weight", "attention.wv.weight"})
+_KV_KEYS = frozenset({"attention.wk.weight", "attention.wv.weight", "attention.wk.scales", "attention.wv.scales"})
+# The matrices a quantized checkpoint stores as integers (in a layer; and the output layer, always int8).
+QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                     "feed_forward.w2", "feed_forward.w3")
+OUTPUT_SCHEME = Scheme("int8")
 
 
 def family(args: Optional[ModelArgs]) -> str:
@@ -67,7 +82,53 @@ def family(args: Optional[ModelArgs]) -> str:
 def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:
     """The dimension along which `key` is split across shards, or None if it is replicated."""
     m = _LAYER_KEY.match(key)
-    return SPLIT_DIMS[family(args)][m.group(2) if m else key]
+    name = m.group(2) if m else key
+    if name.endswith(".scales"):
+        scheme = scheme_of(key, args)
+        if scheme is None:
+            raise KeyError(key)  # a float model has no scales, like any other unknown key
+        if SPLIT_DIMS[family(args)][name[:-len(".scales")] + ".weight"] == 0:
+            return 0
+        return None if scheme.mode == "int8" else 1  # int8: whole-row scales, replicated
+    return SPLIT_DIMS[family(args)][name]
+
+
+def scheme_of(key: str, args: Optional[ModelArgs]) -> Optional[Scheme]:
+    """The scheme tensor `key` (a weight or its `.scales`) is stored in, or None for a float tensor."""
+    if args is None or args.scheme is None:
+        return None
+    base = key.rsplit(".", 1)[0]
+    if base == "output":
+        return OUTPUT_SCHEME
+    m = _LAYER_KEY.match(base)
+    return args.scheme if m and m.group(2) in QUANTIZED_LINEARS else None
+
+
+def quantized_dtype(key: str, args: Optional[ModelArgs]) -> Optional[torch.dtype]:
+    """The dtype quantized tensor `key` must have (int8 or uint8 integers, float32 or bfloat16 scales),
+    or None for a float weight (any of the weight dtypes)."""
+    scheme = scheme_of(key, args)
+    if scheme is None:
+        return None
+    return scheme.scale_dtype if key.endswith(".scales") else scheme.weight_dtype
+
+
+def element_size(key: str, args: Optional[ModelArgs], float_size: int) -> int:
+    """Bytes per stored element of `key`: its quantized dtype's, or `float_size` for a float tensor."""
+    dtype = quantized_dtype(key, args)
+    return float_size if dtype is None else dtype.itemsize
+
+
+def scheme_problem(args: ModelArgs, scheme: Scheme) -> Optional[str]:
+    """Why `scheme` cannot quantize this model's layers (int4 groups that do not divide the inputs of a
+    linear layer: dim for wq wk wv wo w1 w3, the FFN width for w2), or None."""
+    for what, inputs in (("dim", args.dim), ("FFN width", args.ffn_hidden_dim)):
+        if not scheme.divides(inputs):
+            fitting = [str(g) for g in INT4_GROUP_SIZES if inputs % g == 0]
+            return (f"int4 groups of {scheme.group_size} do not divide the model's {what} {inputs}, the length of "
+                    "the rows they cut; use " + (f"--group_size {' or '.join(fitting)}, or " if fitting else "")
+                    + "--quantize int8")
+    return None
 
 
 def kv_replicas(args: ModelArgs, count: int) -> int:
@@ -106,7 +167,21 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
         })
     shapes["norm.weight"] = (d,)
     shapes["output.weight"] = (args.vocab_size, d)
-    return shapes
+    return shapes if args.scheme is None else _quantized_shapes(shapes, args)
+
+
+def _quantized_shapes(shapes: Dict[str, Tuple[int, ...]], args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """`shapes` of a float model as a quantized checkpoint stores them: integer weights, each followed
+    by its `.scales`."""
+    out: Dict[str, Tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        scheme = scheme_of(key, args)
+        if scheme is None:
+            out[key] = shape
+            continue
+        out[key] = scheme.weight_shape(*shape)
+        out[key[:-len(".weight")] + ".scales"] = scheme.scale_shape(*shape)
+    return out
 
 
 def shard_shape(key: str, full_shape: Tuple[int, ...], args: ModelArgs, num_shards: int) -> Tuple[int, ...]:
@@ -131,12 +206,15 @@ def local_kv_heads(args: ModelArgs, count: int) -> int:
 
 def valid_world_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
     """Every process count (up to `limit`) that splits query heads, FFN, embedding and vocab evenly and
-    divides n_kv_heads or is a multiple of it (each rank's query heads then share one kv head)."""
+    divides n_kv_heads or is a multiple of it (each rank's query heads then share one kv head); with int4
+    weights, each rank's slice of the inputs of wo (dim) and w2 (FFN width) must also be whole groups."""
     must_divide = [args.n_heads, args.ffn_hidden_dim, args.dim]
     if args.vocab_size > 0:
         must_divide.append(args.vocab_size)
+    group = args.scheme.group_size if args.scheme is not None and args.scheme.mode == "int4" else 1
     return [n for n in range(1, limit + 1)
-            if all(x % n == 0 for x in must_divide) and (args.kv_heads % n == 0 or n % args.kv_heads == 0)]
+            if all(x % n == 0 for x in must_divide) and (args.kv_heads % n == 0 or n % args.kv_heads == 0)
+            and (args.dim // n) % group == 0 and (args.ffn_hidden_dim // n) % group == 0]
 
 
 def require_split(args: ModelArgs, count, subject: str, unit: str, advice: str = "") -> None:
@@ -148,8 +226,17 @@ def require_split(args: ModelArgs, count, subject: str, unit: str, advice: str =
     raise LlamaMPError(
         f"{subject} (n_heads {args.n_heads}, n_kv_heads {args.kv_heads}, FFN {args.ffn_hidden_dim}, dim "
         f"{args.dim}, vocab {args.vocab_size}) cannot be split over {count!r} {unit}{'es' if unit == 'process' else 's'}: "
-        f"every query head, the FFN, the embedding and the vocabulary must divide evenly, and the count must divide n_kv_heads or be a multiple of it. Valid {unit} counts: "
-        f"{valid_world_sizes(args)}.{advice}")
+        f"every query head, the FFN, the embedding and the vocabulary must divide evenly, and the count must divide n_kv_heads or be a multiple of it"
+        f"{_group_rule(args)}. Valid {unit} counts: {valid_world_sizes(args)}.{advice}")
+
+
+def _group_rule(args: ModelArgs) -> str:
+    """The extra splitting rule of int4 weights, as a clause of `require_split`'s message."""
+    if args.scheme is None or args.scheme.mode != "int4":
+        return ""
+    g = args.scheme.group_size
+    return (f"; with int4 weights in groups of {g}, each slice of the inputs of wo (dim {args.dim}) and w2 (FFN "
+            f"{args.ffn_hidden_dim}) must also be whole groups of {g}")
 
 
 def split(key: str, tensor: torch.Tensor, args: ModelArgs, num_shards: int, index: int) -> torch.Tensor:

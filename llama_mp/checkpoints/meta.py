@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..dtypes import DTYPES
 from ..errors import LlamaMPError
+from ..quant.scheme import scales_problem
 from . import layout
 from .params import ModelArgs
 
@@ -103,8 +104,10 @@ def tensor_shapes(sd: StateDict) -> Dict[str, Tuple[int, ...]]:
 
 
 # A weight is a floating-point tensor of one of the dtypes every tool accepts by name (dtypes.DTYPES).
-# Anything else (int8/int4 quantised weights, bool, complex, float64) would end in a traceback while
-# loading, or be copied into float weights as nonsense. Safetensors headers name dtypes as strings.
+# Anything else (bool, complex, float64, integers outside a quantized checkpoint) would end in a
+# traceback while loading, or be copied into float weights as nonsense. Safetensors headers name dtypes
+# as strings. In a quantized checkpoint (params.json records the scheme) each quantized tensor must have
+# exactly the dtype layout.quantized_dtype names, and only those may be integers.
 WEIGHT_DTYPES = frozenset(DTYPES.values())
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -124,16 +127,30 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def dtype_problems(dtypes: Dict[str, object]) -> List[str]:
-    """One item per tensor (by label: a key, or "file: name") whose dtype cannot hold weights."""
-    return [f"{label} is {dtype_name(dtype)}, not a floating-point weight"
-            for label, dtype in dtypes.items() if not is_weight_dtype(dtype)]
+def dtype_problems(dtypes: Dict[str, object], args: Optional[ModelArgs] = None) -> List[str]:
+    """One item per tensor (by label: a key, or "file: name") whose dtype cannot hold it: a float weight
+    dtype, or for a quantized tensor of `args`'s scheme exactly its integer or scale dtype."""
+    problems, known = [], _known_keys(args)
+    for label, dtype in dtypes.items():
+        required = layout.quantized_dtype(label, args) if label in known else None
+        if required is not None and as_torch_dtype(dtype) != required:
+            problems.append(f"{label} is {dtype_name(dtype)}, but {args.scheme.describe()} checkpoints store it as "
+                            f"{dtype_name(required)}")
+        elif required is None and not is_weight_dtype(dtype):
+            problems.append(f"{label} is {dtype_name(dtype)}, not a floating-point weight")
+    return problems
+
+
+def _known_keys(args: Optional[ModelArgs]):
+    """The keys whose dtype `args` decides (every key of a quantized model; none without args)."""
+    return layout.full_shapes(args) if args is not None and args.scheme is not None and args.vocab_size > 0 else ()
 
 
 def weight_dtype_advice() -> str:
     """What a message about a wrong tensor dtype tells the user to do."""
-    return (f"Weights must be {', '.join(DTYPES)}; quantised (int8/int4) or otherwise altered files cannot "
-            "be used: download the original weights again, or convert them from an unquantised copy.")
+    return (f"Weights must be {', '.join(DTYPES)}; integer (quantised) tensors belong only in a folder written "
+            "by `llama-mp quantize`, whose params.json records the scheme. Download the original weights "
+            "again, or convert them from an unquantised copy.")
 
 
 def tensor_dtypes(sd: StateDict) -> Dict[str, torch.dtype]:
@@ -185,11 +202,15 @@ def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: st
     """Strict dtype, key and shape check, naming every tensor of the wrong kind, then every missing,
     unexpected or misshaped one. A shard without output.weight passes when its embedding can stand in
     for it (`can_tie_output` for `args` and `num_shards`), and is refused with the reason otherwise."""
-    wrong_kind = dtype_problems(tensor_dtypes(sd))
+    wrong_kind = dtype_problems(tensor_dtypes(sd), args)
     if wrong_kind:
-        raise LlamaMPError(f"{where} holds tensors that are not weights: " + "; ".join(wrong_kind[:8])
+        quantized = args is not None and args.scheme is not None
+        advice = weight_dtype_advice() if not quantized else (
+            "The file is damaged or from another tool: quantize the original checkpoint again with `llama-mp quantize`.")
+        raise LlamaMPError(f"{where} holds tensors " + ("of the wrong dtype" if quantized else "that are not weights")
+                           + ": " + "; ".join(wrong_kind[:8])
                            + (f"; and {len(wrong_kind) - 8} more" if len(wrong_kind) > 8 else "")
-                           + ". " + weight_dtype_advice())
+                           + ". " + advice)
     if ties_output(sd) and not can_tie_output(args, num_shards):
         raise LlamaMPError(f"{where}: {tied_output_problem(num_shards)}.")
     problems = shape_problems(tied_shapes(sd), expected)
@@ -273,6 +294,7 @@ class RankSlices:
     any device, in any dtype), so no whole rank slice is ever assembled in host memory."""
 
     def __init__(self, ckpt_dir: str, args: ModelArgs, rank: int, world_size: int):
+        self.ckpt_dir = ckpt_dir
         paths = shard_paths(ckpt_dir)
         self.num_shards, self.rank, self.world_size = len(paths), rank, world_size
         needed = overlapping_shards(rank, world_size, self.num_shards)
@@ -295,10 +317,17 @@ class RankSlices:
         return joined(*self.pieces(key))
 
     def copy_into(self, key: str, dest: torch.Tensor) -> None:
-        """Write this rank's share of `key` into `dest` (of its shape; converted to its dtype and device)."""
+        """Write this rank's share of `key` into `dest` (of its shape; converted to its dtype and device).
+        The scales of a quantized checkpoint are checked once in place (`scales_problem`)."""
         dim, parts = self.pieces(key)
         for offset, piece in parts:
             (dest if dim is None else dest.narrow(dim, offset, piece.shape[dim])).copy_(piece)
+        if key.endswith(".scales"):
+            problem = scales_problem(dest)
+            if problem:
+                raise LlamaMPError(f"{self.ckpt_dir}: {key} {problem}, so the weights it scales are garbage. The "
+                                   "file is damaged: quantize the original checkpoint again with `llama-mp "
+                                   "quantize` (`llama-mp verify` lists every such tensor).")
 
 
 def load_rank_state_dict(ckpt_dir: str, args: ModelArgs, rank: int, world_size: int) -> Tuple[ModelArgs, StateDict]:

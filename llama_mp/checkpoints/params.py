@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import LlamaMPError
+from ..quant.scheme import Scheme, scheme_from_json
 
 LLAMA3_VOCAB = 128256          # 128000 BPE tokens + 256 special tokens
 LLAMA3_CONTEXT = 8192          # Llama 3
@@ -26,6 +27,8 @@ class ModelArgs:
     `n_kv_heads is None` means plain multi-head attention (every head has its own keys and values).
     `use_scaled_rope` (Llama 3.1 and later) stretches the rotary frequencies to a longer context by
     `rope_scaling_factor`, which Meta's files leave out: 32 for Llama 3.2 1B and 3B, 8 otherwise.
+    `quantization` (our own field, absent from Meta's files) is the scheme a quantized checkpoint's
+    layer weights are stored in (`llama-mp quantize`); the shapes it implies are layout.py's.
     """
 
     dim: int
@@ -39,6 +42,16 @@ class ModelArgs:
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False
     rope_scaling_factor: Optional[float] = None
+    quantization: Optional[Scheme] = None
+
+    @property
+    def scheme(self) -> Optional[Scheme]:
+        """How the layer weights are stored: None for float weights, else the quantization scheme."""
+        return self.quantization
+
+    def with_scheme(self, scheme: Optional[Scheme]) -> "ModelArgs":
+        """These params for weights stored by `scheme` (None: float weights)."""
+        return dataclasses.replace(self, quantization=scheme)
 
     @property
     def family(self) -> str:
@@ -92,6 +105,10 @@ class ModelArgs:
             del out["use_scaled_rope"]
         if out["rope_scaling_factor"] is None:
             del out["rope_scaling_factor"]
+        if self.quantization is None:
+            del out["quantization"]
+        else:
+            out["quantization"] = self.quantization.to_json()
         return out
 
     def parameter_count(self) -> int:
@@ -165,6 +182,12 @@ def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
             continue
         if value is None and _FIELDS[name].default is None:
             values[name] = None
+            continue
+        if name == "quantization":
+            try:
+                values[name] = scheme_from_json(value, where)
+            except LlamaMPError as e:
+                problems.append(str(e).rstrip("."))
             continue
         problem = _field_problem(name, value)
         if problem:

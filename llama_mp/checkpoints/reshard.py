@@ -82,10 +82,16 @@ def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num
     write_checklist(ckpt_dir, progress)
 
 
-def open_meta(src: str):
-    """(params with vocab resolved, shard paths, key order of shard 0): every shard checked, none read."""
+def open_meta(src: str, allow_quantized: bool = False):
+    """(params with vocab resolved, shard paths, key order of shard 0): every shard checked, none read.
+    A quantized checkpoint is refused unless `allow_quantized` (only resharding copies its tensors as
+    they are; every other tool reads float weights)."""
     paths = checkpoint.shard_paths(src)
     args = load_params(src)
+    if args.scheme is not None and not allow_quantized:
+        raise LlamaMPError(f"{src} is a quantized checkpoint ({args.scheme.describe()}, says its params.json), and "
+                           "this tool reads float weights only: quantizing cannot be undone exactly. Use the "
+                           "original float checkpoint (`llama-mp reshard` does accept quantized folders).")
     keys: List[str] = []
     for index, path in enumerate(paths):
         shard = checkpoint.load_shard(path)
@@ -103,9 +109,15 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
 
     params.json is copied byte for byte, tokenizer.model too (or `tokenizer`), and a fresh checklist.chk
     is written. Tensors are bit-identical (unless `dtype` converts them), so K -> M -> K round-trips.
+    A quantized checkpoint reshards the same way, scales with their weights (layout.py); `mp` must then
+    also keep int4 groups whole in every shard.
     """
-    args, paths, keys = open_meta(src)
+    args, paths, keys = open_meta(src, allow_quantized=True)
     check_shard_count(args, mp)
+    if args.scheme is not None and dtype is not None:
+        raise LlamaMPError(f"--dtype {dtype} converts float weights, but {src} is quantized ({args.scheme.describe()}): "
+                           "its integers and scales are copied exactly. Leave --dtype out, or quantize a float "
+                           "copy of the model in that dtype.")
     if checkpoint.OUTPUT_KEY not in keys and not checkpoint.can_tie_output(args, mp):
         # A tied output layer stays tied where the output's shards can hold it (Llama 3, or one shard);
         # LLaMA-layout shards split the embedding by columns, so there it is written out, cut by rows.

@@ -6,7 +6,9 @@ Two independent checks, so one broken part does not hide another:
   whether every shard and params.json is covered by it;
 * structure: params.json parses, the shard files have no gaps and open, and every key and shape in
   every shard is what params.json and the shard count imply (`layout.shard_shapes`), replicated
-  tensors agree across shards, and each tensor has one dtype everywhere.
+  tensors agree across shards, and each tensor has one dtype everywhere. In a quantized checkpoint
+  (params.json's "quantization") every quantized tensor has its integer or scale dtype and every
+  scale is finite and non-negative.
 
 The loader raises on the first problem it meets; this module collects them (`checkpoint.shape_problems`)
 so a user with a 130 GB download learns everything that is wrong in one run.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from ..errors import LlamaMPError
 from . import layout
 from . import meta as checkpoint
+from ..quant.scheme import scales_problem
 from .params import ModelArgs, load_params
 
 CHECKLIST = "checklist.chk"
@@ -105,7 +108,8 @@ def _params(ckpt_dir: str, problems: List[str]) -> Optional[ModelArgs]:
 
 
 def structure_problems(ckpt_dir: str) -> List[str]:
-    """Everything wrong with params.json, the shard files and their tensors (nothing is read but headers)."""
+    """Everything wrong with params.json, the shard files and their tensors (nothing is read but headers, and
+    the scales of a quantized checkpoint)."""
     problems: List[str] = []
     args = _params(ckpt_dir, problems)
     found = checkpoint.find_shards(ckpt_dir)
@@ -135,11 +139,24 @@ def structure_problems(ckpt_dir: str) -> List[str]:
     if expected is None:  # without trustworthy params, at least the shards must agree with each other
         expected = checkpoint.tied_shapes(first)
     for index, sd in sorted(shards.items()):
-        for problem in (checkpoint.dtype_problems(checkpoint.tensor_dtypes(sd))
+        for problem in (checkpoint.dtype_problems(checkpoint.tensor_dtypes(sd), args)
                         + _tie_problems(sd, args, num_shards, expected)
-                        + checkpoint.shape_problems(_shapes(sd, args, num_shards, expected), expected)):
+                        + checkpoint.shape_problems(_shapes(sd, args, num_shards, expected), expected)
+                        + _scale_problems(sd, args)):
             problems.append(f"{checkpoint.shard_name(index)}: {problem}")
     problems.extend(_agreement_problems(shards, args, num_shards))
+    return problems
+
+
+def _scale_problems(sd: checkpoint.StateDict, args: Optional[ModelArgs]) -> List[str]:
+    """Scales of a quantized checkpoint that are NaN, infinite or negative (the only tensor values read:
+    scales are a small fraction of the file)."""
+    problems = []
+    for key, t in sd.items():
+        if key.endswith(".scales") and layout.quantized_dtype(key, args) == t.dtype:
+            problem = scales_problem(t)
+            if problem:
+                problems.append(f"{key} {problem}")
     return problems
 
 

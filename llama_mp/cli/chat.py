@@ -200,6 +200,8 @@ def chat(
     decoder: str = "auto",
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
     load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     """Chat with a LLaMA chat checkpoint in the terminal, on every process of this torchrun job.
 
@@ -211,17 +213,18 @@ def chat(
     [INST] or Llama 3's headers). Each turn keeps --max_gen_len positions of --max_seq_len free for the
     answer (a quarter of max_seq_len without it; the answer may then fill the rest); a dialog that grows
     past that forgets its oldest exchanges, with a note. The wait for the person's next line is not
-    bounded by --timeout_s; every other wait for a rank is. Other values as chat_completion's --help says.
+    bounded by --timeout_s; every other wait for a rank is. Other values (--quantize int8|int4, --group_size
+    included) as chat_completion's --help says.
     """
     def check() -> int:
         check_sampling(temperature, top_p, top_k)
-        check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s)
+        check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
         return answer_room(max_seq_len, max_gen_len)
 
     room = _before_loading(check)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, backend=backend,
                             device=device, dtype=dtype, decoder=decoder, timeout_s=timeout_s,
-                            load_timeout_s=load_timeout_s)
+                            load_timeout_s=load_timeout_s, quantize=quantize, group_size=group_size)
 
     def check_system() -> None:
         if system is not None and has_special_tags([{"role": "system", "content": system}], generator.tokenizer):

@@ -4,8 +4,10 @@
     llama-mp reshard SRC DST --mp M  rewrite a Meta checkpoint with M shards
     llama-mp verify DIR              check checksums and structure, listing every problem
     llama-mp convert SRC DST --mp M  Hugging Face / llama2.c / Meta -> Meta (--to hf: Meta -> Hugging Face)
+    llama-mp quantize SRC DST --mode int8|int4   write a quantized copy of a float Meta checkpoint
     llama-mp plan --model NAME --gpus N --gpu_mem_gb G   will it fit, and if not what would
     llama-mp bench --model NAME | --ckpt_dir DIR | --dim ...   prefill/decode speed (under torchrun for N ranks)
+    llama-mp perplexity --ckpt_dir DIR --tokenizer_path T --text FILE   how well a model predicts a text (torchrun)
 
 Each function is what fire shows for `llama-mp <command> --help`, so its docstring is the manual page.
 Results go to stdout; progress bars and notes to stderr; user errors raise LlamaMPError (exit 2).
@@ -17,6 +19,7 @@ import os
 import sys
 from typing import Optional
 
+from .. import distributed
 from ..checkpoints.params import parse_params
 from ..dtypes import parse_dtype
 from ..errors import LlamaMPError
@@ -124,8 +127,32 @@ def convert(src: str, dst: str, mp: int = 1, to: str = "meta", overwrite: bool =
     print(f"wrote {dst}: {target}, from the {kind} checkpoint {src}")
 
 
+def quantize(src: str, dst: str, mode: str, group_size: Optional[int] = None, mp: Optional[int] = None,
+             overwrite: bool = False) -> None:
+    """Write a quantized copy of the float Meta checkpoint SRC into a new folder DST (--mode int8|int4).
+
+    Every linear layer of every transformer layer (wq wk wv wo w1 w2 w3) is stored as --mode says:
+    int8 with one float32 scale per output row, or int4 (two per byte) with one bfloat16 scale per
+    --group_size inputs (32, the default, 64 or 128; each group's scale the least-squared-error one,
+    never worse than round-to-nearest). The output layer is int8 per row in both modes; the embedding and
+    the norms keep their dtype. Scales sit beside the weights (`<name>.scales`), params.json records
+    "quantization": {"mode", "group_size"}, tokenizer.model is copied and checklist.chk written. --mp M
+    shards (default: as many as SRC; with int4 each shard's slice of wo's and w2's inputs must be whole
+    groups, the error lists the valid counts). The launchers load DST as it is (no --quantize), on any
+    valid rank count, and `llama-mp reshard` / `verify` work on it. DST must not exist or be empty
+    unless --overwrite; it appears only once complete. Refuses an already-quantized SRC.
+    """
+    from ..checkpoints.meta import shard_paths
+    from ..checkpoints.quantize import quantize_checkpoint
+
+    args = quantize_checkpoint(str(src), str(dst), mode, group_size=group_size, mp=mp, overwrite=overwrite)
+    print(f"wrote {dst}: {len(shard_paths(str(dst)))} shard(s) of a {args.parameter_count() / 1e9:.2f} B parameter model, "
+          f"{args.scheme.describe()}")
+
+
 def plan(gpus: int, gpu_mem_gb: float, ckpt_dir: Optional[str] = None, model: Optional[str] = None,
-         dtype: str = "bfloat16", max_seq_len: int = 512, max_batch_size: int = 4, json: bool = False) -> None:
+         dtype: str = "bfloat16", max_seq_len: int = 512, max_batch_size: int = 4, json: bool = False,
+         quantize: Optional[str] = None, group_size: Optional[int] = None) -> None:
     """Say whether a model fits on --gpus N GPUs of --gpu_mem_gb G GiB each, and if not, what would.
 
     The model is --ckpt_dir DIR (a Meta checkpoint; only its headers are read) or --model NAME, a preset:
@@ -136,15 +163,56 @@ def plan(gpus: int, gpu_mem_gb: float, ckpt_dir: Optional[str] = None, model: Op
     When it does not fit it lists single changes that would: the fewest GPUs, a smaller batch or
     sequence length, a smaller dtype. Prints a table, or with --json a JSON object. Exits 0 whether or
     not the model fits (read "fits" in the JSON); exits 2 for bad input (e.g. a GPU count that cannot
-    split the model, with the valid counts).
+    split the model, with the valid counts). A quantized checkpoint (`llama-mp quantize`) is planned as
+    stored; --quantize int8|int4 [--group_size N] plans a float one quantized while loading (layer weights
+    per the scheme, output layer int8, embedding and norms in --dtype).
     """
     from ..tools.plan import make_plan, model_args, plan_to_text
 
     name, args = model_args(ckpt_dir, model)
-    print(plan_to_text(make_plan(args, name, gpus, gpu_mem_gb, str(dtype), max_seq_len, max_batch_size), json))
+    print(plan_to_text(make_plan(args, name, gpus, gpu_mem_gb, str(dtype), max_seq_len, max_batch_size,
+                                 quantize, group_size), json))
 
 
-COMMANDS = {"synth": synth, "bench": bench, "reshard": reshard, "verify": verify, "convert": convert, "plan": plan}
+def perplexity(ckpt_dir: str, tokenizer_path: str, text: str, window: Optional[int] = None,
+               stride: Optional[int] = None, per_token: Optional[str] = None, compare: Optional[str] = None,
+               max_seq_len: int = 512, quantize: Optional[str] = None, group_size: Optional[int] = None,
+               backend: str = "auto", device: str = "auto", dtype: str = "auto", decoder: str = "auto",
+               json: bool = False, timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+               load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S) -> None:
+    """Perplexity of the model on a UTF-8 text file, on every process of a torchrun job (or one process).
+
+    The text is scored by teacher forcing in sliding windows of --window tokens (default --max_seq_len),
+    each advancing by --stride (default half the window) and scoring only tokens no earlier window
+    scored, so every token after the first is scored once with at least window - stride tokens of
+    context. --per_token FILE saves each token's log-probability and the model's most likely token;
+    --compare FILE (saved by another run on the same text, e.g. the full-precision model) adds the mean
+    |difference of log-probabilities| and the share of positions where both models' most likely tokens
+    agree: how to check a quantized model (--quantize int8|int4, or a `llama-mp quantize` folder) on your
+    own data. Prints one line, or with --json one JSON object, on rank 0.
+    """
+    import json as jsonlib
+
+    from ..runtime.llama import Llama, check_build_arguments
+    from ..tools.perplexity import check_window, format_report, perplexity as score_file, read_text
+    from .completion import _before_loading
+
+    def check() -> None:
+        check_build_arguments(ckpt_dir, tokenizer_path, 1, timeout_s, load_timeout_s, quantize, group_size)
+        check_window(window, stride, max_seq_len)
+        read_text(text)
+
+    _before_loading(check)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, backend=backend, device=device, dtype=dtype,
+                        decoder=decoder, timeout_s=timeout_s, load_timeout_s=load_timeout_s, quantize=quantize,
+                        group_size=group_size)
+    report = score_file(llama, text, window, stride, per_token, compare)
+    if report is not None:
+        print(jsonlib.dumps(report) if json else format_report(report))
+
+
+COMMANDS = {"synth": synth, "bench": bench, "reshard": reshard, "verify": verify, "convert": convert,
+            "quantize": quantize, "plan": plan, "perplexity": perplexity}
 
 
 def main() -> None:

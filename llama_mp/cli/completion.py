@@ -132,6 +132,8 @@ def text_completion(
     json: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
     load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     """Complete text prompts with a LLaMA checkpoint on every process of this torchrun job.
 
@@ -147,16 +149,18 @@ def text_completion(
     every token is equally likely); --top_p in (0, 1]; --top_k an integer >= 0 (0: off); --seed an integer
     from 0 to 2**64 - 1; --timeout_s bounds every wait for another rank during generation, and
     --load_timeout_s the wait for the slowest rank to load its shard: seconds from 0.001 to 604800 (a week).
+    --quantize int8|int4 (--group_size 32|64|128 for int4, default 32) quantizes a float checkpoint's layer
+    weights while loading (a folder written by `llama-mp quantize` is loaded quantized without it).
     """
     def check() -> List[str]:
         check_sampling(temperature, top_p, top_k)
-        check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s)
+        check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
         return prompts_from_text(prompts)
 
     prompt_list = _before_loading(check)
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed,
                             backend=backend, device=device, dtype=dtype, decoder=decoder, timeout_s=timeout_s,
-                            load_timeout_s=load_timeout_s)
+                            load_timeout_s=load_timeout_s, quantize=quantize, group_size=group_size)
     stream_one = len(prompt_list) == 1 and not json and generator.group.is_main
     streamed = _Streamed(generator, prompt_list[0]) if stream_one else None
 
@@ -203,6 +207,8 @@ def chat_completion(
     load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
     interactive: bool = False,
     system: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     """Answer chat dialogs (a JSON file of dialogs via --dialogs; built-in examples otherwise), or chat in
     the terminal with --interactive (as launch/chat.py does; --system TEXT sets its system message).
@@ -212,20 +218,24 @@ def chat_completion(
     last message is the user's. --json prints one JSON object per dialog: {"dialog", "generation":
     {"role", "content"}, "token_ids"}. Only the first node needs the --dialogs file: rank 0 reads it,
     before the model is loaded. --temperature, --top_p, --top_k, --seed, --timeout_s and --load_timeout_s
-    take the values text_completion's --help lists (temperature 0 or 0.001 to 100, top_p in (0, 1], ...).
+    take the values text_completion's --help lists (temperature 0 or 0.001 to 100, top_p in (0, 1], ...),
+    and so do --quantize and --group_size (quantize a float checkpoint while loading).
     """
     if interactive or system is not None:
         from .chat import chat, check_interactive_options  # chat.py builds on this module
 
         _before_loading(lambda: check_interactive_options(interactive, system, dialogs, json, logprobs))
         return chat(ckpt_dir, tokenizer_path, system, max_seq_len, max_batch_size, max_gen_len, temperature,
-                    top_p, top_k, seed, backend, device, dtype, decoder, timeout_s, load_timeout_s)
+                    top_p, top_k, seed, backend, device, dtype, decoder, timeout_s, load_timeout_s,
+                    quantize=quantize, group_size=group_size)
     _before_loading(lambda: (check_sampling(temperature, top_p, top_k),
-                             check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s)))
+                             check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s,
+                                                   quantize, group_size)))
     group = distributed.setup(backend, device, timeout_s)
     dialog_list = distributed.decided_by_main(group, lambda: load_dialogs(dialogs))
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, dtype=dtype,
-                            decoder=decoder, load_timeout_s=load_timeout_s, group=group)
+                            decoder=decoder, load_timeout_s=load_timeout_s, group=group, quantize=quantize,
+                            group_size=group_size)
     results = generator.chat_completion(dialog_list, temperature=temperature, top_p=top_p,
                                         max_gen_len=max_gen_len, logprobs=logprobs, top_k=top_k)
     if not generator.group.is_main:

@@ -76,20 +76,22 @@ class Scheme:
         return "int8 per output channel" if self.mode == "int8" else f"int4 in groups of {self.group_size}"
 
 
-def parse_scheme(mode: Any, group_size: Any = None, where: str = "--quantize") -> Scheme:
-    """The scheme for a mode name and optional int4 group size, or one clear error naming `where`."""
+def parse_scheme(mode: Any, group_size: Any = None, where: str = "--quantize",
+                 group_where: str = "--group_size") -> Scheme:
+    """The scheme for a mode name and optional int4 group size, or one clear error naming `where` (the
+    mode's option or field) or `group_where` (the group size's)."""
     if mode not in MODES:
         raise LlamaMPError(f"{where} {mode!r} is not a quantization mode; use one of {', '.join(MODES)} "
                            "(int8: half the bytes of bfloat16, int4: a quarter).")
     if mode == "int8":
         if group_size not in (None, 0):
-            raise LlamaMPError(f"{where} int8 has one scale per output channel; --group_size {group_size!r} "
+            raise LlamaMPError(f"{where} int8 has one scale per output channel; {group_where} {group_size!r} "
                                "applies to int4 only. Leave it out.")
         return Scheme("int8")
     if group_size is None:
         group_size = DEFAULT_INT4_GROUP_SIZE
     if isinstance(group_size, bool) or group_size not in INT4_GROUP_SIZES:
-        raise LlamaMPError(f"--group_size {group_size!r} is not supported for int4; use one of "
+        raise LlamaMPError(f"{group_where} {group_size!r} is not supported for int4; use one of "
                            f"{', '.join(map(str, INT4_GROUP_SIZES))} (smaller groups: more accurate, larger "
                            "files).")
     return Scheme("int4", int(group_size))
@@ -100,7 +102,19 @@ def scheme_from_json(value: Any, where: str) -> Scheme:
     if not isinstance(value, dict) or set(value) - {"mode", "group_size"}:
         raise LlamaMPError(f"{where}: \"quantization\" must be an object like {{\"mode\": \"int4\", "
                            f"\"group_size\": 32}}, got {value!r}. The file is damaged; quantize again.")
-    return parse_scheme(value.get("mode"), value.get("group_size"), where=f"{where}: quantization mode")
+    return parse_scheme(value.get("mode"), value.get("group_size"), where=f"{where}: quantization mode",
+                        group_where=f"{where}: quantization group_size")
+
+
+def scales_problem(scales: torch.Tensor) -> Optional[str]:
+    """What makes stored scales unusable (NaN, infinite or negative values: a damaged file), or None.
+    Zero is fine: a row or group of zeros."""
+    values = scales.float()
+    bad = ~torch.isfinite(values) | (values < 0)
+    if not bool(bad.any()):
+        return None
+    first = values[bad][0].item()
+    return f"holds {int(bad.sum())} scale(s) that are NaN, infinite or negative (e.g. {first})"
 
 
 def quantize(weight: torch.Tensor, scheme: Scheme,

@@ -4,7 +4,10 @@ Per-rank memory is estimated as the sum of
 
 * weights: this rank's slice of every tensor (`layout.shard_shapes(args, N)`: split tensors / N,
   norms whole), times the dtype's size, plus the rest of the token embedding table, which the model
-  assembles whole on every rank at load time (a lookup then needs no communication);
+  assembles whole on every rank at load time (a lookup then needs no communication). A quantized
+  model (`args.scheme`) stores its layer linears as the scheme says (int8: 1 byte a weight plus a
+  float32 scale per row; int4: half a byte plus a bfloat16 scale per group) and the output layer in
+  int8; embedding and norms stay in the dtype (layout.py's shapes and dtypes, `layout.element_size`);
 * KV cache: keys and values for this rank's own kv heads only, preallocated for the whole
   batch x max_seq_len: 2 * n_layers * batch * seq * local kv heads * head_dim * dtype size, where a
   rank holds kv_heads / N heads, or one when N exceeds kv_heads (`layout.local_kv_heads`);
@@ -69,15 +72,20 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     one_layer = dataclasses.replace(args, n_layers=1)  # layers are alike: count one, then multiply
     full, shard = layout.full_shapes(one_layer), layout.shard_shapes(one_layer, ranks)
     embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])
-    per_layer = sum(math.prod(shape) for key, shape in shard.items() if key.startswith("layers."))
-    rest = sum(math.prod(shape) for key, shape in shard.items() if not key.startswith("layers."))
-    weights = (args.n_layers * per_layer + rest + embedding_rest) * size
+    stored = {key: math.prod(shape) * layout.element_size(key, args, size) for key, shape in shard.items()}
+    per_layer = sum(b for key, b in stored.items() if key.startswith("layers."))
+    rest = sum(b for key, b in stored.items() if not key.startswith("layers."))
+    weights = args.n_layers * per_layer + rest + embedding_rest * size
     local_kv = layout.local_kv_heads(args, ranks)
     kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * DTYPE_BYTES[cache_dtype or dtype]
     logits = 2 * batch * args.vocab_size * 4
     qkv = (args.n_heads // ranks + 2 * local_kv) * args.head_dim * 4
     per_token = 4 * args.dim * size + qkv + 3 * (args.ffn_hidden_dim // ranks) * size
-    return Estimate(ranks, dtype, batch, seq, weights, kv_cache, cuda_context, logits, batch * seq * per_token)
+    activations = batch * seq * per_token
+    if args.scheme is not None:  # the portable path dequantises one (fused) matrix at a time, in the dtype
+        rows = max(shard["output.weight"][0], 2 * args.ffn_hidden_dim // ranks)  # the output layer, or w1|w3
+        activations += rows * args.dim * size
+    return Estimate(ranks, dtype, batch, seq, weights, kv_cache, cuda_context, logits, activations)
 
 
 def largest(fits: Callable[[int], bool], upper: int, lower: int = 1) -> Optional[int]:
@@ -125,7 +133,8 @@ def require_fit(args: ModelArgs, ranks: int, dtype: torch.dtype, cache_dtype: to
                f"{(est.total - est.weights - est.kv_cache) / GIB:.1f} GiB; {free / GIB:.1f} GiB is free")
     if need(1, 2).total > free:
         advice = (f"The weights alone do not fit: use more ranks (valid counts: {layout.valid_world_sizes(args)}), a "
-                  "smaller --dtype, or a machine with more memory")
+                  "smaller --dtype, " + ("--quantize int8 or int4, " if args.scheme is None else "")
+                  + "or a machine with more memory")
     else:
         fits_seq = largest(lambda s: need(batch, s).total <= free, seq, lower=2)
         fits_batch = largest(lambda b: need(b, seq).total <= free, batch)

@@ -17,10 +17,12 @@ import torch
 
 from .. import distributed
 from ..checkpoints.params import load_params
+from ..checkpoints.quantize import refuse_quantized
 from ..checks import described, require_int, require_seconds, require_seed
 from ..distributed import Group
 from ..dtypes import choose_dtype
 from ..errors import LlamaMPError
+from ..quant.scheme import Scheme, parse_scheme
 from .chat import UNSAFE_ERROR, Dialog, Message, check_dialogs, encode_dialog, has_special_tags
 from .decode import choose_decoder
 from .engine import Engine, Request
@@ -30,6 +32,16 @@ from .tokenizer import Tokenizer
 
 
 FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken")}
+
+
+def quantize_scheme(quantize: Optional[str], group_size: Optional[int]) -> Optional[Scheme]:
+    """The scheme `--quantize MODE [--group_size N]` asks for, None without --quantize, or a clear error."""
+    if quantize is None:
+        if group_size is not None:
+            raise LlamaMPError(f"--group_size {group_size!r} sets the int4 groups of --quantize int4; add "
+                               "--quantize int4, or leave --group_size out.")
+        return None
+    return parse_scheme(quantize, group_size)
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -50,9 +62,11 @@ def log(group: Optional[Group], message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s) -> Tuple[str, str]:
+def check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize=None,
+                          group_size=None) -> Tuple[str, str]:
     """The paths as strings (a pathlib.Path is welcome), if these arguments of `Llama.build` are sound;
     else a LlamaMPError. Checked before the process group starts, so a bad one costs no wait."""
+    quantize_scheme(quantize, group_size)
     paths = []
     for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
         if not isinstance(path, (str, os.PathLike)):
@@ -101,6 +115,8 @@ class Llama:
         timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
         load_timeout_s: float = distributed.DEFAULT_LOAD_TIMEOUT_S,
         group: Optional[Group] = None,
+        quantize: Optional[str] = None,
+        group_size: Optional[int] = None,
     ) -> "Llama":
         """Join the process group, load this rank's part of the checkpoint and the tokenizer.
 
@@ -110,14 +126,19 @@ class Llama:
         else PyTorch), "pytorch" or "cpu_kernels". If any rank fails to load, every rank raises. Each wait
         for another rank is bounded by `timeout_s`, the wait for the slowest rank to finish loading by
         `load_timeout_s`. `group` is a process group from `distributed.setup` to join instead of a new one.
+        `quantize` "int8" or "int4" (`group_size` 32, 64 or 128 for int4) quantizes a float checkpoint's
+        layer weights while loading, one tensor at a time (the output layer in int8; embedding and norms
+        stay in `dtype`, which is also the activations' dtype). A folder written by `llama-mp quantize`
+        loads quantized without it.
         """
         try:
             ckpt_dir, tokenizer_path = check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s,
-                                                             load_timeout_s)
+                                                             load_timeout_s, quantize, group_size)
         except LlamaMPError as e:  # every rank finds it alike: the first local rank says it
             local_rank = group.local_rank if group is not None else distributed.env_ranks()[2]
             raise distributed.said_once(e, lambda _: check_build_arguments(
-                ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s), local_rank) from None
+                ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size), local_rank) from None
+        scheme = quantize_scheme(quantize, group_size)
         group = group or distributed.setup(backend, device, timeout_s)
         start = time.perf_counter()
         loaded = {}
@@ -131,13 +152,17 @@ class Llama:
             loaded["dtype"] = torch_dtype = choose_dtype(dtype, group.device)
             loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype)
             loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
-            family = load_params(ckpt_dir).family
+            params = load_params(ckpt_dir)
+            if scheme is not None:
+                refuse_quantized(params, ckpt_dir)
+            family = params.family
             if tokenizer.family != family:  # before any weight is read
                 (tok_name, tok_kind), (name, kind) = FAMILY_NAMES[tokenizer.family], FAMILY_NAMES[family]
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} is a {tok_name} tokenizer ({tok_kind}), but "
                                    f"{ckpt_dir!r} holds a {name} model (its params.json says so), which needs a "
                                    f"{kind} one. Use the tokenizer.model shipped with this checkpoint.")
-            model = load_checkpoint(ckpt_dir, group, torch_dtype, chosen, max_batch_size, max_seq_len)
+            model = load_checkpoint(ckpt_dir, group, torch_dtype, chosen, max_batch_size, max_seq_len, scheme)
+            loaded["scheme"] = model.args.scheme
             if tokenizer.n_words > model.args.vocab_size:
                 raise LlamaMPError(f"The tokenizer {tokenizer_path!r} has {tokenizer.n_words} pieces but the model "
                                    f"in {ckpt_dir!r} only has {model.args.vocab_size} token embeddings: they do not "
@@ -149,8 +174,9 @@ class Llama:
             return model
 
         model = ready_on_every_rank(group, load, max_batch_size, max_seq_len, load_timeout_s)
+        weights = "" if loaded["scheme"] is None else f"weights {loaded['scheme'].describe()}, "
         log(group, f"Loaded {ckpt_dir} on {group.world_size} rank(s) ({group.backend}, {group.device.type}, "
-                   f"{str(loaded['dtype']).replace('torch.', '')}, {loaded['decoder'].name}) in "
+                   f"{weights}{str(loaded['dtype']).replace('torch.', '')}, {loaded['decoder'].name}) in "
                    f"{time.perf_counter() - start:.2f} s")
         return Llama(model, loaded["tokenizer"], group, seed)
 

@@ -15,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import layout
-from ..checkpoints.meta import RankSlices
-from ..checkpoints.params import ModelArgs, load_params
+from ..checkpoints.params import ModelArgs
+from ..checkpoints.quantize import quantize_into, rank_slices, require_scheme_fits
 from ..checkpoints.synth import random_tensor
 from ..distributed import Group, agree
 from ..errors import LlamaMPError
+from ..quant.scheme import Scheme
 from .decode import Decoder
 from .footprint import require_fit
 from .model import Transformer
@@ -42,9 +43,13 @@ def empty_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Deco
 
 
 def load_checkpoint(ckpt_dir: str, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
-                    max_seq_len: int) -> Transformer:
-    """This rank's slice of the checkpoint in `ckpt_dir`, in a model not yet shared (see `ready_on_every_rank`)."""
-    slices = RankSlices(ckpt_dir, load_params(ckpt_dir), group.rank, group.world_size)
+                    max_seq_len: int, scheme: Optional[Scheme] = None) -> Transformer:
+    """This rank's slice of the checkpoint in `ckpt_dir`, in a model not yet shared (see `ready_on_every_rank`).
+
+    A quantized folder loads as it is stored (integers and scales copied into place); a float one is
+    quantized by `scheme` on the way, one tensor slice at a time (checkpoints/quantize.py), so neither
+    ever holds the full-precision model. The model's dtype is that of its activations, embedding and norms."""
+    slices = rank_slices(ckpt_dir, group.rank, group.world_size, scheme)
     model = empty_model(slices.args, group, dtype, decoder, max_batch_size, max_seq_len)
     targets = model.state_dict()  # views of the tensors the decoder allocated
     assert set(targets) == set(slices.keys()), "the model's tensors are the layout's"
@@ -56,18 +61,34 @@ def load_checkpoint(ckpt_dir: str, group: Group, dtype: torch.dtype, decoder: De
 
 
 def random_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Decoder, max_batch_size: int,
-                 max_seq_len: int, seed: int = 0) -> Transformer:
+                 max_seq_len: int, seed: int = 0, scheme: Optional[Scheme] = None) -> Transformer:
     """This rank's slice of a model with random weights (`synth.random_tensor`; each rank draws its own),
     for benchmarks of shapes without a download. Drawn a few rows at a time, straight
-    into the model's tensors in its dtype: no whole tensor exists twice."""
+    into the model's tensors in its dtype: no whole tensor exists twice.
+
+    With `scheme` (or `args.scheme`) the layer linears and the output layer are drawn as float rows and
+    quantized as `--quantize` would (int8 row maxima of each rank's own slice: the weights are random anyway)."""
+    if scheme is not None:
+        require_scheme_fits(args, scheme, f"This shape (dim {args.dim}, FFN {args.ffn_hidden_dim})")
+        args = args.with_scheme(scheme)
     layout.require_split(args, group.world_size, f"This shape (dim {args.dim}, vocab {args.vocab_size})", "process")
     model = empty_model(args, group, dtype, decoder, max_batch_size, max_seq_len)
-    full = layout.full_shapes(args)
+    float_args = args.with_scheme(None)
+    full, local = layout.full_shapes(float_args), layout.shard_shapes(float_args, group.world_size)
     g = torch.Generator().manual_seed(seed * 1000 + group.rank)
+    targets = model.state_dict()
     with torch.no_grad():
-        for key, target in model.state_dict().items():
-            for rows in target.split(1024):  # float32 draws of a few MiB, converted as they are copied
-                rows.copy_(random_tensor(key, rows.shape, full[key][-1], g))
+        for key, target in targets.items():
+            quantized = layout.scheme_of(key, args)
+            if quantized is None:
+                for rows in target.split(1024):  # float32 draws of a few MiB, converted as they are copied
+                    rows.copy_(random_tensor(key, rows.shape, full[key][-1], g))
+            elif key.endswith(".weight"):  # its .scales are written with it
+                scales, (out, inputs) = targets[key[:-len(".weight")] + ".scales"], local[key]
+                for start in range(0, out, 1024):
+                    stop = min(start + 1024, out)
+                    quantize_into(random_tensor(key, (stop - start, inputs), full[key][-1], g), quantized,
+                                  target[start:stop], scales[start:stop])
     return model
 
 

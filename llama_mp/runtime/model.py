@@ -25,12 +25,22 @@ from torch import nn
 from ..checkpoints import layout
 from ..checkpoints.params import ModelArgs
 from ..distributed.collectives import Collectives
+from ..quant.scheme import Scheme
 from .memory import empty_for_streaming
 from .projection import Projection
 
 if TYPE_CHECKING:
     from ..distributed import Group
     from .decode import Decoder
+
+
+def projection(decoder: "Decoder", holders, dtype: torch.dtype, device: torch.device,
+               scheme: Optional[Scheme]) -> Projection:
+    """The decoder's Projection for `holders`: float in `dtype`, or quantized by `scheme` (activations in
+    `dtype`). A float model asks without the scheme, as every decoder understands."""
+    if scheme is None:
+        return decoder.projection(holders, dtype, device)
+    return decoder.projection(holders, dtype, device, scheme)
 
 
 class Weight(nn.Module):
@@ -105,9 +115,9 @@ class Attention(nn.Module):
         self.cache_v: Optional[torch.Tensor] = None
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
-                    max_seq_len: int) -> None:
-        self.qkv = decoder.projection([self.wq, self.wk, self.wv], dtype, device)
-        self.out = decoder.projection([self.wo], dtype, device)
+                    max_seq_len: int, scheme: Optional[Scheme] = None) -> None:
+        self.qkv = projection(decoder, [self.wq, self.wk, self.wv], dtype, device, scheme)
+        self.out = projection(decoder, [self.wo], dtype, device, scheme)
         # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         cache_dtype = decoder.activation_dtype(dtype)
@@ -150,9 +160,10 @@ class FeedForward(nn.Module):
         self.gate_up: Optional[Projection] = None  # w1 and w3 fused
         self.down: Optional[Projection] = None
 
-    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device) -> None:
-        self.gate_up = decoder.projection([self.w1, self.w3], dtype, device)
-        self.down = decoder.projection([self.w2], dtype, device)
+    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device,
+                    scheme: Optional[Scheme] = None) -> None:
+        self.gate_up = projection(decoder, [self.w1, self.w3], dtype, device, scheme)
+        self.down = projection(decoder, [self.w2], dtype, device, scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -187,7 +198,9 @@ class Transformer(nn.Module):
         self.args = args
         self.rank, self.world_size = (group.rank, group.world_size) if group is not None else (0, 1)
         self.comm = group.collectives if group is not None else Collectives(0, 1, "none")
-        shapes = layout.shard_shapes(args, self.world_size)
+        # The holders take the float shapes [out, in]; a quantized model's projections (materialize) then
+        # give them integer `weight` and `scales` views, as layout.py lays out a quantized checkpoint.
+        shapes = layout.shard_shapes(args.with_scheme(None), self.world_size)
         self.tok_embeddings = Weight(shapes["tok_embeddings.weight"])  # this rank's slice, until shared
         self.layers = nn.ModuleList(TransformerBlock(args, shapes, i, self.comm) for i in range(args.n_layers))
         self.norm = RMSNorm(shapes["norm.weight"], args.norm_eps)
@@ -207,10 +220,12 @@ class Transformer(nn.Module):
         load failure; the room for the whole embedding table is taken now for the same reason."""
         self.decoder, self.max_batch_size, self.max_seq_len = decoder, max_batch_size, max_seq_len
         self.act_dtype = decoder.activation_dtype(dtype)
+        scheme = self.args.scheme  # None: float weights; else every layer linear, and the output in int8
         for layer in self.layers:
-            layer.attention.materialize(decoder, dtype, device, max_batch_size, max_seq_len)
-            layer.feed_forward.materialize(decoder, dtype, device)
-        self.logits_of = decoder.projection([self.output], dtype, device)
+            layer.attention.materialize(decoder, dtype, device, max_batch_size, max_seq_len, scheme)
+            layer.feed_forward.materialize(decoder, dtype, device, scheme)
+        self.logits_of = projection(decoder, [self.output], dtype, device,
+                                    None if scheme is None else layout.OUTPUT_SCHEME)
         for holder in (self.tok_embeddings, self.norm, *(m for layer in self.layers
                                                             for m in (layer.attention_norm, layer.ffn_norm))):
             holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),

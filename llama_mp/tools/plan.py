@@ -18,6 +18,7 @@ from ..checkpoints.params import ModelArgs, load_params, load_preset, preset_nam
 from ..checks import is_number, require_int
 from ..dtypes import parse_dtype
 from ..errors import LlamaMPError
+from ..quant.scheme import DEFAULT_INT4_GROUP_SIZE, Scheme, parse_scheme
 from ..runtime.footprint import CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, estimate, largest
 
 __all__ = ["CUDA_CONTEXT_BYTES", "GIB", "estimate", "make_plan", "model_args", "plan_to_text"]
@@ -49,6 +50,14 @@ def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, 
         if DTYPE_BYTES[other] < DTYPE_BYTES[dtype] and ok(dtype=other):
             options.append({"change": "dtype", "dtype": other,
                             "total_bytes": estimate(args, ranks, other, batch, seq).total})
+    if args.scheme is None:  # a float model: the first scheme that fits (an already-quantized one stays as it is)
+        for scheme in (Scheme("int8"), Scheme("int4", DEFAULT_INT4_GROUP_SIZE)):
+            smaller = args.with_scheme(scheme)
+            if layout.scheme_problem(args, scheme) is None and ranks in layout.valid_world_sizes(smaller):
+                total = estimate(smaller, ranks, dtype, batch, seq).total
+                if total <= budget:
+                    options.append({"change": "quantize", "quantization": scheme.to_json(), "total_bytes": total})
+                    break
     return options
 
 
@@ -65,10 +74,26 @@ def model_args(ckpt_dir: Optional[str], model: Optional[str]) -> (str, ModelArgs
                                               len(paths))
 
 
+def quantized_args(args: ModelArgs, name: str, quantize: Optional[str], group_size: Optional[int]) -> ModelArgs:
+    """`args` as `--quantize MODE [--group_size N]` would store them (unchanged without --quantize)."""
+    from ..checkpoints.quantize import refuse_quantized, require_scheme_fits
+    from ..runtime.llama import quantize_scheme
+
+    scheme = quantize_scheme(quantize, group_size)
+    if scheme is None:
+        return args
+    refuse_quantized(args, name)
+    require_scheme_fits(args, scheme, name)
+    return args.with_scheme(scheme)
+
+
 def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: str = "bfloat16",
-              max_seq_len: int = 512, max_batch_size: int = 4) -> Dict:
-    """The whole answer as a dict (what --json prints): estimate, verdict, reason and options."""
+              max_seq_len: int = 512, max_batch_size: int = 4, quantize: Optional[str] = None,
+              group_size: Optional[int] = None) -> Dict:
+    """The whole answer as a dict (what --json prints): estimate, verdict, reason and options. `args` of a
+    quantized checkpoint carry its scheme; `quantize` (and `group_size`) plan a float one quantized."""
     parse_dtype(dtype)  # a known name, or a LlamaMPError listing them
+    args = quantized_args(args, name, quantize, group_size)
     for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
         require_int(flag, value, low)
     if not is_number(gpu_mem_gb) or gpu_mem_gb <= 0:
@@ -83,14 +108,15 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
     elif est.weights + est.cuda_context > budget:
         reason = (f"the weights alone need {est.weights / GIB:.2f} GiB per rank (+ {est.cuda_context / GIB:.0f} GiB "
                   f"CUDA context), more than the {gpu_mem_gb:g} GiB of one GPU: split the model over more GPUs "
-                  "or use a smaller dtype")
+                  "or use a smaller dtype" + (" or --quantize int8|int4" if args.scheme is None else ""))
     else:
         reason = (f"weights {est.weights / GIB:.2f} GiB fit, but with the KV cache ({est.kv_cache / GIB:.2f} GiB) "
                   f"and working memory a rank needs {est.total / GIB:.2f} GiB, more than {gpu_mem_gb:g} GiB")
     return {
         "model": name, "params": args.to_json_dict(), "parameters": args.parameter_count(),
         "gpus": gpus, "gpu_mem_bytes": budget, "dtype": dtype, "max_batch_size": max_batch_size,
-        "max_seq_len": max_seq_len, "per_rank": {**{k: v for k, v in dataclasses.asdict(est).items()
+        "max_seq_len": max_seq_len, "quantization": None if args.scheme is None else args.scheme.to_json(),
+        "per_rank": {**{k: v for k, v in dataclasses.asdict(est).items()
                                                     if k not in ("ranks", "dtype", "batch", "seq")},
                                                  "total": est.total},
         "fits": fits, "reason": reason, "valid_gpu_counts": valid, "local_kv_heads": layout.local_kv_heads(args, gpus),
@@ -118,8 +144,11 @@ def format_plan(plan: Dict) -> str:
     kv_heads = plan["params"].get("n_kv_heads", plan["params"]["n_heads"])
     local_kv = plan["local_kv_heads"]
     shared = f", each shared by {plan['gpus'] // kv_heads} ranks" if plan["gpus"] > kv_heads else ""
+    q = plan["quantization"]
+    weights = plan["dtype"] if q is None else (f"{parse_scheme(q['mode'], q.get('group_size')).describe()} layer "
+                                               f"weights, output int8, embedding and norms {plan['dtype']}")
     lines = [
-        f"{plan['model']}: {plan['parameters'] / 1e9:.2f} B parameters, {plan['dtype']}, batch "
+        f"{plan['model']}: {plan['parameters'] / 1e9:.2f} B parameters, {weights}, batch "
         f"{plan['max_batch_size']} x {plan['max_seq_len']} tokens, on {plan['gpus']} GPU(s) of "
         f"{plan['gpu_mem_bytes'] / GIB:g} GiB",
         "",
@@ -140,6 +169,7 @@ def format_plan(plan: Dict) -> str:
             "batch": lambda o: f"--max_batch_size {o['max_batch_size']}",
             "seq": lambda o: f"--max_seq_len {o['max_seq_len']}",
             "dtype": lambda o: f"--dtype {o['dtype']}",
+            "quantize": lambda o: " ".join(f"--{'quantize' if k == 'mode' else k} {v}" for k, v in o["quantization"].items()),
         }
         if plan["options"]:
             lines.append("What would fit (one change at a time):")
