@@ -1,12 +1,16 @@
 """The CPU decode kernels of csrc/cpu_decode.c: built once with the system C compiler, called via ctypes.
 
-Used on x86-64 CPUs with AVX2 and FMA for models in float32 or bfloat16 (see the C file for why they
-are faster). A bfloat16 model then keeps its weights in bfloat16 (half the memory and half the bytes
-per token) and computes in float32: its activations and KV cache are float32.
-The shared library is compiled on first use (well under a second) into a cache folder keyed by the
-source, flags and compiler, so every later run and every rank just loads it. Without a compiler, on
-another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators instead: the same
-math, about half as fast in float32 and far slower in bfloat16 (which PyTorch then computes in). LLAMA_MP_CPU_KERNELS=1 makes their absence an error instead (for tests and benchmarks).
+Used on x86-64 CPUs with AVX2 and FMA for models in float32 or bfloat16, and for quantized (int8, int4)
+models whatever their dtype (see the C file for why they are faster). A bfloat16 model then keeps its
+weights in bfloat16 (half the memory and half the bytes per token) and computes in float32: its
+activations and KV cache are float32; quantized weights are dequantised in registers, also into float32.
+The source is compiled for two instruction sets, AVX-512 (F, BW, VL, DQ) and AVX2 + FMA, and the one
+this CPU runs is loaded (AVX-512 where /proc/cpuinfo lists it); LLAMA_MP_CPU_ISA=avx2|avx512 forces one
+(for tests and benchmarks). A library is compiled on first use (about a second) into a cache folder
+keyed by the source, flags and compiler, so every later run and every rank just loads it. Without a
+compiler, on another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators
+instead: the same math, about half as fast in float32 and far slower in bfloat16 (which PyTorch then
+computes in). LLAMA_MP_CPU_KERNELS=1 makes their absence an error instead (for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -19,29 +23,65 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..errors import LlamaMPError
+from ..quant.scheme import Scheme
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# The instruction sets a library is built for: the compiler flags, and the /proc/cpuinfo flags the CPU
+# must list to run it. avx512 is preferred where both run.
+ISAS: Dict[str, Tuple[List[str], Tuple[str, ...]]] = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+}
 ENV = "LLAMA_MP_CPU_KERNELS"
+ISA_ENV = "LLAMA_MP_CPU_ISA"
 
 _loaded: Optional[ctypes.CDLL] = None
 _why_not: Optional[str] = None  # set once the library was found unusable
 
 
-def _cpu_has_avx2_fma() -> bool:
+def cpu_flags() -> Tuple[str, ...]:
+    """The instruction-set flags /proc/cpuinfo lists (none off x86-64 or where it can't be read)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return ()
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
+            return tuple(next((line.split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+        return ()
+
+
+def runnable_isas() -> List[str]:
+    """The instruction sets of ISAS this CPU runs, best first."""
+    flags = set(cpu_flags())
+    return [isa for isa, (_, needs) in ISAS.items() if set(needs) <= flags]
+
+
+def _cpu_has_avx2_fma() -> bool:
+    return "avx2" in runnable_isas()
+
+
+def chosen_isa() -> str:
+    """The instruction set to load: LLAMA_MP_CPU_ISA if set (checked against the CPU), else the best
+    this CPU runs. Raises RuntimeError (turned into the kernels' unavailability) where none fits."""
+    asked = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    runnable = runnable_isas()
+    if asked == "auto":
+        if not runnable:
+            raise RuntimeError("this CPU is not x86-64 with AVX2 and FMA")
+        return runnable[0]
+    if asked not in ISAS:
+        raise RuntimeError(f"{ISA_ENV}={asked} is not one of {', '.join(ISAS)} (or auto)")
+    if asked not in runnable:
+        missing = sorted(set(ISAS[asked][1]) - set(cpu_flags()))
+        raise RuntimeError(f"{ISA_ENV}={asked} asks for instructions this CPU lacks ({', '.join(missing)})")
+    return asked
 
 
 def cache_dir() -> Path:
@@ -49,16 +89,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAMA_MP_CACHE", os.path.join(base, "llama_mp")))
 
 
-def _build(compiler: str) -> Path:
-    """Compile the source unless a library built from the same source, flags and compiler exists."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_decode-{key}.so"
+def _build(compiler: str, isa: str) -> Path:
+    """Compile the source for `isa` unless a library built from the same source, flags and compiler exists."""
+    flags = FLAGS + ISAS[isa][0]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags + [compiler]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_decode-{isa}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # ranks may build at once
     try:
-        run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(scratch), "-lm"],
+        run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(scratch), "-lm"],
                              capture_output=True, text=True, timeout=120)
         if run.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(run.stderr.strip() or run.stdout.strip())[:400]}")
@@ -68,24 +109,37 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def _load() -> ctypes.CDLL:
+_variants: Dict[str, ctypes.CDLL] = {}
+
+
+def load_isa(isa: str) -> ctypes.CDLL:
+    """The library built for `isa` (one of ISAS), built if need be; the caller checks the CPU runs it.
+    Tests load both variants side by side with this; decoding uses `library()`."""
+    if isa in _variants:
+        return _variants[isa]
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC to use another)")
-    lib = ctypes.CDLL(str(_build(compiler)))
+    lib = ctypes.CDLL(str(_build(compiler, isa)))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
-        "matvec": ([pointer, pointer, pointer, i64, i64, i64, i64, i64], None),
+        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64], None),
         "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer], None),
         "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
         "finish": ([pointer, i64, pointer, pointer, pointer], None),
         "embed": ([pointer, pointer, i64, i64, pointer], i64),
         "decode": ([pointer, pointer, i64, i64, i64, pointer, pointer, pointer], i64),
+        "isa_bits": ([], i64),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    _variants[isa] = lib
     return lib
+
+
+def _load() -> ctypes.CDLL:
+    return load_isa(chosen_isa())
 
 
 def _setting() -> str:
@@ -99,8 +153,6 @@ def _probe() -> None:
         return
     if _setting() in ("0", "off", "false", "no"):
         _why_not = f"turned off by {ENV}={_setting()}"
-    elif not _cpu_has_avx2_fma():
-        _why_not = "this CPU is not x86-64 with AVX2 and FMA"
     else:
         try:
             _loaded = _load()
@@ -127,24 +179,51 @@ def library(required: bool = False) -> Optional[ctypes.CDLL]:
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+# The model dtypes whose embedding table the kernels read: a quantized model's matrices are int8 or
+# int4 whatever its dtype, and only the embedding (and the norms, widened once) stay in it.
+EMBEDDING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Weight formats, as csrc/cpu_decode.c numbers them.
+F32, BF16, INT8, INT4 = 0, 1, 2, 3
 
 
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a model on `device` with weights in `dtype` can decode with the kernels (loading them if so)."""
-    return device.type == "cpu" and dtype in WEIGHT_DTYPES and library() is not None
+def usable(device: torch.device, dtype: torch.dtype, scheme: Optional[Scheme] = None) -> bool:
+    """Whether a model on `device` in `dtype`, its matrices quantized by `scheme` if given, can decode
+    with the kernels (loading them if so)."""
+    dtypes = WEIGHT_DTYPES if scheme is None else EMBEDDING_DTYPES
+    return device.type == "cpu" and dtype in dtypes and library() is not None
+
+
+def weight_format(weight: torch.Tensor, scheme: Optional[Scheme] = None) -> Tuple[int, int]:
+    """(format, group size) of a weight matrix for the C code: float32 or bfloat16 [out, in], or the
+    integers of `scheme` (int8 [out, in], int4 packed [out, in / 2])."""
+    if scheme is None:
+        assert weight.dtype in WEIGHT_DTYPES, weight.dtype
+        return (BF16 if weight.dtype == torch.bfloat16 else F32), 0
+    assert weight.dtype == scheme.weight_dtype, (weight.dtype, scheme)
+    return (INT8, 0) if scheme.mode == "int8" else (INT4, scheme.group_size)
 
 
 # Up to this many rows of x, `project` beats MKL's F.linear on float32 weights on the CPUs we measured
 # (at 1 row by 1.6-2x, at 4-8 rows by 3-4x); beyond ~64 rows MKL's blocked matrix product is faster.
-# For bfloat16 weights it is always used: PyTorch's own bfloat16 products ran ~100x slower here.
+# For bfloat16 and quantized weights it is always used: PyTorch's own bfloat16 products ran ~100x
+# slower here, and a quantized matrix would have to be dequantised first.
 PROJECT_MAX_ROWS = 32
 
 
-def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight.T in float32 for CPU tensors, weight [out, in] contiguous in float32 or
-    bfloat16 (kernels loaded)."""
+def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
+            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+    """x [..., in] @ W.T in float32 for CPU tensors: W [out, in] contiguous in float32 or bfloat16, or
+    quantized by `scheme` with its `scales` (quant/scheme.py's layout). `lib`: a variant from
+    `load_isa` instead of the loaded kernels."""
+    fmt, group = weight_format(weight, scheme)
+    in_features = x.shape[-1]
+    assert weight.is_contiguous() and weight.shape[1] == (in_features // 2 if fmt == INT4 else in_features)
+    if scales is not None:
+        assert scales.is_contiguous() and scales.dtype == scheme.scale_dtype
     x = x.float().contiguous()
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-    _loaded.matvec(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], weight.shape[1],
-                   weight.shape[0], torch.get_num_threads(), weight.dtype == torch.bfloat16)
+    (lib or _loaded).matvec(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
+                            y.data_ptr(), x.numel() // in_features, in_features, weight.shape[0],
+                            torch.get_num_threads(), fmt, group)
     return y

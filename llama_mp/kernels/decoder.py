@@ -1,8 +1,9 @@
 """The CPU-kernel decoder: decode steps in C (csrc/cpu_decode.c via cpu.py) on x86-64 CPUs.
 
 Matrices keep the checkpoint's [out, in] layout, which the kernels' dot products stream fastest; a
-bfloat16 model keeps bfloat16 weights and computes in float32 (activations and KV cache). Prefill runs
-the model's PyTorch forward with these projections, so its products go through the kernels too.
+bfloat16 model keeps bfloat16 weights and a quantized one its int8 or int4 weights, and both compute
+in float32 (activations and KV cache). Prefill runs the model's PyTorch forward with these projections,
+so its products go through the kernels too (their multi-row tiles).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..quant.scheme import Scheme
 from ..runtime.decode import Decoder
-from ..runtime.projection import Projection
+from ..runtime.projection import Projection, QuantizedProjection
 from . import cpu
 
 
@@ -29,13 +31,25 @@ class KernelProjection(Projection):
         return F.linear(x, self.storage)
 
 
+class KernelQuantizedProjection(QuantizedProjection):
+    """QuantizedProjection's storage and scales (int8 [out, in] with [out] scales, or int4 packed
+    [out, in / 2] with [out, in / group_size]), multiplied by the kernels' matvec, which dequantises in
+    registers: float32 results for any number of rows, and no dequantised matrix is ever made."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu.project(x, self.storage, self.scales, self.scheme)
+
+
 class CpuKernelDecoder(Decoder):
     name = "C kernels"
 
     def __init__(self):
         self.kernels: Optional[CpuDecoder] = None
 
-    def projection(self, holders, dtype: torch.dtype, device: torch.device) -> Projection:
+    def projection(self, holders, dtype: torch.dtype, device: torch.device,
+                   scheme: Optional[Scheme] = None) -> Projection:
+        if scheme is not None:
+            return KernelQuantizedProjection(holders, dtype, device, scheme)
         return KernelProjection(holders, dtype, device)
 
     def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
@@ -48,19 +62,27 @@ class CpuKernelDecoder(Decoder):
             hidden=model.layers[0].feed_forward.gate_up.out_features // 2, eps=args.norm_eps,
             max_rows=model.max_batch_size, max_seq_len=model.max_seq_len, rotation=model.rotation,
             norm=model.norm.weight, embedding=model.tok_embeddings.weight,
-            layers=[LayerTensors(layer.attention_norm.weight, layer.ffn_norm.weight, layer.attention.qkv.storage,
-                                 layer.attention.out.storage, layer.feed_forward.gate_up.storage,
-                                 layer.feed_forward.down.storage, layer.attention.cache_k, layer.attention.cache_v)
-                    for layer in model.layers]),
+            layers=[LayerTensors(layer.attention_norm.weight, layer.ffn_norm.weight,
+                                 *_matrices(layer.attention.qkv, layer.attention.out, layer.feed_forward.gate_up,
+                                            layer.feed_forward.down),
+                                 layer.attention.cache_k, layer.attention.cache_v)
+                    for layer in model.layers],
+            scheme=getattr(model.layers[0].attention.qkv, "scheme", None)),
             model.comm.all_sum, model.world_size)
 
     def step(self, model, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         return self.kernels.hidden(tokens, pos)
 
 
+def _matrices(*projections: Projection) -> List[Optional[torch.Tensor]]:
+    """The storages of these projections, then their scales (None for float matrices)."""
+    return [p.storage for p in projections] + [getattr(p, "scales", None) for p in projections]
+
+
 @dataclass
 class LayerTensors:
-    """One layer's prepared tensors, as the kernels read them (matrices [out, in], this rank's share)."""
+    """One layer's prepared tensors, as the kernels read them (matrices [out, in], this rank's share;
+    quantized ones in quant/scheme.py's layout with their scales)."""
 
     attention_norm: torch.Tensor
     ffn_norm: torch.Tensor
@@ -68,6 +90,10 @@ class LayerTensors:
     wo: torch.Tensor
     w13: torch.Tensor
     w2: torch.Tensor
+    sqkv: Optional[torch.Tensor]  # scales of the quantized matrices, None for float32 / bfloat16
+    so: Optional[torch.Tensor]
+    s13: Optional[torch.Tensor]
+    s2: Optional[torch.Tensor]
     cache_k: torch.Tensor  # [max_rows, kv_heads, max_seq_len, head_dim], float32
     cache_v: torch.Tensor
 
@@ -86,23 +112,29 @@ class DecodeTensors:
     max_seq_len: int
     rotation: torch.Tensor   # complex64 [max_seq_len, head_dim / 2]
     norm: torch.Tensor       # final norm weight [dim]
-    embedding: torch.Tensor  # the whole table [vocab, dim], in the weights' dtype
+    embedding: torch.Tensor  # the whole table [vocab, dim], in the model dtype
     layers: List[LayerTensors]
+    scheme: Optional[Scheme] = None  # how every layer's matrices are quantized; None: float, as the embedding
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+MATRICES = ("wqkv", "wo", "w13", "w2")
+SCALES = ("sqkv", "so", "s13", "s2")
+EMBEDDING_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C code's EMB_*
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("attention_norm", "ffn_norm", "wqkv", "wo", "w13", "w2", "cache_k", "cache_v")]
+                ("attention_norm", "ffn_norm", *MATRICES, *SCALES, "cache_k", "cache_v")]
 
 
 class _Model(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in
                  ("dim", "n_layers", "heads", "kv_heads", "head_dim", "hidden", "max_rows",
-                  "max_seq_len", "threads", "bf16")]
+                  "max_seq_len", "threads", "embedding_type", "format", "group_size")]
                 + [("eps", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("rotation", "norm", "embedding")]
                 + [("vocab_total", ctypes.c_int64), ("layers", ctypes.POINTER(_Layer))]
@@ -135,14 +167,17 @@ class CpuDecoder:
 
         self._layers = (_Layer * self.n_layers)(*(
             _Layer(norm(layer.attention_norm), norm(layer.ffn_norm),
-                   *(_ptr(m) for m in (layer.wqkv, layer.wo, layer.w13, layer.w2, layer.cache_k, layer.cache_v)))
+                   *(_ptr(getattr(layer, name)) for name in (*MATRICES, *SCALES, "cache_k", "cache_v")))
             for layer in t.layers))
-        weights = [m for layer in t.layers for m in (layer.wqkv, layer.wo, layer.w13, layer.w2)]
-        assert t.embedding.dtype in cpu.WEIGHT_DTYPES and all(m.dtype == t.embedding.dtype for m in weights)
-        assert all(m.is_contiguous() for m in weights) and all(layer.cache_k.dtype == torch.float32 for layer in t.layers)
+        weights = [getattr(layer, name) for layer in t.layers for name in MATRICES]
+        fmt, group = cpu.weight_format(weights[0], t.scheme)
+        assert t.scheme is not None or t.embedding.dtype == weights[0].dtype, "float matrices are in the model dtype"
+        assert all(cpu.weight_format(m, t.scheme) == (fmt, group) and m.is_contiguous() for m in weights)
+        assert all((getattr(layer, name) is None) == (t.scheme is None) for layer in t.layers for name in SCALES)
+        assert all(layer.cache_k.dtype == torch.float32 for layer in t.layers)
         self.model = _Model(
             t.dim, self.n_layers, t.heads, t.kv_heads, t.head_dim, t.hidden, rows, seq,
-            torch.get_num_threads(), t.embedding.dtype == torch.bfloat16, t.eps, _ptr(rotation),
+            torch.get_num_threads(), EMBEDDING_TYPES[t.embedding.dtype], fmt, group, t.eps, _ptr(rotation),
             norm(t.norm), _ptr(t.embedding), t.embedding.shape[0], self._layers,
             *(_ptr(m) for m in (x, qkv, attn, scores, ffn_buf, act)))
         self.ref = ctypes.byref(self.model)

@@ -25,7 +25,7 @@ from ..checks import require_int, require_seed
 from ..dtypes import choose_dtype
 from ..errors import LlamaMPError
 from ..runtime.decode import choose_decoder
-from ..runtime.llama import Llama
+from ..runtime.llama import Llama, quantize_scheme
 from ..runtime.loading import load_checkpoint, random_model, ready_on_every_rank
 from ..runtime.memory import empty_for_streaming
 from ..runtime.model import Transformer
@@ -179,6 +179,8 @@ def bench(
     decoder: str = "auto",
     compare: Optional[str] = None,
     json: bool = False,
+    quantize: Optional[str] = None,
+    group_size: Optional[int] = None,
 ) -> None:
     """Measure load time, prefill and decode speed, peak memory and bandwidth; run under torchrun for N ranks.
 
@@ -190,6 +192,8 @@ def bench(
     --compare transformers also times LlamaForCausalLM.generate on the same weights (one rank only).
     --decoder pytorch|cpu_kernels picks the decode path (auto: the CPU kernels where they can run). The
     model is built in --dtype directly; peak memory is measured from the end of loading on.
+    --quantize int8|int4 [--group_size 32|64|128] quantizes the layer weights as they load or are drawn
+    (the output layer in int8; embedding, norms and activations stay in --dtype), as `llama-mp` does.
     --json prints one JSON object instead of the table.
     """
     shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
@@ -200,6 +204,7 @@ def bench(
         require_int(flag, value, least)
     require_seed("--seed", seed, BENCH_SEED_LIMIT)
     check_sampling(temperature, top_p, 0)
+    scheme = quantize_scheme(quantize, group_size)
     if compare and temperature:
         raise LlamaMPError("--compare transformers times greedy decoding; drop --temperature or the comparison.")
     if compare not in (None, "transformers"):
@@ -215,8 +220,8 @@ def bench(
     def make_model() -> Transformer:
         chosen = choose_decoder(decoder, group.device, torch_dtype)
         if ckpt_dir:
-            return load_checkpoint(ckpt_dir, group, torch_dtype, chosen, batch, max_seq_len)
-        return random_model(args, group, torch_dtype, chosen, batch, max_seq_len, seed)
+            return load_checkpoint(ckpt_dir, group, torch_dtype, chosen, batch, max_seq_len, scheme)
+        return random_model(args, group, torch_dtype, chosen, batch, max_seq_len, seed, scheme)
 
     net = ready_on_every_rank(group, make_model, batch, max_seq_len, distributed.DEFAULT_LOAD_TIMEOUT_S)
     args = net.args
@@ -234,7 +239,8 @@ def bench(
     report = {
         "model": ckpt_dir or model or f"dim{args.dim}_L{args.n_layers}_H{args.n_heads}",
         "parameters": args.parameter_count(), "ranks": group.world_size, "device": _device_name(group.device),
-        "threads": torch.get_num_threads(), "dtype": str(torch_dtype).replace("torch.", ""), "batch": batch,
+        "threads": torch.get_num_threads(), "dtype": str(torch_dtype).replace("torch.", ""),
+        "weights": args.scheme.describe() if args.scheme is not None else "unquantized", "batch": batch,
         "prompt_len": prompt_len, "new_tokens": new_tokens,
         "decoding": f"sampling (temperature {temperature}, top_p {top_p})" if temperature else "greedy",
         "load_s": load_s, **result,
@@ -259,8 +265,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def format_report(r: Dict) -> str:
+    weights = "" if r["weights"] == "unquantized" else f", {r['weights']} weights"
     rows: List[tuple] = [
-        ("model", f"{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['dtype']})"),
+        ("model", f"{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['dtype']}{weights})"),
         ("ranks / device", f"{r['ranks']} x {r['device']}, {r['threads']} thread(s) per rank"),
         ("batch / prompt / new", f"{r['batch']} / {r['prompt_len']} / {r['new_tokens']} tokens, {r['decoding']}"),
         ("load", f"{r['load_s']:.2f} s"),

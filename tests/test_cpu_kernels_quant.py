@@ -1,0 +1,222 @@
+"""The C kernels' weight formats and instruction sets (llama_mp/kernels/csrc/cpu_decode.c).
+
+Every product the kernels compute, for float32, bfloat16, int8 and int4 weights, on the AVX-512 and
+the AVX2 build alike, is x @ W.T for W = `quant.scheme.dequantize` of the stored integers, up to the
+rounding of float32 sums: for any number of rows (one decode step, a batch, a prompt, rows short of a
+register tile), outputs that are not a multiple of the tile, and inputs that are not a multiple of
+the vector width. A quantized model decodes with the kernels step for step as the PyTorch
+QuantizedProjection path does, and LLAMA_MP_CPU_ISA picks the build.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_mp import Llama
+from llama_mp.kernels import cpu as cpu_kernels
+from llama_mp.kernels.decoder import KernelQuantizedProjection
+from llama_mp.quant.scheme import Scheme, dequantize, quantize
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="the CPU kernels can't be built here")
+
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in cpu_kernels.runnable_isas(),
+                                                   reason=f"this CPU does not run {isa}"))
+        for isa in cpu_kernels.ISAS]
+FORMATS = {
+    "float32": None, "bfloat16": None, "int8": Scheme("int8"),
+    "int4-g32": Scheme("int4", 32), "int4-g64": Scheme("int4", 64), "int4-g128": Scheme("int4", 128),
+}
+ROWS = (1, 2, 3, 4, 5, 8, 9, 17, 33, 40)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stored(fmt, out_features, in_features, seed):
+    """(weight, scales, scheme, the float64 matrix they stand for) for a random [out, in] matrix."""
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    scheme = FORMATS[fmt]
+    if scheme is None:
+        weight = w.to(getattr(torch, fmt))
+        return weight, None, None, weight.double()
+    q, scales = quantize(w, scheme)
+    return q, scales, scheme, dequantize(q, scales, scheme).double()
+
+
+def _check_product(y, x, matrix):
+    """y equals x @ matrix.T up to float32 summation order: |error| <= 2 n eps (|x| @ |matrix|.T)."""
+    expected = x.double() @ matrix.T
+    bound = 2 * x.shape[-1] * 2.0 ** -24 * (x.double().abs() @ matrix.abs().T) + 1e-30
+    worst = float(((y.double() - expected).abs() / bound).max())
+    assert y.dtype == torch.float32 and y.shape == expected.shape and worst <= 1, worst
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_product_is_the_dequantised_matrix_times_x(isa, fmt):
+    lib = cpu_kernels.load_isa(isa)
+    assert lib.isa_bits() == (512 if isa == "avx512" else 256)
+    scheme = FORMATS[fmt]
+    inputs = [128, 384] if scheme is not None and scheme.mode == "int4" else [32, 40, 200]  # 40, 200: scalar tails
+    for in_features in inputs:
+        for out_features in (1, 7, 13, 66):  # none a multiple of every tile
+            weight, scales, scheme, matrix = _stored(fmt, out_features, in_features, seed=in_features + out_features)
+            x = torch.randn(max(ROWS), in_features, generator=torch.Generator().manual_seed(out_features))
+            for rows in ROWS:
+                y = cpu_kernels.project(x[:rows], weight, scales, scheme, lib=lib)
+                _check_product(y, x[:rows], matrix)
+            # leading dims are rows too: [batch, seq, in], as a prompt's projection has them
+            _check_product(cpu_kernels.project(x[:12].view(3, 4, -1), weight, scales, scheme, lib=lib).view(12, -1),
+                           x[:12], matrix)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_avx512_and_avx2_builds_agree(fmt):
+    if "avx512" not in cpu_kernels.runnable_isas():
+        pytest.skip("this CPU does not run AVX-512")
+    wide, narrow = cpu_kernels.load_isa("avx512"), cpu_kernels.load_isa("avx2")
+    weight, scales, scheme, matrix = _stored(fmt, 2304 // 8, 768, seed=5)
+    x = torch.randn(33, 768, generator=torch.Generator().manual_seed(6))
+    a = cpu_kernels.project(x, weight, scales, scheme, lib=wide)
+    b = cpu_kernels.project(x, weight, scales, scheme, lib=narrow)
+    bound = 4 * 768 * 2.0 ** -24 * (x.abs() @ matrix.float().abs().T)
+    assert bool(((a - b).abs() <= bound).all())
+
+
+def test_a_quantized_projection_runs_the_kernels_on_its_own_storage():
+    holders = [torch.nn.Module() for _ in range(2)]
+    for h, rows in zip(holders, (24, 40)):
+        h.weight = torch.nn.Parameter(torch.empty(rows, 64, device="meta"), requires_grad=False)
+    scheme = Scheme("int4", 32)
+    proj = KernelQuantizedProjection(holders, torch.float32, torch.device("cpu"), scheme)
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    q, scales = quantize(w, scheme)
+    with torch.no_grad():  # as loading does: through the holders' views
+        for h, start, stop in ((holders[0], 0, 24), (holders[1], 24, 64)):
+            h.weight.copy_(q[start:stop])
+            h.scales.copy_(scales[start:stop])
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    y = proj(x)
+    assert y.shape == (2, 5, 64) and y.dtype == torch.float32
+    _check_product(y.view(10, 64), x.view(10, 64), dequantize(q, scales, scheme).double())
+
+
+def _python(code, **env):
+    """`code` in a new process (the choice is made once per process), sharing this one's built libraries."""
+    full = {**os.environ, "LLAMA_MP_CACHE": str(cpu_kernels.cache_dir()), "PYTHONPATH": ROOT}
+    full.pop(cpu_kernels.ISA_ENV, None)  # auto unless the test says
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+
+
+PROBE = "from llama_mp.kernels import cpu; lib = cpu.library(); print(None if lib is None else lib.isa_bits())"
+
+
+def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced():
+    best = cpu_kernels.runnable_isas()[0]
+    auto = _python(PROBE)
+    assert auto.stdout.strip() == ("512" if best == "avx512" else "256"), auto.stderr
+    forced = _python(PROBE, **{cpu_kernels.ISA_ENV: "avx2"})
+    assert forced.stdout.strip() == "256" and forced.stderr == ""
+    wrong = _python(PROBE, **{cpu_kernels.ISA_ENV: "sse2"})
+    assert wrong.returncode == 0 and wrong.stdout.strip() == "None"
+    assert wrong.stderr.count("CPU decode kernels unavailable") == 1
+    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512, avx2" in wrong.stderr
+
+
+def test_forcing_an_instruction_set_the_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: ("avx2", "fma", "f16c"))
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512")
+    with pytest.raises(RuntimeError, match="avx512bw, avx512dq, avx512f, avx512vl"):
+        cpu_kernels.chosen_isa()
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "auto")
+    assert cpu_kernels.chosen_isa() == "avx2"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: ())
+    with pytest.raises(RuntimeError, match="not x86-64 with AVX2 and FMA"):
+        cpu_kernels.chosen_isa()
+
+
+def _build(ckpt_dir, tokenizer_path, decoder, quantize, dtype="float32", group_size=None):
+    return Llama.build(ckpt_dir, tokenizer_path, 32, 5, seed=1, dtype=dtype, decoder=decoder, backend="gloo",
+                       device="cpu", quantize=quantize, group_size=group_size)
+
+
+def _stepwise_logits(model, prompts, steps):
+    tokens = torch.tensor(prompts)
+    out = []
+    with torch.inference_mode():
+        logits = model(tokens, 0)  # prefill: the kernels' multi-row products
+        for step in range(steps):
+            out.append(logits)
+            logits = model(logits.argmax(-1, keepdim=True), tokens.shape[1] + step)  # decode steps in C
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("quantize,group_size", [("int8", None), ("int4", 32), ("int4", 64)])
+def test_a_quantized_model_decodes_as_the_pytorch_quantized_path(quantize, group_size, make_checkpoint,
+                                                                  tokenizer_path):
+    ckpt_dir, args, _ = make_checkpoint(shards=1, dim=128, n_heads=8, n_kv_heads=2, multiple_of=64)
+    prompts = torch.randint(3, args.vocab_size, (5, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    fast = _build(ckpt_dir, tokenizer_path, "auto", quantize, group_size=group_size)
+    assert fast.model.decoder.name == "C kernels"
+    assert isinstance(fast.model.layers[0].attention.qkv, KernelQuantizedProjection)
+    assert fast.model.layers[0].attention.qkv.storage.dtype == (torch.int8 if quantize == "int8" else torch.uint8)
+    assert fast.model.logits_of.scheme == Scheme("int8")  # the output layer: int8 in both modes
+    slow = _build(ckpt_dir, tokenizer_path, "pytorch", quantize, group_size=group_size)
+    expected = _stepwise_logits(slow.model, prompts, 8)
+    got = _stepwise_logits(fast.model, prompts, 8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_a_quantized_bfloat16_model_computes_the_quantized_float32_model(make_checkpoint, tokenizer_path):
+    """Only the embedding and the norms stay in bfloat16; the kernels read that embedding directly."""
+    ckpt_dir, args, _ = make_checkpoint(shards=1, dtype=torch.bfloat16, dim=128, n_heads=8, multiple_of=64)
+    prompts = torch.randint(3, args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1)).tolist()
+    half = _build(ckpt_dir, tokenizer_path, "auto", "int4", dtype="bfloat16")
+    assert half.model.decoder.name == "C kernels" and half.model.tok_embeddings.weight.dtype == torch.bfloat16
+    full = _build(ckpt_dir, tokenizer_path, "auto", "int4", dtype="float32")
+    torch.testing.assert_close(_stepwise_logits(half.model, prompts, 6), _stepwise_logits(full.model, prompts, 6),
+                               rtol=0, atol=1e-5)
+
+
+def test_bench_measures_a_quantized_model(llama_mp_command):
+    import json
+
+    tiny = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "32", "--vocab_size", "512"]
+    code, out, err = llama_mp_command("bench", *tiny, "--quantize", "int4", "--group_size", "64", "--new_tokens",
+                                      "8", "--runs", "1", "--json", "--device", "cpu", "--backend", "gloo")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["weights"] == "int4 in groups of 64" and report["decode_path"] == "C kernels"
+    assert report["decode_tok_s"] > 0 and report["prefill_tok_s"] > 0
+    # int4 layers (4.25 bits a weight) and an int8 output layer: well under the float32 model's bytes
+    assert report["weight_bytes_per_token_per_rank"] < 0.4 * 4 * report["parameters"]
+    code, _, err = llama_mp_command("bench", *tiny, "--quantize", "int8", "--group_size", "32", "--device", "cpu")
+    assert code == 2 and "applies to int4 only" in err
+
+
+def test_a_quantized_float16_model_reads_its_float16_embedding(tokenizer_path):
+    """PyTorch's float16 products are no reference on a CPU; the same model in float32 is: its int4
+    weights are the same integers, and its embedding and norms are the float16 values, widened."""
+    from llama_mp import distributed
+    from llama_mp.checkpoints.params import parse_params
+    from llama_mp.kernels.decoder import CpuKernelDecoder
+    from llama_mp.runtime.loading import random_model
+
+    group = distributed.setup("gloo", "cpu")
+    args = parse_params(dict(dim=128, n_layers=2, n_heads=4, multiple_of=64, vocab_size=300), where="test")
+    scheme = Scheme("int4", 32)
+    half, full = (random_model(args, group, dtype, CpuKernelDecoder(), 2, 16, seed=3, scheme=scheme)
+                  for dtype in (torch.float16, torch.float32))
+    with torch.no_grad():
+        for name, tensor in half.state_dict().items():
+            if tensor.dtype == torch.float16:  # the embedding and the norms
+                full.state_dict()[name].copy_(tensor)
+            else:
+                assert torch.equal(full.state_dict()[name], tensor), name
+    half.share_embedding(), full.share_embedding()  # one rank: starts the decoders
+    prompts = [[5, 9, 200, 7], [1, 2, 3, 299]]
+    torch.testing.assert_close(_stepwise_logits(half, prompts, 5), _stepwise_logits(full, prompts, 5),
+                               rtol=0, atol=1e-5)
