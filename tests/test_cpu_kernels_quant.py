@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from llama_mp import Llama
+from llama_mp import Llama, LlamaMPError
 from llama_mp.kernels import cpu as cpu_kernels
 from llama_mp.kernels.decoder import KernelQuantizedProjection
 from llama_mp.quant.scheme import Scheme, dequantize, quantize
@@ -220,3 +220,15 @@ def test_a_quantized_float16_model_reads_its_float16_embedding(tokenizer_path):
     prompts = [[5, 9, 200, 7], [1, 2, 3, 299]]
     torch.testing.assert_close(_stepwise_logits(half, prompts, 5), _stepwise_logits(full, prompts, 5),
                                rtol=0, atol=1e-5)
+
+
+def test_a_float16_quantized_model_decodes_with_the_kernels():
+    from llama_mp.kernels.decoder import CpuKernelDecoder
+    from llama_mp.quant.scheme import parse_scheme
+    from llama_mp.runtime.decode import choose_decoder
+
+    cpu_device = torch.device("cpu")
+    assert isinstance(choose_decoder("auto", cpu_device, torch.float16, parse_scheme("int8")), CpuKernelDecoder)
+    assert not isinstance(choose_decoder("auto", cpu_device, torch.float16), CpuKernelDecoder)
+    with pytest.raises(LlamaMPError, match="float32 or bfloat16 weights"):
+        choose_decoder("cpu_kernels", cpu_device, torch.float16)

@@ -54,9 +54,17 @@ class Decoder:
         position `pos`, appending to the KV cache."""
         return model.forward_hidden(tokens, pos)
 
+    def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+        """As `step`, but row i continues cache row `slots[i]` at its own position `positions[i]`
+        (continuous batching: runtime/batching.py)."""
+        return model.forward_rows(tokens, slots, positions)
 
-def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype) -> Decoder:
-    """The decoder `name` (one of DECODERS) for weights in `weight_dtype` on `device`."""
+
+def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,
+                   scheme: Optional[Scheme] = None) -> Decoder:
+    """The decoder `name` (one of DECODERS) for a model in `weight_dtype` on `device`, its layer matrices
+    quantized by `scheme` if given (the kernels then take float16 models too)."""
     from ..kernels import cpu
     from ..kernels.decoder import CpuKernelDecoder
 
@@ -65,9 +73,11 @@ def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype) -
     if name == "pytorch":
         return Decoder()
     if name == "cpu_kernels":
-        if device.type != "cpu" or weight_dtype not in cpu.WEIGHT_DTYPES:
-            raise LlamaMPError(f"--decoder cpu_kernels runs on the CPU with float32 or bfloat16 weights, not on "
+        dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
+        if device.type != "cpu" or weight_dtype not in dtypes:
+            kinds = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise LlamaMPError(f"--decoder cpu_kernels runs on the CPU with {kinds} weights, not on "
                                f"{device.type} with {str(weight_dtype).replace('torch.', '')}; use --decoder auto.")
         cpu.library(required=True)
         return CpuKernelDecoder()
-    return CpuKernelDecoder() if cpu.usable(device, weight_dtype) else Decoder()
+    return CpuKernelDecoder() if cpu.usable(device, weight_dtype, scheme) else Decoder()

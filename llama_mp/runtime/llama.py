@@ -150,11 +150,11 @@ class Llama:
             require_int("max_seq_len", max_seq_len, 2)
             require_int("max_batch_size", max_batch_size, 1)
             loaded["dtype"] = torch_dtype = choose_dtype(dtype, group.device)
-            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype)
             loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
             params = load_params(ckpt_dir)
             if scheme is not None:
                 refuse_quantized(params, ckpt_dir)
+            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme)
             family = params.family
             if tokenizer.family != family:  # before any weight is read
                 (tok_name, tok_kind), (name, kind) = FAMILY_NAMES[tokenizer.family], FAMILY_NAMES[family]
