@@ -82,7 +82,18 @@ def runs(tmp_path_factory, tokenizer_path):
             perplexity_report(folder, tokenizer_path, text_path, WINDOW, STRIDE, per_token=per_token)
             scores[f"{name}-{kind}"] = Scores.load(per_token)
     scores["folders"] = {"trained": str(root / "trained"), "trained-int8": str(root / "trained-int8")}
+    print_table(scores)  # the README's figures: `pytest tests/test_quant_accuracy.py -s`
     return scores
+
+
+def print_table(scores) -> None:
+    print("\nmodel    weights  perplexity  mean|dlogprob|  greedy agreement")
+    for model in ("trained", "random"):
+        for kind in ("full", "int8", "int4", "rtn4"):
+            run = scores[f"{model}-{kind}"]
+            close = agreement(run, scores[f"{model}-full"])
+            print(f"{model:8} {kind:8} {run.perplexity:10.4f}  {close['mean_abs_delta_logprob']:14.5f}  "
+                  f"{100 * close['greedy_agreement']:15.2f}%")
 
 
 def test_the_trained_model_is_sure_of_itself_unlike_a_random_one(runs):
