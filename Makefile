@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-serve clean
 BENCH_ARGS ?= --new_tokens 256 --runs 3
 
 install: $(STAMP)
@@ -33,6 +33,19 @@ bench: $(STAMP)
 	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29518 launch/bench.py --dim 288 --n_layers 6 --n_heads 6 \
 		--multiple_of 32 --backend gloo --device cpu $(BENCH_ARGS)
 	$(PY) -m llama_mp bench --dim 768 --n_layers 12 --n_heads 12 --multiple_of 32 $(BENCH_ARGS) --compare transformers
+
+# Server throughput (README "Server"): a 2-rank CPU server on llama2.c's 15M shape, driven by 1, 4 and 8
+# concurrent clients with 16-token answers; SIGTERM then stops it (its ranks exit 0).
+SERVE_DIR ?= build/bench15m
+SERVE_PORT ?= 8019
+bench-serve: $(STAMP)
+	@test -f $(SERVE_DIR)/params.json || $(PY) -m llama_mp synth $(SERVE_DIR) --dim 288 --n_layers 6 --n_heads 6 --mp 2
+	@$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29519 launch/serve.py --ckpt_dir $(SERVE_DIR) \
+		--tokenizer_path $(SERVE_DIR)/tokenizer.model --port $(SERVE_PORT) --max_batch_size 8 --max_seq_len 256 \
+		--backend gloo --device cpu & server=$$!; \
+	for i in $$(seq 240); do curl -sf http://127.0.0.1:$(SERVE_PORT)/health >/dev/null && break; sleep 0.5; done; \
+	$(PY) -m llama_mp bench-serve --url http://127.0.0.1:$(SERVE_PORT) --concurrency 1,4,8 --max_tokens 16; \
+	status=$$?; pkill -TERM -P $$server; wait $$server; exit $$status
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info

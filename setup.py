@@ -10,7 +10,9 @@ setup(
     package_data={"llama_mp": ["kernels/csrc/*.c"]},  # compiled on first use (llama_mp/kernels/cpu.py)
     python_requires=">=3.9",
     install_requires=["torch>=2.5", "fairscale", "sentencepiece", "tiktoken", "fire", "tqdm", "safetensors", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "transformers", "safetensors"]},
+    extras_require={"test": ["pytest", "hypothesis", "transformers", "safetensors", "openai", "httpx", "fastapi",
+                             "uvicorn[standard]"],
+                    "server": ["fastapi", "uvicorn[standard]"]},
     data_files=[("share/llama_mp/configs", glob.glob("configs/*.json"))],
     entry_points={"console_scripts": ["llama-mp=llama_mp.cli:main"]},
 )

@@ -7,6 +7,8 @@
     llama-mp quantize SRC DST --mode int8|int4   write a quantized copy of a float Meta checkpoint
     llama-mp plan --model NAME --gpus N --gpu_mem_gb G   will it fit, and if not what would
     llama-mp bench --model NAME | --ckpt_dir DIR | --dim ...   prefill/decode speed (under torchrun for N ranks)
+    llama-mp serve --ckpt_dir DIR --tokenizer_path T   OpenAI-compatible HTTP server (under torchrun for N ranks)
+    llama-mp bench-serve --url URL --concurrency 1,4,8   requests/s, tokens/s, latencies of a running server
     llama-mp perplexity --ckpt_dir DIR --tokenizer_path T --text FILE   how well a model predicts a text (torchrun)
 
 Each function is what fire shows for `llama-mp <command> --help`, so its docstring is the manual page.
@@ -24,6 +26,8 @@ from ..checkpoints.params import parse_params
 from ..dtypes import parse_dtype
 from ..errors import LlamaMPError
 from ..tools.bench import bench
+from ..server.command import serve
+from ..tools.bench_serve import bench_serve
 
 
 def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads: int = 8,
@@ -212,7 +216,8 @@ def perplexity(ckpt_dir: str, tokenizer_path: str, text: str, window: Optional[i
 
 
 COMMANDS = {"synth": synth, "bench": bench, "reshard": reshard, "verify": verify, "convert": convert,
-            "quantize": quantize, "plan": plan, "perplexity": perplexity}
+            "quantize": quantize, "plan": plan, "perplexity": perplexity,
+            "serve": serve, "bench-serve": bench_serve}
 
 
 def main() -> None:

@@ -124,11 +124,11 @@ def load_isa(isa: str) -> ctypes.CDLL:
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
         "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64], None),
-        "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer], None),
+        "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer, pointer, pointer], None),
         "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
         "finish": ([pointer, i64, pointer, pointer, pointer], None),
         "embed": ([pointer, pointer, i64, i64, pointer], i64),
-        "decode": ([pointer, pointer, i64, i64, i64, pointer, pointer, pointer], i64),
+        "decode": ([pointer, pointer, i64, i64, i64, pointer, pointer, pointer, pointer, pointer], i64),
         "isa_bits": ([], i64),
     }
     for name, (argtypes, restype) in signatures.items():

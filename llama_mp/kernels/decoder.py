@@ -40,6 +40,9 @@ class KernelQuantizedProjection(QuantizedProjection):
         return cpu.project(x, self.storage, self.scales, self.scheme)
 
 
+PROMPT_ROWS, PROMPT_SCRATCH_BYTES = 64, 64 << 20
+
+
 class CpuKernelDecoder(Decoder):
     name = "C kernels"
 
@@ -60,7 +63,8 @@ class CpuKernelDecoder(Decoder):
         self.kernels = CpuDecoder(DecodeTensors(
             dim=args.dim, heads=first.n_local_heads, kv_heads=first.n_local_kv_heads, head_dim=args.head_dim,
             hidden=model.layers[0].feed_forward.gate_up.out_features // 2, eps=args.norm_eps,
-            max_rows=model.max_batch_size, max_seq_len=model.max_seq_len, rotation=model.rotation,
+            max_rows=model.max_batch_size, max_seq_len=model.max_seq_len, step_rows=self.step_capacity(model),
+            rotation=model.rotation,
             norm=model.norm.weight, embedding=model.tok_embeddings.weight,
             layers=[LayerTensors(layer.attention_norm.weight, layer.ffn_norm.weight,
                                  *_matrices(layer.attention.qkv, layer.attention.out, layer.feed_forward.gate_up,
@@ -72,6 +76,16 @@ class CpuKernelDecoder(Decoder):
 
     def step(self, model, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         return self.kernels.hidden(tokens, pos)
+
+    def step_rows(self, model, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.kernels.hidden(tokens, int(positions.max()), slots, positions)
+
+    def step_capacity(self, model) -> int:
+        """The cache's rows plus up to PROMPT_ROWS rows of prompts (continuous batching prefills short
+        prompts inside the decode step, where the kernels read each slot's cache in place); fewer when
+        the context is so long that their attention scratch would pass PROMPT_SCRATCH_BYTES."""
+        heads = model.layers[0].attention.n_local_heads
+        return model.max_batch_size + min(PROMPT_ROWS, PROMPT_SCRATCH_BYTES // (4 * heads * model.max_seq_len))
 
 
 def _matrices(*projections: Projection) -> List[Optional[torch.Tensor]]:
@@ -108,8 +122,9 @@ class DecodeTensors:
     head_dim: int
     hidden: int
     eps: float
-    max_rows: int
+    max_rows: int            # rows of the KV cache
     max_seq_len: int
+    step_rows: int           # rows one step takes (>= max_rows: prompts prefilled within a step)
     rotation: torch.Tensor   # complex64 [max_seq_len, head_dim / 2]
     norm: torch.Tensor       # final norm weight [dim]
     embedding: torch.Tensor  # the whole table [vocab, dim], in the model dtype
@@ -150,7 +165,7 @@ class CpuDecoder:
 
     def __init__(self, t: DecodeTensors, sum_across_ranks: Callable[[torch.Tensor], torch.Tensor], ranks: int):
         self.lib = cpu.library(required=True)
-        rows, seq = t.max_rows, t.max_seq_len
+        rows, seq = t.step_rows, t.max_seq_len
         self.sum, self.ranks, self.dim, self.n_layers = sum_across_ranks, ranks, t.dim, len(t.layers)
         f32 = dict(dtype=torch.float32)
         qkv_dim = (t.heads + 2 * t.kv_heads) * t.head_dim
@@ -175,8 +190,9 @@ class CpuDecoder:
         assert all(cpu.weight_format(m, t.scheme) == (fmt, group) and m.is_contiguous() for m in weights)
         assert all((getattr(layer, name) is None) == (t.scheme is None) for layer in t.layers for name in SCALES)
         assert all(layer.cache_k.dtype == torch.float32 for layer in t.layers)
+        self.cache_rows, self.step_rows = t.max_rows, rows
         self.model = _Model(
-            t.dim, self.n_layers, t.heads, t.kv_heads, t.head_dim, t.hidden, rows, seq,
+            t.dim, self.n_layers, t.heads, t.kv_heads, t.head_dim, t.hidden, t.max_rows, seq,
             torch.get_num_threads(), EMBEDDING_TYPES[t.embedding.dtype], fmt, group, t.eps, _ptr(rotation),
             norm(t.norm), _ptr(t.embedding), t.embedding.shape[0], self._layers,
             *(_ptr(m) for m in (x, qkv, attn, scores, ffn_buf, act)))
@@ -184,23 +200,34 @@ class CpuDecoder:
         self.h = torch.empty(rows, t.dim, **f32)        # the residual stream
         self.partial = torch.empty(rows, t.dim, **f32)  # this rank's share of a row-parallel product
 
-    def hidden(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, pos: int, slots: Optional[torch.Tensor] = None,
+               positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final normed hidden states [rows, 1, dim] for one new token per row (tokens [rows, 1], int64)
-        at position `pos`, appending to the KV cache."""
+        at position `pos`, appending to the KV cache. With `slots` and `positions` (int64 [rows], for
+        continuous batching), row i continues cache row slots[i] at positions[i], and `pos` is their maximum."""
         rows = tokens.shape[0]
-        if rows > self.model.max_rows or not 0 <= pos < self.model.max_seq_len:  # C checks no bounds
-            raise ValueError(f"{rows} rows at position {pos} do not fit the cache of {self.model.max_rows} rows "
-                             f"x {self.model.max_seq_len} positions")
+        most = self.cache_rows if slots is None else self.step_rows  # rows at once; cache rows without slots
+        if rows > most or not 0 <= pos < self.model.max_seq_len:  # C checks no bounds
+            raise ValueError(f"{rows} rows at position {pos} do not fit a step of {most} rows x "
+                             f"{self.model.max_seq_len} positions")
+        if slots is not None:
+            slots, positions = slots.long().contiguous(), positions.long().contiguous()
+            if (len(slots) != rows or len(positions) != rows or int(slots.min()) < 0
+                    or int(slots.max()) >= self.cache_rows or int(positions.min()) < 0):
+                raise ValueError(f"slots {slots.tolist()} / positions {positions.tolist()} do not fit {rows} rows and "
+                                 f"the cache of {self.cache_rows} rows")
+        where = (_ptr(slots), _ptr(positions))
         tokens = tokens.long()
         lib, m, h, partial = self.lib, self.ref, _ptr(self.h), self.partial
         out = torch.empty(rows, 1, self.dim, dtype=torch.float32)
         if self.ranks == 1:
-            bad = lib.decode(m, tokens.data_ptr(), tokens.stride(0), rows, pos, h, _ptr(partial), out.data_ptr())
+            bad = lib.decode(m, tokens.data_ptr(), tokens.stride(0), rows, pos, *where, h, _ptr(partial),
+                             out.data_ptr())
         else:
             bad = lib.embed(m, tokens.data_ptr(), tokens.stride(0), rows, h)  # the same ids on every rank
             incoming = None
             for layer in range(self.n_layers if bad < 0 else 0):
-                lib.attention_block(m, layer, rows, pos, h, _ptr(incoming), _ptr(partial))
+                lib.attention_block(m, layer, rows, pos, *where, h, _ptr(incoming), _ptr(partial))
                 incoming = self.sum(partial[:rows])
                 lib.ffn_block(m, layer, rows, h, _ptr(incoming), _ptr(partial))
                 incoming = self.sum(partial[:rows])

@@ -60,6 +60,12 @@ class Decoder:
         (continuous batching: runtime/batching.py)."""
         return model.forward_rows(tokens, slots, positions)
 
+    def step_capacity(self, model: "Transformer") -> int:
+        """The most rows one `step_rows` call takes. Beyond the cache's rows, a step may also carry a
+        newcomer's prompt, one row per token in its slot (causal, since every row's keys are written
+        before any row attends); here it does not: PyTorch would copy the slot's cache once per row."""
+        return model.max_batch_size
+
 
 def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,
                    scheme: Optional[Scheme] = None) -> Decoder:

@@ -124,18 +124,24 @@ class Attention(nn.Module):
         self.cache_k = empty_for_streaming(shape, cache_dtype, device).zero_()
         self.cache_v = empty_for_streaming(shape, cache_dtype, device).zero_()
 
-    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, rotation: torch.Tensor):
         bsz, seqlen, _ = x.shape
         heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = self.qkv(x).view(bsz, seqlen, heads + 2 * kv_heads, hd)
         qk = apply_rotary(qkv[:, :, :heads + kv_heads], rotation)  # q and k rotate together
-        q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
+        return qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
 
-        end = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-        keys, values = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]  # [bsz, kv_heads, end, hd]
+    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor,
+                mask: Optional[torch.Tensor], first_row: int = 0) -> torch.Tensor:
+        """Rows [first_row, first_row + batch) of the cache continue at `start_pos` (all at once)."""
+        bsz, seqlen, _ = x.shape
+        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        q, k, v = self._qkv(x, rotation)
+
+        end, rows = start_pos + seqlen, slice(first_row, first_row + bsz)
+        self.cache_k[rows, :, start_pos:end] = k.transpose(1, 2)
+        self.cache_v[rows, :, start_pos:end] = v.transpose(1, 2)
+        keys, values = self.cache_k[rows, :, :end], self.cache_v[rows, :, :end]  # [bsz, kv_heads, end, hd]
 
         if seqlen == 1:
             # Decoding: one query per head against the cache. Queries that share a kv head are
@@ -150,6 +156,22 @@ class Attention(nn.Module):
                                                  is_causal=mask is None, enable_gqa=heads != kv_heads)
             out = out.transpose(1, 2)
         return self.comm.all_sum(self.out(out.reshape(bsz, seqlen, heads * hd)))
+
+    def forward_rows(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, rotation: torch.Tensor,
+                     visible: torch.Tensor) -> torch.Tensor:
+        """One new token per row (x [rows, 1, dim]), row i in cache row `slots[i]` at `positions[i]`;
+        `visible` [rows, span] says which of the first `span` cached positions each row attends to."""
+        rows = x.shape[0]
+        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        q, k, v = self._qkv(x, rotation)
+        self.cache_k[slots, :, positions] = k[:, 0]  # [rows, kv_heads, hd]
+        self.cache_v[slots, :, positions] = v[:, 0]
+        span = visible.shape[1]
+        keys, values = self.cache_k[slots, :, :span], self.cache_v[slots, :, :span]  # [rows, kv_heads, span, hd]
+        q = q.reshape(rows, kv_heads, heads // kv_heads, hd) * hd ** -0.5
+        scores = torch.matmul(q, keys.transpose(2, 3)).masked_fill(~visible[:, None, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+        return self.comm.all_sum(self.out(out.reshape(rows, 1, heads * hd)))
 
 
 class FeedForward(nn.Module):
@@ -179,8 +201,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(shapes[prefix + "attention_norm.weight"], args.norm_eps)
         self.ffn_norm = RMSNorm(shapes[prefix + "ffn_norm.weight"], args.norm_eps)
 
-    def forward(self, x, start_pos: int, rotation, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask)
+    def forward(self, x, start_pos: int, rotation, mask, first_row: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask, first_row)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_rows(self, x, slots, positions, rotation, visible) -> torch.Tensor:
+        h = x + self.attention.forward_rows(self.attention_norm(x), slots, positions, rotation, visible)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -276,8 +302,33 @@ class Transformer(nn.Module):
             return self.decoder.step(self, tokens, start_pos)
         return self.forward_hidden(tokens, start_pos, all_positions)
 
-    def forward_hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False) -> torch.Tensor:
-        """`hidden` with PyTorch operators, for any number of new tokens."""
+    def hidden_in_slot(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        """Continuous batching: prefill one prompt (tokens [1, n]) into cache row `slot` from position 0,
+        leaving the other rows alone; the final normed hidden state of its last position [1, 1, dim]."""
+        if tokens.shape[1] == 1:
+            at = torch.tensor([slot], dtype=torch.long, device=tokens.device)
+            return self.hidden_rows(tokens, at, torch.zeros_like(at))
+        return self.forward_hidden(tokens, 0, first_row=slot)
+
+    def hidden_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Continuous batching: one new token per row (tokens [rows, 1]), row i continuing cache row
+        `slots[i]` at its own position `positions[i]` (int64 tensors [rows]); attention of a row sees its
+        cache up to its own position. Final normed hidden states [rows, 1, dim], from the decoder."""
+        return self.decoder.step_rows(self, tokens, slots, positions)
+
+    def forward_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`hidden_rows` with PyTorch operators."""
+        h = F.embedding(tokens, self.tok_embeddings.weight).to(self.act_dtype)  # [rows, 1, dim]
+        rotation = self.rotation[positions][:, None]                             # [rows, 1, head_dim / 2]
+        span = int(positions.max()) + 1
+        visible = torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]
+        for layer in self.layers:
+            h = layer.forward_rows(h, slots, positions, rotation, visible)
+        return self.norm(h)
+
+    def forward_hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False,
+                       first_row: int = 0) -> torch.Tensor:
+        """`hidden` with PyTorch operators, for any number of new tokens, in cache rows from `first_row`."""
         seqlen = tokens.shape[1]
         h = F.embedding(tokens, self.tok_embeddings.weight).to(self.act_dtype)  # [batch, seq, dim]
         rotation = self.rotation[start_pos:start_pos + seqlen]                   # [seq, head_dim / 2]
@@ -286,7 +337,7 @@ class Transformer(nn.Module):
             mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
             mask = mask.tril(diagonal=start_pos)
         for layer in self.layers:
-            h = layer(h, start_pos, rotation, mask)
+            h = layer(h, start_pos, rotation, mask, first_row)
         return self.norm(h if all_positions else h[:, -1:])
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:

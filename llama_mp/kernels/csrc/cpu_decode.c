@@ -429,33 +429,38 @@ static void rotate(const Model *m, float *v, int64_t heads, int64_t pos) {
         }
 }
 
-/* Row r's queries against cached positions 0..pos of their kv head: att[r, head] = softmax(q k^T) v. */
-static void attend(const Model *m, const Layer *l, int64_t rows, int64_t pos) {
+/* Row r's queries against cached positions 0..pos of their kv head: att[r, head] = softmax(q k^T) v.
+   With `slots` and `positions` (continuous batching), row r reads cache row slots[r] up to positions[r]
+   and `pos` is the largest of them; without (NULL), row r reads cache row r up to `pos`. */
+static void attend(const Model *m, const Layer *l, int64_t rows, int64_t pos, const int64_t *slots,
+                   const int64_t *positions) {
     const int64_t hd = m->head_dim, seq = m->max_seq_len, group = m->heads / m->kv_heads;
     const int64_t qkv_dim = (m->heads + 2 * m->kv_heads) * hd;
     #pragma omp parallel for schedule(static) num_threads(m->threads) if (rows * m->heads * (pos + 1) * hd >= 32768)
     for (int64_t task = 0; task < rows * m->heads; ++task) {
         const int64_t r = task / m->heads, head = task % m->heads;
+        const int64_t slot = slots ? slots[r] : r, last = positions ? positions[r] : pos;
         const float *q = m->qkv + r * qkv_dim + head * hd;
-        const int64_t cache_row = (r * m->kv_heads + head / group) * seq * hd;
+        const int64_t cache_row = (slot * m->kv_heads + head / group) * seq * hd;
         const float *keys = l->cache_k + cache_row, *values = l->cache_v + cache_row;
         float *p = m->scores + task * seq, *out = m->att + (r * m->heads + head) * hd;
         float top = -INFINITY, total = 0.0f;
-        for (int64_t t = 0; t <= pos; ++t) {
+        for (int64_t t = 0; t <= last; ++t) {
             p[t] = dot(q, keys + t * hd, hd);
             top = p[t] > top ? p[t] : top;
         }
-        for (int64_t t = 0; t <= pos; ++t) total += (p[t] = expf(p[t] - top));
+        for (int64_t t = 0; t <= last; ++t) total += (p[t] = expf(p[t] - top));
         for (int64_t i = 0; i < hd; ++i) out[i] = 0.0f;
-        for (int64_t t = 0; t <= pos; ++t) {
+        for (int64_t t = 0; t <= last; ++t) {
             const float weight = p[t] / total, *v = values + t * hd;
             for (int64_t i = 0; i < hd; ++i) out[i] += weight * v[i];
         }
     }
 }
 
-void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, float *h,
-                     const float *incoming, float *partial) {
+/* `slots` and `positions` as in `attend` (NULL: row r at cache row r and position `pos`). */
+void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, const int64_t *slots,
+                     const int64_t *positions, float *h, const float *incoming, float *partial) {
     const Layer *l = m->layers + layer;
     const int64_t hd = m->head_dim, dim = m->dim, seq = m->max_seq_len;
     const int64_t q_dim = m->heads * hd, kv_dim = m->kv_heads * hd, qkv_dim = q_dim + 2 * kv_dim;
@@ -465,15 +470,16 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, f
     matvec(m->x, l->wqkv, l->sqkv, m->qkv, rows, dim, qkv_dim, m->threads, m->format, m->group_size);
     for (int64_t r = 0; r < rows; ++r) {
         float *q = m->qkv + r * qkv_dim, *k = q + q_dim, *v = k + kv_dim;
-        rotate(m, q, m->heads + m->kv_heads, pos);  /* q and k are adjacent: rotate them together */
+        const int64_t slot = slots ? slots[r] : r, at_pos = positions ? positions[r] : pos;
+        rotate(m, q, m->heads + m->kv_heads, at_pos);  /* q and k are adjacent: rotate them together */
         for (int64_t i = 0; i < q_dim; ++i) q[i] *= scale;
         for (int64_t g = 0; g < m->kv_heads; ++g) {
-            const int64_t at = ((r * m->kv_heads + g) * seq + pos) * hd;
+            const int64_t at = ((slot * m->kv_heads + g) * seq + at_pos) * hd;
             memcpy(l->cache_k + at, k + g * hd, hd * sizeof(float));
             memcpy(l->cache_v + at, v + g * hd, hd * sizeof(float));
         }
     }
-    attend(m, l, rows, pos);
+    attend(m, l, rows, pos, slots, positions);
     matvec(m->att, l->wo, l->so, partial, rows, q_dim, dim, m->threads, m->format, m->group_size);
 }
 
@@ -507,12 +513,12 @@ int64_t embed(const Model *m, const int64_t *tokens, int64_t stride, int64_t row
 }
 
 /* The whole step on a single rank (nothing to sum across ranks): out = normed hidden state. */
-int64_t decode(const Model *m, const int64_t *tokens, int64_t stride, int64_t rows, int64_t pos, float *h,
-               float *partial, float *out) {
+int64_t decode(const Model *m, const int64_t *tokens, int64_t stride, int64_t rows, int64_t pos,
+               const int64_t *slots, const int64_t *positions, float *h, float *partial, float *out) {
     const int64_t bad = embed(m, tokens, stride, rows, h);
     if (bad >= 0) return bad;
     for (int64_t layer = 0; layer < m->n_layers; ++layer) {
-        attention_block(m, layer, rows, pos, h, layer ? partial : NULL, partial);
+        attention_block(m, layer, rows, pos, slots, positions, h, layer ? partial : NULL, partial);
         ffn_block(m, layer, rows, h, partial, partial);
     }
     finish(m, rows, h, partial, out);

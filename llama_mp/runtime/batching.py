@@ -1,0 +1,209 @@
+"""Continuous batching on every rank: sequences join and leave a running batch between decode steps.
+
+The KV cache has `max_batch_size` rows; here each row is a *slot* that holds one sequence at its own
+position. A step, as rank 0 decides it (`Plan`), first frees the slots of sequences that ended (a
+finished or cancelled request: nothing is computed for it any more), then runs one decode position for
+every other occupied slot, each at its own position (`Transformer.hidden_rows`), and prefills the prompt
+of each newcomer into its free slot from position 0 while the others keep their caches: inside the same
+call, one row per prompt token, where the decoder takes the extra rows (the C kernels: it saves a
+separate forward's fixed costs), else on its own (`Transformer.hidden_in_slot`). The last hidden state of every row then gives its next token in one exchange:
+greedy rows without logprobs need only the distributed argmax; if any row samples or wants logprobs,
+the logits are gathered on rank 0, which chooses every row's token (each request with its own settings
+and random generator, `choose`) and broadcasts them. Every rank so holds the same tokens and the same
+slot table, and the plan only has to carry what rank 0 alone knows: admissions (with their prompt
+ids), releases and whether to gather.
+
+Rank protocol: while the batch runs, the ranks are in a *session*, the engine's op `BATCH_OP` (sent by
+rank 0 through `Engine.call`, so ranks waiting in `Engine.serve()` join it and the usual failure rules
+hold: a lost rank raises on every survivor). In a session each step's plan travels as one or two small
+int64 tensors through the step's own exchange (`Collectives.broadcast_from_main_`, shared memory between
+the ranks of a host): a few microseconds, where a pickled object costs two gloo round trips per step.
+When the batch empties, rank 0 ends the session (`pause`) and the others wait in `Engine.serve()` again,
+blocked without using a core. `Engine.generate`, where all rows move together, is untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..distributed.failure import waking_peers_on_loss
+from ..errors import LlamaMPError
+from .engine import Engine
+
+BATCH_OP = "batch"
+END, STEP = 0, 1        # the kinds of a plan's header
+HEADER = 3              # [kind, gather, length of the admissions' tensor], then one release flag per slot
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A newcomer: its prompt ids, prefilled into `slot`."""
+
+    slot: int
+    prompt: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step of the batch as rank 0 decided it: what every rank needs to run the same model calls."""
+
+    release: Tuple[int, ...] = ()
+    admit: Tuple[Admission, ...] = ()
+    gather: bool = False  # some row samples or wants logprobs: the logits go to rank 0, which chooses
+
+
+@dataclass
+class StepResult:
+    """What a step produced: the slot of each row (decoding rows in slot order, then the newcomers in
+    admission order), each row's next token, and on rank 0 the float32 logits [rows, vocab] if gathered."""
+
+    slots: List[int]
+    tokens: List[int]
+    logits: Optional[torch.Tensor]
+
+
+# Rank 0's choice of each row's token from the gathered logits: (slots, logits [rows, vocab]) -> ids [rows].
+Chooser = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+
+class Batcher:
+    """This rank's slot table (which slots hold a sequence, its next position and last token) and the
+    step that advances every occupied slot by one token. Made on every rank, before rank 0 sends steps:
+    it registers its op with the engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.model, self.device = engine, engine.model, engine.group.device
+        self.slots = self.model.max_batch_size
+        self.position = [0] * self.slots    # the next position of each occupied slot (tokens in its cache)
+        self.last = [0] * self.slots        # the token to feed at that position
+        self.occupied: List[bool] = [False] * self.slots
+        self.in_session = False  # rank 0: whether the other ranks follow its plans (see `run`)
+        engine.ops[BATCH_OP] = self._session
+
+    def free_slots(self) -> List[int]:
+        return [s for s in range(self.slots) if not self.occupied[s]]
+
+    @torch.inference_mode()
+    def step(self, plan: Plan, choose: Optional[Chooser] = None) -> StepResult:
+        """Every rank: run `plan` (see the module's docstring). `choose` is rank 0's, needed with gather."""
+        model, device = self.model, self.device
+        for slot in plan.release:
+            self.occupied[slot] = False
+        decoding = [s for s in range(self.slots) if self.occupied[s]]
+        for a in plan.admit:
+            if self.occupied[a.slot] or not 0 < len(a.prompt) < model.max_seq_len:
+                raise LlamaMPError(f"internal error: slot {a.slot} cannot take a prompt of {len(a.prompt)} tokens "
+                                   f"(occupied: {self.occupied[a.slot]}).")
+        if decoding and max(self.position[s] for s in decoding) >= model.max_seq_len:
+            raise LlamaMPError(f"internal error: a slot reached max_seq_len {model.max_seq_len}; rank 0 must "
+                               "release a sequence once its room is used.")
+        # Rows of the decode step: each decoding slot's last token at its position, then the prompts that
+        # fit the step (one row per token, from position 0 in the newcomer's slot: causal, since every
+        # row's keys are in the cache before any row attends). Longer prompts are prefilled on their own.
+        row_ids = [self.last[s] for s in decoding]
+        slots, positions = list(decoding), [self.position[s] for s in decoding]
+        picked = list(range(len(decoding)))  # the rows whose next token is wanted
+        room = model.decoder.step_capacity(model) - len(decoding)
+        inside, apart = [], []  # admissions prefilled in the step, and on their own
+        for a in plan.admit:
+            fits = len(a.prompt) <= room
+            (inside if fits else apart).append(a)
+            room -= len(a.prompt) if fits else 0
+        for a in inside:
+            row_ids += a.prompt
+            slots += [a.slot] * len(a.prompt)
+            positions += range(len(a.prompt))
+            picked.append(len(row_ids) - 1)
+
+        def as_tensor(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        hidden = []
+        if row_ids:
+            h = model.hidden_rows(as_tensor(row_ids)[:, None], as_tensor(slots), as_tensor(positions))
+            hidden.append(h if len(picked) == len(row_ids) else h[as_tensor(picked)])
+        for a in apart:
+            hidden.append(model.hidden_in_slot(as_tensor([a.prompt]), a.slot))
+        for s in decoding:
+            self.position[s] += 1
+        for a in plan.admit:
+            self.occupied[a.slot], self.position[a.slot] = True, len(a.prompt)
+        rows = decoding + [a.slot for a in inside] + [a.slot for a in apart]
+        if not rows:
+            return StepResult([], [], None)
+        h = torch.cat(hidden) if len(hidden) > 1 else hidden[0]  # [rows, 1, dim]
+        logits = None
+        if plan.gather:
+            logits = model.logits(h)  # rank 0 only
+            chosen = torch.empty(len(rows), dtype=torch.long, device=device)
+            if logits is not None:
+                logits = logits[:, -1]
+                chosen.copy_(choose(rows, logits))
+            ids = model.comm.broadcast_from_main_(chosen)
+        else:
+            ids = model.greedy_next(h)
+        tokens_out = ids.tolist()
+        for s, t in zip(rows, tokens_out):
+            self.last[s] = t
+        return StepResult(rows, tokens_out, logits)
+
+    @torch.inference_mode()  # like the step: the exchange's buffers are made in it, and used only in it
+    def run(self, plan: Plan, choose: Chooser) -> StepResult:
+        """Rank 0: send `plan` to the other ranks (starting a session if need be) and run it here too."""
+        if not self.in_session:
+            self.engine.call(BATCH_OP, lambda: None)
+            self.in_session = True
+        with waking_peers_on_loss(self.engine.group):
+            self._send(plan)
+            return self.step(plan, choose)
+
+    @torch.inference_mode()
+    def pause(self) -> None:
+        """Rank 0: end the session; the other ranks return to `Engine.serve()` (the batch is empty)."""
+        if self.in_session:
+            self.in_session = False
+            with waking_peers_on_loss(self.engine.group):
+                self._send(None)
+
+    @torch.inference_mode()
+    def _session(self, payload=None) -> None:
+        """Every rank's side of `BATCH_OP`: on rank 0 nothing (its plans follow from `run`); on the others,
+        run each plan rank 0 sends until it ends the session."""
+        if self.engine.group.is_main:
+            return
+        while True:
+            plan = self._receive()
+            if plan is None:
+                return
+            self.step(plan)
+
+    def _send(self, plan: Optional[Plan]) -> None:
+        header = torch.zeros(HEADER + self.slots, dtype=torch.long)
+        body: List[int] = []
+        if plan is not None:
+            for a in plan.admit:
+                body += [a.slot, len(a.prompt), *a.prompt]
+            header[:HEADER] = torch.tensor([STEP, int(plan.gather), len(body)])
+            header[[HEADER + s for s in plan.release]] = 1
+        comm = self.model.comm
+        comm.broadcast_from_main_(header.to(self.device))
+        if body:
+            comm.broadcast_from_main_(torch.tensor(body, dtype=torch.long, device=self.device))
+
+    def _receive(self) -> Optional[Plan]:
+        comm = self.model.comm
+        header = comm.broadcast_from_main_(torch.empty(HEADER + self.slots, dtype=torch.long, device=self.device))
+        kind, gather, length, *flags = header.tolist()
+        if kind == END:
+            return None
+        body = comm.broadcast_from_main_(torch.empty(length, dtype=torch.long, device=self.device)).tolist() \
+            if length else []
+        admit, at = [], 0
+        while at < length:
+            slot, n = body[at], body[at + 1]
+            admit.append(Admission(slot, tuple(body[at + 2:at + 2 + n])))
+            at += 2 + n
+        return Plan(tuple(s for s, flag in enumerate(flags) if flag), tuple(admit), bool(gather))

@@ -1,0 +1,310 @@
+"""The HTTP side of rank 0: FastAPI routes, the API key, body limits and OpenAI's error JSON.
+
+Runs on uvicorn in a thread of its own (`HttpServer`), so it answers while the model loads (503, and
+GET /health says "loading") and while the main thread steps the batch. Every request is checked here
+(protocol.py) before anything is queued: what is refused never reaches the scheduler or another rank.
+Answers come from the scheduler as events; a streamed answer is sent as server-sent events ending with
+`data: [DONE]`. A client that disconnects has its sequences cancelled, which frees their slots at the
+next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import socket
+import sys
+import threading
+import time
+from typing import AsyncIterator, Dict, List
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import LlamaMPError
+from .protocol import (ApiError, Job, choice, envelope, model_card, models_list, parse_chat,
+                       parse_completion, usage)
+from .scheduler import Event, Generation, Sink
+from .state import FAILED, READY, ServerState
+
+def error_response(error: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _authorize(state: ServerState, request: Request) -> None:
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), state.api_key.encode()):
+        raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY' (the server's "
+                            "--api_key).", "invalid_request_error", None, "invalid_api_key")
+
+
+async def _read_json(request: Request, limit: int):
+    """The body as JSON, refusing more than `limit` bytes (413) without reading past the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"The request body has {declared} bytes; this server takes at most {limit} "
+                            "(--max_body_bytes).", "invalid_request_error", None, "request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"The request body is over {limit} bytes, the most this server takes "
+                                "(--max_body_bytes).", "invalid_request_error", None, "request_too_large")
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"The request body is not valid JSON ({e}).") from None
+
+
+GONE = object()  # put in a request's queue when its client disconnects
+
+
+class _Answer:
+    """The sequences of one job, the queue their events arrive in (on the event loop's thread), and a
+    watch on the client: once it disconnects, the events stop and the sequences are cancelled."""
+
+    def __init__(self, state: ServerState, job: Job, request: Request):
+        self.job, self.state, self.request = job, state, request
+        self.queue: "asyncio.Queue" = asyncio.Queue()
+        self.seqs: List[Generation] = state.scheduler.submit(job.sequences, Sink(asyncio.get_running_loop(),
+                                                                                self.queue))
+        self.open = len(self.seqs)
+        self.gone = False
+        self.watch = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        # The body has been read, so the next message is the disconnection (or the end of the response).
+        # The sequences are cancelled here, not by whoever reads the events: a streamed answer whose
+        # client vanished mid-send is abandoned by Starlette without being resumed.
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        self.state.scheduler.cancel(self.seqs)
+        self.queue.put_nowait(GONE)
+
+    async def events(self) -> AsyncIterator[Event]:
+        while self.open:
+            event = await self.queue.get()
+            if event is GONE:
+                self.gone = True
+                return
+            if event.finish_reason is not None or event.error is not None:
+                self.open -= 1
+            yield event
+
+    def close(self) -> None:
+        """The answer is over (sent, failed or abandoned): stop watching; cancel what still runs."""
+        self.watch.cancel()
+        self.state.scheduler.cancel(self.seqs)
+
+
+def _sse(payload) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+async def _whole(answer: _Answer) -> JSONResponse:
+    job = answer.job
+    texts: Dict[int, List[str]] = {i: [job.echo_texts[i]] if job.echo_texts else [] for i in range(len(answer.seqs))}
+    logprobs: Dict[int, list] = {i: [] for i in range(len(answer.seqs))}
+    finish: Dict[int, str] = {}
+    counts = [0, 0]
+    try:
+        async for event in answer.events():
+            if event.error is not None:
+                return error_response(event.error)
+            texts[event.index].append(event.text)
+            if event.logprobs:
+                logprobs[event.index] += event.logprobs
+            if event.finish_reason is not None:
+                finish[event.index] = event.finish_reason
+                counts[0] += event.prompt_tokens
+                counts[1] += event.completion_tokens
+    finally:
+        answer.close()  # a no-op for finished sequences; frees the slots of a vanished client
+    want_lp = job.sequences[0].logprobs is not None
+    choices = [choice(job, i, "".join(texts[i]), finish.get(i), logprobs[i] if want_lp else None, delta=False)
+               for i in range(len(answer.seqs))]
+    return JSONResponse(envelope(job, choices, usage(*counts), chunk=False))
+
+
+async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
+    job = answer.job
+    counts = [0, 0]
+    offsets = [len(t) for t in job.echo_texts] or [0] * len(answer.seqs)
+    try:
+        for i in range(len(answer.seqs)):  # the first chunk: the chat role, or the echoed prompt
+            if job.kind == "chat" or job.echo_texts:
+                text = job.echo_texts[i] if job.echo_texts else ""
+                yield _sse(envelope(job, [choice(job, i, text, None, None, delta=True, first=True)], None, True))
+        async for event in answer.events():
+            if event.error is not None:
+                yield _sse(event.error.body())
+                break
+            if event.finish_reason is not None:
+                counts[0] += event.prompt_tokens
+                counts[1] += event.completion_tokens
+            if event.text or event.logprobs or event.finish_reason:
+                piece = choice(job, event.index, event.text, event.finish_reason, event.logprobs, delta=True,
+                               text_offset=offsets[event.index])
+                offsets[event.index] += len(event.text)
+                yield _sse(envelope(job, [piece], None, True))
+        else:
+            if job.include_usage and not answer.gone:
+                yield _sse(envelope(job, [], usage(*counts), True))
+        if not answer.gone:
+            yield _sse(b"[DONE]")
+    finally:
+        answer.close()
+
+
+def make_app(state: ServerState) -> FastAPI:
+    """The ASGI app: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions."""
+    app = FastAPI(title="llama_mp", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            message = f"Unknown route {request.method} {request.url.path}; see GET /v1/models, POST " \
+                      "/v1/completions and POST /v1/chat/completions."
+        elif error.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(error.detail)
+        return error_response(ApiError(error.status_code, message, "invalid_request_error", None,
+                                       "not_found" if error.status_code == 404 else None))
+
+    @app.get("/health")
+    async def health():
+        status = 200 if state.phase == READY else 503
+        body = {"status": "ok" if status == 200 else state.phase}
+        if state.phase == FAILED:
+            body["reason"] = state.reason
+        if state.scheduler is not None:  # what an operator (or a test) wants to see of the batch
+            body.update(state.scheduler.stats())
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(state, request)
+        if state.limits is None:
+            raise state.unavailable()
+        return models_list(state.limits, state.created)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _authorize(state, request)
+        if state.limits is None:
+            raise state.unavailable()
+        if model_id != state.limits.model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves "
+                                f"'{state.limits.model_name}'.", "invalid_request_error", "model", "model_not_found")
+        return model_card(state.limits, state.created)
+
+    async def run(request: Request, parse) -> object:
+        _authorize(state, request)
+        body = await _read_json(request, state.max_body_bytes)
+        busy = state.unavailable()
+        if busy is not None:
+            raise busy
+        job = parse(body, state.tokenizer, state.limits)
+        answer = _Answer(state, job, request)
+        if not job.stream:
+            state.open_requests += 1
+            try:
+                return await _whole(answer)
+            finally:
+                state.open_requests -= 1
+
+        async def counted():
+            state.open_requests += 1
+            try:
+                async for chunk in _streamed(answer):
+                    yield chunk
+            finally:
+                state.open_requests -= 1
+
+        return StreamingResponse(counted(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, parse_completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, parse_chat)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------
+# The server thread
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one), or a LlamaMPError that says what to do."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise LlamaMPError(f"Cannot listen on {host}:{port} ({e.strerror or e}). Pick another --port (or --host), "
+                           f"or find what holds it with `ss -ltnp | grep :{port}`.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpServer:
+    """uvicorn serving `app` on an already bound socket, in a daemon thread."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket):
+        import uvicorn
+
+        self.sock = sock
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2, timeout_keep_alive=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                       name="llama_mp-http")
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise LlamaMPError(f"The HTTP server on {self.address} did not start; see the messages above.")
+            time.sleep(0.01)
+
+    def stop(self, wait_s: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(wait_s)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

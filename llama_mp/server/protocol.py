@@ -1,0 +1,382 @@
+"""OpenAI's API shapes: request validation and the JSON of responses, chunks and errors.
+
+Everything a client sends is checked here, on rank 0, before any work is queued: a bad request is
+answered with OpenAI's error JSON (status 400, 404, ...) and never reaches the batch or the other
+ranks. The rules for sampling values are the runtime's own (`check_sampling`), so the server and the
+command line accept exactly the same values. Unknown fields are ignored, as OpenAI's clients and common
+tools send extras; known ones whose non-default values this server cannot honour (n > 1, penalties,
+logit_bias, suffix) are refused with a 400 that says so, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from ..checks import described, is_finite_number, is_int, is_number
+from ..errors import LlamaMPError
+from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
+from ..runtime.sampling import check_sampling
+from ..runtime.tokenizer import Tokenizer
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on `stop`, and a bound on each string
+MAX_LOGPROBS = 5             # completions: `logprobs` (top alternatives per token), OpenAI's maximum
+MAX_TOP_LOGPROBS = 20        # chat: `top_logprobs`, OpenAI's maximum
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default `max_tokens` for /v1/completions
+
+
+class ApiError(Exception):
+    """A request refused with an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What this server can take: the model's context, its name, and the bounds on a request."""
+
+    model_name: str
+    max_seq_len: int
+    max_prompts: int  # prompts in one /v1/completions request (each takes a batch slot)
+
+
+@dataclass
+class SequenceSpec:
+    """One prompt to continue, as validated: everything the scheduler needs to run and stop it."""
+
+    prompt_ids: List[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: Optional[int]
+    stop: List[str]
+    logprobs: Optional[int]   # None: no logprobs; k >= 0: the chosen token's, plus k alternatives
+    ignore_eos: bool = False
+
+
+@dataclass
+class Job:
+    """A validated request: one sequence per prompt, and how to shape the answer."""
+
+    kind: str  # "completion" or "chat"
+    model: str
+    sequences: List[SequenceSpec]
+    stream: bool
+    include_usage: bool = False
+    echo_texts: List[str] = field(default_factory=list)  # completions with echo: each prompt's text
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self):
+        prefix = "cmpl-" if self.kind == "completion" else "chatcmpl-"
+        self.id = self.id or prefix + uuid.uuid4().hex[:24]
+        self.created = self.created or int(time.time())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Field rules
+
+
+def _bool(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be true or false, got {described(value)}.", name)
+    return value
+
+
+def _int(body: dict, name: str, default: Optional[int], low: int, high: Optional[int] = None,
+         why: str = "") -> Optional[int]:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not is_int(value) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise invalid(f"'{name}' must be an integer {bound}{why}, got {described(value)}.", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not is_finite_number(value):
+        raise invalid(f"'{name}' must be a number, got {described(value)}.", name)
+    return float(value)
+
+
+def check_model(body: dict, limits: Limits) -> str:
+    """The model the request names: this server's (the only one), or absent. Another name is a 404, as
+    OpenAI answers for a model that does not exist."""
+    model = body.get("model")
+    if model is None:
+        return limits.model_name
+    if not isinstance(model, str):
+        raise invalid(f"'model' must be a string, got {described(model)}.", "model")
+    if model != limits.model_name:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{limits.model_name}' "
+                            "(GET /v1/models lists it).", "invalid_request_error", "model", "model_not_found")
+    return model
+
+
+def _unsupported(body: dict) -> None:
+    """Refuse options this server does not implement, when they ask for more than the default."""
+    if body.get("n", 1) not in (1, None):
+        raise invalid(f"'n' must be 1: this server returns one choice per prompt (got {described(body['n'])}). "
+                      "Send the request several times, with different seeds, for several samples.", "n")
+    if body.get("best_of", 1) not in (1, None):
+        raise invalid("'best_of' must be 1 (or absent): this server does not rank several samples.", "best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is not None and not (is_number(value) and value == 0):
+            raise invalid(f"'{name}' is not supported by this server; leave it out or send 0.", name)
+    if body.get("logit_bias"):
+        raise invalid("'logit_bias' is not supported by this server; leave it out.", "logit_bias")
+    if body.get("suffix"):
+        raise invalid("'suffix' (insertion) is not supported by this server; leave it out.", "suffix")
+
+
+def _stop(body: dict) -> List[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid(f"'stop' must be a string or a list of strings, got {described(stop)}.", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"Each 'stop' string may have at most {MAX_STOP_CHARS} characters.", "stop")
+    return [s for s in stops if s]
+
+
+def _sampling(body: dict, default_temperature: float = 1.0):
+    temperature = _number(body, "temperature", default_temperature)
+    top_p = _number(body, "top_p", 1.0)
+    try:
+        check_sampling(temperature, top_p, 0)
+    except LlamaMPError as e:
+        raise invalid(str(e), "temperature" if "temperature" in str(e) else "top_p") from None
+    seed = body.get("seed")
+    if seed is not None and not is_int(seed):
+        raise invalid(f"'seed' must be an integer, got {described(seed)}.", "seed")
+    return temperature, top_p, None if seed is None else seed % (2 ** 64)
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise invalid(f"'stream_options' must be an object, got {described(options)}.", "stream_options")
+    if not stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    return _bool(options, "include_usage")
+
+
+def _room(prompt: List[int], limits: Limits, max_tokens: Optional[int], index: Optional[int] = None) -> int:
+    """The number of tokens to generate: `max_tokens`, or (None) all the room the context leaves. A prompt
+    that leaves no room, or max_tokens past it, is a 400 in OpenAI's words."""
+    where = "" if index is None else f" (prompt {index})"
+    context = limits.max_seq_len
+    if len(prompt) >= context:
+        raise invalid(f"This model's maximum context length is {context} tokens. However, your prompt{where} has "
+                      f"{len(prompt)} tokens, which leaves no room for the completion. Please shorten it.",
+                      "messages" if index is None else "prompt", "context_length_exceeded")
+    if max_tokens is None:
+        return context - len(prompt)
+    if len(prompt) + max_tokens > context:
+        raise invalid(f"This model's maximum context length is {context} tokens. However, you requested "
+                      f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt{where}, {max_tokens} for the "
+                      "completion). Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+def _prompts(prompt: Any, tokenizer: Tokenizer, limits: Limits) -> List[List[int]]:
+    """`prompt` as token id lists: a string, a list of strings, a list of ids or a list of id lists."""
+    vocab = tokenizer.n_words
+    form = "'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
+    if isinstance(prompt, str):
+        items: List[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise invalid(f"{form}; got {described(prompt)}.", "prompt")
+    if len(items) > limits.max_prompts:
+        raise invalid(f"At most {limits.max_prompts} prompts fit in one request (the server's --max_batch_size); "
+                      f"got {len(items)}. Send them in several requests.", "prompt")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            out.append(tokenizer.encode(item, bos=True, eos=False))
+        elif isinstance(item, list) and item and all(is_int(t) for t in item):
+            if min(item) < 0 or max(item) >= vocab:
+                raise invalid(f"Prompt {i} has token ids outside the vocabulary [0, {vocab}).", "prompt")
+            out.append(list(item))
+        else:
+            raise invalid(f"{form}; item {i} is {described(item)}.", "prompt")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests
+
+
+def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
+    """A /v1/completions body as a Job, or an ApiError."""
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, got {described(body)}.")
+    model = check_model(body, limits)
+    _unsupported(body)
+    if "prompt" not in body:
+        raise invalid("'prompt' is required.", "prompt")
+    prompts = _prompts(body["prompt"], tokenizer, limits)
+    max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, 1)
+    temperature, top_p, seed = _sampling(body)
+    stream = _bool(body, "stream")
+    echo = _bool(body, "echo")
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    if echo and logprobs is not None:
+        raise invalid("'echo' together with 'logprobs' (log-probabilities of the prompt tokens) is not supported "
+                      "by this server; drop one of them.", "echo")
+    stop, ignore_eos = _stop(body), _bool(body, "ignore_eos")
+    sequences = [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop, logprobs,
+                              ignore_eos) for i, p in enumerate(prompts)]
+    echo_texts = [tokenizer.decode(p) for p in prompts] if echo else []
+    return Job("completion", model, sequences, stream, _stream_options(body, stream), echo_texts)
+
+
+def _message_text(content: Any, index: int) -> str:
+    """A message's content: a string, or OpenAI's list of content parts (text parts only)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"messages[{index}] has a content part of type {part.get('type')!r}; this server "
+                              "reads text parts only ({\"type\": \"text\", \"text\": ...}).", "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise invalid(f"messages[{index}].content must be a string or a list of text parts, got {described(content)}.",
+                  "messages")
+
+
+def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
+    """A /v1/chat/completions body as a Job, or an ApiError. The dialog follows Meta's rules (optional
+    system message, then user/assistant turns ending with the user's) in the checkpoint family's format."""
+    if not isinstance(body, dict):
+        raise invalid(f"The request body must be a JSON object, got {described(body)}.")
+    model = check_model(body, limits)
+    _unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid(f"'messages' must be a non-empty list of messages, got {described(messages)}.", "messages")
+    dialog = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise invalid(f"messages[{i}] must be an object with 'role' and 'content', got {described(m)}.",
+                          "messages")
+        role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
+        dialog.append({"role": role, "content": _message_text(m.get("content"), i)})
+    try:
+        check_dialog(dialog, 0)
+    except LlamaMPError as e:
+        raise invalid(str(e).replace("dialog 0", "'messages'"), "messages") from None
+    if has_special_tags(dialog, tokenizer):
+        raise invalid(UNSAFE_ERROR + " (The Llama 2 chat tags [INST], <<SYS>> would let text forge turns.)",
+                      "messages")
+    prompt = encode_dialog(tokenizer, dialog)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _int({"max_tokens": max_tokens}, "max_tokens", None, 1)
+    temperature, top_p, seed = _sampling(body)
+    stream = _bool(body, "stream")
+    logprobs = None
+    if _bool(body, "logprobs"):
+        logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    elif body.get("top_logprobs") is not None:
+        raise invalid("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+    spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens), temperature, top_p, seed, _stop(body), logprobs,
+                        _bool(body, "ignore_eos"))
+    return Job("chat", model, [spec], stream, _stream_options(body, stream))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Responses
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: List[tuple]  # [(token text, logprob)], likeliest first
+
+
+def _completion_logprobs(entries: Sequence[TokenLogprob], offset: int) -> dict:
+    offsets, at = [], offset
+    for e in entries:
+        offsets.append(at)
+        at += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
+def _chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    def one(token: str, lp: float) -> dict:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [dict(one(e.token, e.logprob), top_logprobs=[one(t, lp) for t, lp in e.top])
+                        for e in entries]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def choice(job: Job, index: int, text: str, finish_reason: Optional[str], logprobs: Optional[List[TokenLogprob]],
+           delta: bool, first: bool = False, text_offset: int = 0) -> dict:
+    """One entry of `choices`: a whole answer, or (delta) a streamed piece of it."""
+    if job.kind == "completion":
+        lp = None if logprobs is None else _completion_logprobs(logprobs, text_offset)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+    lp = None if logprobs is None else _chat_logprobs(logprobs)
+    if not delta:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                "finish_reason": finish_reason}
+    piece = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    return {"index": index, "delta": piece, "logprobs": lp, "finish_reason": finish_reason}
+
+
+def envelope(job: Job, choices: List[dict], usage_counts: Optional[dict], chunk: bool) -> dict:
+    """The response object (or one streamed chunk) around `choices`."""
+    kind = {("completion", False): "text_completion", ("completion", True): "text_completion",
+            ("chat", False): "chat.completion", ("chat", True): "chat.completion.chunk"}[(job.kind, chunk)]
+    out = {"id": job.id, "object": kind, "created": job.created, "model": job.model, "choices": choices}
+    if usage_counts is not None or not chunk:
+        out["usage"] = usage_counts
+    return out
+
+
+def models_list(limits: Limits, created: int) -> dict:
+    return {"object": "list", "data": [model_card(limits, created)]}
+
+
+def model_card(limits: Limits, created: int) -> dict:
+    return {"id": limits.model_name, "object": "model", "created": created, "owned_by": "llama_mp",
+            "max_model_len": limits.max_seq_len}

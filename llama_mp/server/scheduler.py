@@ -1,0 +1,325 @@
+"""Rank 0's scheduler: a bounded queue of sequences, the slots of the running batch, and the batch loop.
+
+HTTP handlers (the event loop thread) `submit` validated sequences; a full queue, a server still loading,
+draining or failed answers 503 at once, so nothing waits without bound. The batch loop (`run`, on the
+main thread, where every rank's model calls happen) repeats: release the slots of sequences that ended
+or whose client went away, admit waiting sequences into free slots, and run one step of the batch on
+every rank (runtime/batching.py). Each step's token of each row goes back to its request as an `Event`
+through the request's own sink, which never blocks: a slow or vanished client cannot stall the batch.
+
+Text and stops are handled here, per sequence: tokens become text through `TextStream` (a character
+split over several tokens is held back until complete), and text that might be the start of a `stop`
+string is held back until it is known not to be one, so a stop string is never streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..distributed.failure import peer_lost
+from ..errors import PeerLostError
+from ..runtime.batching import Admission, Batcher, Plan, StepResult
+from ..runtime.sampling import sample
+from ..runtime.tokenizer import TextStream, Tokenizer
+from .protocol import ApiError, SequenceSpec, TokenLogprob
+
+IDLE_WAIT_S = 0.25  # how often an idle loop looks at its flags (draining, a lost rank) without a request
+
+
+@dataclass
+class Event:
+    """What one sequence produced since its last event: text (and, if asked, its tokens' logprobs); on
+    its last event the finish reason and token counts; or an error (status, message) that ends it."""
+
+    index: int
+    text: str = ""
+    logprobs: Optional[List[TokenLogprob]] = None
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[ApiError] = None
+
+
+class StopText:
+    """Text of a growing sequence of ids, cut at the first `stop` string, streamed as soon as it is safe."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self.stream, self.stops, self.pending = TextStream(tokenizer), list(stops), ""
+
+    def push(self, token: int) -> Tuple[str, bool]:
+        """(text that can be sent now, whether a stop string ended the text)."""
+        self.pending += self.stream.push(token)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        self.pending += self.stream.flush()
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> Tuple[str, bool]:
+        text = self.pending
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.pending = ""
+            return text[:min(found)], True
+        hold = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                                    if text.endswith(s[:n])), default=0)
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold], False
+
+
+class Sink:
+    """Where a request's events go: a queue of the event loop that answers it. The batch loop hands a
+    step's events to each loop at once (`send`): one wake-up per loop and step, however many rows."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: "asyncio.Queue"):
+        self.loop, self.queue = loop, queue
+
+
+def send(outbox: List[Tuple[Sink, Event]]) -> None:
+    """Deliver events from another thread, grouped by event loop; never blocks."""
+    by_loop: Dict[asyncio.AbstractEventLoop, List[Tuple[Sink, Event]]] = {}
+    for sink, event in outbox:
+        by_loop.setdefault(sink.loop, []).append((sink, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that loop has closed (the server is stopping): nobody is listening
+            pass
+
+
+def _put_all(items: List[Tuple[Sink, Event]]) -> None:
+    for sink, event in items:
+        sink.queue.put_nowait(event)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One prompt being continued: its spec, where its events go, and its progress."""
+
+    spec: SequenceSpec
+    index: int                       # its place among its request's prompts
+    sink: Sink
+    generator: Optional[torch.Generator] = None
+    text: Optional[StopText] = None
+    slot: Optional[int] = None
+    generated: int = 0
+    done: bool = False
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.spec.temperature != 0 or self.spec.logprobs is not None
+
+
+class Scheduler:
+    """The queue and the batch loop of rank 0 (see the module's docstring)."""
+
+    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, max_queue: int, seed: int = 1):
+        self.batcher, self.tokenizer = batcher, tokenizer
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.max_queue = max_queue
+        self.lock = threading.Condition()
+        self.waiting: Deque[Generation] = collections.deque()
+        self.by_slot: Dict[int, Generation] = {}
+        self.releases: List[int] = []
+        self.seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        self.draining_until: Optional[float] = None       # set by `drain` (a signal handler: no lock taken)
+        self.failure: Optional[str] = None                # set by `fail`: why every request now gets 503
+        self.stepping = False                             # whether the main thread is inside a step
+        self.steps, self.rows, self.step_s = 0, 0, 0.0  # for the summary at the end
+        self.counts = {"finished": 0, "cancelled": 0, "failed": 0}  # sequences, by how they ended
+
+    # ------------------------------------------------------------------------------------------
+    # The HTTP side (event loop thread)
+
+    def submit(self, specs: Sequence[SequenceSpec], sink: Sink) -> List[Generation]:
+        """Queue the sequences of one request (all or none), or raise ApiError 503."""
+        if self.failure is not None:
+            raise ApiError(503, f"The server cannot take requests: {self.failure}", "server_error")
+        if self.draining_until is not None:
+            raise ApiError(503, "The server is shutting down and takes no new requests.", "server_error")
+        seqs = []
+        for i, spec in enumerate(specs):
+            seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2 ** 62, (1,), generator=self.seeds))
+            seqs.append(Generation(spec, i, sink, torch.Generator().manual_seed(seed),
+                                  StopText(self.tokenizer, spec.stop)))
+        with self.lock:
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise ApiError(503, f"The server is busy: its queue of {self.max_queue} waiting sequences is full. "
+                                    "Retry later, or raise --max_queue / --max_batch_size.", "server_error")
+            self.waiting.extend(seqs)
+            self.lock.notify()
+        return seqs
+
+    def cancel(self, seqs: Sequence[Generation]) -> None:
+        """The client went away: drop these sequences at the next step (their slots are freed then)."""
+        for seq in seqs:
+            if not seq.done:
+                seq.cancelled = True
+
+    def drain(self, within_s: float) -> None:
+        """Stop taking requests; finish the ones in flight within `within_s`, then cancel the rest.
+        Safe in a signal handler: it only sets a flag, which the loop reads."""
+        if self.draining_until is None:
+            self.draining_until = time.monotonic() + within_s
+
+    def fail(self, reason: str) -> None:
+        """Every sequence, queued or running, and every later request is answered 503 with `reason`."""
+        self.failure = self.failure or reason
+        with self.lock:
+            pending = list(self.waiting) + list(self.by_slot.values())
+            self.waiting.clear()
+            self.lock.notify()
+        outbox: List[Tuple[Sink, Event]] = []
+        for seq in pending:
+            self._end_with_error(seq, ApiError(503, f"The server failed: {reason}", "server_error"), outbox)
+        send(outbox)
+
+    def stats(self) -> Dict[str, int]:
+        """Sequences waiting, running (in a slot, not yet released) and ended (finished, cancelled by their
+        client, failed), and the steps run so far."""
+        return {"waiting": len(self.waiting), "running": len(self.by_slot), "steps": self.steps, **self.counts}
+
+    # ------------------------------------------------------------------------------------------
+    # The batch loop (main thread)
+
+    def run(self) -> None:
+        """Step the batch until draining is over (returns) or a step fails (every pending request gets
+        503, then the error is raised). Raises RuntimeError if `fail` was called (a lost rank)."""
+        while True:
+            plan = self._next_plan()
+            if self.failure is not None:
+                raise RuntimeError(self.failure)
+            if plan is None:
+                return
+            if not plan.admit and not self.by_slot:
+                continue  # idle; releases wait for the next real step
+            started = time.perf_counter()
+            self.stepping = True
+            try:
+                result = self.batcher.run(plan, self._choose)
+            except BaseException as e:
+                if isinstance(e, PeerLostError) or peer_lost(e) is not None:
+                    self.fail("rank 0 lost contact with another rank of the job (it died or stopped answering); "
+                              "the server must be restarted.")
+                else:
+                    self.fail(f"a step of the batch failed ({type(e).__name__}); see the server's log.")
+                raise
+            finally:
+                self.stepping = False
+            self.steps, self.rows = self.steps + 1, self.rows + len(result.slots)
+            self.step_s += time.perf_counter() - started
+            outbox: List[Tuple[Sink, Event]] = []
+            self._deliver(result, outbox)
+            send(outbox)
+
+    def _next_plan(self) -> Optional[Plan]:
+        """The next step's plan; None once draining is over (nothing left, or its time is up). Waits a
+        little when there is nothing to do."""
+        with self.lock:
+            if self.failure is not None:
+                return Plan()
+            draining = self.draining_until is not None
+            if draining and time.monotonic() > self.draining_until:
+                outbox: List[Tuple[Sink, Event]] = []
+                for seq in list(self.waiting) + list(self.by_slot.values()):
+                    self._end_with_error(seq, ApiError(503, "The server shut down before this request finished.",
+                                                       "server_error"), outbox)
+                send(outbox)
+                self.waiting.clear()
+                self.by_slot.clear()
+                return None
+            for slot, seq in list(self.by_slot.items()):
+                if seq.done or seq.cancelled:
+                    self._cancelled(seq)
+                    del self.by_slot[slot]
+                    self.releases.append(slot)
+            free = [s for s in range(self.batcher.slots) if s not in self.by_slot]
+            admit = []
+            while free and self.waiting:
+                seq = self.waiting.popleft()
+                if seq.cancelled:
+                    self._cancelled(seq)
+                    continue
+                seq.slot = free.pop(0)
+                self.by_slot[seq.slot] = seq
+                admit.append(Admission(seq.slot, tuple(seq.spec.prompt_ids)))
+            if not self.by_slot:
+                if draining:
+                    return None
+                if not self.waiting:
+                    self.batcher.pause()  # the other ranks wait without using a core
+                    self.lock.wait(IDLE_WAIT_S)
+                return Plan()
+            release, self.releases = tuple(self.releases), []
+            gather = any(seq.needs_logits for seq in self.by_slot.values())
+            return Plan(release, tuple(admit), gather)
+
+    def _choose(self, slots: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's token from the gathered logits [rows, vocab], with its own request's settings."""
+        out = torch.empty(len(slots), dtype=torch.long)
+        for i, slot in enumerate(slots):
+            spec = self.by_slot[slot].spec
+            if spec.temperature == 0:
+                out[i] = logits[i].argmax()
+            else:
+                out[i] = sample(logits[i:i + 1], spec.temperature, spec.top_p, 0, self.by_slot[slot].generator)[0]
+        return out
+
+    def _deliver(self, result: StepResult, outbox: List[Tuple[Sink, Event]]) -> None:
+        for row, (slot, token) in enumerate(zip(result.slots, result.tokens)):
+            seq = self.by_slot.get(slot)
+            if seq is None or seq.done or seq.cancelled:
+                continue
+            entry = None
+            if seq.spec.logprobs is not None and result.logits is not None:
+                entry = self._logprob(result.logits[row], token, seq.spec.logprobs)
+            event = self._take(seq, token, entry)
+            if event is not None:
+                outbox.append((seq.sink, event))
+
+    def _take(self, seq: Generation, token: int, entry: Optional[TokenLogprob]) -> Optional[Event]:
+        """Add `token` to `seq`: the event to send (None when there is nothing to say yet)."""
+        spec = seq.spec
+        if token in self.stop_ids and not spec.ignore_eos:
+            return self._finish(seq, seq.text.flush(), None, "stop")
+        seq.generated += 1
+        entries = None if entry is None else [entry]
+        text, stopped = seq.text.push(token)
+        if stopped:
+            return self._finish(seq, text, entries, "stop")
+        if seq.generated >= spec.max_tokens:
+            return self._finish(seq, text + seq.text.flush(), entries, "length")
+        return Event(seq.index, text, entries) if text or entries else None
+
+    def _finish(self, seq: Generation, text: str, entries, reason: str) -> Event:
+        seq.done = True
+        self.counts["finished"] += 1
+        return Event(seq.index, text, entries, reason, len(seq.spec.prompt_ids), seq.generated)
+
+    def _cancelled(self, seq: Generation) -> None:
+        if not seq.done:
+            seq.done = True
+            self.counts["cancelled"] += 1
+
+    def _end_with_error(self, seq: Generation, error: ApiError, outbox: List[Tuple[Sink, Event]]) -> None:
+        if not seq.done:
+            seq.done = True
+            self.counts["failed"] += 1
+            outbox.append((seq.sink, Event(seq.index, error=error)))
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        alternatives = []
+        if top:
+            values, ids = torch.topk(lp, top)
+            alternatives = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
+        return TokenLogprob(self.tokenizer.decode([token]), float(lp[token]), alternatives)

@@ -1,0 +1,164 @@
+"""`llama-mp bench-serve`: drive a running server with C concurrent clients and report what they got.
+
+Each client sends streamed /v1/completions requests one after another (a few prompts in turn, a fixed
+--max_tokens with "ignore_eos", so every answer has the same length whatever the model says) until the
+level's requests are done. Per level of concurrency it reports requests/s, output tokens/s, time to
+first token and the time between tokens (p50 and p99), measured on the client's side of the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json as jsonlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from ..checks import described, is_int
+from ..errors import LlamaMPError
+
+PROMPTS = [
+    "The best thing about running a language model on your own machine is",
+    "Simply put, the theory of relativity states that ",
+    "A short poem about the sea:\n",
+    "Translate English to French:\n\nsea otter => loutre de mer\ncheese =>",
+]
+
+
+@dataclass
+class Level:
+    """What the clients of one concurrency level measured."""
+
+    concurrency: int
+    requests: int = 0
+    errors: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    first_token_s: List[float] = field(default_factory=list)
+    between_tokens_s: List[float] = field(default_factory=list)
+
+    def summary(self) -> Dict[str, float]:
+        return {"concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
+                "requests_per_s": self.requests / self.seconds, "output_tokens_per_s": self.tokens / self.seconds,
+                "ttft_p50_ms": 1e3 * percentile(self.first_token_s, 50),
+                "ttft_p99_ms": 1e3 * percentile(self.first_token_s, 99),
+                "itl_p50_ms": 1e3 * percentile(self.between_tokens_s, 50),
+                "itl_p99_ms": 1e3 * percentile(self.between_tokens_s, 99)}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-th percentile (NaN for no values)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def parse_levels(concurrency) -> List[int]:
+    """--concurrency 8, or several levels: "1,4,8" (fire may hand over a tuple)."""
+    items = concurrency if isinstance(concurrency, (list, tuple)) else str(concurrency).split(",")
+    try:
+        levels = [int(x) for x in items]
+    except ValueError:
+        levels = []
+    if not levels or any(c < 1 for c in levels):
+        raise LlamaMPError(f"--concurrency must be a positive integer or a list like 1,4,8; got {described(concurrency)}.")
+    return levels
+
+
+async def _one(client, url: str, body: dict, level: Level) -> None:
+    started = time.perf_counter()
+    last, count = None, 0
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                level.errors += 1
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = jsonlib.loads(line[6:])
+                if "error" in chunk:
+                    level.errors += 1
+                    return
+                if chunk.get("usage"):
+                    count = chunk["usage"]["completion_tokens"]
+                if not any(c.get("text") for c in chunk.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    level.first_token_s.append(now - started)
+                else:
+                    level.between_tokens_s.append(now - last)
+                last = now
+    except Exception:  # noqa: BLE001 - a failed request is counted, the bench goes on
+        level.errors += 1
+        return
+    level.requests += 1
+    level.tokens += count
+
+
+async def _level(url: str, concurrency: int, requests: int, max_tokens: int, headers: dict, model: Optional[str]) -> Level:
+    import httpx
+
+    level = Level(concurrency)
+    queue = list(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker():
+            while queue:
+                i = queue.pop()
+                body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
+                        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                if model:
+                    body["model"] = model
+                await _one(client, url, body, level)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        level.seconds = time.perf_counter() - started
+    return level
+
+
+def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", requests: int = 0,
+                max_tokens: int = 16, api_key: Optional[str] = None, model: Optional[str] = None,
+                warmup: int = 2, json: bool = False) -> None:
+    """Measure a running server (`llama-mp serve`, launch/serve.py) at each --concurrency level (e.g. 1,4,8).
+
+    At each level C, C clients send streamed greedy /v1/completions requests back to back, --requests in
+    all (default 64, or 8 x C if more), each answered with exactly --max_tokens tokens (default 16; "ignore_eos"). Prints
+    per level: requests/s, output tokens/s, time to first token (TTFT) and time between tokens (ITL) at
+    p50 and p99, and the failed requests; --json prints one JSON object per level instead. --url is the
+    server's base address, --api_key its key, --model the name to send (default: none, the server's).
+    --warmup requests are sent first and not counted.
+    """
+    levels = parse_levels(concurrency)
+    for name, value, least in (("requests", requests, 0), ("max_tokens", max_tokens, 1), ("warmup", warmup, 0)):
+        if not is_int(value) or value < least:
+            raise LlamaMPError(f"--{name} must be an integer >= {least}, got {described(value)}.")
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise LlamaMPError("bench-serve needs httpx: pip install httpx (it comes with the test extra).") from None
+    endpoint = str(url).rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    if warmup:
+        asyncio.run(_level(endpoint, 1, warmup, max_tokens, headers, model))
+    if not json:
+        print(f"{'C':>3} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'errors':>6}"
+              "   (ms)")
+    for c in levels:
+        level = asyncio.run(_level(endpoint, c, requests or max(64, 8 * c), max_tokens, headers, model))
+        s = level.summary()
+        if json:
+            print(jsonlib.dumps(s), flush=True)
+        else:
+            print(f"{c:>3} {s['requests_per_s']:>8.2f} {s['output_tokens_per_s']:>9.1f} {s['ttft_p50_ms']:>9.1f} "
+                  f"{s['ttft_p99_ms']:>8.1f} {s['itl_p50_ms']:>8.2f} {s['itl_p99_ms']:>8.2f} {s['errors']:>6}",
+                  flush=True)
+        if level.errors and not level.requests:
+            print(f"note: every request at concurrency {c} failed; is the server at {url} up?", file=sys.stderr)
