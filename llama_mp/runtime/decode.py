@@ -3,6 +3,7 @@ a decoder decides where its weight matrices live (the Projection class) and how 
 new token per row, is run.
 
 * `pytorch`: PyTorch operators, what GPUs (and CPUs without the kernels) run.
+* `static`: PyTorch operators in a decode step of static shapes, which compiles into one graph.
 * `cpu_kernels`: the C kernels of llama_mp/kernels on x86-64 CPUs with AVX2 and FMA.
 * `auto` (default): the CPU kernels where they can run, else PyTorch.
 
@@ -23,7 +24,7 @@ from .projection import InOutProjection, Projection, QuantizedProjection
 if TYPE_CHECKING:
     from .model import Transformer
 
-DECODERS = ("auto", "pytorch", "cpu_kernels")
+DECODERS = ("auto", "pytorch", "static", "cpu_kernels")
 
 
 class Decoder:
@@ -32,6 +33,12 @@ class Decoder:
     path); on a GPU as the checkpoint has them, [out, in], for `F.linear`."""
 
     name = "PyTorch"
+    # How many decode steps `generate` runs between checks that every row has stopped. A check makes the
+    # host wait for the device; on a CPU that wait costs nothing while each step run past the last stop
+    # is wasted, so here every step is checked. A decoder whose steps are queued on a GPU (captured
+    # graphs) checks every k steps, as gpt-fast does; the output is the same either way, since tokens
+    # after a row's stop are discarded.
+    steps_per_stop_check: int = 1
 
     def projection(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device,
                    scheme: Optional[Scheme] = None) -> Projection:
@@ -67,6 +74,26 @@ class Decoder:
         return model.max_batch_size
 
 
+class StaticDecoder(Decoder):
+    """The `static` decoder: PyTorch operators, with a decode step whose shapes and operators are the
+    same at every step (`Transformer.forward_static`: positions as tensors, the whole cache length read
+    under a mask, no host sync), for generation and continuous batching alike. That is what
+    `torch.compile(fullgraph=True)` and CUDA graphs take whole, so a compiling or graph-capturing
+    decoder is a subclass of this one. Eager, it decodes the same ids as `pytorch` but its attention
+    costs grow with max_seq_len rather than with the positions reached (the `pytorch` decoder slices
+    the cache there), so on its own it is no faster."""
+
+    name = "PyTorch, static shapes"
+
+    def step(self, model: "Transformer", tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        positions = torch.full((tokens.shape[0],), pos, dtype=torch.long, device=tokens.device)
+        return model.forward_static(tokens, positions)
+
+    def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+        return model.forward_static(tokens, positions, slots)
+
+
 def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,
                    scheme: Optional[Scheme] = None) -> Decoder:
     """The decoder `name` (one of DECODERS) for a model in `weight_dtype` on `device`, its layer matrices
@@ -78,6 +105,8 @@ def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,
         raise LlamaMPError(f"Unknown --decoder {name!r}; use one of {', '.join(DECODERS)}.")
     if name == "pytorch":
         return Decoder()
+    if name == "static":
+        return StaticDecoder()
     if name == "cpu_kernels":
         dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
         if device.type != "cpu" or weight_dtype not in dtypes:

@@ -9,7 +9,8 @@ wait in `serve()` (a server; there they wait for the next one) use the same mess
 Generation. `generate` prefills the prompts, then decodes one position per step; `next_token` is the
 one place a step's token is chosen, on every rank: greedy decoding finds the argmax across the ranks'
 vocabulary slices (no logits move), sampling gathers the logits on rank 0, samples there and
-broadcasts the ids. There is one host sync per step (the stop check).
+broadcasts the ids. The stop check is the one host sync, every `Decoder.steps_per_stop_check` steps
+(every step when tokens are streamed to `on_token`, which sees each step anyway).
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ class Engine:
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=device) if logprobs else None
 
+        check_every = 1 if on_token is not None else model.decoder.steps_per_stop_check
         prev = 0
         for cur in range(min_len, total_len):
             # First call: the shortest prompt in one forward. Then one position per call; where a
@@ -228,7 +230,7 @@ class Engine:
             prev = cur
             if on_token is not None and main:
                 on_token(step.cpu())
-            if done.all():  # the one host sync per step
+            if (cur + 1 - min_len) % check_every == 0 and done.all():  # the one host sync
                 break
         return self._results(tokens, token_logprobs, lengths, request, total_len)
 

@@ -58,11 +58,15 @@ class RMSNorm(Weight):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, round to the model dtype, then scale, exactly as Meta does. Written
-        # out: on CPU this is several times faster than F.rms_norm for one token's vector.
-        xf = x if x.dtype == torch.float32 else x.float()
-        normed = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
-        return (normed if x.dtype == torch.float32 else normed.type_as(x)) * self.weight
+        # Normalise in float32, round to the model dtype, then scale, exactly as Meta does. In float32
+        # that is F.rms_norm with the weight, one fused operator with the same result bit for bit; in
+        # bfloat16 or float16 the fused one would round once after scaling instead of twice (some values
+        # then differ by one bfloat16 rounding), so there the scaling stays a separate multiplication.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.dtype == torch.float32:  # float32 activations, lower-precision weight (promotes to float32)
+            return F.rms_norm(x, self.weight.shape, None, self.eps) * self.weight
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device,
@@ -99,6 +103,13 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         return apply_rotary(x.float(), rotation).type_as(x)
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
+
+
+def _softmax_as(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Softmax over the last axis computed in float32 (as Meta does), returned in `dtype`: one operator
+    in float32, two otherwise (no casts that change nothing)."""
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return weights if dtype == torch.float32 else weights.to(dtype)
 
 
 class Attention(nn.Module):
@@ -148,7 +159,7 @@ class Attention(nn.Module):
             # grouped as rows of one matrix product, so kv heads are never copied (GQA for free).
             q = q.reshape(bsz, kv_heads, heads // kv_heads, hd) * hd ** -0.5
             scores = torch.matmul(q, keys.transpose(2, 3))
-            out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+            out = torch.matmul(_softmax_as(scores, q.dtype), values)
         else:
             # A prompt from position 0 is plain causal attention (lets SDPA pick its fastest kernel);
             # new tokens after cached ones need the explicit mask.
@@ -158,19 +169,39 @@ class Attention(nn.Module):
         return self.comm.all_sum(self.out(out.reshape(bsz, seqlen, heads * hd)))
 
     def forward_rows(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, rotation: torch.Tensor,
-                     visible: torch.Tensor) -> torch.Tensor:
+                     hidden: torch.Tensor) -> torch.Tensor:
         """One new token per row (x [rows, 1, dim]), row i in cache row `slots[i]` at `positions[i]`;
-        `visible` [rows, span] says which of the first `span` cached positions each row attends to."""
+        `hidden` [rows, 1, 1, span] says which of the first `span` cached positions each row does not see."""
         rows = x.shape[0]
         heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         q, k, v = self._qkv(x, rotation)
         self.cache_k[slots, :, positions] = k[:, 0]  # [rows, kv_heads, hd]
         self.cache_v[slots, :, positions] = v[:, 0]
-        span = visible.shape[1]
+        span = hidden.shape[-1]
         keys, values = self.cache_k[slots, :, :span], self.cache_v[slots, :, :span]  # [rows, kv_heads, span, hd]
         q = q.reshape(rows, kv_heads, heads // kv_heads, hd) * hd ** -0.5
-        scores = torch.matmul(q, keys.transpose(2, 3)).masked_fill(~visible[:, None, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(q), values)
+        scores = torch.matmul(q, keys.transpose(2, 3)).masked_fill(hidden, float("-inf"))
+        out = torch.matmul(_softmax_as(scores, q.dtype), values)
+        return self.comm.all_sum(self.out(out.reshape(rows, 1, heads * hd)))
+
+    def forward_static(self, x: torch.Tensor, at: torch.Tensor, slots: Optional[torch.Tensor],
+                       positions: torch.Tensor, rotation: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """`forward_rows` with shapes that never change from step to step: every row attends over the
+        whole length of its cache row, `hidden` [rows, 1, 1, max_seq_len] masking the positions after its
+        own. Row i is written to cache row `at[i]`; reads go through `slots` (a copy of those rows), or,
+        where it is None (at = 0..rows-1), straight from the cache."""
+        rows = x.shape[0]
+        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        q, k, v = self._qkv(x, rotation)
+        self.cache_k[at, :, positions] = k[:, 0]  # [rows, kv_heads, hd]
+        self.cache_v[at, :, positions] = v[:, 0]
+        if slots is None:
+            keys, values = self.cache_k[:rows], self.cache_v[:rows]  # [rows, kv_heads, max_seq_len, hd]
+        else:
+            keys, values = self.cache_k[slots], self.cache_v[slots]
+        q = q.reshape(rows, kv_heads, heads // kv_heads, hd) * hd ** -0.5
+        scores = torch.matmul(q, keys.transpose(2, 3)).masked_fill(hidden, float("-inf"))
+        out = torch.matmul(_softmax_as(scores, q.dtype), values)
         return self.comm.all_sum(self.out(out.reshape(rows, 1, heads * hd)))
 
 
@@ -205,8 +236,12 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask, first_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_rows(self, x, slots, positions, rotation, visible) -> torch.Tensor:
-        h = x + self.attention.forward_rows(self.attention_norm(x), slots, positions, rotation, visible)
+    def forward_rows(self, x, slots, positions, rotation, hidden) -> torch.Tensor:
+        h = x + self.attention.forward_rows(self.attention_norm(x), slots, positions, rotation, hidden)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_static(self, x, at, slots, positions, rotation, hidden) -> torch.Tensor:
+        h = x + self.attention.forward_static(self.attention_norm(x), at, slots, positions, rotation, hidden)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -258,6 +293,7 @@ class Transformer(nn.Module):
                                          requires_grad=False)
         self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device,
                                       self.args.rope_scale if self.args.use_scaled_rope else None)
+        self.cache_positions = torch.arange(max_seq_len, device=device)  # the static step's mask is made from it
         self.vocab_offset = self.output.weight.shape[0] * self.rank
         if self.world_size > 1:
             self._embedding_table = torch.empty(layout.full_shapes(self.args)["tok_embeddings.weight"],
@@ -316,21 +352,43 @@ class Transformer(nn.Module):
         cache up to its own position. Final normed hidden states [rows, 1, dim], from the decoder."""
         return self.decoder.step_rows(self, tokens, slots, positions)
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of `tokens` in the activation dtype (no cast where they already are)."""
+        h = F.embedding(tokens, self.tok_embeddings.weight)
+        return h if h.dtype == self.act_dtype else h.to(self.act_dtype)
+
+    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor,
+                       slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A decode step whose shapes and operators are the same at every step, so it compiles into one
+        graph (`torch.compile(fullgraph=True)`) and can be captured (CUDA graphs): one new token per row
+        (tokens [rows, 1]), row i at position `positions[i]` (int64 [rows]) in cache row `slots[i]` (rows
+        0..rows-1 without `slots`). Positions are only ever indices (the rotary table gathered by them,
+        the mask compared with them), never Python ints, so nothing waits for the device. Attention
+        reads the whole cache length, masked; what it costs over `forward_rows` grows with max_seq_len.
+        Final normed hidden states [rows, 1, dim], equal to `forward_rows`'s."""
+        h = self._embed(tokens)                                                  # [rows, 1, dim]
+        rotation = self.rotation[positions][:, None]                             # [rows, 1, head_dim / 2]
+        hidden = self.cache_positions > positions[:, None, None, None]           # [rows, 1, 1, max_seq_len]
+        at = torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots
+        for layer in self.layers:  # what every layer shares is made once, above
+            h = layer.forward_static(h, at, slots, positions, rotation, hidden)
+        return self.norm(h)
+
     def forward_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`hidden_rows` with PyTorch operators."""
-        h = F.embedding(tokens, self.tok_embeddings.weight).to(self.act_dtype)  # [rows, 1, dim]
+        h = self._embed(tokens)  # [rows, 1, dim]
         rotation = self.rotation[positions][:, None]                             # [rows, 1, head_dim / 2]
         span = int(positions.max()) + 1
-        visible = torch.arange(span, device=tokens.device)[None, :] <= positions[:, None]
+        hidden = torch.arange(span, device=tokens.device) > positions[:, None, None, None]  # [rows, 1, 1, span]
         for layer in self.layers:
-            h = layer.forward_rows(h, slots, positions, rotation, visible)
+            h = layer.forward_rows(h, slots, positions, rotation, hidden)
         return self.norm(h)
 
     def forward_hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False,
                        first_row: int = 0) -> torch.Tensor:
         """`hidden` with PyTorch operators, for any number of new tokens, in cache rows from `first_row`."""
         seqlen = tokens.shape[1]
-        h = F.embedding(tokens, self.tok_embeddings.weight).to(self.act_dtype)  # [batch, seq, dim]
+        h = self._embed(tokens)  # [batch, seq, dim]
         rotation = self.rotation[start_pos:start_pos + seqlen]                   # [seq, head_dim / 2]
         mask = None
         if seqlen > 1 and start_pos > 0:  # causal over the new tokens; every cached position is visible

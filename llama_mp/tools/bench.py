@@ -128,6 +128,39 @@ def run_bench(llama: Llama, batch: int, prompt_len: int, new_tokens: int, runs: 
             "ms_per_token": decode_s * 1e3}
 
 
+def _ops_of(fn) -> int:
+    """PyTorch operators `fn` dispatches: top-level aten calls as torch.profiler records them (the ones
+    an eager GPU step launches one or more kernels for), not the calls they make inside."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def ops_per_decode_step(model: Transformer, batch: int, prompt_len: int, seed: int) -> Dict[str, float]:
+    """Operators of one greedy decode step on this rank (the decoder's step and the argmax), in all and
+    per layer: the step is counted once with its layers and once without them (the same model with an
+    empty layer list), and the difference divided among the layers. The C kernels run the layers
+    outside PyTorch: there the count is what remains (embedding, output, argmax) and 0 per layer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.args.vocab_size, (batch, prompt_len + 1), generator=g).to(model.rotation.device)
+    prompt, new = ids[:, :prompt_len], ids[:, prompt_len:]
+
+    def step() -> None:
+        model.greedy_next(model.hidden(new, prompt_len))
+
+    with torch.inference_mode():
+        model.hidden(prompt, 0)
+        step()  # warm: first calls may dispatch more
+        total = _ops_of(step)
+        layers, model.layers = model.layers, torch.nn.ModuleList()
+        try:
+            outside = _ops_of(step)
+        finally:
+            model.layers = layers
+    return {"ops_per_step": total, "ops_per_layer": (total - outside) / len(layers)}
+
+
 def compare_transformers(model: Transformer, batch: int, prompt_len: int, new_tokens: int, runs: int,
                          seed: int) -> float:
     """Decode tok/s of transformers' LlamaForCausalLM.generate on the same weights (one rank only)."""
@@ -181,6 +214,7 @@ def bench(
     json: bool = False,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    profile_ops: bool = False,
 ) -> None:
     """Measure load time, prefill and decode speed, peak memory and bandwidth; run under torchrun for N ranks.
 
@@ -190,10 +224,12 @@ def bench(
     (0, 1]) of --new_tokens tokens at --batch, median of --runs after --warmup; --seed (an integer from 0
     to 2**32 - 1) picks the prompts and the random weights.
     --compare transformers also times LlamaForCausalLM.generate on the same weights (one rank only).
-    --decoder pytorch|cpu_kernels picks the decode path (auto: the CPU kernels where they can run). The
+    --decoder pytorch|static|cpu_kernels picks the decode path (auto: the CPU kernels where they can run). The
     model is built in --dtype directly; peak memory is measured from the end of loading on.
     --quantize int8|int4 [--group_size 32|64|128] quantizes the layer weights as they load or are drawn
     (the output layer in int8; embedding, norms and activations stay in --dtype), as `llama-mp` does.
+    --profile_ops also counts the PyTorch operators of one decode step (torch.profiler), in all and per
+    layer: what an eager GPU step launches kernels for.
     --json prints one JSON object instead of the table.
     """
     shape = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
@@ -252,6 +288,8 @@ def bench(
         "decode_path": net.decoder.name,
     }
     report["bandwidth_fraction"] = report["achieved_gb_s_per_rank"] / report["read_gb_s_per_rank"]
+    if profile_ops:
+        report.update(ops_per_decode_step(net, batch, prompt_len, seed))
     if compare:
         report["transformers_decode_tok_s"] = compare_transformers(net, batch, prompt_len, new_tokens, runs, seed)
         report["speedup_vs_transformers"] = result["decode_tok_s"] / report["transformers_decode_tok_s"]
@@ -279,6 +317,9 @@ def format_report(r: Dict) -> str:
         ("bandwidth", f"{r['achieved_gb_s_per_rank']:.1f} GB/s per rank, {100 * r['bandwidth_fraction']:.0f}% of "
                       f"a {r['read_gb_s_per_rank']:.1f} GB/s read"),
     ]
+    if "ops_per_step" in r:
+        rows.append(("operators per step", f"{r['ops_per_step']} ({r['ops_per_layer']:g} per layer), "
+                                           f"{r['decode_path']}"))
     if "transformers_decode_tok_s" in r:
         rows.append(("transformers decode", f"{r['transformers_decode_tok_s']:.1f} tok/s "
                                             f"(llama_mp is {r['speedup_vs_transformers']:.2f}x)"))

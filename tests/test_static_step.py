@@ -1,0 +1,142 @@
+"""The static-shape decode step (`Transformer.forward_static`, the `static` decoder's step): same shapes and
+operators at every position, so it compiles into one graph; and it decodes exactly what the `pytorch`
+decoder's position-sliced steps decode (`forward_hidden` for `generate`, `forward_rows` for rows at their
+own positions in their own cache slots), greedy and sampled alike, on 1, 2 and 4 ranks."""
+
+import pytest
+import torch
+
+from multiproc import run_ranks
+
+PROMPTS = [[1, 306, 4658, 29871, 12], [1, 15043], [1, 450, 4996, 17354, 1701, 29916, 432, 17204], [1]]
+STEPS = 6
+SLOTS = [2, 0, 3, 1]  # prompt i decodes in cache row SLOTS[i], not in row order
+
+
+def _rows_decode(llama):
+    """Greedy ids of PROMPTS decoded together by the decoder's `step_rows`, each prompt prefilled into its
+    slot and then decoding at its own position."""
+    model = llama.model
+    last, positions = [], []
+    with torch.inference_mode():
+        for prompt, slot in zip(PROMPTS, SLOTS):
+            h = model.hidden_in_slot(torch.tensor([prompt]), slot)
+            last.append(int(model.greedy_next(h)[0]))
+            positions.append(len(prompt))
+        slots, tokens, pos = torch.tensor(SLOTS), torch.tensor(last), torch.tensor(positions)
+        out = [tokens.tolist()]
+        for _ in range(STEPS):
+            tokens = model.greedy_next(model.hidden_rows(tokens[:, None], slots, pos))
+            out.append(tokens.tolist())
+            pos = pos + 1
+    return out
+
+
+def with_each_decoder(ckpt_dir, tokenizer_path):
+    """On every rank, for the `static` and the `pytorch` decoder: generate's ids (greedy, then sampled
+    with the same seed) and the ids of rows at different positions."""
+    import workers
+
+    results = {}
+    for decoder in ("static", "pytorch"):
+        llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=4, decoder=decoder)
+        greedy = llama.generate(PROMPTS, STEPS, temperature=0)[0]
+        llama.engine.generator.manual_seed(7)
+        sampled = llama.generate(PROMPTS, STEPS, temperature=0.9, top_p=0.95)[0]
+        results[decoder] = (greedy, sampled, _rows_decode(llama))
+    return results
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_static_step_decodes_what_the_sliced_steps_decode(make_checkpoint, tokenizer_path, ranks):
+    ckpt_dir, _, _ = make_checkpoint(shards=ranks, seed=3)
+    for results in run_ranks(ranks, with_each_decoder, ckpt_dir, tokenizer_path):
+        assert results["static"] == results["pytorch"]
+        rows = results["static"][2]
+        assert len({tuple(r) for r in rows}) > 1  # the rows really decode different things
+
+
+def test_continuous_batching_with_the_static_step_gives_each_sequence_its_own_ids(make_checkpoint,
+                                                                                  tokenizer_path):
+    from test_batching import batched_and_alone_with_each_decoder
+
+    ckpt_dir = make_checkpoint(shards=2, n_kv_heads=2)[0]
+    decoders = [("static", 2), ("pytorch", 2)]
+    rank_0, _ = run_ranks(2, batched_and_alone_with_each_decoder, ckpt_dir, tokenizer_path, decoders)
+    (alone, batched), (alone_pytorch, _) = rank_0
+    assert batched == alone == alone_pytorch
+
+
+def _compiler_found() -> bool:
+    """Whether torch inductor finds a C++ compiler the way it looks for one (config.cpp.cxx, $CXX)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to find one means the CPU backend cannot compile
+        return False
+
+
+@pytest.mark.skipif(not _compiler_found(), reason="torch inductor finds no C++ compiler")
+def test_static_step_compiles_as_one_graph_with_the_eager_logits(make_checkpoint, tokenizer_path):
+    import workers
+
+    ckpt_dir, _, _ = make_checkpoint(seed=5, dim=32, n_layers=1, n_heads=2)
+    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=16, max_batch_size=2, decoder="static")
+    model = llama.model
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_static, fullgraph=True)  # a graph break raises
+    with torch.inference_mode():
+        for slot, prompt in enumerate(PROMPTS[:2]):
+            model.hidden_in_slot(torch.tensor([prompt]), slot)
+        tokens, positions = torch.tensor([[29871], [450]]), torch.tensor([5, 2])
+        for _ in range(3):  # the same graph serves every position
+            eager = model.logits(model.forward_static(tokens, positions))
+            fast = model.logits(compiled(tokens, positions))
+            torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
+            tokens, positions = eager[:, -1].argmax(-1)[:, None], positions + 1
+    torch._dynamo.reset()
+
+
+def test_checking_for_stops_every_few_steps_changes_no_output(make_checkpoint, tokenizer_path):
+    import workers
+
+    ckpt_dir, _, _ = make_checkpoint(seed=4)
+    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, decoder="static")
+    decoder, prompts = llama.model.decoder, PROMPTS[:2]
+    stop_token = llama.generate(prompts, 8, temperature=0)[0][0][2]  # prompt 0 stops before its 3rd token
+    llama.engine.stop_ids = [stop_token]
+    steps = []
+    step = decoder.step
+    decoder.step = lambda model, tokens, pos: steps.append(pos) or step(model, tokens, pos)
+
+    def run(every):
+        decoder.steps_per_stop_check = every
+        out = []
+        for temperature in (0, 0.9):
+            llama.engine.generator.manual_seed(11)
+            out.append(llama.generate(prompts, 8, temperature=temperature, logprobs=True))
+        steps.clear()
+        out.append(llama.generate(prompts[:1], 8, temperature=0))  # stops after 2 of 8 tokens
+        return out, len(steps)
+
+    (every_step, ran), (every_fourth, ran_on) = run(1), run(4)
+    assert every_fourth == every_step
+    assert every_step[0][0][0] == llama.generate(prompts, 2, temperature=0)[0][0]  # the stop was met
+    assert ran_on > ran  # steps past the stops ran, and were discarded
+
+
+@pytest.mark.parametrize("decoder", ["pytorch", "static"])
+def test_bench_counts_the_operators_of_a_decode_step(llama_mp_command, decoder):
+    """The operators a float32 PyTorch step dispatches per layer (37 and 38 when written: `F.rms_norm`,
+    fused projections, no no-op casts; 49 before). The bound guards against operators creeping back."""
+    import json
+
+    tiny = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "32", "--vocab_size", "512"]
+    code, out, err = llama_mp_command("bench", *tiny, "--new_tokens", "2", "--runs", "1", "--warmup", "0", "--json",
+                                      "--backend", "gloo", "--device", "cpu", "--decoder", decoder, "--profile_ops")
+    assert code == 0, err
+    report = json.loads(out)
+    assert 10 < report["ops_per_layer"] <= 40
+    assert report["ops_per_step"] > 2 * report["ops_per_layer"]
