@@ -34,15 +34,6 @@ if TYPE_CHECKING:
     from .decode import Decoder
 
 
-def projection(decoder: "Decoder", holders, dtype: torch.dtype, device: torch.device,
-               scheme: Optional[Scheme]) -> Projection:
-    """The decoder's Projection for `holders`: float in `dtype`, or quantized by `scheme` (activations in
-    `dtype`). A float model asks without the scheme, as every decoder understands."""
-    if scheme is None:
-        return decoder.projection(holders, dtype, device)
-    return decoder.projection(holders, dtype, device, scheme)
-
-
 class Weight(nn.Module):
     """One of this rank's weight tensors in Meta's layout and name (`<module>.weight`), a slice of the
     whole tensor as layout.py splits it. It only holds the tensor: Projections compute with it."""
@@ -127,8 +118,8 @@ class Attention(nn.Module):
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
                     max_seq_len: int, scheme: Optional[Scheme] = None) -> None:
-        self.qkv = projection(decoder, [self.wq, self.wk, self.wv], dtype, device, scheme)
-        self.out = projection(decoder, [self.wo], dtype, device, scheme)
+        self.qkv = decoder.projection([self.wq, self.wk, self.wv], dtype, device, scheme)
+        self.out = decoder.projection([self.wo], dtype, device, scheme)
         # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         cache_dtype = decoder.activation_dtype(dtype)
@@ -215,8 +206,8 @@ class FeedForward(nn.Module):
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device,
                     scheme: Optional[Scheme] = None) -> None:
-        self.gate_up = projection(decoder, [self.w1, self.w3], dtype, device, scheme)
-        self.down = projection(decoder, [self.w2], dtype, device, scheme)
+        self.gate_up = decoder.projection([self.w1, self.w3], dtype, device, scheme)
+        self.down = decoder.projection([self.w2], dtype, device, scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -285,8 +276,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.materialize(decoder, dtype, device, max_batch_size, max_seq_len, scheme)
             layer.feed_forward.materialize(decoder, dtype, device, scheme)
-        self.logits_of = projection(decoder, [self.output], dtype, device,
-                                    None if scheme is None else layout.OUTPUT_SCHEME)
+        self.logits_of = decoder.projection([self.output], dtype, device,
+                                            None if scheme is None else layout.OUTPUT_SCHEME)
         for holder in (self.tok_embeddings, self.norm, *(m for layer in self.layers
                                                             for m in (layer.attention_norm, layer.ffn_norm))):
             holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
