@@ -19,13 +19,16 @@ def training_text(repeats: int = 6) -> str:
     return " . ".join(SENTENCES[i % len(SENTENCES)] for i in range(repeats * len(SENTENCES)))
 
 
-def train(args: ModelArgs, tokens, steps: int = 60, seq: int = 48, lr: float = 1e-2, seed: int = 0):
-    """A whole-model float32 state dict trained on windows of `tokens` (next-token cross entropy)."""
+def train(args: ModelArgs, tokens, steps: int = 60, max_steps: int = 400, good_loss: float = 0.1, seq: int = 48,
+          lr: float = 1e-2, seed: int = 0):
+    """(whole-model float32 state dict, last loss) after training on windows of `tokens` (next-token cross
+    entropy) for `steps` steps, and on up to `max_steps` until the loss is below `good_loss` (a longer text,
+    as a smaller tokenizer makes it, takes more)."""
     torch.manual_seed(seed)
     state = {k: v.float().clone().requires_grad_(True) for k, v in random_state_dict(args, seed=seed).items()}
     optimizer = torch.optim.Adam(state.values(), lr=lr)
     data = torch.tensor(tokens)
-    for step in range(steps):
+    for step in range(max_steps):
         start = (step * 7) % max(len(tokens) - seq - 1, 1)
         window = data[start:start + seq + 1].tolist()
         logits = reference_logits(state, args, window[:-1])
@@ -33,4 +36,6 @@ def train(args: ModelArgs, tokens, steps: int = 60, seq: int = 48, lr: float = 1
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step + 1 >= steps and loss.item() < good_loss:
+            break
     return {k: v.detach() for k, v in state.items()}, loss.item()
