@@ -9,6 +9,11 @@ import torch
 from multiproc import run_ranks
 
 PROMPTS = [[1, 306, 4658, 29871, 12], [1, 15043], [1, 450, 4996, 17354, 1701, 29916, 432, 17204], [1]]
+
+
+def prompts_in(vocab):
+    """PROMPTS as ids of a vocabulary of `vocab` (the tiny test tokenizer's is smaller than LLaMA's)."""
+    return [[t % vocab for t in p] for p in PROMPTS]
 STEPS = 6
 SLOTS = [2, 0, 3, 1]  # prompt i decodes in cache row SLOTS[i], not in row order
 
@@ -19,7 +24,7 @@ def _rows_decode(llama):
     model = llama.model
     last, positions = [], []
     with torch.inference_mode():
-        for prompt, slot in zip(PROMPTS, SLOTS):
+        for prompt, slot in zip(prompts_in(model.args.vocab_size), SLOTS):
             h = model.hidden_in_slot(torch.tensor([prompt]), slot)
             last.append(int(model.greedy_next(h)[0]))
             positions.append(len(prompt))
@@ -40,9 +45,10 @@ def with_each_decoder(ckpt_dir, tokenizer_path):
     results = {}
     for decoder in ("static", "pytorch"):
         llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=4, decoder=decoder)
-        greedy = llama.generate(PROMPTS, STEPS, temperature=0)[0]
+        prompts = prompts_in(llama.model.args.vocab_size)
+        greedy = llama.generate(prompts, STEPS, temperature=0)[0]
         llama.engine.generator.manual_seed(7)
-        sampled = llama.generate(PROMPTS, STEPS, temperature=0.9, top_p=0.95)[0]
+        sampled = llama.generate(prompts, STEPS, temperature=0.9, top_p=0.95)[0]
         results[decoder] = (greedy, sampled, _rows_decode(llama))
     return results
 
@@ -88,9 +94,9 @@ def test_static_step_compiles_as_one_graph_with_the_eager_logits(make_checkpoint
     torch._dynamo.reset()
     compiled = torch.compile(model.forward_static, fullgraph=True)  # a graph break raises
     with torch.inference_mode():
-        for slot, prompt in enumerate(PROMPTS[:2]):
+        for slot, prompt in enumerate(prompts_in(model.args.vocab_size)[:2]):
             model.hidden_in_slot(torch.tensor([prompt]), slot)
-        tokens, positions = torch.tensor([[29871], [450]]), torch.tensor([5, 2])
+        tokens, positions = torch.tensor([[29871], [450]]) % model.args.vocab_size, torch.tensor([5, 2])
         for _ in range(3):  # the same graph serves every position
             eager = model.logits(model.forward_static(tokens, positions))
             fast = model.logits(compiled(tokens, positions))
@@ -104,7 +110,7 @@ def test_checking_for_stops_every_few_steps_changes_no_output(make_checkpoint, t
 
     ckpt_dir, _, _ = make_checkpoint(seed=4)
     llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=32, max_batch_size=2, decoder="static")
-    decoder, prompts = llama.model.decoder, PROMPTS[:2]
+    decoder, prompts = llama.model.decoder, prompts_in(llama.model.args.vocab_size)[:2]
     stop_token = llama.generate(prompts, 8, temperature=0)[0][0][2]  # prompt 0 stops before its 3rd token
     llama.engine.stop_ids = [stop_token]
     steps = []
