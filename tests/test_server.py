@@ -18,6 +18,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from launching import ROOT, TORCHRUN, children, kill_quietly, script
 from multiproc import free_port, run_ranks
@@ -216,6 +217,45 @@ def test_sampling_with_a_seed_repeats_and_echo_and_logprobs_and_stop(client):
         assert "".join(c.choices[0].text for c in streamed) == cut.text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_the_reference_model_does(client, make_checkpoint, tokenizer_path):
+    """lm-eval's loglikelihood request: `echo` with `logprobs` and `max_tokens` 0 (or 1) gives every prompt
+    token's log-probability given the ones before it, equal to a single-process reference forward on the
+    same weights; tokens join into the echoed prompt, and the top alternative at each position is the
+    reference's argmax, written as the same text when it is the prompt's token."""
+    from llama_mp.runtime.tokenizer import Tokenizer
+    from reference import reference_logits
+
+    _, args, state = make_checkpoint(shards=2, n_kv_heads=2)
+    tokenizer = Tokenizer(tokenizer_path)
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tokenizer.encode(text, bos=True, eos=False)
+    expected = torch.log_softmax(reference_logits(state, args, ids), dim=-1)   # [len, vocab]
+    for max_tokens, stream in [(0, False), (0, True), (1, False)]:
+        body = dict(model="tiny", prompt=text, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2,
+                    stream=stream)
+        if stream:
+            chunks = list(client.completions.create(**body))
+            answer = chunks[0].choices[0]
+            assert answer.text == text and chunks[-1].choices[0].finish_reason == "length"
+        else:
+            answer = client.completions.create(**body).choices[0]
+            assert answer.text.startswith(text) and answer.finish_reason == "length"
+        lp = answer.logprobs
+        assert len(lp.tokens) == len(ids) + max_tokens and "".join(lp.tokens) == answer.text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+        got = torch.tensor(lp.token_logprobs[1:len(ids)])
+        want = expected[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+        for i in range(1, len(ids)):
+            top = lp.top_logprobs[i]
+            assert len(top) <= 2 and abs(max(top.values()) - float(expected[i - 1].max())) < 1e-4
+            if int(expected[i - 1].argmax()) == ids[i]:
+                assert max(top, key=top.get) == lp.tokens[i]
+    plain = client.completions.create(model="tiny", prompt=text, max_tokens=0).choices[0]
+    assert plain.text == "" and plain.finish_reason == "length" and plain.logprobs is None
+
+
 def test_concurrent_requests_equal_their_answers_alone(client, expected):
     """More requests than slots, streamed and not, greedy among sampled ones: each greedy answer is the
     one it gets alone, and the sampled ones finish too."""
@@ -255,7 +295,7 @@ def test_every_error_code_and_the_server_goes_on(server, client):
     error_of(post(server, "/v1/completions", {"prompt": "hi"}, key=None), 401)
     assert "n" == error_of(post(server, "/v1/completions", {"prompt": "hi", "n": 2}), 400)["param"]
     error_of(post(server, "/v1/completions", {"prompt": "hi", "temperature": -1}), 400)
-    error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 0}), 400)
+    error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": -1}), 400)
     error_of(post(server, "/v1/completions", {"max_tokens": 5}), 400)
     error_of(post(server, "/v1/completions", {"prompt": [[1, 10 ** 9]]}), 400)
     error_of(post(server, "/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}), 400)
@@ -446,7 +486,7 @@ def test_a_stop_string_is_cut_and_never_streamed_even_when_split_over_tokens(tok
     text = StopText(tokenizer, ["STOP", "zzz"])
     sent, stopped = "", False
     for token in ids:
-        piece, stopped = text.push(token)
+        piece, stopped, _ = text.push(token)
         sent += piece
         assert "S" not in sent.split("near.")[-1] or stopped  # the start of a stop string is held back
         if stopped:

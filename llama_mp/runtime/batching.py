@@ -24,14 +24,15 @@ blocked without using a core. `Engine.generate`, where all rows move together, i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..distributed.failure import waking_peers_on_loss
 from ..errors import LlamaMPError
 from .engine import Engine
+from .scoring import TokenScores, score_hidden
 
 BATCH_OP = "batch"
 END, STEP = 0, 1        # the kinds of a plan's header
@@ -40,10 +41,13 @@ HEADER = 3              # [kind, gather, length of the admissions' tensor], then
 
 @dataclass(frozen=True)
 class Admission:
-    """A newcomer: its prompt ids, prefilled into `slot`."""
+    """A newcomer: its prompt ids, prefilled into `slot`. With `score_top` >= 0 its prompt is also scored:
+    each prompt token's log-probability and the `score_top` likeliest ids at each position before it
+    (the server's `echo` with `logprobs`)."""
 
     slot: int
     prompt: Tuple[int, ...]
+    score_top: int = -1
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,14 @@ class Plan:
 @dataclass
 class StepResult:
     """What a step produced: the slot of each row (decoding rows in slot order, then the newcomers in
-    admission order), each row's next token, and on rank 0 the float32 logits [rows, vocab] if gathered."""
+    admission order), each row's next token, and on rank 0 the float32 logits [rows, vocab] if gathered
+    and the scores of the prompts admitted with `score_top` (by slot; prompt tokens 1.. given the ones
+    before them)."""
 
     slots: List[int]
     tokens: List[int]
     logits: Optional[torch.Tensor]
+    prompt_scores: Dict[int, TokenScores] = field(default_factory=dict)
 
 
 # Rank 0's choice of each row's token from the gathered logits: (slots, logits [rows, vocab]) -> ids [rows].
@@ -112,7 +119,9 @@ class Batcher:
             fits = len(a.prompt) <= room
             (inside if fits else apart).append(a)
             room -= len(a.prompt) if fits else 0
+        first_rows = {}  # slot -> the row of its prompt's first token, for admissions prefilled inside
         for a in inside:
+            first_rows[a.slot] = len(row_ids)
             row_ids += a.prompt
             slots += [a.slot] * len(a.prompt)
             positions += range(len(a.prompt))
@@ -122,11 +131,17 @@ class Batcher:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         hidden = []
+        scored = []  # (admission, the hidden states of its prompt [n, dim])
         if row_ids:
             h = model.hidden_rows(as_tensor(row_ids)[:, None], as_tensor(slots), as_tensor(positions))
             hidden.append(h if len(picked) == len(row_ids) else h[as_tensor(picked)])
+            scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
+                       for a in inside if a.score_top >= 0]
         for a in apart:
-            hidden.append(model.hidden_in_slot(as_tensor([a.prompt]), a.slot))
+            h = model.hidden_in_slot(as_tensor([a.prompt]), a.slot, all_positions=a.score_top >= 0)
+            if a.score_top >= 0:
+                scored.append((a, h[0]))
+            hidden.append(h[:, -1:])
         for s in decoding:
             self.position[s] += 1
         for a in plan.admit:
@@ -148,7 +163,12 @@ class Batcher:
         tokens_out = ids.tolist()
         for s, t in zip(rows, tokens_out):
             self.last[s] = t
-        return StepResult(rows, tokens_out, logits)
+        prompt_scores = {}
+        for a, h_prompt in scored:
+            scores = score_hidden(model, h_prompt[:-1], as_tensor(a.prompt[1:]), a.score_top)
+            if scores is not None:
+                prompt_scores[a.slot] = scores
+        return StepResult(rows, tokens_out, logits, prompt_scores)
 
     @torch.inference_mode()  # like the step: the exchange's buffers are made in it, and used only in it
     def run(self, plan: Plan, choose: Chooser) -> StepResult:
@@ -185,7 +205,7 @@ class Batcher:
         body: List[int] = []
         if plan is not None:
             for a in plan.admit:
-                body += [a.slot, len(a.prompt), *a.prompt]
+                body += [a.slot, len(a.prompt), a.score_top, *a.prompt]
             header[:HEADER] = torch.tensor([STEP, int(plan.gather), len(body)])
             header[[HEADER + s for s in plan.release]] = 1
         comm = self.model.comm
@@ -203,7 +223,7 @@ class Batcher:
             if length else []
         admit, at = [], 0
         while at < length:
-            slot, n = body[at], body[at + 1]
-            admit.append(Admission(slot, tuple(body[at + 2:at + 2 + n])))
-            at += 2 + n
+            slot, n, score_top = body[at:at + 3]
+            admit.append(Admission(slot, tuple(body[at + 3:at + 3 + n]), score_top))
+            at += 3 + n
         return Plan(tuple(s for s, flag in enumerate(flags) if flag), tuple(admit), bool(gather))

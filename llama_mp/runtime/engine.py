@@ -26,6 +26,7 @@ from ..distributed.failure import patience, waking_peers_on_loss
 from ..errors import LlamaMPError, RemoteRankError, report
 from .model import Transformer
 from .sampling import check_sampling, sample
+from .scoring import score_hidden
 
 STOP, REFUSED = "stop", "refused"  # the protocol's own ops
 PROMPT_TOKENS_FORM = ("prompt_tokens must be a list of prompts, each a list of token ids (Python ints), e.g. "
@@ -183,12 +184,10 @@ class Engine:
         """Teacher forcing over one sequence: the log-probability of each token given the ones before it
         and the most likely token at each of those positions, two [len - 1] tensors on the host (float32,
         int64) on rank 0; None on the other ranks. The KV cache is overwritten from position 0."""
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.group.device)
-        logits = self.model.logits(self.model.hidden(ids, 0, all_positions=True))  # [1, len, vocab] on rank 0
-        if logits is None:
-            return None
-        logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-        return logprobs.gather(-1, ids[0, 1:, None])[:, 0].cpu(), logprobs.argmax(dim=-1).cpu()
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.group.device)
+        h = self.model.hidden(ids[None], 0, all_positions=True)[0]  # [len, dim]
+        scores = score_hidden(self.model, h[:-1], ids[1:], top=1)
+        return None if scores is None else (scores.logprobs, scores.top_ids[:, 0])
 
     @torch.inference_mode()
     def generate(self, request: Request, on_token: Optional[Callable[[torch.Tensor], None]] = None

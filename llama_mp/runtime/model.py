@@ -329,13 +329,14 @@ class Transformer(nn.Module):
             return self.decoder.step(self, tokens, start_pos)
         return self.forward_hidden(tokens, start_pos, all_positions)
 
-    def hidden_in_slot(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+    def hidden_in_slot(self, tokens: torch.Tensor, slot: int, all_positions: bool = False) -> torch.Tensor:
         """Continuous batching: prefill one prompt (tokens [1, n]) into cache row `slot` from position 0,
-        leaving the other rows alone; the final normed hidden state of its last position [1, 1, dim]."""
+        leaving the other rows alone; the final normed hidden state of its last position [1, 1, dim], or
+        with `all_positions` of every position [1, n, dim]."""
         if tokens.shape[1] == 1:
             at = torch.tensor([slot], dtype=torch.long, device=tokens.device)
             return self.hidden_rows(tokens, at, torch.zeros_like(at))
-        return self.forward_hidden(tokens, 0, first_row=slot)
+        return self.forward_hidden(tokens, 0, all_positions, first_row=slot)
 
     def hidden_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Continuous batching: one new token per row (tokens [rows, 1]), row i continuing cache row

@@ -80,7 +80,8 @@ class Tokenizer:
     Every tokenizer has Meta's `encode(text, bos, eos)` and `decode(ids)` and these attributes:
     `n_words` (ids are 0 .. n_words-1), `bos_id`, `eos_id`, `pad_id`, `stop_ids` (the ids that end
     generation), `family` ("llama" for LLaMA 1 / Llama 2, "llama3" for Llama 3.x), `special_tokens`
-    (name -> id) with `special_id(name)`, and `byte_level` (whether each id stands for fixed bytes, which
+    (name -> id) with `special_id(name)`, `text_after(previous, id)` (the text an id adds after another:
+    how an alternative token reads in `logprobs`), and `byte_level` (whether each id stands for fixed bytes, which
     is what lets `TextStream` decode incrementally).
     """
 
@@ -170,6 +171,11 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
 
+    def text_after(self, previous: int, token_id: int) -> str:
+        """The text `token_id` adds after `previous` (a piece's leading space shows only after a piece)."""
+        before = self.sp.decode([previous])
+        return self.sp.decode([previous, token_id])[len(before):]
+
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3.x: byte-level BPE (tiktoken) plus 256 special tokens numbered after the BPE tokens.
@@ -238,6 +244,10 @@ class TiktokenTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one id stands for (a special token's are its name)."""
         return self.model.decode_single_token_bytes(token_id)
+
+    def text_after(self, previous: int, token_id: int) -> str:
+        """The text `token_id` adds after `previous`: its own bytes, whatever comes before."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
 class TextStream:

@@ -98,6 +98,10 @@ class _Answer:
                 self.open -= 1
             yield event
 
+    def prompt_logprobs(self, event: Event) -> list:
+        """The `logprobs` entries of the prompt whose scores `event` carries."""
+        return self.state.scheduler.prompt_logprobs(self.job.sequences[event.index], event.prompt_scores)
+
     def close(self) -> None:
         """The answer is over (sent, failed or abandoned): stop watching; cancel what still runs."""
         self.watch.cancel()
@@ -118,6 +122,8 @@ async def _whole(answer: _Answer) -> JSONResponse:
         async for event in answer.events():
             if event.error is not None:
                 return error_response(event.error)
+            if event.prompt_scores is not None:  # the echoed prompt's entries come first
+                logprobs[event.index][:0] = answer.prompt_logprobs(event)
             texts[event.index].append(event.text)
             if event.logprobs:
                 logprobs[event.index] += event.logprobs
@@ -137,15 +143,20 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
     job = answer.job
     counts = [0, 0]
     offsets = [len(t) for t in job.echo_texts] or [0] * len(answer.seqs)
+    scored = job.sequences[0].score_prompt  # the echoed prompt waits for its scores, and comes with them
     try:
         for i in range(len(answer.seqs)):  # the first chunk: the chat role, or the echoed prompt
-            if job.kind == "chat" or job.echo_texts:
+            if job.kind == "chat" or (job.echo_texts and not scored):
                 text = job.echo_texts[i] if job.echo_texts else ""
                 yield _sse(envelope(job, [choice(job, i, text, None, None, delta=True, first=True)], None, True))
         async for event in answer.events():
             if event.error is not None:
                 yield _sse(event.error.body())
                 break
+            if event.prompt_scores is not None:
+                piece = choice(job, event.index, job.echo_texts[event.index], None, answer.prompt_logprobs(event),
+                               delta=True, first=True)
+                yield _sse(envelope(job, [piece], None, True))
             if event.finish_reason is not None:
                 counts[0] += event.prompt_tokens
                 counts[1] += event.completion_tokens

@@ -64,6 +64,7 @@ class SequenceSpec:
     stop: List[str]
     logprobs: Optional[int]   # None: no logprobs; k >= 0: the chosen token's, plus k alternatives
     ignore_eos: bool = False
+    score_prompt: bool = False  # `echo` with `logprobs`: the prompt's tokens get their logprobs too
 
 
 @dataclass
@@ -246,17 +247,15 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     if "prompt" not in body:
         raise invalid("'prompt' is required.", "prompt")
     prompts = _prompts(body["prompt"], tokenizer, limits)
-    max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, 1)
+    # 0 is allowed, as OpenAI's legacy API does: with `echo` and `logprobs` it scores a text (lm-eval)
+    max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, 0)
     temperature, top_p, seed = _sampling(body)
     stream = _bool(body, "stream")
     echo = _bool(body, "echo")
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
-    if echo and logprobs is not None:
-        raise invalid("'echo' together with 'logprobs' (log-probabilities of the prompt tokens) is not supported "
-                      "by this server; drop one of them.", "echo")
     stop, ignore_eos = _stop(body), _bool(body, "ignore_eos")
     sequences = [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop, logprobs,
-                              ignore_eos) for i, p in enumerate(prompts)]
+                              ignore_eos, score_prompt=echo and logprobs is not None) for i, p in enumerate(prompts)]
     echo_texts = [tokenizer.decode(p) for p in prompts] if echo else []
     return Job("completion", model, sequences, stream, _stream_options(body, stream), echo_texts)
 
@@ -322,9 +321,12 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
 
 @dataclass
 class TokenLogprob:
+    """One token of `logprobs`: its text (what it adds to the text, so the tokens join into it), its
+    log-probability and the likeliest alternatives; both None for a prompt's first token (no context)."""
+
     token: str
-    logprob: float
-    top: List[tuple]  # [(token text, logprob)], likeliest first
+    logprob: Optional[float]
+    top: Optional[List[tuple]]  # [(token text, logprob)], likeliest first
 
 
 def _completion_logprobs(entries: Sequence[TokenLogprob], offset: int) -> dict:
@@ -333,7 +335,15 @@ def _completion_logprobs(entries: Sequence[TokenLogprob], offset: int) -> dict:
         offsets.append(at)
         at += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e.top is None else _by_text(e.top) for e in entries], "text_offset": offsets}
+
+
+def _by_text(top: List[tuple]) -> dict:
+    """{text: logprob} of the alternatives, likeliest first; ids that read the same keep the likeliest's."""
+    out: dict = {}
+    for text, logprob in top:
+        out.setdefault(text, logprob)
+    return out
 
 
 def _chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:

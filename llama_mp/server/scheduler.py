@@ -27,6 +27,7 @@ from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, Plan, StepResult
 from ..runtime.sampling import sample
+from ..runtime.scoring import TokenScores
 from ..runtime.tokenizer import TextStream, Tokenizer
 from .protocol import ApiError, SequenceSpec, TokenLogprob
 
@@ -36,7 +37,9 @@ IDLE_WAIT_S = 0.25  # how often an idle loop looks at its flags (draining, a los
 @dataclass
 class Event:
     """What one sequence produced since its last event: text (and, if asked, its tokens' logprobs); on
-    its last event the finish reason and token counts; or an error (status, message) that ends it."""
+    its last event the finish reason and token counts; or an error (status, message) that ends it. The
+    first event of a sequence whose prompt is scored (`echo` with `logprobs`) carries the scores, which
+    the HTTP side turns into text (`Scheduler.prompt_logprobs`), off the batch loop."""
 
     index: int
     text: str = ""
@@ -45,6 +48,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[ApiError] = None
+    prompt_scores: Optional[TokenScores] = None
 
 
 class StopText:
@@ -53,10 +57,11 @@ class StopText:
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
         self.stream, self.stops, self.pending = TextStream(tokenizer), list(stops), ""
 
-    def push(self, token: int) -> Tuple[str, bool]:
-        """(text that can be sent now, whether a stop string ended the text)."""
-        self.pending += self.stream.push(token)
-        return self._release(final=False)
+    def push(self, token: int) -> Tuple[str, bool, str]:
+        """(text that can be sent now, whether a stop string ended the text, the text `token` added)."""
+        added = self.stream.push(token)
+        self.pending += added
+        return (*self._release(final=False), added)
 
     def flush(self) -> str:
         self.pending += self.stream.flush()
@@ -110,6 +115,7 @@ class Generation:
     text: Optional[StopText] = None
     slot: Optional[int] = None
     generated: int = 0
+    previous: int = -1               # the last token of the sequence so far (the prompt's, at first)
     done: bool = False
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
@@ -150,7 +156,7 @@ class Scheduler:
         for i, spec in enumerate(specs):
             seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2 ** 62, (1,), generator=self.seeds))
             seqs.append(Generation(spec, i, sink, torch.Generator().manual_seed(seed),
-                                  StopText(self.tokenizer, spec.stop)))
+                                  StopText(self.tokenizer, spec.stop), previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise ApiError(503, f"The server is busy: its queue of {self.max_queue} waiting sequences is full. "
@@ -251,7 +257,8 @@ class Scheduler:
                     continue
                 seq.slot = free.pop(0)
                 self.by_slot[seq.slot] = seq
-                admit.append(Admission(seq.slot, tuple(seq.spec.prompt_ids)))
+                admit.append(Admission(seq.slot, tuple(seq.spec.prompt_ids),
+                                       seq.spec.logprobs if seq.spec.score_prompt else -1))
             if not self.by_slot:
                 if draining:
                     return None
@@ -279,21 +286,30 @@ class Scheduler:
             seq = self.by_slot.get(slot)
             if seq is None or seq.done or seq.cancelled:
                 continue
-            entry = None
-            if seq.spec.logprobs is not None and result.logits is not None:
-                entry = self._logprob(result.logits[row], token, seq.spec.logprobs)
-            event = self._take(seq, token, entry)
+            logits = result.logits[row] if seq.spec.logprobs is not None and result.logits is not None else None
+            event = self._take(seq, token, logits)
             if event is not None:
+                event.prompt_scores = result.prompt_scores.get(slot)
                 outbox.append((seq.sink, event))
+            elif slot in result.prompt_scores:
+                outbox.append((seq.sink, Event(seq.index, prompt_scores=result.prompt_scores[slot])))
 
-    def _take(self, seq: Generation, token: int, entry: Optional[TokenLogprob]) -> Optional[Event]:
-        """Add `token` to `seq`: the event to send (None when there is nothing to say yet)."""
+    def _take(self, seq: Generation, token: int, logits: Optional[torch.Tensor]) -> Optional[Event]:
+        """Add `token` to `seq` (`logits`: its row's, when the request wants logprobs): the event to send
+        (None when there is nothing to say yet)."""
         spec = seq.spec
+        if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
+            return self._finish(seq, "", None, "length")
         if token in self.stop_ids and not spec.ignore_eos:
             return self._finish(seq, seq.text.flush(), None, "stop")
         seq.generated += 1
-        entries = None if entry is None else [entry]
-        text, stopped = seq.text.push(token)
+        text, stopped, added = seq.text.push(token)
+        entries = None
+        if logits is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            values, ids = torch.topk(lp, spec.logprobs)
+            entries = [self._entry(seq.previous, token, added, float(lp[token]), values.tolist(), ids.tolist())]
+        seq.previous = token
         if stopped:
             return self._finish(seq, text, entries, "stop")
         if seq.generated >= spec.max_tokens:
@@ -305,6 +321,25 @@ class Scheduler:
         self.counts["finished"] += 1
         return Event(seq.index, text, entries, reason, len(seq.spec.prompt_ids), seq.generated)
 
+    def _entry(self, previous: int, token: int, text: str, logprob: float, top_values: List[float],
+               top_ids: List[int]) -> TokenLogprob:
+        """`token` (which added `text` after `previous`) with its logprob and the likeliest alternatives,
+        each written as the text it would have added: the chosen one as `text`, so they compare equal."""
+        alternatives = [(text if i == token else self.tokenizer.text_after(previous, i), v)
+                        for i, v in zip(top_ids, top_values)]
+        return TokenLogprob(text, logprob, alternatives)
+
+    def prompt_logprobs(self, spec: SequenceSpec, scores: TokenScores) -> List[TokenLogprob]:
+        """The prompt's tokens as `logprobs` entries (`echo` with `logprobs`): each with the text it adds
+        (they join into the echoed prompt), and from the second on its logprob and alternatives."""
+        prompt, stream = spec.prompt_ids, TextStream(self.tokenizer)
+        texts = [stream.push(t) for t in prompt]
+        texts[-1] += stream.flush()
+        logprobs, values, ids = scores.logprobs.tolist(), scores.top_logprobs.tolist(), scores.top_ids.tolist()
+        return [TokenLogprob(texts[0], None, None)] + [
+            self._entry(prompt[i - 1], prompt[i], texts[i], logprobs[i - 1], values[i - 1], ids[i - 1])
+            for i in range(1, len(prompt))]
+
     def _cancelled(self, seq: Generation) -> None:
         if not seq.done:
             seq.done = True
@@ -315,11 +350,3 @@ class Scheduler:
             seq.done = True
             self.counts["failed"] += 1
             outbox.append((seq.sink, Event(seq.index, error=error)))
-
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        alternatives = []
-        if top:
-            values, ids = torch.topk(lp, top)
-            alternatives = [(self.tokenizer.decode([i]), v) for i, v in zip(ids.tolist(), values.tolist())]
-        return TokenLogprob(self.tokenizer.decode([token]), float(lp[token]), alternatives)
