@@ -255,19 +255,20 @@ class TextStream:
 
     A character may be spread over several tokens (SentencePiece's byte pieces, or any multi-byte
     character in byte-level BPE); until all of them have arrived it cannot be printed, so it is held
-    back. What is printed, joined, is exactly `tokenizer.decode(ids)`.
+    back. What is printed, joined, is exactly `tokenizer.decode(ids)`. `after`: ids the text continues
+    (not printed), so that the first piece reads as it does after them (SentencePiece's leading space).
 
     Byte-level tokenizers (Llama 3) are decoded incrementally: each id's bytes go through a UTF-8 decoder
     that keeps an incomplete character until it completes. SentencePiece is decoded from a recent anchor
     instead (the cost per token stays constant), because its decode depends on the neighbouring pieces.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, after: Sequence[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: List[int] = []
+        self.ids: List[int] = list(after)[-1:]
         # Same replacement rule as bytes.decode(errors="replace"), which tiktoken's decode uses.
         self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if tokenizer.byte_level else None
-        self.anchor = 0       # ids before this index are fully printed
+        self.anchor = len(self.ids)  # ids before this index are fully printed
         self.printed = ""     # text printed since the anchor
 
     def _since_anchor(self) -> str:

@@ -64,7 +64,12 @@ class SequenceSpec:
     stop: List[str]
     logprobs: Optional[int]   # None: no logprobs; k >= 0: the chosen token's, plus k alternatives
     ignore_eos: bool = False
-    score_prompt: bool = False  # `echo` with `logprobs`: the prompt's tokens get their logprobs too
+    echo: bool = False          # the answer's text starts with the prompt's
+
+    @property
+    def score_prompt(self) -> bool:
+        """`echo` with `logprobs`: the prompt's tokens get their logprobs too."""
+        return self.echo and self.logprobs is not None
 
 
 @dataclass
@@ -255,7 +260,7 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     stop, ignore_eos = _stop(body), _bool(body, "ignore_eos")
     sequences = [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop, logprobs,
-                              ignore_eos, score_prompt=echo and logprobs is not None) for i, p in enumerate(prompts)]
+                              ignore_eos, echo) for i, p in enumerate(prompts)]
     echo_texts = [tokenizer.decode(p) for p in prompts] if echo else []
     return Job("completion", model, sequences, stream, _stream_options(body, stream), echo_texts)
 

@@ -54,8 +54,8 @@ class Event:
 class StopText:
     """Text of a growing sequence of ids, cut at the first `stop` string, streamed as soon as it is safe."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
-        self.stream, self.stops, self.pending = TextStream(tokenizer), list(stops), ""
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], after: Sequence[int] = ()):
+        self.stream, self.stops, self.pending = TextStream(tokenizer, after), list(stops), ""
 
     def push(self, token: int) -> Tuple[str, bool, str]:
         """(text that can be sent now, whether a stop string ended the text, the text `token` added)."""
@@ -156,7 +156,9 @@ class Scheduler:
         for i, spec in enumerate(specs):
             seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2 ** 62, (1,), generator=self.seeds))
             seqs.append(Generation(spec, i, sink, torch.Generator().manual_seed(seed),
-                                  StopText(self.tokenizer, spec.stop), previous=spec.prompt_ids[-1]))
+                                  # echoed, the text goes on from the prompt's (a leading space shows)
+                                  StopText(self.tokenizer, spec.stop, spec.prompt_ids if spec.echo else ()),
+                                  previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise ApiError(503, f"The server is busy: its queue of {self.max_queue} waiting sequences is full. "
