@@ -133,7 +133,8 @@ class Batcher:
         hidden = []
         scored = []  # (admission, the hidden states of its prompt [n, dim])
         if row_ids:
-            h = model.hidden_rows(as_tensor(row_ids)[:, None], as_tensor(slots), as_tensor(positions))
+            host = torch.tensor([slots, positions], dtype=torch.long)  # the decoders read these on the host
+            h = model.hidden_rows(as_tensor(row_ids)[:, None], host[0], host[1])
             hidden.append(h if len(picked) == len(row_ids) else h[as_tensor(picked)])
             scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
                        for a in inside if a.score_top >= 0]

@@ -91,7 +91,7 @@ class StaticDecoder(Decoder):
 
     def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
-        return model.forward_static(tokens, positions, slots)
+        return model.forward_static(tokens, positions.to(tokens.device), slots.to(tokens.device))
 
 
 def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,

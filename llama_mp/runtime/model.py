@@ -334,14 +334,16 @@ class Transformer(nn.Module):
         leaving the other rows alone; the final normed hidden state of its last position [1, 1, dim], or
         with `all_positions` of every position [1, n, dim]."""
         if tokens.shape[1] == 1:
-            at = torch.tensor([slot], dtype=torch.long, device=tokens.device)
+            at = torch.tensor([slot], dtype=torch.long)
             return self.hidden_rows(tokens, at, torch.zeros_like(at))
         return self.forward_hidden(tokens, 0, all_positions, first_row=slot)
 
     def hidden_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Continuous batching: one new token per row (tokens [rows, 1]), row i continuing cache row
-        `slots[i]` at its own position `positions[i]` (int64 tensors [rows]); attention of a row sees its
-        cache up to its own position. Final normed hidden states [rows, 1, dim], from the decoder."""
+        `slots[i]` at its own position `positions[i]` (int64 tensors [rows], best on the host: the
+        decoders read what they need of them there, without waiting for the device, and move the rest);
+        attention of a row sees its cache up to its own position. Final normed hidden states [rows, 1, dim],
+        from the decoder."""
         return self.decoder.step_rows(self, tokens, slots, positions)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -368,9 +370,10 @@ class Transformer(nn.Module):
 
     def forward_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`hidden_rows` with PyTorch operators."""
+        span = int(positions.max()) + 1  # the cache positions any row sees (no wait: positions on the host)
+        slots, positions = slots.to(tokens.device), positions.to(tokens.device)
         h = self._embed(tokens)  # [rows, 1, dim]
         rotation = self.rotation[positions][:, None]                             # [rows, 1, head_dim / 2]
-        span = int(positions.max()) + 1
         hidden = torch.arange(span, device=tokens.device) > positions[:, None, None, None]  # [rows, 1, 1, span]
         for layer in self.layers:
             h = layer.forward_rows(h, slots, positions, rotation, hidden)
