@@ -1,8 +1,9 @@
 """The C kernels' weight formats and instruction sets (llama_mp/kernels/csrc/cpu_decode.c).
 
-Every product the kernels compute, for float32, bfloat16, int8 and int4 weights, on the AVX-512 and
-the AVX2 build alike, is x @ W.T for W = `quant.scheme.dequantize` of the stored integers, up to the
-rounding of float32 sums: for any number of rows (one decode step, a batch, a prompt, rows short of a
+Every product the kernels compute, for float32, bfloat16, int8 and int4 weights, on every build this
+CPU runs (AVX-512 with bfloat16 products, AVX-512, AVX2), is x @ W.T for W = `quant.scheme.dequantize`
+of the stored integers (for a bfloat16 model: x rounded to bfloat16 first), up to the rounding of
+float32 sums: for any number of rows (one decode step, a batch, a prompt, rows short of a
 register tile), outputs that are not a multiple of the tile, and inputs that are not a multiple of
 the vector width. A quantized model decodes with the kernels step for step as the PyTorch
 QuantizedProjection path does, and LLAMA_MP_CPU_ISA picks the build.
@@ -56,7 +57,7 @@ def _check_product(y, x, matrix):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_product_is_the_dequantised_matrix_times_x(isa, fmt):
     lib = cpu_kernels.load_isa(isa)
-    assert lib.isa_bits() == (512 if isa == "avx512" else 256)
+    assert lib.isa_bits() == (512 if isa.startswith("avx512") else 256) and lib.bf16_dot() == (isa == "avx512bf16")
     scheme = FORMATS[fmt]
     inputs = [128, 384] if scheme is not None and scheme.mode == "int4" else [32, 40, 200]  # 40, 200: scalar tails
     for in_features in inputs:
@@ -71,17 +72,42 @@ def test_every_product_is_the_dequantised_matrix_times_x(isa, fmt):
                            x[:12], matrix)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_the_avx512_and_avx2_builds_agree(fmt):
-    if "avx512" not in cpu_kernels.runnable_isas():
-        pytest.skip("this CPU does not run AVX-512")
-    wide, narrow = cpu_kernels.load_isa("avx512"), cpu_kernels.load_isa("avx2")
+def test_every_product_of_a_bfloat16_model_takes_x_rounded_to_bfloat16(isa, fmt):
+    """round_x (the model's dtype is bfloat16): x @ W.T for x rounded to bfloat16 (round to nearest even,
+    as torch's .bfloat16()), W widened or dequantised; the products are exact, the sums float32."""
+    lib = cpu_kernels.load_isa(isa)
+    scheme = FORMATS[fmt]
+    inputs = [40, 200, 768]  # 40, 200: partial blocks; int4: whole groups, 288 and 320 with a partial 128-input chunk
+    if scheme is not None and scheme.mode == "int4":
+        inputs = [n for n in (288, 320, 640) if n % scheme.group_size == 0]
+    for in_features in inputs:
+        for out_features in (5, 66):
+            weight, scales, scheme, matrix = _stored(fmt, out_features, in_features, seed=in_features + out_features)
+            x = torch.randn(max(ROWS), in_features, generator=torch.Generator().manual_seed(out_features)) * 3
+            rounded = x.bfloat16().float()
+            for rows in range(1, 41):
+                y = cpu_kernels.project(x[:rows], weight, scales, scheme, lib=lib, round_x=True)
+                _check_product(y, rounded[:rows], matrix)
+            assert not torch.equal(rounded, x)  # so the check above can fail
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_builds_agree(fmt):
+    isas = cpu_kernels.runnable_isas()
+    if len(isas) < 2:
+        pytest.skip("this CPU runs one build")
     weight, scales, scheme, matrix = _stored(fmt, 2304 // 8, 768, seed=5)
     x = torch.randn(33, 768, generator=torch.Generator().manual_seed(6))
-    a = cpu_kernels.project(x, weight, scales, scheme, lib=wide)
-    b = cpu_kernels.project(x, weight, scales, scheme, lib=narrow)
-    bound = 4 * 768 * 2.0 ** -24 * (x.abs() @ matrix.float().abs().T)
-    assert bool(((a - b).abs() <= bound).all())
+    for round_x in (False, True):
+        xr = x.bfloat16().float() if round_x else x
+        bound = 4 * 768 * 2.0 ** -24 * (xr.abs() @ matrix.float().abs().T)
+        for rows in (1, 4, 33):
+            a, *others = (cpu_kernels.project(x[:rows], weight, scales, scheme, lib=cpu_kernels.load_isa(isa),
+                                              round_x=round_x) for isa in isas)
+            for b in others:
+                assert bool(((a - b).abs() <= bound[:rows]).all())
 
 
 def test_a_quantized_projection_runs_the_kernels_on_its_own_storage():
@@ -110,22 +136,34 @@ def _python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
 
 
-PROBE = "from llama_mp.kernels import cpu; lib = cpu.library(); print(None if lib is None else lib.isa_bits())"
+PROBE = ("from llama_mp.kernels import cpu; lib = cpu.library(); "
+         "print(None if lib is None else (lib.isa_bits(), lib.bf16_dot()))")
+BUILT = {"avx512bf16": "(512, 1)", "avx512": "(512, 0)", "avx2": "(256, 0)"}
 
 
 def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced():
     best = cpu_kernels.runnable_isas()[0]
     auto = _python(PROBE)
-    assert auto.stdout.strip() == ("512" if best == "avx512" else "256"), auto.stderr
-    forced = _python(PROBE, **{cpu_kernels.ISA_ENV: "avx2"})
-    assert forced.stdout.strip() == "256" and forced.stderr == ""
+    assert auto.stdout.strip() == BUILT[best], auto.stderr
+    for isa in cpu_kernels.runnable_isas():
+        forced = _python(PROBE, **{cpu_kernels.ISA_ENV: isa})
+        assert forced.stdout.strip() == BUILT[isa] and forced.stderr == ""
     wrong = _python(PROBE, **{cpu_kernels.ISA_ENV: "sse2"})
     assert wrong.returncode == 0 and wrong.stdout.strip() == "None"
     assert wrong.stderr.count("CPU decode kernels unavailable") == 1
-    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512, avx2" in wrong.stderr
+    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512bf16, avx512, avx2" in wrong.stderr
 
 
 def test_forcing_an_instruction_set_the_cpu_lacks_is_refused(monkeypatch):
+    avx512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: avx512)
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512bf16")
+    with pytest.raises(RuntimeError, match=r"lacks \(avx512_bf16\)"):
+        cpu_kernels.chosen_isa()
+    monkeypatch.setenv(cpu_kernels.ISA_ENV, "auto")
+    assert cpu_kernels.chosen_isa() == "avx512"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: avx512 + ("avx512_bf16",))
+    assert cpu_kernels.chosen_isa() == "avx512bf16"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: ("avx2", "fma", "f16c"))
     monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512")
     with pytest.raises(RuntimeError, match="avx512bw, avx512dq, avx512f, avx512vl"):
@@ -170,15 +208,31 @@ def test_a_quantized_model_decodes_as_the_pytorch_quantized_path(quantize, group
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_a_quantized_bfloat16_model_computes_the_quantized_float32_model(make_checkpoint, tokenizer_path):
-    """Only the embedding and the norms stay in bfloat16; the kernels read that embedding directly."""
+def test_a_quantized_bfloat16_model_rounds_the_inputs_of_its_products(make_checkpoint, tokenizer_path):
+    """The embedding and the norms stay in bfloat16 (the kernels read that embedding directly), and as
+    in any bfloat16 model every product takes x rounded to bfloat16: the reference is the plain-torch
+    forward under that rule with the dequantised matrices (int4 layers, int8 output layer)."""
+    from test_cpu_kernels import assert_follows_bf16_rule, bf16_input_logits
+
     ckpt_dir, args, _ = make_checkpoint(shards=1, dtype=torch.bfloat16, dim=128, n_heads=8, multiple_of=64)
     prompts = torch.randint(3, args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1)).tolist()
     half = _build(ckpt_dir, tokenizer_path, "auto", "int4", dtype="bfloat16")
     assert half.model.decoder.name == "C kernels" and half.model.tok_embeddings.weight.dtype == torch.bfloat16
-    full = _build(ckpt_dir, tokenizer_path, "auto", "int4", dtype="float32")
-    torch.testing.assert_close(_stepwise_logits(half.model, prompts, 6), _stepwise_logits(full.model, prompts, 6),
-                               rtol=0, atol=1e-5)
+    state = half.model.state_dict()
+    matrices = {name[:-len(".scales")]: dequantize(state[name[:-len(".scales")] + ".weight"], state[name],
+                                                   Scheme("int8") if state[name].dtype == torch.float32
+                                                   else Scheme("int4", 32))
+                for name in state if name.endswith(".scales")}
+    state = {**state, **{name + ".weight": m for name, m in matrices.items()}}
+    got = _stepwise_logits(half.model, prompts, 6)  # prefill (tiles), then decode steps (the C step)
+    expected, tokens = [], prompts
+    for step in range(6):
+        with torch.inference_mode():
+            expected.append(torch.stack([bf16_input_logits(state, args, t)[-1] for t in tokens]))
+        tokens = [t + [int(g)] for t, g in zip(tokens, got[step].argmax(-1))]
+    assert_follows_bf16_rule(got, torch.stack(expected))
+    full = _build(ckpt_dir, tokenizer_path, "auto", "int4", dtype="float32")  # float32 math: not the same
+    assert float((_stepwise_logits(full.model, prompts, 6) - got).abs().mean()) > 1e-4
 
 
 def test_bench_measures_a_quantized_model(llama_mp_command):

@@ -1,11 +1,18 @@
 """The CPU decode kernels of csrc/cpu_decode.c: built once with the system C compiler, called via ctypes.
 
 Used on x86-64 CPUs with AVX2 and FMA for models in float32 or bfloat16, and for quantized (int8, int4)
-models whatever their dtype (see the C file for why they are faster). A bfloat16 model then keeps its
-weights in bfloat16 (half the memory and half the bytes per token) and computes in float32: its
-activations and KV cache are float32; quantized weights are dequantised in registers, also into float32.
-The source is compiled for two instruction sets, AVX-512 (F, BW, VL, DQ) and AVX2 + FMA, and the one
-this CPU runs is loaded (AVX-512 where /proc/cpuinfo lists it); LLAMA_MP_CPU_ISA=avx2|avx512 forces one
+models whatever their dtype (see the C file for why they are faster). A bfloat16 model keeps its
+weights in bfloat16 (half the memory and half the bytes per token); quantized weights are dequantised
+in registers. Precision: a float32 or float16 model computes in float32 throughout (the exact-parity
+path). When the model's dtype is bfloat16, the input of every matrix product (x) is rounded to
+bfloat16 (round to nearest even) once per call, as PyTorch, Meta's reference and llama.cpp do for
+bfloat16 models; weights (bfloat16, or int8 / int4 levels, exact in bfloat16) times bfloat16 x are
+exact products and all sums stay float32; norms, rotary, attention, softmax, the residual stream and
+the KV cache stay float32 (`project(..., round_x=True)`, and the C decode step by the embedding's dtype).
+The source is compiled for three instruction sets: AVX-512 (F, BW, VL, DQ) with AVX512_BF16, whose
+vdpbf16ps multiplies bfloat16 pairs (the fast path for bfloat16 models), plain AVX-512, and AVX2 + FMA;
+all three follow the same rule (the last two round x and use float32 multiply-adds: the same products).
+The best this CPU runs is loaded (by /proc/cpuinfo); LLAMA_MP_CPU_ISA=avx512bf16|avx512|avx2 forces one
 (for tests and benchmarks). A library is compiled on first use (about a second) into a cache folder
 keyed by the source, flags and compiler, so every later run and every rank just loads it. Without a
 compiler, on another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators
@@ -33,10 +40,12 @@ from ..quant.scheme import Scheme
 SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # The instruction sets a library is built for: the compiler flags, and the /proc/cpuinfo flags the CPU
-# must list to run it. avx512 is preferred where both run.
+# must list to run it, best first (the first this CPU runs is loaded).
+_AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+           ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"))
 ISAS: Dict[str, Tuple[List[str], Tuple[str, ...]]] = {
-    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
-               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")),
+    "avx512bf16": (_AVX512[0] + ["-mavx512bf16"], _AVX512[1] + ("avx512_bf16",)),
+    "avx512": _AVX512,
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
 ENV = "LLAMA_MP_CPU_KERNELS"
@@ -123,13 +132,14 @@ def load_isa(isa: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(compiler, isa)))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
-        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64], None),
+        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64, i64], None),
         "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer, pointer, pointer], None),
         "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
         "finish": ([pointer, i64, pointer, pointer, pointer], None),
         "embed": ([pointer, pointer, i64, i64, pointer], i64),
         "decode": ([pointer, pointer, i64, i64, i64, pointer, pointer, pointer, pointer, pointer], i64),
         "isa_bits": ([], i64),
+        "bf16_dot": ([], i64),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -212,10 +222,11 @@ PROJECT_MAX_ROWS = 32
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
-            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None) -> torch.Tensor:
+            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None, round_x: bool = False) -> torch.Tensor:
     """x [..., in] @ W.T in float32 for CPU tensors: W [out, in] contiguous in float32 or bfloat16, or
-    quantized by `scheme` with its `scales` (quant/scheme.py's layout). `lib`: a variant from
-    `load_isa` instead of the loaded kernels."""
+    quantized by `scheme` with its `scales` (quant/scheme.py's layout). `round_x`: the model's dtype is
+    bfloat16, so x is rounded to bfloat16 before the products (the module docstring's rule); otherwise
+    x is used as it is (float32 math). `lib`: a variant from `load_isa` instead of the loaded kernels."""
     fmt, group = weight_format(weight, scheme)
     in_features = x.shape[-1]
     assert weight.is_contiguous() and weight.shape[1] == (in_features // 2 if fmt == INT4 else in_features)
@@ -225,5 +236,5 @@ def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
     (lib or _loaded).matvec(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
                             y.data_ptr(), x.numel() // in_features, in_features, weight.shape[0],
-                            torch.get_num_threads(), fmt, group)
+                            torch.get_num_threads(), fmt, group, int(round_x))
     return y

@@ -1,8 +1,8 @@
 """The CPU-kernel decoder: decode steps in C (csrc/cpu_decode.c via cpu.py) on x86-64 CPUs.
 
 Matrices keep the checkpoint's [out, in] layout, which the kernels' dot products stream fastest; a
-bfloat16 model keeps bfloat16 weights and a quantized one its int8 or int4 weights, and both compute
-in float32 (activations and KV cache). Prefill runs the model's PyTorch forward with these projections,
+bfloat16 model keeps bfloat16 weights and a quantized one its int8 or int4 weights; activations and
+KV cache are float32, and a bfloat16 model's products take their input rounded to bfloat16 (cpu.py). Prefill runs the model's PyTorch forward with these projections,
 so its products go through the kernels too (their multi-row tiles).
 """
 
@@ -27,7 +27,8 @@ class KernelProjection(Projection):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.storage.dtype != torch.float32 or x.numel() <= cpu.PROJECT_MAX_ROWS * x.shape[-1]:
-            return cpu.project(x, self.storage)
+            # bfloat16 weights are those of a bfloat16 model: its products take x rounded to bfloat16
+            return cpu.project(x, self.storage, round_x=self.storage.dtype == torch.bfloat16)
         return F.linear(x, self.storage)
 
 
@@ -37,7 +38,7 @@ class KernelQuantizedProjection(QuantizedProjection):
     registers: float32 results for any number of rows, and no dequantised matrix is ever made."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu.project(x, self.storage, self.scales, self.scheme)
+        return cpu.project(x, self.storage, self.scales, self.scheme, round_x=self.dtype == torch.bfloat16)
 
 
 PROMPT_ROWS, PROMPT_SCRATCH_BYTES = 64, 64 << 20

@@ -1,7 +1,7 @@
 /* llama_mp's CPU decode kernels: one new token for each of `rows` sequences on x86-64, and the matrix
- * products of prompts; weights in float32, bfloat16, int8 or int4, all arithmetic in float32. Built
- * on first use by kernels/cpu.py with the system C compiler, twice (AVX-512 and AVX2 + FMA, see `vf`
- * below), and called through ctypes.
+ * products of prompts; weights in float32, bfloat16, int8 or int4, sums in float32. Built on first use
+ * by kernels/cpu.py with the system C compiler, three times (AVX-512 with AVX512_BF16, AVX-512, and
+ * AVX2 + FMA, see `vf` and `BF16_DOT` below), and called through ctypes.
  *
  * Why C: decoding reads every weight once per token, so it runs at the speed weights stream from
  * memory. Two things keep eager PyTorch well below that on a CPU: about 25 operators per layer at a
@@ -18,17 +18,26 @@
  * the sum comes back as the next call's `incoming`. With one rank, `decode` runs the whole step in one
  * call. Weights keep the checkpoint's [out, in] layout, so every output is one contiguous dot product,
  * and every operation follows model.py's order (q is scaled after rotation, the softmax is taken in
- * float32), so the results differ from the eager path only by the rounding of sums. With bfloat16
- * weights the result is that of the float32 model holding the same (widened) weights: half the bytes
- * to stream, and none of the precision lost by rounding activations to bfloat16 between operations.
- * Quantized weights likewise give the float32 model holding the dequantised weights, with a half
+ * float32), so the results differ from the eager path only by the rounding of sums.
+ *
+ * Precision. A float32 or float16 model computes in float32 throughout: its products are those of
+ * the float32 model holding the same (widened, or dequantised) weights, the exact-parity path. When
+ * the model's dtype is bfloat16 (embedding_type EMB_BF16, or `round_x` of matvec), the input of every
+ * matrix product (x) is rounded to bfloat16 (round to nearest, ties to even) once per call, as
+ * PyTorch, Meta's reference and llama.cpp do for bfloat16 models; weights (bfloat16, or int8 / int4
+ * levels, which are exact in bfloat16) times bfloat16 x are exact products, and all sums stay float32.
+ * Norms, rotary, attention, softmax, the residual stream and the KV cache stay float32. Every build
+ * implements the same rule: the AVX2 and plain AVX-512 builds round x to bfloat16 and then use their
+ * float32 multiply-adds (the same products; their results differ from the bfloat16-product build only
+ * by summation order). Quantized weights give the model holding the dequantised weights, with a half
  * (int8) or a quarter (int4) of bfloat16's bytes to stream.
  *
  * A prompt of many tokens (prefill) is compute-bound instead: `matvec` then takes a register tile of
- * rows x outputs, so each weight vector, once loaded and dequantised, feeds several rows' sums. Its
- * ceiling is the float32 FMA rate (on our 2-core Zen 4, ~60-70 GFLOP/s a core, as MKL's sgemm), and
- * for a single row of int8 or int4 the widening of integers to float32, not memory, is the limit on
- * that machine: int8 and int4 decode run at about the same speed there.
+ * rows x outputs, so each weight vector, once loaded and dequantised, feeds several rows' sums. In
+ * float32 its ceiling is the FMA rate (on our 2-core Zen 4, ~60-70 GFLOP/s a core, as MKL's sgemm);
+ * the avx512bf16 build's vdpbf16ps does 32 bfloat16 products per instruction (twice the float32
+ * FMA's 16), which roughly doubles the tiles' rate for a bfloat16 model, and turns int4 nibbles into
+ * bfloat16 weights with one table lookup (vpermw) instead of a widening and a conversion to float32.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -39,8 +48,8 @@
 /* Weight formats (kernels/cpu.py F32 .. INT4). int8: int8 [out, in] and one float32 scale per output row,
  * applied to the finished dot product. int4: uint8 [out, in / 2], in each block of 32 inputs byte j
  * holds input j (low nibble) and input j + 16 (high nibble) as q + 8, and one bfloat16 scale per
- * `group_size` inputs of a row (quant/scheme.py). Integers become float32 in registers; all sums are
- * float32. */
+ * `group_size` inputs of a row (quant/scheme.py). Integers become float32 (or, in the bfloat16-product
+ * path, bfloat16) in registers; all sums are float32. */
 enum { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
 /* The embedding table's type (the model dtype): float32, bfloat16 or float16. */
 enum { EMB_F32 = 0, EMB_BF16 = 1, EMB_F16 = 2 };
@@ -69,9 +78,10 @@ typedef struct {
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* The vector width this file is compiled for: cpu.py builds it twice, once with AVX-512 (16 floats
- * a register, 32 registers) and once with AVX2 + FMA (8 floats, 16 registers), and loads the one the
- * CPU runs. Everything below is written once over `vf`. TILE_ROWS x TILE_OUTS is the register tile of
+/* The vector width this file is compiled for: cpu.py builds it with AVX-512 (16 floats a register, 32
+ * registers; once more with AVX512_BF16 added, which enables the bfloat16-product path, BF16_DOT) and
+ * with AVX2 + FMA (8 floats, 16 registers), and loads the best the CPU runs. Everything but that path
+ * is written once over `vf`. TILE_ROWS x TILE_OUTS is the register tile of
  * the matrix product: that many accumulators, plus one weight vector per output and one x vector.
  * int4 takes more rows and fewer outputs: unpacking its weights costs more than loading x, so each
  * unpacked vector should feed more rows (measured on a 2-core Zen 4: 8 x 2 beat 4 x 4 by ~20%). */
@@ -86,6 +96,26 @@ typedef __m512 vf;
 #define vadd _mm512_add_ps
 #define vset1 _mm512_set1_ps
 INLINE float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#define vstore _mm512_storeu_ps
+/* Lane i of the result is the sum of the lanes of v[i], for i < n (n <= 16, constant; the rest count
+ * as zero): four rounds of shuffles and adds, each halving the vectors, where a horizontal sum per
+ * vector would take 16 serial chains of four. Round 1 adds the 256-bit halves of pairs, round 2 the
+ * 128-bit quarters, rounds 3 and 4 the lanes within quarters; the lanes come out transposed, so the
+ * inputs go in transposed: t[k] = v[4 (k % 4) + k / 4]. */
+INLINE vf hsums(const vf *v, int n) {
+    vf t[16], u[8], q[4], p[2];
+    for (int k = 0; k < 16; ++k) {
+        const int i = 4 * (k % 4) + k / 4;
+        t[k] = i < n ? v[i] : vzero();
+    }
+    for (int k = 0; k < 8; ++k)
+        u[k] = vadd(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x44), _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; ++k)
+        q[k] = vadd(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x88), _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; ++k)
+        p[k] = vadd(_mm512_shuffle_ps(q[2 * k], q[2 * k + 1], 0x88), _mm512_shuffle_ps(q[2 * k], q[2 * k + 1], 0xDD));
+    return vadd(_mm512_shuffle_ps(p[0], p[1], 0x88), _mm512_shuffle_ps(p[0], p[1], 0xDD));
+}
 INLINE vf load_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
@@ -114,6 +144,21 @@ INLINE float vsum(vf s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#define vstore _mm256_storeu_ps
+/* Lane i of the result is the sum of the lanes of v[i], for i < n (n <= 8, constant; the rest count as
+ * zero): the AVX-512 build's hsums in three rounds (128-bit halves, then lanes within halves). */
+INLINE vf hsums(const vf *v, int n) {
+    vf t[8], u[4], q[2];
+    for (int k = 0; k < 8; ++k) {
+        const int i = 4 * (k % 2) + k / 2;
+        t[k] = i < n ? v[i] : vzero();
+    }
+    for (int k = 0; k < 4; ++k)
+        u[k] = vadd(_mm256_permute2f128_ps(t[2 * k], t[2 * k + 1], 0x20), _mm256_permute2f128_ps(t[2 * k], t[2 * k + 1], 0x31));
+    for (int k = 0; k < 2; ++k)
+        q[k] = vadd(_mm256_shuffle_ps(u[2 * k], u[2 * k + 1], 0x88), _mm256_shuffle_ps(u[2 * k], u[2 * k + 1], 0xDD));
+    return vadd(_mm256_shuffle_ps(q[0], q[1], 0x88), _mm256_shuffle_ps(q[0], q[1], 0xDD));
 }
 INLINE vf load_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -186,18 +231,54 @@ INLINE float weight_at(int fmt, Row r, int64_t i) {
     }
 }
 
+/* Bytes of one 32-input block of a weight row. */
+#define BLOCK_BYTES(fmt) ((fmt) == F32 ? 128 : (fmt) == BF16 ? 64 : (fmt) == INT8 ? 32 : 16)
+
+/* The tiles read O weight rows side by side: short interleaved streams that the hardware prefetchers
+ * follow poorly (measured on Zen 4: 4 rows x 4 outputs through a float32 [16000, 288] matrix streamed
+ * at ~8 GB/s where one row at a time reached ~30). So while at block b, a tile fetches each of its
+ * rows PREFETCH_BYTES ahead, continuing into the same row of the next tile (the memory after its own);
+ * rows shorter than that are fetched one whole row ahead (the next tile's row, in step). */
+#define PREFETCH_BYTES 1024
+INLINE void prefetch_ahead(int fmt, int O, const void *first_row, int64_t in, int64_t b) {
+    const int64_t row_bytes = in / BLOCK * BLOCK_BYTES(fmt);
+    const int64_t at = b * BLOCK_BYTES(fmt) + (row_bytes < PREFETCH_BYTES ? row_bytes : PREFETCH_BYTES);
+    const char *base = (const char *)first_row + (at < row_bytes ? at : at - row_bytes + O * row_bytes);
+    for (int o = 0; o < O; ++o)
+        for (int i = 0; i < BLOCK_BYTES(fmt); i += 64) _mm_prefetch(base + o * row_bytes + i, _MM_HINT_T0);
+}
+
+/* The epilogue of a register tile: y[r, o0 + o] = (sum of acc[r][o] + the inputs from `done` on, if
+ * any) * row o's scale. The R x O accumulators are summed together, VL at a time (hsums). */
+INLINE void store_sums(int fmt, int R, int O, vf acc[8][4], const Row *rows, const float *x, float *y, int64_t o0,
+                       int64_t in, int64_t out, int64_t done) {
+    float sums[32];
+    for (int g = 0; g < R * O; g += VL) {
+        vf part[VL];
+        for (int i = 0; i < VL && g + i < R * O; ++i) part[i] = acc[(g + i) / O][(g + i) % O];
+        vstore(sums + g, hsums(part, R * O - g < VL ? R * O - g : VL));
+    }
+    for (int r = 0; r < R; ++r)
+        for (int o = 0; o < O; ++o) {
+            float total = sums[r * O + o];
+            for (int64_t i = done; i < in; ++i) total += x[r * in + i] * weight_at(fmt, rows[o], i);
+            y[r * out + o0 + o] = total * rows[o].scale;
+        }
+}
+
 /* The register tile: y[r, o0 + o] = x[r, :] . w[o0 + o, :] for R rows of x and O outputs. Each weight
  * vector is loaded (and dequantised) once and used for all R rows; each x vector once for all O
  * outputs. R and O are constants at every call, so the loops unroll into straight FMAs. */
 INLINE void tile(int fmt, int R, int O, const float *x, const void *w, const void *scales, int64_t group,
-                 float *y, int64_t o0, int64_t in, int64_t out) {
+                 float *y, int64_t o0, int64_t in, int64_t out, int prefetch) {
     vf acc[8][4];  /* [R][O], R and O at most the largest tile */
     Row rows[4];
     for (int o = 0; o < O; ++o) rows[o] = weight_row(fmt, w, scales, o0 + o, in, group);
     for (int r = 0; r < R; ++r)
         for (int o = 0; o < O; ++o) acc[r][o] = vzero();
     const int64_t blocks = in / BLOCK;
-    for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t b = 0; b < blocks; ++b) {
+        if (prefetch) prefetch_ahead(fmt, O, rows[0].w, in, b);
         for (int c = 0; c < CHUNKS; ++c) {
             vf wv[4];
             for (int o = 0; o < O; ++o) wv[o] = weight_chunk(fmt, rows[o], b, c);
@@ -206,12 +287,8 @@ INLINE void tile(int fmt, int R, int O, const float *x, const void *w, const voi
                 for (int o = 0; o < O; ++o) acc[r][o] = vfma(xv, wv[o], acc[r][o]);
             }
         }
-    for (int r = 0; r < R; ++r)
-        for (int o = 0; o < O; ++o) {
-            float total = vsum(acc[r][o]);
-            for (int64_t i = blocks * BLOCK; i < in; ++i) total += x[r * in + i] * weight_at(fmt, rows[o], i);
-            y[r * out + o0 + o] = total * rows[o].scale;
-        }
+    }
+    store_sums(fmt, R, O, acc, rows, x, y, o0, in, out, blocks * BLOCK);
 }
 
 INLINE float row_dot_int8(const float *x, const int8_t *w, int64_t in, float scale);
@@ -336,10 +413,10 @@ INLINE void output_tile(int fmt, const float *x, const float *lanes, const void 
     const int64_t o0 = t * O, end = o0 + O < out ? o0 + O : out;
     int64_t r = 0;
     if (end - o0 == O)
-        for (; r + R <= n; r += R) tile(fmt, R, O, x + r * in, w, scales, group, y + r * out, o0, in, out);
+        for (; r + R <= n; r += R) tile(fmt, R, O, x + r * in, w, scales, group, y + r * out, o0, in, out, r == 0);
     else
         for (int64_t o = o0; o < end; ++o)
-            for (r = 0; r + R <= n; r += R) tile(fmt, R, 1, x + r * in, w, scales, group, y + r * out, o, in, out);
+            for (r = 0; r + R <= n; r += R) tile(fmt, R, 1, x + r * in, w, scales, group, y + r * out, o, in, out, 0);
     for (int64_t k = 0; r < n; ++r, ++k)
         for (int64_t o = o0; o < end; ++o)
             y[r * out + o] = row_dot(fmt, x + r * in, lanes ? lanes + k * LANES_PER_ROW(in) : NULL, w, scales,
@@ -365,12 +442,297 @@ static const TileFn OUTPUT_TILES[4] = {output_tile_F32, output_tile_BF16, output
 
 /* Up to this many rows of x share one pass over the weights; their rows then stay in the caches. */
 #define ROW_BLOCK 64
+/* A bfloat16 model's single-row (decode) products of int8 and bfloat16 weights: 1 takes the float32
+ * path with x rounded (the same products) rather than vdpbf16ps. Measured on the 2-core Zen 4, 110M
+ * shape: int8 decode ran at the same speed either way (the widening is the work in both); bfloat16
+ * decode, which streams from memory, ran ~10% slower through dot_b (106-112 tok/s against 122-128). */
+#ifndef INT8_ROW_FLOAT
+#define INT8_ROW_FLOAT 1
+#endif
+#ifndef BF16_ROW_FLOAT
+#define BF16_ROW_FLOAT 1
+#endif
+
+/* Rounding x to bfloat16, for a bfloat16 model (see the header): round to nearest, ties to even, as
+ * PyTorch's .bfloat16() does (NaN stays NaN). Every build rounds with these integer operations, so all
+ * of them multiply by the same values. */
+INLINE uint16_t bf16_bits(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* Per-thread scratch for the rounded x, grown as needed and kept (a decode step calls matvec ~50 times). */
+static __thread void *scratch_memory;
+static __thread size_t scratch_size;
+static void *scratch(size_t bytes) {
+    if (bytes > scratch_size) {
+        free(scratch_memory);
+        scratch_size = (bytes + 4095) & ~(size_t)4095;
+        if (!(scratch_memory = aligned_alloc(64, scratch_size))) scratch_size = 0;
+    }
+    return scratch_memory;
+}
+
+#ifdef __AVX512BF16__
+/* The bfloat16 products of the avx512bf16 build: x is rounded to bfloat16 once per call, and weights
+ * become bfloat16 exactly (bfloat16 as stored; int8 levels by widening; int4 levels from a table), so
+ * vdpbf16ps multiplies 32 pairs a time, exactly, and adds each two neighbours' products into one of 16
+ * float32 sums. */
+#define BF16_DOT 1
+/* Register tiles (rows x outputs) of this path. int4 keeps the four unpacked weight vectors of each
+ * output and the partial sums of a 128-input chunk besides the accumulators. */
+#define TILE_ROWS_B(fmt) 4
+#define TILE_OUTS_B(fmt) ((fmt) == INT4 ? 2 : 4)
+#define INT4_CHUNK 128 /* inputs per 64 bytes of int4 weights */
+
+INLINE __m512 dpbf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+/* Word i: bfloat16 of (i & 15) - 8, the int4 levels twice over, so that vpermw (which reads 5 bits of
+ * each index) needs no mask on the nibble in the low bits of a word. */
+INLINE __m512i int4_levels_bf16(void) {
+    const __m256i t = (__m256i)_mm512_cvtneps_pbh(_mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);
+}
+
+/* 32 weights (one block) of a bfloat16 or int8 row as bfloat16 words; `mask`: the valid ones of a row's
+ * last, partial block (the rest read as zero), or ~0. int8 levels are exact in bfloat16. */
+INLINE __m512i block_bf16(int fmt, const void *row, int64_t b, __mmask32 mask, int tail) {
+    if (fmt == BF16) {
+        const uint16_t *p = (const uint16_t *)row + b * BLOCK;
+        return tail ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512((const void *)p);
+    }
+    const int8_t *p = (const int8_t *)row + b * BLOCK;
+    const __m256i raw = tail ? _mm256_maskz_loadu_epi8(mask, p) : _mm256_loadu_si256((const __m256i *)p);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* 32 inputs of a bfloat16 x row (tail: masked as block_bf16). */
+INLINE __m512i x_bf16(const uint16_t *x, int64_t b, __mmask32 mask, int tail) {
+    return tail ? _mm512_maskz_loadu_epi16(mask, x + b * BLOCK) : _mm512_loadu_si512((const void *)(x + b * BLOCK));
+}
+
+/* x for int4 rows: 64 bytes of weights (a chunk of 128 inputs) load as 32 words, and nibble k of every
+ * word (shift 4k, then vpermw from int4_levels_bf16) is one vector of 32 bfloat16 weights; word w's
+ * nibble k is input 32 b + j + 16 (k % 2) for byte B = 2 w + k / 2 = 16 b + j. x is rearranged once per
+ * call to match: out[128 c + 32 k + w] = that input of chunk c, and zeros past `in` (whole chunks). The
+ * pairs vdpbf16ps adds (words 2i, 2i + 1: bytes 4i..4i+3) belong to block i / 4 of the chunk, so sum
+ * lane i takes that block's scale. */
+INLINE void int4_order_bf16(const uint16_t *x, int64_t in, uint16_t *out) {
+    const int64_t padded = (in + INT4_CHUNK - 1) / INT4_CHUNK * INT4_CHUNK;
+    for (int64_t c = 0; c < padded; c += INT4_CHUNK)
+        for (int k = 0; k < 4; ++k)
+            for (int w = 0; w < 32; ++w) {
+                const int byte = 2 * w + k / 2;
+                const int64_t i = c + byte / 16 * BLOCK + byte % 16 + 16 * (k % 2);
+                out[c + 32 * k + w] = i < in ? x[i] : 0;
+            }
+}
+
+/* One row of x against one weight row, unreduced (the decode step's product): the row is read front
+ * to back, a single stream (several rows side by side streamed ~1.6x slower here), with independent
+ * sums in flight to cover vdpbf16ps's latency. */
+INLINE __m512 dot_b(int fmt, const uint16_t *x, Row row, int64_t in, __m512i levels, __m512i pick) {
+    __m512 s0 = vzero(), s1 = vzero();
+    if (fmt == INT4) {
+        const int log2 = row.blocks_per_group_log2;
+        const int64_t blocks = in / BLOCK, chunks = (blocks + 3) / 4, groups = in >> log2 >> 5;
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t left = blocks - 4 * c;
+            const __mmask64 bytes = left >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * left)) - 1);
+            const int64_t g0 = (4 * c) >> log2, here = (4 >> log2) < groups - g0 ? (4 >> log2) : groups - g0;
+            const uint8_t *p = (const uint8_t *)row.w + c * 64;
+            const __m512i v = left >= 4 ? _mm512_loadu_si512((const void *)p) : _mm512_maskz_loadu_epi8(bytes, p);
+            const __m128i sc = _mm_maskz_loadu_epi16((__mmask8)((1u << here) - 1), row.group_scales + g0);
+            const __m512 scale = (__m512)_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, pick, _mm512_castsi128_si512(sc));
+            const uint16_t *xc = x + c * INT4_CHUNK;
+            __m512 p0 = dpbf16(vzero(), _mm512_loadu_si512((const void *)xc), _mm512_permutexvar_epi16(v, levels));
+            __m512 p1 = dpbf16(vzero(), _mm512_loadu_si512((const void *)(xc + 32)),
+                               _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), levels));
+            p0 = dpbf16(p0, _mm512_loadu_si512((const void *)(xc + 64)), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), levels));
+            p1 = dpbf16(p1, _mm512_loadu_si512((const void *)(xc + 96)), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), levels));
+            if (c & 1) s1 = vfma(vadd(p0, p1), scale, s1);
+            else s0 = vfma(vadd(p0, p1), scale, s0);
+        }
+        return vadd(s0, s1);
+    }
+    const int64_t blocks = in / BLOCK;
+    const __mmask32 tail = (__mmask32)((1ull << (in % BLOCK)) - 1);
+    __m512 s2 = vzero(), s3 = vzero();
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4) {
+        s0 = dpbf16(s0, x_bf16(x, b, tail, 0), block_bf16(fmt, row.w, b, tail, 0));
+        s1 = dpbf16(s1, x_bf16(x, b + 1, tail, 0), block_bf16(fmt, row.w, b + 1, tail, 0));
+        s2 = dpbf16(s2, x_bf16(x, b + 2, tail, 0), block_bf16(fmt, row.w, b + 2, tail, 0));
+        s3 = dpbf16(s3, x_bf16(x, b + 3, tail, 0), block_bf16(fmt, row.w, b + 3, tail, 0));
+    }
+    for (; b < blocks; ++b) s0 = dpbf16(s0, x_bf16(x, b, tail, 0), block_bf16(fmt, row.w, b, tail, 0));
+    if (in % BLOCK) s1 = dpbf16(s1, x_bf16(x, blocks, tail, 1), block_bf16(fmt, row.w, blocks, tail, 1));
+    return vadd(vadd(s0, s1), vadd(s2, s3));
+}
+
+#define INT4_PICK_BASE _mm512_set_epi16(3, 0, 3, 0, 3, 0, 3, 0, 2, 0, 2, 0, 2, 0, 2, 0, \
+                                        1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+/* The register tile of the bfloat16 products: y[r, o0 + o] = x[r] . w[o0 + o] for R rows of x (bfloat16,
+ * `xs` apart; int4: in int4_order_bf16's order) and O outputs; a single row takes the outputs one after
+ * the other (dot_b) and sums them together. */
+INLINE void tile_b(int fmt, int R, int O, const uint16_t *x, int64_t xs, const void *w, const void *scales,
+                   int64_t group, float *y, int64_t o0, int64_t in, int64_t out, int prefetch) {
+    vf acc[8][4];
+    Row rows[4];
+    for (int o = 0; o < O; ++o) rows[o] = weight_row(fmt, w, scales, o0 + o, in, group);
+    if (R == 1) {
+        const __m512i pick = _mm512_srl_epi16(INT4_PICK_BASE, _mm_cvtsi32_si128(rows[0].blocks_per_group_log2));
+        for (int o = 0; o < O; ++o) acc[0][o] = dot_b(fmt, x, rows[o], in, int4_levels_bf16(), pick);
+        store_sums(fmt, R, O, acc, rows, NULL, y, o0, in, out, in);
+        return;
+    }
+    for (int r = 0; r < R; ++r)
+        for (int o = 0; o < O; ++o) acc[r][o] = vzero();
+    if (fmt == INT4) {
+        const __m512i levels = int4_levels_bf16();
+        /* sum lane i's scale: bfloat16 word 2i + 1 = scale (i / 4) >> log2 of those loaded (word 2i: 0) */
+        const int log2 = rows[0].blocks_per_group_log2;
+        const __m512i pick = _mm512_srl_epi16(INT4_PICK_BASE, _mm_cvtsi32_si128(log2));
+        const int64_t blocks = in / BLOCK, chunks = (blocks + 3) / 4, groups = in / group;
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t left = blocks - 4 * c;  /* blocks of this chunk: 4 but in the last */
+            const __mmask64 bytes = left >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * left)) - 1);
+            const int64_t g0 = (4 * c) >> log2, scales_here = (4 >> log2) < groups - g0 ? (4 >> log2) : groups - g0;
+            __m512i v[4];
+            __m512 scale[4];
+            for (int o = 0; o < O; ++o) {
+                const uint8_t *p = (const uint8_t *)rows[o].w + c * 64;
+                v[o] = left >= 4 ? _mm512_loadu_si512((const void *)p) : _mm512_maskz_loadu_epi8(bytes, p);
+                const __m128i s = _mm_maskz_loadu_epi16((__mmask8)((1u << scales_here) - 1), rows[o].group_scales + g0);
+                scale[o] = (__m512)_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, pick, _mm512_castsi128_si512(s));
+            }
+            if (prefetch)
+                for (int o = 0; o < O; ++o) _mm_prefetch((const char *)rows[o].w + c * 64 + (in / 2 < 512 ? O * (in / 2) : 512), _MM_HINT_T0);
+            for (int r = 0; r < R; ++r) {
+                const uint16_t *xr = x + r * xs + c * INT4_CHUNK;
+                for (int o = 0; o < O; ++o) {
+                    __m512 p0 = dpbf16(vzero(), _mm512_loadu_si512((const void *)xr), _mm512_permutexvar_epi16(v[o], levels));
+                    __m512 p1 = dpbf16(vzero(), _mm512_loadu_si512((const void *)(xr + 32)),
+                                       _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 4), levels));
+                    p0 = dpbf16(p0, _mm512_loadu_si512((const void *)(xr + 64)), _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 8), levels));
+                    p1 = dpbf16(p1, _mm512_loadu_si512((const void *)(xr + 96)), _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 12), levels));
+                    acc[r][o] = vfma(vadd(p0, p1), scale[o], acc[r][o]);
+                }
+            }
+        }
+    } else {
+        const int64_t blocks = in / BLOCK;
+        const __mmask32 tail = (__mmask32)((1ull << (in % BLOCK)) - 1);
+#define TILE_B_STEP(B, TAIL)                                                                           \
+        do {                                                                                           \
+            __m512i wv[4];                                                                             \
+            for (int o = 0; o < O; ++o) wv[o] = block_bf16(fmt, rows[o].w, (B), tail, (TAIL));         \
+            for (int r = 0; r < R; ++r) {                                                              \
+                const __m512i xv = x_bf16(x + r * xs, (B), tail, (TAIL));                              \
+                for (int o = 0; o < O; ++o) acc[r][o] = dpbf16(acc[r][o], xv, wv[o]);                  \
+            }                                                                                          \
+        } while (0)
+        for (int64_t b = 0; b < blocks; ++b) {
+            if (prefetch) prefetch_ahead(fmt, O, rows[0].w, in, b);
+            TILE_B_STEP(b, 0);
+        }
+        if (in % BLOCK) TILE_B_STEP(blocks, 1);
+#undef TILE_B_STEP
+    }
+    store_sums(fmt, R, O, acc, rows, NULL, y, o0, in, out, in);
+}
+
+/* All n rows of x against outputs o0 .. o0 + O - 1: whole tiles of rows, then one smaller tile. */
+INLINE void rows_b(int fmt, int O, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
+                   float *y, int64_t n, int64_t in, int64_t out, int64_t o0, int prefetch) {
+    const int R = TILE_ROWS_B(fmt);
+    int64_t r = 0;
+    for (; r + R <= n; r += R) tile_b(fmt, R, O, x + r * xs, xs, w, scales, group, y + r * out, o0, in, out, prefetch && r == 0);
+    x += r * xs, y += r * out;
+    switch (n - r) {
+    case 1: tile_b(fmt, 1, O, x, xs, w, scales, group, y, o0, in, out, prefetch && r == 0); break;
+    case 2: tile_b(fmt, 2, O, x, xs, w, scales, group, y, o0, in, out, prefetch && r == 0); break;
+    case 3: tile_b(fmt, 3, O, x, xs, w, scales, group, y, o0, in, out, prefetch && r == 0); break;
+    default: break;
+    }
+}
+
+INLINE void output_tile_b(int fmt, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
+                          float *y, int64_t n, int64_t in, int64_t out, int64_t t) {
+    const int O = TILE_OUTS_B(fmt);
+    const int64_t o0 = t * O;
+    if (o0 + O <= out) rows_b(fmt, O, x, xs, w, scales, group, y, n, in, out, o0, 1);
+    else
+        for (int64_t o = o0; o < out; ++o) rows_b(fmt, 1, x, xs, w, scales, group, y, n, in, out, o, 0);
+}
+
+typedef void (*TileFnB)(const uint16_t *, int64_t, const void *, const void *, int64_t, float *, int64_t, int64_t,
+                        int64_t, int64_t);
+#define OUTPUT_TILE_B_OF(FMT)                                                                              \
+    static void output_tile_b_##FMT(const uint16_t *x, int64_t xs, const void *w, const void *scales,     \
+                                    int64_t group, float *y, int64_t n, int64_t in, int64_t out, int64_t t) { \
+        output_tile_b(FMT, x, xs, w, scales, group, y, n, in, out, t);                                     \
+    }
+OUTPUT_TILE_B_OF(BF16)
+OUTPUT_TILE_B_OF(INT8)
+OUTPUT_TILE_B_OF(INT4)
+static const TileFnB OUTPUT_TILES_B[4] = {NULL, output_tile_b_BF16, output_tile_b_INT8, output_tile_b_INT4};
+
+/* matvec's bfloat16-product path (formats BF16, INT8, INT4). */
+static void matvec_b(const float *x, const void *w, const void *scales, float *y, int64_t rows, int64_t in,
+                     int64_t out, int64_t threads, int64_t format, int64_t group) {
+    const int64_t xs = format == INT4 ? (in + INT4_CHUNK - 1) / INT4_CHUNK * INT4_CHUNK : in;
+    uint16_t *xb = scratch((size_t)(rows * xs + (format == INT4 ? in : 0)) * sizeof(uint16_t));
+    if (!xb) abort();
+    for (int64_t r = 0; r < rows; ++r) {
+        uint16_t *row = format == INT4 ? xb + rows * xs : xb + r * in;
+        for (int64_t i = 0; i < in; ++i) row[i] = bf16_bits(x[r * in + i]);
+        if (format == INT4) int4_order_bf16(row, in, xb + r * xs);
+    }
+    const TileFnB fn = OUTPUT_TILES_B[format];
+    const int64_t tiles = (out + TILE_OUTS_B(format) - 1) / TILE_OUTS_B(format);
+    for (int64_t first = 0; first < rows; first += ROW_BLOCK) {
+        const int64_t n = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
+        #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 65536)
+        for (int64_t t = 0; t < tiles; ++t) fn(xb + first * xs, xs, w, scales, group, y + first * out, n, in, out, t);
+    }
+}
+#else
+#define BF16_DOT 0
+static void matvec_b(const float *x, const void *w, const void *scales, float *y, int64_t rows, int64_t in,
+                     int64_t out, int64_t threads, int64_t format, int64_t group) {
+    (void)x, (void)w, (void)scales, (void)y, (void)rows, (void)in, (void)out, (void)threads, (void)format, (void)group;
+}
+#endif
+
+/* Whether this build multiplies bfloat16 by bfloat16 (vdpbf16ps): 1 in the avx512bf16 build. */
+int64_t bf16_dot(void) { return BF16_DOT; }
 
 /* y[r, o] = x[r, :] . w[o, :] for `rows` rows of x (float32 [rows, in]) and a weight matrix of `out`
  * rows in `format` (with `scales` and `group` for int8 and int4). Each tile of weight rows is read
- * from memory once and reused from L1 for every row of x; threads take contiguous ranges of tiles. */
+ * from memory once and reused from L1 for every row of x; threads take contiguous ranges of tiles.
+ * `round_x` (a bfloat16 model): x is rounded to bfloat16 first (see the header). */
 void matvec(const float *x, const void *w, const void *scales, float *y, int64_t rows, int64_t in, int64_t out,
-            int64_t threads, int64_t format, int64_t group) {
+            int64_t threads, int64_t format, int64_t group, int64_t round_x) {
+    if (round_x) {
+        if (BF16_DOT && format != F32 && !(rows == 1 && ((format == INT8 && INT8_ROW_FLOAT) ||
+                                                          (format == BF16 && BF16_ROW_FLOAT)))) {
+            matvec_b(x, w, scales, y, rows, in, out, threads, format, group);
+            return;
+        }
+        float *rounded = scratch((size_t)(rows * in) * sizeof(float));
+        if (!rounded) abort();
+        for (int64_t i = 0; i < rows * in; ++i) {
+            const uint32_t bits = (uint32_t)bf16_bits(x[i]) << 16;
+            memcpy(rounded + i, &bits, sizeof bits);
+        }
+        x = rounded;
+    }
     const TileFn fn = OUTPUT_TILES[format];
     const int64_t tiles = (out + TILE_OUTS(format) - 1) / TILE_OUTS(format);
     for (int64_t first = 0; first < rows; first += ROW_BLOCK) {
@@ -467,7 +829,7 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, c
     const float scale = (float)(1.0 / sqrt((double)hd));
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->attention_norm, dim, m->eps);
-    matvec(m->x, l->wqkv, l->sqkv, m->qkv, rows, dim, qkv_dim, m->threads, m->format, m->group_size);
+    matvec(m->x, l->wqkv, l->sqkv, m->qkv, rows, dim, qkv_dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);
     for (int64_t r = 0; r < rows; ++r) {
         float *q = m->qkv + r * qkv_dim, *k = q + q_dim, *v = k + kv_dim;
         const int64_t slot = slots ? slots[r] : r, at_pos = positions ? positions[r] : pos;
@@ -480,7 +842,7 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, c
         }
     }
     attend(m, l, rows, pos, slots, positions);
-    matvec(m->att, l->wo, l->so, partial, rows, q_dim, dim, m->threads, m->format, m->group_size);
+    matvec(m->att, l->wo, l->so, partial, rows, q_dim, dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);
 }
 
 void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const float *incoming, float *partial) {
@@ -488,13 +850,13 @@ void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const floa
     const int64_t dim = m->dim, hidden = m->hidden;
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->ffn_norm, dim, m->eps);
-    matvec(m->x, l->w13, l->s13, m->ffn, rows, dim, 2 * hidden, m->threads, m->format, m->group_size);  /* w1 rows, then w3 rows */
+    matvec(m->x, l->w13, l->s13, m->ffn, rows, dim, 2 * hidden, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);  /* w1 rows, then w3 rows */
     for (int64_t r = 0; r < rows; ++r) {
         const float *gate = m->ffn + r * 2 * hidden, *up = gate + hidden;
         float *act = m->act + r * hidden;
         for (int64_t i = 0; i < hidden; ++i) act[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
-    matvec(m->act, l->w2, l->s2, partial, rows, hidden, dim, m->threads, m->format, m->group_size);
+    matvec(m->act, l->w2, l->s2, partial, rows, hidden, dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);
 }
 
 void finish(const Model *m, int64_t rows, float *h, const float *incoming, float *out) {
