@@ -57,6 +57,38 @@ def test_kernel_decode_steps_match_the_pytorch_decoder(shape, make_checkpoint, t
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+def test_a_prompt_that_fits_a_step_is_prefilled_by_the_kernels_as_the_pytorch_forward_does(make_checkpoint,
+                                                                                           tokenizer_path):
+    """Prompts of up to a step's rows run as rows of one C step (each token at its own position in its
+    row's slot, from any start and first cache row); longer ones take the PyTorch forward. Either way the
+    hidden states of every position equal the PyTorch decoder's, and so does the cache they leave."""
+    from llama_mp.runtime.decode import Decoder
+
+    ckpt_dir, args, _ = make_checkpoint(shards=1, **SHAPES["gqa"])
+    fast = build(ckpt_dir, tokenizer_path, max_seq_len=96, max_batch_size=3).model
+    slow = build(ckpt_dir, tokenizer_path, max_seq_len=96, max_batch_size=3, decoder="pytorch").model
+    capacity = fast.decoder.step_capacity(fast)
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for batch, seq, start, first_row in [(3, 7, 0, 0), (1, 20, 5, 2), (2, capacity // 2 + 1, 0, 1)]:
+            tokens = torch.randint(3, args.vocab_size, (batch, seq), generator=g)
+            if start:  # something in the cache before the prompt, the same in both models
+                for model in (fast, slow):
+                    model.hidden_in_slot(torch.randint(3, args.vocab_size, (1, start), generator=torch.Generator()
+                                                       .manual_seed(2)), first_row)
+            got = fast.decoder.prefill(fast, tokens, start, all_positions=True, first_row=first_row)
+            want = slow.decoder.prefill(slow, tokens, start, all_positions=True, first_row=first_row)
+            assert got.shape == (batch, seq, args.dim)
+            torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
+            last = fast.decoder.prefill(fast, tokens, start, first_row=first_row)
+            torch.testing.assert_close(last, got[:, -1:], rtol=0, atol=1e-5)
+            rows = slice(first_row, first_row + batch)
+            for a, b in zip(fast.layers, slow.layers):
+                torch.testing.assert_close(a.attention.cache_k[rows, :, :start + seq],
+                                           b.attention.cache_k[rows, :, :start + seq].float(), rtol=0, atol=1e-5)
+    assert type(fast.decoder).prefill is not Decoder.prefill
+
+
 def _python(code, tmp_path, **env):
     full = {**os.environ, "LLAMA_MP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)

@@ -61,6 +61,13 @@ class Decoder:
         position `pos`, appending to the KV cache."""
         return model.forward_hidden(tokens, pos)
 
+    def prefill(self, model: "Transformer", tokens: torch.Tensor, start_pos: int, all_positions: bool = False,
+                first_row: int = 0) -> torch.Tensor:
+        """Final normed hidden states for many new tokens per row (tokens [batch, seq], a prompt),
+        continuing cache rows first_row.. at `start_pos`: [batch, seq, dim] with `all_positions`, else
+        the last position's [batch, 1, dim]."""
+        return model.forward_hidden(tokens, start_pos, all_positions, first_row)
+
     def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
         """As `step`, but row i continues cache row `slots[i]` at its own position `positions[i]`

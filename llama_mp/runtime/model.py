@@ -327,7 +327,7 @@ class Transformer(nn.Module):
         `start_pos` (the prompt on the first call, then one token per call, which the decoder runs)."""
         if tokens.shape[1] == 1:
             return self.decoder.step(self, tokens, start_pos)
-        return self.forward_hidden(tokens, start_pos, all_positions)
+        return self.decoder.prefill(self, tokens, start_pos, all_positions)
 
     def hidden_in_slot(self, tokens: torch.Tensor, slot: int, all_positions: bool = False) -> torch.Tensor:
         """Continuous batching: prefill one prompt (tokens [1, n]) into cache row `slot` from position 0,
@@ -336,7 +336,7 @@ class Transformer(nn.Module):
         if tokens.shape[1] == 1:
             at = torch.tensor([slot], dtype=torch.long)
             return self.hidden_rows(tokens, at, torch.zeros_like(at))
-        return self.forward_hidden(tokens, 0, all_positions, first_row=slot)
+        return self.decoder.prefill(self, tokens, 0, all_positions, first_row=slot)
 
     def hidden_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Continuous batching: one new token per row (tokens [rows, 1]), row i continuing cache row
