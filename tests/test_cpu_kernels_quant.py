@@ -30,7 +30,7 @@ FORMATS = {
     "float32": None, "bfloat16": None, "int8": Scheme("int8"),
     "int4-g32": Scheme("int4", 32), "int4-g64": Scheme("int4", 64), "int4-g128": Scheme("int4", 128),
 }
-ROWS = (1, 2, 3, 4, 5, 8, 9, 17, 33, 40)
+ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 14, 17, 23, 33, 40)  # tiles of 4 and 8 rows and remainders; int8 widened from 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -38,6 +38,11 @@
  * the avx512bf16 build's vdpbf16ps does 32 bfloat16 products per instruction (twice the float32
  * FMA's 16), which roughly doubles the tiles' rate for a bfloat16 model, and turns int4 nibbles into
  * bfloat16 weights with one table lookup (vpermw) instead of a widening and a conversion to float32.
+ * Measured on the 2-core Zen 4 (32 rows of the 110M shape's matrices, 2 threads): bfloat16 weights
+ * ~400-420 GFLOP/s, int8 ~330-370 (weights widened to bfloat16 once per block of outputs), int4 ~280-310:
+ * its per-group scales cost a float32 multiply-add per four vdpbf16ps (applied per 128 inputs), which
+ * caps it near 80% of bfloat16's rate so long as x keeps bfloat16 precision (llama.cpp's faster Q4_0
+ * prompts round x to 8-bit integers and use integer dot products instead).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -472,17 +477,36 @@ INLINE uint16_t bf16_bits(float v) {
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* Per-thread scratch for the rounded x, grown as needed and kept (a decode step calls matvec ~50 times). */
-static __thread void *scratch_memory;
-static __thread size_t scratch_size;
-static void *scratch(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch_memory);
-        scratch_size = (bytes + 4095) & ~(size_t)4095;
-        if (!(scratch_memory = aligned_alloc(64, scratch_size))) scratch_size = 0;
+/* bf16_bits of n floats (x to out), 16 at a time where the build has AVX-512: the same integer steps. */
+INLINE void round_bf16(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), abs = _mm512_set1_epi32(0x7fffffff);
+    const __m512i inf = _mm512_set1_epi32(0x7f800000), nan = _mm512_set1_epi32(0x7fc0);
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, x + i));
+        __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+        r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, abs), inf), nan);
+        _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtepi32_epi16(r));
     }
-    return scratch_memory;
+#endif
+    for (; i < n; ++i) out[i] = bf16_bits(x[i]);
 }
+
+/* Per-thread scratch, grown as needed and kept (a decode step calls matvec ~50 times): slot 0 for the
+ * rounded x (the calling thread), slot 1 for weights widened to bfloat16 (each thread of a product). */
+static __thread void *scratch_memory[2];
+static __thread size_t scratch_size[2];
+static void *scratch_at(int slot, size_t bytes) {
+    if (bytes > scratch_size[slot]) {
+        free(scratch_memory[slot]);
+        scratch_size[slot] = (bytes + 4095) & ~(size_t)4095;
+        if (!(scratch_memory[slot] = aligned_alloc(64, scratch_size[slot]))) scratch_size[slot] = 0;
+    }
+    return scratch_memory[slot];
+}
+static void *scratch(size_t bytes) { return scratch_at(0, bytes); }
 
 #ifdef __AVX512BF16__
 /* The bfloat16 products of the avx512bf16 build: x is rounded to bfloat16 once per call, and weights
@@ -490,11 +514,31 @@ static void *scratch(size_t bytes) {
  * vdpbf16ps multiplies 32 pairs a time, exactly, and adds each two neighbours' products into one of 16
  * float32 sums. */
 #define BF16_DOT 1
-/* Register tiles (rows x outputs) of this path. int4 keeps the four unpacked weight vectors of each
- * output and the partial sums of a 128-input chunk besides the accumulators. */
-#define TILE_ROWS_B(fmt) 4
-#define TILE_OUTS_B(fmt) ((fmt) == INT4 ? 2 : 4)
+/* Register tiles (rows x outputs) of this path. bfloat16: 4 x 4, its weights are plain loads. int8 and
+ * int4: 8 x 2, so that each weight vector converted to bfloat16 (int4: four from one load; int8: a
+ * widening and two conversions per 32) feeds 8 rows' sums; int4 keeps 4 x 2 weight vectors and the 2
+ * outputs' scale vectors in registers beside the 16 accumulators. Measured on the 2-core Zen 4 (A/B in
+ * one process, 32 rows): int8 8 x 2 1.2-1.3x the 4 x 4 tile, int4 8 x 2 ~1.08x 4 x 2; bfloat16 at 8 x 3
+ * or 8 x 2 ran 0.85-0.95x its 4 x 4 (which is at vdpbf16ps's rate already). (-D overrides for A/B builds.) */
+#ifndef TILE_ROWS_B
+#define TILE_ROWS_B(fmt) ((fmt) == BF16 ? 4 : 8)
+#endif
+#ifndef TILE_OUTS_B
+#define TILE_OUTS_B(fmt) ((fmt) == BF16 ? 4 : 2)
+#endif
 #define INT4_CHUNK 128 /* inputs per 64 bytes of int4 weights */
+/* From this many rows, int8 weights are widened to bfloat16 once per block of outputs (into L2) and
+ * the bfloat16 tiles run on them, instead of widening in every tile of rows (16-64 rows: 1.05-1.35x;
+ * 8 rows: up to 0.65x on the memory-bound [32000, 768]). */
+#ifndef INT8_WIDEN_ROWS
+#define INT8_WIDEN_ROWS 16
+#endif
+/* Outputs per block of a thread's work: every tile of rows meets all of a block's output tiles before
+ * the next, so x's rows stay in L1 and the block's weights in L2 (+5-10% over a tile of outputs at a time
+ * for all rows, where x, 48 KB at 32 x 768, streamed from L2 once per tile). */
+#ifndef SUPER_OUTS
+#define SUPER_OUTS 64
+#endif
 
 INLINE __m512 dpbf16(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 
@@ -532,13 +576,23 @@ INLINE __m512i x_bf16(const uint16_t *x, int64_t b, __mmask32 mask, int tail) {
  * lane i takes that block's scale. */
 INLINE void int4_order_bf16(const uint16_t *x, int64_t in, uint16_t *out) {
     const int64_t padded = (in + INT4_CHUNK - 1) / INT4_CHUNK * INT4_CHUNK;
-    for (int64_t c = 0; c < padded; c += INT4_CHUNK)
-        for (int k = 0; k < 4; ++k)
-            for (int w = 0; w < 32; ++w) {
-                const int byte = 2 * w + k / 2;
-                const int64_t i = c + byte / 16 * BLOCK + byte % 16 + 16 * (k % 2);
-                out[c + 32 * k + w] = i < in ? x[i] : 0;
-            }
+    /* Output words 0-15 of vector k come from the chunk's first 64 inputs, words 16-31 from the last 64,
+     * each at index 2 (w % 8) + 32 ((w / 8) % 2) + 16 (k % 2) + k / 2 of its half: two vpermt2w and a blend. */
+    const __m512i base = _mm512_set_epi16(46, 44, 42, 40, 38, 36, 34, 32, 14, 12, 10, 8, 6, 4, 2, 0,
+                                          46, 44, 42, 40, 38, 36, 34, 32, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int64_t c = 0; c < padded; c += INT4_CHUNK) {
+        __m512i a[4];
+        for (int q = 0; q < 4; ++q) {
+            const int64_t left = in - c - 32 * q;
+            const __mmask32 m = left >= 32 ? ~(__mmask32)0 : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
+            a[q] = _mm512_maskz_loadu_epi16(m, x + c + 32 * q);
+        }
+        for (int k = 0; k < 4; ++k) {
+            const __m512i idx = _mm512_add_epi16(base, _mm512_set1_epi16((short)(16 * (k % 2) + k / 2)));
+            const __m512i lo = _mm512_permutex2var_epi16(a[0], idx, a[1]), hi = _mm512_permutex2var_epi16(a[2], idx, a[3]);
+            _mm512_storeu_si512((void *)(out + c + 32 * k), _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi));
+        }
+    }
 }
 
 /* One row of x against one weight row, unreduced (the decode step's product): the row is read front
@@ -622,15 +676,19 @@ INLINE void tile_b(int fmt, int R, int O, const uint16_t *x, int64_t xs, const v
             }
             if (prefetch)
                 for (int o = 0; o < O; ++o) _mm_prefetch((const char *)rows[o].w + c * 64 + (in / 2 < 512 ? O * (in / 2) : 512), _MM_HINT_T0);
+            __m512i wq[4][4];  /* [o][k]: nibble k of every word of output o's chunk, as bfloat16 */
+            for (int o = 0; o < O; ++o) {
+                wq[o][0] = _mm512_permutexvar_epi16(v[o], levels);
+                for (int k = 1; k < 4; ++k) wq[o][k] = _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 4 * k), levels);
+            }
             for (int r = 0; r < R; ++r) {
                 const uint16_t *xr = x + r * xs + c * INT4_CHUNK;
                 for (int o = 0; o < O; ++o) {
-                    __m512 p0 = dpbf16(vzero(), _mm512_loadu_si512((const void *)xr), _mm512_permutexvar_epi16(v[o], levels));
-                    __m512 p1 = dpbf16(vzero(), _mm512_loadu_si512((const void *)(xr + 32)),
-                                       _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 4), levels));
-                    p0 = dpbf16(p0, _mm512_loadu_si512((const void *)(xr + 64)), _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 8), levels));
-                    p1 = dpbf16(p1, _mm512_loadu_si512((const void *)(xr + 96)), _mm512_permutexvar_epi16(_mm512_srli_epi16(v[o], 12), levels));
-                    acc[r][o] = vfma(vadd(p0, p1), scale[o], acc[r][o]);
+                    /* one chain of four products, then the lanes' scales: 5 vector operations per 128
+                     * inputs (R x O chains are in flight to cover the latency) */
+                    __m512 p = dpbf16(vzero(), _mm512_loadu_si512((const void *)xr), wq[o][0]);
+                    for (int k = 1; k < 4; ++k) p = dpbf16(p, _mm512_loadu_si512((const void *)(xr + 32 * k)), wq[o][k]);
+                    acc[r][o] = vfma(p, scale[o], acc[r][o]);
                 }
             }
         }
@@ -656,36 +714,87 @@ INLINE void tile_b(int fmt, int R, int O, const uint16_t *x, int64_t xs, const v
     store_sums(fmt, R, O, acc, rows, NULL, y, o0, in, out, in);
 }
 
-/* All n rows of x against outputs o0 .. o0 + O - 1: whole tiles of rows, then one smaller tile. */
-INLINE void rows_b(int fmt, int O, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
-                   float *y, int64_t n, int64_t in, int64_t out, int64_t o0, int prefetch) {
+/* K rows of x against output tile t (O outputs from t * O; the last, partial tile one output at a time). */
+INLINE void tile_at(int fmt, int K, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
+                    float *y, int64_t in, int64_t out, int64_t t, int prefetch) {
+    const int O = TILE_OUTS_B(fmt);
+    const int64_t o0 = t * O;
+    if (o0 + O <= out) tile_b(fmt, K, O, x, xs, w, scales, group, y, o0, in, out, prefetch);
+    else
+        for (int64_t o = o0; o < out; ++o) tile_b(fmt, K, 1, x, xs, w, scales, group, y, o, in, out, 0);
+}
+
+/* int8 rows o0 .. o1 - 1 as bfloat16 (exact) into wb, [o1 - o0, in]. */
+INLINE void widen_int8_rows(const int8_t *w, int64_t o0, int64_t o1, int64_t in, uint16_t *wb) {
+    const int64_t n = (o1 - o0) * in;
+    const int8_t *p = w + o0 * in;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(p + i));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+        _mm512_storeu_si512((void *)(wb + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (; i < n; ++i) wb[i] = bf16_bits((float)p[i]);
+}
+
+/* All n rows of x against output tiles t0 .. t1 - 1: for each register tile of rows (then one smaller
+ * tile), every output tile in turn. The rows' x stays in L1 while it meets every tile's weights, and
+ * those weights (t1 - t0 tiles, a few dozen KB) stay in L2 from one tile of rows to the next. */
+INLINE void row_tiles_b(int fmt, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
+                        float *y, int64_t n, int64_t in, int64_t out, int64_t t0, int64_t t1);
+
+INLINE void output_tiles_b(int fmt, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
+                           float *y, int64_t n, int64_t in, int64_t out, int64_t t0, int64_t t1) {
+    if (fmt == INT8 && n >= INT8_WIDEN_ROWS) {
+        /* Many rows: widen the block's int8 rows to bfloat16 once (into L2), run the bfloat16 tiles on
+         * them, and scale the sums after (the same multiply as store_sums's: sum, then times the scale). */
+        const int64_t o0 = t0 * TILE_OUTS_B(INT8), o1 = t1 * TILE_OUTS_B(INT8) < out ? t1 * TILE_OUTS_B(INT8) : out;
+        uint16_t *wb = scratch_at(1, (size_t)((o1 - o0) * in) * sizeof(uint16_t));
+        if (!wb) abort();
+        widen_int8_rows((const int8_t *)w, o0, o1, in, wb);
+        const uint16_t *rows = (const uint16_t *)((uintptr_t)wb - (uintptr_t)(o0 * in) * sizeof(uint16_t));  /* row o at rows + o * in */
+        const int64_t b0 = o0 / TILE_OUTS_B(BF16), b1 = (o1 + TILE_OUTS_B(BF16) - 1) / TILE_OUTS_B(BF16);
+        row_tiles_b(BF16, x, xs, rows, NULL, 0, y, n, in, out, b0, b1);
+        const float *scale = (const float *)scales;
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t o = o0; o < o1; o += 16) {
+                const __mmask16 m = o1 - o >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (o1 - o)) - 1);
+                float *yo = y + r * out + o;
+                _mm512_mask_storeu_ps(yo, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, yo), _mm512_maskz_loadu_ps(m, scale + o)));
+            }
+        return;
+    }
+    row_tiles_b(fmt, x, xs, w, scales, group, y, n, in, out, t0, t1);
+}
+
+INLINE void row_tiles_b(int fmt, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
+                        float *y, int64_t n, int64_t in, int64_t out, int64_t t0, int64_t t1) {
     const int R = TILE_ROWS_B(fmt);
     int64_t r = 0;
-    for (; r + R <= n; r += R) tile_b(fmt, R, O, x + r * xs, xs, w, scales, group, y + r * out, o0, in, out, prefetch && r == 0);
+    for (; r + R <= n; r += R)
+        for (int64_t t = t0; t < t1; ++t) tile_at(fmt, R, x + r * xs, xs, w, scales, group, y + r * out, in, out, t, r == 0);
     x += r * xs, y += r * out;
+    const int pf = r == 0;
     switch (n - r) {
-    case 1: tile_b(fmt, 1, O, x, xs, w, scales, group, y, o0, in, out, prefetch && r == 0); break;
-    case 2: tile_b(fmt, 2, O, x, xs, w, scales, group, y, o0, in, out, prefetch && r == 0); break;
-    case 3: tile_b(fmt, 3, O, x, xs, w, scales, group, y, o0, in, out, prefetch && r == 0); break;
+#define TILE_B_CASE(K)                                                                                        \
+    case K:                                                                                                   \
+        if (K < R)                                                                                            \
+            for (int64_t t = t0; t < t1; ++t) tile_at(fmt, K < R ? K : 1, x, xs, w, scales, group, y, in, out, t, pf); \
+        break;
+    TILE_B_CASE(1) TILE_B_CASE(2) TILE_B_CASE(3) TILE_B_CASE(4) TILE_B_CASE(5) TILE_B_CASE(6) TILE_B_CASE(7)
+#undef TILE_B_CASE
     default: break;
     }
 }
 
-INLINE void output_tile_b(int fmt, const uint16_t *x, int64_t xs, const void *w, const void *scales, int64_t group,
-                          float *y, int64_t n, int64_t in, int64_t out, int64_t t) {
-    const int O = TILE_OUTS_B(fmt);
-    const int64_t o0 = t * O;
-    if (o0 + O <= out) rows_b(fmt, O, x, xs, w, scales, group, y, n, in, out, o0, 1);
-    else
-        for (int64_t o = o0; o < out; ++o) rows_b(fmt, 1, x, xs, w, scales, group, y, n, in, out, o, 0);
-}
-
 typedef void (*TileFnB)(const uint16_t *, int64_t, const void *, const void *, int64_t, float *, int64_t, int64_t,
-                        int64_t, int64_t);
+                        int64_t, int64_t, int64_t);
 #define OUTPUT_TILE_B_OF(FMT)                                                                              \
     static void output_tile_b_##FMT(const uint16_t *x, int64_t xs, const void *w, const void *scales,     \
-                                    int64_t group, float *y, int64_t n, int64_t in, int64_t out, int64_t t) { \
-        output_tile_b(FMT, x, xs, w, scales, group, y, n, in, out, t);                                     \
+                                    int64_t group, float *y, int64_t n, int64_t in, int64_t out, int64_t t0, \
+                                    int64_t t1) {                                                          \
+        output_tiles_b(FMT, x, xs, w, scales, group, y, n, in, out, t0, t1);                               \
     }
 OUTPUT_TILE_B_OF(BF16)
 OUTPUT_TILE_B_OF(INT8)
@@ -700,15 +809,19 @@ static void matvec_b(const float *x, const void *w, const void *scales, float *y
     if (!xb) abort();
     for (int64_t r = 0; r < rows; ++r) {
         uint16_t *row = format == INT4 ? xb + rows * xs : xb + r * in;
-        for (int64_t i = 0; i < in; ++i) row[i] = bf16_bits(x[r * in + i]);
+        round_bf16(x + r * in, in, row);
         if (format == INT4) int4_order_bf16(row, in, xb + r * xs);
     }
     const TileFnB fn = OUTPUT_TILES_B[format];
     const int64_t tiles = (out + TILE_OUTS_B(format) - 1) / TILE_OUTS_B(format);
+    const int64_t per = (SUPER_OUTS + TILE_OUTS_B(format) - 1) / TILE_OUTS_B(format);  /* tiles a block */
+    const int64_t supers = (tiles + per - 1) / per;
     for (int64_t first = 0; first < rows; first += ROW_BLOCK) {
         const int64_t n = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
         #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 65536)
-        for (int64_t t = 0; t < tiles; ++t) fn(xb + first * xs, xs, w, scales, group, y + first * out, n, in, out, t);
+        for (int64_t k = 0; k < supers; ++k)
+            fn(xb + first * xs, xs, w, scales, group, y + first * out, n, in, out, k * per,
+               (k + 1) * per < tiles ? (k + 1) * per : tiles);
     }
 }
 #else
@@ -736,7 +849,18 @@ void matvec(const float *x, const void *w, const void *scales, float *y, int64_t
         }
         float *rounded = scratch((size_t)(rows * in) * sizeof(float));
         if (!rounded) abort();
-        for (int64_t i = 0; i < rows * in; ++i) {
+        int64_t i = 0;
+#ifdef __AVX512F__
+        const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), abs = _mm512_set1_epi32(0x7fffffff);
+        const __m512i inf = _mm512_set1_epi32(0x7f800000), nan = _mm512_set1_epi32(0x7fc00000), high = _mm512_set1_epi32(-65536);
+        for (; i + 16 <= rows * in; i += 16) {  /* bf16_bits, widened back, 16 at a time */
+            const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(x + i));
+            __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(bits, 16), one)));
+            r = _mm512_mask_mov_epi32(_mm512_and_si512(r, high), _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, abs), inf), nan);
+            _mm512_storeu_ps(rounded + i, _mm512_castsi512_ps(r));
+        }
+#endif
+        for (; i < rows * in; ++i) {
             const uint32_t bits = (uint32_t)bf16_bits(x[i]) << 16;
             memcpy(rounded + i, &bits, sizeof bits);
         }
@@ -860,6 +984,8 @@ void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const floa
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->ffn_norm, dim, m->eps);
     matvec(m->x, l->w13, l->s13, m->ffn, rows, dim, 2 * hidden, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);  /* w1 rows, then w3 rows */
+    /* a prompt's rows (tens of thousands of expf) split across the threads; a decode step's stay on one */
+    #pragma omp parallel for schedule(static) num_threads(m->threads) if (rows * hidden >= 16384)
     for (int64_t r = 0; r < rows; ++r) {
         const float *gate = m->ffn + r * 2 * hidden, *up = gate + hidden;
         float *act = m->act + r * hidden;
