@@ -71,10 +71,10 @@ def staged_output_dir(dst: str, overwrite: bool = False, src: str = None,
     parent = os.path.dirname(dst)
     with _writable(shown, parent):
         os.makedirs(parent, exist_ok=True)
-    with _sigterm_raises(), _exclusive_writer(shown, dst, parent):
+    with _sigterm_raises() as sigterm, _exclusive_writer(shown, dst, parent):
         staging = None
         try:
-            with _writable(shown, parent):
+            with _writable(shown, parent), _sigterm_held():  # the folder exists only once its name is kept
                 staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
             umask = os.umask(0)
             os.umask(umask)
@@ -90,10 +90,16 @@ def staged_output_dir(dst: str, overwrite: bool = False, src: str = None,
             if e.errno in _DISK_FULL:
                 raise _disk_full(shown, parent, staging, needs_bytes, e) from None
             raise
-        except Terminated:
+        except BaseException as e:
+            # SIGTERM raises Terminated wherever the writer is; inside an import, C code or a library's own
+            # handler it may come out as another exception, so the signal itself is what tells.
+            if not sigterm.arrived:
+                raise
             print(f"llama_mp: stopped by SIGTERM; the unfinished output for {shown} was removed.",
                   file=sys.stderr, flush=True)
-            raise
+            if isinstance(e, Terminated):
+                raise
+            raise Terminated() from None
         finally:
             if staging is not None and os.path.isdir(staging):
                 shutil.rmtree(staging, ignore_errors=True)
@@ -155,27 +161,47 @@ def _writable(shown: str, parent: str) -> Iterator[None]:
                            "write permission there; nothing was written.") from None
 
 
+class _Sigterm:
+    arrived = False  # whether SIGTERM came while writing
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _sigterm_raises() -> Iterator[_Sigterm]:
     """While writing, make SIGTERM raise `Terminated` so cleanup runs (its default action would end the
-    process at once and leave the staging folder behind). Only the main thread can set a handler; the
-    previous handler comes back afterwards, and an ignored SIGTERM stays ignored."""
+    process at once and leave the staging folder behind), and record that it came. Only the main thread
+    can set a handler; the previous handler comes back afterwards, and an ignored SIGTERM stays ignored."""
+    seen = _Sigterm()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield seen
         return
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_IGN:
-        yield
+        yield seen
         return
 
     def on_sigterm(signum, frame):
+        seen.arrived = True
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        yield seen
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """Hold SIGTERM back (where the OS allows) for a few statements that must not be cut in two, such as
+    making the staging folder and keeping its name; one that came meanwhile is delivered afterwards."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 @contextlib.contextmanager
