@@ -98,9 +98,11 @@ class _Answer:
                 self.open -= 1
             yield event
 
-    def prompt_logprobs(self, event: Event) -> list:
-        """The `logprobs` entries of the prompt whose scores `event` carries."""
-        return self.state.scheduler.prompt_logprobs(self.job.sequences[event.index], event.prompt_scores)
+    async def prompt_logprobs(self, event: Event) -> list:
+        """The `logprobs` entries of the prompt whose scores `event` carries, written out in a worker
+        thread: a long prompt's text takes a moment, and the event loop serves every other client."""
+        return await asyncio.to_thread(self.state.scheduler.prompt_logprobs, self.job.sequences[event.index],
+                                       event.prompt_scores)
 
     def close(self) -> None:
         """The answer is over (sent, failed or abandoned): stop watching; cancel what still runs."""
@@ -123,7 +125,7 @@ async def _whole(answer: _Answer) -> JSONResponse:
             if event.error is not None:
                 return error_response(event.error)
             if event.prompt_scores is not None:  # the echoed prompt's entries come first
-                logprobs[event.index][:0] = answer.prompt_logprobs(event)
+                logprobs[event.index][:0] = await answer.prompt_logprobs(event)
             texts[event.index].append(event.text)
             if event.logprobs:
                 logprobs[event.index] += event.logprobs
@@ -154,8 +156,8 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
                 yield _sse(event.error.body())
                 break
             if event.prompt_scores is not None:
-                piece = choice(job, event.index, job.echo_texts[event.index], None, answer.prompt_logprobs(event),
-                               delta=True, first=True)
+                entries = await answer.prompt_logprobs(event)
+                piece = choice(job, event.index, job.echo_texts[event.index], None, entries, delta=True, first=True)
                 yield _sse(envelope(job, [piece], None, True))
             if event.finish_reason is not None:
                 counts[0] += event.prompt_tokens
