@@ -2,8 +2,10 @@
 
 Matrices keep the checkpoint's [out, in] layout, which the kernels' dot products stream fastest; a
 bfloat16 model keeps bfloat16 weights and a quantized one its int8 or int4 weights; activations and
-KV cache are float32, and a bfloat16 model's products take their input rounded to bfloat16 (cpu.py). Prefill runs the model's PyTorch forward with these projections,
-so its products go through the kernels too (their multi-row tiles).
+KV cache are float32, and a bfloat16 model's products take their input rounded to bfloat16 (cpu.py).
+A prompt that fits one step is prefilled as that step's rows (`prefill`); a longer one runs the model's
+PyTorch forward with these projections, so its products go through the kernels too (their multi-row
+tiles).
 """
 
 from __future__ import annotations
