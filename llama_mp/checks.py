@@ -9,6 +9,8 @@ Python callers, so the rules refuse what would be accepted and then give nonsens
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 from .errors import LlamaMPError
 
@@ -80,3 +82,130 @@ def require_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise LlamaMPError(f"{name} must be True or False, got {described(value)}.")
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Text: what a shell or a file can hand over that is not Unicode text. Python turns bytes of argv that are
+# not UTF-8 into lone surrogates (U+DC80..U+DCFF), and JSON's "\ud800" escapes make them too; such a
+# string cannot be encoded, so the tokenizer or the first print would end in a UnicodeEncodeError.
+
+
+def text_problem(value: str) -> Optional[str]:
+    """What makes `value` not UTF-8 text (its first lone surrogate, and where), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"holds {value[e.start]!r} at character {e.start}, which is not text: bytes that are not UTF-8 "
+                "(as a shell passes them on), or a lone surrogate escape such as \\ud800 in JSON")
+    return None
+
+
+def require_text(name: str, value) -> str:
+    """`value` if it is a string of UTF-8-encodable text, else a LlamaMPError naming `name`."""
+    if not isinstance(value, str):
+        raise LlamaMPError(f"{name} must be text, got {described(value)}.")
+    problem = text_problem(value)
+    if problem:
+        raise LlamaMPError(f"{name} {problem}. Pass UTF-8 text.")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The domain of every numeric option of every command and launcher, in one table. Each count, size and
+# rate has an upper bound as well as a lower one, checked before any work: a user's 10**12 must not become
+# a loop up to it, an allocation, an overflow traceback or a run that fills the machine. Finer rules that
+# depend on other values (a rank count that splits the model, a window within max_seq_len, the memory the
+# model and its cache need, temperature 0 or from 0.001) are checked where those values are known.
+
+MAX_RANKS = 1024             # processes, shards, GPUs: more than any LLaMA has query heads to split
+MAX_TOKENS = 1 << 24         # sequence lengths and token counts: 16M, over 100x the longest LLaMA context
+MAX_BATCH = 1 << 16          # rows of a batch
+MAX_SIZE = 2 ** 31 - 1       # a tensor dimension (params.py's LARGEST_SIZE)
+MAX_RUNS = 1000              # repetitions of a benchmark
+MAX_CLIENTS = 1024           # concurrent benchmark clients (each an open connection)
+MAX_REQUESTS = 1 << 20       # requests of a benchmark level
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values an option may take: integers (`integer`) or finite numbers from `low` to `high`."""
+
+    integer: bool
+    low: float
+    high: float
+    meaning: str
+
+    def check(self, name: str, value) -> None:
+        ok = is_int(value) if self.integer else is_finite_number(value)
+        if not ok or not self.low <= value <= self.high:
+            kind = "an integer" if self.integer else "a number"
+            raise LlamaMPError(f"--{name} must be {kind} from {self.low:g} to {self.high:g} ({self.meaning}), "
+                               f"got {described(value)}.")
+
+
+def _int(low, high, meaning):
+    return Domain(True, low, high, meaning)
+
+
+def _number(low, high, meaning):
+    return Domain(False, low, high, meaning)
+
+
+# Keys are option names, or "command:option" where one command's option means something else.
+OPTION_DOMAINS: Dict[str, Domain] = {
+    "mp": _int(1, MAX_RANKS, "shards to write"),
+    "gpus": _int(1, MAX_RANKS, "GPUs to split the model over"),
+    "gpu_mem_gb": _number(0.001, 65536, "GiB of memory per GPU"),
+    "max_seq_len": _int(2, MAX_TOKENS, "tokens of prompt and answer a sequence holds"),
+    "max_batch_size": _int(1, MAX_BATCH, "sequences decoded together"),
+    "max_gen_len": _int(1, MAX_TOKENS, "tokens to generate"),
+    "temperature": _number(0, 100, "0 for greedy, else from 0.001"),
+    "top_p": _number(0, 1, "the nucleus's probability mass, above 0"),
+    "top_k": _int(0, MAX_SIZE, "likeliest tokens kept, 0 for all"),
+    "seed": _int(0, SEED_LIMIT - 1, "it seeds the random generator"),
+    "bench:seed": _int(0, 2 ** 32 - 1, "it picks the prompts and the random weights"),
+    "synth:seed": _int(0, 2 ** 32 - 1, "it draws the random weights"),
+    "timeout_s": _number(SHORTEST_WAIT_S, LONGEST_WAIT_S, "seconds a rank waits for the others"),
+    "load_timeout_s": _number(SHORTEST_WAIT_S, LONGEST_WAIT_S, "seconds a rank waits for the slowest to load"),
+    "group_size": _int(0, 128, "inputs per int4 scale: 32, 64 or 128"),
+    "window": _int(2, MAX_TOKENS, "tokens per scoring window"),
+    "stride": _int(1, MAX_TOKENS, "tokens each window advances"),
+    # model shapes (synth, bench): params.json's own rules then apply
+    "dim": _int(1, MAX_SIZE, "the model width"),
+    "n_layers": _int(1, MAX_SIZE, "transformer layers"),
+    "n_heads": _int(1, MAX_SIZE, "query heads"),
+    "n_kv_heads": _int(1, MAX_SIZE, "key/value heads"),
+    "vocab_size": _int(1, MAX_SIZE, "token embeddings"),
+    "synth:vocab_size": _int(0, MAX_SIZE, "token embeddings, 0 for the tokenizer's size"),
+    "multiple_of": _int(1, MAX_SIZE, "the FFN width is rounded up to a multiple of it"),
+    "ffn_dim_multiplier": _number(0.001, 1000, "it scales the FFN width, e.g. 1.3"),
+    # bench
+    "batch": _int(1, MAX_BATCH, "sequences decoded together"),
+    "prompt_len": _int(1, MAX_TOKENS, "tokens per prompt"),
+    "new_tokens": _int(1, MAX_TOKENS, "tokens decoded per run"),
+    "runs": _int(1, MAX_RUNS, "timed runs"),
+    "warmup": _int(0, MAX_RUNS, "untimed runs first"),
+    # serve
+    "port": _int(0, 65535, "0 for any free port"),
+    "max_queue": _int(1, MAX_BATCH, "requests that may wait for a free row"),
+    "max_body_bytes": _int(1024, 1 << 30, "bytes of one request body"),
+    "drain_s": _number(0, 3600, "seconds in-flight requests get to finish after SIGTERM"),
+    # bench-serve (its --concurrency is a list, checked by parse_levels with the same bound)
+    "bench_serve:requests": _int(0, MAX_REQUESTS, "requests per level, 0 for 64 or 8 per client"),
+    "bench_serve:max_tokens": _int(1, MAX_TOKENS, "tokens per answer"),
+    "bench_serve:warmup": _int(0, MAX_REQUESTS, "uncounted requests first"),
+}
+
+
+def option_domain(command: str, name: str) -> Optional[Domain]:
+    """The domain of option `name` of `command` (a function's name), or None for an option that is not a number."""
+    return OPTION_DOMAINS.get(f"{command}:{name}", OPTION_DOMAINS.get(name))
+
+
+def check_option_values(command: str, values: Dict[str, object]) -> None:
+    """Refuse the first value of `values` (option name -> value as given) outside its domain; None means
+    "not given" for an optional option."""
+    for name, value in values.items():
+        domain = option_domain(command, name)
+        if domain is not None and value is not None:
+            domain.check(name, value)

@@ -35,12 +35,30 @@ def job_exit_code(exitcodes: List[int]) -> int:
     return 128 - code if code < 0 else code
 
 
+def process_count_problem(nproc_per_node: str, nnodes: str) -> Optional[str]:
+    """What is wrong with torchrun's process counts (checks.MAX_RANKS in all), or None. torchrun itself
+    would start --nproc_per_node 100000 processes; its names (auto, cpu, gpu) are left to it."""
+    from .checks import MAX_RANKS
+
+    counts = {"--nproc_per_node": [nproc_per_node], "--nnodes": str(nnodes).split(":")}
+    for flag, values in counts.items():
+        for value in values:
+            text = str(value).strip()
+            if text.lstrip("-").isdigit() and not 1 <= int(text) <= MAX_RANKS:
+                return f"{flag} must be from 1 to {MAX_RANKS} (processes a job can split a model over), got {text}."
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(argv)
+    problem = process_count_problem(args.nproc_per_node, args.nnodes)
+    if problem:  # before torchrun starts that many processes
+        print(f"llama_mp: error: {problem}", file=sys.stderr, flush=True)
+        return 2
     try:
         torchrun.run(args)
     except ChildFailedError as e:

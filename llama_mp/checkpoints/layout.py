@@ -208,20 +208,25 @@ def valid_world_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
     """Every process count (up to `limit`) that splits query heads, FFN, embedding and vocab evenly and
     divides n_kv_heads or is a multiple of it (each rank's query heads then share one kv head); with int4
     weights, each rank's slice of the inputs of wo (dim) and w2 (FFN width) must also be whole groups."""
+    return [n for n in range(1, min(limit, args.n_heads) + 1) if splits(args, n)]
+
+
+def splits(args: ModelArgs, n: int) -> bool:
+    """Whether `n` processes or shards split the model as `valid_world_sizes` says. A count above n_heads
+    never does, so asking costs nothing whatever `n` is."""
     must_divide = [args.n_heads, args.ffn_hidden_dim, args.dim]
     if args.vocab_size > 0:
         must_divide.append(args.vocab_size)
     group = args.scheme.group_size if args.scheme is not None and args.scheme.mode == "int4" else 1
-    return [n for n in range(1, limit + 1)
-            if all(x % n == 0 for x in must_divide) and (args.kv_heads % n == 0 or n % args.kv_heads == 0)
-            and (args.dim // n) % group == 0 and (args.ffn_hidden_dim // n) % group == 0]
+    return (1 <= n <= args.n_heads and all(x % n == 0 for x in must_divide)
+            and (args.kv_heads % n == 0 or n % args.kv_heads == 0)
+            and (args.dim // n) % group == 0 and (args.ffn_hidden_dim // n) % group == 0)
 
 
 def require_split(args: ModelArgs, count, subject: str, unit: str, advice: str = "") -> None:
     """Raise unless `count` ranks or shards (`unit`: "process", "shard", "GPU") split the model evenly,
     naming the counts that would. `subject` says what is being split, e.g. "This checkpoint (DIR)"."""
-    valid = valid_world_sizes(args, limit=max(64, count if is_int(count) else 0))
-    if is_int(count) and count in valid:
+    if is_int(count) and splits(args, count):
         return
     raise LlamaMPError(
         f"{subject} (n_heads {args.n_heads}, n_kv_heads {args.kv_heads}, FFN {args.ffn_hidden_dim}, dim "

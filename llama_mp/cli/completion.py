@@ -14,7 +14,7 @@ import time
 from typing import Callable, List, Optional, TypeVar
 
 from .. import distributed
-from ..checks import described
+from ..checks import described, require_text, text_problem
 from ..errors import LlamaMPError
 from ..runtime.chat import load_dialogs
 from ..runtime.llama import Llama, check_build_arguments, log
@@ -50,8 +50,7 @@ def prompts_from_text(text: Optional[str]) -> List[str]:
     prompt. Without --prompts, the built-in examples."""
     if text is None:
         return list(EXAMPLE_PROMPTS)
-    if not isinstance(text, str):
-        raise LlamaMPError(f"--prompts must be text, got {described(text)}.")
+    require_text("--prompts", text)
     start = text.lstrip()[:1]
     if start not in ("[", "{"):
         return [text]
@@ -69,6 +68,8 @@ def prompts_from_text(text: Optional[str]) -> List[str]:
         if not isinstance(prompt, str):
             raise LlamaMPError(f"--prompts is a JSON list, but its item {i} is {jsonlib.dumps(prompt)[:60]}, not a "
                                f"string: a JSON list must hold only strings, one per prompt. {wrap}.")
+        if text_problem(prompt):
+            raise LlamaMPError(f"--prompts is a JSON list whose prompt {i} {text_problem(prompt)}. Pass UTF-8 text.")
     return value
 
 

@@ -8,6 +8,7 @@ quiet on Ctrl-C and when another rank failed, and tears the process group down.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import os
 import signal
@@ -16,12 +17,17 @@ import time
 from typing import Callable, List, Optional
 
 from .. import distributed
+from ..checks import check_option_values, require_text
 from ..errors import LlamaMPError, RemoteRankError, report
 
 REPORTER_GRACE_S = 1.0
 
 
 TEXT_TYPES = (str, Optional[str], "str", "Optional[str]", "str | None")
+# Text options that name files: a file name on Linux is bytes, and one that is not UTF-8 is still a name
+# (Python hands it over with surrogate escapes, which `open` turns back into the same bytes).
+PATH_OPTIONS = frozenset({"ckpt_dir", "tokenizer_path", "out_dir", "src", "dst", "text", "dialogs", "per_token",
+                          "compare", "tokenizer"})
 
 
 def text_options(fn: Callable) -> List[str]:
@@ -104,6 +110,35 @@ def check_options(fn: Callable, argv: List[str]) -> None:
         raise LlamaMPError(f"{fn.__name__} needs --{' and --'.join(missing)}; --help lists every option.")
 
 
+def checked_values(fn: Callable) -> Callable:
+    """`fn` as fire calls it, but refusing first, on every rank alike, a number outside its option's
+    domain (checks.OPTION_DOMAINS) and a text option that is not UTF-8 text: before any work, whatever
+    the command does with the value later."""
+    signature = inspect.signature(fn)
+    texts = [n for n in text_options(fn) if n not in PATH_OPTIONS]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            values = signature.bind(*args, **kwargs).arguments
+        except TypeError:  # fire reports a call that does not fit the signature itself
+            return fn(*args, **kwargs)
+
+        def check(_=None) -> None:
+            check_option_values(fn.__name__, values)
+            for name in texts:
+                if isinstance(values.get(name), str):
+                    require_text(f"--{name}", values[name])
+
+        try:
+            check()
+        except LlamaMPError as e:  # the same on every rank: the first local rank says it
+            raise distributed.said_once(e, check, distributed.env_ranks()[2]) from None
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def _quiet_sigint() -> List[bool]:
     """Make Ctrl-C raise KeyboardInterrupt as usual, and remember that it came: a rank whose peer was
     interrupted first sees a broken connection, which is then no error worth printing."""
@@ -127,6 +162,7 @@ def run(component, name: Optional[str] = None) -> None:
     import fire
 
     interrupted = _quiet_sigint()
+    _names_as_bytes()
     code = 1  # until fire returns: a bug that escapes keeps this, and its traceback
     try:
         argv, command, target = sys.argv[1:], [], component
@@ -142,6 +178,10 @@ def run(component, name: Optional[str] = None) -> None:
                 argv = checked()
             except LlamaMPError as e:  # the same on every rank: the first local rank says it
                 raise distributed.said_once(e, lambda _: checked(), distributed.env_ranks()[2]) from None
+            if command:
+                component = {**component, command[0]: checked_values(target)}
+            else:
+                component = checked_values(target)
             fire.Fire(component, command=command + argv, name=name)
         else:
             fire.Fire(component, name=name)
@@ -156,6 +196,18 @@ def run(component, name: Optional[str] = None) -> None:
     finally:
         distributed.teardown(failed=code != 0)
     sys.exit(code)
+
+
+def _names_as_bytes() -> None:
+    """Let stdout and stderr write a file name that is not UTF-8 as the bytes it is made of (Python holds
+    them as surrogate escapes), as other Unix tools print such names: `wrote DIR` must not end in a
+    UnicodeEncodeError. Text is refused before it gets here if it is not UTF-8 (`checked_values`)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "encoding", "").lower().replace("-", "") == "utf8":
+            try:
+                stream.reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):  # closed, or not a real text stream
+                pass
 
 
 def discard_output() -> None:

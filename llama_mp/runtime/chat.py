@@ -12,7 +12,7 @@ import json
 import os
 from typing import List, Optional, Tuple, TypedDict
 
-from ..checks import described
+from ..checks import described, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
 
@@ -63,6 +63,8 @@ def check_dialog(dialog, index: int) -> None:
         if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise LlamaMPError(f"{where}, message {j} must be an object with role one of {ROLES} and a string "
                                f"content; got {described(msg)}.")
+        if text_problem(msg["content"]):
+            raise LlamaMPError(f"{where}, message {j}'s content {text_problem(msg['content'])}. Send UTF-8 text.")
     roles = [m["role"] for m in dialog]
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if j % 2 == 0 else "assistant" for j in range(len(turns))]

@@ -18,7 +18,7 @@ import torch
 from .. import distributed
 from ..checkpoints.params import load_params
 from ..checkpoints.quantize import refuse_quantized
-from ..checks import described, require_int, require_seconds, require_seed
+from ..checks import described, require_int, require_seconds, require_seed, text_problem
 from ..distributed import Group
 from ..dtypes import choose_dtype
 from ..errors import LlamaMPError
@@ -89,6 +89,8 @@ def check_prompts(prompts) -> None:
         if not isinstance(prompt, str):
             hint = " Token ids go to generate(prompt_tokens=...)." if isinstance(prompt, (list, tuple)) else ""
             raise LlamaMPError(f"prompts must be a list of strings, but prompt {i} is {described(prompt)}.{hint}")
+        if text_problem(prompt):
+            raise LlamaMPError(f"prompt {i} {text_problem(prompt)}. Pass UTF-8 text.")
 
 
 class Llama:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from ..checks import described, is_int
+from ..checks import MAX_CLIENTS, check_option_values, described
 from ..errors import LlamaMPError
 
 PROMPTS = [
@@ -38,20 +38,30 @@ class Level:
     seconds: float = 0.0
     first_token_s: List[float] = field(default_factory=list)
     between_tokens_s: List[float] = field(default_factory=list)
+    first_error: Optional[str] = None  # what the first failed request met, for the message
 
-    def summary(self) -> Dict[str, float]:
+    def failed(self, why: str) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = why
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        """The level's figures; a latency nothing measured (no answer, or one token each) is None, not NaN,
+        which JSON cannot hold."""
+        def ms(values, q):
+            p = percentile(values, q)
+            return None if p is None else 1e3 * p
+
         return {"concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
                 "requests_per_s": self.requests / self.seconds, "output_tokens_per_s": self.tokens / self.seconds,
-                "ttft_p50_ms": 1e3 * percentile(self.first_token_s, 50),
-                "ttft_p99_ms": 1e3 * percentile(self.first_token_s, 99),
-                "itl_p50_ms": 1e3 * percentile(self.between_tokens_s, 50),
-                "itl_p99_ms": 1e3 * percentile(self.between_tokens_s, 99)}
+                "ttft_p50_ms": ms(self.first_token_s, 50), "ttft_p99_ms": ms(self.first_token_s, 99),
+                "itl_p50_ms": ms(self.between_tokens_s, 50), "itl_p99_ms": ms(self.between_tokens_s, 99)}
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The nearest-rank q-th percentile (NaN for no values)."""
+def percentile(values: Sequence[float], q: float) -> Optional[float]:
+    """The nearest-rank q-th percentile (None for no values)."""
     if not values:
-        return float("nan")
+        return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
@@ -61,10 +71,11 @@ def parse_levels(concurrency) -> List[int]:
     items = concurrency if isinstance(concurrency, (list, tuple)) else str(concurrency).split(",")
     try:
         levels = [int(x) for x in items]
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         levels = []
-    if not levels or any(c < 1 for c in levels):
-        raise LlamaMPError(f"--concurrency must be a positive integer or a list like 1,4,8; got {described(concurrency)}.")
+    if not levels or any(not 1 <= c <= MAX_CLIENTS for c in levels):
+        raise LlamaMPError(f"--concurrency must be an integer from 1 to {MAX_CLIENTS} (clients at once, each with "
+                           f"its own connection) or a list of them like 1,4,8; got {described(concurrency)}.")
     return levels
 
 
@@ -74,15 +85,15 @@ async def _one(client, url: str, body: dict, level: Level) -> None:
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
-                await response.aread()
-                level.errors += 1
+                body = (await response.aread()).decode("utf-8", "replace")
+                level.failed(f"HTTP {response.status_code} {body[:200]}".strip())
                 return
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = jsonlib.loads(line[6:])
                 if "error" in chunk:
-                    level.errors += 1
+                    level.failed(f"the stream ended with an error: {jsonlib.dumps(chunk['error'])[:200]}")
                     return
                 if chunk.get("usage"):
                     count = chunk["usage"]["completion_tokens"]
@@ -94,8 +105,8 @@ async def _one(client, url: str, body: dict, level: Level) -> None:
                 else:
                     level.between_tokens_s.append(now - last)
                 last = now
-    except Exception:  # noqa: BLE001 - a failed request is counted, the bench goes on
-        level.errors += 1
+    except Exception as e:  # noqa: BLE001 - a failed request is counted, the bench goes on
+        level.failed(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         return
     level.requests += 1
     level.tokens += count
@@ -137,17 +148,15 @@ def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", 
     --warmup requests are sent first and not counted.
     """
     levels = parse_levels(concurrency)
-    for name, value, least in (("requests", requests, 0), ("max_tokens", max_tokens, 1), ("warmup", warmup, 0)):
-        if not is_int(value) or value < least:
-            raise LlamaMPError(f"--{name} must be an integer >= {least}, got {described(value)}.")
+    check_option_values("bench_serve", {"requests": requests, "max_tokens": max_tokens, "warmup": warmup})
     try:
         import httpx  # noqa: F401
     except ImportError:
         raise LlamaMPError("bench-serve needs httpx: pip install httpx (it comes with the test extra).") from None
     endpoint = str(url).rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    if warmup:
-        asyncio.run(_level(endpoint, 1, warmup, max_tokens, headers, model))
+    if warmup:  # a server that answers nothing is found here, before any level
+        measured(asyncio.run(_level(endpoint, 1, warmup, max_tokens, headers, model)), url, "the warmup")
     if not json:
         print(f"{'C':>3} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'errors':>6}"
               "   (ms)")
@@ -157,8 +166,24 @@ def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", 
         if json:
             print(jsonlib.dumps(s), flush=True)
         else:
-            print(f"{c:>3} {s['requests_per_s']:>8.2f} {s['output_tokens_per_s']:>9.1f} {s['ttft_p50_ms']:>9.1f} "
-                  f"{s['ttft_p99_ms']:>8.1f} {s['itl_p50_ms']:>8.2f} {s['itl_p99_ms']:>8.2f} {s['errors']:>6}",
-                  flush=True)
-        if level.errors and not level.requests:
-            print(f"note: every request at concurrency {c} failed; is the server at {url} up?", file=sys.stderr)
+            print(f"{c:>3} {s['requests_per_s']:>8.2f} {s['output_tokens_per_s']:>9.1f} {_ms(s['ttft_p50_ms'], 9, 1)} "
+                  f"{_ms(s['ttft_p99_ms'], 8, 1)} {_ms(s['itl_p50_ms'], 8, 2)} {_ms(s['itl_p99_ms'], 8, 2)} "
+                  f"{s['errors']:>6}", flush=True)
+        measured(level, url, f"concurrency {c}")
+
+
+def _ms(value: Optional[float], width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def measured(level: Level, url: str, what: str) -> None:
+    """Say what failed: nothing measured (every request of `what` failed) is an error, so the command
+    exits 2 instead of reporting zeros; some failed requests are a note beside the figures."""
+    if not level.errors:
+        return
+    if not level.requests:
+        raise LlamaMPError(f"Every request of {what} failed ({level.errors} of {level.errors}), so nothing was "
+                           f"measured; the first one met: {level.first_error}. Check that a server "
+                           f"(`llama-mp serve`) is up at {url} and takes these requests (--api_key, --model).")
+    print(f"note: {level.errors} of {level.errors + level.requests} requests of {what} failed; the first one met: "
+          f"{level.first_error}", file=sys.stderr, flush=True)
