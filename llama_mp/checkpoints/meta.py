@@ -63,6 +63,21 @@ def shard_paths(ckpt_dir: str) -> List[str]:
     return [found[i] for i in range(len(found))]
 
 
+def nonfinite_problem(t: torch.Tensor) -> Optional[str]:
+    """None when every value of `t` is finite (or `t` holds integers); else how many are NaN or infinite.
+
+    One sum decides, which any NaN or infinity makes non-finite: a single read of the tensor, without a
+    mask as large as it. The sum is taken in the tensor's own dtype (PyTorch accumulates in float32 either
+    way; asking for a float32 result takes a path ten times slower on a CPU). Only a non-finite sum (a
+    damaged tensor, or finite values whose sum overflows, as float16's can) has the values counted."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    if bool(torch.isfinite(t.sum())):
+        return None
+    bad = int((~torch.isfinite(t)).sum())
+    return f"holds {bad} NaN or infinite value(s) of {t.numel()}" if bad else None
+
+
 def load_shard(path: str) -> StateDict:
     """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet."""
     try:
@@ -298,6 +313,7 @@ class RankSlices:
         paths = shard_paths(ckpt_dir)
         self.num_shards, self.rank, self.world_size = len(paths), rank, world_size
         needed = overlapping_shards(rank, world_size, self.num_shards)
+        self.paths = paths
         self.shards = {k: load_shard(paths[k]) for k in needed}
         self.args = resolve_vocab(args, self.shards[needed[0]], paths[needed[0]], self.num_shards)
         layout.require_split(self.args, world_size, f"This checkpoint ({ckpt_dir}, {self.num_shards} shard(s))",
@@ -316,13 +332,33 @@ class RankSlices:
     def tensor(self, key: str) -> torch.Tensor:
         return joined(*self.pieces(key))
 
+    def require_finite(self, key: str, share: torch.Tensor) -> None:
+        """Refuse this rank's share of `key` (as loaded, or as read for quantizing) if any value is NaN or
+        infinite: such a weight turns every logit into NaN, and greedy decoding would still print tokens.
+        Checked once per tensor while loading, so decoding pays nothing for it."""
+        problem = nonfinite_problem(share)
+        if problem is None:
+            return
+        damaged = [self.paths[k] for k, sd in sorted(self.shards.items())
+                   if nonfinite_problem(sd[stored_key(key, sd)]) is not None]
+        if damaged:
+            raise LlamaMPError(f"{key} in {', '.join(damaged)} is damaged: this rank's share of it {problem}, so "
+                               "every answer would be garbage. Download that shard again or rebuild it from its "
+                               "source (`llama-mp verify` lists every such tensor).")
+        raise LlamaMPError(f"{key} of {self.ckpt_dir} does not fit in {str(share.dtype).replace('torch.', '')}: "
+                           f"converted, this rank's share of it {problem} (float16 holds at most 65504). Load "
+                           "it in bfloat16 or float32 (--dtype).")
+
     def copy_into(self, key: str, dest: torch.Tensor) -> None:
-        """Write this rank's share of `key` into `dest` (of its shape; converted to its dtype and device).
-        The scales of a quantized checkpoint are checked once in place (`scales_problem`)."""
+        """Write this rank's share of `key` into `dest` (of its shape; converted to its dtype and device),
+        then check it is finite (`require_finite`). The scales of a quantized checkpoint are checked once
+        in place (`scales_problem`)."""
         dim, parts = self.pieces(key)
         for offset, piece in parts:
             (dest if dim is None else dest.narrow(dim, offset, piece.shape[dim])).copy_(piece)
-        if key.endswith(".scales"):
+        if not key.endswith(".scales"):
+            self.require_finite(key, dest)
+        else:
             problem = scales_problem(dest)
             if problem:
                 raise LlamaMPError(f"{self.ckpt_dir}: {key} {problem}, so the weights it scales are garbage. The "

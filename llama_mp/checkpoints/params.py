@@ -253,7 +253,10 @@ def _consistency_problems(v: Dict[str, Any]) -> list:
     if kv is not None and v["n_heads"] % kv:
         problems.append(f"n_kv_heads {kv} must be positive and divide n_heads {v['n_heads']}")
     fields = {k: v[k] for k in ("dim", "multiple_of", "ffn_dim_multiplier") if v.get(k) is not None}
-    hidden = ModelArgs(n_layers=1, n_heads=1, **fields).ffn_hidden_dim
+    try:
+        hidden = ModelArgs(n_layers=1, n_heads=1, **fields).ffn_hidden_dim
+    except OverflowError:  # a multiplier near float's maximum makes the width infinite
+        hidden = math.inf
     if not 0 < hidden <= LARGEST_SIZE:
         problems.append(f"dim, multiple_of and ffn_dim_multiplier give an FFN width of {hidden}, which no model "
                         f"can have (it must be from 1 to {LARGEST_SIZE})")

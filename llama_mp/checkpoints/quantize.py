@@ -105,6 +105,7 @@ class QuantizingSlices:
     def _quantize_weight(self, key: str, dest: Optional[torch.Tensor]) -> torch.Tensor:
         scheme = layout.scheme_of(key, self.args)
         weight = self.source.tensor(key)
+        self.source.require_finite(key, weight)  # NaN would quantize to integers that look sound
         if dest is None:
             dest = torch.empty(scheme.weight_shape(*weight.shape), dtype=scheme.weight_dtype)
         scales = torch.empty(scheme.scale_shape(*weight.shape), dtype=scheme.scale_dtype)
@@ -115,7 +116,9 @@ class QuantizingSlices:
     def tensor(self, key: str) -> torch.Tensor:
         """This rank's share of `key` (quantized if it is a quantized weight or scales), a new tensor or a view."""
         if layout.scheme_of(key, self.args) is None:
-            return self.source.tensor(key)
+            share = self.source.tensor(key)
+            self.source.require_finite(key, share)
+            return share
         if key.endswith(".scales"):
             if key not in self._scales:
                 self._quantize_weight(key[:-len(".scales")] + ".weight", None)

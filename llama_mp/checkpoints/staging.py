@@ -13,7 +13,14 @@ over. The destination rule is checked again right before the final rename, so th
 folder that appeared meanwhile (made by anything) is never replaced.
 
 The usual ways writing fails become one message each: a folder that cannot be written (permissions, a
-read-only filesystem) and a full disk (ENOSPC, or a quota: EDQUOT).
+read-only filesystem) and a full disk (ENOSPC, or a quota: EDQUOT); an output the caller can size that
+the disk cannot hold is refused before anything is written.
+
+A writer killed outright (SIGKILL, a power cut) runs no cleanup. Its staging folder is named after its
+host and PID (`.NAME.partial-PID@HOST-XXXX`), so the next writer of that destination, once it holds the
+lock, removes what a dead writer of this host left, puts back a previous folder that a killed --overwrite
+had moved aside (`.NAME.old-XXXX/replaced`, when NAME is missing), and names anything it cannot attribute.
+Single output files (`staged_output_file`) follow the same rules.
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 from ..errors import LlamaMPError
 
@@ -71,11 +79,14 @@ def staged_output_dir(dst: str, overwrite: bool = False, src: str = None,
     parent = os.path.dirname(dst)
     with _writable(shown, parent):
         os.makedirs(parent, exist_ok=True)
+    require_room(shown, parent, needs_bytes)
     with _sigterm_raises() as sigterm, _exclusive_writer(shown, dst, parent):
+        clear_leftovers(dst)
+        check_destination(shown, overwrite, src)  # a folder put back by clear_leftovers counts
         staging = None
         try:
             with _writable(shown, parent), _sigterm_held():  # the folder exists only once its name is kept
-                staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+                staging = tempfile.mkdtemp(prefix=_staging_prefix(dst), dir=parent)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
@@ -103,6 +114,103 @@ def staged_output_dir(dst: str, overwrite: bool = False, src: str = None,
         finally:
             if staging is not None and os.path.isdir(staging):
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def require_room(shown: str, parent: str, needs_bytes: Optional[int]) -> None:
+    """Refuse at once an output of `needs_bytes` that the free space of `parent`'s disk cannot hold (a
+    little slack: the estimate leaves out headers), rather than fill the disk and fail half way."""
+    if not needs_bytes:
+        return
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if needs_bytes > free * 1.02 + (1 << 20):
+        raise LlamaMPError(f"The output {shown} needs about {_size(needs_bytes)}, but only {_size(free)} are free "
+                           f"in {parent}. Free that much space or write to another disk; nothing was written.")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a killed writer leaves behind
+
+
+def _host() -> str:
+    """This host's name as it can sit in a file name."""
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+
+
+def _staging_prefix(dst: str) -> str:
+    return f".{os.path.basename(dst)}.partial-{os.getpid()}@{_host()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def _dead_writer(name: str, marker: str) -> Optional[bool]:
+    """Whether the leftover `name` (`...{marker}PID@HOST-XXXX`) was left by a process of this host that is
+    gone (True), by a live one (False), or cannot be told (None: another host, or an older name)."""
+    rest = name.split(marker, 1)[1]
+    pid, at, host = rest.partition("-")[0].partition("@")
+    if not at or not pid.isdigit() or host != _host():
+        return None
+    return not _pid_alive(int(pid))
+
+
+def clear_leftovers(dst: str) -> List[str]:
+    """Sort out what killed writers of `dst` left beside it; the caller holds its lock, so none of it is a
+    live writer's. Staging folders or files of dead writers of this host are removed; a previous `dst`
+    that a killed --overwrite had moved aside is put back when `dst` is missing (and removed when the new
+    one is in place); anything else is named in a note. Returns the notes (also printed on stderr)."""
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    notes = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return notes
+    for name in names:
+        path = os.path.join(parent, name)
+        if name.startswith(f".{base}.partial-"):
+            dead = _dead_writer(name, ".partial-")
+            if dead:
+                _remove(path)
+                notes.append(f"removed {path}, the unfinished output of a writer that was killed")
+            elif dead is None:
+                notes.append(f"{path} is the unfinished output of another writer (another host, or an older "
+                             "llama_mp) that may have been killed; delete it if no such writer is running")
+        elif name.startswith(f".{base}.old-") and os.path.isdir(path):
+            aside = os.path.join(path, "replaced")
+            if not os.path.lexists(dst) and os.path.isdir(aside):
+                os.rename(aside, dst)
+                notes.append(f"put the previous {dst} back from {path}: a run with --overwrite was killed "
+                             "while replacing it")
+            if os.path.lexists(dst):
+                _remove(path)
+        elif name.startswith(f".{base}.lock.stale-"):  # `_take_over_stale`'s, named PID-THREAD
+            pid = name.rsplit(".lock.stale-", 1)[1].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                _remove(path)
+    for note in notes:
+        print(f"llama_mp: note: {note}.", file=sys.stderr, flush=True)
+    return notes
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def _rename_unless_created(staging: str, dst: str, shown: str) -> None:
@@ -301,3 +409,56 @@ def _replace(staging: str, dst: str, parent: str) -> None:
         os.rmdir(old)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single output files (perplexity's --per_token)
+
+
+def check_output_file(option: str, path) -> str:
+    """`path` as a string if a file can be written there, else a LlamaMPError naming `option`: checked
+    before the work whose results it will hold (a probe file is made in its folder and removed)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise LlamaMPError(f"{option} must be the path of a file to write, got {path!r}.")
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise LlamaMPError(f"{option} {path!r} is a folder; give the name of a file to write; nothing was run.")
+    if not os.path.isdir(parent):
+        what = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
+        raise LlamaMPError(f"{option} {path!r} cannot be written: {parent} {what}. Create the folder first or "
+                           "pick a file in an existing one; nothing was run.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_staging_prefix(path), dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise LlamaMPError(f"{option} {path!r} cannot be written: the folder {parent} is not writable "
+                           f"({e.strerror}). Pick a file in a folder you can write to; nothing was run.") from None
+    return path
+
+
+@contextlib.contextmanager
+def staged_output_file(path: str) -> Iterator[str]:
+    """Yield a temporary file name beside `path`; when the block succeeds it replaces `path` at once, so
+    `path` is the previous file or the complete new one, never half of it. What a killed writer of
+    `path` left is sorted out first (`clear_leftovers`)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    clear_leftovers(path)
+    staging = None
+    try:
+        with _writable(path, parent):
+            fd, staging = tempfile.mkstemp(prefix=_staging_prefix(path), dir=parent)
+            os.close(fd)
+            yield staging
+            os.replace(staging, path)
+            staging = None
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise _disk_full(path, parent, None, None, e) from None
+        raise LlamaMPError(f"Cannot write {path}: {e.strerror or e}. Nothing was written there.") from None
+    finally:
+        if staging is not None:
+            with contextlib.suppress(OSError):
+                os.remove(staging)

@@ -8,7 +8,9 @@ Two independent checks, so one broken part does not hide another:
   every shard is what params.json and the shard count imply (`layout.shard_shapes`), replicated
   tensors agree across shards, and each tensor has one dtype everywhere. In a quantized checkpoint
   (params.json's "quantization") every quantized tensor has its integer or scale dtype and every
-  scale is finite and non-negative.
+  scale is finite and non-negative;
+* values: no float tensor holds NaN or an infinity (the loader refuses those too). This reads every
+  tensor once, as the md5 check reads every file.
 
 The loader raises on the first problem it meets; this module collects them (`checkpoint.shape_problems`)
 so a user with a 130 GB download learns everything that is wrong in one run.
@@ -142,7 +144,7 @@ def structure_problems(ckpt_dir: str) -> List[str]:
         for problem in (checkpoint.dtype_problems(checkpoint.tensor_dtypes(sd), args)
                         + _tie_problems(sd, args, num_shards, expected)
                         + checkpoint.shape_problems(_shapes(sd, args, num_shards, expected), expected)
-                        + _scale_problems(sd, args)):
+                        + _scale_problems(sd, args) + _value_problems(sd, args)):
             problems.append(f"{checkpoint.shard_name(index)}: {problem}")
     problems.extend(_agreement_problems(shards, args, num_shards))
     return problems
@@ -157,6 +159,18 @@ def _scale_problems(sd: checkpoint.StateDict, args: Optional[ModelArgs]) -> List
             problem = scales_problem(t)
             if problem:
                 problems.append(f"{key} {problem}")
+    return problems
+
+
+def _value_problems(sd: checkpoint.StateDict, args: Optional[ModelArgs]) -> List[str]:
+    """Float tensors (weights; scales have `_scale_problems`) with NaN or infinite values."""
+    problems = []
+    for key, t in sd.items():
+        if key.endswith(".scales") and args is not None and layout.quantized_dtype(key, args) is not None:
+            continue
+        problem = checkpoint.nonfinite_problem(t) if checkpoint.is_weight_dtype(t.dtype) else None
+        if problem:
+            problems.append(f"{key} {problem}: the file is damaged")
     return problems
 
 

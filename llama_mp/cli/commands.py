@@ -17,6 +17,7 @@ Results go to stdout; progress bars and notes to stderr; user errors raise Llama
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Optional
@@ -59,9 +60,31 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
                              "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5,
                              **FAMILY_PARAMS[family]}, where="synth options")
         check_shard_count(args, mp)
+        require_synth_fits(out_dir, args, torch_dtype)
         write_random_checkpoint(out, args, mp, seed=seed, dtype=torch_dtype)
     print(f"wrote {out_dir}: {mp} shard(s), {args.parameter_count() / 1e6:.1f}M parameters, tokenizer "
           f"{os.path.join(out_dir, 'tokenizer.model')}", file=sys.stderr)
+
+
+def require_synth_fits(out_dir: str, args, dtype) -> None:
+    """synth makes the whole model in memory, then writes it: refuse a shape that this host's memory or
+    the destination's disk cannot hold before drawing a single weight."""
+    import torch
+
+    from ..checkpoints import layout
+    from ..checkpoints.staging import require_room
+    from ..runtime.footprint import available_bytes
+
+    size = args.parameter_count() * dtype.itemsize
+    largest = max(math.prod(shape) for shape in layout.full_shapes(args).values()) * 4  # drawn in float32
+    free = available_bytes(torch.device("cpu"))
+    if free is not None and size + largest > free:
+        raise LlamaMPError(f"synth makes the whole model in memory before writing it: this shape "
+                           f"({args.parameter_count() / 1e9:.2f} B parameters) needs about "
+                           f"{(size + largest) / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB are available. Use a "
+                           "smaller shape, or `llama-mp bench --dim ...`, which draws random weights on each rank "
+                           "without writing a checkpoint.")
+    require_room(out_dir, os.path.dirname(os.path.abspath(out_dir)), size)
 
 
 FAMILY_PARAMS = {"llama": {}, "llama3": {"rope_theta": 500000.0, "use_scaled_rope": True}}
@@ -197,6 +220,7 @@ def perplexity(ckpt_dir: str, tokenizer_path: str, text: str, window: Optional[i
     """
     import json as jsonlib
 
+    from ..checkpoints.staging import check_output_file
     from ..runtime.llama import Llama, check_build_arguments
     from ..tools.perplexity import check_window, format_report, perplexity as score_file, read_text
     from .completion import _before_loading
@@ -205,6 +229,8 @@ def perplexity(ckpt_dir: str, tokenizer_path: str, text: str, window: Optional[i
         check_build_arguments(ckpt_dir, tokenizer_path, 1, timeout_s, load_timeout_s, quantize, group_size)
         check_window(window, stride, max_seq_len)
         read_text(text)
+        if per_token is not None and distributed.env_ranks()[0] == 0:  # rank 0 writes it, after the whole run
+            check_output_file("--per_token", per_token)
 
     _before_loading(check)
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, backend=backend, device=device, dtype=dtype,

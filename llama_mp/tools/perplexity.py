@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from ..checkpoints.staging import check_output_file, staged_output_file
 from ..checks import require_int
 from ..errors import LlamaMPError
 
@@ -52,18 +53,32 @@ class Scores:
         return math.exp(-self.logprobs.double().mean().item())
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
+        """Written whole or not at all (staging.py): a killed run leaves no half file behind."""
+        with staged_output_file(path) as staging, open(staging, "w") as f:
             json.dump({"logprobs": self.logprobs.tolist(), "argmax": self.argmax.tolist()}, f)
+
+    def nonfinite_problem(self) -> Optional[str]:
+        """Where the log-probabilities are NaN or infinite (a perplexity of nan or inf says nothing), or None."""
+        bad = ~torch.isfinite(self.logprobs)
+        if not bool(bad.any()):
+            return None
+        first = int(bad.nonzero()[0])
+        return (f"{int(bad.sum())} of {bad.numel()} log-probabilities are NaN or infinite (the first at scored "
+                f"token {first}: {self.logprobs[first].item()})")
 
     @classmethod
     def load(cls, path: str) -> "Scores":
         try:
             with open(path) as f:
                 data = json.load(f)
-            return cls(torch.tensor(data["logprobs"], dtype=torch.float32), torch.tensor(data["argmax"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            scores = cls(torch.tensor(data["logprobs"], dtype=torch.float32), torch.tensor(data["argmax"]))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise LlamaMPError(f"--compare {path!r} is not a file written by `llama-mp perplexity --per_token` "
                                f"({type(e).__name__}: {e}). Score the reference model with --per_token FILE first.")
+        if scores.nonfinite_problem():
+            raise LlamaMPError(f"--compare {path!r}: {scores.nonfinite_problem()}, so nothing can be compared with "
+                               "it. Score the reference model again with --per_token FILE.")
+        return scores
 
 
 def agreement(scores: Scores, reference: Scores) -> Dict[str, float]:
@@ -124,6 +139,8 @@ def perplexity(llama, text_path: str, window: Optional[int] = None, stride: Opti
         return None
     try:
         window, stride = check_window(window, stride, llama.model.max_seq_len)
+        if per_token is not None:  # before the run whose results it will hold
+            check_output_file("--per_token", per_token)
         reference = Scores.load(compare) if compare is not None else None
         tokens = llama.tokenizer.encode(read_text(text_path), bos=True, eos=False)
         if len(tokens) < 2:
@@ -131,6 +148,11 @@ def perplexity(llama, text_path: str, window: Optional[int] = None, stride: Opti
         scores = score_tokens(llama, tokens, window, stride)
     finally:
         engine.stop()
+    if scores.nonfinite_problem():
+        raise LlamaMPError(f"The model scored {text_path!r} but {scores.nonfinite_problem()}: its activations "
+                           "overflowed (float16 holds at most 65504) or its weights are damaged, so there is no "
+                           "perplexity to report. Run with --dtype float32 or bfloat16, and check the checkpoint "
+                           "with `llama-mp verify`.")
     report = {"text": text_path, "tokens": len(tokens), "scored": scores.logprobs.numel(), "window": window,
               "stride": stride, "perplexity": scores.perplexity,
               "mean_nll": -scores.logprobs.double().mean().item()}

@@ -1,0 +1,126 @@
+"""Class 3 of round 3: non-finite weights never produce output. A NaN or an infinity in a float
+checkpoint is reported by `verify` (tensor and shard named), refused by `quantize` and by loading (one
+message naming the tensor and the shard, found while the tensors are copied: decoding pays nothing), and
+perplexity never reports nan with exit 0. All in process."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from llama_mp.checkpoints import layout
+from llama_mp.checkpoints.meta import nonfinite_problem
+from llama_mp.checkpoints.quantize import quantize_checkpoint
+from llama_mp.checkpoints.verify import verify_checkpoint
+from llama_mp.distributed import Group
+from llama_mp.errors import LlamaMPError
+from llama_mp.runtime.decode import Decoder
+from llama_mp.runtime.loading import load_checkpoint
+from llama_mp.tools import perplexity as perplexity_mod
+from workers import build
+
+CPU_GROUP = Group(0, 1, 0, torch.device("cpu"), "gloo")
+SOME = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+BAD = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.fixture(scope="module")
+def clean(make_checkpoint):
+    return make_checkpoint(shards=2)  # (dir, args, state)
+
+
+def damaged_copy(clean, tmp_path, key, shard, flat_index, value, name="ckpt"):
+    """A copy of the clean checkpoint with one value of `key` in `shard` set to `value` (no checklist, so
+    that the values check is what speaks)."""
+    src, args, _ = clean
+    dst = tmp_path / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    os.remove(dst / "checklist.chk")
+    path = dst / f"consolidated.{shard:02d}.pth"
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd[key].view(-1)[flat_index % sd[key].numel()] = value
+    torch.save(sd, path)
+    return str(dst), f"consolidated.{shard:02d}.pth"
+
+
+def refused(fn, *args, **kwargs) -> str:
+    with pytest.raises(LlamaMPError) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@st.composite
+def damages(draw, args):
+    keys = sorted(layout.shard_shapes(args, 2))
+    return draw(st.sampled_from(keys)), draw(st.integers(0, 1)), draw(st.integers(0, 10 ** 6)), draw(st.sampled_from(BAD))
+
+
+@SOME
+@given(data=st.data())
+def test_a_nan_or_infinity_anywhere_is_named_by_verify_and_refused_by_loading_and_quantize(clean, tmp_path, data):
+    key, shard, index, value = data.draw(damages(clean[1]))
+    ckpt, shard_name = damaged_copy(clean, tmp_path, key, shard, index, value)
+    n = torch.Size(layout.shard_shapes(clean[1], 2)[key]).numel()
+    problems = verify_checkpoint(ckpt, progress=False)
+    assert f"{shard_name}: {key} holds 1 NaN or infinite value(s) of {n}: the file is damaged" in problems
+    replicated = layout.split_dim(key, clean[1]) is None
+    assert len(problems) == 1 + replicated, problems  # a damaged copy of a norm also differs from the other
+    if replicated and shard != 0:  # a copy the loader never reads: what loads is sound
+        assert f"{shard_name}: replicated tensor {key} differs from consolidated.00.pth" in problems
+        load_checkpoint(ckpt, CPU_GROUP, torch.float32, Decoder(), 1, 16)
+        return
+    for dtype in (torch.float32, torch.bfloat16):
+        message = refused(load_checkpoint, ckpt, CPU_GROUP, dtype, Decoder(), 1, 16)
+        assert message.startswith(f"{key} in {os.path.join(ckpt, shard_name)} is damaged"), message
+        assert "NaN or infinite" in message
+    message = refused(quantize_checkpoint, ckpt, str(tmp_path / "q"), "int8", progress=False)
+    assert f"{key} in " in message and shard_name in message and not (tmp_path / "q").exists()
+
+
+def test_verify_counts_the_values_and_names_the_tensor(clean, tmp_path):
+    ckpt, shard_name = damaged_copy(clean, tmp_path, "layers.1.feed_forward.w2.weight", 1, 5, float("nan"))
+    sd = torch.load(os.path.join(ckpt, shard_name), weights_only=True)
+    n = sd["layers.1.feed_forward.w2.weight"].numel()
+    assert verify_checkpoint(ckpt, progress=False) == [
+        f"{shard_name}: layers.1.feed_forward.w2.weight holds 1 NaN or infinite value(s) of {n}: the file is damaged"]
+
+
+def test_a_value_that_overflows_the_load_dtype_is_named_as_such(clean, tmp_path):
+    ckpt, _ = damaged_copy(clean, tmp_path, "layers.0.attention.wo.weight", 0, 3, 1e6)
+    assert verify_checkpoint(ckpt, progress=False) == []  # finite in the file
+    message = refused(load_checkpoint, ckpt, CPU_GROUP, torch.float16, Decoder(), 1, 16)
+    assert message.startswith("layers.0.attention.wo.weight of ") and "does not fit in float16" in message
+    load_checkpoint(ckpt, CPU_GROUP, torch.float32, Decoder(), 1, 16)  # and loads as it is stored
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(width=32), min_size=1, max_size=64), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_the_one_reduction_check_agrees_with_an_elementwise_one(values, dtype):
+    t = torch.tensor(values, dtype=torch.float32).to(dtype)
+    assert (nonfinite_problem(t) is None) == bool(torch.isfinite(t).all())
+    assert nonfinite_problem(torch.full((8,), 3e38)) is None  # its float32 sum overflows; the values are finite
+
+
+def test_perplexity_never_reports_nan(make_checkpoint, tokenizer_path, tmp_path, monkeypatch):
+    llama = build(make_checkpoint(shards=1)[0], tokenizer_path, max_seq_len=32, max_batch_size=1)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+    real = perplexity_mod.score_tokens
+
+    def with_a_nan(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        scores.logprobs[2] = float("nan")
+        return scores
+
+    monkeypatch.setattr(perplexity_mod, "score_tokens", with_a_nan)
+    message = refused(perplexity_mod.perplexity, llama, str(text), per_token=str(tmp_path / "out.json"))
+    assert "1 of" in message and "NaN or infinite" in message and "--dtype float32" in message
+    assert not (tmp_path / "out.json").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"logprobs": [NaN, -1.0], "argmax": [1, 2]}')
+    assert "NaN or infinite" in refused(perplexity_mod.Scores.load, str(bad))
