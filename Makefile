@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test demo bench bench-serve clean
+.PHONY: install test test-quick demo bench bench-serve clean
 BENCH_ARGS ?= --new_tokens 256 --runs 3
 
 install: $(STAMP)
@@ -21,6 +21,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: every in-process test, none that starts torchrun, a launcher or ranks (marks: pytest.ini).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not spawn and not slow" tests
 
 demo: $(STAMP)
 	@test -f $(DEMO)/params.json || $(PY) -m llama_mp synth $(DEMO) --mp 2

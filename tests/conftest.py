@@ -4,7 +4,13 @@ The real LLaMA tokenizer from ../shared/assets is used when present; otherwise a
 model is trained once per session. Checkpoints are written once per configuration and reused.
 """
 
+import contextlib
+import inspect
+import multiprocessing.process
 import os
+import re
+import shlex
+import subprocess
 import sys
 
 import pytest
@@ -83,3 +89,86 @@ def llama_mp_command(monkeypatch, capsys):
         return ended.value.code, out.out, out.err
 
     return run
+
+
+# --- The `spawn` mark, enforced -----------------------------------------------------------------------------
+# A test that starts a process (torchrun, a launcher in a subprocess, multiprocessing ranks) costs seconds and
+# belongs to `make test`, not to the quick lane. So a test without @pytest.mark.spawn gets process creation
+# that fails at once, naming the rule: forgetting the mark is a red test, not a slow quick lane.
+# A C compiler is let through: the CPU kernels (llama_mp/kernels/cpu.py) and torch.compile's C++ code are
+# built by calling one, a tool run by the code under test rather than a rank or a launcher; refusing it would
+# not even fail loudly, as a failed kernel build falls back to PyTorch and the test would check the wrong path.
+# The guard covers each test's setup, call and teardown, so a module fixture that starts a server counts
+# against the first test that asks for it.
+SPAWN_RULE = "this test starts a process: mark it @pytest.mark.spawn"
+_COMPILER = re.compile(r"^(cc|c\+\+|gcc|g\+\+|clang|clang\+\+)(-[0-9.]+)?$")
+
+
+def _is_compiler(args, shell) -> bool:
+    """Whether Popen's `args` run a C or C++ compiler (by its name, or the one $CC / $CXX names)."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = [args]
+    words = [os.fsdecode(a) for a in args]
+    if shell and words:  # the shell runs the first item as a command line
+        words = shlex.split(words[0])
+    name = os.path.basename(words[0]) if words else ""
+    named = {os.path.basename(os.environ.get(v, "")) for v in ("CC", "CXX")} - {""}
+    return bool(_COMPILER.match(name)) or name in named
+
+
+class UnmarkedSpawn(BaseException):
+    """Raised where an unmarked test starts a process; a BaseException so `except Exception` fallbacks in
+    the code under test cannot swallow it."""
+
+
+@contextlib.contextmanager
+def _no_processes(item):
+    refused = []
+
+    def refuse(what):
+        refused.append(what)
+        raise UnmarkedSpawn(f"{SPAWN_RULE} ({what}; {item.nodeid})")
+
+    execute_child = subprocess.Popen._execute_child
+
+    signature = inspect.signature(execute_child)
+
+    def guarded_execute_child(self, args, *rest, **kwargs):
+        shell = signature.bind(self, args, *rest, **kwargs).arguments["shell"]
+        if not _is_compiler(args, shell):
+            refuse(f"subprocess {args if isinstance(args, str) else ' '.join(map(str, args))[:120]!r}")
+        return execute_child(self, args, *rest, **kwargs)
+
+    patches = [(subprocess.Popen, "_execute_child", guarded_execute_child),
+               (multiprocessing.process.BaseProcess, "start", lambda self: refuse("multiprocessing Process.start"))]
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        if hasattr(os, name):
+            patches.append((os, name, lambda *a, _name=name, **k: refuse(f"os.{_name}")))
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+    if refused:  # raised again here in case the code under test caught it
+        pytest.fail(f"{SPAWN_RULE} ({refused[0]})", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with (contextlib.nullcontext() if item.get_closest_marker("spawn") else _no_processes(item)):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with (contextlib.nullcontext() if item.get_closest_marker("spawn") else _no_processes(item)):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    with (contextlib.nullcontext() if item.get_closest_marker("spawn") else _no_processes(item)):
+        return (yield)

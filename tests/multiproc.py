@@ -55,3 +55,16 @@ def run_ranks(world_size, fn, *args, timeout=180):
             if p.is_alive():
                 p.kill()
     return [got[r] for r in range(world_size)]
+
+
+def on_ranks(world_size, fn, *args, timeout=180):
+    """`run_ranks`, except that one rank runs in this process: starting a process (and torch in it) for a
+    single rank costs seconds and tests nothing a call does not. Mark the multi-rank cases `spawn`."""
+    if world_size > 1:
+        return run_ranks(world_size, fn, *args, timeout=timeout)
+    from llama_mp import distributed
+
+    try:
+        return [fn(*args)]
+    finally:
+        distributed.teardown()

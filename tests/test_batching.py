@@ -2,7 +2,10 @@
 KV-cache slots, each row decodes at its own position, and slots are freed and reused; every sequence's
 greedy ids equal what `Llama.generate` gives it alone, with either decoder, on 2 ranks."""
 
+import pytest
 from multiproc import run_ranks
+
+pytestmark = pytest.mark.spawn  # every test here runs ranks in processes of their own
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "Model parallel", "", "A B C D E F G H I J"]
 STEPS = 10

@@ -195,6 +195,7 @@ def test_a_second_writer_to_the_same_destination_fails_and_the_first_output_is_i
     assert os.listdir(dst) == ["first.txt"] and leftovers(tmp_path) == []
 
 
+@pytest.mark.spawn
 def test_a_lock_left_by_a_dead_writer_is_taken_over(make_checkpoint, tmp_path):
     src, _, _ = make_checkpoint(shards=2)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -232,6 +233,7 @@ def wait_for(condition, timeout=60.0):
         time.sleep(0.02)
 
 
+@pytest.mark.spawn
 def test_sigterm_while_writing_leaves_no_staging_folder(tmp_path, tokenizer_path):
     writer = start_synth(tmp_path / "out", tokenizer_path)
     try:
@@ -246,6 +248,7 @@ def test_sigterm_while_writing_leaves_no_staging_folder(tmp_path, tokenizer_path
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.spawn
 def test_a_writer_in_another_process_holds_the_destination(tmp_path, tokenizer_path, llama_mp_command):
     dst = tmp_path / "out"
     writer = start_synth(dst, tokenizer_path)

@@ -11,6 +11,7 @@ from multiproc import run_ranks
 from workers import collective_results
 
 
+@pytest.mark.spawn
 def test_sums_argmax_gather_and_broadcast_are_exact_and_identical_on_every_rank():
     rounds = 5  # more rounds than the exchange has buffer sets
     results = run_ranks(2, collective_results, rounds)

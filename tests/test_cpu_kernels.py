@@ -98,6 +98,7 @@ PROBE = ("import torch; from llama_mp.kernels import cpu; "
          "print(cpu.usable(torch.device('cpu'), torch.float32))")
 
 
+@pytest.mark.spawn
 def test_the_library_is_built_once_into_the_cache(tmp_path):
     first = _python(PROBE, tmp_path)
     assert first.stdout.strip() == "True", first.stderr
@@ -108,6 +109,7 @@ def test_the_library_is_built_once_into_the_cache(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
+@pytest.mark.spawn
 def test_without_a_compiler_decoding_falls_back_with_one_note(tmp_path):
     run = _python(PROBE, tmp_path, CC="no-such-compiler")
     assert run.returncode == 0 and run.stdout.strip() == "False"
@@ -115,12 +117,14 @@ def test_without_a_compiler_decoding_falls_back_with_one_note(tmp_path):
     assert "no-such-compiler" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.spawn
 def test_turned_off_they_are_not_built_and_nothing_is_said(tmp_path):
     run = _python(PROBE, tmp_path, **{cpu_kernels.ENV: "0"})
     assert run.stdout.strip() == "False" and run.stderr == ""
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.spawn
 def test_asked_for_but_unavailable_is_one_clear_error(tmp_path):
     bench = ("import sys; from llama_mp.cli import main; sys.argv = ['llama-mp', 'bench', '--dim', '64', "
              "'--n_layers', '1', '--n_heads', '4', '--new_tokens', '2', '--runs', '1', '--device', 'cpu'{}]; main()")

@@ -141,6 +141,7 @@ PROBE = ("from llama_mp.kernels import cpu; lib = cpu.library(); "
 BUILT = {"avx512bf16": "(512, 1)", "avx512": "(512, 0)", "avx2": "(256, 0)"}
 
 
+@pytest.mark.spawn
 def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced():
     best = cpu_kernels.runnable_isas()[0]
     auto = _python(PROBE)

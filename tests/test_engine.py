@@ -1,8 +1,11 @@
 """The engine's rank protocol: rank 0 decides each piece of work and the other ranks run it, whether they
 call the same methods (Meta's API) or wait in `serve()` for rank 0's requests (a server)."""
 
+import pytest
 from multiproc import run_ranks
 from workers import PROMPTS, build, served_by_rank_0
+
+pytestmark = pytest.mark.spawn  # every test here runs ranks in processes of their own
 
 
 def test_ranks_serving_rank_0_run_its_requests_and_stop_when_told(make_checkpoint, tokenizer_path):

@@ -81,12 +81,14 @@ def assert_failed_once(job, *key_words, reporter=0, code=2):
 # Launch tests: bad input under torchrun, 2 ranks
 
 
+@pytest.mark.spawn
 def test_missing_checkpoint_dir_is_reported_once_and_all_ranks_stop(tmp_path, tokenizer_path):
     job = torchrun("text_completion", args_for(str(tmp_path / "nope"), tokenizer_path))
     assert_failed_once(job, "does not exist", "--ckpt_dir")
     assert job.rank_exit_codes[1] in STOPPED
 
 
+@pytest.mark.spawn
 def test_a_corrupt_shard_on_rank_1_only_is_reported_by_rank_1_and_stops_rank_0(ckpt, tmp_path, tokenizer_path):
     bad = copy_of(ckpt, tmp_path)
     truncate(os.path.join(bad, "consolidated.01.pth"))
@@ -95,12 +97,14 @@ def test_a_corrupt_shard_on_rank_1_only_is_reported_by_rank_1_and_stops_rank_0(c
     assert job.rank_exit_codes[0] in STOPPED
 
 
+@pytest.mark.spawn
 def test_a_bad_request_is_rejected_by_rank_0_after_loading(ckpt, tokenizer_path):
     # Only the tokenizer, once loaded, can tell that the prompt leaves no room within max_seq_len.
     job = torchrun("text_completion", args_for(ckpt, tokenizer_path, "--prompts", "hello " * 600))
     assert_failed_once(job, "Prompt 0 has", "max_seq_len")
 
 
+@pytest.mark.spawn
 def test_device_errors_found_before_the_group_exists_are_printed_by_one_rank(ckpt, tokenizer_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
@@ -108,6 +112,7 @@ def test_device_errors_found_before_the_group_exists_are_printed_by_one_rank(ckp
     assert_failed_once(job, "--device cuda", "no CUDA", "--device cpu")
 
 
+@pytest.mark.spawn
 def test_our_torchrun_ends_a_failed_job_with_one_summary_line(tmp_path, tokenizer_path):
     job = torchrun("text_completion", args_for(str(tmp_path / "nope"), tokenizer_path), runner=OUR_TORCHRUN)
     assert job.returncode == 2
@@ -127,6 +132,7 @@ def busy_port():
     return s
 
 
+@pytest.mark.spawn
 def test_a_port_in_use_gives_one_paragraph_not_a_traceback(ckpt, tokenizer_path):
     with busy_port() as s:
         port = s.getsockname()[1]
@@ -162,6 +168,7 @@ def generating(ckpt, tokenizer_path, *extra):
     return proc, t0, ranks
 
 
+@pytest.mark.spawn
 def test_a_rank_killed_mid_generation_ends_the_job_quickly(ckpt, tokenizer_path):
     proc, t0, ranks = generating(ckpt, tokenizer_path)
     os.kill(ranks[1], signal.SIGKILL)
@@ -175,6 +182,7 @@ def test_a_rank_killed_mid_generation_ends_the_job_quickly(ckpt, tokenizer_path)
         assert "rank 0 lost contact with the other ranks" in job.stderr
 
 
+@pytest.mark.spawn
 def test_a_silent_rank_is_given_up_on_after_timeout_s_and_the_job_ends_soon_after(ckpt, tokenizer_path):
     proc, t0, ranks = generating(ckpt, tokenizer_path, "--timeout_s", "3")
     os.kill(ranks[1], signal.SIGSTOP)  # alive but silent: its sockets stay open, only a timeout helps
@@ -192,6 +200,7 @@ def test_a_silent_rank_is_given_up_on_after_timeout_s_and_the_job_ends_soon_afte
     assert no_traceback(job.stderr)
 
 
+@pytest.mark.spawn
 def test_ctrl_c_stops_every_rank_promptly_and_quietly(ckpt, tokenizer_path):
     proc, t0, ranks = generating(ckpt, tokenizer_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends torchrun's process group
@@ -368,12 +377,14 @@ def _slow_rank_1(load_delay_s, step_delay_s):
         return time.monotonic() - t0, str(distributed.peer_lost(e))
 
 
+@pytest.mark.spawn
 def test_every_collective_is_bounded_by_timeout_s_and_loading_by_its_own_bound():
     waited, message = run_ranks(2, _slow_rank_1, 2.0, 3.0, timeout=60)[0]
     assert 0.8 < waited < 2.5
     assert "rank 0 lost contact with the other ranks (Timed out waiting 1000ms" in message
 
 
+@pytest.mark.spawn
 def test_a_single_process_needs_no_port_and_exits_zero(ckpt, tokenizer_path):
     job = run([sys.executable, script("text_completion")] + args_for(ckpt, tokenizer_path, "--prompts", "hi") + CPU)
     assert job.returncode == 0, job.stderr
@@ -381,6 +392,7 @@ def test_a_single_process_needs_no_port_and_exits_zero(ckpt, tokenizer_path):
 
 
 
+@pytest.mark.spawn
 def test_one_bad_input_of_each_class_ends_the_real_launcher_with_one_message(ckpt, tokenizer_path, tmp_path):
     """A representative of each class of bad input, through launch/*.py in plain processes started
     together (each would cost a Python start alone): exit 2, one message naming the problem, no

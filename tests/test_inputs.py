@@ -146,6 +146,7 @@ def test_one_letter_shortcuts_and_a_text_option_without_value_are_refused():
     assert "--prompts needs a value" in refused(exact_text, cli, ["x", "t", "--prompts"])
 
 
+@pytest.mark.spawn
 def test_the_launcher_keeps_a_prompt_with_commas_and_digits_as_typed(ckpt, tokenizer_path):
     prompt = "1.50, None, --x"
     job = run([sys.executable, script("text_completion"), "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
@@ -360,6 +361,7 @@ def test_a_refused_streamed_request_prints_nothing_on_stdout(ckpt, tokenizer_pat
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.spawn
 def test_stdout_closed_by_its_reader_ends_the_run_quietly(ckpt, tokenizer_path):
     cmd = [sys.executable, script("text_completion"), "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
            "--prompts", "first line\nsecond", "--max_seq_len", "4096", "--max_gen_len", "4000", "--temperature", "1",

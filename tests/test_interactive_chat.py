@@ -114,6 +114,7 @@ def expected_answers(ckpt_dir, tokenizer_path, dialogs):
     return [r["generation"]["content"] for r in results]
 
 
+@pytest.mark.spawn
 def test_a_piped_script_gets_its_answers_on_stdout_and_commands_shape_the_dialog(jobs, llama2_ckpt, tokenizer_path):
     code, out, err, elapsed = jobs["script"].finish()
     assert code == 0, err
@@ -127,6 +128,7 @@ def test_a_piped_script_gets_its_answers_on_stdout_and_commands_shape_the_dialog
     assert no_traceback(err) and elapsed < 30
 
 
+@pytest.mark.spawn
 def test_two_ranks_keep_the_dialog_follow_every_turn_and_end_at_eof_after_a_long_pause(
         jobs, llama3_ckpt, llama3_tokenizer_path):
     job = jobs["torchrun"]
@@ -151,6 +153,7 @@ def test_two_ranks_keep_the_dialog_follow_every_turn_and_end_at_eof_after_a_long
     assert no_traceback(err) and "lost contact" not in err
 
 
+@pytest.mark.spawn
 def test_a_dialog_that_outgrows_max_seq_len_drops_its_oldest_exchanges_and_a_too_long_message_is_refused(jobs):
     code, out, err, _ = jobs["overflow"].finish()
     assert code == 0, err
@@ -161,6 +164,7 @@ def test_a_dialog_that_outgrows_max_seq_len_drops_its_oldest_exchanges_and_a_too
     assert no_traceback(err)
 
 
+@pytest.mark.spawn
 def test_ctrl_c_at_the_prompt_ends_quietly_with_130(jobs):
     job = jobs["ctrl_c"]
     job.wait_for_prompts(1)

@@ -60,6 +60,7 @@ def test_every_rank_reads_exactly_its_split_from_a_replicated_or_plain_checkpoin
             assert torch.equal(state[key], layout.split(key, whole, args, world_size, rank)), (key, rank)
 
 
+@pytest.mark.spawn
 def test_4_ranks_compute_what_1_rank_does_with_2_kv_heads_and_with_1(make_checkpoint, tokenizer_path):
     prompts = prompt_ids(tokenizer_path)
     cases = [make_checkpoint(shards=4, **GQA)[0], make_checkpoint(shards=1, **MQA)[0]]

@@ -9,6 +9,8 @@ import pytest
 
 from multiproc import free_port
 
+pytestmark = pytest.mark.spawn  # every test here runs ranks in processes of their own
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = json.dumps(["The capital of France is", "Once upon a time, in a land far away"])
 

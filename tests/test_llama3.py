@@ -54,6 +54,7 @@ def test_one_rank_matches_the_independent_reference_with_scaled_rope(checkpoints
     assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
 
 
+@pytest.mark.spawn
 def test_2_and_4_ranks_from_any_shard_count_give_the_same_logits_and_ids(checkpoints, llama3_tokenizer_path, prompts):
     one = logits_and_greedy([checkpoints[1][0], checkpoints[4][0]], llama3_tokenizer_path, prompts, STEPS)
     two = run_ranks(2, logits_and_greedy, [checkpoints[2][0], checkpoints[4][0]], llama3_tokenizer_path, prompts, STEPS)

@@ -13,7 +13,7 @@ import torch
 from llama_mp.checkpoints import layout, meta as checkpoint
 from llama_mp.errors import LlamaMPError
 from llama_mp.checkpoints.params import load_params
-from multiproc import run_ranks
+from multiproc import on_ranks, run_ranks
 from workers import greedy_ids
 
 GQA = dict(n_kv_heads=2)
@@ -64,11 +64,12 @@ def test_a_process_count_that_cannot_split_the_model_lists_the_valid_ones(make_c
         checkpoint.load_rank_state_dict(ckpt_dir, load_params(ckpt_dir), 0, world_size)
 
 
+@pytest.mark.spawn
 def test_greedy_tokens_are_the_same_whatever_the_shard_and_process_counts(make_checkpoint, tokenizer_path):
     # One model (same seed, same params) saved with 1, 2 and 4 shards; a GQA model with 1 and 2.
     a = {k: make_checkpoint(shards=k)[0] for k in (1, 2, 4)}
     b = {k: make_checkpoint(shards=k, **GQA)[0] for k in (1, 2)}
-    on1 = run_ranks(1, greedy_ids, [a[1], a[2], a[4], b[1], b[2]], tokenizer_path)[0]
+    on1 = on_ranks(1, greedy_ids, [a[1], a[2], a[4], b[1], b[2]], tokenizer_path)[0]
     on2 = run_ranks(2, greedy_ids, [a[2], a[4], a[1], b[2], b[1]], tokenizer_path)[0]
     # 4 ranks on this 2-core machine are slow (gloo polls), so only the case the brief names runs there.
     on4 = run_ranks(4, greedy_ids, [a[2]], tokenizer_path, 6)[0]

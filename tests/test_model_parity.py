@@ -36,6 +36,7 @@ def one_rank(make_checkpoint, tokenizer_path, prompts, decoder):
     return logits_and_greedy(cases, tokenizer_path, prompts, STEPS, decoder)
 
 
+@pytest.mark.spawn
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_compute_the_same_logits_and_greedy_ids_as_one_rank(world_size, make_checkpoint, tokenizer_path,
                                                                  prompts, decoder, one_rank):
@@ -70,6 +71,7 @@ def test_bfloat16_checkpoint_loads_in_float32_and_bfloat16(make_checkpoint, toke
     assert (bf16 - expected).abs().mean() < 0.05 * expected.abs().mean()
 
 
+@pytest.mark.spawn
 def test_sampling_with_a_seed_gives_the_same_text_on_any_rank_count_and_decoder(make_checkpoint, tokenizer_path,
                                                                                 prompts):
     one = sampled(make_checkpoint(shards=1)[0], tokenizer_path, prompts, STEPS, 7, "pytorch")
@@ -81,6 +83,7 @@ def test_sampling_with_a_seed_gives_the_same_text_on_any_rank_count_and_decoder(
     assert other_seed != one
 
 
+@pytest.mark.spawn
 def test_a_caller_that_set_up_torch_distributed_and_fairscale_itself_gets_the_same_tokens(make_checkpoint,
                                                                                           tokenizer_path):
     """Meta's scripts start the process group and fairscale's model-parallel group before building: the

@@ -9,6 +9,8 @@ import pytest
 from launching import CPU, TORCHRUN, finish, script, start, torchrun
 from multiproc import free_port
 
+pytestmark = pytest.mark.spawn  # every test here runs ranks in processes of their own
+
 PROMPTS = json.dumps(["The quick brown fox", "Simply put, the theory of relativity"])
 
 

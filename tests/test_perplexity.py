@@ -46,6 +46,7 @@ def reference_scores(state, args, tokens, window, stride):
     return torch.cat(logprobs)
 
 
+@pytest.mark.spawn
 def test_perplexity_equals_the_reference_on_1_and_2_ranks(make_checkpoint, tokenizer_path, text_file):
     ckpt_dir, args, state = make_checkpoint(shards=2)
     tokens = build(ckpt_dir, tokenizer_path).tokenizer.encode(TEXT, bos=True, eos=False)

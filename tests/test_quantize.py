@@ -161,6 +161,7 @@ def test_one_rank_quantized_model_equals_the_reference_and_the_folder(float_ckpt
     check_against_reference(results, quantized_dirs, cases)
 
 
+@pytest.mark.spawn
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_several_ranks_quantized_model_equals_the_reference_and_the_folder(float_ckpt, quantized_dirs,
                                                                            tokenizer_path, world_size):
@@ -385,6 +386,7 @@ def test_damaged_scales_are_one_clear_error(quantized_dirs, tokenizer_path, tmp_
         in_process(build, bad, tokenizer_path)
 
 
+@pytest.mark.spawn
 def test_a_damaged_scale_on_one_rank_stops_every_rank(quantized_dirs, tokenizer_path, tmp_path):
     bad = damaged_copy(quantized_dirs["int4"], str(tmp_path / "bad"), 1, "layers.0.feed_forward.w1.scales",
                        set_first(float("nan")))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from launching import ROOT, TORCHRUN, children, kill_quietly, script
-from multiproc import free_port, run_ranks
+from multiproc import free_port, on_ranks
 
 KEY = "test-key"
 MAX_SEQ_LEN, MAX_BATCH, MAX_BODY = 96, 4, 4096
@@ -110,7 +110,7 @@ def start_ranks(tmp_path, ckpt_dir, tokenizer_path) -> Server:
 
 
 def reference(ckpt_dir, tokenizer_path, prompts, dialog, max_gen_len):
-    """In spawned ranks: what Llama gives for the same prompts, greedy (rank 0's results)."""
+    """What Llama gives for the same prompts, greedy (rank 0's results)."""
     import workers
 
     llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=len(prompts))
@@ -135,7 +135,8 @@ def server(tmp_path_factory, ckpt, tokenizer_path):
 
 @pytest.fixture(scope="module")
 def expected(ckpt, tokenizer_path):
-    return run_ranks(2, reference, ckpt, tokenizer_path, PROMPTS, CHAT, 12)[0]
+    # One rank in this process: the server's two ranks decode the same greedy ids (test_model_parity).
+    return on_ranks(1, reference, ckpt, tokenizer_path, PROMPTS, CHAT, 12)[0]
 
 
 @pytest.fixture
@@ -152,6 +153,7 @@ def post(server, path, body=None, key=KEY, **kw):
 # The API, with the official client
 
 
+@pytest.mark.spawn
 def test_health_and_models(server, client):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["running"] == 0
@@ -159,6 +161,7 @@ def test_health_and_models(server, client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
+@pytest.mark.spawn
 def test_greedy_completions_equal_llama_text_completion(client, expected):
     texts, solo, _ = expected
     assert texts == solo  # the reference itself: a batch of prompts answers each as alone
@@ -172,6 +175,7 @@ def test_greedy_completions_equal_llama_text_completion(client, expected):
     assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == texts[:3]
 
 
+@pytest.mark.spawn
 def test_chat_equals_llama_chat_completion_streamed_or_not(client, expected):
     whole = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0)
     assert whole.choices[0].message.role == "assistant"
@@ -183,6 +187,7 @@ def test_chat_equals_llama_chat_completion_streamed_or_not(client, expected):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+@pytest.mark.spawn
 def test_streaming_equals_not_streaming_and_ends_with_done(server, client):
     for prompt in PROMPTS[:3]:
         body = {"prompt": prompt, "max_tokens": 20, "temperature": 0}
@@ -197,6 +202,7 @@ def test_streaming_equals_not_streaming_and_ends_with_done(server, client):
     assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] <= 3
 
 
+@pytest.mark.spawn
 def test_sampling_with_a_seed_repeats_and_echo_and_logprobs_and_stop(client):
     body = dict(model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
     assert client.completions.create(**body).choices[0].text == client.completions.create(**body).choices[0].text
@@ -218,6 +224,7 @@ def test_sampling_with_a_seed_repeats_and_echo_and_logprobs_and_stop(client):
         assert "".join(c.choices[0].text for c in streamed) == cut.text
 
 
+@pytest.mark.spawn
 def test_echo_with_logprobs_scores_the_prompt_as_the_reference_model_does(client, make_checkpoint, tokenizer_path):
     """lm-eval's loglikelihood request: `echo` with `logprobs` and `max_tokens` 0 (or 1) gives every prompt
     token's log-probability given the ones before it, equal to a single-process reference forward on the
@@ -258,6 +265,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_reference_model_does(client
     assert plain.text == "" and plain.finish_reason == "length" and plain.logprobs is None
 
 
+@pytest.mark.spawn
 def test_concurrent_requests_equal_their_answers_alone(client, expected):
     """More requests than slots, streamed and not, greedy among sampled ones: each greedy answer is the
     one it gets alone, and the sampled ones finish too."""
@@ -292,6 +300,7 @@ def error_of(response, status):
     return error
 
 
+@pytest.mark.spawn
 def test_every_error_code_and_the_server_goes_on(server, client):
     error_of(post(server, "/v1/completions", {"prompt": "hi"}, key="wrong"), 401)
     error_of(post(server, "/v1/completions", {"prompt": "hi"}, key=None), 401)
@@ -322,6 +331,7 @@ def test_every_error_code_and_the_server_goes_on(server, client):
     assert all(p.poll() is None for p in server.procs)
 
 
+@pytest.mark.spawn
 def test_bench_serve_reports_every_level(server, capsys):
     from llama_mp.tools.bench_serve import bench_serve
 
@@ -368,6 +378,7 @@ def long_server(tmp_path_factory, ckpt, tokenizer_path):
     job.stop()
 
 
+@pytest.mark.spawn
 def test_a_vanished_client_frees_its_slot_at_the_next_step(long_server):
     """Streams that would run for ~900 steps are dropped after their first piece: each is cancelled and its
     slot released within a few steps."""
@@ -385,6 +396,7 @@ def test_a_vanished_client_frees_its_slot_at_the_next_step(long_server):
     assert after["finished"] == before["finished"] and after["steps"] - before["steps"] < LONG, after
 
 
+@pytest.mark.spawn
 def test_sigterm_finishes_the_request_in_flight_and_every_rank_exits_0(long_server):
     job = long_server
     try:
@@ -408,6 +420,7 @@ def test_sigterm_finishes_the_request_in_flight_and_every_rank_exits_0(long_serv
         job.stop()
 
 
+@pytest.mark.spawn
 def test_a_killed_rank_gets_pending_requests_503_and_the_job_ends_non_zero(tmp_path, ckpt, tokenizer_path):
     job = start_ranks(tmp_path, ckpt, tokenizer_path)
     try:
@@ -430,6 +443,7 @@ def test_a_killed_rank_gets_pending_requests_503_and_the_job_ends_non_zero(tmp_p
         job.stop()
 
 
+@pytest.mark.spawn
 def test_mixed_requests_are_neither_lost_nor_duplicated(server):
     """Many requests at once (LLAMA_MP_SOAK=500 for the issue's full count), streamed and not, some dropped by
     their client: every kept one is answered once, with its own prompt echoed in front and the same text

@@ -48,6 +48,7 @@ def shard_keys(ckpt_dir):
             for p in checkpoint.shard_paths(ckpt_dir)]
 
 
+@pytest.mark.spawn
 def test_llama3_without_output_weight_generates_like_the_explicit_model(llama3, llama3_tokenizer_path):
     assert all("output.weight" not in keys for keys in shard_keys(llama3[2][1]))
     dirs = [llama3[1][0], llama3[1][1], llama3[2][1]]
@@ -91,6 +92,7 @@ def llama2(tmp_path_factory, tokenizer):
     return {shards: save_pair(root, "l2", args, shards) for shards in (1, 2)}
 
 
+@pytest.mark.spawn
 def test_llama2_single_shard_without_output_weight_runs_and_reshards(llama2, tokenizer_path, tmp_path):
     explicit, tied = llama2[1]
     reference = greedy_ids([explicit], tokenizer_path, MAX_NEW)[0]
