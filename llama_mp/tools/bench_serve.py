@@ -145,7 +145,8 @@ def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", 
     per level: requests/s, output tokens/s, time to first token (TTFT) and time between tokens (ITL) at
     p50 and p99, and the failed requests; --json prints one JSON object per level instead. --url is the
     server's base address, --api_key its key, --model the name to send (default: none, the server's).
-    --warmup requests are sent first and not counted.
+    --warmup requests are sent first and not counted. If every request of the warmup or of a level fails,
+    nothing was measured: it exits 2 with what the first failed request met (some failures are a note).
     """
     levels = parse_levels(concurrency)
     check_option_values("bench_serve", {"requests": requests, "max_tokens": max_tokens, "warmup": warmup})
