@@ -102,17 +102,20 @@ def world(tmp_path_factory, make_checkpoint, tokenizer, tokenizer_path):
             "ids": ids, "prompts": prompt_ids(tokenizer_path)}
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_hf_to_meta_generates_what_transformers_generates(world):
     expected = hf_greedy(world["hf_model"], world["prompts"])
     assert any(expected) and world["ids"]["from_hf"] == expected
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_meta_to_hf_loads_in_transformers_and_generates_what_we_generate(world):
     model = transformers.LlamaForCausalLM.from_pretrained(str(world["root"] / "hf_from_meta")).eval()
     model.generation_config.pad_token_id = 2
     assert hf_greedy(model, world["prompts"]) == world["ids"]["meta"]
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_llama2c_to_meta_is_the_model_it_was_written_from(world):
     converted = meta_state(str(world["root"] / "meta_from_l2c"))
     for key, whole in world["full"].items():
@@ -120,6 +123,7 @@ def test_llama2c_to_meta_is_the_model_it_was_written_from(world):
     assert world["ids"]["from_l2c"] == world["ids"]["meta"]
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_hf_to_meta_writes_params_checklist_and_tokenizer(world, tmp_path, tokenizer_path):
     meta = str(world["root"] / "meta_from_hf")
     params = load_params(meta)
@@ -134,6 +138,7 @@ def test_hf_to_meta_writes_params_checklist_and_tokenizer(world, tmp_path, token
     assert os.path.isfile(tmp_path / "with_tok" / "tokenizer.model")
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_sharded_safetensors_and_pytorch_bin_sources_give_the_same_tensors(world, tmp_path):
     reference = meta_state(str(world["root"] / "meta_from_hf"))
     model = world["hf_model"]
@@ -180,6 +185,7 @@ def test_llama2c_shared_classifier_and_bad_files(tmp_path, make_checkpoint):
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_unsupported_sources_are_refused_with_a_reason(tmp_path, world):
     with pytest.raises(LlamaMPError, match="Cannot tell what"):
         convert(str(tmp_path), str(tmp_path / "out"), progress=False)
@@ -200,6 +206,7 @@ def test_unsupported_sources_are_refused_with_a_reason(tmp_path, world):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_command_line_convert_exit_codes(world, tmp_path, llama_mp_command):
     code, out, err = llama_mp_command("convert", world["root"] / "model.bin", tmp_path / "m", "--mp", "2",
                                       "--dtype", "bfloat16")
@@ -245,6 +252,7 @@ def llama3_world(tmp_path_factory, make_checkpoint, llama3_tokenizer_path):
             "ids": greedy_ids([meta_src], llama3_tokenizer_path, MAX_NEW)[0]}
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_llama31_meta_to_hf_loads_in_transformers_and_generates_what_we_generate(llama3_world):
     hf_dir, tok = str(llama3_world["root"] / "hf"), llama3_world["tok"]
     config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
@@ -269,6 +277,7 @@ def test_llama31_meta_to_hf_loads_in_transformers_and_generates_what_we_generate
     assert any(ours) and hf_greedy_until(model, prompts, tok.stop_ids) == ours
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_llama31_hf_to_meta_reproduces_params_tensors_and_tokenizer(llama3_world, tmp_path, llama3_tokenizer_path):
     hf_dir = tmp_path / "hf"
     shutil.copytree(llama3_world["root"] / "hf", hf_dir)
@@ -294,6 +303,7 @@ def test_llama31_hf_to_meta_reproduces_params_tensors_and_tokenizer(llama3_world
                            whole), key
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_llama3_rope_variants_become_the_params_that_reproduce_them(llama3_world, tmp_path):
     def convert_with(name, **changes):
         hf_dir = tmp_path / name
@@ -322,6 +332,7 @@ def test_llama3_rope_variants_become_the_params_that_reproduce_them(llama3_world
             convert_with(f"bad_{field}", rope_parameters={**rope32, field: value, "rope_theta": 500000.0})
 
 
+@pytest.mark.slow  # builds and runs transformers models (fixtures `world`, `llama3_world`)
 def test_tied_llama3_hf_folder_round_trips_through_meta(llama3_world, tmp_path):
     args = llama3_world["args"]
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

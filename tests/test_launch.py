@@ -23,6 +23,29 @@ def launch(script, *args, ranks=None, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.fixture
+def one_process(monkeypatch, capsys):
+    """one_process(launcher, *args): the launcher as one plain process runs it (no torchrun), but in this
+    process, through the same runner (starting Python and torch again would only add seconds): its exit
+    code and output, as `launch` returns them. The plain process itself: test_failures."""
+    from llama_mp import distributed
+    from llama_mp.cli import completion
+    from llama_mp.cli.runner import run
+
+    def go(launcher, *args):
+        monkeypatch.setattr(sys, "argv", [launcher, *args, "--backend", "gloo", "--device", "cpu"])
+        capsys.readouterr()
+        try:
+            with pytest.raises(SystemExit) as ended:
+                run(getattr(completion, launcher.removesuffix(".py")))
+        finally:
+            distributed.teardown()
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(sys.argv, ended.value.code, out.out, out.err)
+
+    return go
+
+
 @pytest.fixture(scope="module")
 def ckpt(make_checkpoint, tokenizer_path):
     return ["--ckpt_dir", make_checkpoint(shards=2)[0], "--tokenizer_path", tokenizer_path]
@@ -33,27 +56,27 @@ def json_lines(result):
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_torchrun_two_ranks_give_the_same_greedy_ids_as_one_process(ckpt):
+def test_torchrun_two_ranks_give_the_same_greedy_ids_as_one_process(ckpt, one_process):
     greedy = ["--prompts", PROMPTS, "--temperature", "0", "--max_gen_len", "10", "--json", "--logprobs"]
     two = json_lines(launch("text_completion.py", *ckpt, *greedy, ranks=2))
-    one = json_lines(launch("text_completion.py", *ckpt, *greedy))  # a plain process, no torchrun
+    one = json_lines(one_process("text_completion.py", *ckpt, *greedy))
     assert [r["prompt"] for r in two] == json.loads(PROMPTS)
     assert [r["token_ids"] for r in two] == [r["token_ids"] for r in one]
     assert all(0 < len(r["token_ids"]) <= 10 and len(r["logprobs"]) == len(r["token_ids"]) for r in two)
     assert [r["generation"] for r in two] == [r["generation"] for r in one]
 
 
-def test_one_prompt_streams_the_same_text_that_json_reports(ckpt):
+def test_one_prompt_streams_the_same_text_that_json_reports(ckpt, one_process):
     prompt = "Simply put, the theory of relativity"
     common = ["--prompts", prompt, "--temperature", "0", "--max_gen_len", "12"]
     streamed = launch("text_completion.py", *ckpt, *common, ranks=2)
     assert streamed.returncode == 0, streamed.stderr
-    record = json_lines(launch("text_completion.py", *ckpt, *common, "--json"))[0]
+    record = json_lines(one_process("text_completion.py", *ckpt, *common, "--json"))[0]
     assert streamed.stdout == prompt + record["generation"] + "\n"
     assert "Loaded" in streamed.stderr and "tok/s" in streamed.stderr  # logs go to stderr
 
 
-def test_chat_completion_runs_on_two_ranks(ckpt, tmp_path):
+def test_chat_completion_runs_on_two_ranks(ckpt, tmp_path, one_process):
     dialogs = [[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hello?"}],
                [{"role": "user", "content": "Why is the sky blue?"}]]
     path = tmp_path / "dialogs.json"
@@ -62,6 +85,6 @@ def test_chat_completion_runs_on_two_ranks(ckpt, tmp_path):
                             "--temperature", "0", "--json", ranks=2))
     assert [r["dialog"] for r in out] == dialogs
     assert all(r["generation"]["role"] == "assistant" and r["token_ids"] for r in out)
-    builtin = launch("chat_completion.py", *ckpt, "--max_gen_len", "4")  # built-in example dialogs
+    builtin = one_process("chat_completion.py", *ckpt, "--max_gen_len", "4")  # built-in example dialogs
     assert builtin.returncode == 0, builtin.stderr
     assert builtin.stdout.count("> Assistant:") == 3

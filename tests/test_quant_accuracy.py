@@ -23,6 +23,8 @@ from llama_mp.tools.perplexity import Scores, agreement
 from training import train, training_text
 from workers import build, perplexity_report
 
+pytestmark = pytest.mark.slow  # trains a model first (tests/training.py)
+
 WINDOW, STRIDE = 64, 32
 
 

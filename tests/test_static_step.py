@@ -107,6 +107,7 @@ def test_static_step_compiles_as_one_graph_with_the_eager_logits(make_checkpoint
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # generates 6 times over, to compare stop checks every step and every 4th
 def test_checking_for_stops_every_few_steps_changes_no_output(make_checkpoint, tokenizer_path):
     import workers
 
