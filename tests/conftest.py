@@ -91,6 +91,29 @@ def llama_mp_command(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture
+def one_process(monkeypatch, capsys):
+    """one_process(launcher, *args): the launcher as one plain process runs it (no torchrun), but in this
+    process, through the same runner (starting Python and torch again would only add seconds): its exit
+    code and output as a subprocess.CompletedProcess. The plain process itself: test_failures."""
+    from llama_mp import distributed
+    from llama_mp.cli import completion
+    from llama_mp.cli.runner import run
+
+    def go(launcher, *args):
+        monkeypatch.setattr(sys, "argv", [launcher, *args, "--backend", "gloo", "--device", "cpu"])
+        capsys.readouterr()
+        try:
+            with pytest.raises(SystemExit) as ended:
+                run(getattr(completion, launcher.removesuffix(".py")))
+        finally:
+            distributed.teardown()
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(sys.argv, ended.value.code, out.out, out.err)
+
+    return go
+
+
 # --- The `spawn` mark, enforced -----------------------------------------------------------------------------
 # A test that starts a process (torchrun, a launcher in a subprocess, multiprocessing ranks) costs seconds and
 # belongs to `make test`, not to the quick lane. So a test without @pytest.mark.spawn gets process creation

@@ -23,29 +23,6 @@ def launch(script, *args, ranks=None, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture
-def one_process(monkeypatch, capsys):
-    """one_process(launcher, *args): the launcher as one plain process runs it (no torchrun), but in this
-    process, through the same runner (starting Python and torch again would only add seconds): its exit
-    code and output, as `launch` returns them. The plain process itself: test_failures."""
-    from llama_mp import distributed
-    from llama_mp.cli import completion
-    from llama_mp.cli.runner import run
-
-    def go(launcher, *args):
-        monkeypatch.setattr(sys, "argv", [launcher, *args, "--backend", "gloo", "--device", "cpu"])
-        capsys.readouterr()
-        try:
-            with pytest.raises(SystemExit) as ended:
-                run(getattr(completion, launcher.removesuffix(".py")))
-        finally:
-            distributed.teardown()
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(sys.argv, ended.value.code, out.out, out.err)
-
-    return go
-
-
 @pytest.fixture(scope="module")
 def ckpt(make_checkpoint, tokenizer_path):
     return ["--ckpt_dir", make_checkpoint(shards=2)[0], "--tokenizer_path", tokenizer_path]

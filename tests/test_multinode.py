@@ -1,12 +1,12 @@
 """Two "nodes" on one machine (two torchrun agents on 127.0.0.1, c10d rendezvous, gloo) give exactly
-the output of one node with the same number of ranks: global rank picks the shard, local rank the device."""
+the output of one process: global rank picks the shard, local rank the device."""
 
 import json
 import time
 
 import pytest
 
-from launching import CPU, TORCHRUN, finish, script, start, torchrun
+from launching import CPU, TORCHRUN, finish, script, start
 from multiproc import free_port
 
 pytestmark = pytest.mark.spawn  # every test here runs ranks in processes of their own
@@ -24,7 +24,7 @@ def completion_args(ckpt_dir, tokenizer_path):
             "--max_gen_len", "8", "--temperature", "0", "--json"]
 
 
-def test_two_nodes_on_loopback_match_one_node(ckpt, tokenizer_path):
+def test_two_nodes_on_loopback_match_one_node(ckpt, tokenizer_path, one_process):
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
     for node_rank in (0, 1):
@@ -36,7 +36,8 @@ def test_two_nodes_on_loopback_match_one_node(ckpt, tokenizer_path):
     # Rank 0 (wherever the rendezvous put it) prints; the other node prints nothing on stdout.
     two_nodes = "".join(j.stdout for j in jobs)
 
-    one_node = torchrun("text_completion", completion_args(ckpt, tokenizer_path))
+    # The reference: one rank in this process (as many ranks give the same ids: test_model_parity).
+    one_node = one_process("text_completion", *completion_args(ckpt, tokenizer_path))
     assert one_node.returncode == 0, one_node.stderr
     assert two_nodes == one_node.stdout
     assert len(two_nodes.splitlines()) == 2 and all(json.loads(line)["token_ids"] for line in two_nodes.splitlines())
