@@ -114,6 +114,21 @@ def one_process(monkeypatch, capsys):
     return go
 
 
+@pytest.fixture
+def fresh_kernels(monkeypatch):
+    """fresh_kernels(): the CPU kernels' module as a new process finds it (nothing loaded, nothing found
+    against them, no library variant open), each time it is called; the session's state comes back after
+    the test. The kernels are chosen once per process: this is what checking that choice in process needs."""
+    from llama_mp.kernels import cpu
+
+    def reset():
+        monkeypatch.setattr(cpu, "_loaded", None)
+        monkeypatch.setattr(cpu, "_why_not", None)
+        monkeypatch.setattr(cpu, "_variants", {})
+
+    return reset
+
+
 # --- The `spawn` mark, enforced -----------------------------------------------------------------------------
 # A test that starts a process (torchrun, a launcher in a subprocess, multiprocessing ranks) costs seconds and
 # belongs to `make test`, not to the quick lane. So a test without @pytest.mark.spawn gets process creation

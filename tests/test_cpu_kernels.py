@@ -8,8 +8,6 @@ with one note; asked for explicitly, their absence is a clear error.
 """
 
 import math
-import os
-import subprocess
 import sys
 
 import pytest
@@ -28,7 +26,6 @@ SHAPES = {
     "odd": dict(dim=40, n_heads=4, multiple_of=24),  # head_dim 10, FFN 120: scalar tails everywhere
 }
 STEPS = 10
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stepwise_logits(model, prompts, steps):
@@ -89,50 +86,57 @@ def test_a_prompt_that_fits_a_step_is_prefilled_by_the_kernels_as_the_pytorch_fo
     assert type(fast.decoder).prefill is not Decoder.prefill
 
 
-def _python(code, tmp_path, **env):
-    full = {**os.environ, "LLAMA_MP_CACHE": str(tmp_path / "cache"), "PYTHONPATH": ROOT, **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+def _usable():
+    return cpu_kernels.usable(torch.device("cpu"), torch.float32)
 
 
-PROBE = ("import torch; from llama_mp.kernels import cpu; "
-         "print(cpu.usable(torch.device('cpu'), torch.float32))")
-
-
-@pytest.mark.spawn
-def test_the_library_is_built_once_into_the_cache(tmp_path):
-    first = _python(PROBE, tmp_path)
-    assert first.stdout.strip() == "True", first.stderr
+@pytest.mark.slow  # compiles the kernels again, into a cache of its own
+def test_the_library_is_built_once_into_the_cache(fresh_kernels, monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_MP_CACHE", str(tmp_path / "cache"))
+    fresh_kernels()
+    assert _usable()
     built = list((tmp_path / "cache").glob("cpu_decode-*.so"))
     assert len(built) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
-    assert _python(PROBE, tmp_path).stdout.strip() == "True"
+    fresh_kernels()  # as the next process
+    assert _usable()
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
-@pytest.mark.spawn
-def test_without_a_compiler_decoding_falls_back_with_one_note(tmp_path):
-    run = _python(PROBE, tmp_path, CC="no-such-compiler")
-    assert run.returncode == 0 and run.stdout.strip() == "False"
-    assert run.stderr.count("CPU decode kernels unavailable") == 1
-    assert "no-such-compiler" in run.stderr and "Traceback" not in run.stderr
+def test_without_a_compiler_decoding_falls_back_with_one_note(fresh_kernels, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LLAMA_MP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    fresh_kernels()
+    capsys.readouterr()
+    assert _usable() is False and _usable() is False  # asked twice, said once
+    err = capsys.readouterr().err
+    assert err.count("CPU decode kernels unavailable") == 1
+    assert "no-such-compiler" in err and "Traceback" not in err
 
 
-@pytest.mark.spawn
-def test_turned_off_they_are_not_built_and_nothing_is_said(tmp_path):
-    run = _python(PROBE, tmp_path, **{cpu_kernels.ENV: "0"})
-    assert run.stdout.strip() == "False" and run.stderr == ""
+def test_turned_off_they_are_not_built_and_nothing_is_said(fresh_kernels, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LLAMA_MP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    fresh_kernels()
+    capsys.readouterr()
+    assert _usable() is False
+    captured = capsys.readouterr()
+    assert captured.out == captured.err == ""
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.spawn
-def test_asked_for_but_unavailable_is_one_clear_error(tmp_path):
-    bench = ("import sys; from llama_mp.cli import main; sys.argv = ['llama-mp', 'bench', '--dim', '64', "
-             "'--n_layers', '1', '--n_heads', '4', '--new_tokens', '2', '--runs', '1', '--device', 'cpu'{}]; main()")
-    by_env = _python(bench.format(""), tmp_path, CC="no-such-compiler", **{cpu_kernels.ENV: "1"})
-    by_option = _python(bench.format(", '--decoder', 'cpu_kernels'"), tmp_path, CC="no-such-compiler")
-    for run, asked in ((by_env, f"{cpu_kernels.ENV}=1"), (by_option, "--decoder cpu_kernels")):
-        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-        assert run.stderr.count(f"{asked} asks for the CPU decode kernels") == 1 and "no-such-compiler" in run.stderr
+@pytest.mark.parametrize("setting, option, asked", [("1", [], f"{cpu_kernels.ENV}=1"),
+                                                     ("auto", ["--decoder", "cpu_kernels"], "--decoder cpu_kernels")])
+def test_asked_for_but_unavailable_is_one_clear_error(fresh_kernels, monkeypatch, tmp_path, llama_mp_command,
+                                                      setting, option, asked):
+    monkeypatch.setenv("LLAMA_MP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv(cpu_kernels.ENV, setting)
+    fresh_kernels()
+    code, _, err = llama_mp_command("bench", "--dim", "64", "--n_layers", "1", "--n_heads", "4", "--new_tokens", "2",
+                                    "--runs", "1", "--device", "cpu", *option)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.count(f"{asked} asks for the CPU decode kernels") == 1 and "no-such-compiler" in err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")

@@ -9,9 +9,6 @@ the vector width. A quantized model decodes with the kernels step for step as th
 QuantizedProjection path does, and LLAMA_MP_CPU_ISA picks the build.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,7 +28,6 @@ FORMATS = {
     "int4-g32": Scheme("int4", 32), "int4-g64": Scheme("int4", 64), "int4-g128": Scheme("int4", 128),
 }
 ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 14, 17, 23, 33, 40)  # tiles of 4 and 8 rows and remainders; int8 widened from 16
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stored(fmt, out_features, in_features, seed):
@@ -128,31 +124,29 @@ def test_a_quantized_projection_runs_the_kernels_on_its_own_storage():
     _check_product(y.view(10, 64), x.view(10, 64), dequantize(q, scales, scheme).double())
 
 
-def _python(code, **env):
-    """`code` in a new process (the choice is made once per process), sharing this one's built libraries."""
-    full = {**os.environ, "LLAMA_MP_CACHE": str(cpu_kernels.cache_dir()), "PYTHONPATH": ROOT}
-    full.pop(cpu_kernels.ISA_ENV, None)  # auto unless the test says
-    full.update(env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=120)
+BUILT = {"avx512bf16": (512, 1), "avx512": (512, 0), "avx2": (256, 0)}  # (isa_bits(), bf16_dot())
 
 
-PROBE = ("from llama_mp.kernels import cpu; lib = cpu.library(); "
-         "print(None if lib is None else (lib.isa_bits(), lib.bf16_dot()))")
-BUILT = {"avx512bf16": "(512, 1)", "avx512": "(512, 0)", "avx2": "(256, 0)"}
+def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced(fresh_kernels, monkeypatch, capsys):
+    def chosen(isa=None):
+        """What a new process loads with LLAMA_MP_CPU_ISA=isa (unset: auto), sharing the built libraries."""
+        if isa is None:
+            monkeypatch.delenv(cpu_kernels.ISA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(cpu_kernels.ISA_ENV, isa)
+        fresh_kernels()
+        lib = cpu_kernels.library()
+        return None if lib is None else (lib.isa_bits(), lib.bf16_dot())
 
-
-@pytest.mark.spawn
-def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced():
-    best = cpu_kernels.runnable_isas()[0]
-    auto = _python(PROBE)
-    assert auto.stdout.strip() == BUILT[best], auto.stderr
+    capsys.readouterr()
+    assert chosen() == BUILT[cpu_kernels.runnable_isas()[0]]
     for isa in cpu_kernels.runnable_isas():
-        forced = _python(PROBE, **{cpu_kernels.ISA_ENV: isa})
-        assert forced.stdout.strip() == BUILT[isa] and forced.stderr == ""
-    wrong = _python(PROBE, **{cpu_kernels.ISA_ENV: "sse2"})
-    assert wrong.returncode == 0 and wrong.stdout.strip() == "None"
-    assert wrong.stderr.count("CPU decode kernels unavailable") == 1
-    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512bf16, avx512, avx2" in wrong.stderr
+        assert chosen(isa) == BUILT[isa]
+    assert capsys.readouterr().err == ""
+    assert chosen("sse2") is None
+    err = capsys.readouterr().err
+    assert err.count("CPU decode kernels unavailable") == 1
+    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512bf16, avx512, avx2" in err
 
 
 def test_forcing_an_instruction_set_the_cpu_lacks_is_refused(monkeypatch):
