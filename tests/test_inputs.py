@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-from launching import CPU, ROOT, run, script
+from launching import CPU, ROOT, script
 from llama_mp import LlamaMPError
 from llama_mp.checks import require_seconds, require_seed
 from llama_mp.cli.completion import EXAMPLE_PROMPTS, prompts_from_text, text_completion
@@ -146,11 +146,10 @@ def test_one_letter_shortcuts_and_a_text_option_without_value_are_refused():
     assert "--prompts needs a value" in refused(exact_text, cli, ["x", "t", "--prompts"])
 
 
-@pytest.mark.spawn
-def test_the_launcher_keeps_a_prompt_with_commas_and_digits_as_typed(ckpt, tokenizer_path):
+def test_the_launcher_keeps_a_prompt_with_commas_and_digits_as_typed(ckpt, tokenizer_path, one_process):
     prompt = "1.50, None, --x"
-    job = run([sys.executable, script("text_completion"), "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
-               "--prompts", prompt, "--max_gen_len", "2", "--temperature", "0", "--json", *CPU])
+    job = one_process("text_completion", "--ckpt_dir", ckpt, "--tokenizer_path", tokenizer_path,
+                      "--prompts", prompt, "--max_gen_len", "2", "--temperature", "0", "--json")
     assert job.returncode == 0, job.stderr
     assert [json.loads(line)["prompt"] for line in job.stdout.splitlines()] == [prompt]
 
