@@ -53,16 +53,30 @@ def batched_and_alone_with_each_decoder(ckpt_dir, tokenizer_path, decoders):
     return [batched_and_alone(ckpt_dir, tokenizer_path, decoder, gather_every) for decoder, gather_every in decoders]
 
 
-def test_rows_at_their_own_positions_equal_each_sequence_alone_with_either_decoder(make_checkpoint, tokenizer_path):
-    """Sequences that join, decode at different positions and leave a running batch get the ids they get
-    alone, on 2 ranks, with the PyTorch decoder (some steps gathering logits on rank 0) and with the C
-    kernels (every step gathering); and the two decoders agree."""
+@pytest.fixture(scope="module")
+def runs(make_checkpoint, tokenizer_path):
+    """{decoder: (alone, batched) per rank} of one 2-rank job that runs every decoder: the PyTorch one with
+    some steps gathering logits on rank 0, the C kernels gathering every step, the static step every other."""
     from llama_mp.kernels import cpu
 
-    decoders = [("pytorch", 3)] + ([("cpu_kernels", 1)] if cpu.library() is not None else [])
+    decoders = [("pytorch", 3), ("static", 2)] + ([("cpu_kernels", 1)] if cpu.library() is not None else [])
     ckpt_dir = make_checkpoint(shards=2, n_kv_heads=2)[0]
-    rank_0, rank_1 = run_ranks(2, batched_and_alone_with_each_decoder, ckpt_dir, tokenizer_path, decoders)
-    for (alone, batched), (alone_1, _) in zip(rank_0, rank_1):
+    per_rank = run_ranks(2, batched_and_alone_with_each_decoder, ckpt_dir, tokenizer_path, decoders)
+    return {name: [rank[i] for rank in per_rank] for i, (name, _) in enumerate(decoders)}
+
+
+def test_rows_at_their_own_positions_equal_each_sequence_alone_with_either_decoder(runs):
+    """Sequences that join, decode at different positions and leave a running batch get the ids they get
+    alone, on 2 ranks, with the PyTorch decoder and with the C kernels; and the two decoders agree."""
+    decoders = [d for d in ("pytorch", "cpu_kernels") if d in runs]
+    for name in decoders:
+        (alone, batched), (alone_1, _) = runs[name]
         assert alone == alone_1
         assert batched == alone
-    assert all(batched == rank_0[0][1] for _, batched in rank_0)
+    assert all(runs[name][0][1] == runs["pytorch"][0][1] for name in decoders)
+
+
+def test_continuous_batching_with_the_static_step_gives_each_sequence_its_own_ids(runs):
+    """The static decoder's step (test_static_step) in the same batches: each sequence's own ids."""
+    (alone, batched), _ = runs["static"]
+    assert batched == alone == runs["pytorch"][0][0]

@@ -6,7 +6,7 @@ own positions in their own cache slots), greedy and sampled alike, on 1, 2 and 4
 import pytest
 import torch
 
-from multiproc import on_ranks, run_ranks
+from multiproc import on_ranks
 
 PROMPTS = [[1, 306, 4658, 29871, 12], [1, 15043], [1, 450, 4996, 17354, 1701, 29916, 432, 17204], [1]]
 
@@ -62,16 +62,7 @@ def test_static_step_decodes_what_the_sliced_steps_decode(make_checkpoint, token
         assert len({tuple(r) for r in rows}) > 1  # the rows really decode different things
 
 
-@pytest.mark.spawn
-def test_continuous_batching_with_the_static_step_gives_each_sequence_its_own_ids(make_checkpoint,
-                                                                                  tokenizer_path):
-    from test_batching import batched_and_alone_with_each_decoder
-
-    ckpt_dir = make_checkpoint(shards=2, n_kv_heads=2)[0]
-    decoders = [("static", 2), ("pytorch", 2)]
-    rank_0, _ = run_ranks(2, batched_and_alone_with_each_decoder, ckpt_dir, tokenizer_path, decoders)
-    (alone, batched), (alone_pytorch, _) = rank_0
-    assert batched == alone == alone_pytorch
+# Continuous batching with the static step: test_batching (one 2-rank job runs every decoder there).
 
 
 def _compiler_found() -> bool:
