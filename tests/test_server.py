@@ -117,7 +117,15 @@ def reference(ckpt_dir, tokenizer_path, prompts, dialog, max_gen_len):
     texts = [p["generation"] for p in llama.text_completion(prompts, temperature=0, max_gen_len=max_gen_len)]
     solo = [llama.text_completion([p], temperature=0, max_gen_len=max_gen_len)[0]["generation"] for p in prompts]
     chat = llama.chat_completion([dialog], temperature=0, max_gen_len=max_gen_len)[0]["generation"]["content"]
-    return texts, solo, chat
+    # The server's completion text reads on from the prompt (OpenAI's " Paris"), where Meta's text_completion
+    # decodes the generation alone: the reference for it is one decode of prompt and answer, minus the prompt.
+    tok = llama.tokenizer
+    encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
+    ids, _ = llama.generate(encoded, max_gen_len, temperature=0)
+    after = [tok.decode(e[1:] + g)[len(p):] for p, e, g in zip(prompts, encoded, ids)]
+    assert all(tok.decode(e[1:] + g).startswith(p) for p, e, g in zip(prompts, encoded, ids))
+    assert [tok.decode(g) for g in ids] == texts
+    return after, solo, chat, texts
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +171,9 @@ def test_health_and_models(server, client):
 
 @pytest.mark.spawn
 def test_greedy_completions_equal_llama_text_completion(client, expected):
-    texts, solo, _ = expected
-    assert texts == solo  # the reference itself: a batch of prompts answers each as alone
+    texts, solo, _, meta = expected
+    assert meta == solo  # the reference itself: a batch of prompts answers each as alone
+    assert [t.lstrip(" ") for t in texts] == [m.lstrip(" ") for m in meta]  # they differ only in a leading space
     for prompt, text in zip(PROMPTS, texts):
         answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
         assert answer.choices[0].text == text
@@ -209,9 +218,9 @@ def test_sampling_with_a_seed_repeats_and_echo_and_logprobs_and_stop(client):
     greedy = dict(model="tiny", prompt="Model parallel", max_tokens=10, temperature=0)
     plain = client.completions.create(**greedy).choices[0].text
     echoed = client.completions.create(echo=True, **greedy).choices[0].text  # reads on from the prompt
-    assert echoed.startswith("Model parallel") and echoed[len("Model parallel"):].endswith(plain)
+    assert echoed == "Model parallel" + plain  # the prompt as sent, then the same continuation
     scored = client.completions.create(logprobs=2, **greedy).choices[0]
-    assert "".join(scored.logprobs.tokens).strip() == plain.strip() or len(scored.logprobs.tokens) <= 10
+    assert "".join(scored.logprobs.tokens) == plain and len(scored.logprobs.tokens) <= 10
     assert all(lp <= 0 for lp in scored.logprobs.token_logprobs)
     # {text: logprob} per position, as OpenAI's legacy API has it: two ids with the same text share a key
     assert all(1 <= len(top) <= 2 for top in scored.logprobs.top_logprobs)
@@ -269,7 +278,7 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_reference_model_does(client
 def test_concurrent_requests_equal_their_answers_alone(client, expected):
     """More requests than slots, streamed and not, greedy among sampled ones: each greedy answer is the
     one it gets alone, and the sampled ones finish too."""
-    _, solo, _ = expected
+    solo = expected[0]  # the continuations (the reference checked a batch against each prompt alone)
 
     def one(i):
         prompt = PROMPTS[i % len(PROMPTS)]
@@ -350,7 +359,7 @@ def test_503_while_loading_and_when_the_queue_is_full(tokenizer_path):
 
     from llama_mp.runtime.tokenizer import Tokenizer
     from llama_mp.server.app import make_app
-    from llama_mp.server.protocol import Limits
+    from llama_mp.server.protocol import Limits, parse_completion
     from llama_mp.server.scheduler import Scheduler
     from llama_mp.server.state import ServerState
 
@@ -362,8 +371,12 @@ def test_503_while_loading_and_when_the_queue_is_full(tokenizer_path):
     assert app.get("/health").status_code == 503 and app.get("/health").json()["status"] == "loading"
     error_of(app.post("/v1/completions", json={"prompt": "hi"}), 503)
     tokenizer = Tokenizer(tokenizer_path)
-    state.ready(Scheduler(NoBatch(), tokenizer, max_queue=1), tokenizer, Limits("m", MAX_SEQ_LEN, 4))
-    assert error_of(app.post("/v1/completions", json={"prompt": ["a", "b"]}), 503)["type"] == "server_error"
+    scheduler = Scheduler(NoBatch(), tokenizer, max_queue=1)
+    state.ready(scheduler, tokenizer, Limits("m", MAX_SEQ_LEN, 4))
+    # more prompts than the queue can ever hold: a 400 (a 503 would be retried for ever)
+    assert error_of(app.post("/v1/completions", json={"prompt": ["a", "b"]}), 400)["param"] == "prompt"
+    scheduler.submit(parse_completion({"prompt": "a"}, tokenizer, state.limits).sequences, None)  # the queue is full
+    assert error_of(app.post("/v1/completions", json={"prompt": "b"}), 503)["type"] == "server_error"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,14 +515,14 @@ def test_a_stop_string_is_cut_and_never_streamed_even_when_split_over_tokens(tok
     text = StopText(tokenizer, ["STOP", "zzz"])
     sent, stopped = "", False
     for token in ids:
-        piece, stopped, _ = text.push(token)
-        sent += piece
+        piece = text.push(token)
+        sent, stopped = sent + piece.text, piece.stopped
         assert "S" not in sent.split("near.")[-1] or stopped  # the start of a stop string is held back
         if stopped:
             break
     assert stopped and sent == "The end is near. "
     plain = StopText(tokenizer, [])
-    assert "".join(plain.push(t)[0] for t in ids) + plain.flush() == tokenizer.decode(ids)
+    assert "".join(plain.push(t).text for t in ids) + plain.flush().text == tokenizer.decode(ids)
 
 
 def test_requests_are_validated_in_openai_terms(tokenizer_path):

@@ -292,6 +292,13 @@ class TextStream:
             self.anchor, self.printed = len(self.ids), ""
         return new
 
+    @property
+    def holding(self) -> bool:
+        """Whether part of a character is held back (the next push or `flush` writes it)."""
+        if self.utf8 is not None:
+            return bool(self.utf8.getstate()[0])
+        return len(self.ids) > self.anchor and self._since_anchor() != self.printed
+
     def flush(self) -> str:
         """Whatever is still held back at the end (an incomplete character prints as U+FFFD)."""
         if self.utf8 is not None:
@@ -299,3 +306,23 @@ class TextStream:
         new = self._since_anchor()[len(self.printed):]
         self.anchor, self.printed = len(self.ids), ""
         return new
+
+
+def _text_start(tokenizer: Tokenizer, ids: Sequence[int]) -> int:
+    """Where a prompt's text starts: after a leading BOS, which marks the start of a sequence and is no
+    text (the server adds it to a prompt sent as text; SentencePiece writes it as nothing anyway)."""
+    return 1 if len(ids) and ids[0] == tokenizer.bos_id else 0
+
+
+def prompt_text(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    """The text of prompt `ids`: for a prompt encoded from a text, exactly that text (both families)."""
+    return tokenizer.decode(list(ids[_text_start(tokenizer, ids):]))
+
+
+def prompt_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> List[str]:
+    """The text each id of a prompt adds; joined, they are `prompt_text(ids)` (a leading BOS adds "")."""
+    start = _text_start(tokenizer, ids)
+    stream = TextStream(tokenizer, ids[:start])
+    texts = [""] * start + [stream.push(t) for t in ids[start:]]
+    texts[-1] += stream.flush()
+    return texts

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import sys
 import threading
@@ -21,8 +22,9 @@ import time
 from typing import AsyncIterator, Dict, List
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import LlamaMPError
 from .protocol import (ApiError, Job, choice, envelope, model_card, models_list, parse_chat,
@@ -30,9 +32,11 @@ from .protocol import (ApiError, Job, choice, envelope, model_card, models_list,
 from .scheduler import Event, Generation, Sink
 from .state import FAILED, READY, ServerState
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(error: ApiError) -> Response:
+    # ASCII JSON: a message may quote what a client sent (a URL's model name), and that need not be text
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return Response(json.dumps(error.body()), status_code=error.status, headers=headers,
+                    media_type="application/json")
 
 
 def _authorize(state: ServerState, request: Request) -> None:
@@ -45,22 +49,74 @@ def _authorize(state: ServerState, request: Request) -> None:
                             "--api_key).", "invalid_request_error", None, "invalid_api_key")
 
 
-async def _read_json(request: Request, limit: int):
-    """The body as JSON, refusing more than `limit` bytes (413) without reading past the limit."""
+MAX_JSON_DEPTH = 32  # the deepest nesting a valid request has is 4 (messages, content parts); more is refused
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+async def _read_json(request: Request, limit: int, within_s: float):
+    """The body as JSON text, refusing more than `limit` bytes (413) without reading past the limit, a body
+    that takes longer than `within_s` to arrive (408: a client sending it a byte at a time holds a
+    connection for ever otherwise), one that is not UTF-8 text, not JSON, nested deeper than any request
+    is, or that holds a lone surrogate ("\ud800": no text has one, and the tokenizers cannot encode it)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"The request body has {declared} bytes; this server takes at most {limit} "
                             "(--max_body_bytes).", "invalid_request_error", None, "request_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"The request body is over {limit} bytes, the most this server takes "
-                                "(--max_body_bytes).", "invalid_request_error", None, "request_too_large")
+
+    async def receive() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"The request body is over {limit} bytes, the most this server takes "
+                                    "(--max_body_bytes).", "invalid_request_error", None, "request_too_large")
+        return bytes(body)
+
     try:
-        return json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as e:
+        raw = await asyncio.wait_for(receive(), within_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {within_s:g} s; send it at once.",
+                       "invalid_request_error", None, "request_timeout") from None
+    except ClientDisconnect:  # nobody reads this answer, but the request ends here, without a traceback
+        raise ApiError(400, "The connection closed before the whole request body arrived.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"The request body is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start} "
+                            "cannot start or continue a character).") from None
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, f"The request body is nested deeper than the {MAX_JSON_DEPTH} levels this server "
+                            "reads.") from None
+    except ValueError as e:
         raise ApiError(400, f"The request body is not valid JSON ({e}).") from None
+    _check_json(body)
+    return body
+
+
+def _check_json(body) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and strings (or keys) with a lone surrogate, naming
+    where. Walked with a stack of its own: no recursion, whatever the body."""
+    stack = [(body, "the body", None, 1)]  # (value, where it is, the top-level field it is in, depth)
+    while stack:
+        value, where, field, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"The request body is nested deeper than the {MAX_JSON_DEPTH} levels this server "
+                                f"reads (at {where}).", param=field)
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                raise ApiError(400, f"{where} holds a lone UTF-16 surrogate (\\u{ord(found.group()):04x} at "
+                                    f"character {found.start()}), which is not text; send the whole character it "
+                                    "is half of, or leave it out.", param=field)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                inner = key if depth == 1 else f"{where}.{key}"
+                stack.append((key, f"the name of {inner}", field or key, depth + 1))
+                stack.append((item, inner, field or key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", field, depth + 1) for i, item in enumerate(value))
 
 
 GONE = object()  # put in a request's queue when its client disconnects
@@ -184,6 +240,12 @@ def make_app(state: ServerState) -> FastAPI:
     async def api_error(request: Request, error: ApiError):
         return error_response(error)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception):
+        # Not a refusal but a fault of this server; the client still gets OpenAI's error JSON with the cause
+        return error_response(ApiError(500, f"The server failed on this request ({type(error).__name__}: "
+                                            f"{str(error)[:300]}).", "server_error"))
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
@@ -225,7 +287,7 @@ def make_app(state: ServerState) -> FastAPI:
 
     async def run(request: Request, parse) -> object:
         _authorize(state, request)
-        body = await _read_json(request, state.max_body_bytes)
+        body = await _read_json(request, state.max_body_bytes, state.body_timeout_s)
         busy = state.unavailable()
         if busy is not None:
             raise busy

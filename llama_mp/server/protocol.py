@@ -3,13 +3,15 @@
 Everything a client sends is checked here, on rank 0, before any work is queued: a bad request is
 answered with OpenAI's error JSON (status 400, 404, ...) and never reaches the batch or the other
 ranks. The rules for sampling values are the runtime's own (`check_sampling`), so the server and the
-command line accept exactly the same values. Unknown fields are ignored, as OpenAI's clients and common
-tools send extras; known ones whose non-default values this server cannot honour (n > 1, penalties,
-logit_bias, suffix) are refused with a 400 that says so, never silently dropped.
+command line accept exactly the same values. Every field of a body is in one table (`FIELDS`): implemented,
+refused unless its value asks for nothing (n > 1, penalties, tools, ...: a 400 naming it, never silently
+dropped), or ignored for a stated reason (`user`); a field the table does not know is a 400 too, as OpenAI
+answers. An explicit JSON null means "not given", for every field.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from ..checks import described, is_finite_number, is_int, is_number
 from ..errors import LlamaMPError
 from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
 from ..runtime.sampling import check_sampling
-from ..runtime.tokenizer import Tokenizer
+from ..runtime.tokenizer import Tokenizer, prompt_text
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on `stop`, and a bound on each string
 MAX_LOGPROBS = 5             # completions: `logprobs` (top alternatives per token), OpenAI's maximum
@@ -65,6 +67,7 @@ class SequenceSpec:
     logprobs: Optional[int]   # None: no logprobs; k >= 0: the chosen token's, plus k alternatives
     ignore_eos: bool = False
     echo: bool = False          # the answer's text starts with the prompt's
+    after_prompt: bool = True   # the text reads on from the prompt's (completions); chat: decoded alone
 
     @property
     def score_prompt(self) -> bool:
@@ -138,21 +141,108 @@ def check_model(body: dict, limits: Limits) -> str:
     return model
 
 
-def _unsupported(body: dict) -> None:
-    """Refuse options this server does not implement, when they ask for more than the default."""
-    if body.get("n", 1) not in (1, None):
-        raise invalid(f"'n' must be 1: this server returns one choice per prompt (got {described(body['n'])}). "
-                      "Send the request several times, with different seeds, for several samples.", "n")
-    if body.get("best_of", 1) not in (1, None):
-        raise invalid("'best_of' must be 1 (or absent): this server does not rank several samples.", "best_of")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and not (is_number(value) and value == 0):
-            raise invalid(f"'{name}' is not supported by this server; leave it out or send 0.", name)
-    if body.get("logit_bias"):
-        raise invalid("'logit_bias' is not supported by this server; leave it out.", "logit_bias")
-    if body.get("suffix"):
-        raise invalid("'suffix' (insertion) is not supported by this server; leave it out.", "suffix")
+@dataclass(frozen=True)
+class Rule:
+    """How the server treats one request field. "implemented": parsed and honoured. "refused": accepted only
+    with one of `defaults` (values that ask for nothing more than leaving it out), else a 400 saying `why`.
+    "ignored": accepted and without effect on the answer, for the reason `why`."""
+
+    treatment: str
+    why: str = ""
+    defaults: tuple = ()
+
+
+def _refused(why: str, *defaults) -> Rule:
+    return Rule("refused", why, defaults)
+
+
+IMPLEMENTED = Rule("implemented")
+_BOTH = {
+    "model": IMPLEMENTED, "temperature": IMPLEMENTED, "top_p": IMPLEMENTED, "seed": IMPLEMENTED,
+    "stop": IMPLEMENTED, "stream": IMPLEMENTED, "stream_options": IMPLEMENTED, "max_tokens": IMPLEMENTED,
+    "logprobs": IMPLEMENTED,
+    "ignore_eos": IMPLEMENTED,  # vLLM's extension: generate max_tokens even past the end-of-text token
+    "n": _refused("this server returns one choice per prompt; send the request several times, with different "
+                  "seeds, for several samples", 1),
+    "presence_penalty": _refused("penalties are not implemented", 0),
+    "frequency_penalty": _refused("penalties are not implemented", 0),
+    "repetition_penalty": _refused("penalties are not implemented", 1),
+    "logit_bias": _refused("biasing tokens is not implemented", {}),
+    "top_k": _refused("top-k sampling is not offered by this server (use top_p)", 0, -1),
+    "min_p": _refused("min-p sampling is not implemented (use top_p)", 0),
+    "min_tokens": _refused("a minimum length is not implemented", 0),
+    "stop_token_ids": _refused("stop ids are not implemented; use 'stop' strings", []),
+    "include_stop_str_in_output": _refused("a stop string is always cut from the text", False),
+    "use_beam_search": _refused("beam search is not implemented", False),
+    "response_format": _refused("constrained output (JSON mode, schemas) is not implemented",
+                                {"type": "text"}),
+    "user": Rule("ignored", "an end user's id for a provider's abuse monitoring: it changes no answer, and this "
+                            "server keeps no record of it"),
+}
+COMPLETION_FIELDS = dict(_BOTH, **{
+    "prompt": IMPLEMENTED, "echo": IMPLEMENTED,
+    "best_of": _refused("this server does not rank several samples", 1),
+    "suffix": _refused("insertion (text after the completion) is not implemented", ""),
+})
+CHAT_FIELDS = dict(_BOTH, **{
+    "messages": IMPLEMENTED, "max_completion_tokens": IMPLEMENTED, "top_logprobs": IMPLEMENTED,
+    "tools": _refused("tool calls are not implemented", []),
+    "tool_choice": _refused("tool calls are not implemented", "none"),
+    "functions": _refused("function calls are not implemented", []),
+    "function_call": _refused("function calls are not implemented", "none"),
+    "parallel_tool_calls": Rule("ignored", "it only shapes tool calls, which are refused"),
+    "modalities": _refused("this server writes text only", ["text"]),
+    "audio": _refused("this server writes text only"),
+    "prediction": _refused("predicted outputs are not implemented"),
+    "reasoning_effort": _refused("these models have no reasoning setting"),
+    "web_search_options": _refused("web search is not implemented"),
+    "store": _refused("this server stores no completions", False),
+    "metadata": Rule("ignored", "tags for stored completions; this server stores none"),
+    "service_tier": Rule("ignored", "this server has one processing tier"),
+})
+MESSAGE_FIELDS = {
+    "role": IMPLEMENTED, "content": IMPLEMENTED,
+    "name": _refused("Meta's chat formats have no participant names"),
+    "tool_calls": _refused("tool calls are not implemented", []),
+    "tool_call_id": _refused("tool calls are not implemented"),
+    "function_call": _refused("function calls are not implemented"),
+    "refusal": _refused("a refusal text of an earlier answer cannot be given to these models"),
+    "audio": _refused("this server reads text only"),
+}
+STREAM_OPTION_FIELDS = {"include_usage": IMPLEMENTED}
+
+
+def _same(value, default) -> bool:
+    """JSON equality that keeps true apart from 1 and "0" apart from 0."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return isinstance(value, bool) and isinstance(default, bool) and value == default
+    if is_number(default):
+        return is_number(value) and value == default
+    return type(value) is type(default) and value == default
+
+
+def given(obj: dict, table: dict, where: str, param: Optional[str] = None) -> dict:
+    """The fields of `obj` that ask for something, checked against `table`: nulls are dropped ("not
+    given"), unknown fields and refused fields with a value that asks for more are a 400 naming them,
+    and what remains is what the parsers read. `where` names the object in messages."""
+    out = {}
+    for name, value in obj.items():
+        if value is None:
+            continue
+        rule = table.get(name)
+        if rule is None:
+            raise invalid(f"{where} has an unknown field {name!r}: this server does not know what it asks for, so it "
+                          f"cannot honour it. Leave it out (known fields: {', '.join(sorted(table))}).",
+                          param or name, "unknown_field")
+        if rule.treatment == "refused":
+            if any(_same(value, d) for d in rule.defaults):
+                continue
+            allowed = f" (or send {' or '.join(json.dumps(d) for d in rule.defaults)})" if rule.defaults else ""
+            raise invalid(f"'{name}' is not supported by this server: {rule.why}. Leave it out{allowed}; got "
+                          f"{described(value)}.", param or name, "unsupported_field")
+        if rule.treatment == "implemented":
+            out[name] = value
+    return out
 
 
 def _stop(body: dict) -> List[str]:
@@ -190,7 +280,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise invalid(f"'stream_options' must be an object, got {described(options)}.", "stream_options")
     if not stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-    return _bool(options, "include_usage")
+    return _bool(given(options, STREAM_OPTION_FIELDS, "'stream_options'", "stream_options"), "include_usage")
 
 
 def _room(prompt: List[int], limits: Limits, max_tokens: Optional[int], index: Optional[int] = None) -> int:
@@ -247,8 +337,8 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     """A /v1/completions body as a Job, or an ApiError."""
     if not isinstance(body, dict):
         raise invalid(f"The request body must be a JSON object, got {described(body)}.")
+    body = given(body, COMPLETION_FIELDS, "A /v1/completions request")
     model = check_model(body, limits)
-    _unsupported(body)
     if "prompt" not in body:
         raise invalid("'prompt' is required.", "prompt")
     prompts = _prompts(body["prompt"], tokenizer, limits)
@@ -261,7 +351,7 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     stop, ignore_eos = _stop(body), _bool(body, "ignore_eos")
     sequences = [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop, logprobs,
                               ignore_eos, echo) for i, p in enumerate(prompts)]
-    echo_texts = [tokenizer.decode(p) for p in prompts] if echo else []
+    echo_texts = [prompt_text(tokenizer, p) for p in prompts] if echo else []  # a text prompt: as it was sent
     return Job("completion", model, sequences, stream, _stream_options(body, stream), echo_texts)
 
 
@@ -286,8 +376,8 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     system message, then user/assistant turns ending with the user's) in the checkpoint family's format."""
     if not isinstance(body, dict):
         raise invalid(f"The request body must be a JSON object, got {described(body)}.")
+    body = given(body, CHAT_FIELDS, "A /v1/chat/completions request")
     model = check_model(body, limits)
-    _unsupported(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid(f"'messages' must be a non-empty list of messages, got {described(messages)}.", "messages")
@@ -296,6 +386,7 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
         if not isinstance(m, dict):
             raise invalid(f"messages[{i}] must be an object with 'role' and 'content', got {described(m)}.",
                           "messages")
+        m = given(m, MESSAGE_FIELDS, f"messages[{i}]", "messages")
         role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
         dialog.append({"role": role, "content": _message_text(m.get("content"), i)})
     try:
@@ -306,8 +397,12 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
         raise invalid(UNSAFE_ERROR + " (The Llama 2 chat tags [INST], <<SYS>> would let text forge turns.)",
                       "messages")
     prompt = encode_dialog(tokenizer, dialog)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _int({"max_tokens": max_tokens}, "max_tokens", None, 1)
+    max_tokens = _int(body, "max_tokens", None, 1)
+    newer = _int(body, "max_completion_tokens", None, 1)  # OpenAI's newer name for max_tokens
+    if newer is not None and max_tokens is not None and newer != max_tokens:
+        raise invalid(f"'max_completion_tokens' ({newer}) and 'max_tokens' ({max_tokens}) disagree; send one of them.",
+                      "max_completion_tokens")
+    max_tokens = newer if newer is not None else max_tokens
     temperature, top_p, seed = _sampling(body)
     stream = _bool(body, "stream")
     logprobs = None
@@ -316,7 +411,7 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     elif body.get("top_logprobs") is not None:
         raise invalid("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
     spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens), temperature, top_p, seed, _stop(body), logprobs,
-                        _bool(body, "ignore_eos"))
+                        _bool(body, "ignore_eos"), after_prompt=False)
     return Job("chat", model, [spec], stream, _stream_options(body, stream))
 
 

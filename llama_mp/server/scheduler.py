@@ -19,7 +19,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, Plan, StepResult
 from ..runtime.sampling import sample
 from ..runtime.scoring import TokenScores
-from ..runtime.tokenizer import TextStream, Tokenizer
+from ..runtime.tokenizer import TextStream, Tokenizer, prompt_pieces
 from .protocol import ApiError, SequenceSpec, TokenLogprob
 
 IDLE_WAIT_S = 0.25  # how often an idle loop looks at its flags (draining, a lost rank) without a request
@@ -51,32 +51,74 @@ class Event:
     prompt_scores: Optional[TokenScores] = None
 
 
+@dataclass
+class Piece:
+    """What a sequence releases at once: text, the logprobs entries of its tokens (None when the request
+    wants none), and whether a stop string ended the text."""
+
+    text: str
+    entries: Optional[List[TokenLogprob]]
+    stopped: bool
+
+
 class StopText:
-    """Text of a growing sequence of ids, cut at the first `stop` string, streamed as soon as it is safe."""
+    """The text of a growing sequence of ids, cut at the first `stop` string, released as soon as it is safe.
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], after: Sequence[int] = ()):
-        self.stream, self.stops, self.pending = TextStream(tokenizer, after), list(stops), ""
+    Text is released a whole token at a time, each token with its `logprobs` entry when the request wants
+    them (`entries`), so what goes out of the text and of the entries always agrees: the entries' texts
+    join into the text, in every chunk of a stream as in a whole answer. Where a stop string cuts the
+    text, the entries are cut too: the token the stop string starts in keeps its text up to the cut, the
+    tokens after it are dropped. The last token is held while part of a character is (the next token or
+    the end writes it: the end as U+FFFD, in that token's text).
+    """
 
-    def push(self, token: int) -> Tuple[str, bool, str]:
-        """(text that can be sent now, whether a stop string ended the text, the text `token` added)."""
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], after: Sequence[int] = (),
+                 entries: bool = False):
+        self.stream, self.stops, self.entries = TextStream(tokenizer, after), list(stops), entries
+        self.held: List[TokenLogprob] = []  # the tokens not yet released (their texts, and entries)
+
+    def push(self, token: int, entry_of: Optional[Callable[[str], TokenLogprob]] = None) -> Piece:
+        """Add `token`; `entry_of(text it added)` makes its logprobs entry (when `entries`)."""
         added = self.stream.push(token)
-        self.pending += added
-        return (*self._release(final=False), added)
+        self.held.append(entry_of(added) if entry_of is not None else TokenLogprob(added, None, None))
+        return self._release(final=False)
 
-    def flush(self) -> str:
-        self.pending += self.stream.flush()
-        return self._release(final=True)[0]
+    def flush(self) -> Piece:
+        """The end of the sequence: release everything (an incomplete character goes out as U+FFFD)."""
+        rest = self.stream.flush()
+        if rest and self.held:
+            self.held[-1].token += rest
+        elif rest:
+            self.held.append(TokenLogprob(rest, None, None))
+        return self._release(final=True)
 
-    def _release(self, final: bool) -> Tuple[str, bool]:
-        text = self.pending
+    def _release(self, final: bool) -> Piece:
+        text = "".join(e.token for e in self.held)
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.pending = ""
-            return text[:min(found)], True
-        hold = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                                    if text.endswith(s[:n])), default=0)
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold], False
+        stopped = bool(found)
+        if stopped:
+            cut = min(found)
+        else:  # hold back the longest end of the text that may be the start of a stop string
+            hold = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+                                        if text.endswith(s[:n])), default=0)
+            cut = len(text) - hold
+        # the last token stays while part of a character is held back: its text is not complete yet
+        releasable = self.held if final or stopped or not self.stream.holding else self.held[:-1]
+        out, at = [], 0
+        for e in releasable:
+            if at + len(e.token) > cut:
+                break
+            out.append(e)
+            at += len(e.token)
+        if stopped:
+            if at < cut:  # the stop string starts inside this token: it keeps its text up to the cut
+                partial = self.held[len(out)]
+                partial.token = partial.token[:cut - at]
+                out.append(partial)
+            self.held = []
+        else:
+            self.held = self.held[len(out):]
+        return Piece("".join(e.token for e in out), out if self.entries else None, stopped)
 
 
 class Sink:
@@ -152,13 +194,19 @@ class Scheduler:
             raise ApiError(503, f"The server cannot take requests: {self.failure}", "server_error")
         if self.draining_until is not None:
             raise ApiError(503, "The server is shutting down and takes no new requests.", "server_error")
+        if len(specs) > self.max_queue:  # never fits, so a 400: a 503 would be retried forever
+            raise ApiError(400, f"This request has {len(specs)} prompts, more than the {self.max_queue} sequences the "
+                                "server's queue holds (--max_queue); send them in several requests.",
+                           "invalid_request_error", "prompt")
         seqs = []
         for i, spec in enumerate(specs):
             seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2 ** 62, (1,), generator=self.seeds))
+            # A completion's text reads on from its prompt (" Paris" keeps its space); a chat answer's is
+            # decoded alone, as Meta's chat_completion does (Llama 2's format puts a space after [/INST]).
+            after = spec.prompt_ids if spec.after_prompt else ()
             seqs.append(Generation(spec, i, sink, torch.Generator().manual_seed(seed),
-                                  # echoed, the text goes on from the prompt's (a leading space shows)
-                                  StopText(self.tokenizer, spec.stop, spec.prompt_ids if spec.echo else ()),
-                                  previous=spec.prompt_ids[-1]))
+                                   StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None),
+                                   previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise ApiError(503, f"The server is busy: its queue of {self.max_queue} waiting sequences is full. "
@@ -219,7 +267,10 @@ class Scheduler:
                     self.fail("rank 0 lost contact with another rank of the job (it died or stopped answering); "
                               "the server must be restarted.")
                 else:
-                    self.fail(f"a step of the batch failed ({type(e).__name__}); see the server's log.")
+                    # the cause itself, in the answer: the log may not say more (or be out of reach)
+                    cause = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no message"
+                    self.fail(f"a step of the batch failed ({type(e).__name__}: {cause}); the server must be "
+                              "restarted.")
                 raise
             finally:
                 self.stepping = False
@@ -301,27 +352,31 @@ class Scheduler:
         (None when there is nothing to say yet)."""
         spec = seq.spec
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
-            return self._finish(seq, "", None, "length")
+            return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
         if token in self.stop_ids and not spec.ignore_eos:
-            return self._finish(seq, seq.text.flush(), None, "stop")
+            return self._finish(seq, seq.text.flush(), "stop")
         seq.generated += 1
-        text, stopped, added = seq.text.push(token)
-        entries = None
+        entry_of = None
         if logits is not None:
             lp = torch.log_softmax(logits.float(), dim=-1)
             values, ids = torch.topk(lp, spec.logprobs)
-            entries = [self._entry(seq.previous, token, added, float(lp[token]), values.tolist(), ids.tolist())]
+            previous = seq.previous
+            entry_of = lambda added: self._entry(previous, token, added, float(lp[token]), values.tolist(),  # noqa: E731
+                                                 ids.tolist())
+        piece = seq.text.push(token, entry_of)
         seq.previous = token
-        if stopped:
-            return self._finish(seq, text, entries, "stop")
+        if piece.stopped:
+            return self._finish(seq, piece, "stop")
         if seq.generated >= spec.max_tokens:
-            return self._finish(seq, text + seq.text.flush(), entries, "length")
-        return Event(seq.index, text, entries) if text or entries else None
+            rest = seq.text.flush()
+            joined = None if piece.entries is None else piece.entries + rest.entries
+            return self._finish(seq, Piece(piece.text + rest.text, joined, False), "length")
+        return Event(seq.index, piece.text, piece.entries) if piece.text or piece.entries else None
 
-    def _finish(self, seq: Generation, text: str, entries, reason: str) -> Event:
+    def _finish(self, seq: Generation, piece: Piece, reason: str) -> Event:
         seq.done = True
         self.counts["finished"] += 1
-        return Event(seq.index, text, entries, reason, len(seq.spec.prompt_ids), seq.generated)
+        return Event(seq.index, piece.text, piece.entries, reason, len(seq.spec.prompt_ids), seq.generated)
 
     def _entry(self, previous: int, token: int, text: str, logprob: float, top_values: List[float],
                top_ids: List[int]) -> TokenLogprob:
@@ -333,10 +388,8 @@ class Scheduler:
 
     def prompt_logprobs(self, spec: SequenceSpec, scores: TokenScores) -> List[TokenLogprob]:
         """The prompt's tokens as `logprobs` entries (`echo` with `logprobs`): each with the text it adds
-        (they join into the echoed prompt), and from the second on its logprob and alternatives."""
-        prompt, stream = spec.prompt_ids, TextStream(self.tokenizer)
-        texts = [stream.push(t) for t in prompt]
-        texts[-1] += stream.flush()
+        (they join into the echoed prompt, `prompt_text`), and from the second on its logprob and alternatives."""
+        prompt, texts = spec.prompt_ids, prompt_pieces(self.tokenizer, spec.prompt_ids)
         logprobs, values, ids = scores.logprobs.tolist(), scores.top_logprobs.tolist(), scores.top_ids.tolist()
         return [TokenLogprob(texts[0], None, None)] + [
             self._entry(prompt[i - 1], prompt[i], texts[i], logprobs[i - 1], values[i - 1], ids[i - 1])
