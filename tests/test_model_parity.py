@@ -9,7 +9,8 @@ import torch
 from llama_mp.kernels import cpu
 from multiproc import run_ranks
 from reference import reference_greedy, reference_logits
-from workers import build, greedy_after_the_callers_own_setup, greedy_ids, logits_and_greedy, sampled
+from workers import (build, greedy_after_the_callers_own_setup, greedy_ids, logits_and_greedy,
+                     logits_and_greedy_with_each, sampled)
 
 STEPS = 12
 MHA = dict()                           # 4 heads, each with its own keys/values
@@ -36,12 +37,29 @@ def one_rank(make_checkpoint, tokenizer_path, prompts, decoder):
     return logits_and_greedy(cases, tokenizer_path, prompts, STEPS, decoder)
 
 
+@pytest.fixture(scope="module")
+def on_ranks_with_each_decoder(make_checkpoint, tokenizer_path, prompts):
+    """on_ranks_with_each_decoder(world_size) -> {decoder: each rank's `logits_and_greedy`}, from one job
+    per rank count that runs every decoder (a job per decoder would start the ranks again)."""
+    decoders = ["pytorch"] + (["cpu_kernels"] if cpu.library() is not None else [])
+    jobs = {}
+
+    def results(world_size):
+        if world_size not in jobs:
+            cases = [make_checkpoint(shards=world_size, **MHA)[0], make_checkpoint(shards=world_size, **GQA)[0]]
+            per_rank = run_ranks(world_size, logits_and_greedy_with_each, cases, tokenizer_path, prompts, STEPS,
+                                 decoders)
+            jobs[world_size] = {d: [rank[i] for rank in per_rank] for i, d in enumerate(decoders)}
+        return jobs[world_size]
+
+    return results
+
+
 @pytest.mark.spawn
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_ranks_compute_the_same_logits_and_greedy_ids_as_one_rank(world_size, make_checkpoint, tokenizer_path,
-                                                                 prompts, decoder, one_rank):
-    cases = [make_checkpoint(shards=world_size, **MHA)[0], make_checkpoint(shards=world_size, **GQA)[0]]
-    per_rank = run_ranks(world_size, logits_and_greedy, cases, tokenizer_path, prompts, STEPS, decoder)
+def test_ranks_compute_the_same_logits_and_greedy_ids_as_one_rank(world_size, decoder, one_rank,
+                                                                 on_ranks_with_each_decoder):
+    per_rank = on_ranks_with_each_decoder(world_size)[decoder]
     for (ref_logits, ref_ids), *ranks in zip(one_rank, *per_rank):
         logits = ranks[0][0]
         np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5)  # gathered on rank 0

@@ -24,6 +24,11 @@ def logits_and_greedy(cases, tokenizer_path, prompts, steps, decoder="auto"):
     return out
 
 
+def logits_and_greedy_with_each(cases, tokenizer_path, prompts, steps, decoders):
+    """`logits_and_greedy` with each decoder in turn: one job instead of one per decoder."""
+    return [logits_and_greedy(cases, tokenizer_path, prompts, steps, decoder) for decoder in decoders]
+
+
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "Model parallel"]
 
 
