@@ -363,8 +363,8 @@ def test_503_while_loading_and_when_the_queue_is_full(tokenizer_path):
     from llama_mp.server.scheduler import Scheduler
     from llama_mp.server.state import ServerState
 
-    class NoBatch:  # the scheduler only reads the number of slots before the loop runs
-        slots = 2
+    class NoBatch:  # the scheduler only reads the number of slots and the device before the loop runs
+        slots, device = 2, torch.device("cpu")
 
     state = ServerState(api_key=None, max_body_bytes=MAX_BODY)
     app = TestClient(make_app(state))

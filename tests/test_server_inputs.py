@@ -34,6 +34,7 @@ class RandomModel:
 
     def __init__(self, vocab: int, script=None):
         self.vocab, self.slots, self.script = vocab, SLOTS, dict(script or {})
+        self.device = torch.device("cpu")  # where its logits are (the scheduler's generators go there)
         self.contexts = {}
 
     def _logits(self, context) -> torch.Tensor:

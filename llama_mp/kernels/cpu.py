@@ -233,7 +233,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor
     if scales is not None:
         assert scales.is_contiguous() and scales.dtype == scheme.scale_dtype
     x = x.float().contiguous()
-    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+    y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device="cpu")
     (lib or _loaded).matvec(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
                             y.data_ptr(), x.numel() // in_features, in_features, weight.shape[0],
                             torch.get_num_threads(), fmt, group, int(round_x))

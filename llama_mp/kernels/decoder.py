@@ -93,8 +93,8 @@ class CpuKernelDecoder(Decoder):
         batch, seq = tokens.shape
         if batch * seq > self.step_capacity(model):
             return super().prefill(model, tokens, start_pos, all_positions, first_row)
-        slots = torch.arange(first_row, first_row + batch).repeat_interleave(seq)              # [batch * seq]
-        positions = torch.arange(start_pos, start_pos + seq).repeat(batch)                     # [batch * seq]
+        slots = torch.arange(first_row, first_row + batch, device="cpu").repeat_interleave(seq)  # [batch * seq]
+        positions = torch.arange(start_pos, start_pos + seq, device="cpu").repeat(batch)  # [batch * seq]
         h = self.kernels.hidden(tokens.reshape(-1, 1), start_pos + seq - 1, slots, positions)  # [batch * seq, 1, dim]
         h = h.view(batch, seq, -1)
         return h if all_positions else h[:, -1:]
@@ -186,7 +186,7 @@ class CpuDecoder:
         self.lib = cpu.library(required=True)
         rows, seq = t.step_rows, t.max_seq_len
         self.sum, self.ranks, self.dim, self.n_layers = sum_across_ranks, ranks, t.dim, len(t.layers)
-        f32 = dict(dtype=torch.float32)
+        f32 = dict(dtype=torch.float32, device="cpu")  # the C code's own buffers
         qkv_dim = (t.heads + 2 * t.kv_heads) * t.head_dim
         self._keep: List[torch.Tensor] = [
             torch.view_as_real(t.rotation).contiguous(),
@@ -238,7 +238,7 @@ class CpuDecoder:
         where = (_ptr(slots), _ptr(positions))
         tokens = tokens.long()
         lib, m, h, partial = self.lib, self.ref, _ptr(self.h), self.partial
-        out = torch.empty(rows, 1, self.dim, dtype=torch.float32)
+        out = torch.empty(rows, 1, self.dim, dtype=torch.float32, device="cpu")
         if self.ranks == 1:
             bad = lib.decode(m, tokens.data_ptr(), tokens.stride(0), rows, pos, *where, h, _ptr(partial),
                              out.data_ptr())

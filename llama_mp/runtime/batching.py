@@ -133,7 +133,7 @@ class Batcher:
         hidden = []
         scored = []  # (admission, the hidden states of its prompt [n, dim])
         if row_ids:
-            host = torch.tensor([slots, positions], dtype=torch.long)  # the decoders read these on the host
+            host = torch.tensor([slots, positions], dtype=torch.long, device="cpu")  # the decoders read these there
             h = model.hidden_rows(as_tensor(row_ids)[:, None], host[0], host[1])
             hidden.append(h if len(picked) == len(row_ids) else h[as_tensor(picked)])
             scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
@@ -202,12 +202,12 @@ class Batcher:
             self.step(plan)
 
     def _send(self, plan: Optional[Plan]) -> None:
-        header = torch.zeros(HEADER + self.slots, dtype=torch.long)
+        header = torch.zeros(HEADER + self.slots, dtype=torch.long, device="cpu")  # filled here, sent at once
         body: List[int] = []
         if plan is not None:
             for a in plan.admit:
                 body += [a.slot, len(a.prompt), a.score_top, *a.prompt]
-            header[:HEADER] = torch.tensor([STEP, int(plan.gather), len(body)])
+            header[:HEADER] = torch.tensor([STEP, int(plan.gather), len(body)], device="cpu")
             header[[HEADER + s for s in plan.release]] = 1
         comm = self.model.comm
         comm.broadcast_from_main_(header.to(self.device))

@@ -25,7 +25,7 @@ from ..distributed import Group, broadcast_from_main
 from ..distributed.failure import patience, waking_peers_on_loss
 from ..errors import LlamaMPError, RemoteRankError, report
 from .model import Transformer
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, make_generator, sample
 from .scoring import score_hidden
 
 STOP, REFUSED = "stop", "refused"  # the protocol's own ops
@@ -81,8 +81,7 @@ class Engine:
     def __init__(self, model: Transformer, group: Group, stop_ids: Sequence[int], seed: int = 1):
         self.model, self.group = model, group
         self.stop_ids = list(stop_ids)
-        self.generator = torch.Generator(device=group.device)
-        self.generator.manual_seed(seed)
+        self.generator = make_generator(group.device, seed)
         self.ops: Dict[str, Callable[..., Any]] = {"generate": self.generate, "score": self.score}
 
     # ------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def random_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Dec
     model = empty_model(args, group, dtype, decoder, max_batch_size, max_seq_len)
     float_args = args.with_scheme(None)
     full, local = layout.full_shapes(float_args), layout.shard_shapes(float_args, group.world_size)
-    g = torch.Generator().manual_seed(seed * 1000 + group.rank)
+    g = torch.Generator(device="cpu").manual_seed(seed * 1000 + group.rank)  # drawn on the host, copied in
     targets = model.state_dict()
     with torch.no_grad():
         for key, target in targets.items():

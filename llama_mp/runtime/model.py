@@ -334,7 +334,7 @@ class Transformer(nn.Module):
         leaving the other rows alone; the final normed hidden state of its last position [1, 1, dim], or
         with `all_positions` of every position [1, n, dim]."""
         if tokens.shape[1] == 1:
-            at = torch.tensor([slot], dtype=torch.long)
+            at = torch.tensor([slot], dtype=torch.long, device="cpu")  # slots are read on the host
             return self.hidden_rows(tokens, at, torch.zeros_like(at))
         return self.decoder.prefill(self, tokens, 0, all_positions, first_row=slot)
 

@@ -32,6 +32,14 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise LlamaMPError(f"top_k must be an integer >= 0 (0 turns it off), got {described(top_k)}.")
 
 
+def make_generator(device, seed: int) -> torch.Generator:
+    """The random generator that sampling draws from, seeded with `seed`, on `device`: the device of the
+    logits it will sample (a draw with a generator on another device fails there: "Expected a 'cuda'
+    device type for generator"). The one place such a generator is made: the engine's, and each server
+    request's."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Next token ids, shape [batch], from float logits of shape [batch, vocab]."""

@@ -46,5 +46,7 @@ def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1) ->
     if model.comm.rank != 0:
         return None
     if not logprobs:  # no positions
-        return TokenScores(torch.empty(0), torch.empty(0, top), torch.empty(0, top, dtype=torch.long))
+        host = torch.device("cpu")  # scores go to the host, like the ones above
+        return TokenScores(torch.empty(0, device=host), torch.empty(0, top, device=host),
+                           torch.empty(0, top, dtype=torch.long, device=host))
     return TokenScores(torch.cat(logprobs), torch.cat(top_logprobs), torch.cat(top_ids))

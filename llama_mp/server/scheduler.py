@@ -26,7 +26,7 @@ import torch
 from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, Plan, StepResult
-from ..runtime.sampling import sample
+from ..runtime.sampling import make_generator, sample
 from ..runtime.scoring import TokenScores
 from ..runtime.tokenizer import TextStream, Tokenizer, prompt_pieces
 from .protocol import ApiError, SequenceSpec, TokenLogprob
@@ -172,13 +172,14 @@ class Scheduler:
 
     def __init__(self, batcher: Batcher, tokenizer: Tokenizer, max_queue: int, seed: int = 1):
         self.batcher, self.tokenizer = batcher, tokenizer
+        self.device = batcher.device  # the model's: where each request's generator draws from its logits
         self.stop_ids = set(tokenizer.stop_ids)
         self.max_queue = max_queue
         self.lock = threading.Condition()
         self.waiting: Deque[Generation] = collections.deque()
         self.by_slot: Dict[int, Generation] = {}
         self.releases: List[int] = []
-        self.seeds = torch.Generator().manual_seed(seed)  # seeds for requests that bring none
+        self.seeds = torch.Generator(device="cpu").manual_seed(seed)  # seeds for requests that bring none
         self.draining_until: Optional[float] = None       # set by `drain` (a signal handler: no lock taken)
         self.failure: Optional[str] = None                # set by `fail`: why every request now gets 503
         self.stepping = False                             # whether the main thread is inside a step
@@ -200,11 +201,12 @@ class Scheduler:
                            "invalid_request_error", "prompt")
         seqs = []
         for i, spec in enumerate(specs):
-            seed = spec.seed if spec.seed is not None else int(torch.randint(0, 2 ** 62, (1,), generator=self.seeds))
+            seed = spec.seed if spec.seed is not None else \
+                int(torch.randint(0, 2 ** 62, (1,), generator=self.seeds, device="cpu"))
             # A completion's text reads on from its prompt (" Paris" keeps its space); a chat answer's is
             # decoded alone, as Meta's chat_completion does (Llama 2's format puts a space after [/INST]).
             after = spec.prompt_ids if spec.after_prompt else ()
-            seqs.append(Generation(spec, i, sink, torch.Generator().manual_seed(seed),
+            seqs.append(Generation(spec, i, sink, make_generator(self.device, seed),
                                    StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None),
                                    previous=spec.prompt_ids[-1]))
         with self.lock:
@@ -325,7 +327,7 @@ class Scheduler:
 
     def _choose(self, slots: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         """Each row's token from the gathered logits [rows, vocab], with its own request's settings."""
-        out = torch.empty(len(slots), dtype=torch.long)
+        out = torch.empty(len(slots), dtype=torch.long, device=logits.device)
         for i, slot in enumerate(slots):
             spec = self.by_slot[slot].spec
             if spec.temperature == 0:

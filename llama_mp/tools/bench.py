@@ -112,9 +112,9 @@ def bytes_read_per_token(model: Transformer) -> int:
 def run_bench(llama: Llama, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int,
               seed: int, temperature: float = 0.0, top_p: float = 0.9) -> Dict[str, float]:
     device = llama.group.device
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     vocab = llama.model.args.vocab_size
-    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g).tolist()
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g, device="cpu").tolist()
     for _ in range(warmup):
         llama.generate(prompts, min(new_tokens, 16), temperature=temperature, top_p=top_p)
     first, total = [], []
@@ -142,8 +142,9 @@ def ops_per_decode_step(model: Transformer, batch: int, prompt_len: int, seed: i
     per layer: the step is counted once with its layers and once without them (the same model with an
     empty layer list), and the difference divided among the layers. The C kernels run the layers
     outside PyTorch: there the count is what remains (embedding, output, argmax) and 0 per layer."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, model.args.vocab_size, (batch, prompt_len + 1), generator=g).to(model.rotation.device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(3, model.args.vocab_size, (batch, prompt_len + 1), generator=g, device="cpu")
+    ids = ids.to(model.rotation.device)
     prompt, new = ids[:, :prompt_len], ids[:, prompt_len:]
 
     def step() -> None:
@@ -174,8 +175,9 @@ def compare_transformers(model: Transformer, batch: int, prompt_len: int, new_to
     config = LlamaConfig(**hf_config(args, dtype, max_position_embeddings=prompt_len + new_tokens + 8))
     hf = LlamaForCausalLM(config).to(dtype=dtype, device=model.output.weight.device).eval()
     hf.load_state_dict(hf_state_dict(args, state), strict=True)
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=g).to(model.output.weight.device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(3, args.vocab_size, (batch, prompt_len), generator=g, device="cpu")
+    ids = ids.to(model.output.weight.device)
     device = model.output.weight.device
 
     def gen(n):
