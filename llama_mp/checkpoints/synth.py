@@ -28,7 +28,7 @@ SHARED_TOKENIZERS = {"llama": SHARED_TOKENIZER,
 def random_tensor(key: str, shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
     """Float32 random values for (a slice of) weight `key`: norms near 1, the embedding N(0, 1), linear
     weights N(0, 1/fan_in) with `fan_in` the whole matrix's input size, so activations stay O(1)."""
-    noise = torch.randn(shape, generator=generator, device="cpu")  # drawn on the host, copied where it goes
+    noise = torch.randn(shape, generator=generator, device=generator.device)
     if len(shape) == 1:
         return noise.mul_(0.1).add_(1.0)
     if key == "tok_embeddings.weight":

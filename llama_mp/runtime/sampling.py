@@ -33,10 +33,10 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
 
 
 def make_generator(device, seed: int) -> torch.Generator:
-    """The random generator that sampling draws from, seeded with `seed`, on `device`: the device of the
-    logits it will sample (a draw with a generator on another device fails there: "Expected a 'cuda'
-    device type for generator"). The one place such a generator is made: the engine's, and each server
-    request's."""
+    """A random generator seeded with `seed` on `device`, the device of the tensors it draws for (a draw
+    with a generator on another device fails there: "Expected a 'cuda' device type for generator"). The
+    one place such a generator is made: the engine's and each server request's, on the logits' device,
+    and random weights' (runtime/loading.py), on the model's."""
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
