@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test test-quick demo bench bench-serve clean
+.PHONY: install test test-quick demo bench bench-serve gpu-check clean
 BENCH_ARGS ?= --new_tokens 256 --runs 3
 
 install: $(STAMP)
@@ -50,6 +50,12 @@ bench-serve: $(STAMP)
 	for i in $$(seq 240); do curl -sf http://127.0.0.1:$(SERVE_PORT)/health >/dev/null && break; sleep 0.5; done; \
 	$(PY) -m llama_mp bench-serve --url http://127.0.0.1:$(SERVE_PORT) --concurrency 1,4,8 --max_tokens 16; \
 	status=$$?; pkill -TERM -P $$server; wait $$server; exit $$status
+
+# Everything we check on a GPU (tests/gpu/ lane, bandwidth, bench of the 7B/8B shapes): one report in build/gpu-check/
+# (or $OUT). Needs no install step: the venv's Python if there is one, else $(PYTHON) with the checkout on PYTHONPATH.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -m llama_mp.tools.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) build *.egg-info
