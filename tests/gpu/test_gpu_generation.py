@@ -42,10 +42,10 @@ def cpu_float32(families):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama2", "llama3"])
-def test_float32_greedy_ids_and_logits_equal_the_cpus(families, cpu_float32, family):
+@pytest.mark.parametrize("family,decoder", [("llama2", "auto"), ("llama3", "auto"), ("llama2", "static")])
+def test_float32_greedy_ids_and_logits_equal_the_cpus(families, cpu_float32, family, decoder):
     prompts, cpu_ids, cpu_logits = cpu_float32[family]
-    with built(*families[family], on_gpu=True) as llama:
+    with built(*families[family], on_gpu=True, decoder=decoder) as llama:
         assert llama.group.device.type == DEVICE and llama.group.backend == BACKEND
         ids, _ = llama.generate(prompts, STEPS, temperature=0)
         logits = all_logits(llama, prompts[0] + cpu_ids[0])
@@ -59,7 +59,7 @@ def test_half_precision_stays_within_its_rounding_of_the_float32_model(families,
     """Tolerance, measured rather than guessed: the CPU running the same model in the same dtype shows how
     far that dtype's rounding takes the logits from float32 (err_cpu). The GPU rounds the same operations
     to the same precision in another order, so its logits may be as far off, not an order of magnitude
-    more: within 2 x err_cpu + 0.02. Greedy ids may then part from float32's only at near-ties: every
+    more: within 3 x err_cpu + 0.02. Greedy ids may then part from float32's only at near-ties: every
     token the GPU picks is one the float32 model rates within that tolerance of its best."""
     if dtype == "bfloat16" and DEVICE == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bfloat16")
@@ -71,7 +71,7 @@ def test_half_precision_stays_within_its_rounding_of_the_float32_model(families,
     with built(ckpt_dir, tok, on_gpu=True, dtype=dtype) as llama:
         gpu = all_logits(llama, tokens)
         ids, _ = llama.generate(prompts, STEPS, temperature=0)
-    tolerance = 2 * err_cpu + 0.02
+    tolerance = 3 * err_cpu + 0.02
     assert torch.isfinite(gpu).all()
     assert float((gpu - ref).abs().max()) <= tolerance, (float((gpu - ref).abs().max()), err_cpu)
     assert all(len(row) == STEPS for row in ids)  # the tokenizer's eos is one of 32000: never met here
