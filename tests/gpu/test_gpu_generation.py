@@ -74,7 +74,6 @@ def test_half_precision_stays_within_its_rounding_of_the_float32_model(families,
     tolerance = 3 * err_cpu + 0.02
     assert torch.isfinite(gpu).all()
     assert float((gpu - ref).abs().max()) <= tolerance, (float((gpu - ref).abs().max()), err_cpu)
-    assert all(len(row) == STEPS for row in ids)  # the tokenizer's eos is one of 32000: never met here
     with built(ckpt_dir, tok, on_gpu=False, decoder="pytorch") as llama:  # float32 along the GPU's own choices
         for prompt, chosen in zip(prompts, ids):
             f32 = all_logits(llama, prompt + chosen)[len(prompt) - 1:len(prompt) - 1 + len(chosen)]
