@@ -21,10 +21,11 @@ def test_without_cuda_it_says_in_one_line_that_it_needs_an_nvidia_gpu_and_exits_
     assert not os.listdir(tmp_path)  # nothing ran
 
 
-def test_the_cpu_is_only_a_dry_run(capsys):
+@pytest.mark.parametrize("argv,says", [(["--device", "cpu"], "add --dry"), (["--budget_s", "0"], "--budget_s must be")])
+def test_bad_options_are_refused(capsys, argv, says):
     with pytest.raises(SystemExit) as ended:
-        gpu_check.main(["--device", "cpu"])
-    assert ended.value.code == 2 and "add --dry" in capsys.readouterr().err
+        gpu_check.main(argv)
+    assert ended.value.code == 2 and says in capsys.readouterr().err
 
 
 BENCH_JSON = {"decode_tok_s": 160.0, "batch": 16, "ms_per_token": 100.0, "weight_bytes_per_token_per_rank": 2e9,

@@ -12,8 +12,8 @@ and the next one runs; a step the overall budget no longer allows is marked SKIP
    bandwidth a step reaches (the weight bytes a step reads x steps per second / the copy's rate).
 
 Writes report.md, results.json, pytest.log and bench.log into --out (default $OUT when set, else
-build/gpu-check/) and prints the report's tables last. Exits 0 when every step passed, 1 when one failed,
-2 without a CUDA device. `--device cpu --dry` runs the same steps on the CPU over a tiny shape (the lane
+build/gpu-check/) and prints the report's tables last. Exits 0 when every step passed, 1 when one failed or
+was skipped, 2 without a CUDA device. `--device cpu --dry` runs the same steps on the CPU over a tiny shape (the lane
 with LLAMA_MP_GPU_LANE_ON_CPU=1): a check of this script and its report, never a GPU figure.
 """
 
@@ -287,7 +287,7 @@ def check(out: str, device: str, dry: bool, budget_s: float, argv: Sequence[str]
     text = write_report(run, argv)
     print(text.split("## Steps", 1)[1] if "## Steps" in text else text)
     print(f"[gpu-check] report: {os.path.join(out, 'report.md')}", file=sys.stderr)
-    return 1 if any(s.status == "FAILED" for s in run.steps) else 0
+    return 0 if all(s.status == "PASSED" for s in run.steps) else 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -299,6 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry", action="store_true", help="with --device cpu: a tiny shape, to check this script")
     parser.add_argument("--budget_s", type=float, default=BUDGET_S, help="the whole run's time limit (s)")
     args = parser.parse_args(argv)
+    if not 1 <= args.budget_s <= 3600:
+        parser.error(f"--budget_s must be from 1 to 3600 seconds, got {args.budget_s:g}")
     if args.device == "cpu" and not args.dry:
         parser.error("--device cpu is only a dry run of this script: add --dry")
     if args.device == "cuda" and not torch.cuda.is_available():
