@@ -10,7 +10,6 @@
    "meta", where mixing it with the model's tensors or reading it on the host fails loudly.
 """
 
-import asyncio
 import contextlib
 from types import SimpleNamespace
 
@@ -22,7 +21,8 @@ from llama_mp.runtime import sampling
 from llama_mp.runtime.batching import Admission, Batcher, Plan, StepResult
 from llama_mp.runtime.engine import Engine, Request
 from llama_mp.server.protocol import SequenceSpec
-from llama_mp.server.scheduler import Scheduler, Sink
+from llama_mp.server.scheduler import Scheduler
+from scheduling import run_to_end
 
 META = torch.device("meta")
 VOCAB = 50
@@ -164,14 +164,8 @@ def test_the_servers_sampled_and_greedy_requests_draw_on_the_models_device(draws
     scheduler = Scheduler(batcher, tokenizer, max_queue=4)
     prompt = tokenizer.encode("Hello", bos=True, eos=False)
     specs = [SequenceSpec(prompt, 4, temperature, 1.0, seed, [], None) for temperature, seed in ((0.9, 7), (0, None))]
-    loop = asyncio.new_event_loop()
-    try:
-        seqs = scheduler.submit(specs, Sink(loop, asyncio.Queue()))
-        assert [s.generator.device for s in seqs] == [META, META]
-        scheduler.drain(30)
-        scheduler.run()
-    finally:
-        loop.close()
+    seqs, _ = run_to_end(scheduler, specs, 30)
+    assert [s.generator.device for s in seqs] == [META, META]
     assert batcher.chosen == [(META, (2,))]
     assert drawn_on(draws, META), "the sampled request drew nothing with its generator"
 
@@ -264,19 +258,7 @@ def test_the_servers_batch_loop_makes_every_tensor_on_the_models_device(built):
              SequenceSpec(prompt, 5, 0, 1.0, None, [], None, ignore_eos=True),            # greedy
              SequenceSpec(prompt, 3, 0, 1.0, None, [], 2, ignore_eos=True, echo=True),     # scored, logprobs
              SequenceSpec(prompt, 4, 1.0, 1.0, None, [], None, ignore_eos=True)]          # sampled, seed drawn
-    loop = asyncio.new_event_loop()
-    queue = asyncio.Queue()
-    try:
-        with meta_by_default():
-            scheduler.submit(specs, Sink(loop, queue))
-            scheduler.drain(60)
-            scheduler.run()
-        loop.run_until_complete(asyncio.sleep(0))
-        events = []
-        while not queue.empty():
-            events.append(queue.get_nowait())
-    finally:
-        loop.close()
+    _, events = run_to_end(scheduler, specs, 60, around=meta_by_default)
     finished = {e.index: e for e in events if e.finish_reason is not None}
     assert sorted(finished) == [0, 1, 2, 3] and not any(e.error for e in events), [e.error for e in events]
     assert [finished[i].completion_tokens for i in range(4)] == [5, 5, 3, 4]

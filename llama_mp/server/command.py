@@ -24,7 +24,7 @@ import time
 from typing import TYPE_CHECKING, Optional
 
 from .. import distributed
-from ..checks import described, is_int, require_int, require_number
+from ..checks import described, option_domain
 from ..distributed.failure import WAIT_FOR_PERSON_S
 from ..distributed.group import host_identity
 from ..errors import LlamaMPError, PeerLostError
@@ -47,13 +47,10 @@ def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_
     """The server's own options, checked on every rank before the process group starts."""
     if not isinstance(host, str) or not host:
         raise LlamaMPError(f"--host must be a host name or address, got {described(host)}.")
-    if not is_int(port) or not 0 <= port <= 65535:
-        raise LlamaMPError(f"--port must be an integer from 0 to 65535 (0: any free port), got {described(port)}.")
-    require_int("max_batch_size", max_batch_size, 1)
-    require_int("max_seq_len", max_seq_len, 2)
-    require_int("max_queue", max_queue, 1)
-    require_int("max_body_bytes", max_body_bytes, 1024)
-    require_number("drain_s", drain_s, 0, 3600, " (seconds in-flight requests get to finish after SIGTERM)")
+    # the command line's domains (checks.OPTION_DOMAINS), for callers from Python too; None is refused here
+    for name, value in dict(port=port, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                            max_queue=max_queue, max_body_bytes=max_body_bytes, drain_s=drain_s).items():
+        option_domain("serve", name).check(name, value)
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise LlamaMPError("--api_key must be a non-empty string (clients send it as 'Authorization: Bearer KEY').")
     if model_name is not None and (not isinstance(model_name, str) or not model_name):

@@ -2,7 +2,6 @@
 and a greedy request in the same batch step (a sampled request crashed on a GPU when its generator was a
 CPU one), and one plain HTTP completion, which samples (temperature 1 by default)."""
 
-import asyncio
 import threading
 
 import pytest
@@ -12,8 +11,9 @@ from gpu_common import DEVICE, built
 from llama_mp.runtime.batching import Batcher
 from llama_mp.server.app import make_app
 from llama_mp.server.protocol import Limits, SequenceSpec
-from llama_mp.server.scheduler import Scheduler, Sink
+from llama_mp.server.scheduler import Scheduler
 from llama_mp.server.state import ServerState
+from scheduling import run_to_end
 from test_server_inputs import continuation
 
 pytestmark = pytest.mark.gpu
@@ -30,19 +30,8 @@ def test_a_sampled_and_a_greedy_request_in_one_step_and_over_http(make_checkpoin
         scheduler = Scheduler(Batcher(llama.engine), tok, max_queue=8, seed=3)
         specs = [SequenceSpec(prompt, TOKENS, 1.0, 0.95, 7, [], None, ignore_eos=True),
                  SequenceSpec(prompt, TOKENS, 0, 1.0, None, [], None)]  # stops where generate stops
-        loop = asyncio.new_event_loop()
-        queue = asyncio.Queue()
-        try:
-            seqs = scheduler.submit(specs, Sink(loop, queue))  # both admitted at once: one step, mixed rows
-            assert all(s.generator.device.type == DEVICE for s in seqs)
-            scheduler.drain(120)
-            scheduler.run()
-            loop.run_until_complete(asyncio.sleep(0))
-            events = []
-            while not queue.empty():
-                events.append(queue.get_nowait())
-        finally:
-            loop.close()
+        seqs, events = run_to_end(scheduler, specs, 120)  # both admitted at once: one step, mixed rows
+        assert all(s.generator.device.type == DEVICE for s in seqs)
         assert not [e.error for e in events if e.error], [e.error for e in events]
         texts = {i: "".join(e.text for e in events if e.index == i) for i in (0, 1)}
         ends = {e.index: e for e in events if e.finish_reason}
