@@ -1,7 +1,8 @@
-"""The static-shape decode step (`Transformer.forward_static`, the `static` decoder's step): same shapes and
-operators at every position, so it compiles into one graph; and it decodes exactly what the `pytorch`
-decoder's position-sliced steps decode (`forward_hidden` for `generate`, `forward_rows` for rows at their
-own positions in their own cache slots), greedy and sampled alike, on 1, 2 and 4 ranks."""
+"""The static-shape decode step (the `static` decoder: `Transformer.step` over every cache row, its attention
+reading a bucket of positions): same shapes and operators at every position of a bucket, so it compiles into
+one graph; and it decodes exactly what the `pytorch` decoder's steps (the same `Transformer.step` over the
+rows and positions a step needs) decode, for `generate` and for rows at their own positions in their own
+cache slots, greedy and sampled alike, on 1, 2 and 4 ranks."""
 
 import pytest
 import torch
@@ -78,21 +79,29 @@ def _compiler_found() -> bool:
 
 @pytest.mark.spawn  # torch.compile starts Python processes of its own (an instruction-set probe, compile workers)
 @pytest.mark.skipif(not _compiler_found(), reason="torch inductor finds no C++ compiler")
-def test_static_step_compiles_as_one_graph_with_the_eager_logits(make_checkpoint, tokenizer_path):
+@pytest.mark.parametrize("kv_heads", [2, 1])  # each head its own kv head; both heads sharing one (GQA)
+def test_static_step_compiles_as_one_graph_with_the_eager_logits(make_checkpoint, tokenizer_path, kv_heads):
+    """The static decoder's device side (`padded_step`: every cache row, rows out of order, positions as
+    tensors) compiles with fullgraph=True (a graph break raises), gives the eager logits, and serves every
+    position of a span bucket without compiling again."""
     import workers
 
-    ckpt_dir, _, _ = make_checkpoint(seed=5, dim=32, n_layers=1, n_heads=2)
-    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=16, max_batch_size=2, decoder="static")
-    model = llama.model
+    ckpt_dir, _, _ = make_checkpoint(seed=5, dim=32, n_layers=1, n_heads=2, n_kv_heads=kv_heads)
+    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=40, max_batch_size=3, decoder="static")
+    model, decoder = llama.model, llama.model.decoder
     torch._dynamo.reset()
-    compiled = torch.compile(model.forward_static, fullgraph=True)  # a graph break raises
+    compiled = torch.compile(decoder.padded_step, fullgraph=True)
+    slots = torch.tensor([2, 0])  # out of order, and row 1 free
     with torch.inference_mode():
-        for slot, prompt in enumerate(prompts_in(model.args.vocab_size)[:2]):
+        for slot, prompt in zip(slots.tolist(), prompts_in(model.args.vocab_size)):
             model.hidden_in_slot(torch.tensor([prompt]), slot)
         tokens, positions = torch.tensor([[29871], [450]]) % model.args.vocab_size, torch.tensor([5, 2])
-        for _ in range(3):  # the same graph serves every position
-            eager = model.logits(model.forward_static(tokens, positions))
-            fast = model.logits(compiled(tokens, positions))
+        for i in range(4):  # positions 5..8 and 2..5: one bucket (16 positions), one graph
+            span = decoder.span(model, int(positions.max()))
+            assert span == 16
+            eager = model.logits(decoder.padded_step(model, tokens, slots, positions, span))
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                fast = model.logits(compiled(model, tokens, slots, positions, span))
             torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-5)
             tokens, positions = eager[:, -1].argmax(-1)[:, None], positions + 1
     torch._dynamo.reset()
@@ -130,10 +139,11 @@ def test_checking_for_stops_every_few_steps_changes_no_output(make_checkpoint, t
 
 
 # Top-level PyTorch operators of one float32 decode step (tools/bench.py `ops_per_decode_step`), with torch
-# pinned by the Makefile: per layer, and outside the layers (embedding, final norm, output, argmax; the
-# static step also indexes its fixed-shape cache and rotation). 49 per layer before `F.rms_norm` and fused
-# projections; a change either way is a change to the decode step, so the figure is exact, not a bound.
-OPS = {"pytorch": (37, 7), "static": (38, 13)}
+# pinned by the Makefile: per layer, and outside the layers (embedding, positions, rotary rows, final norm,
+# output, argmax; the static step also places the rows in every cache row, masks the bucket's positions and
+# picks the rows back out). 49 per layer before `F.rms_norm` and fused projections; a change either way is a
+# change to the decode step, so the figure is exact, not a bound.
+OPS = {"pytorch": (36, 8), "static": (37, 22)}
 
 
 @pytest.mark.parametrize("decoder", sorted(OPS))

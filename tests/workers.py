@@ -9,7 +9,31 @@ GLOO = dict(backend="gloo", device="cpu")
 
 def build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="float32", seed=1, decoder="auto"):
     return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, dtype=dtype,
-                       decoder=decoder, **GLOO)
+                       decoder=decoder_of(decoder), **GLOO)
+
+
+def decoder_of(spec):
+    """A --decoder name, or "gpu:NAME": decoder NAME as a GPU gets it (float matrices [out, in] for
+    F.linear, not the CPU's [in, out]), run here on the CPU."""
+    if spec.startswith("gpu:"):
+        from llama_mp.runtime.decode import choose_decoder
+
+        return choose_decoder(spec[len("gpu:"):], torch.device("cuda"), torch.float32)
+    return spec
+
+
+def prefill_and_step_logits(ckpt_dir, tokenizer_path, prompt, decoders, dtype, steps=3):
+    """For each decoder: rank 0's float32 logits [len, vocab] of `prompt` in `dtype` (None on the other
+    ranks), those of its last `steps` positions from one decode step each, the others from a prefill."""
+    out = []
+    for decoder in decoders:
+        model = build(ckpt_dir, tokenizer_path, dtype=dtype, decoder=decoder).model
+        start = len(prompt) - steps
+        with torch.inference_mode():
+            parts = [model.logits(model.hidden(torch.tensor([prompt[:start]]), 0, all_positions=True))]
+            parts += [model.logits(model.hidden(torch.tensor([[prompt[pos]]]), pos)) for pos in range(start, len(prompt))]
+        out.append(None if parts[0] is None else torch.cat(parts, dim=1)[0].numpy())
+    return out
 
 
 def logits_and_greedy(cases, tokenizer_path, prompts, steps, decoder="auto"):

@@ -50,6 +50,7 @@ class CpuKernelDecoder(Decoder):
     name = "C kernels"
 
     def __init__(self):
+        super().__init__()
         self.kernels: Optional[CpuDecoder] = None
 
     def projection(self, holders, dtype: torch.dtype, device: torch.device,

@@ -12,13 +12,14 @@ A CUDA-graph decoder is one more class here, not a flag threaded through the mod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Type
 
 import torch
 from torch import nn
 
 from ..errors import LlamaMPError
 from ..quant.scheme import Scheme
+from .model import CacheRows
 from .projection import InOutProjection, Projection, QuantizedProjection
 
 if TYPE_CHECKING:
@@ -28,9 +29,14 @@ DECODERS = ("auto", "pytorch", "static", "cpu_kernels")
 
 
 class Decoder:
-    """The `pytorch` decoder, whose four methods are the interface other decoders override: PyTorch
-    operators for everything. On a CPU the matrices are stored [in, out] (MKL's fast matrix-vector
-    path); on a GPU as the checkpoint has them, [out, in], for `F.linear`."""
+    """The `pytorch` decoder, whose methods are the interface other decoders override: PyTorch operators
+    for everything, through the model's one pass (`Transformer.step`, prompts through
+    `Transformer.prefill`). Each call reads exactly the cache it needs: the rows it continues (from the
+    lowest to the highest, in place) and the positions up to the highest one reached.
+
+    Its float matrices are stored as `float_projection` says, which `choose_decoder` picks for the device
+    (`float_projection_for`); a decoder made for a GPU runs on a CPU too, which is how the CPU tests
+    check what GPUs run."""
 
     name = "PyTorch"
     # How many decode steps `generate` runs between checks that every row has stopped. A check makes the
@@ -40,14 +46,16 @@ class Decoder:
     # after a row's stop are discarded.
     steps_per_stop_check: int = 1
 
+    def __init__(self, float_projection: Optional[Type[Projection]] = None):
+        self.float_projection = float_projection  # None: the choice for the device it is materialized on
+
     def projection(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device,
                    scheme: Optional[Scheme] = None) -> Projection:
         """The Projection for these weight holders: in `dtype`, or quantized by `scheme` with
         activations in `dtype`."""
         if scheme is not None:
             return QuantizedProjection(holders, dtype, device, scheme)
-        kind = InOutProjection if device.type == "cpu" else Projection
-        return kind(holders, dtype, device)
+        return (self.float_projection or float_projection_for(device))(holders, dtype, device)
 
     def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype of activations and the KV cache for weights in `weight_dtype`."""
@@ -56,64 +64,109 @@ class Decoder:
     def start(self, model: "Transformer") -> None:
         """Called once every tensor of the model is in place (the whole embedding table included)."""
 
+    def span(self, model: "Transformer", last_position: int) -> int:
+        """The cache positions a step whose highest position is `last_position` reads: those it needs."""
+        return last_position + 1
+
     def step(self, model: "Transformer", tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Final normed hidden states [rows, 1, dim] for one new token per row (tokens [rows, 1]) at
-        position `pos`, appending to the KV cache."""
-        return model.forward_hidden(tokens, pos)
+        position `pos`, appending to the KV cache rows 0..rows-1."""
+        positions = torch.full((1, 1), pos, dtype=torch.long, device=tokens.device)  # every row's position
+        return model.step(tokens, positions, pos + 1, CacheRows(0, tokens.shape[0]), causal=True)
 
     def prefill(self, model: "Transformer", tokens: torch.Tensor, start_pos: int, all_positions: bool = False,
                 first_row: int = 0) -> torch.Tensor:
         """Final normed hidden states for many new tokens per row (tokens [batch, seq], a prompt),
         continuing cache rows first_row.. at `start_pos`: [batch, seq, dim] with `all_positions`, else
         the last position's [batch, 1, dim]."""
-        return model.forward_hidden(tokens, start_pos, all_positions, first_row)
+        return model.prefill(tokens, start_pos, first_row, all_positions)
 
     def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
         """As `step`, but row i continues cache row `slots[i]` at its own position `positions[i]`
-        (continuous batching: runtime/batching.py)."""
-        return model.forward_rows(tokens, slots, positions)
+        (continuous batching: runtime/batching.py). `slots` and `positions` are read on the host (where
+        the callers keep them) to size the call; on the device they would cost a wait."""
+        device, slots_host = tokens.device, slots.cpu()
+        first, last = int(slots_host.min()), int(slots_host.max())
+        in_order = bool((slots_host == torch.arange(first, first + len(slots_host), device="cpu")).all())
+        rows = CacheRows(first, last + 1 - first, None if in_order else (slots_host - first).to(device))
+        span = self.span(model, int(positions.max()))
+        return model.step(tokens, positions.to(device)[:, None], span, rows)
 
     def step_capacity(self, model: "Transformer") -> int:
         """The most rows one `step_rows` call takes. Beyond the cache's rows, a step may also carry a
         newcomer's prompt, one row per token in its slot (causal, since every row's keys are written
-        before any row attends); here it does not: PyTorch would copy the slot's cache once per row."""
+        before any row attends); here it does not: PyTorch would read the slot's cache once per row."""
         return model.max_batch_size
 
 
 class StaticDecoder(Decoder):
-    """The `static` decoder: PyTorch operators, with a decode step whose shapes and operators are the
-    same at every step (`Transformer.forward_static`: positions as tensors, the whole cache length read
-    under a mask, no host sync), for generation and continuous batching alike. That is what
-    `torch.compile(fullgraph=True)` and CUDA graphs take whole, so a compiling or graph-capturing
-    decoder is a subclass of this one. Eager, it decodes the same ids as `pytorch` but its attention
-    costs grow with max_seq_len rather than with the positions reached (the `pytorch` decoder slices
-    the cache there), so on its own it is no faster."""
+    """The `static` decoder: PyTorch operators, with a decode step whose shapes are the same from step to
+    step: `Transformer.step` over every row of the cache, positions as tensors, and the cache positions
+    read in buckets (`span`: powers of two, at least SPAN_BUCKET_MIN), so a whole generation takes a
+    handful of shapes, each one graph for `torch.compile(fullgraph=True)` or a CUDA-graph capture; a
+    compiling or graph-capturing decoder is a subclass of this one. The rows a call does not continue
+    take token 0 at the cache's last position, max_seq_len - 1: no row has anything there that it will
+    read before writing it (a row's last position is written by the step that first reads it), so the
+    write disturbs no sequence. Eager, it decodes the same ids as `pytorch`; its attention reads every
+    cache row and up to twice the positions the `pytorch` decoder reads (masked)."""
 
     name = "PyTorch, static shapes"
 
+    def span(self, model: "Transformer", last_position: int) -> int:
+        return min(max(SPAN_BUCKET_MIN, 1 << last_position.bit_length()), model.max_seq_len)
+
     def step(self, model: "Transformer", tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        positions = torch.full((tokens.shape[0],), pos, dtype=torch.long, device=tokens.device)
-        return model.forward_static(tokens, positions)
+        rows, device = tokens.shape[0], tokens.device
+        slots, positions = torch.arange(rows, device=device), torch.full((rows,), pos, dtype=torch.long, device=device)
+        return self.padded_step(model, tokens, slots, positions, self.span(model, pos))
 
     def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
-        return model.forward_static(tokens, positions.to(tokens.device), slots.to(tokens.device))
+        span = self.span(model, int(positions.max()))  # on the host, where the callers keep positions
+        return self.padded_step(model, tokens, slots.to(tokens.device), positions.to(tokens.device), span)
+
+    def padded_step(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                    span: int) -> torch.Tensor:
+        """The device side of a step, what compiles or is captured whole: `Transformer.step` over every
+        cache row, row slots[i] taking tokens[i] at positions[i] (the others token 0 at the last
+        position), its attention reading `span` positions; the hidden states of the rows asked for, in
+        their order [rows, 1, dim]. Every argument but `span` is a device tensor."""
+        count = model.max_batch_size
+        every_token = torch.zeros((count, 1), dtype=tokens.dtype, device=tokens.device).index_copy_(0, slots, tokens)
+        every_position = torch.full((count, 1), model.max_seq_len - 1, dtype=torch.long,
+                                    device=tokens.device).index_copy_(0, slots, positions[:, None])
+        h = model.step(every_token, every_position, span, CacheRows(0, count))
+        return h.index_select(0, slots)
 
 
-def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,
+# The fewest cache positions the static decoder's attention reads (its smallest bucket).
+SPAN_BUCKET_MIN = 16
+
+
+def float_projection_for(device: torch.device) -> Type[Projection]:
+    """How a PyTorch decoder stores float matrices on `device`: [in, out] on a CPU (`InOutProjection`,
+    MKL's fast matrix-vector path), the checkpoint's [out, in] for `F.linear` on a GPU (`Projection`)."""
+    return InOutProjection if device.type == "cpu" else Projection
+
+
+def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                    scheme: Optional[Scheme] = None) -> Decoder:
     """The decoder `name` (one of DECODERS) for a model in `weight_dtype` on `device`, its layer matrices
-    quantized by `scheme` if given (the kernels then take float16 models too)."""
+    quantized by `scheme` if given (the kernels then take float16 models too). A Decoder made already
+    is returned as it is: e.g. `choose_decoder("static", torch.device("cuda"), ...)`, what a GPU gets,
+    which tests run on the CPU."""
     from ..kernels import cpu
     from ..kernels.decoder import CpuKernelDecoder
 
+    if isinstance(name, Decoder):
+        return name
     if name not in DECODERS:
         raise LlamaMPError(f"Unknown --decoder {name!r}; use one of {', '.join(DECODERS)}.")
     if name == "pytorch":
-        return Decoder()
+        return Decoder(float_projection_for(device))
     if name == "static":
-        return StaticDecoder()
+        return StaticDecoder(float_projection_for(device))
     if name == "cpu_kernels":
         dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
         if device.type != "cpu" or weight_dtype not in dtypes:
@@ -122,4 +175,4 @@ def choose_decoder(name: str, device: torch.device, weight_dtype: torch.dtype,
                                f"{device.type} with {str(weight_dtype).replace('torch.', '')}; use --decoder auto.")
         cpu.library(required=True)
         return CpuKernelDecoder()
-    return CpuKernelDecoder() if cpu.usable(device, weight_dtype, scheme) else Decoder()
+    return CpuKernelDecoder() if cpu.usable(device, weight_dtype, scheme) else Decoder(float_projection_for(device))

@@ -11,12 +11,18 @@ Life of a model: built on the meta device (shapes only, no memory); `materialize
 table; the checkpoint is then copied straight into those tensors (loading.py); once every rank got that
 far, `share_embedding` assembles the whole embedding table on every rank (a lookup then needs no
 communication) and the decoder starts.
+
+The layers run in one pass, `Transformer.step`: new tokens for a set of cache rows, each token at its own
+position (a tensor), keys and values written into the cache in place and attention reading it in place
+(views of a block of rows and of the positions up to a span). Every PyTorch decoder's decode step runs it,
+and every prompt (`Transformer.prefill`, a chunk per call); the C kernels (kernels/decoder.py) are the one
+other implementation, behind the same decoder seam.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,8 @@ from ..quant.scheme import Scheme
 from .memory import empty_for_streaming
 from .projection import Projection
 
+# Prompt positions one `Transformer.step` call takes (`Transformer.prefill` runs longer prompts in chunks).
+PREFILL_CHUNK = 512
 if TYPE_CHECKING:
     from ..distributed import Group
     from .decode import Decoder
@@ -87,13 +95,14 @@ def scaled_rope_frequencies(freqs: torch.Tensor, scale: float, original_context:
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate Meta-style interleaved pairs (x[2i], x[2i+1]) of x: [batch, seq, heads, head_dim].
+    """Rotate Meta-style interleaved pairs (x[2i], x[2i+1]) of x: [rows, seq, heads, head_dim], by
+    rotation [rows or 1, seq, head_dim / 2] (each token's own position's row of the rotary table).
 
     Each pair is one complex number; rotating it is one complex multiplication (in float32)."""
     if x.dtype != torch.float32:
         return apply_rotary(x.float(), rotation).type_as(x)
     pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
+    return torch.view_as_real(pairs * rotation[:, :, None]).flatten(-2)
 
 
 def _softmax_as(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -101,6 +110,28 @@ def _softmax_as(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     in float32, two otherwise (no casts that change nothing)."""
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
     return weights if dtype == torch.float32 else weights.to(dtype)
+
+
+class CacheRows(NamedTuple):
+    """The KV-cache rows one call of `Transformer.step` works on: its attention reads the block of cache
+    rows [first, first + count) in place (a view), and token row i of the call is block row index[i]
+    (cache row first + index[i]); with index None, token row i is block row i (count rows)."""
+
+    first: int
+    count: int
+    index: Optional[torch.Tensor] = None  # int64 [rows] on the model's device
+
+
+class StepInputs(NamedTuple):
+    """What every layer of one `Transformer.step` call shares, made once per call."""
+
+    rotation: torch.Tensor          # [rows or 1, seq, head_dim / 2]: each new token's rotary row
+    cache_rows: torch.Tensor        # [rows, 1]: the cache row each token row writes its keys and values to
+    positions: torch.Tensor         # [rows or 1, seq]: the position each token writes them at
+    rows: CacheRows                 # the block attention reads
+    span: int                       # cache positions attention reads, 0..span-1
+    bias: Optional[torch.Tensor]    # [count, 1, seq, span]: 0 where a query sees a key, -inf elsewhere;
+                                    # None: every query sees the keys up to its own, the last seq of span
 
 
 class Attention(nn.Module):
@@ -120,80 +151,46 @@ class Attention(nn.Module):
                     max_seq_len: int, scheme: Optional[Scheme] = None) -> None:
         self.qkv = decoder.projection([self.wq, self.wk, self.wv], dtype, device, scheme)
         self.out = decoder.projection([self.wo], dtype, device, scheme)
-        # [batch, kv_heads, seq, head_dim]: a prefix of the sequence axis is directly usable by attention.
+        # [batch, kv_heads, seq, head_dim]: a block of rows and a prefix of the sequence axis is a view
+        # that attention reads in place.
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         cache_dtype = decoder.activation_dtype(dtype)
         self.cache_k = empty_for_streaming(shape, cache_dtype, device).zero_()
         self.cache_v = empty_for_streaming(shape, cache_dtype, device).zero_()
 
-    def _qkv(self, x: torch.Tensor, rotation: torch.Tensor):
-        bsz, seqlen, _ = x.shape
+    def forward(self, x: torch.Tensor, at: StepInputs) -> torch.Tensor:
+        """x [rows, seq, dim]: new tokens, row i's in cache row at.cache_rows[i] at at.positions[i]."""
+        rows, seq, _ = x.shape
         heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(bsz, seqlen, heads + 2 * kv_heads, hd)
-        qk = apply_rotary(qkv[:, :, :heads + kv_heads], rotation)  # q and k rotate together
-        return qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads:]
-
-    def forward(self, x: torch.Tensor, start_pos: int, rotation: torch.Tensor,
-                mask: Optional[torch.Tensor], first_row: int = 0) -> torch.Tensor:
-        """Rows [first_row, first_row + batch) of the cache continue at `start_pos` (all at once)."""
-        bsz, seqlen, _ = x.shape
-        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        q, k, v = self._qkv(x, rotation)
-
-        end, rows = start_pos + seqlen, slice(first_row, first_row + bsz)
-        self.cache_k[rows, :, start_pos:end] = k.transpose(1, 2)
-        self.cache_v[rows, :, start_pos:end] = v.transpose(1, 2)
-        keys, values = self.cache_k[rows, :, :end], self.cache_v[rows, :, :end]  # [bsz, kv_heads, end, hd]
-
-        if seqlen == 1:
-            # Decoding: one query per head against the cache. Queries that share a kv head are
-            # grouped as rows of one matrix product, so kv heads are never copied (GQA for free).
-            q = q.reshape(bsz, kv_heads, heads // kv_heads, hd) * hd ** -0.5
-            scores = torch.matmul(q, keys.transpose(2, 3))
-            out = torch.matmul(_softmax_as(scores, q.dtype), values)
+        qkv = self.qkv(x).view(rows, seq, heads + 2 * kv_heads, hd)
+        qk = apply_rotary(qkv[:, :, :heads + kv_heads], at.rotation)  # q and k rotate together
+        # Written in place (index_put_: only the new tokens' values move), before anything attends, so
+        # a call's tokens see each other within their row (a prompt's causal attention).
+        self.cache_k[at.cache_rows, :, at.positions] = qk[:, :, heads:]   # [rows, seq, kv_heads, hd]
+        self.cache_v[at.cache_rows, :, at.positions] = qkv[:, :, heads + kv_heads:]
+        block = slice(at.rows.first, at.rows.first + at.rows.count)
+        keys = self.cache_k[block, :, :at.span]  # [count, kv_heads, span, hd]: views, never copies
+        values = self.cache_v[block, :, :at.span]
+        q = qk[:, :, :heads].transpose(1, 2)     # [rows, heads, seq, hd]
+        index = at.rows.index
+        if index is not None:  # rows in scattered cache rows: their queries go to their block rows
+            q = q.new_zeros(at.rows.count, heads, seq, hd).index_copy_(0, index, q)
+        if seq == 1:
+            # Decoding: the queries that share a kv head are the rows of one product with its keys, read
+            # in place (GQA without repeating a kv head); softmax in float32.
+            grouped = q.reshape(q.shape[0], kv_heads, heads // kv_heads, hd) * hd ** -0.5
+            scores = torch.matmul(grouped, keys.transpose(2, 3))         # [count, kv_heads, group, span]
+            if at.bias is not None:
+                scores = scores + at.bias
+            out = torch.matmul(_softmax_as(scores, q.dtype), values)    # [count, kv_heads, group, hd]
         else:
-            # A prompt from position 0 is plain causal attention (lets SDPA pick its fastest kernel);
-            # new tokens after cached ones need the explicit mask.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=heads != kv_heads)
-            out = out.transpose(1, 2)
-        return self.comm.all_sum(self.out(out.reshape(bsz, seqlen, heads * hd)))
-
-    def forward_rows(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, rotation: torch.Tensor,
-                     hidden: torch.Tensor) -> torch.Tensor:
-        """One new token per row (x [rows, 1, dim]), row i in cache row `slots[i]` at `positions[i]`;
-        `hidden` [rows, 1, 1, span] says which of the first `span` cached positions each row does not see."""
-        rows = x.shape[0]
-        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        q, k, v = self._qkv(x, rotation)
-        self.cache_k[slots, :, positions] = k[:, 0]  # [rows, kv_heads, hd]
-        self.cache_v[slots, :, positions] = v[:, 0]
-        span = hidden.shape[-1]
-        keys, values = self.cache_k[slots, :, :span], self.cache_v[slots, :, :span]  # [rows, kv_heads, span, hd]
-        q = q.reshape(rows, kv_heads, heads // kv_heads, hd) * hd ** -0.5
-        scores = torch.matmul(q, keys.transpose(2, 3)).masked_fill(hidden, float("-inf"))
-        out = torch.matmul(_softmax_as(scores, q.dtype), values)
-        return self.comm.all_sum(self.out(out.reshape(rows, 1, heads * hd)))
-
-    def forward_static(self, x: torch.Tensor, at: torch.Tensor, slots: Optional[torch.Tensor],
-                       positions: torch.Tensor, rotation: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """`forward_rows` with shapes that never change from step to step: every row attends over the
-        whole length of its cache row, `hidden` [rows, 1, 1, max_seq_len] masking the positions after its
-        own. Row i is written to cache row `at[i]`; reads go through `slots` (a copy of those rows), or,
-        where it is None (at = 0..rows-1), straight from the cache."""
-        rows = x.shape[0]
-        heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        q, k, v = self._qkv(x, rotation)
-        self.cache_k[at, :, positions] = k[:, 0]  # [rows, kv_heads, hd]
-        self.cache_v[at, :, positions] = v[:, 0]
-        if slots is None:
-            keys, values = self.cache_k[:rows], self.cache_v[:rows]  # [rows, kv_heads, max_seq_len, hd]
-        else:
-            keys, values = self.cache_k[slots], self.cache_v[slots]
-        q = q.reshape(rows, kv_heads, heads // kv_heads, hd) * hd ** -0.5
-        scores = torch.matmul(q, keys.transpose(2, 3)).masked_fill(hidden, float("-inf"))
-        out = torch.matmul(_softmax_as(scores, q.dtype), values)
-        return self.comm.all_sum(self.out(out.reshape(rows, 1, heads * hd)))
+            # Prompts: SDPA's fused kernels (causal from position 0 with no mask at all, the fastest
+            # there is); enable_gqa reads a kv head in place for its queries too, softmax in float32.
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.bias, is_causal=at.bias is None,
+                                                 enable_gqa=heads != kv_heads).transpose(1, 2)  # [count, seq, heads, hd]
+        if index is not None:
+            out = out.index_select(0, index)
+        return self.comm.all_sum(self.out(out.reshape(rows, seq, heads * hd)))
 
 
 class FeedForward(nn.Module):
@@ -223,25 +220,20 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(shapes[prefix + "attention_norm.weight"], args.norm_eps)
         self.ffn_norm = RMSNorm(shapes[prefix + "ffn_norm.weight"], args.norm_eps)
 
-    def forward(self, x, start_pos: int, rotation, mask, first_row: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rotation, mask, first_row)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def forward_rows(self, x, slots, positions, rotation, hidden) -> torch.Tensor:
-        h = x + self.attention.forward_rows(self.attention_norm(x), slots, positions, rotation, hidden)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-    def forward_static(self, x, at, slots, positions, rotation, hidden) -> torch.Tensor:
-        h = x + self.attention.forward_static(self.attention_norm(x), at, slots, positions, rotation, hidden)
+    def forward(self, x: torch.Tensor, at: StepInputs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """The whole model on one rank: its slice of every layer, plus (once shared) the whole embedding.
 
-    Calls: `hidden` runs the layers over new tokens (every rank, same result); `logits` gathers the
-    vocabulary on rank 0 for sampling; `greedy_next` finds the argmax without moving logits at all.
-    Build it inside `torch.device("meta")` to get shapes without memory (see loading.py).
+    Calls: `hidden`, `hidden_rows` and `hidden_in_slot` run new tokens through the layers (every rank,
+    same result) by way of the decoder, which sizes the call (rows, span) and runs it: the PyTorch
+    decoders through `step`, the one pass of the layers, or `prefill`, prompts through `step` a chunk at
+    a time; the C kernels through their own step. `logits` gathers the vocabulary on rank 0 for
+    sampling; `greedy_next` finds the argmax without moving logits at all. Build it inside
+    `torch.device("meta")` to get shapes without memory (see loading.py).
     """
 
     def __init__(self, args: ModelArgs, group: Optional["Group"] = None):
@@ -284,7 +276,8 @@ class Transformer(nn.Module):
                                          requires_grad=False)
         self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device,
                                       self.args.rope_scale if self.args.use_scaled_rope else None)
-        self.cache_positions = torch.arange(max_seq_len, device=device)  # the static step's mask is made from it
+        self.cache_positions = torch.arange(max_seq_len, device=device)  # attention's masks are made from it
+        self.row_numbers = torch.arange(max_batch_size, device=device)[:, None]  # [rows, 1]: cache rows to write
         self.vocab_offset = self.output.weight.shape[0] * self.rank
         if self.world_size > 1:
             self._embedding_table = torch.empty(layout.full_shapes(self.args)["tok_embeddings.weight"],
@@ -343,7 +336,7 @@ class Transformer(nn.Module):
         `slots[i]` at its own position `positions[i]` (int64 tensors [rows], best on the host: the
         decoders read what they need of them there, without waiting for the device, and move the rest);
         attention of a row sees its cache up to its own position. Final normed hidden states [rows, 1, dim],
-        from the decoder."""
+        from the decoder (which may read the block of cache rows from min(slots) to max(slots))."""
         return self.decoder.step_rows(self, tokens, slots, positions)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -351,47 +344,56 @@ class Transformer(nn.Module):
         h = F.embedding(tokens, self.tok_embeddings.weight)
         return h if h.dtype == self.act_dtype else h.to(self.act_dtype)
 
-    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor,
-                       slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """A decode step whose shapes and operators are the same at every step, so it compiles into one
-        graph (`torch.compile(fullgraph=True)`) and can be captured (CUDA graphs): one new token per row
-        (tokens [rows, 1]), row i at position `positions[i]` (int64 [rows]) in cache row `slots[i]` (rows
-        0..rows-1 without `slots`). Positions are only ever indices (the rotary table gathered by them,
-        the mask compared with them), never Python ints, so nothing waits for the device. Attention
-        reads the whole cache length, masked; what it costs over `forward_rows` grows with max_seq_len.
-        Final normed hidden states [rows, 1, dim], equal to `forward_rows`'s."""
-        h = self._embed(tokens)                                                  # [rows, 1, dim]
-        rotation = self.rotation[positions][:, None]                             # [rows, 1, head_dim / 2]
-        hidden = self.cache_positions > positions[:, None, None, None]           # [rows, 1, 1, max_seq_len]
-        at = torch.arange(tokens.shape[0], device=tokens.device) if slots is None else slots
-        for layer in self.layers:  # what every layer shares is made once, above
-            h = layer.forward_static(h, at, slots, positions, rotation, hidden)
-        return self.norm(h)
-
-    def forward_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`hidden_rows` with PyTorch operators."""
-        span = int(positions.max()) + 1  # the cache positions any row sees (no wait: positions on the host)
-        slots, positions = slots.to(tokens.device), positions.to(tokens.device)
-        h = self._embed(tokens)  # [rows, 1, dim]
-        rotation = self.rotation[positions][:, None]                             # [rows, 1, head_dim / 2]
-        hidden = torch.arange(span, device=tokens.device) > positions[:, None, None, None]  # [rows, 1, 1, span]
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, span: int, rows: CacheRows,
+             all_positions: bool = True, causal: bool = False) -> torch.Tensor:
+        """The model's one pass over new tokens, which every PyTorch decoder's decode step and every
+        prefill run: tokens [n, seq], token (i, j) at position positions[i, j] (int64 [n or 1, seq], on
+        the device: positions are only ever indices and compared, never read on the host) in cache row
+        `rows`.first + `rows`.index[i] (+ i without an index). Attention of a token sees its row's cache
+        up to its own position; it reads, in place, the cache rows of `rows`' block and positions
+        0..span-1 (span > every position; what the decoder reads more than that is masked). `causal`
+        says that every row's tokens are the last seq positions of the span, in order (a prompt
+        continuing its rows; one new token per row at span - 1): then no mask is needed. The shapes
+        depend only on n, seq, span and the block, so with them fixed this compiles into one graph
+        (`torch.compile(fullgraph=True)`) and can be captured. Final normed hidden states [n, seq, dim]
+        (`all_positions`), or of each row's last token [n, 1, dim]."""
+        n, seq = tokens.shape
+        h = self._embed(tokens)                                                      # [n, seq, dim]
+        first = rows.first
+        cache_rows = self.row_numbers[first:first + n] if rows.index is None else (rows.index + first)[:, None]
+        bias = None
+        if not (causal and rows.index is None and (seq == 1 or seq == span)):
+            bias = self._attention_bias(positions, span, rows, n, seq)
+        at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias)
         for layer in self.layers:
-            h = layer.forward_rows(h, slots, positions, rotation, hidden)
-        return self.norm(h)
-
-    def forward_hidden(self, tokens: torch.Tensor, start_pos: int, all_positions: bool = False,
-                       first_row: int = 0) -> torch.Tensor:
-        """`hidden` with PyTorch operators, for any number of new tokens, in cache rows from `first_row`."""
-        seqlen = tokens.shape[1]
-        h = self._embed(tokens)  # [batch, seq, dim]
-        rotation = self.rotation[start_pos:start_pos + seqlen]                   # [seq, head_dim / 2]
-        mask = None
-        if seqlen > 1 and start_pos > 0:  # causal over the new tokens; every cached position is visible
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
-            mask = mask.tril(diagonal=start_pos)
-        for layer in self.layers:
-            h = layer(h, start_pos, rotation, mask, first_row)
+            h = layer(h, at)
         return self.norm(h if all_positions else h[:, -1:])
+
+    def _attention_bias(self, positions, span: int, rows: CacheRows, n: int, seq: int) -> torch.Tensor:
+        """[count, 1, seq, span] additive bias: 0 where a block row's query sees a cached position (its
+        own position and before), -inf elsewhere; made once per call, in the activation dtype, so that
+        no layer converts a boolean mask again. Block rows no token row uses see position 0 only (a
+        finite result that nothing reads)."""
+        query_positions = positions.expand(n, seq)
+        if rows.index is not None:
+            query_positions = query_positions.new_zeros(rows.count, seq).index_copy_(0, rows.index, query_positions)
+        hidden = self.cache_positions[:span] > query_positions[:, None, :, None]      # [count, 1, seq, span]
+        return torch.zeros(hidden.shape, dtype=self.act_dtype, device=hidden.device).masked_fill_(hidden,
+                                                                                                   float("-inf"))
+
+    def prefill(self, tokens: torch.Tensor, start_pos: int, first_row: int = 0,
+                all_positions: bool = False) -> torch.Tensor:
+        """Prompts (tokens [batch, seq]) into cache rows first_row.. from `start_pos`, through `step`
+        PREFILL_CHUNK positions at a time (which bounds a long prompt's activations, e.g. its FFN's
+        [seq, hidden] products). Final normed hidden states [batch, seq, dim] with `all_positions`, else
+        of the last position [batch, 1, dim]."""
+        batch, seq = tokens.shape
+        rows, out = CacheRows(first_row, batch), []
+        for start in range(0, seq, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, seq)
+            positions = torch.arange(start_pos + start, start_pos + end, device=tokens.device)[None]
+            out.append(self.step(tokens[:, start:end], positions, start_pos + end, rows, all_positions, causal=True))
+        return out[0] if len(out) == 1 else (torch.cat(out, dim=1) if all_positions else out[-1])
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
