@@ -9,9 +9,10 @@ pytestmark = pytest.mark.spawn  # every test here runs ranks in processes of the
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "Model parallel", "", "A B C D E F G H I J"]
 STEPS = 10
-# step -> admissions (prompt index, slot). Prompt 0 starts alone in slot 2; others join while it decodes,
-# at other positions; prompt 3 (the bos token alone) and 4 reuse slots freed by earlier sequences.
-SCHEDULE = {0: [(0, 2)], 1: [(1, 0)], 3: [(2, 1), (3, 3)], STEPS + 1: [(4, 2)]}
+# step -> admissions (prompt index, slot). Prompt 2 (a few tokens: shorter than the step's free rows)
+# starts alone in slot 2; others join while it decodes, at other positions; prompt 3 (the bos token
+# alone) and 4 reuse slots freed by earlier sequences.
+SCHEDULE = {0: [(2, 2)], 1: [(1, 0)], 3: [(0, 1), (3, 3)], STEPS + 1: [(4, 2)]}
 
 
 def batched_and_alone(ckpt_dir, tokenizer_path, decoder, gather_every):

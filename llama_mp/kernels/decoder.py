@@ -107,6 +107,11 @@ class CpuKernelDecoder(Decoder):
         heads = model.layers[0].attention.n_local_heads
         return model.max_batch_size + min(PROMPT_ROWS, PROMPT_SCRATCH_BYTES // (4 * heads * model.max_seq_len))
 
+    def prompt_rows_in_step(self, model, decoding: int) -> int:
+        """Whatever room the step has beyond its decoding rows: the kernels read a slot's cache in place
+        for each of its rows."""
+        return self.step_capacity(model) - decoding
+
 
 def _matrices(*projections: Projection) -> List[Optional[torch.Tensor]]:
     """The storages of these projections, then their scales (None for float matrices)."""

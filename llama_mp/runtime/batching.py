@@ -113,7 +113,7 @@ class Batcher:
         row_ids = [self.last[s] for s in decoding]
         slots, positions = list(decoding), [self.position[s] for s in decoding]
         picked = list(range(len(decoding)))  # the rows whose next token is wanted
-        room = model.decoder.step_capacity(model) - len(decoding)
+        room = model.decoder.prompt_rows_in_step(model, len(decoding))
         inside, apart = [], []  # admissions prefilled in the step, and on their own
         for a in plan.admit:
             fits = len(a.prompt) <= room

@@ -94,10 +94,15 @@ class Decoder:
         return model.step(tokens, positions.to(device)[:, None], span, rows)
 
     def step_capacity(self, model: "Transformer") -> int:
-        """The most rows one `step_rows` call takes. Beyond the cache's rows, a step may also carry a
-        newcomer's prompt, one row per token in its slot (causal, since every row's keys are written
-        before any row attends); here it does not: PyTorch would read the slot's cache once per row."""
+        """The most rows one `step_rows` call takes: here one per cache row, each in its own slot."""
         return model.max_batch_size
+
+    def prompt_rows_in_step(self, model: "Transformer", decoding: int) -> int:
+        """How many prompt tokens a `step_rows` call that continues `decoding` slots may also carry, one
+        row per token in the newcomer's slot (causal, since every row's keys are written before any row
+        attends). None here: attention reads each slot's cache through one block row, so two rows of a
+        slot would need a copy of it per row; a newcomer's prompt is prefilled on its own instead."""
+        return 0
 
 
 class StaticDecoder(Decoder):
