@@ -13,13 +13,14 @@ import os
 import platform
 import secrets
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..errors import PeerLostError
+from .failure import process_alive
 
 
 class SharedMemoryExchange:
@@ -33,14 +34,19 @@ class SharedMemoryExchange:
 
     Correct on x86-64 only, whose stores become visible in program order (the data before the counter)
     and whose loads are not reordered with each other; elsewhere the ranks use gloo. Waiting spins
-    briefly, then yields the core (ranks may outnumber cores), and gives up after `timeout_s`.
+    briefly, then yields the core (ranks may outnumber cores), and gives up after `timeout_s`, or at
+    once when a late rank's process has ended (`pids`: each rank's, by rank; None where not watched):
+    a counter in shared memory does not tell that its writer died, as gloo's closed socket does.
     """
 
     SLOT_BYTES = 1 << 18   # 256 KiB per rank and set: a decode step's vectors for batches up to ~32 x 2K
     LINE = 64              # one cache line per counter, so ranks do not write to each other's lines
+    LIVENESS_PERIOD_S = 0.1  # how often a waiting rank looks whether the late ranks' processes still exist
 
-    def __init__(self, rank: int, world_size: int, path: str, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, path: str, timeout_s: float,
+                 pids: Sequence[Optional[int]] = ()):
         self.rank, self.n, self.timeout_s = rank, world_size, timeout_s
+        self.pids = list(pids) + [None] * (world_size - len(pids))
         size = self.file_size(world_size)
         with open(path, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), size)
@@ -87,9 +93,21 @@ class SharedMemoryExchange:
         for _ in range(1000):  # the usual case: the others are a few microseconds away
             if (counters >= r).all():
                 return
-        deadline = time.monotonic() + self.timeout_s
+        now = time.monotonic()
+        deadline, look = now + self.timeout_s, now + self.LIVENESS_PERIOD_S
         while not (counters >= r).all():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > look:
+                look = now + self.LIVENESS_PERIOD_S
+                dead = [i for i in range(self.n) if counters[i] < r and self.pids[i] and not process_alive(self.pids[i])]
+                # read again: a rank may have written its counter just before it exited
+                dead = [i for i in dead if counters[i] < r]
+                if dead:
+                    raise PeerLostError(
+                        f"rank {self.rank} lost contact with the other ranks (the process of rank {dead[0]}, "
+                        f"id {self.pids[dead[0]]}, ended during a shared-memory exchange). Its own message or "
+                        "signal is in the output above / torchrun's report.")
+            if now > deadline:
                 late = [i for i in range(self.n) if counters[i] < r]
                 raise PeerLostError(
                     f"rank {self.rank} lost contact with the other ranks (Timed out waiting "
@@ -104,10 +122,11 @@ class SharedMemoryExchange:
         self.map.close()
 
 
-def open_exchange(rank: int, world_size: int, backend: str, timeout_s: float,
+def open_exchange(rank: int, world_size: int, backend: str, timeout_s: float, pids: Sequence[Optional[int]] = (),
                   group: Optional[dist.ProcessGroup] = None) -> Optional[SharedMemoryExchange]:
     """Collective when more than one rank: a shared-memory exchange when every rank runs on this x86-64
     host with a core of its own and the backend is gloo, else None (gloo or NCCL carry everything).
+    `pids`: the other ranks' process ids, by rank, watched while waiting.
 
     Rank 0 creates the file in /dev/shm and removes its name as soon as every rank has mapped it, so
     nothing is left behind even if the job is killed. With more ranks than cores, waiting ranks would
@@ -125,7 +144,7 @@ def open_exchange(rank: int, world_size: int, backend: str, timeout_s: float,
         box = [path]
     dist.broadcast_object_list(box, src=0, group=group)
     try:
-        return SharedMemoryExchange(rank, world_size, box[0], timeout_s)
+        return SharedMemoryExchange(rank, world_size, box[0], timeout_s, pids)
     finally:
         dist.barrier(group=group)
         if rank == 0:
