@@ -99,7 +99,7 @@ class SharedMemoryExchange:
             now = time.monotonic()
             if now > look:
                 look = now + self.LIVENESS_PERIOD_S
-                dead = [i for i in range(self.n) if counters[i] < r and self.pids[i] and not process_alive(self.pids[i])]
+                dead = [i for i, pid in enumerate(self.pids) if counters[i] < r and pid and not process_alive(pid)]
                 # read again: a rank may have written its counter just before it exited
                 dead = [i for i in dead if counters[i] < r]
                 if dead:

@@ -18,6 +18,7 @@ answers 503 to everything pending and exits non-zero (4), and the other ranks ex
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -145,9 +146,9 @@ def drain_within_launcher(drain_s: float, grace_s: Optional[float], say: bool) -
         return drain_s
     capped = max(0.0, grace_s - END_MARGIN_S)
     if say:
-        print(f"llama_mp server: --drain_s {drain_s:g} is cut to {capped:g} s: torchrun SIGKILLs the ranks {grace_s:g} s "
-              f"after it forwards SIGTERM and the ending needs {END_MARGIN_S:g} s; for a longer drain give torchrun "
-              f"--shutdown_timeout {drain_s + END_MARGIN_S:g} (before the script).", file=sys.stderr, flush=True)
+        print(f"llama_mp server: --drain_s {drain_s:g} is cut to {capped:g} s: torchrun SIGKILLs the ranks "
+              f"{grace_s:g} s after it forwards SIGTERM and the ending needs {END_MARGIN_S:g} s; for a longer drain give "
+              f"torchrun --shutdown_timeout {math.ceil(drain_s + END_MARGIN_S)} (before the script).", file=sys.stderr, flush=True)
     return capped
 
 
