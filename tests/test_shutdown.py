@@ -11,7 +11,7 @@ import torch
 
 from llama_mp.distributed.failure import launcher_grace_s, process_alive
 from llama_mp.distributed.shm import SharedMemoryExchange
-from llama_mp.errors import PeerLostError
+from llama_mp.errors import PeerLostError, RemoteRankError
 from llama_mp.server.command import END_MARGIN_S, drain_within_launcher
 
 TORCHRUN = ["/venv/bin/python", "/venv/bin/torchrun"]
@@ -111,3 +111,16 @@ def test_a_peer_that_wrote_its_part_then_ended_is_not_lost(tmp_path):
     alone.counters[1] = 1  # rank 1's round 1 is in; then its process ended
     assert alone.gather(torch.ones(4)).shape == (2, 4)
     alone.close()
+
+
+def test_a_rank_that_gives_up_tells_the_others_which_stop_quietly(tmp_path):
+    path = tmp_path / "exchange"
+    path.write_bytes(b"\0" * SharedMemoryExchange.file_size(2))
+    first = SharedMemoryExchange(rank=0, world_size=2, path=str(path), timeout_s=0.2, pids=[None, never_a_pid()])
+    with pytest.raises(PeerLostError):  # says why: rank 1's process is gone
+        first.gather(torch.ones(4))
+    second = SharedMemoryExchange(rank=1, world_size=2, path=str(path), timeout_s=60)
+    with pytest.raises(RemoteRankError, match="rank 0 gave up"):  # no second message for the job
+        second.gather(torch.ones(4))
+    first.close()
+    second.close()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import PeerLostError
+from ..errors import PeerLostError, RemoteRankError
 from .failure import process_alive
 
 
@@ -36,12 +36,14 @@ class SharedMemoryExchange:
     and whose loads are not reordered with each other; elsewhere the ranks use gloo. Waiting spins
     briefly, then yields the core (ranks may outnumber cores), and gives up after `timeout_s`, or at
     once when a late rank's process has ended (`pids`: each rank's, by rank; None where not watched):
-    a counter in shared memory does not tell that its writer died, as gloo's closed socket does.
+    a counter in shared memory does not tell that its writer died, as gloo's closed socket does. A rank
+    that gives up sets its counter to GAVE_UP, so that the others stop quietly: one message per job.
     """
 
     SLOT_BYTES = 1 << 18   # 256 KiB per rank and set: a decode step's vectors for batches up to ~32 x 2K
     LINE = 64              # one cache line per counter, so ranks do not write to each other's lines
     LIVENESS_PERIOD_S = 0.1  # how often a waiting rank looks whether the late ranks' processes still exist
+    GAVE_UP = -1             # a counter's value once its rank stopped waiting (and reported why)
 
     def __init__(self, rank: int, world_size: int, path: str, timeout_s: float,
                  pids: Sequence[Optional[int]] = ()):
@@ -99,22 +101,37 @@ class SharedMemoryExchange:
             now = time.monotonic()
             if now > look:
                 look = now + self.LIVENESS_PERIOD_S
-                dead = [i for i, pid in enumerate(self.pids) if counters[i] < r and pid and not process_alive(pid)]
-                # read again: a rank may have written its counter just before it exited
-                dead = [i for i in dead if counters[i] < r]
-                if dead:
-                    raise PeerLostError(
-                        f"rank {self.rank} lost contact with the other ranks (the process of rank {dead[0]}, "
-                        f"id {self.pids[dead[0]]}, ended during a shared-memory exchange). Its own message or "
-                        "signal is in the output above / torchrun's report.")
+                self._check_peers()
             if now > deadline:
                 late = [i for i in range(self.n) if counters[i] < r]
+                self._give_up()
                 raise PeerLostError(
                     f"rank {self.rank} lost contact with the other ranks (Timed out waiting "
                     f"{int(self.timeout_s * 1000)}ms for rank(s) {late} in a shared-memory exchange). Another "
                     "rank crashed, was killed or stopped answering for --timeout_s seconds; its own message "
                     "or signal is in the output above / torchrun's report.")
             os.sched_yield()
+
+    def _check_peers(self) -> None:
+        """Raise if a late rank will never come: it gave up on the exchange (and said why: this rank stops
+        quietly), or its process ended without a word (this rank says so)."""
+        counters, r = self.counters, self.round
+        gave_up = [i for i in range(self.n) if counters[i] == self.GAVE_UP]
+        if gave_up:
+            raise RemoteRankError(f"rank {gave_up[0]} gave up on a shared-memory exchange; see its message.")
+        dead = [i for i, pid in enumerate(self.pids) if counters[i] < r and pid and not process_alive(pid)]
+        dead = [i for i in dead if counters[i] < r]  # read again: it may have written just before it exited
+        if dead:
+            self._give_up()
+            raise PeerLostError(
+                f"rank {self.rank} lost contact with the other ranks (the process of rank {dead[0]}, id "
+                f"{self.pids[dead[0]]}, ended during a shared-memory exchange). Its own message or signal is "
+                "in the output above / torchrun's report.")
+
+    def _give_up(self) -> None:
+        """Tell the other ranks, through this rank's counter, that it stopped waiting and reports why.
+        (The caller raises: an error held in a local here would keep the shared map exported.)"""
+        self.counters[self.rank] = self.GAVE_UP
 
     def close(self) -> None:
         self.slots = self.counters = None
