@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Iterator, List, Optional
 
+from ..distributed.failure import process_alive
 from ..errors import LlamaMPError
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -143,20 +144,6 @@ def _staging_prefix(dst: str) -> str:
     return f".{os.path.basename(dst)}.partial-{os.getpid()}@{_host()}-"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    except OverflowError:
-        return False
-    return True
-
-
 def _dead_writer(name: str, marker: str) -> Optional[bool]:
     """Whether the leftover `name` (`...{marker}PID@HOST-XXXX`) was left by a process of this host that is
     gone (True), by a live one (False), or cannot be told (None: another host, or an older name)."""
@@ -164,7 +151,7 @@ def _dead_writer(name: str, marker: str) -> Optional[bool]:
     pid, at, host = rest.partition("-")[0].partition("@")
     if not at or not pid.isdigit() or host != _host():
         return None
-    return not _pid_alive(int(pid))
+    return not process_alive(int(pid))
 
 
 def clear_leftovers(dst: str) -> List[str]:
@@ -198,7 +185,7 @@ def clear_leftovers(dst: str) -> List[str]:
                 _remove(path)
         elif name.startswith(f".{base}.lock.stale-"):  # `_take_over_stale`'s, named PID-THREAD
             pid = name.rsplit(".lock.stale-", 1)[1].split("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 _remove(path)
     for note in notes:
         print(f"llama_mp: note: {note}.", file=sys.stderr, flush=True)

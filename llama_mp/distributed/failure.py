@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,82 @@ def said_once(error: LlamaMPError, check: Callable[[int], Any], local_rank: int)
     """`error` on the first local rank that fails `check`, a quiet `RemoteRankError` on the others."""
     first = first_local_rank_to_fail(check, local_rank)
     return error if first == local_rank else RemoteRankError(f"local rank {first} reported the problem.")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs. A zombie (ended, not yet reaped by its parent)
+    does not: a rank killed under torchrun stays one until the agent's next poll."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+    except OSError:  # not ours to read: it exists
+        return True
+    try:  # no /proc (macOS): signal 0 only asks whether it exists
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# The launchers whose command line holds torchrun's options: `torchrun` (a script), `python -m` of these.
+LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "llama_mp.torchrun")
+TORCHRUN_DEFAULT_GRACE_S = 30  # torch's default --shutdown_timeout (torch/distributed/launcher/api.py)
+
+
+def launcher_grace_s(agent_argv: Optional[Sequence[str]] = None) -> Optional[float]:
+    """Seconds torchrun lets its ranks run after it forwards SIGTERM before it SIGKILLs them; None when
+    this process was not started by torchrun's agent (no TORCHELASTIC_RUN_ID).
+
+    Found as torchrun finds it: its --shutdown_timeout, read with torchrun's own parser from the agent's
+    command line (`agent_argv`, by default our parent's), which also reads PET_SHUTDOWN_TIMEOUT; else
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT; else 30. The ranks inherit the agent's environment, so the
+    variables read here are the agent's."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    value = _shutdown_option(_process_argv(os.getppid()) if agent_argv is None else agent_argv)
+    if value is None:
+        value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TORCHRUN_DEFAULT_GRACE_S)
+    try:
+        return float(value)
+    except ValueError:  # torchrun itself would have refused it
+        return float(TORCHRUN_DEFAULT_GRACE_S)
+
+
+def _process_argv(pid: int) -> List[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _shutdown_option(argv: Sequence[str]) -> Optional[str]:
+    """torchrun's --shutdown_timeout (or PET_SHUTDOWN_TIMEOUT) as its parser reads `argv`, the agent's
+    whole command line; PET_SHUTDOWN_TIMEOUT alone if `argv` is not a launcher's."""
+    for i, arg in enumerate(argv):
+        if arg == "-m" and i + 1 < len(argv) and argv[i + 1] in LAUNCHER_MODULES:
+            args = list(argv[i + 2:])
+            break
+        if os.path.basename(arg) == "torchrun":
+            args = list(argv[i + 1:])
+            break
+    else:
+        return os.environ.get("PET_SHUTDOWN_TIMEOUT")
+    from torch.distributed.run import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # a command line it cannot read: no usage text
+            parsed, _ = get_args_parser().parse_known_args(args)
+    except SystemExit:
+        return os.environ.get("PET_SHUTDOWN_TIMEOUT")
+    return None if parsed.shutdown_timeout is None else str(parsed.shutdown_timeout)
 
 
 def port_in_use(error: BaseException) -> bool:

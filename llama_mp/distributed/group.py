@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..checks import require_seconds
 from ..errors import LlamaMPError, RemoteRankError
 from .collectives import Collectives
-from .failure import port_in_use, port_in_use_error, said_once
+from .failure import launcher_grace_s, port_in_use, port_in_use_error, said_once
 from .shm import open_exchange
 
 # A generation step takes milliseconds to seconds, so 5 minutes of silence means a peer is gone or
@@ -47,8 +47,10 @@ class Group:
     backend: str
     timeout_s: float = DEFAULT_TIMEOUT_S
     collectives: Collectives = field(default=None, repr=False)
-    # (host, pid) of every rank, by rank: who shares this rank's host, for `wake_local_peers`.
+    # (host, pid) of every rank, by rank: who shares this rank's host (`local_peer_pids`).
     peers: Tuple[Tuple[str, int], ...] = field(default=(), repr=False)
+    # How long torchrun lets the ranks run after it forwards SIGTERM (None: not under torchrun).
+    launcher_grace_s: Optional[float] = None
 
     def __post_init__(self):
         if self.collectives is None:
@@ -58,17 +60,19 @@ class Group:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def local_peer_pids(self) -> List[Optional[int]]:
+        """By rank: the process id of each other rank of this host, None for this rank and remote ones."""
+        return local_pids(self.peers, self.rank)
+
     def wake_local_peers(self) -> None:
         """Send SIGCONT to the other ranks of this host. Called when this rank gives up on a silent peer:
         a stopped rank (SIGSTOP, Ctrl-Z) cannot act on torchrun's SIGTERM until it runs again, so
         torchrun would wait its 30 s grace before SIGKILL. SIGCONT does nothing to a running process."""
-        host = host_identity()
-        for rank, (peer_host, pid) in enumerate(self.peers):
-            if rank != self.rank and peer_host == host:
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                except OSError:  # it has ended, or is not ours to signal
-                    pass
+        for pid in filter(None, self.local_peer_pids()):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:  # it has ended, or is not ours to signal
+                pass
 
     def close(self) -> None:
         """Release the shared-memory exchange (the process group itself is torch's: see `teardown`)."""
@@ -85,6 +89,13 @@ def env_ranks() -> tuple:
         raise LlamaMPError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e}); launch with torchrun, which "
                            "sets them, or unset them to run as one process.") from None
     return rank, world, local
+
+
+def local_pids(peers: Sequence[Tuple[str, int]], rank: int) -> List[Optional[int]]:
+    """`peers` ((host, pid) by rank) as the pids of the ranks other than `rank` on this host, else None.
+    Only these can be watched: a pid means nothing on another host or in another PID namespace."""
+    host = host_identity()
+    return [pid if r != rank and h == host else None for r, (h, pid) in enumerate(peers)]
 
 
 def choose_device(device: str, local_rank: int) -> torch.device:
@@ -187,12 +198,12 @@ def setup(backend: str = "auto", device: str = "auto", timeout_s: float = DEFAUL
             raise _init_failed(e, world, timeout_s) from None
     rank, world, chosen = dist.get_rank(), dist.get_world_size(), dist.get_backend()
     _check_callers_fairscale(world)
-    exchange = open_exchange(rank, world, chosen, timeout_s)
     peers = [(host_identity(), os.getpid())] * world
     if world > 1:
         dist.all_gather_object(peers, peers[0])
+    exchange = open_exchange(rank, world, chosen, timeout_s, local_pids(peers, rank))
     return Group(rank, world, local, dev, chosen, timeout_s, Collectives(rank, world, chosen, exchange),
-                 tuple(peers))
+                 tuple(peers), launcher_grace_s())
 
 
 def teardown(failed: bool = False) -> None:

@@ -13,13 +13,14 @@ import os
 import platform
 import secrets
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import PeerLostError
+from ..errors import PeerLostError, RemoteRankError
+from .failure import process_alive
 
 
 class SharedMemoryExchange:
@@ -33,14 +34,21 @@ class SharedMemoryExchange:
 
     Correct on x86-64 only, whose stores become visible in program order (the data before the counter)
     and whose loads are not reordered with each other; elsewhere the ranks use gloo. Waiting spins
-    briefly, then yields the core (ranks may outnumber cores), and gives up after `timeout_s`.
+    briefly, then yields the core (ranks may outnumber cores), and gives up after `timeout_s`, or at
+    once when a late rank's process has ended (`pids`: each rank's, by rank; None where not watched):
+    a counter in shared memory does not tell that its writer died, as gloo's closed socket does. A rank
+    that gives up sets its counter to GAVE_UP, so that the others stop quietly: one message per job.
     """
 
     SLOT_BYTES = 1 << 18   # 256 KiB per rank and set: a decode step's vectors for batches up to ~32 x 2K
     LINE = 64              # one cache line per counter, so ranks do not write to each other's lines
+    LIVENESS_PERIOD_S = 0.1  # how often a waiting rank looks whether the late ranks' processes still exist
+    GAVE_UP = -1             # a counter's value once its rank stopped waiting (and reported why)
 
-    def __init__(self, rank: int, world_size: int, path: str, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, path: str, timeout_s: float,
+                 pids: Sequence[Optional[int]] = ()):
         self.rank, self.n, self.timeout_s = rank, world_size, timeout_s
+        self.pids = list(pids) + [None] * (world_size - len(pids))
         size = self.file_size(world_size)
         with open(path, "r+b") as f:
             self.map = mmap.mmap(f.fileno(), size)
@@ -87,10 +95,16 @@ class SharedMemoryExchange:
         for _ in range(1000):  # the usual case: the others are a few microseconds away
             if (counters >= r).all():
                 return
-        deadline = time.monotonic() + self.timeout_s
+        now = time.monotonic()
+        deadline, look = now + self.timeout_s, now + self.LIVENESS_PERIOD_S
         while not (counters >= r).all():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > look:
+                look = now + self.LIVENESS_PERIOD_S
+                self._check_peers()
+            if now > deadline:
                 late = [i for i in range(self.n) if counters[i] < r]
+                self._give_up()
                 raise PeerLostError(
                     f"rank {self.rank} lost contact with the other ranks (Timed out waiting "
                     f"{int(self.timeout_s * 1000)}ms for rank(s) {late} in a shared-memory exchange). Another "
@@ -98,16 +112,38 @@ class SharedMemoryExchange:
                     "or signal is in the output above / torchrun's report.")
             os.sched_yield()
 
+    def _check_peers(self) -> None:
+        """Raise if a late rank will never come: it gave up on the exchange (and said why: this rank stops
+        quietly), or its process ended without a word (this rank says so)."""
+        counters, r = self.counters, self.round
+        gave_up = [i for i in range(self.n) if counters[i] == self.GAVE_UP]
+        if gave_up:
+            raise RemoteRankError(f"rank {gave_up[0]} gave up on a shared-memory exchange; see its message.")
+        dead = [i for i, pid in enumerate(self.pids) if counters[i] < r and pid and not process_alive(pid)]
+        dead = [i for i in dead if counters[i] < r]  # read again: it may have written just before it exited
+        if dead:
+            self._give_up()
+            raise PeerLostError(
+                f"rank {self.rank} lost contact with the other ranks (the process of rank {dead[0]}, id "
+                f"{self.pids[dead[0]]}, ended during a shared-memory exchange). Its own message or signal is "
+                "in the output above / torchrun's report.")
+
+    def _give_up(self) -> None:
+        """Tell the other ranks, through this rank's counter, that it stopped waiting and reports why.
+        (The caller raises: an error held in a local here would keep the shared map exported.)"""
+        self.counters[self.rank] = self.GAVE_UP
+
     def close(self) -> None:
         self.slots = self.counters = None
         self._views.clear()
         self.map.close()
 
 
-def open_exchange(rank: int, world_size: int, backend: str, timeout_s: float,
+def open_exchange(rank: int, world_size: int, backend: str, timeout_s: float, pids: Sequence[Optional[int]] = (),
                   group: Optional[dist.ProcessGroup] = None) -> Optional[SharedMemoryExchange]:
     """Collective when more than one rank: a shared-memory exchange when every rank runs on this x86-64
     host with a core of its own and the backend is gloo, else None (gloo or NCCL carry everything).
+    `pids`: the other ranks' process ids, by rank, watched while waiting.
 
     Rank 0 creates the file in /dev/shm and removes its name as soon as every rank has mapped it, so
     nothing is left behind even if the job is killed. With more ranks than cores, waiting ranks would
@@ -125,7 +161,7 @@ def open_exchange(rank: int, world_size: int, backend: str, timeout_s: float,
         box = [path]
     dist.broadcast_object_list(box, src=0, group=group)
     try:
-        return SharedMemoryExchange(rank, world_size, box[0], timeout_s)
+        return SharedMemoryExchange(rank, world_size, box[0], timeout_s, pids)
     finally:
         dist.barrier(group=group)
         if rank == 0:

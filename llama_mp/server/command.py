@@ -7,15 +7,18 @@ its main thread. The other ranks load theirs and wait in `Engine.serve()` for th
 
 Ending. SIGTERM (which torchrun forwards to every rank): rank 0 stops taking requests, lets those in
 flight finish for up to --drain_s seconds, answers 503 to what is left, releases the other ranks and
-exits 0; they exit 0 too. They ignore SIGTERM themselves, since rank 0 still needs them to finish the
-work in flight; should rank 0 never release them, they end themselves after --drain_s plus a margin.
-A rank that dies: the step in progress fails (gloo sees the closed connection; a watcher sees a local
-rank's process end even where the shared-memory exchange would wait for --timeout_s), rank 0 answers 503
-to everything pending and exits non-zero (4), and the other ranks exit when they find rank 0 gone.
+exits 0; they exit 0 too. Under torchrun the drain is cut to fit torchrun's own grace before it SIGKILLs
+the ranks (`drain_within_launcher`). The other ranks ignore SIGTERM, since rank 0 still needs them to
+finish the work in flight; should rank 0 never release them, they end themselves after --drain_s plus a
+margin, or at once if rank 0's process (on this host) has ended. A rank that dies: the step in progress
+fails (gloo sees the closed connection, the shared-memory exchange sees the process gone), rank 0
+answers 503 to everything pending and exits non-zero (4), and the other ranks exit when they find rank
+0 gone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -25,8 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .. import distributed
 from ..checks import described, option_domain
-from ..distributed.failure import WAIT_FOR_PERSON_S
-from ..distributed.group import host_identity
+from ..distributed.failure import WAIT_FOR_PERSON_S, process_alive
 from ..errors import LlamaMPError, PeerLostError
 from ..runtime.batching import Batcher
 from ..runtime.llama import Llama, check_build_arguments, log
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
 RELEASE_MARGIN_S = 15.0   # beyond --drain_s, how long a rank other than 0 waits for rank 0 after SIGTERM
 SWITCH_INTERVAL_S = 0.001
 FLUSH_S = 2.0             # how long rank 0 lets the last answers go out before HTTP stops
+# What the ranks need after the drain, before torchrun's SIGKILL: the flush, HTTP's stop (up to 2 s for
+# open connections), releasing the other ranks and exiting (measured: well under 1 s on 2 CPU ranks).
+END_MARGIN_S = FLUSH_S + 3.0
 
 
 def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
@@ -88,7 +93,8 @@ def serve(
     --max_seq_len tokens (prompt and answer); --max_queue more may wait (then 503). --api_key KEY makes
     every /v1 route need 'Authorization: Bearer KEY' (a non-loopback --host without it prints a warning).
     --model_name is the name clients use (default: the checkpoint folder's name). --max_body_bytes bounds
-    a request body (413). SIGTERM stops taking requests and gives those in flight --drain_s seconds.
+    a request body (413). SIGTERM stops taking requests and gives those in flight --drain_s seconds (under
+    torchrun at most its --shutdown_timeout less 5 s, so that no rank is SIGKILLed mid-answer).
     --seed seeds requests that bring no seed. --backend, --device, --dtype, --decoder, --quantize,
     --group_size, --timeout_s and --load_timeout_s are text_completion's (see its --help).
     """
@@ -124,11 +130,26 @@ def serve(
             http.stop(1.0)
         raise
     batcher = Batcher(llama.engine)  # on every rank: registers the step op before rank 0 sends one
+    drain_s = drain_within_launcher(drain_s, llama.group.launcher_grace_s, rank == 0)
     if rank != 0:
-        _outlast_sigterm(drain_s + RELEASE_MARGIN_S)
+        _outlast_sigterm(drain_s + RELEASE_MARGIN_S, llama.group.local_peer_pids()[0])
         llama.engine.serve(idle_timeout_s=WAIT_FOR_PERSON_S)
         return
     _serve_on_rank_0(llama, batcher, state, http, name, max_seq_len, max_batch_size, max_queue, drain_s, seed)
+
+
+def drain_within_launcher(drain_s: float, grace_s: Optional[float], say: bool) -> float:
+    """--drain_s, cut so that the drain and the ending fit in torchrun's grace after SIGTERM (`grace_s`,
+    None outside torchrun): a rank torchrun SIGKILLs drops its connections mid-answer. `say`: print
+    the cut (rank 0)."""
+    if grace_s is None or drain_s <= grace_s - END_MARGIN_S:
+        return drain_s
+    capped = max(0.0, grace_s - END_MARGIN_S)
+    if say:
+        print(f"llama_mp server: --drain_s {drain_s:g} is cut to {capped:g} s: torchrun SIGKILLs the ranks "
+              f"{grace_s:g} s after it forwards SIGTERM and the ending needs {END_MARGIN_S:g} s; for a longer drain give "
+              f"torchrun --shutdown_timeout {math.ceil(drain_s + END_MARGIN_S)} (before the script).", file=sys.stderr, flush=True)
+    return capped
 
 
 def _server_side():
@@ -195,17 +216,26 @@ def _flush(state: ServerState) -> None:
         time.sleep(0.02)
 
 
-def _outlast_sigterm(release_s: float) -> None:
+def _outlast_sigterm(release_s: float, rank_0_pid: Optional[int]) -> None:
     """Ranks other than 0: keep serving after SIGTERM until rank 0 releases this rank, for at most
-    `release_s` seconds; then end with SIGTERM's usual status."""
-    def on_sigterm(signum, frame):
-        def end():
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+    `release_s` seconds, and no longer than rank 0's process runs, where it runs on this host
+    (`rank_0_pid`; torchrun's SIGTERM after rank 0 died would otherwise wait for its SIGKILL); then end
+    with SIGTERM's usual status."""
+    def end():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
-        timer = threading.Timer(release_s, end)
-        timer.daemon = True
-        timer.start()
+    def wait_then_end():
+        deadline = time.monotonic() + release_s
+        while time.monotonic() < deadline and (rank_0_pid is None or process_alive(rank_0_pid)):
+            time.sleep(0.05)
+        end()
+
+    def on_sigterm(signum, frame):
+        if rank_0_pid is not None and not process_alive(rank_0_pid):
+            end()
+            return
+        threading.Thread(target=wait_then_end, daemon=True, name="llama_mp-release").start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -219,8 +249,7 @@ class PeerWatch:
     PERIOD_S = 0.2
 
     def __init__(self, group, scheduler: Scheduler):
-        host = host_identity()
-        self.pids = [pid for r, (h, pid) in enumerate(group.peers) if r != group.rank and h == host]
+        self.pids = list(filter(None, group.local_peer_pids()))
         self.scheduler = scheduler
         self.lost: Optional[str] = None
         self._stop = threading.Event()
@@ -235,20 +264,10 @@ class PeerWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.PERIOD_S):
-            gone = [pid for pid in self.pids if not _alive(pid)]
+            gone = [pid for pid in self.pids if not process_alive(pid)]
             if gone:
                 self.lost = f"the rank with process id {gone[0]} ended"
                 self.scheduler.fail(f"another rank of the job died ({self.lost}).")
                 signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # its handler raises
                 return
 
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
