@@ -124,3 +124,29 @@ def test_perplexity_never_reports_nan(make_checkpoint, tokenizer_path, tmp_path,
     bad = tmp_path / "bad.json"
     bad.write_text('{"logprobs": [NaN, -1.0], "argmax": [1, 2]}')
     assert "NaN or infinite" in refused(perplexity_mod.Scores.load, str(bad))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_converting_tools_refuse_a_nan_or_infinity_naming_the_tensor(clean, tmp_path, data):
+    """reshard, convert (to Meta and to HF) never copy a non-finite weight through; nothing is written."""
+    from llama_mp.checkpoints.convert import convert
+    from llama_mp.checkpoints.reshard import reshard
+
+    key, _, index, value = data.draw(damages(clean[1]))
+    ckpt, _ = damaged_copy(clean, tmp_path, key, 0, index, value)
+    for name, write in (("reshard", lambda dst: reshard(ckpt, dst, 1, progress=False)),
+                        ("hf", lambda dst: convert(ckpt, dst, to="hf", progress=False))):
+        dst = tmp_path / f"out-{name}"
+        message = refused(write, str(dst))
+        assert message.startswith(f"{key} of {ckpt} is damaged") and "NaN or infinite" in message, message
+        assert not dst.exists()
+
+
+def test_a_weight_that_overflows_the_converted_dtype_is_refused_by_reshard(clean, tmp_path):
+    from llama_mp.checkpoints.reshard import reshard
+
+    ckpt, _ = damaged_copy(clean, tmp_path, "layers.0.attention.wo.weight", 0, 3, 1e6)
+    message = refused(reshard, ckpt, str(tmp_path / "half"), 2, dtype="float16", progress=False)
+    assert message.startswith("layers.0.attention.wo.weight of ") and "does not fit in float16" in message
+    reshard(ckpt, str(tmp_path / "same"), 2, progress=False)  # finite as stored: copied as it is

@@ -141,7 +141,7 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
     with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(source, torch_dtype)) as out:
         save_params(source.args, out)
         copy_tokenizer(out, tokenizer, source.tokenizer)
-        write_shards(out, source.keys(), mp, piece, torch_dtype, progress)
+        write_shards(out, source.keys(), mp, piece, src or "the source", torch_dtype, progress)
         write_checklist(out, progress)
 
 
@@ -154,7 +154,9 @@ def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optio
 
     def tensor(key: str) -> torch.Tensor:
         t = source.tensor(key)
-        return t.to(torch_dtype) if torch_dtype else t
+        written = t.to(torch_dtype) if torch_dtype else t
+        checkpoint.require_finite_copy(key, src or "the source", t, written)
+        return written
 
     with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(source, torch_dtype)) as out, \
             tqdm(total=len(keys), desc="writing safetensors", unit="tensor", file=sys.stderr,

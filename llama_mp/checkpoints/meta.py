@@ -78,6 +78,22 @@ def nonfinite_problem(t: torch.Tensor) -> Optional[str]:
     return f"holds {bad} NaN or infinite value(s) of {t.numel()}" if bad else None
 
 
+def require_finite_copy(key: str, where: str, piece: torch.Tensor, written: torch.Tensor) -> None:
+    """Refuse to write `piece` of `key` (read from `where`) as `written` (its converted copy) when either
+    holds a NaN or infinity: the converting tools would otherwise pass a damaged tensor on silently, and a
+    weight like that makes every answer garbage."""
+    problem = nonfinite_problem(piece)
+    if problem is not None:
+        raise LlamaMPError(f"{key} of {where} is damaged: it {problem}, so every answer of a copy would be "
+                           "garbage, and nothing was written. Download the source again or rebuild it "
+                           "(`llama-mp verify` lists every such tensor).")
+    problem = nonfinite_problem(written) if written.dtype != piece.dtype else None
+    if problem is not None:
+        raise LlamaMPError(f"{key} of {where} does not fit in {str(written.dtype).replace('torch.', '')}: "
+                           f"converted, it {problem} (float16 holds at most 65504), and nothing was written. "
+                           "Convert to bfloat16 or float32 (--dtype).")
+
+
 def load_shard(path: str) -> StateDict:
     """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet."""
     try:

@@ -180,7 +180,7 @@ def quantize_checkpoint(src: str, dst: str, mode: str, group_size: Optional[int]
     with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(quantized, mp, float_size)) as out:
         save_params(params.with_scheme(scheme), out)
         copy_tokenizer(out, None, os.path.join(src, "tokenizer.model"))
-        write_shards(out, keys, mp, piece, progress=progress)
+        write_shards(out, keys, mp, piece, None, progress=progress)  # read through require_finite
         opened["slices"] = None  # unmap the inputs before hashing the outputs
         checkpoint.write_checklist(out, progress)
     return quantized

@@ -33,9 +33,13 @@ def check_shard_count(args: ModelArgs, num_shards) -> None:
     layout.require_split(args, num_shards, f"--mp {num_shards!r}: this model", "shard")
 
 
-def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
+def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn, source: Optional[str],
                  dtype: Optional[torch.dtype] = None, progress: bool = True) -> None:
     """Save `consolidated.00.pth` ... one shard at a time, each tensor a compact copy of its piece.
+
+    Every piece read from `source` (a folder the tools convert) must be finite, before and after the
+    conversion (`require_finite_copy`); `source` None writes the given tensors as they are (quantize's,
+    checked as they were read, and synthetic checkpoints, damaged ones included, which the tests need).
 
     The copy matters: `torch.save` of a view would store the view's whole underlying storage (the full
     mmap-backed tensor), so every piece is cloned into its own contiguous storage first. Saving through
@@ -49,6 +53,8 @@ def write_shards(out_dir: str, keys: List[str], num_shards: int, piece: PieceFn,
             for key in keys:
                 t = piece(key, index)
                 shard[key] = t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+                if source is not None:
+                    checkpoint.require_finite_copy(key, source, t, shard[key])
                 bar.update()
             with open(os.path.join(out_dir, checkpoint.shard_name(index)), "wb") as f:
                 torch.save(shard, f)
@@ -78,7 +84,7 @@ def save_consolidated(ckpt_dir: str, args: ModelArgs, full_state: StateDict, num
     keys = [k for k in full_state if k not in layout.IGNORED_KEYS]
     write_shards(ckpt_dir, keys, num_shards,
                  lambda key, index: layout.split(key, full_state[key], args, num_shards, index),
-                 progress=progress)
+                 None, progress=progress)
     write_checklist(ckpt_dir, progress)
 
 
@@ -139,7 +145,7 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
     with staged_output_dir(dst, overwrite, src=src, needs_bytes=needs) as out:
         shutil.copyfile(os.path.join(src, "params.json"), os.path.join(out, "params.json"))
         copy_tokenizer(out, tokenizer, os.path.join(src, "tokenizer.model"))
-        write_shards(out, keys, mp, piece, torch_dtype, progress)
+        write_shards(out, keys, mp, piece, src, torch_dtype, progress)
         opened["shards"] = {}  # unmap the inputs before hashing the outputs
         write_checklist(out, progress)
     return args
