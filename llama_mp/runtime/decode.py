@@ -93,10 +93,6 @@ class Decoder:
         span = self.span(model, int(positions.max()))
         return model.step(tokens, positions.to(device)[:, None], span, rows)
 
-    def step_capacity(self, model: "Transformer") -> int:
-        """The most rows one `step_rows` call takes: here one per cache row, each in its own slot."""
-        return model.max_batch_size
-
     def prompt_rows_in_step(self, model: "Transformer", decoding: int) -> int:
         """How many prompt tokens a `step_rows` call that continues `decoding` slots may also carry, one
         row per token in the newcomer's slot (causal, since every row's keys are written before any row
