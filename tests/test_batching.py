@@ -17,9 +17,11 @@ SCHEDULE = {0: [(2, 2)], 1: [(1, 0)], 3: [(0, 1), (3, 3)], STEPS + 1: [(4, 2)]}
 
 def batched_and_alone(ckpt_dir, tokenizer_path, decoder, gather_every):
     """On every rank: each prompt alone through `generate`, then all of them through the Batcher on the
-    schedule above (every `gather_every`-th step gathers the logits on rank 0, which picks the argmax)."""
+    schedule above (every `gather_every`-th step gathers the logits on rank 0, which picks the argmax and
+    the chosen tokens' logprobs)."""
     import workers
     from llama_mp.runtime.batching import Admission, Batcher, Plan
+    from llama_mp.runtime.sampling import RowSampling
 
     llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=48, max_batch_size=4, decoder=decoder)
     prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
@@ -38,7 +40,7 @@ def batched_and_alone(ckpt_dir, tokenizer_path, decoder, gather_every):
             slot_of[i] = slot
             admit.append(Admission(slot, tuple(prompts[i])))
         plan = Plan(tuple(release), tuple(admit), gather=step % gather_every == gather_every - 1)
-        result = batcher.run(plan, lambda slots, logits: logits.argmax(dim=-1))
+        result = batcher.run(plan, lambda slots: [RowSampling(0.0, logprobs=0)] * len(slots)).on_host()
         owner = {slot: i for i, slot in slot_of.items()}
         for slot, token in zip(result.slots, result.tokens):
             produced[owner[slot]].append(token)

@@ -20,6 +20,7 @@ from llama_mp import distributed
 from llama_mp.runtime import sampling
 from llama_mp.runtime.batching import Admission, Batcher, Plan, StepResult
 from llama_mp.runtime.engine import Engine, Request
+from llama_mp.runtime.sampling import Choice, RowSampling
 from llama_mp.server.protocol import SequenceSpec
 from llama_mp.server.scheduler import Scheduler
 from scheduling import run_to_end
@@ -132,7 +133,7 @@ def test_the_engines_sampling_draws_on_the_models_device(draws):
     group = SimpleNamespace(device=META, is_main=True, rank=0, world_size=1)
     engine = Engine(LogitsModel(), group, stop_ids=[2], seed=4)
     assert engine.generator.device == META
-    step, _ = engine.next_token(torch.zeros(2, 1, 8, device=META), Request([[1, 5], [1, 6]], 4, temperature=0.8))
+    step = engine.next_token(torch.zeros(2, 1, 8, device=META), Request([[1, 5], [1, 6]], 4, temperature=0.8)).ids
     assert step.device == META
     assert drawn_on(draws, META), "the engine drew nothing with its generator"
 
@@ -146,12 +147,12 @@ class MetaBatcher:
     def __init__(self, stop_id):
         self.stop_id, self.rows, self.chosen = stop_id, [], []
 
-    def run(self, plan, choose) -> StepResult:
+    def run(self, plan, sampling_of) -> StepResult:
         slots = sorted({*self.rows, *(a.slot for a in plan.admit)} - set(plan.release))
         self.rows = slots
-        ids = choose(slots, torch.randn(len(slots), VOCAB, device=META))
+        ids = sampling.choose_from_logits(torch.randn(len(slots), VOCAB, device=META), sampling_of(slots)).ids
         self.chosen.append((ids.device, tuple(ids.shape)))
-        return StepResult(slots, [self.stop_id] * len(slots), None)
+        return StepResult(slots, Choice(torch.full((len(slots),), self.stop_id, device="cpu")))
 
     def pause(self):
         pass
@@ -166,7 +167,8 @@ def test_the_servers_sampled_and_greedy_requests_draw_on_the_models_device(draws
     specs = [SequenceSpec(prompt, 4, temperature, 1.0, seed, [], None) for temperature, seed in ((0.9, 7), (0, None))]
     seqs, _ = run_to_end(scheduler, specs, 30)
     assert [s.generator.device for s in seqs] == [META, META]
-    assert batcher.chosen == [(META, (2,))]
+    # two steps: the loop queues the second before it reads the first's tokens (stop tokens, which end both)
+    assert batcher.chosen == [(META, (2,))] * 2
     assert drawn_on(draws, META), "the sampled request drew nothing with its generator"
 
 
@@ -233,7 +235,7 @@ def test_continuous_batching_makes_every_tensor_on_the_models_device(built):
     def run_all():
         batcher = Batcher(llama.engine)
         try:
-            return [batcher.run(plan, lambda slots, logits: logits.argmax(dim=-1)) for plan in plans]
+            return [batcher.run(plan, lambda slots: [RowSampling(0.0)] * len(slots)).on_host() for plan in plans]
         finally:
             batcher.pause()
 

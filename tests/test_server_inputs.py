@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from llama_mp.runtime.batching import StepResult
+from llama_mp.runtime.sampling import choose_from_logits
 from llama_mp.runtime.scoring import TokenScores
 from llama_mp.runtime.tokenizer import Tokenizer, prompt_pieces, prompt_text
 from llama_mp.server.app import HttpServer, bind, make_app
@@ -40,7 +41,7 @@ class RandomModel:
     def _logits(self, context) -> torch.Tensor:
         return torch.randn(self.vocab, generator=torch.Generator().manual_seed(hash(tuple(context)) % 2 ** 61))
 
-    def run(self, plan, choose) -> StepResult:
+    def run(self, plan, sampling_of) -> StepResult:
         for slot in plan.release:
             self.contexts.pop(slot, None)
         scores = {}
@@ -64,11 +65,10 @@ class RandomModel:
             if forced and done < len(forced):
                 row[forced[done]] = 1e4
             logits.append(row)
-        logits = torch.stack(logits)
-        tokens = choose(slots, logits).tolist()
-        for slot, token in zip(slots, tokens):
+        choice = choose_from_logits(torch.stack(logits), sampling_of(slots))
+        for slot, token in zip(slots, choice.ids.tolist()):
             self.contexts[slot][1].append(token)
-        return StepResult(slots, tokens, logits, scores)
+        return StepResult(slots, choice, scores)
 
     def pause(self) -> None:
         pass

@@ -6,12 +6,17 @@ finished or cancelled request: nothing is computed for it any more), then runs o
 every other occupied slot, each at its own position (`Transformer.hidden_rows`), and prefills the prompt
 of each newcomer into its free slot from position 0 while the others keep their caches: inside the same
 call, one row per prompt token, where the decoder takes the extra rows (the C kernels: it saves a
-separate forward's fixed costs), else on its own (`Transformer.hidden_in_slot`). The last hidden state of every row then gives its next token in one exchange:
+separate forward's fixed costs), else on its own (`Transformer.hidden_in_slot`). The last hidden state of
+every row then gives its next token in one exchange (`sampling.choose_tokens`, as `Engine.generate`'s):
 greedy rows without logprobs need only the distributed argmax; if any row samples or wants logprobs,
 the logits are gathered on rank 0, which chooses every row's token (each request with its own settings
-and random generator, `choose`) and broadcasts them. Every rank so holds the same tokens and the same
+and random generator, `SamplingOf`) and broadcasts them. Every rank so holds the same tokens and the same
 slot table, and the plan only has to carry what rank 0 alone knows: admissions (with their prompt
 ids), releases and whether to gather.
+
+Nothing of a step is read on the host: each slot's last token stays on the device, where the next step
+takes it, and rank 0 reads a step's tokens (and logprobs) through a copy started as the step is queued
+(`StepResult.on_host`), which the server does after queueing the next step.
 
 Rank protocol: while the batch runs, the ranks are in a *session*, the engine's op `BATCH_OP` (sent by
 rank 0 through `Engine.call`, so ranks waiting in `Engine.serve()` join it and the usual failure rules
@@ -32,6 +37,8 @@ import torch
 from ..distributed.failure import waking_peers_on_loss
 from ..errors import LlamaMPError
 from .engine import Engine
+from .transfer import Readback, upload
+from .sampling import Choice, RowSampling, choose_tokens
 from .scoring import TokenScores, score_hidden
 
 BATCH_OP = "batch"
@@ -60,20 +67,49 @@ class Plan:
 
 
 @dataclass
-class StepResult:
-    """What a step produced: the slot of each row (decoding rows in slot order, then the newcomers in
-    admission order), each row's next token, and on rank 0 the float32 logits [rows, vocab] if gathered
-    and the scores of the prompts admitted with `score_top` (by slot; prompt tokens 1.. given the ones
-    before them)."""
+class HostStep:
+    """A step's result as rank 0 reads it on the host: per row its slot and token, and where asked for (see
+    `RowSampling.logprobs`) the token's logprob and the likeliest alternatives (the most any row asked
+    for; a row takes the first it asked for); the prompt scores by slot, on the host."""
 
     slots: List[int]
     tokens: List[int]
-    logits: Optional[torch.Tensor]
+    logprobs: Optional[List[float]]
+    top_logprobs: Optional[List[List[float]]]
+    top_ids: Optional[List[List[int]]]
+    prompt_scores: Dict[int, TokenScores]
+
+
+@dataclass
+class StepResult:
+    """What a step produced: the slot of each row (decoding rows in slot order, then the newcomers in
+    admission order), the choice of each row's next token (ids on the device; on rank 0 the logprobs
+    asked for), and on rank 0 the scores of the prompts admitted with `score_top` (by slot; prompt tokens
+    1.. given the ones before them). `on_host` reads them there."""
+
+    slots: List[int]
+    choice: Choice
     prompt_scores: Dict[int, TokenScores] = field(default_factory=dict)
+    copy: Optional[Readback] = field(default=None, repr=False)
+
+    def copy_to_host(self) -> "StepResult":
+        """Start the copy of what rank 0 reads, without waiting: called as the step is queued."""
+        if self.copy is None:
+            c = self.choice
+            self.copy = Readback([c.ids, c.logprobs, c.top_logprobs, c.top_ids] +
+                                 [t for s in self.prompt_scores.values() for t in (s.logprobs, s.top_logprobs, s.top_ids)])
+        return self
+
+    def on_host(self) -> HostStep:
+        """The result on the host; waits for its copy only (best after the next step is queued)."""
+        ids, logprobs, top_logprobs, top_ids, *scores = self.copy_to_host().copy.get()
+        listed = [None if t is None else t.tolist() for t in (logprobs, top_logprobs, top_ids)]
+        prompt_scores = {slot: TokenScores(*scores[3 * i:3 * i + 3]) for i, slot in enumerate(self.prompt_scores)}
+        return HostStep(self.slots, ids.tolist(), *listed, prompt_scores)
 
 
-# Rank 0's choice of each row's token from the gathered logits: (slots, logits [rows, vocab]) -> ids [rows].
-Chooser = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+# Rank 0's sampling settings of the rows of a step, from their slots: slots -> one RowSampling per row.
+SamplingOf = Callable[[Sequence[int]], Sequence[RowSampling]]
 
 
 class Batcher:
@@ -85,7 +121,8 @@ class Batcher:
         self.engine, self.model, self.device = engine, engine.model, engine.group.device
         self.slots = self.model.max_batch_size
         self.position = [0] * self.slots    # the next position of each occupied slot (tokens in its cache)
-        self.last = [0] * self.slots        # the token to feed at that position
+        # the token to feed at that position, where the step that chose it left it: on the device
+        self.last = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.occupied: List[bool] = [False] * self.slots
         self.in_session = False  # rank 0: whether the other ranks follow its plans (see `run`)
         engine.ops[BATCH_OP] = self._session
@@ -94,8 +131,8 @@ class Batcher:
         return [s for s in range(self.slots) if not self.occupied[s]]
 
     @torch.inference_mode()
-    def step(self, plan: Plan, choose: Optional[Chooser] = None) -> StepResult:
-        """Every rank: run `plan` (see the module's docstring). `choose` is rank 0's, needed with gather."""
+    def step(self, plan: Plan, sampling_of: Optional[SamplingOf] = None) -> StepResult:
+        """Every rank: run `plan` (see the module's docstring). `sampling_of` is rank 0's, needed with gather."""
         model, device = self.model, self.device
         for slot in plan.release:
             self.occupied[slot] = False
@@ -110,7 +147,7 @@ class Batcher:
         # Rows of the decode step: each decoding slot's last token at its position, then the prompts that
         # fit the step (one row per token, from position 0 in the newcomer's slot: causal, since every
         # row's keys are in the cache before any row attends). Longer prompts are prefilled on their own.
-        row_ids = [self.last[s] for s in decoding]
+        prompt_ids: List[int] = []  # the rows after the decoding ones (whose last tokens are on the device)
         slots, positions = list(decoding), [self.position[s] for s in decoding]
         picked = list(range(len(decoding)))  # the rows whose next token is wanted
         room = model.decoder.prompt_rows_in_step(model, len(decoding))
@@ -121,21 +158,22 @@ class Batcher:
             room -= len(a.prompt) if fits else 0
         first_rows = {}  # slot -> the row of its prompt's first token, for admissions prefilled inside
         for a in inside:
-            first_rows[a.slot] = len(row_ids)
-            row_ids += a.prompt
+            first_rows[a.slot] = len(slots)
+            prompt_ids += a.prompt
             slots += [a.slot] * len(a.prompt)
             positions += range(len(a.prompt))
-            picked.append(len(row_ids) - 1)
+            picked.append(len(slots) - 1)
 
         def as_tensor(values) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+            return upload(values, device)
 
         hidden = []
         scored = []  # (admission, the hidden states of its prompt [n, dim])
-        if row_ids:
+        if slots:
             host = torch.tensor([slots, positions], dtype=torch.long, device="cpu")  # the decoders read these there
-            h = model.hidden_rows(as_tensor(row_ids)[:, None], host[0], host[1])
-            hidden.append(h if len(picked) == len(row_ids) else h[as_tensor(picked)])
+            tokens = torch.cat((self.last[as_tensor(decoding)], as_tensor(prompt_ids)))
+            h = model.hidden_rows(tokens[:, None], host[0], host[1])
+            hidden.append(h if len(picked) == len(slots) else h[as_tensor(picked)])
             scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
                        for a in inside if a.score_top >= 0]
         for a in apart:
@@ -149,37 +187,28 @@ class Batcher:
             self.occupied[a.slot], self.position[a.slot] = True, len(a.prompt)
         rows = decoding + [a.slot for a in inside] + [a.slot for a in apart]
         if not rows:
-            return StepResult([], [], None)
+            return StepResult([], Choice(torch.empty(0, dtype=torch.long, device=device)))
         h = torch.cat(hidden) if len(hidden) > 1 else hidden[0]  # [rows, 1, dim]
-        logits = None
-        if plan.gather:
-            logits = model.logits(h)  # rank 0 only
-            chosen = torch.empty(len(rows), dtype=torch.long, device=device)
-            if logits is not None:
-                logits = logits[:, -1]
-                chosen.copy_(choose(rows, logits))
-            ids = model.comm.broadcast_from_main_(chosen)
-        else:
-            ids = model.greedy_next(h)
-        tokens_out = ids.tolist()
-        for s, t in zip(rows, tokens_out):
-            self.last[s] = t
+        settings = sampling_of(rows) if plan.gather and sampling_of is not None else None
+        choice = choose_tokens(model, h, settings, plan.gather)
+        self.last.index_copy_(0, as_tensor(rows), choice.ids)
         prompt_scores = {}
         for a, h_prompt in scored:
             scores = score_hidden(model, h_prompt[:-1], as_tensor(a.prompt[1:]), a.score_top)
             if scores is not None:
                 prompt_scores[a.slot] = scores
-        return StepResult(rows, tokens_out, logits, prompt_scores)
+        return StepResult(rows, choice, prompt_scores)
 
     @torch.inference_mode()  # like the step: the exchange's buffers are made in it, and used only in it
-    def run(self, plan: Plan, choose: Chooser) -> StepResult:
-        """Rank 0: send `plan` to the other ranks (starting a session if need be) and run it here too."""
+    def run(self, plan: Plan, sampling_of: SamplingOf) -> StepResult:
+        """Rank 0: send `plan` to the other ranks (starting a session if need be) and run it here too; the
+        result's copy to the host is started (read it with `on_host`, best once the next step is queued)."""
         if not self.in_session:
             self.engine.call(BATCH_OP, lambda: None)
             self.in_session = True
         with waking_peers_on_loss(self.engine.group):
             self._send(plan)
-            return self.step(plan, choose)
+            return self.step(plan, sampling_of).copy_to_host()
 
     @torch.inference_mode()
     def pause(self) -> None:
@@ -210,9 +239,9 @@ class Batcher:
             header[:HEADER] = torch.tensor([STEP, int(plan.gather), len(body)], device="cpu")
             header[[HEADER + s for s in plan.release]] = 1
         comm = self.model.comm
-        comm.broadcast_from_main_(header.to(self.device))
+        comm.broadcast_from_main_(upload(header, self.device))
         if body:
-            comm.broadcast_from_main_(torch.tensor(body, dtype=torch.long, device=self.device))
+            comm.broadcast_from_main_(upload(body, self.device))
 
     def _receive(self) -> Optional[Plan]:
         comm = self.model.comm

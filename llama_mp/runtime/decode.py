@@ -21,6 +21,7 @@ from ..errors import LlamaMPError
 from ..quant.scheme import Scheme
 from .model import CacheRows
 from .projection import InOutProjection, Projection, QuantizedProjection
+from .transfer import upload
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -89,9 +90,9 @@ class Decoder:
         device, slots_host = tokens.device, slots.cpu()
         first, last = int(slots_host.min()), int(slots_host.max())
         in_order = bool((slots_host == torch.arange(first, first + len(slots_host), device="cpu")).all())
-        rows = CacheRows(first, last + 1 - first, None if in_order else (slots_host - first).to(device))
+        rows = CacheRows(first, last + 1 - first, None if in_order else upload(slots_host - first, device))
         span = self.span(model, int(positions.max()))
-        return model.step(tokens, positions.to(device)[:, None], span, rows)
+        return model.step(tokens, upload(positions, device)[:, None], span, rows)
 
     def prompt_rows_in_step(self, model: "Transformer", decoding: int) -> int:
         """How many prompt tokens a `step_rows` call that continues `decoding` slots may also carry, one
@@ -125,7 +126,7 @@ class StaticDecoder(Decoder):
     def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
         span = self.span(model, int(positions.max()))  # on the host, where the callers keep positions
-        return self.padded_step(model, tokens, slots.to(tokens.device), positions.to(tokens.device), span)
+        return self.padded_step(model, tokens, upload(slots, tokens.device), upload(positions, tokens.device), span)
 
     def padded_step(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                     span: int) -> torch.Tensor:

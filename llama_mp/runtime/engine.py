@@ -6,11 +6,12 @@ once, by rank 0. Code where every rank calls the same method (Meta's API: `Llama
 rank; there the refusal stops every rank) and code where only rank 0 takes requests while the others
 wait in `serve()` (a server; there they wait for the next one) use the same messages.
 
-Generation. `generate` prefills the prompts, then decodes one position per step; `next_token` is the
-one place a step's token is chosen, on every rank: greedy decoding finds the argmax across the ranks'
-vocabulary slices (no logits move), sampling gathers the logits on rank 0, samples there and
-broadcasts the ids. The stop check is the one host sync, every `Decoder.steps_per_stop_check` steps
-(every step when tokens are streamed to `on_token`, which sees each step anyway).
+Generation. `generate` prefills the prompts, then decodes one position per step; a step's tokens are
+chosen by `sampling.choose_tokens` (`next_token`), the server's batch's own choice too: greedy decoding
+finds the argmax across the ranks' vocabulary slices (no logits move), sampling gathers the logits on
+rank 0, samples there and broadcasts the ids. Nothing of a step is read on the host but the stop check,
+every `Decoder.steps_per_stop_check` steps; tokens streamed to `on_token` are copied to the host as
+each step is queued and handed over one step late, after the next step is queued (runtime/transfer.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..distributed import Group, broadcast_from_main
 from ..distributed.failure import patience, waking_peers_on_loss
 from ..errors import LlamaMPError, RemoteRankError, report
 from .model import Transformer
-from .sampling import check_sampling, make_generator, sample
+from .transfer import Readback, upload
+from .sampling import Choice, Forced, RowSampling, check_sampling, choose_tokens, make_generator
 from .scoring import score_hidden
 
 STOP, REFUSED = "stop", "refused"  # the protocol's own ops
@@ -183,10 +185,10 @@ class Engine:
         """Teacher forcing over one sequence: the log-probability of each token given the ones before it
         and the most likely token at each of those positions, two [len - 1] tensors on the host (float32,
         int64) on rank 0; None on the other ranks. The KV cache is overwritten from position 0."""
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.group.device)
+        ids = upload(tokens, self.group.device)
         h = self.model.hidden(ids[None], 0, all_positions=True)[0]  # [len, dim]
         scores = score_hidden(self.model, h[:-1], ids[1:], top=1)
-        return None if scores is None else (scores.logprobs, scores.top_ids[:, 0])
+        return None if scores is None else (scores.logprobs.cpu(), scores.top_ids[:, 0].cpu())
 
     @torch.inference_mode()
     def generate(self, request: Request, on_token: Optional[Callable[[torch.Tensor], None]] = None
@@ -195,7 +197,8 @@ class Engine:
 
         Returns the ids per prompt (the prompt in front if `echo`, the stop token excluded) and, with
         `logprobs`, each returned token's log-probability (rank 0; zeros elsewhere). `on_token`, on rank 0,
-        receives each step's new tokens ([batch] tensor on the host)."""
+        receives each step's new tokens ([batch] tensor on the host), up to the step where every row has
+        stopped; each one once the next step is queued (the last after the loop)."""
         model, device, main = self.model, self.group.device, self.group.is_main
         prompts, logprobs = request.prompt_tokens, request.logprobs
         bsz = len(prompts)
@@ -206,13 +209,14 @@ class Engine:
         tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)     # prompts, then output
         in_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)  # which are prompt ids
         for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+            tokens[i, :len(p)] = upload(p, device)
             in_prompt[i, :len(p)] = True
-        stop_ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        stop_ids = upload(self.stop_ids, device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float32, device=device) if logprobs else None
 
-        check_every = 1 if on_token is not None else model.decoder.steps_per_stop_check
+        check_every = model.decoder.steps_per_stop_check
+        stream = _Stream(on_token, lengths, self.stop_ids) if on_token is not None and main else None
         prev = 0
         for cur in range(min_len, total_len):
             # First call: the shortest prompt in one forward. Then one position per call; where a
@@ -220,44 +224,37 @@ class Engine:
             want_all = logprobs and request.echo and prev == 0
             h = model.hidden(tokens[:, prev:cur], prev, all_positions=want_all)
             forced = (in_prompt[:, cur], tokens[:, cur]) if cur < max_len else None
-            step, logits = self.next_token(h, request, forced)
-            if logits is not None and logprobs:
-                self._record_logprobs(token_logprobs, logits, tokens, step, cur, want_all)
-            tokens[:, cur] = step
-            done |= ~in_prompt[:, cur] & torch.isin(step, stop_ids)
+            choice = self.next_token(h, request, forced)
+            if logprobs:
+                self._record_logprobs(token_logprobs, choice, tokens, cur, want_all)
+            tokens[:, cur] = choice.ids
+            done |= ~in_prompt[:, cur] & torch.isin(choice.ids, stop_ids)
             prev = cur
-            if on_token is not None and main:
-                on_token(step.cpu())
-            if (cur + 1 - min_len) % check_every == 0 and done.all():  # the one host sync
+            if stream is not None:
+                stream.push(choice.ids, cur)
+            if (cur + 1 - min_len) % check_every == 0 and done.all():  # the one host read of a step
                 break
+        if stream is not None:
+            stream.finish()
         return self._results(tokens, token_logprobs, lengths, request, total_len)
 
-    def next_token(self, h: torch.Tensor, request: Request,
-                   forced: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The next token [batch] on every rank from final hidden states h [batch, seq, dim], and rank 0's
-        float32 logits when they were gathered (None otherwise). `forced` = (mask, ids): rows where the
-        mask is set take those ids (prompt tokens still being fed) instead of the chosen ones.
-
-        Greedy without logprobs: every rank finds the argmax itself (one tiny exchange), so neither the
-        logits gather nor the token broadcast is needed. Otherwise rank 0 samples and broadcasts."""
-        if request.greedy and not request.logprobs:
-            step = self.model.greedy_next(h)
-            return (step if forced is None else torch.where(forced[0], forced[1], step)), None
-        logits = self.model.logits(h)  # rank 0 only
-        chosen = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
-        if logits is not None:
-            step = sample(logits[:, -1], request.temperature, request.top_p, request.top_k, self.generator)
-            chosen.copy_(step if forced is None else torch.where(forced[0], forced[1], step))
-        return self.model.comm.broadcast_from_main_(chosen), logits
+    def next_token(self, h: torch.Tensor, request: Request, forced: Optional[Forced] = None) -> Choice:
+        """The next token [batch] on every rank from final hidden states h [batch, seq, dim], every row by
+        `request`'s settings, with rank 0's gathered logits and the chosen tokens' logprobs when asked for.
+        `forced` = (mask, ids): rows where the mask is set take those ids (prompt tokens still being fed)."""
+        row = RowSampling(request.temperature, request.top_p, request.top_k, self.generator,
+                          0 if request.logprobs else -1)
+        return choose_tokens(self.model, h, [row] * h.shape[0], row.needs_logits, forced)
 
     @staticmethod
-    def _record_logprobs(token_logprobs, logits, tokens, step, cur: int, all_positions: bool) -> None:
+    def _record_logprobs(token_logprobs, choice: Choice, tokens, cur: int, all_positions: bool) -> None:
         """Log-probabilities of the tokens at `cur` (and, on an echo prefill, of the prompt before it)."""
+        if choice.logits is None:  # not rank 0
+            return
         if all_positions and cur > 1:
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
+            lp = torch.log_softmax(choice.logits[:, :-1], dim=-1)
             token_logprobs[:, 1:cur] = lp.gather(-1, tokens[:, 1:cur, None])[..., 0]
-        token_logprobs[:, cur] = torch.log_softmax(logits[:, -1], dim=-1).gather(-1, step[:, None])[:, 0]
+        token_logprobs[:, cur] = choice.logprobs
 
     def _results(self, tokens, token_logprobs, lengths, request: Request, total_len: int):
         out_tokens, out_logprobs = [], []
@@ -272,3 +269,33 @@ class Engine:
             if request.logprobs:
                 out_logprobs.append(lp_rows[i][start:stop])
         return out_tokens, (out_logprobs if request.logprobs else None)
+
+
+class _Stream:
+    """Rank 0's `on_token` calls of one generation, each step's tokens handed over one step late (after
+    the next step is queued), and none after the step where every row has stopped: the loop itself
+    checks that only every few steps, but what `on_token` sees is what a check every step would give."""
+
+    def __init__(self, on_token: Callable[[torch.Tensor], None], lengths: List[int], stop_ids: Sequence[int]):
+        self.on_token, self.lengths, self.stop_ids = on_token, lengths, set(stop_ids)
+        self.stopped = [False] * len(lengths)
+        self.pending: Optional[Tuple[Readback, int]] = None
+
+    def push(self, ids: torch.Tensor, cur: int) -> None:
+        """The tokens [batch] of position `cur`, just queued: hand over the previous step's."""
+        previous, self.pending = self.pending, (Readback([ids]), cur)
+        if previous is not None:
+            self._hand_over(*previous)
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            self._hand_over(*self.pending)
+            self.pending = None
+
+    def _hand_over(self, copy: Readback, cur: int) -> None:
+        if all(self.stopped):
+            return
+        ids = copy.get()[0]
+        for i, token in enumerate(ids.tolist()):
+            self.stopped[i] |= cur >= self.lengths[i] and token in self.stop_ids
+        self.on_token(ids)

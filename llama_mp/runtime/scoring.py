@@ -29,24 +29,23 @@ class TokenScores:
 @torch.inference_mode()
 def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1) -> Optional[TokenScores]:
     """Every rank (it gathers logits): `h` [n, dim], final normed hidden states of n positions; `targets`
-    [n], the id that follows each. Rank 0 gets TokenScores on the host; the other ranks None."""
+    [n] on h's device, the id that follows each. Rank 0 gets TokenScores on h's device (nothing is read on the host: the
+    server's batch step scores prompts, and the callers copy them when they need them); the others None."""
     n, vocab = h.shape[0], model.args.vocab_size
     chunk = max(1, CHUNK_ELEMENTS // vocab)
-    targets = targets.to(h.device)
     logprobs, top_logprobs, top_ids = [], [], []
     for start in range(0, n, chunk):
         logits = model.logits(h[start:start + chunk, None])  # [c, 1, vocab] float32 on rank 0
         if logits is None:
             continue
         lp = torch.log_softmax(logits[:, 0], dim=-1)                                # [c, vocab]
-        logprobs.append(lp.gather(-1, targets[start:start + chunk, None])[:, 0].cpu())
+        logprobs.append(lp.gather(-1, targets[start:start + chunk, None])[:, 0])
         values, ids = torch.topk(lp, top, dim=-1)                                    # [c, top]
-        top_logprobs.append(values.cpu())
-        top_ids.append(ids.cpu())
+        top_logprobs.append(values)
+        top_ids.append(ids)
     if model.comm.rank != 0:
         return None
     if not logprobs:  # no positions
-        host = torch.device("cpu")  # scores go to the host, like the ones above
-        return TokenScores(torch.empty(0, device=host), torch.empty(0, top, device=host),
-                           torch.empty(0, top, dtype=torch.long, device=host))
+        return TokenScores(torch.empty(0, device=h.device), torch.empty(0, top, device=h.device),
+                           torch.empty(0, top, dtype=torch.long, device=h.device))
     return TokenScores(torch.cat(logprobs), torch.cat(top_logprobs), torch.cat(top_ids))

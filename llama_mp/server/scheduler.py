@@ -7,6 +7,11 @@ or whose client went away, admit waiting sequences into free slots, and run one 
 every rank (runtime/batching.py). Each step's token of each row goes back to its request as an `Event`
 through the request's own sink, which never blocks: a slow or vanished client cannot stall the batch.
 
+The loop reads a step's tokens one step late: it queues step t+1 before it reads step t's tokens (on a
+GPU the device so never waits for the host between steps). A sequence's length is known without its
+tokens, so one that has all its tokens leaves the batch on time; one that a stop token or stop string
+ends is known to have ended a step late, so it keeps its slot for one more step, whose token is dropped.
+
 Text and stops are handled here, per sequence: tokens become text through `TextStream` (a character
 split over several tokens is held back until complete), and text that might be the start of a `stop`
 string is held back until it is known not to be one, so a stop string is never streamed.
@@ -25,8 +30,8 @@ import torch
 
 from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
-from ..runtime.batching import Admission, Batcher, Plan, StepResult
-from ..runtime.sampling import make_generator, sample
+from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
+from ..runtime.sampling import RowSampling, make_generator
 from ..runtime.scoring import TokenScores
 from ..runtime.tokenizer import TextStream, Tokenizer, prompt_pieces
 from .protocol import ApiError, SequenceSpec, TokenLogprob
@@ -156,6 +161,7 @@ class Generation:
     generator: Optional[torch.Generator] = None
     text: Optional[StopText] = None
     slot: Optional[int] = None
+    launched: int = 0                # the steps queued for it (each gives one token)
     generated: int = 0
     previous: int = -1               # the last token of the sequence so far (the prompt's, at first)
     done: bool = False
@@ -163,8 +169,16 @@ class Generation:
     submitted: float = field(default_factory=time.monotonic)
 
     @property
-    def needs_logits(self) -> bool:
-        return self.spec.temperature != 0 or self.spec.logprobs is not None
+    def sampling(self) -> RowSampling:
+        """How its tokens are chosen (the server has no top_k)."""
+        spec = self.spec
+        return RowSampling(spec.temperature, spec.top_p, 0, self.generator,
+                           -1 if spec.logprobs is None else spec.logprobs)
+
+    @property
+    def all_queued(self) -> bool:
+        """Whether the steps queued for it give every token it may have (its last may not be read yet)."""
+        return self.launched >= max(self.spec.max_tokens, 1)  # 0: the prompt's first token ends it
 
 
 class Scheduler:
@@ -179,6 +193,8 @@ class Scheduler:
         self.waiting: Deque[Generation] = collections.deque()
         self.by_slot: Dict[int, Generation] = {}
         self.releases: List[int] = []
+        # the step queued last, whose tokens are not read yet, and the sequence in each of its slots then
+        self.in_flight: Optional[Tuple[StepResult, Dict[int, Generation]]] = None
         self.seeds = torch.Generator(device="cpu").manual_seed(seed)  # seeds for requests that bring none
         self.draining_until: Optional[float] = None       # set by `drain` (a signal handler: no lock taken)
         self.failure: Optional[str] = None                # set by `fail`: why every request now gets 503
@@ -233,7 +249,7 @@ class Scheduler:
         """Every sequence, queued or running, and every later request is answered 503 with `reason`."""
         self.failure = self.failure or reason
         with self.lock:
-            pending = list(self.waiting) + list(self.by_slot.values())
+            pending = list(self.waiting) + self._started()
             self.waiting.clear()
             self.lock.notify()
         outbox: List[Tuple[Sink, Event]] = []
@@ -253,17 +269,21 @@ class Scheduler:
         """Step the batch until draining is over (returns) or a step fails (every pending request gets
         503, then the error is raised). Raises RuntimeError if `fail` was called (a lost rank)."""
         while True:
-            plan = self._next_plan()
+            plan = self._next_plan(wait=self.in_flight is None)
             if self.failure is not None:
                 raise RuntimeError(self.failure)
-            if plan is None:
-                return
-            if not plan.admit and not self.by_slot:
+            if plan is None or (not plan.admit and not self.by_slot):
+                if self.in_flight is not None:  # nothing to queue behind it: read it now, then plan again
+                    self._deliver(*self.in_flight)
+                    self.in_flight = None
+                    continue
+                if plan is None:
+                    return
                 continue  # idle; releases wait for the next real step
             started = time.perf_counter()
             self.stepping = True
             try:
-                result = self.batcher.run(plan, self._choose)
+                result = self.batcher.run(plan, self._sampling_of)
             except BaseException as e:
                 if isinstance(e, PeerLostError) or peer_lost(e) is not None:
                     self.fail("rank 0 lost contact with another rank of the job (it died or stopped answering); "
@@ -278,20 +298,23 @@ class Scheduler:
                 self.stepping = False
             self.steps, self.rows = self.steps + 1, self.rows + len(result.slots)
             self.step_s += time.perf_counter() - started
-            outbox: List[Tuple[Sink, Event]] = []
-            self._deliver(result, outbox)
-            send(outbox)
+            owners = dict(self.by_slot)
+            for seq in owners.values():
+                seq.launched += 1
+            previous, self.in_flight = self.in_flight, (result, owners)
+            if previous is not None:  # the step before, read while this one runs
+                self._deliver(*previous)
 
-    def _next_plan(self) -> Optional[Plan]:
-        """The next step's plan; None once draining is over (nothing left, or its time is up). Waits a
-        little when there is nothing to do."""
+    def _next_plan(self, wait: bool) -> Optional[Plan]:
+        """The next step's plan; None once draining is over (nothing left, or its time is up). With `wait`,
+        waits a little when there is nothing to do."""
         with self.lock:
             if self.failure is not None:
                 return Plan()
             draining = self.draining_until is not None
             if draining and time.monotonic() > self.draining_until:
                 outbox: List[Tuple[Sink, Event]] = []
-                for seq in list(self.waiting) + list(self.by_slot.values()):
+                for seq in list(self.waiting) + self._started():
                     self._end_with_error(seq, ApiError(503, "The server shut down before this request finished.",
                                                        "server_error"), outbox)
                 send(outbox)
@@ -299,9 +322,10 @@ class Scheduler:
                 self.by_slot.clear()
                 return None
             for slot, seq in list(self.by_slot.items()):
-                if seq.done or seq.cancelled:
-                    self._cancelled(seq)
-                    del self.by_slot[slot]
+                if seq.done or seq.cancelled or seq.all_queued:
+                    if seq.done or seq.cancelled:
+                        self._cancelled(seq)
+                    del self.by_slot[slot]  # the last token of one all_queued is read from the step in flight
                     self.releases.append(slot)
             free = [s for s in range(self.batcher.slots) if s not in self.by_slot]
             admit = []
@@ -317,41 +341,45 @@ class Scheduler:
             if not self.by_slot:
                 if draining:
                     return None
-                if not self.waiting:
+                if not self.waiting and wait:
                     self.batcher.pause()  # the other ranks wait without using a core
                     self.lock.wait(IDLE_WAIT_S)
                 return Plan()
             release, self.releases = tuple(self.releases), []
-            gather = any(seq.needs_logits for seq in self.by_slot.values())
+            gather = any(seq.sampling.needs_logits for seq in self.by_slot.values())
             return Plan(release, tuple(admit), gather)
 
-    def _choose(self, slots: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's token from the gathered logits [rows, vocab], with its own request's settings."""
-        out = torch.empty(len(slots), dtype=torch.long, device=logits.device)
-        for i, slot in enumerate(slots):
-            spec = self.by_slot[slot].spec
-            if spec.temperature == 0:
-                out[i] = logits[i].argmax()
-            else:
-                out[i] = sample(logits[i:i + 1], spec.temperature, spec.top_p, 0, self.by_slot[slot].generator)[0]
-        return out
+    def _started(self) -> List[Generation]:
+        """The sequences in a slot, and those whose last token is still in flight (`fail` runs on another
+        thread: the step in flight is looked at once)."""
+        in_flight = self.in_flight
+        return list(self.by_slot.values()) + (list(in_flight[1].values()) if in_flight is not None else [])
 
-    def _deliver(self, result: StepResult, outbox: List[Tuple[Sink, Event]]) -> None:
-        for row, (slot, token) in enumerate(zip(result.slots, result.tokens)):
-            seq = self.by_slot.get(slot)
-            if seq is None or seq.done or seq.cancelled:
+    def _sampling_of(self, slots: Sequence[int]) -> List[RowSampling]:
+        """Each row's settings, from its own request."""
+        return [self.by_slot[slot].sampling for slot in slots]
+
+    def _deliver(self, result: StepResult, owners: Dict[int, Generation]) -> None:
+        """Hand a step's tokens to the sequences that were in its slots (`owners`) as events."""
+        host = result.on_host()
+        outbox: List[Tuple[Sink, Event]] = []
+        for row, (slot, token) in enumerate(zip(host.slots, host.tokens)):
+            seq = owners.get(slot)
+            if seq is not None and seq.cancelled:
+                self._cancelled(seq)  # no-op unless it left its slot before its client went away
+            if seq is None or seq.done:
                 continue
-            logits = result.logits[row] if seq.spec.logprobs is not None and result.logits is not None else None
-            event = self._take(seq, token, logits)
+            event = self._take(seq, token, host, row)
             if event is not None:
-                event.prompt_scores = result.prompt_scores.get(slot)
+                event.prompt_scores = host.prompt_scores.get(slot)
                 outbox.append((seq.sink, event))
-            elif slot in result.prompt_scores:
-                outbox.append((seq.sink, Event(seq.index, prompt_scores=result.prompt_scores[slot])))
+            elif slot in host.prompt_scores:
+                outbox.append((seq.sink, Event(seq.index, prompt_scores=host.prompt_scores[slot])))
+        send(outbox)
 
-    def _take(self, seq: Generation, token: int, logits: Optional[torch.Tensor]) -> Optional[Event]:
-        """Add `token` to `seq` (`logits`: its row's, when the request wants logprobs): the event to send
-        (None when there is nothing to say yet)."""
+    def _take(self, seq: Generation, token: int, host: HostStep, row: int) -> Optional[Event]:
+        """Add `token` (of `row` of the step `host`, which has its logprobs when the request wants them)
+        to `seq`: the event to send (None when there is nothing to say yet)."""
         spec = seq.spec
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
             return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
@@ -359,12 +387,10 @@ class Scheduler:
             return self._finish(seq, seq.text.flush(), "stop")
         seq.generated += 1
         entry_of = None
-        if logits is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            values, ids = torch.topk(lp, spec.logprobs)
-            previous = seq.previous
-            entry_of = lambda added: self._entry(previous, token, added, float(lp[token]), values.tolist(),  # noqa: E731
-                                                 ids.tolist())
+        if spec.logprobs is not None:
+            n, previous, logprob = spec.logprobs, seq.previous, host.logprobs[row]
+            values, ids = (host.top_logprobs[row][:n], host.top_ids[row][:n]) if n else ([], [])
+            entry_of = lambda added: self._entry(previous, token, added, logprob, values, ids)  # noqa: E731
         piece = seq.text.push(token, entry_of)
         seq.previous = token
         if piece.stopped:
