@@ -265,3 +265,12 @@ def test_the_servers_batch_loop_reads_each_step_one_step_late_and_nothing_else(b
     assert len(late) == scheduler.steps >= 7
     # each step's tokens read while the next one is queued; only the last with nothing behind it
     assert all(read_at == made + 1 for _, made, read_at in late[:-1]) and late[-1][1] == late[-1][2]
+
+
+def test_a_gpu_decoder_checks_for_stops_every_few_steps_and_a_cpu_decoder_every_step():
+    from llama_mp.runtime.decode import GPU_STOP_CHECK_STEPS, choose_decoder
+
+    for name in ("auto", "pytorch", "static"):
+        assert choose_decoder(name, torch.device("cuda"), torch.bfloat16).steps_per_stop_check == GPU_STOP_CHECK_STEPS
+        assert choose_decoder(name, torch.device("cpu"), torch.float32).steps_per_stop_check == 1
+    assert GPU_STOP_CHECK_STEPS > 1

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .model import Transformer
 
 DECODERS = ("auto", "pytorch", "static", "cpu_kernels")
+GPU_STOP_CHECK_STEPS = 8  # at most 7 steps past the last stop: ~2% of a 256-token answer
 
 
 class Decoder:
@@ -40,15 +41,13 @@ class Decoder:
     check what GPUs run."""
 
     name = "PyTorch"
-    # How many decode steps `generate` runs between checks that every row has stopped. A check makes the
-    # host wait for the device; on a CPU that wait costs nothing while each step run past the last stop
-    # is wasted, so here every step is checked. A decoder whose steps are queued on a GPU (captured
-    # graphs) checks every k steps, as gpt-fast does; the output is the same either way, since tokens
-    # after a row's stop are discarded.
+    # How many decode steps `generate` runs between checks that every row has stopped (the one host read
+    # of its loop): `steps_per_stop_check_for` the device, which `choose_decoder` passes.
     steps_per_stop_check: int = 1
 
-    def __init__(self, float_projection: Optional[Type[Projection]] = None):
+    def __init__(self, float_projection: Optional[Type[Projection]] = None, steps_per_stop_check: int = 1):
         self.float_projection = float_projection  # None: the choice for the device it is materialized on
+        self.steps_per_stop_check = steps_per_stop_check
 
     def projection(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device,
                    scheme: Optional[Scheme] = None) -> Projection:
@@ -152,6 +151,14 @@ def float_projection_for(device: torch.device) -> Type[Projection]:
     return InOutProjection if device.type == "cpu" else Projection
 
 
+def steps_per_stop_check_for(device: torch.device) -> int:
+    """How often `generate` checks that every row has stopped. A check makes the host wait for the device.
+    On a CPU that wait costs nothing while each step run past the last stop is wasted: every step. On a
+    GPU the wait would empty the queue of steps, so every GPU_STOP_CHECK_STEPS (as gpt-fast does); the
+    output is the same either way, since tokens after a row's stop are discarded."""
+    return 1 if device.type == "cpu" else GPU_STOP_CHECK_STEPS
+
+
 def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                    scheme: Optional[Scheme] = None) -> Decoder:
     """The decoder `name` (one of DECODERS) for a model in `weight_dtype` on `device`, its layer matrices
@@ -166,9 +173,9 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
     if name not in DECODERS:
         raise LlamaMPError(f"Unknown --decoder {name!r}; use one of {', '.join(DECODERS)}.")
     if name == "pytorch":
-        return Decoder(float_projection_for(device))
+        return Decoder(float_projection_for(device), steps_per_stop_check_for(device))
     if name == "static":
-        return StaticDecoder(float_projection_for(device))
+        return StaticDecoder(float_projection_for(device), steps_per_stop_check_for(device))
     if name == "cpu_kernels":
         dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
         if device.type != "cpu" or weight_dtype not in dtypes:
@@ -177,4 +184,6 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                                f"{device.type} with {str(weight_dtype).replace('torch.', '')}; use --decoder auto.")
         cpu.library(required=True)
         return CpuKernelDecoder()
-    return CpuKernelDecoder() if cpu.usable(device, weight_dtype, scheme) else Decoder(float_projection_for(device))
+    if cpu.usable(device, weight_dtype, scheme):
+        return CpuKernelDecoder()
+    return Decoder(float_projection_for(device), steps_per_stop_check_for(device))
