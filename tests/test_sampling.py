@@ -126,7 +126,8 @@ def test_rows_sharing_one_generator_draw_as_sample_does():
 
 def test_the_nucleus_shortcut_and_the_full_sort_draw_the_same_ids(monkeypatch):
     """A CPU tries the 128 likeliest tokens first; a GPU sorts everything (no host read): same draws."""
-    logits = torch.randn(8, 5000, generator=torch.Generator().manual_seed(5)) * torch.tensor([[8.0], [2.5], [0.05], [1.0]] * 2)
+    scales = torch.tensor([[8.0], [2.5], [0.05], [1.0]] * 2)
+    logits = torch.randn(8, 5000, generator=torch.Generator().manual_seed(5)) * scales
     rows = [RowSampling(1.0, top_p=p, generator=torch.Generator().manual_seed(i)) for i, p in enumerate([0.9, 0.5] * 4)]
     shortcut = draw(logits, rows)
     for i, r in enumerate(rows):

@@ -96,8 +96,8 @@ class StepResult:
         """Start the copy of what rank 0 reads, without waiting: called as the step is queued."""
         if self.copy is None:
             c = self.choice
-            self.copy = Readback([c.ids, c.logprobs, c.top_logprobs, c.top_ids] +
-                                 [t for s in self.prompt_scores.values() for t in (s.logprobs, s.top_logprobs, s.top_ids)])
+            scores = [t for s in self.prompt_scores.values() for t in (s.logprobs, s.top_logprobs, s.top_ids)]
+            self.copy = Readback([c.ids, c.logprobs, c.top_logprobs, c.top_ids] + scores)
         return self
 
     def on_host(self) -> HostStep:
