@@ -44,17 +44,20 @@ from .scoring import TokenScores, score_hidden
 BATCH_OP = "batch"
 END, STEP = 0, 1        # the kinds of a plan's header
 HEADER = 3              # [kind, gather, length of the admissions' tensor], then one release flag per slot
+ADMISSION_HEADER = 5    # an admission in that tensor: [slot, prompt length, score_top, cached, copy_from, *prompt]
 
 
 @dataclass(frozen=True)
 class Admission:
-    """A newcomer: its prompt ids, prefilled into `slot`. With `score_top` >= 0 its prompt is also scored:
-    each prompt token's log-probability and the `score_top` likeliest ids at each position before it
-    (the server's `echo` with `logprobs`)."""
+    """A newcomer: its prompt ids, prefilled into `slot` from position `cached`. With `score_top` >= 0 its
+    prompt is also scored (then prefilled whole): each prompt token's log-probability and the `score_top`
+    likeliest ids at each position before it (the server's `echo` with `logprobs`)."""
 
     slot: int
     prompt: Tuple[int, ...]
     score_top: int = -1
+    cached: int = 0      # the prompt's first positions already in the slot's row (prefix caching), whose
+    copy_from: int = -1  # row they are copied from first (-1: the slot itself); see runtime/prefixes.py
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,18 @@ class Batcher:
     def step(self, plan: Plan, sampling_of: Optional[SamplingOf] = None) -> StepResult:
         """Every rank: run `plan` (see the module's docstring). `sampling_of` is rank 0's, needed with gather."""
         model, device = self.model, self.device
+        self.engine.forget_rows()  # the batch writes the rows `generate` left
         for slot in plan.release:
             self.occupied[slot] = False
         decoding = [s for s in range(self.slots) if self.occupied[s]]
         for a in plan.admit:
-            if self.occupied[a.slot] or not 0 < len(a.prompt) < model.max_seq_len:
+            if self.occupied[a.slot] or not 0 < len(a.prompt) < model.max_seq_len or \
+                    not 0 <= a.cached < len(a.prompt) or (a.cached and a.score_top >= 0):
                 raise LlamaMPError(f"internal error: slot {a.slot} cannot take a prompt of {len(a.prompt)} tokens "
-                                   f"(occupied: {self.occupied[a.slot]}).")
+                                   f"with {a.cached} cached (occupied: {self.occupied[a.slot]}).")
+        for a in plan.admit:  # before anything is written, in admission order (see runtime/prefixes.py)
+            if a.copy_from >= 0:
+                model.copy_cache_prefix(a.copy_from, a.slot, a.cached)
         if decoding and max(self.position[s] for s in decoding) >= model.max_seq_len:
             raise LlamaMPError(f"internal error: a slot reached max_seq_len {model.max_seq_len}; rank 0 must "
                                "release a sequence once its room is used.")
@@ -153,15 +161,15 @@ class Batcher:
         room = model.decoder.prompt_rows_in_step(model, len(decoding))
         inside, apart = [], []  # admissions prefilled in the step, and on their own
         for a in plan.admit:
-            fits = len(a.prompt) <= room
+            fits = len(a.prompt) - a.cached <= room
             (inside if fits else apart).append(a)
-            room -= len(a.prompt) if fits else 0
+            room -= len(a.prompt) - a.cached if fits else 0
         first_rows = {}  # slot -> the row of its prompt's first token, for admissions prefilled inside
         for a in inside:
             first_rows[a.slot] = len(slots)
-            prompt_ids += a.prompt
-            slots += [a.slot] * len(a.prompt)
-            positions += range(len(a.prompt))
+            prompt_ids += a.prompt[a.cached:]
+            slots += [a.slot] * (len(a.prompt) - a.cached)
+            positions += range(a.cached, len(a.prompt))
             picked.append(len(slots) - 1)
 
         def as_tensor(values) -> torch.Tensor:
@@ -177,7 +185,7 @@ class Batcher:
             scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
                        for a in inside if a.score_top >= 0]
         for a in apart:
-            h = model.hidden_in_slot(as_tensor([a.prompt]), a.slot, all_positions=a.score_top >= 0)
+            h = model.hidden_in_slot(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached, a.score_top >= 0)
             if a.score_top >= 0:
                 scored.append((a, h[0]))
             hidden.append(h[:, -1:])
@@ -235,7 +243,7 @@ class Batcher:
         body: List[int] = []
         if plan is not None:
             for a in plan.admit:
-                body += [a.slot, len(a.prompt), a.score_top, *a.prompt]
+                body += [a.slot, len(a.prompt), a.score_top, a.cached, a.copy_from, *a.prompt]
             header[:HEADER] = torch.tensor([STEP, int(plan.gather), len(body)], device="cpu")
             header[[HEADER + s for s in plan.release]] = 1
         comm = self.model.comm
@@ -253,7 +261,8 @@ class Batcher:
             if length else []
         admit, at = [], 0
         while at < length:
-            slot, n, score_top = body[at:at + 3]
-            admit.append(Admission(slot, tuple(body[at + 3:at + 3 + n]), score_top))
-            at += 3 + n
+            slot, n, score_top, cached, copy_from = body[at:at + ADMISSION_HEADER]
+            at += ADMISSION_HEADER
+            admit.append(Admission(slot, tuple(body[at:at + n]), score_top, cached, copy_from))
+            at += n
         return Plan(tuple(s for s, flag in enumerate(flags) if flag), tuple(admit), bool(gather))

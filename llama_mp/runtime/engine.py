@@ -26,6 +26,7 @@ from ..distributed import Group, broadcast_from_main
 from ..distributed.failure import patience, waking_peers_on_loss
 from ..errors import LlamaMPError, RemoteRankError, report
 from .model import Transformer
+from .prefixes import common_prefix
 from .transfer import Readback, upload
 from .sampling import Choice, Forced, RowSampling, check_sampling, choose_tokens, make_generator
 from .scoring import score_hidden
@@ -85,6 +86,11 @@ class Engine:
         self.stop_ids = list(stop_ids)
         self.generator = make_generator(group.device, seed)
         self.ops: Dict[str, Callable[..., Any]] = {"generate": self.generate, "score": self.score}
+        # Prefix caching for `generate`: the tokens the last generation left in cache rows 0.. (the same on
+        # every rank), which a later prompt that starts the same way continues from; whatever else writes
+        # the cache forgets them (`forget_rows`). `cached_tokens`: what the last call did not prefill.
+        self.rows_hold: List[List[int]] = []
+        self.cached_tokens = 0
 
     # ------------------------------------------------------------------------------------------
     # Rank protocol
@@ -131,6 +137,10 @@ class Engine:
                 return
             if op != REFUSED:
                 self.ops[op](payload)
+
+    def forget_rows(self) -> None:
+        """Something other than `generate` writes the KV cache: what the rows held is not known any more."""
+        self.rows_hold = []
 
     def stop(self) -> None:
         """Rank 0: let the ranks in `serve()` return."""
@@ -185,6 +195,7 @@ class Engine:
         """Teacher forcing over one sequence: the log-probability of each token given the ones before it
         and the most likely token at each of those positions, two [len - 1] tensors on the host (float32,
         int64) on rank 0; None on the other ranks. The KV cache is overwritten from position 0."""
+        self.forget_rows()
         ids = upload(tokens, self.group.device)
         h = self.model.hidden(ids[None], 0, all_positions=True)[0]  # [len, dim]
         scores = score_hidden(self.model, h[:-1], ids[1:], top=1)
@@ -205,6 +216,11 @@ class Engine:
         lengths = [len(p) for p in prompts]
         min_len, max_len = min(lengths), max(lengths)
         total_len = min(model.max_seq_len, request.max_gen_len + max_len)
+        # the positions every row holds already (a scored echo needs every prompt position's logits)
+        held, self.rows_hold = self.rows_hold, []
+        start = 0 if (logprobs and request.echo) or len(held) < bsz else \
+            min(min(common_prefix(h, p) for h, p in zip(held, prompts)), min_len - 1)
+        self.cached_tokens = start * bsz
 
         tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)     # prompts, then output
         in_prompt = torch.zeros((bsz, total_len), dtype=torch.bool, device=device)  # which are prompt ids
@@ -217,11 +233,11 @@ class Engine:
 
         check_every = model.decoder.steps_per_stop_check
         stream = _Stream(on_token, lengths, self.stop_ids) if on_token is not None and main else None
-        prev = 0
+        prev = start
         for cur in range(min_len, total_len):
-            # First call: the shortest prompt in one forward. Then one position per call; where a
-            # longer prompt still has tokens, its own token is kept instead of the chosen one.
-            want_all = logprobs and request.echo and prev == 0
+            # First call: the shortest prompt in one forward (after what the rows hold). Then one position
+            # per call; where a longer prompt still has tokens, its own token is kept instead of the chosen one.
+            want_all = logprobs and request.echo and cur == min_len
             h = model.hidden(tokens[:, prev:cur], prev, all_positions=want_all)
             forced = (in_prompt[:, cur], tokens[:, cur]) if cur < max_len else None
             choice = self.next_token(h, request, forced)
@@ -236,7 +252,7 @@ class Engine:
                 break
         if stream is not None:
             stream.finish()
-        return self._results(tokens, token_logprobs, lengths, request, total_len)
+        return self._results(tokens, token_logprobs, lengths, request, total_len, prev)
 
     def next_token(self, h: torch.Tensor, request: Request, forced: Optional[Forced] = None) -> Choice:
         """The next token [batch] on every rank from final hidden states h [batch, seq, dim], every row by
@@ -256,9 +272,12 @@ class Engine:
             token_logprobs[:, 1:cur] = lp.gather(-1, tokens[:, 1:cur, None])[..., 0]
         token_logprobs[:, cur] = choice.logprobs
 
-    def _results(self, tokens, token_logprobs, lengths, request: Request, total_len: int):
+    def _results(self, tokens, token_logprobs, lengths, request: Request, total_len: int, written: int):
+        """The ids (and logprobs) to return, read on the host; and what the cache rows now hold: positions
+        0..`written`-1 of every row."""
         out_tokens, out_logprobs = [], []
         rows = tokens.tolist()
+        self.rows_hold = [row[:written] for row in rows]
         lp_rows = token_logprobs.tolist() if request.logprobs else None
         stops = set(self.stop_ids)
         for i, length in enumerate(lengths):

@@ -322,14 +322,23 @@ class Transformer(nn.Module):
             return self.decoder.step(self, tokens, start_pos)
         return self.decoder.prefill(self, tokens, start_pos, all_positions)
 
-    def hidden_in_slot(self, tokens: torch.Tensor, slot: int, all_positions: bool = False) -> torch.Tensor:
-        """Continuous batching: prefill one prompt (tokens [1, n]) into cache row `slot` from position 0,
-        leaving the other rows alone; the final normed hidden state of its last position [1, 1, dim], or
-        with `all_positions` of every position [1, n, dim]."""
+    def hidden_in_slot(self, tokens: torch.Tensor, slot: int, start: int = 0,
+                       all_positions: bool = False) -> torch.Tensor:
+        """Continuous batching: prefill one prompt (tokens [1, n]) into cache row `slot` from position
+        `start` (what is before it is in the row already), leaving the other rows alone; the final normed
+        hidden state of its last position [1, 1, dim], or with `all_positions` of every position [1, n, dim]."""
         if tokens.shape[1] == 1:
-            at = torch.tensor([slot], dtype=torch.long, device="cpu")  # slots are read on the host
-            return self.hidden_rows(tokens, at, torch.zeros_like(at))
-        return self.decoder.prefill(self, tokens, 0, all_positions, first_row=slot)
+            at = torch.tensor([slot, start], dtype=torch.long, device="cpu")  # read on the host
+            return self.hidden_rows(tokens, at[:1], at[1:])
+        return self.decoder.prefill(self, tokens, start, all_positions, first_row=slot)
+
+    def copy_cache_prefix(self, source: int, slot: int, n: int) -> None:
+        """Prefix caching: cache row `slot` takes positions 0..n-1 of row `source` (on the device, in
+        place), every layer's keys and values."""
+        for layer in self.layers:
+            attention = layer.attention
+            attention.cache_k[slot, :, :n].copy_(attention.cache_k[source, :, :n])
+            attention.cache_v[slot, :, :n].copy_(attention.cache_v[source, :, :n])
 
     def hidden_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Continuous batching: one new token per row (tokens [rows, 1]), row i continuing cache row

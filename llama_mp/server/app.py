@@ -175,7 +175,7 @@ async def _whole(answer: _Answer) -> JSONResponse:
     texts: Dict[int, List[str]] = {i: [job.echo_texts[i]] if job.echo_texts else [] for i in range(len(answer.seqs))}
     logprobs: Dict[int, list] = {i: [] for i in range(len(answer.seqs))}
     finish: Dict[int, str] = {}
-    counts = [0, 0]
+    counts = [0, 0, 0]  # prompt, completion and cached prompt tokens
     try:
         async for event in answer.events():
             if event.error is not None:
@@ -189,6 +189,7 @@ async def _whole(answer: _Answer) -> JSONResponse:
                 finish[event.index] = event.finish_reason
                 counts[0] += event.prompt_tokens
                 counts[1] += event.completion_tokens
+                counts[2] += event.cached_tokens
     finally:
         answer.close()  # a no-op for finished sequences; frees the slots of a vanished client
     want_lp = job.sequences[0].logprobs is not None
@@ -199,7 +200,7 @@ async def _whole(answer: _Answer) -> JSONResponse:
 
 async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
     job = answer.job
-    counts = [0, 0]
+    counts = [0, 0, 0]  # prompt, completion and cached prompt tokens
     offsets = [len(t) for t in job.echo_texts] or [0] * len(answer.seqs)
     scored = job.sequences[0].score_prompt  # the echoed prompt waits for its scores, and comes with them
     try:
@@ -218,6 +219,7 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
             if event.finish_reason is not None:
                 counts[0] += event.prompt_tokens
                 counts[1] += event.completion_tokens
+                counts[2] += event.cached_tokens
             if event.text or event.logprobs or event.finish_reason:
                 piece = choice(job, event.index, event.text, event.finish_reason, event.logprobs, delta=True,
                                text_offset=offsets[event.index])

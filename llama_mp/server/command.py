@@ -48,7 +48,7 @@ END_MARGIN_S = FLUSH_S + 3.0
 
 
 def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                        max_body_bytes, drain_s) -> None:
+                        max_body_bytes, drain_s, prefix_cache_rows=None) -> None:
     """The server's own options, checked on every rank before the process group starts."""
     if not isinstance(host, str) or not host:
         raise LlamaMPError(f"--host must be a host name or address, got {described(host)}.")
@@ -56,6 +56,8 @@ def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_
     for name, value in dict(port=port, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             max_queue=max_queue, max_body_bytes=max_body_bytes, drain_s=drain_s).items():
         option_domain("serve", name).check(name, value)
+    if prefix_cache_rows is not None:
+        option_domain("serve", "prefix_cache_rows").check("prefix_cache_rows", prefix_cache_rows)
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise LlamaMPError("--api_key must be a non-empty string (clients send it as 'Authorization: Bearer KEY').")
     if model_name is not None and (not isinstance(model_name, str) or not model_name):
@@ -74,6 +76,7 @@ def serve(
     max_queue: int = 64,
     max_body_bytes: int = 1 << 20,
     drain_s: float = 30.0,
+    prefix_cache_rows: Optional[int] = None,
     seed: int = 1,
     backend: str = "auto",
     device: str = "auto",
@@ -95,12 +98,14 @@ def serve(
     --model_name is the name clients use (default: the checkpoint folder's name). --max_body_bytes bounds
     a request body (413). SIGTERM stops taking requests and gives those in flight --drain_s seconds (under
     torchrun at most its --shutdown_timeout less 5 s, so that no rank is SIGKILLed mid-answer).
+    --prefix_cache_rows N: how many free KV-cache rows keep their tokens for a later prompt that starts the
+    same way (default: every free row; 0 turns prefix caching off).
     --seed seeds requests that bring no seed. --backend, --device, --dtype, --decoder, --quantize,
     --group_size, --timeout_s and --load_timeout_s are text_completion's (see its --help).
     """
     def check() -> None:
         check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                            max_body_bytes, drain_s)
+                            max_body_bytes, drain_s, prefix_cache_rows)
         check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
 
     try:
@@ -135,7 +140,8 @@ def serve(
         _outlast_sigterm(drain_s + RELEASE_MARGIN_S, llama.group.local_peer_pids()[0])
         llama.engine.serve(idle_timeout_s=WAIT_FOR_PERSON_S)
         return
-    _serve_on_rank_0(llama, batcher, state, http, name, max_seq_len, max_batch_size, max_queue, drain_s, seed)
+    _serve_on_rank_0(llama, batcher, state, http, name, max_seq_len, max_batch_size, max_queue, drain_s, seed,
+                     prefix_cache_rows)
 
 
 def drain_within_launcher(drain_s: float, grace_s: Optional[float], say: bool) -> float:
@@ -163,11 +169,12 @@ def _server_side():
 
 
 def _serve_on_rank_0(llama: Llama, batcher: Batcher, state: ServerState, http: "HttpServer", name: str,
-                     max_seq_len: int, max_batch_size: int, max_queue: int, drain_s: float, seed: int) -> None:
+                     max_seq_len: int, max_batch_size: int, max_queue: int, drain_s: float, seed: int,
+                     prefix_cache_rows: Optional[int] = None) -> None:
     # The HTTP thread must get the interpreter between the batch loop's calls within a millisecond, not
     # Python's default 5: its events then go out as each step ends, instead of two steps at a time.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    scheduler = Scheduler(batcher, llama.tokenizer, max_queue, seed)
+    scheduler = Scheduler(batcher, llama.tokenizer, max_queue, seed, prefix_cache_rows)
     state.ready(scheduler, llama.tokenizer, Limits(name, max_seq_len, max_batch_size))
     watch = PeerWatch(llama.group, scheduler)
 

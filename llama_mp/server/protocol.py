@@ -454,9 +454,11 @@ def _chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
                         for e in entries]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's `usage`; `cached_tokens`: the prompt tokens a cached prefix held (not prefilled again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def choice(job: Job, index: int, text: str, finish_reason: Optional[str], logprobs: Optional[List[TokenLogprob]],

@@ -31,6 +31,7 @@ import torch
 from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
+from ..runtime.prefixes import PrefixCache, Row
 from ..runtime.sampling import RowSampling, make_generator
 from ..runtime.scoring import TokenScores
 from ..runtime.tokenizer import TextStream, Tokenizer, prompt_pieces
@@ -52,6 +53,7 @@ class Event:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0   # of the prompt's, those a cached prefix held (not prefilled)
     error: Optional[ApiError] = None
     prompt_scores: Optional[TokenScores] = None
 
@@ -161,6 +163,8 @@ class Generation:
     generator: Optional[torch.Generator] = None
     text: Optional[StopText] = None
     slot: Optional[int] = None
+    row: Optional[Row] = None        # what its cache row holds (prefix caching), from its admission on
+    cached: int = 0                  # the prompt tokens it did not prefill (a cached prefix)
     launched: int = 0                # the steps queued for it (each gives one token)
     generated: int = 0
     previous: int = -1               # the last token of the sequence so far (the prompt's, at first)
@@ -184,8 +188,11 @@ class Generation:
 class Scheduler:
     """The queue and the batch loop of rank 0 (see the module's docstring)."""
 
-    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, max_queue: int, seed: int = 1):
+    def __init__(self, batcher: Batcher, tokenizer: Tokenizer, max_queue: int, seed: int = 1,
+                 prefix_rows: Optional[int] = None):
         self.batcher, self.tokenizer = batcher, tokenizer
+        # the free cache rows that may keep their tokens for a later prompt (None: all; 0: none)
+        self.prefixes = PrefixCache(batcher.slots, batcher.slots if prefix_rows is None else prefix_rows)
         self.device = batcher.device  # the model's: where each request's generator draws from its logits
         self.stop_ids = set(tokenizer.stop_ids)
         self.max_queue = max_queue
@@ -249,6 +256,7 @@ class Scheduler:
         """Every sequence, queued or running, and every later request is answered 503 with `reason`."""
         self.failure = self.failure or reason
         with self.lock:
+            self.prefixes.forget()
             pending = list(self.waiting) + self._started()
             self.waiting.clear()
             self.lock.notify()
@@ -260,7 +268,8 @@ class Scheduler:
     def stats(self) -> Dict[str, int]:
         """Sequences waiting, running (in a slot, not yet released) and ended (finished, cancelled by their
         client, failed), and the steps run so far."""
-        return {"waiting": len(self.waiting), "running": len(self.by_slot), "steps": self.steps, **self.counts}
+        return {"waiting": len(self.waiting), "running": len(self.by_slot), "steps": self.steps, **self.counts,
+                "prefix_hits": self.prefixes.hits, "cached_tokens": self.prefixes.cached_tokens}
 
     # ------------------------------------------------------------------------------------------
     # The batch loop (main thread)
@@ -301,6 +310,8 @@ class Scheduler:
             owners = dict(self.by_slot)
             for seq in owners.values():
                 seq.launched += 1
+                # the step after its admission writes the token its last step chose, and so on
+                seq.row.written = len(seq.spec.prompt_ids) + seq.launched - 1
             previous, self.in_flight = self.in_flight, (result, owners)
             if previous is not None:  # the step before, read while this one runs
                 self._deliver(*previous)
@@ -327,17 +338,20 @@ class Scheduler:
                         self._cancelled(seq)
                     del self.by_slot[slot]  # the last token of one all_queued is read from the step in flight
                     self.releases.append(slot)
+                    self.prefixes.release(slot)  # its row keeps what it holds, for a later prompt
             free = [s for s in range(self.batcher.slots) if s not in self.by_slot]
-            admit = []
+            admit, taken = [], {}
             while free and self.waiting:
                 seq = self.waiting.popleft()
                 if seq.cancelled:
                     self._cancelled(seq)
                     continue
-                seq.slot = free.pop(0)
+                spec = seq.spec
+                place, seq.row = self.prefixes.place(spec.prompt_ids, free, taken, reuse=not spec.score_prompt)
+                seq.slot, seq.cached = place.slot, place.cached
                 self.by_slot[seq.slot] = seq
-                admit.append(Admission(seq.slot, tuple(seq.spec.prompt_ids),
-                                       seq.spec.logprobs if seq.spec.score_prompt else -1))
+                admit.append(Admission(seq.slot, tuple(spec.prompt_ids), spec.logprobs if spec.score_prompt else -1,
+                                       place.cached, place.copy_from))
             if not self.by_slot:
                 if draining:
                     return None
@@ -381,6 +395,7 @@ class Scheduler:
         """Add `token` (of `row` of the step `host`, which has its logprobs when the request wants them)
         to `seq`: the event to send (None when there is nothing to say yet)."""
         spec = seq.spec
+        seq.row.tokens.append(token)  # in its cache row once the next step feeds it (`row.written`)
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
             return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
         if token in self.stop_ids and not spec.ignore_eos:
@@ -404,7 +419,8 @@ class Scheduler:
     def _finish(self, seq: Generation, piece: Piece, reason: str) -> Event:
         seq.done = True
         self.counts["finished"] += 1
-        return Event(seq.index, piece.text, piece.entries, reason, len(seq.spec.prompt_ids), seq.generated)
+        return Event(seq.index, piece.text, piece.entries, reason, len(seq.spec.prompt_ids), seq.generated,
+                     cached_tokens=seq.cached)
 
     def _entry(self, previous: int, token: int, text: str, logprob: float, top_values: List[float],
                top_ids: List[int]) -> TokenLogprob:

@@ -118,10 +118,14 @@ def run_bench(llama: Llama, batch: int, prompt_len: int, new_tokens: int, runs: 
     for _ in range(warmup):
         llama.generate(prompts, min(new_tokens, 16), temperature=temperature, top_p=top_p)
     first, total = [], []
+
+    def uncached(n: int) -> None:  # the whole prompt prefilled each time, not continued from the last run's
+        llama.engine.forget_rows()
+        llama.generate(prompts, n, temperature=temperature, top_p=top_p)
+
     for _ in range(runs):
-        first.append(_timed(device, lambda: llama.generate(prompts, 1, temperature=temperature, top_p=top_p)))
-        total.append(_timed(device, lambda: llama.generate(prompts, 1 + new_tokens, temperature=temperature,
-                                                             top_p=top_p)))
+        first.append(_timed(device, lambda: uncached(1)))
+        total.append(_timed(device, lambda: uncached(1 + new_tokens)))
     prefill_s = statistics.median(first)
     decode_s = max(statistics.median(total) - prefill_s, 1e-9) / new_tokens
     return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch / decode_s,
