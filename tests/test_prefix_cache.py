@@ -178,21 +178,25 @@ def test_the_batch_loop_answers_the_same_with_the_cache_on_one_rank(decoder, mak
         distributed.teardown()
 
 
-def _two_ranks(ckpt_dir, tokenizer_path, decoder):
+def _two_ranks(ckpt_dir, tokenizer_path):
+    """Every rank: the batch loop's runs (rank 0's), then generate's."""
     import workers
 
-    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=ROWS, decoder=decoder)
-    return served_with_and_without_the_cache(llama)
+    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=ROWS, decoder="pytorch")
+    return served_with_and_without_the_cache(llama), generated_with_and_without_the_rows_held(llama)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(make_checkpoint, tokenizer_path):
+    from multiproc import run_ranks
+
+    return run_ranks(2, _two_ranks, make_checkpoint(shards=2, n_kv_heads=2)[0], tokenizer_path)
 
 
 @pytest.mark.spawn
-def test_the_batch_loop_answers_the_same_with_the_cache_on_two_ranks(make_checkpoint, tokenizer_path, tokenizer):
-    from multiproc import run_ranks
-
-    ckpt_dir = make_checkpoint(shards=2, n_kv_heads=2)[0]
-    runs = run_ranks(2, _two_ranks, ckpt_dir, tokenizer_path, "pytorch")
-    assert runs[1] is None
-    _check(runs[0], tokenizer)
+def test_the_batch_loop_answers_the_same_with_the_cache_on_two_ranks(two_ranks, tokenizer):
+    assert two_ranks[1][0] is None
+    _check(two_ranks[0][0], tokenizer)
 
 
 def generated_with_and_without_the_rows_held(llama):
@@ -233,7 +237,7 @@ def _check_generate(first, answers, pairs):
     assert [p[0][2] for p in pairs] == [2 * held, 2 * held, 2 * (min(map(len, first)) - 1)]
 
 
-@pytest.mark.parametrize("decoder", ["pytorch", "static", "cpu_kernels"])
+@pytest.mark.parametrize("decoder", ["pytorch", "cpu_kernels"])  # static: its step is the batch loop test's
 def test_generate_continues_what_the_rows_hold_and_answers_the_same(decoder, make_checkpoint, tokenizer_path):
     from llama_mp import Llama
     from llama_mp.kernels import cpu
@@ -248,20 +252,11 @@ def test_generate_continues_what_the_rows_hold_and_answers_the_same(decoder, mak
         distributed.teardown()
 
 
-def _generate_on_two_ranks(ckpt_dir, tokenizer_path):
-    import workers
-
-    return generated_with_and_without_the_rows_held(workers.build(ckpt_dir, tokenizer_path, max_seq_len=64,
-                                                                  max_batch_size=2, decoder="pytorch"))
-
-
 @pytest.mark.spawn
-def test_generate_continues_what_the_rows_hold_on_two_ranks(make_checkpoint, tokenizer_path):
-    from multiproc import run_ranks
-
-    per_rank = run_ranks(2, _generate_on_two_ranks, make_checkpoint(shards=2, n_kv_heads=2)[0], tokenizer_path)
-    _check_generate(*per_rank[0])
-    assert [p[0][2] for p in per_rank[1][2]] == [p[0][2] for p in per_rank[0][2]]  # every rank decided alike
+def test_generate_continues_what_the_rows_hold_on_two_ranks(two_ranks):
+    generated = [rank[1] for rank in two_ranks]
+    _check_generate(*generated[0])
+    assert [p[0][2] for p in generated[1][2]] == [p[0][2] for p in generated[0][2]]  # every rank decided alike
 
 
 def test_a_chats_next_turn_continues_from_the_last_and_answers_the_same(make_checkpoint, tokenizer_path):
