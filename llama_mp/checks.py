@@ -20,6 +20,15 @@ SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes 64 bits
 SHORTEST_WAIT_S, LONGEST_WAIT_S = 1e-3, 7 * 24 * 3600.0
 
 
+class OptionError(LlamaMPError):
+    """A value refused by a rule shared by several front ends; `option` is its plain name, for a server
+    error's `param`."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 def is_number(value) -> bool:
     """An int or float, but not a bool (fire and JSON turn `--x True` into one)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -32,6 +41,8 @@ def is_int(value) -> bool:
 def described(value) -> str:
     """`value` as a message shows it: its repr (cut short) and, unless that says it, its type."""
     text = repr(value)
+    if is_int(value) and len(text) > 80:  # a number no one reads digit by digit
+        return f"an integer of {len(text.lstrip('-'))} digits"
     if len(text) > 80:
         text = text[:77] + "..."
     if isinstance(value, (str, float)) or is_int(value):
@@ -135,12 +146,18 @@ class Domain:
     high: float
     meaning: str
 
-    def check(self, name: str, value) -> None:
+    def check(self, name: str, value, spelled: str = "--{}") -> None:
+        """Refuse `value` of option `name` (written as `spelled` spells it: "--{}" on the command line,
+        "'{}'" in a server request) unless it is in this domain; the message names both bounds exactly."""
         ok = is_int(value) if self.integer else is_finite_number(value)
         if not ok or not self.low <= value <= self.high:
             kind = "an integer" if self.integer else "a number"
-            raise LlamaMPError(f"--{name} must be {kind} from {self.low:g} to {self.high:g} ({self.meaning}), "
-                               f"got {described(value)}.")
+            raise OptionError(name, f"{spelled.format(name)} must be {kind} from {self.shown(self.low)} to "
+                                    f"{self.shown(self.high)} ({self.meaning}), got {described(value)}.")
+
+    def shown(self, bound: float) -> str:
+        # an integer bound exactly (16777216, not 1.67772e+07: a rounded bound names a value that is not it)
+        return str(int(bound)) if self.integer else f"{bound:g}"
 
 
 def _int(low, high, meaning):

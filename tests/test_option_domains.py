@@ -30,6 +30,7 @@ from llama_mp.cli.commands import COMMANDS
 from llama_mp.cli.completion import chat_completion, prompts_from_text, text_completion
 from llama_mp.errors import LlamaMPError
 from llama_mp.runtime.chat import check_dialogs, load_dialogs
+from llama_mp.server.protocol import ApiError, Limits, parse_completion
 from llama_mp.tools.bench_serve import bench_serve, parse_levels
 from llama_mp.torchrun import process_count_problem
 
@@ -105,7 +106,7 @@ def test_every_default_is_inside_its_domain(command_name, name):
 def outside(d):
     """Values outside Domain `d`: beyond each end, far beyond, NaN and infinities, and a float for a count."""
     beyond = [d.high + 1, d.low - 1, 10 ** 12 if d.high < 10 ** 12 else -10 ** 12, 10 ** 30, -(10 ** 30)]
-    values = st.sampled_from([repr(v) for v in beyond] + ["nan", "inf", "-inf", "1e308", "-1e308", "'12'"])
+    values = st.sampled_from([repr(v) for v in beyond] + ["nan", "inf", "-inf", "1e308", "-1e308", "'12'", "9" * 401])
     if d.integer:
         values |= st.floats(min_value=d.low, max_value=min(d.high, 1e6)).filter(lambda f: f != int(f)).map(repr)
     else:
@@ -125,6 +126,24 @@ def test_an_out_of_domain_number_is_one_line_naming_the_option_at_once(command, 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llama_mp: error: ") and f"--{name}" in lines[0], err
     assert "Traceback" not in err and out == ""
+    d = domain(command_name, name)
+    if d.integer:  # both bounds exactly, never rounded (16777216, not 1.67772e+07)
+        assert f"from {int(d.low)} to {int(d.high)} " in lines[0], lines[0]
+    assert len(lines[0]) < 400, lines[0]  # a 401-digit value is described, not quoted
+
+
+def test_sampling_errors_name_the_option_as_each_front_end_spells_it(command, tokenizer):
+    """check_sampling is shared by the command line, the Python API and the server; each names the value
+    the way its user wrote it."""
+    for option, value in (("temperature", 1e-300), ("top_p", 0), ("top_k", -1)):
+        code, _, err = command("text_completion", f"--{option}", value)
+        assert code == 2 and f"error: --{option} must be" in err, err
+    code, _, err = command("chat", "--temperature", 1e-300)
+    assert code == 2 and "error: --temperature must be a number from 0.001 to 100" in err, err
+    for option, value in (("temperature", 1e-300), ("top_p", 0), ("temperature", 10 ** 400)):
+        with pytest.raises(ApiError) as e:
+            parse_completion({"prompt": "a", option: value}, tokenizer, Limits("m", 64, 1))
+        assert e.value.status == 400 and e.value.param == option and e.value.message.startswith(f"'{option}' must be")
 
 
 def test_the_domain_check_comes_before_any_work(command, tmp_path):

@@ -317,6 +317,53 @@ def test_an_explicit_null_is_not_given_for_every_field(tokenizer, data):
                    tokenizer, limits)
 
 
+NUMERIC_FIELDS = {"completion": ["max_tokens", "temperature", "top_p", "logprobs", "seed"],
+                  "chat": ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_logprobs", "seed"]}
+ANY_NUMBER = st.one_of(st.integers(), st.integers(min_value=10 ** 300, max_value=10 ** 1000), st.floats(),
+                       st.sampled_from([-0.0, 2 ** 64, -(2 ** 64), 1e-300, 5e-324, 10 ** 400]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["completion", "chat"]), data=st.data())
+def test_any_number_in_a_numeric_field_is_used_or_a_short_400_naming_it(tokenizer, kind, data):
+    """Class 4 and 6: whatever number a client sends (huge, tiny, negative, NaN, a float for a count), the
+    field is used as it reads or refused with a 400 naming it in the request's spelling, in a message that
+    describes a long number instead of quoting it."""
+    name = data.draw(st.sampled_from(NUMERIC_FIELDS[kind]))
+    value = data.draw(ANY_NUMBER)
+    base = {"prompt": "a"} if kind == "completion" else {"messages": [{"role": "user", "content": "a"}]}
+    if name == "top_logprobs":
+        base["logprobs"] = True
+    parse = parse_completion if kind == "completion" else parse_chat
+    try:
+        job = parse(dict(base, **{name: value}), tokenizer, Limits("m", SEQ_LEN, 2))
+    except ApiError as e:
+        said = f"'{name}'" if e.code != "context_length_exceeded" else name  # OpenAI's words for that one
+        assert e.status == 400 and e.param == name and said in e.message and len(e.message) < 400, e.message
+        return
+    spec = job.sequences[0]
+    if name in ("max_tokens", "max_completion_tokens"):
+        assert spec.max_tokens == value
+    elif name in ("temperature", "top_p"):
+        assert getattr(spec, name) == value and type(getattr(spec, name)) is float
+    elif name == "seed":
+        assert spec.seed == value % 2 ** 64
+    else:
+        assert spec.logprobs == value
+
+
+def test_a_field_named_twice_or_an_unknown_part_field_is_a_400(served):
+    error = error_of(served.client.post("/v1/completions", content=b'{"prompt": "a", "prompt": "b"}'), 400)
+    assert error["param"] == "prompt" and "twice" in error["message"]
+    error = error_of(served.client.post("/v1/completions", content=b'{"prompt": "a", "seed": 1' + b"0" * 4400 + b"}"),
+                     400)
+    assert "4300 digits" in error["message"] and "sys." not in error["message"]
+    part = {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}
+    error = error_of(served.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [part]}]}),
+                     400)
+    assert error["param"] == "messages" and "'cache_control'" in error["message"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Class 6: any text or JSON a client can send ends in a 4xx
 

@@ -154,7 +154,7 @@ def text_completion(
     weights while loading (a folder written by `llama-mp quantize` is loaded quantized without it).
     """
     def check() -> List[str]:
-        check_sampling(temperature, top_p, top_k)
+        check_sampling(temperature, top_p, top_k, "--{}")
         check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
         return prompts_from_text(prompts)
 
@@ -229,7 +229,7 @@ def chat_completion(
         return chat(ckpt_dir, tokenizer_path, system, max_seq_len, max_batch_size, max_gen_len, temperature,
                     top_p, top_k, seed, backend, device, dtype, decoder, timeout_s, load_timeout_s,
                     quantize=quantize, group_size=group_size)
-    _before_loading(lambda: (check_sampling(temperature, top_p, top_k),
+    _before_loading(lambda: (check_sampling(temperature, top_p, top_k, "--{}"),
                              check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s,
                                                    quantize, group_size)))
     group = distributed.setup(backend, device, timeout_s)
