@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..checkpoints.staging import check_output_file, staged_output_file
 from ..checks import require_int
+from ..dtypes import largest_finite
 from ..errors import LlamaMPError
 
 
@@ -150,8 +151,8 @@ def perplexity(llama, text_path: str, window: Optional[int] = None, stride: Opti
         engine.stop()
     if scores.nonfinite_problem():
         raise LlamaMPError(f"The model scored {text_path!r} but {scores.nonfinite_problem()}: its activations "
-                           "overflowed (float16 holds at most 65504) or its weights are damaged, so there is no "
-                           "perplexity to report. Run with --dtype float32 or bfloat16, and check the checkpoint "
+                           f"overflowed ({largest_finite(llama.model.act_dtype)}) or its weights are damaged, so "
+                           "there is no perplexity to report. Run with --dtype float32 or bfloat16, and check the checkpoint "
                            "with `llama-mp verify`.")
     report = {"text": text_path, "tokens": len(tokens), "scored": scores.logprobs.numel(), "window": window,
               "stride": stride, "perplexity": scores.perplexity,
