@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,6 +86,8 @@ def command(monkeypatch, capsys):
         with pytest.raises(SystemExit) as ended:
             runner.run(component, name="llama-mp" if name in COMMANDS else None)
         out = capsys.readouterr()
+        # a message that quotes a cause ending in a period must not end it twice ('ftp://'.. Check)
+        assert not re.search(r"[^.]\.\.(\s|$)", out.err), out.err
         return ended.value.code, out.out, out.err
 
     return run
@@ -193,6 +196,22 @@ def test_a_benchmark_that_measured_nothing_exits_2_with_the_cause(command):
     assert row["requests"] == 0 and row["errors"] == 3 and row["ttft_p50_ms"] is None
     code, out, err = command("bench-serve", "--url", "http://127.0.0.1:1", "--warmup", 1)
     assert code == 2 and "Every request of the warmup failed" in err and out == ""
+
+
+@pytest.mark.parametrize("url, words", [("ftp://x", "not an http:// or https:// address"), ("notaurl", "with a host"),
+                                        ("http://[::1", "Invalid IPv6 URL"), ("http://h:99999", "Port out of range"),
+                                        ("http://:80", "with a host")])
+def test_bench_serve_refuses_an_address_that_is_not_a_servers_before_any_request(command, url, words):
+    start = time.monotonic()
+    code, out, err = command("bench-serve", "--url", url, "--warmup", 1)
+    assert code == 2 and f"--url {url!r} is not a server's address" in err and words in err, err
+    assert time.monotonic() - start < 1 and out == ""
+
+
+@pytest.mark.parametrize("levels", ["1.5,2", "1,true", (1.5, 2), (True, 2), "1,,2", " "])
+def test_bench_serve_concurrency_levels_are_whole_numbers(levels):
+    with pytest.raises(LlamaMPError, match="--concurrency must be an integer from 1 to 1024"):
+        parse_levels(levels)
 
 
 # ----------------------------------------------------------------------------------------------
