@@ -207,6 +207,7 @@ OPTION_DOMAINS: Dict[str, Domain] = {
     "max_queue": _int(1, MAX_BATCH, "requests that may wait for a free row"),
     "max_body_bytes": _int(1024, 1 << 30, "bytes of one request body"),
     "drain_s": _number(0, 3600, "seconds in-flight requests get to finish after SIGTERM"),
+    "receive_timeout_s": _number(0.1, 3600, "seconds a request's head, then its body, may take to arrive"),
     # bench-serve (its --concurrency is a list, checked by parse_levels with the same bound)
     "bench_serve:requests": _int(0, MAX_REQUESTS, "requests per level, 0 for 64 or 8 per client"),
     "bench_serve:max_tokens": _int(1, MAX_TOKENS, "tokens per answer"),

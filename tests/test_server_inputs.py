@@ -77,10 +77,10 @@ class RandomModel:
 class Served:
     """The app with a scheduler on a RandomModel, its batch loop in a thread."""
 
-    def __init__(self, tokenizer, script=None, max_queue=16, body_timeout_s=30.0, max_body=1 << 16, run=True):
+    def __init__(self, tokenizer, script=None, max_queue=16, receive_timeout_s=30.0, max_body=1 << 16, run=True):
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(RandomModel(tokenizer.n_words, script), tokenizer, max_queue)
-        self.state = ServerState(api_key=None, max_body_bytes=max_body, body_timeout_s=body_timeout_s)
+        self.state = ServerState(api_key=None, max_body_bytes=max_body, receive_timeout_s=receive_timeout_s)
         self.state.ready(self.scheduler, tokenizer, Limits("m", SEQ_LEN, SLOTS))
         self.app = make_app(self.state)
         self.client = TestClient(self.app, raise_server_exceptions=False)
@@ -400,15 +400,17 @@ def test_invalid_utf8_and_deep_nesting_are_a_400(served):
 @pytest.fixture(scope="module")
 def http(tokenizer_path):
     """A real uvicorn (in this process) for what a TestClient cannot send: cut and slow bodies."""
-    job = Served(Tokenizer(tokenizer_path), body_timeout_s=1.0)
-    server = HttpServer(job.app, bind("127.0.0.1", 0))
+    job = Served(Tokenizer(tokenizer_path), receive_timeout_s=1.0)
+    server = HttpServer(job.app, bind("127.0.0.1", 0), job.state.receive_timeout_s)
     server.start()
     yield server, job
     server.stop()
     job.close()
 
 
-def _raw(server, data: bytes, pause_s=0.0, then=b"") -> bytes:
+def _raw(server, data: bytes, pause_s=0.0, then=b"", hold=False) -> bytes:
+    """What the server sends back on one connection that sends `data` (then, after `pause_s`, `then`) and
+    closes its side, or (`hold`) keeps it open, until the server closes it."""
     host, port = server.sock.getsockname()[:2]
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(data)
@@ -416,7 +418,7 @@ def _raw(server, data: bytes, pause_s=0.0, then=b"") -> bytes:
             time.sleep(pause_s)
         if then:
             s.sendall(then)
-        s.shutdown(socket.SHUT_WR) if not pause_s else None
+        s.shutdown(socket.SHUT_WR) if not (pause_s or hold) else None
         out = b""
         while True:
             try:
@@ -435,6 +437,21 @@ def test_a_cut_off_or_slow_body_ends_cleanly_and_the_server_goes_on(http, capfd)
     _raw(server, head + b'{"prompt": "ab')                  # cut off: the client closes mid-body
     slow = _raw(server, head + b'{"prompt"', pause_s=2.0)  # slow loris: more than the 1 s the body may take
     assert b" 408 " in slow.split(b"\r\n")[0] and b'"request_timeout"' in slow
+    assert b"connection: close" in slow.lower()  # the rest of that body is not read as a next request
+    for trickle in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):  # silent, or a head never ended
+        started = time.monotonic()
+        slow = _raw(server, trickle, hold=True)
+        assert 0.9 < time.monotonic() - started < 3, slow
+        assert b" 408 " in slow.split(b"\r\n")[0] and b"request line and headers" in slow, slow
+    # the head's bound holds for the next request of a kept-alive connection too, and not within a request
+    host, port = server.sock.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        started = time.monotonic()
+        answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and 0.9 < time.monotonic() - started < 3, answer
     ok = httpx.post(server.address + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
                     timeout=30)
     assert ok.status_code == 200
