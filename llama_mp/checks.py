@@ -8,6 +8,7 @@ Python callers, so the rules refuse what would be accepted and then give nonsens
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -119,6 +120,67 @@ def require_text(name: str, value) -> str:
     if problem:
         raise LlamaMPError(f"{name} {problem}. Pass UTF-8 text.")
     return value
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON: one reader for everything a person or a client hands over as JSON (request bodies, dialog files,
+# --prompts, params.json, config.json, --compare files). Python's own parser ends in a RecursionError on
+# deep nesting, a ValueError on an integer of more than 4300 digits, and keeps the last of two fields of one
+# name without a word; here each is a JsonProblem that says so.
+
+
+class JsonProblem(ValueError):
+    """Text that is not JSON this program reads. `reason` completes a sentence about the text ("is not valid
+    JSON (...)"); `syntax` says it is not JSON at all; `field` names a field given twice."""
+
+    def __init__(self, reason: str, syntax: bool = False, field: Optional[str] = None):
+        super().__init__(reason)
+        self.reason, self.syntax, self.field = reason, syntax, field
+
+
+class _Repeated(Exception):
+    pass
+
+
+def _one_of_each(pairs):
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set = set()
+        raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def parse_json(text: str):
+    """`text` as JSON, or a JsonProblem: not JSON (where it breaks), nested too deep for the parser, an integer
+    of more than 4300 digits (Python's bound on reading digits), or an object naming a field twice (readers
+    of JSON disagree on which one counts, so neither is taken)."""
+    try:
+        return json.loads(text, object_pairs_hook=_one_of_each)
+    except _Repeated as e:
+        raise JsonProblem(f"names the field {e.args[0]!r} twice in one object; give it once (which one counts "
+                          "is up to each reader of JSON)", field=e.args[0]) from None
+    except RecursionError:
+        raise JsonProblem("is nested deeper than this program reads") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            raise JsonProblem("holds an integer of more than 4300 digits, which no field takes") from None
+        raise JsonProblem(f"is not valid JSON ({e})", syntax=True) from None
+
+
+def parse_json_bytes(raw: bytes):
+    """`raw` as UTF-8 JSON (`parse_json`); bytes that are not UTF-8 are a JsonProblem naming the first."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JsonProblem(f"is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start} cannot start or "
+                          "continue a character)") from None
+    return parse_json(text)
+
+
+def read_json_file(path: str):
+    """The JSON in the file `path` (`parse_json_bytes`); an OSError is the caller's to word."""
+    with open(path, "rb") as f:
+        return parse_json_bytes(f.read())
 
 
 # ----------------------------------------------------------------------------------------------

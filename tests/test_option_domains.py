@@ -251,8 +251,9 @@ def test_prompts_and_dialogs_that_are_not_text_are_refused(text):
 
 def test_a_dialogs_file_with_bytes_that_are_not_utf8_or_escaped_surrogates_is_refused(tmp_path):
     raw = tmp_path / "bytes.json"
-    raw.write_bytes(b'[[{"role": "user", "content": "caf\xe9"}]]')
-    with pytest.raises(LlamaMPError, match="not valid JSON"):
+    latin1 = b'[[{"role": "user", "content": "caf\xe9"}]]'
+    raw.write_bytes(latin1)
+    with pytest.raises(LlamaMPError, match=f"is not UTF-8 text \\(byte 0xe9 at offset {latin1.index(0xe9)} "):
         load_dialogs(str(raw))
     escaped = tmp_path / "escaped.json"
     escaped.write_text('[[{"role": "user", "content": "a \\udcff b"}]]')

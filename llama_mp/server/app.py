@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..checks import JsonProblem, parse_json_bytes
 from ..errors import LlamaMPError
 from .protocol import (ApiError, Job, choice, envelope, model_card, models_list, parse_chat,
                        parse_completion, usage)
@@ -82,38 +83,11 @@ async def _read_json(request: Request, limit: int, within_s: float):
     except ClientDisconnect:  # nobody reads this answer, but the request ends here, without a traceback
         raise ApiError(400, "The connection closed before the whole request body arrived.") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"The request body is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start} "
-                            "cannot start or continue a character).") from None
-    try:
-        body = json.loads(text, object_pairs_hook=_no_repeats)
-    except RecursionError:
-        raise ApiError(400, f"The request body is nested deeper than the {MAX_JSON_DEPTH} levels this server "
-                            "reads.") from None
-    except _Repeated as e:
-        raise ApiError(400, f"The request body names the field {e.args[0]!r} twice; send it once (which one "
-                            "counts is up to each reader of JSON, so the server refuses to guess).",
-                       param=e.args[0]) from None
-    except ValueError as e:
-        if "integer string conversion" in str(e):  # Python's own bound on the digits of a JSON integer
-            raise ApiError(400, "The request body holds an integer of more than 4300 digits; no field takes "
-                                "one.") from None
-        raise ApiError(400, f"The request body is not valid JSON ({e}).") from None
+        body = parse_json_bytes(raw)
+    except JsonProblem as e:
+        raise ApiError(400, f"The request body {e.reason}.", param=e.field) from None
     _check_json(body)
     return body
-
-
-class _Repeated(Exception):
-    """A JSON object names one field twice (its name in args[0])."""
-
-
-def _no_repeats(pairs):
-    out = dict(pairs)
-    if len(out) < len(pairs):
-        seen = set()
-        raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return out
 
 
 def _check_json(body) -> None:
