@@ -8,6 +8,7 @@ Python callers, so the rules refuse what would be accepted and then give nonsens
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -18,6 +19,15 @@ SEED_LIMIT = 2 ** 64  # torch.Generator.manual_seed takes 64 bits
 # A wait is a bound, not a wish: below a millisecond gloo rounds it to nothing, and a week is longer
 # than any shard read or decode step (datetime.timedelta overflows near 3e6 years, thread waits sooner).
 SHORTEST_WAIT_S, LONGEST_WAIT_S = 1e-3, 7 * 24 * 3600.0
+
+
+class OptionError(LlamaMPError):
+    """A value refused by a rule shared by several front ends; `option` is its plain name, for a server
+    error's `param`."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
 
 
 def is_number(value) -> bool:
@@ -32,6 +42,8 @@ def is_int(value) -> bool:
 def described(value) -> str:
     """`value` as a message shows it: its repr (cut short) and, unless that says it, its type."""
     text = repr(value)
+    if is_int(value) and len(text) > 80:  # a number no one reads digit by digit
+        return f"an integer of {len(text.lstrip('-'))} digits"
     if len(text) > 80:
         text = text[:77] + "..."
     if isinstance(value, (str, float)) or is_int(value):
@@ -111,6 +123,67 @@ def require_text(name: str, value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# JSON: one reader for everything a person or a client hands over as JSON (request bodies, dialog files,
+# --prompts, params.json, config.json, --compare files). Python's own parser ends in a RecursionError on
+# deep nesting, a ValueError on an integer of more than 4300 digits, and keeps the last of two fields of one
+# name without a word; here each is a JsonProblem that says so.
+
+
+class JsonProblem(ValueError):
+    """Text that is not JSON this program reads. `reason` completes a sentence about the text ("is not valid
+    JSON (...)"); `syntax` says it is not JSON at all; `field` names a field given twice."""
+
+    def __init__(self, reason: str, syntax: bool = False, field: Optional[str] = None):
+        super().__init__(reason)
+        self.reason, self.syntax, self.field = reason, syntax, field
+
+
+class _Repeated(Exception):
+    pass
+
+
+def _one_of_each(pairs):
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set = set()
+        raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def parse_json(text: str):
+    """`text` as JSON, or a JsonProblem: not JSON (where it breaks), nested too deep for the parser, an integer
+    of more than 4300 digits (Python's bound on reading digits), or an object naming a field twice (readers
+    of JSON disagree on which one counts, so neither is taken)."""
+    try:
+        return json.loads(text, object_pairs_hook=_one_of_each)
+    except _Repeated as e:
+        raise JsonProblem(f"names the field {e.args[0]!r} twice in one object; give it once (which one counts "
+                          "is up to each reader of JSON)", field=e.args[0]) from None
+    except RecursionError:
+        raise JsonProblem("is nested deeper than this program reads") from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            raise JsonProblem("holds an integer of more than 4300 digits, which no field takes") from None
+        raise JsonProblem(f"is not valid JSON ({e})", syntax=True) from None
+
+
+def parse_json_bytes(raw: bytes):
+    """`raw` as UTF-8 JSON (`parse_json`); bytes that are not UTF-8 are a JsonProblem naming the first."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JsonProblem(f"is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start} cannot start or "
+                          "continue a character)") from None
+    return parse_json(text)
+
+
+def read_json_file(path: str):
+    """The JSON in the file `path` (`parse_json_bytes`); an OSError is the caller's to word."""
+    with open(path, "rb") as f:
+        return parse_json_bytes(f.read())
+
+
+# ----------------------------------------------------------------------------------------------
 # The domain of every numeric option of every command and launcher, in one table. Each count, size and
 # rate has an upper bound as well as a lower one, checked before any work: a user's 10**12 must not become
 # a loop up to it, an allocation, an overflow traceback or a run that fills the machine. Finer rules that
@@ -135,12 +208,18 @@ class Domain:
     high: float
     meaning: str
 
-    def check(self, name: str, value) -> None:
+    def check(self, name: str, value, spelled: str = "--{}") -> None:
+        """Refuse `value` of option `name` (written as `spelled` spells it: "--{}" on the command line,
+        "'{}'" in a server request) unless it is in this domain; the message names both bounds exactly."""
         ok = is_int(value) if self.integer else is_finite_number(value)
         if not ok or not self.low <= value <= self.high:
             kind = "an integer" if self.integer else "a number"
-            raise LlamaMPError(f"--{name} must be {kind} from {self.low:g} to {self.high:g} ({self.meaning}), "
-                               f"got {described(value)}.")
+            raise OptionError(name, f"{spelled.format(name)} must be {kind} from {self.shown(self.low)} to "
+                                    f"{self.shown(self.high)} ({self.meaning}), got {described(value)}.")
+
+    def shown(self, bound: float) -> str:
+        # an integer bound exactly (16777216, not 1.67772e+07: a rounded bound names a value that is not it)
+        return str(int(bound)) if self.integer else f"{bound:g}"
 
 
 def _int(low, high, meaning):
@@ -191,6 +270,7 @@ OPTION_DOMAINS: Dict[str, Domain] = {
     "max_body_bytes": _int(1024, 1 << 30, "bytes of one request body"),
     "drain_s": _number(0, 3600, "seconds in-flight requests get to finish after SIGTERM"),
     "prefix_cache_rows": _int(0, MAX_BATCH, "free cache rows that keep their tokens for a later prompt, 0 for none"),
+    "receive_timeout_s": _number(0.1, 3600, "seconds a request's head, then its body, may take to arrive"),
     # bench-serve (its --concurrency is a list, checked by parse_levels with the same bound)
     "bench_serve:requests": _int(0, MAX_REQUESTS, "requests per level, 0 for 64 or 8 per client"),
     "bench_serve:max_tokens": _int(1, MAX_TOKENS, "tokens per answer"),

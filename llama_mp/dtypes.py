@@ -23,6 +23,12 @@ def parse_dtype(name: Optional[str], option: str = "--dtype", extra: Sequence[st
     raise LlamaMPError(f"Unknown {option} {name!r}; use one of {', '.join([*extra, *DTYPES])}{keep}.")
 
 
+def largest_finite(dtype: torch.dtype) -> str:
+    """What an overflow message says of `dtype`: "float16 holds at most 65504", from torch.finfo, so each
+    dtype's bound is its own (bfloat16 and float32 overflow near 3.4e38, not at 65504)."""
+    return f"{str(dtype).replace('torch.', '')} holds at most {torch.finfo(dtype).max:g}"
+
+
 def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """--dtype for a model on `device`; "auto" is bfloat16 on GPUs that compute in it natively (compute
     capability 8.0 and up: A100, H100, RTX 30xx/40xx), float16 on older ones (V100, T4, which only

@@ -2,10 +2,12 @@
 
 Plain torch on the whole (unsplit) state dict: no fairscale, no KV cache, no SDPA, rotary embeddings
 with complex numbers instead of cos/sin tables, attention written out by hand. Deliberately shares no
-code with llama_mp, so a mistake in the production path cannot hide in both.
+code with llama_mp, so a mistake in the production path cannot hide in both. Also an independent writer
+of llama2.c's checkpoint format (`write_llama2c`), for the importer's tests.
 """
 
 import math
+import struct
 
 import torch
 
@@ -67,3 +69,25 @@ def reference_greedy(state, args, prompt, steps):
     for _ in range(steps):
         tokens.append(int(reference_logits(state, args, tokens)[-1].argmax()))
     return tokens[len(prompt):]
+
+
+def write_llama2c(path, state, n_heads, n_kv_heads, seq_len=32, shared=False):
+    """A llama2.c version 0 file, following its format: 7 int32, then float32 arrays in a fixed order."""
+    dim, vocab = state["tok_embeddings.weight"].shape[1], state["tok_embeddings.weight"].shape[0]
+    hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    head = dim // n_heads
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
+    arrays = [state["tok_embeddings.weight"]]
+    for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        arrays += [state[f"layers.{i}.{name}.weight"] for i in range(n_layers)]
+    arrays += [state["norm.weight"], torch.cos(angles), torch.sin(angles)]
+    if not shared:
+        arrays.append(state["output.weight"])
+    with open(path, "wb") as f:
+        f.write(struct.pack("<7i", dim, hidden, n_layers, n_heads, n_kv_heads,
+                            vocab if shared else -vocab, seq_len))
+        for a in arrays:
+            f.write(a.to(torch.float32).numpy().astype("<f4").tobytes())

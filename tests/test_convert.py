@@ -8,7 +8,6 @@ llama2.c reader with the Meta weights the test file was written from.
 import json
 import os
 import shutil
-import struct
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from llama_mp.checkpoints.convert import convert, detect
 from llama_mp.errors import LlamaMPError
 from llama_mp.checkpoints.hf import from_hf_rows, to_hf_rows
 from llama_mp.checkpoints.params import load_params
+from reference import write_llama2c
 from workers import PROMPTS, greedy_ids, prompt_ids
 
 transformers = pytest.importorskip("transformers")
@@ -57,28 +57,6 @@ def hf_greedy(model, prompts):
         new = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist()
         out.append(new[:new.index(2)] if 2 in new else new)
     return out
-
-
-def write_llama2c(path, state, n_heads, n_kv_heads, seq_len=32, shared=False):
-    """A llama2.c version 0 file, following its format: 7 int32, then float32 arrays in a fixed order."""
-    dim, vocab = state["tok_embeddings.weight"].shape[1], state["tok_embeddings.weight"].shape[0]
-    hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
-    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-    head = dim // n_heads
-    freqs = 1.0 / 10000.0 ** (torch.arange(0, head, 2, dtype=torch.float64) / head)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
-    arrays = [state["tok_embeddings.weight"]]
-    for name in ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                 "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
-        arrays += [state[f"layers.{i}.{name}.weight"] for i in range(n_layers)]
-    arrays += [state["norm.weight"], torch.cos(angles), torch.sin(angles)]
-    if not shared:
-        arrays.append(state["output.weight"])
-    with open(path, "wb") as f:
-        f.write(struct.pack("<7i", dim, hidden, n_layers, n_heads, n_kv_heads,
-                            vocab if shared else -vocab, seq_len))
-        for a in arrays:
-            f.write(a.to(torch.float32).numpy().astype("<f4").tobytes())
 
 
 @pytest.fixture(scope="module")

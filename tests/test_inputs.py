@@ -22,7 +22,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from launching import CPU, ROOT, script
 from llama_mp import LlamaMPError
-from llama_mp.checks import require_seconds, require_seed
+from llama_mp.checks import JsonProblem, parse_json, parse_json_bytes, require_seconds, require_seed
 from llama_mp.cli.completion import EXAMPLE_PROMPTS, prompts_from_text, text_completion
 from llama_mp.cli.runner import check_options, exact_text
 from llama_mp.runtime.chat import ROLES, check_dialog, check_dialogs
@@ -380,3 +380,71 @@ def test_stdout_closed_by_its_reader_ends_the_run_quietly(ckpt, tokenizer_path):
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
     assert ERROR not in err
     assert time.monotonic() - started < 60
+
+
+# ------------------------------------------------------------------------------------------------
+# One JSON reader (checks.parse_json) for request bodies, dialog files, --prompts, params.json,
+# config.json and --compare files: whatever the text, a value or a JsonProblem, never another error.
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+                           max_leaves=12)
+
+
+def _pieces_of_json(value):
+    text = json.dumps(value)
+    return st.sampled_from([text, text[:len(text) // 2], text + "x", "[" * 5000 + text + "]" * 5000,
+                            "[" * 100000, '{"a": 1, "a": %s}' % text, "[1%s]" % ("0" * 4400), text.replace(":", ",")])
+
+
+@FAST
+@given(st.data())
+def test_any_text_is_json_read_as_python_reads_it_or_one_named_problem(data):
+    text = data.draw(JSON_VALUES.flatmap(_pieces_of_json) | st.text(max_size=40))
+    try:
+        value = parse_json(text)
+    except JsonProblem as e:
+        assert e.reason and "\n" not in e.reason and len(e.reason) < 400
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError):
+            return  # Python refuses it too
+        assert e.field is not None and f"{e.field!r} twice" in e.reason  # accepted by Python, one value lost
+        return
+    assert value == json.loads(text) or value != value  # the same value (NaN aside)
+
+
+@FAST
+@given(st.binary(max_size=40))
+def test_bytes_that_are_not_utf8_are_named_by_their_offset(raw):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        with pytest.raises(JsonProblem, match=f"not UTF-8 text \\(byte {raw[e.start]:#04x} at offset {e.start} "):
+            parse_json_bytes(raw)
+        return
+    try:
+        assert parse_json_bytes(raw) == parse_json(text)
+    except JsonProblem:
+        pytest.raises(JsonProblem, parse_json, text)
+
+
+@pytest.mark.parametrize("text, words", [('{"dim": 1, "dim": 2}', "names the field 'dim' twice"),
+                                         ("[" * 100000 + "]" * 100000, "nested deeper"),
+                                         ("[1%s]" % ("0" * 4400), "more than 4300 digits"),
+                                         ("\xff", "not UTF-8 text (byte 0xff")])
+def test_every_json_file_reader_names_the_problem(tmp_path, text, words):
+    from llama_mp.checkpoints import hf
+    from llama_mp.checkpoints.params import load_params
+    from llama_mp.runtime.chat import load_dialogs
+    from llama_mp.tools.perplexity import Scores
+
+    path = tmp_path / "params.json"
+    path.write_bytes(text.encode("latin-1") if text == "\xff" else text.encode())
+    for read in (load_dialogs, lambda p: load_params(os.path.dirname(p)), hf._read_json, Scores.load):
+        with pytest.raises(LlamaMPError) as e:
+            read(str(path))
+        assert words in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 600, str(e.value)
+    if text != "\xff":
+        with pytest.raises(LlamaMPError, match="--prompts reads as JSON but"):
+            prompts_from_text(text)

@@ -3,6 +3,7 @@ checkpoint is reported by `verify` (tensor and shard named), refused by `quantiz
 message naming the tensor and the shard, found while the tensors are copied: decoding pays nothing), and
 perplexity never reports nan with exit 0. All in process."""
 
+import math
 import os
 import shutil
 
@@ -11,14 +12,17 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from llama_mp.checkpoints import layout
+from llama_mp.checkpoints.hf import hf_name
 from llama_mp.checkpoints.meta import nonfinite_problem
 from llama_mp.checkpoints.quantize import quantize_checkpoint
 from llama_mp.checkpoints.verify import verify_checkpoint
 from llama_mp.distributed import Group
 from llama_mp.errors import LlamaMPError
+from llama_mp.quant.scheme import parse_scheme
 from llama_mp.runtime.decode import Decoder
 from llama_mp.runtime.loading import load_checkpoint
 from llama_mp.tools import perplexity as perplexity_mod
+from reference import write_llama2c
 from workers import build
 
 CPU_GROUP = Group(0, 1, 0, torch.device("cpu"), "gloo")
@@ -150,3 +154,94 @@ def test_a_weight_that_overflows_the_converted_dtype_is_refused_by_reshard(clean
     message = refused(reshard, ckpt, str(tmp_path / "half"), 2, dtype="float16", progress=False)
     assert message.startswith("layers.0.attention.wo.weight of ") and "does not fit in float16" in message
     reshard(ckpt, str(tmp_path / "same"), 2, progress=False)  # finite as stored: copied as it is
+
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stored=st.sampled_from(FLOATS), loaded=st.sampled_from(FLOATS), data=st.data())
+def test_a_stored_value_loads_exactly_when_it_is_finite_in_the_run_dtype(make_checkpoint, tmp_path, stored, loaded,
+                                                                          data):
+    """Whatever the stored and the run's dtype, a finite stored value loads iff its conversion is finite;
+    otherwise the message names the tensor, the dtype and that dtype's own bound (torch.finfo's)."""
+    value = data.draw(st.floats(allow_nan=False, allow_infinity=False, width=16 if stored == torch.float16 else 32))
+    value = float(torch.tensor(value, dtype=torch.float32).to(stored))  # as the file holds it
+    if not math.isfinite(value):  # bfloat16 rounds float32's largest values up to inf: not a finite value
+        return
+    clean = make_checkpoint(shards=1, dtype=stored)
+    ckpt, _ = damaged_copy(clean, tmp_path, "layers.1.feed_forward.w3.weight", 0, 7, value)
+    converts = bool(torch.isfinite(torch.tensor(value, dtype=stored).to(loaded)))
+    if converts:
+        load_checkpoint(ckpt, CPU_GROUP, loaded, Decoder(), 1, 16)
+        return
+    message = refused(load_checkpoint, ckpt, CPU_GROUP, loaded, Decoder(), 1, 16)
+    name = str(loaded).replace("torch.", "")
+    assert message.startswith("layers.1.feed_forward.w3.weight of ") and f"does not fit in {name}" in message
+    assert f"{name} holds at most {torch.finfo(loaded).max:g}" in message, message
+
+
+@pytest.fixture(scope="module")
+def sources(clean, tmp_path_factory):
+    """The clean model as the other formats a user loads or imports: an int8 folder, HF, llama2.c."""
+    from llama_mp.checkpoints.convert import convert
+
+    root = tmp_path_factory.mktemp("sources")
+    quantize_checkpoint(clean[0], str(root / "int8"), "int8", progress=False)
+    convert(clean[0], str(root / "hf"), to="hf", progress=False)
+    full = {k: v for k, v in clean[2].items()}
+    write_llama2c(str(root / "model.bin"), full, clean[1].n_heads, clean[1].kv_heads)
+    return root
+
+
+def _damaged_file(src, tmp_path, key, index, value):
+    """A damaged copy of an HF folder (its safetensors) or of a llama2.c file, one value of `key` changed."""
+    from safetensors.torch import load_file, save_file
+
+    if os.path.isdir(src):
+        dst = tmp_path / "damaged_hf"
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        path = str(dst / "model.safetensors")
+        tensors = load_file(path)
+        name = hf_name(key)
+        tensors[name].view(-1)[index % tensors[name].numel()] = value
+        save_file(tensors, path, metadata={"format": "pt"})
+        return str(dst)
+    return None
+
+
+@SOME
+@given(data=st.data())
+def test_every_load_and_import_path_refuses_a_nan_naming_the_tensor(clean, sources, tmp_path, data):
+    """Loading with --quantize, loading a quantized folder, and importing from HF and llama2.c each refuse a
+    NaN or an infinity with one message naming the tensor; an import writes nothing."""
+    from llama_mp.checkpoints.convert import convert
+
+    key, _, index, value = data.draw(damages(clean[1]))
+    ckpt, shard_name = damaged_copy(clean, tmp_path, key, 0, index, value)
+    message = refused(load_checkpoint, ckpt, CPU_GROUP, torch.float32, Decoder(), 1, 16, parse_scheme("int8"))
+    assert message.startswith(f"{key} in {os.path.join(ckpt, shard_name)} is damaged"), message
+
+    if key.endswith("norm.weight") or key in ("tok_embeddings.weight",):  # kept in float by quantizing
+        q = str(tmp_path / "int8")
+        shutil.rmtree(q, ignore_errors=True)
+        shutil.copytree(sources / "int8", q)
+        os.remove(os.path.join(q, "checklist.chk"))
+        path = os.path.join(q, "consolidated.00.pth")
+        sd = torch.load(path, weights_only=True)
+        sd[key].view(-1)[index % sd[key].numel()] = value
+        torch.save(sd, path)
+        message = refused(load_checkpoint, q, CPU_GROUP, torch.float32, Decoder(), 1, 16)
+        assert message.startswith(f"{key} in {path} is damaged"), message
+
+    hf = _damaged_file(str(sources / "hf"), tmp_path, key, index, value)
+    full = {k: v.clone() for k, v in clean[2].items()}
+    full[key].view(-1)[index % full[key].numel()] = value
+    l2c = str(tmp_path / "damaged.bin")
+    write_llama2c(l2c, full, clean[1].n_heads, clean[1].kv_heads)
+    for src in (hf, l2c):
+        dst = tmp_path / "imported"
+        message = refused(convert, src, str(dst), progress=False)
+        assert message.startswith(f"{key} of {src} is damaged") and "NaN or infinite" in message, message
+        assert not dst.exists()

@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from llama_mp.cli.commands import COMMANDS
 from llama_mp.cli.completion import chat_completion, prompts_from_text, text_completion
 from llama_mp.errors import LlamaMPError
 from llama_mp.runtime.chat import check_dialogs, load_dialogs
+from llama_mp.server.protocol import ApiError, Limits, parse_completion
 from llama_mp.tools.bench_serve import bench_serve, parse_levels
 from llama_mp.torchrun import process_count_problem
 
@@ -84,6 +86,8 @@ def command(monkeypatch, capsys):
         with pytest.raises(SystemExit) as ended:
             runner.run(component, name="llama-mp" if name in COMMANDS else None)
         out = capsys.readouterr()
+        # a message that quotes a cause ending in a period must not end it twice ('ftp://'.. Check)
+        assert not re.search(r"[^.]\.\.(\s|$)", out.err), out.err
         return ended.value.code, out.out, out.err
 
     return run
@@ -105,7 +109,7 @@ def test_every_default_is_inside_its_domain(command_name, name):
 def outside(d):
     """Values outside Domain `d`: beyond each end, far beyond, NaN and infinities, and a float for a count."""
     beyond = [d.high + 1, d.low - 1, 10 ** 12 if d.high < 10 ** 12 else -10 ** 12, 10 ** 30, -(10 ** 30)]
-    values = st.sampled_from([repr(v) for v in beyond] + ["nan", "inf", "-inf", "1e308", "-1e308", "'12'"])
+    values = st.sampled_from([repr(v) for v in beyond] + ["nan", "inf", "-inf", "1e308", "-1e308", "'12'", "9" * 401])
     if d.integer:
         values |= st.floats(min_value=d.low, max_value=min(d.high, 1e6)).filter(lambda f: f != int(f)).map(repr)
     else:
@@ -125,6 +129,24 @@ def test_an_out_of_domain_number_is_one_line_naming_the_option_at_once(command, 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llama_mp: error: ") and f"--{name}" in lines[0], err
     assert "Traceback" not in err and out == ""
+    d = domain(command_name, name)
+    if d.integer:  # both bounds exactly, never rounded (16777216, not 1.67772e+07)
+        assert f"from {int(d.low)} to {int(d.high)} " in lines[0], lines[0]
+    assert len(lines[0]) < 400, lines[0]  # a 401-digit value is described, not quoted
+
+
+def test_sampling_errors_name_the_option_as_each_front_end_spells_it(command, tokenizer):
+    """check_sampling is shared by the command line, the Python API and the server; each names the value
+    the way its user wrote it."""
+    for option, value in (("temperature", 1e-300), ("top_p", 0), ("top_k", -1)):
+        code, _, err = command("text_completion", f"--{option}", value)
+        assert code == 2 and f"error: --{option} must be" in err, err
+    code, _, err = command("chat", "--temperature", 1e-300)
+    assert code == 2 and "error: --temperature must be a number from 0.001 to 100" in err, err
+    for option, value in (("temperature", 1e-300), ("top_p", 0), ("temperature", 10 ** 400)):
+        with pytest.raises(ApiError) as e:
+            parse_completion({"prompt": "a", option: value}, tokenizer, Limits("m", 64, 1))
+        assert e.value.status == 400 and e.value.param == option and e.value.message.startswith(f"'{option}' must be")
 
 
 def test_the_domain_check_comes_before_any_work(command, tmp_path):
@@ -176,6 +198,22 @@ def test_a_benchmark_that_measured_nothing_exits_2_with_the_cause(command):
     assert code == 2 and "Every request of the warmup failed" in err and out == ""
 
 
+@pytest.mark.parametrize("url, words", [("ftp://x", "not an http:// or https:// address"), ("notaurl", "with a host"),
+                                        ("http://[::1", "Invalid IPv6 URL"), ("http://h:99999", "Port out of range"),
+                                        ("http://:80", "with a host")])
+def test_bench_serve_refuses_an_address_that_is_not_a_servers_before_any_request(command, url, words):
+    start = time.monotonic()
+    code, out, err = command("bench-serve", "--url", url, "--warmup", 1)
+    assert code == 2 and f"--url {url!r} is not a server's address" in err and words in err, err
+    assert time.monotonic() - start < 1 and out == ""
+
+
+@pytest.mark.parametrize("levels", ["1.5,2", "1,true", (1.5, 2), (True, 2), "1,,2", " "])
+def test_bench_serve_concurrency_levels_are_whole_numbers(levels):
+    with pytest.raises(LlamaMPError, match="--concurrency must be an integer from 1 to 1024"):
+        parse_levels(levels)
+
+
 # ----------------------------------------------------------------------------------------------
 # Text that is not text
 
@@ -213,8 +251,9 @@ def test_prompts_and_dialogs_that_are_not_text_are_refused(text):
 
 def test_a_dialogs_file_with_bytes_that_are_not_utf8_or_escaped_surrogates_is_refused(tmp_path):
     raw = tmp_path / "bytes.json"
-    raw.write_bytes(b'[[{"role": "user", "content": "caf\xe9"}]]')
-    with pytest.raises(LlamaMPError, match="not valid JSON"):
+    latin1 = b'[[{"role": "user", "content": "caf\xe9"}]]'
+    raw.write_bytes(latin1)
+    with pytest.raises(LlamaMPError, match=f"is not UTF-8 text \\(byte 0xe9 at offset {latin1.index(0xe9)} "):
         load_dialogs(str(raw))
     escaped = tmp_path / "escaped.json"
     escaped.write_text('[[{"role": "user", "content": "a \\udcff b"}]]')

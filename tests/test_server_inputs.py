@@ -77,10 +77,10 @@ class RandomModel:
 class Served:
     """The app with a scheduler on a RandomModel, its batch loop in a thread."""
 
-    def __init__(self, tokenizer, script=None, max_queue=16, body_timeout_s=30.0, max_body=1 << 16, run=True):
+    def __init__(self, tokenizer, script=None, max_queue=16, receive_timeout_s=30.0, max_body=1 << 16, run=True):
         self.tokenizer = tokenizer
         self.scheduler = Scheduler(RandomModel(tokenizer.n_words, script), tokenizer, max_queue)
-        self.state = ServerState(api_key=None, max_body_bytes=max_body, body_timeout_s=body_timeout_s)
+        self.state = ServerState(api_key=None, max_body_bytes=max_body, receive_timeout_s=receive_timeout_s)
         self.state.ready(self.scheduler, tokenizer, Limits("m", SEQ_LEN, SLOTS))
         self.app = make_app(self.state)
         self.client = TestClient(self.app, raise_server_exceptions=False)
@@ -317,6 +317,53 @@ def test_an_explicit_null_is_not_given_for_every_field(tokenizer, data):
                    tokenizer, limits)
 
 
+NUMERIC_FIELDS = {"completion": ["max_tokens", "temperature", "top_p", "logprobs", "seed"],
+                  "chat": ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_logprobs", "seed"]}
+ANY_NUMBER = st.one_of(st.integers(), st.integers(min_value=10 ** 300, max_value=10 ** 1000), st.floats(),
+                       st.sampled_from([-0.0, 2 ** 64, -(2 ** 64), 1e-300, 5e-324, 10 ** 400]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["completion", "chat"]), data=st.data())
+def test_any_number_in_a_numeric_field_is_used_or_a_short_400_naming_it(tokenizer, kind, data):
+    """Class 4 and 6: whatever number a client sends (huge, tiny, negative, NaN, a float for a count), the
+    field is used as it reads or refused with a 400 naming it in the request's spelling, in a message that
+    describes a long number instead of quoting it."""
+    name = data.draw(st.sampled_from(NUMERIC_FIELDS[kind]))
+    value = data.draw(ANY_NUMBER)
+    base = {"prompt": "a"} if kind == "completion" else {"messages": [{"role": "user", "content": "a"}]}
+    if name == "top_logprobs":
+        base["logprobs"] = True
+    parse = parse_completion if kind == "completion" else parse_chat
+    try:
+        job = parse(dict(base, **{name: value}), tokenizer, Limits("m", SEQ_LEN, 2))
+    except ApiError as e:
+        said = f"'{name}'" if e.code != "context_length_exceeded" else name  # OpenAI's words for that one
+        assert e.status == 400 and e.param == name and said in e.message and len(e.message) < 400, e.message
+        return
+    spec = job.sequences[0]
+    if name in ("max_tokens", "max_completion_tokens"):
+        assert spec.max_tokens == value
+    elif name in ("temperature", "top_p"):
+        assert getattr(spec, name) == value and type(getattr(spec, name)) is float
+    elif name == "seed":
+        assert spec.seed == value % 2 ** 64
+    else:
+        assert spec.logprobs == value
+
+
+def test_a_field_named_twice_or_an_unknown_part_field_is_a_400(served):
+    error = error_of(served.client.post("/v1/completions", content=b'{"prompt": "a", "prompt": "b"}'), 400)
+    assert error["param"] == "prompt" and "twice" in error["message"]
+    error = error_of(served.client.post("/v1/completions", content=b'{"prompt": "a", "seed": 1' + b"0" * 4400 + b"}"),
+                     400)
+    assert "4300 digits" in error["message"] and "sys." not in error["message"]
+    part = {"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}
+    error = error_of(served.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [part]}]}),
+                     400)
+    assert error["param"] == "messages" and "'cache_control'" in error["message"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Class 6: any text or JSON a client can send ends in a 4xx
 
@@ -353,15 +400,17 @@ def test_invalid_utf8_and_deep_nesting_are_a_400(served):
 @pytest.fixture(scope="module")
 def http(tokenizer_path):
     """A real uvicorn (in this process) for what a TestClient cannot send: cut and slow bodies."""
-    job = Served(Tokenizer(tokenizer_path), body_timeout_s=1.0)
-    server = HttpServer(job.app, bind("127.0.0.1", 0))
+    job = Served(Tokenizer(tokenizer_path), receive_timeout_s=1.0)
+    server = HttpServer(job.app, bind("127.0.0.1", 0), job.state.receive_timeout_s)
     server.start()
     yield server, job
     server.stop()
     job.close()
 
 
-def _raw(server, data: bytes, pause_s=0.0, then=b"") -> bytes:
+def _raw(server, data: bytes, pause_s=0.0, then=b"", hold=False) -> bytes:
+    """What the server sends back on one connection that sends `data` (then, after `pause_s`, `then`) and
+    closes its side, or (`hold`) keeps it open, until the server closes it."""
     host, port = server.sock.getsockname()[:2]
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(data)
@@ -369,7 +418,7 @@ def _raw(server, data: bytes, pause_s=0.0, then=b"") -> bytes:
             time.sleep(pause_s)
         if then:
             s.sendall(then)
-        s.shutdown(socket.SHUT_WR) if not pause_s else None
+        s.shutdown(socket.SHUT_WR) if not (pause_s or hold) else None
         out = b""
         while True:
             try:
@@ -388,6 +437,21 @@ def test_a_cut_off_or_slow_body_ends_cleanly_and_the_server_goes_on(http, capfd)
     _raw(server, head + b'{"prompt": "ab')                  # cut off: the client closes mid-body
     slow = _raw(server, head + b'{"prompt"', pause_s=2.0)  # slow loris: more than the 1 s the body may take
     assert b" 408 " in slow.split(b"\r\n")[0] and b'"request_timeout"' in slow
+    assert b"connection: close" in slow.lower()  # the rest of that body is not read as a next request
+    for trickle in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"):  # silent, or a head never ended
+        started = time.monotonic()
+        slow = _raw(server, trickle, hold=True)
+        assert 0.9 < time.monotonic() - started < 3, slow
+        assert b" 408 " in slow.split(b"\r\n")[0] and b"request line and headers" in slow, slow
+    # the head's bound holds for the next request of a kept-alive connection too, and not within a request
+    host, port = server.sock.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+        started = time.monotonic()
+        answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408") and 0.9 < time.monotonic() - started < 3, answer
     ok = httpx.post(server.address + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0},
                     timeout=30)
     assert ok.status_code == 200

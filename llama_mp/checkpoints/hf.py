@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..checks import JsonProblem, read_json_file
 from ..errors import LlamaMPError
 from . import layout
 from .params import ModelArgs, ffn_fields_for, parse_params
@@ -168,10 +169,11 @@ def _reason(e: BaseException) -> str:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise _damaged(path, f"it is not valid JSON ({_reason(e)})") from None
+        data = read_json_file(path)
+    except JsonProblem as e:
+        raise _damaged(path, f"it {e.reason}") from None
+    except OSError as e:
+        raise _damaged(path, f"it cannot be read ({_reason(e)})") from None
     if not isinstance(data, dict):
         raise _damaged(path, f"it holds a JSON {type(data).__name__}, not an object")
     return data

@@ -19,7 +19,7 @@ import torch
 
 from tqdm import tqdm
 
-from ..dtypes import DTYPES
+from ..dtypes import DTYPES, largest_finite
 from ..errors import LlamaMPError
 from ..quant.scheme import scales_problem
 from . import layout
@@ -90,7 +90,7 @@ def require_finite_copy(key: str, where: str, piece: torch.Tensor, written: torc
     problem = nonfinite_problem(written) if written.dtype != piece.dtype else None
     if problem is not None:
         raise LlamaMPError(f"{key} of {where} does not fit in {str(written.dtype).replace('torch.', '')}: "
-                           f"converted, it {problem} (float16 holds at most 65504), and nothing was written. "
+                           f"converted, it {problem} ({largest_finite(written.dtype)}), and nothing was written. "
                            "Convert to bfloat16 or float32 (--dtype).")
 
 
@@ -362,7 +362,7 @@ class RankSlices:
                                "every answer would be garbage. Download that shard again or rebuild it from its "
                                "source (`llama-mp verify` lists every such tensor).")
         raise LlamaMPError(f"{key} of {self.ckpt_dir} does not fit in {str(share.dtype).replace('torch.', '')}: "
-                           f"converted, this rank's share of it {problem} (float16 holds at most 65504). Load "
+                           f"converted, this rank's share of it {problem} ({largest_finite(share.dtype)}). Load "
                            "it in bfloat16 or float32 (--dtype).")
 
     def copy_into(self, key: str, dest: torch.Tensor) -> None:

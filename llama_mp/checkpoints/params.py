@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from ..checks import JsonProblem, read_json_file
 from ..errors import LlamaMPError
 from ..quant.scheme import Scheme, scheme_from_json
 
@@ -110,6 +111,11 @@ class ModelArgs:
         else:
             out["quantization"] = self.quantization.to_json()
         return out
+
+    def parameters_text(self) -> str:
+        """The parameter count as a person reads it: "4.2M parameters", "6.74B parameters"."""
+        n = self.parameter_count()
+        return f"{n / 1e9:.2f}B parameters" if n >= 1e9 else f"{n / 1e6:.1f}M parameters"
 
     def parameter_count(self) -> int:
         """Number of weights (embedding, layers, final norm, output), for sizing and bandwidth."""
@@ -270,10 +276,11 @@ def load_params(ckpt_dir: str) -> ModelArgs:
         raise LlamaMPError(f"{path} does not exist. A Meta checkpoint directory holds params.json, "
                            "consolidated.00.pth, ... and checklist.chk; check --ckpt_dir.")
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamaMPError(f"{path} is not valid JSON ({e}). Restore it from the original download.") from None
+        raw = read_json_file(path)
+    except JsonProblem as e:
+        raise LlamaMPError(f"{path} {e.reason}. Restore it from the original download.") from None
+    except OSError as e:
+        raise LlamaMPError(f"{path} cannot be read ({e.strerror or e}).") from None
     return parse_params(raw, where=path)
 
 

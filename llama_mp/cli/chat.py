@@ -217,7 +217,7 @@ def chat(
     included) as chat_completion's --help says.
     """
     def check() -> int:
-        check_sampling(temperature, top_p, top_k)
+        check_sampling(temperature, top_p, top_k, "--{}")
         check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
         return answer_room(max_seq_len, max_gen_len)
 

@@ -62,7 +62,7 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
         check_shard_count(args, mp)
         require_synth_fits(out_dir, args, torch_dtype)
         write_random_checkpoint(out, args, mp, seed=seed, dtype=torch_dtype)
-    print(f"wrote {out_dir}: {mp} shard(s), {args.parameter_count() / 1e6:.1f}M parameters, tokenizer "
+    print(f"wrote {out_dir}: {mp} shard(s), {args.parameters_text()}, tokenizer "
           f"{os.path.join(out_dir, 'tokenizer.model')}", file=sys.stderr)
 
 
@@ -107,7 +107,7 @@ def reshard(src: str, dst: str, mp: int, overwrite: bool = False, dtype: Optiona
     from ..checkpoints.reshard import reshard as run
 
     args = run(str(src), str(dst), mp, overwrite=overwrite, dtype=dtype)
-    print(f"wrote {dst}: {mp} shard(s) of a {args.parameter_count() / 1e9:.2f} B parameter model")
+    print(f"wrote {dst}: {mp} shard(s), {args.parameters_text()}")
 
 
 def verify(ckpt_dir: str, quiet: bool = False) -> None:
@@ -173,7 +173,7 @@ def quantize(src: str, dst: str, mode: str, group_size: Optional[int] = None, mp
     from ..checkpoints.quantize import quantize_checkpoint
 
     args = quantize_checkpoint(str(src), str(dst), mode, group_size=group_size, mp=mp, overwrite=overwrite)
-    print(f"wrote {dst}: {len(shard_paths(str(dst)))} shard(s) of a {args.parameter_count() / 1e9:.2f} B parameter model, "
+    print(f"wrote {dst}: {len(shard_paths(str(dst)))} shard(s), {args.parameters_text()}, "
           f"{args.scheme.describe()}")
 
 

@@ -14,7 +14,7 @@ import time
 from typing import Callable, List, Optional, TypeVar
 
 from .. import distributed
-from ..checks import described, require_text, text_problem
+from ..checks import JsonProblem, described, parse_json, require_text, text_problem
 from ..errors import LlamaMPError
 from ..runtime.chat import load_dialogs
 from ..runtime.llama import Llama, check_build_arguments, log
@@ -54,11 +54,14 @@ def prompts_from_text(text: Optional[str]) -> List[str]:
     start = text.lstrip()[:1]
     if start not in ("[", "{"):
         return [text]
+    wrap = "To send this text as one prompt, wrap it in a JSON list" + (
+        f": --prompts {shlex.quote(jsonlib.dumps([text]))}" if len(text) <= 200 else " of one string")
     try:
-        value = jsonlib.loads(text)
-    except ValueError:
-        return [text]
-    wrap = f"To send this text as one prompt, wrap it in a JSON list: --prompts {shlex.quote(jsonlib.dumps([text]))}"
+        value = parse_json(text)
+    except JsonProblem as e:
+        if e.syntax:  # not JSON: a prompt as typed
+            return [text]
+        raise LlamaMPError(f"--prompts reads as JSON but {e.reason}. {wrap}.") from None
     if isinstance(value, dict):
         raise LlamaMPError(f"--prompts is a JSON object, but prompts are one text or a JSON list of texts. {wrap}.")
     if not value:
@@ -154,7 +157,7 @@ def text_completion(
     weights while loading (a folder written by `llama-mp quantize` is loaded quantized without it).
     """
     def check() -> List[str]:
-        check_sampling(temperature, top_p, top_k)
+        check_sampling(temperature, top_p, top_k, "--{}")
         check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
         return prompts_from_text(prompts)
 
@@ -229,7 +232,7 @@ def chat_completion(
         return chat(ckpt_dir, tokenizer_path, system, max_seq_len, max_batch_size, max_gen_len, temperature,
                     top_p, top_k, seed, backend, device, dtype, decoder, timeout_s, load_timeout_s,
                     quantize=quantize, group_size=group_size)
-    _before_loading(lambda: (check_sampling(temperature, top_p, top_k),
+    _before_loading(lambda: (check_sampling(temperature, top_p, top_k, "--{}"),
                              check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s,
                                                    quantize, group_size)))
     group = distributed.setup(backend, device, timeout_s)

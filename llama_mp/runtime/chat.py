@@ -8,11 +8,10 @@ that looks like a special token is encoded as the plain text it is.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Tuple, TypedDict
 
-from ..checks import described, text_problem
+from ..checks import JsonProblem, described, read_json_file, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
 
@@ -168,11 +167,10 @@ def load_dialogs(path: Optional[str]) -> List[Dialog]:
     if not os.path.isfile(path):
         raise LlamaMPError(f"Dialogs file {path!r} does not exist.")
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamaMPError(f"Dialogs file {path!r} is not valid JSON ({e}). It should hold a list of dialogs, "
-                           'each a list of {"role": ..., "content": ...} messages.') from None
+        data = read_json_file(path)
+    except JsonProblem as e:
+        raise LlamaMPError(f"Dialogs file {path!r} {e.reason}. It should hold a list of dialogs, each a list of "
+                           '{"role": ..., "content": ...} messages.') from None
     except OSError as e:
         raise LlamaMPError(f"Dialogs file {path!r} cannot be read ({e.strerror or e}).") from None
     if isinstance(data, list) and data and isinstance(data[0], dict):

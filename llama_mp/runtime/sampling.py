@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..checks import described, is_finite_number, is_int, is_number, require_number
+from ..checks import OptionError, described, is_finite_number, is_int, is_number, require_number
 from ..errors import LlamaMPError
 from .transfer import upload
 
@@ -35,16 +35,23 @@ from .transfer import upload
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+def check_sampling(temperature: float, top_p: float, top_k: int, spelled: str = "{}") -> None:
     """The one rule for sampling parameters: temperature 0 (greedy) or in [1e-3, 100]; top_p in (0, 1];
-    top_k an integer >= 0 (0 turns it off). Bools and strings are not numbers."""
-    if not (is_number(temperature) and temperature == 0):
-        require_number("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
-                       " (or 0 for greedy decoding)")
+    top_k an integer >= 0 (0 turns it off). Bools and strings are not numbers. `spelled` writes a name as
+    the caller's front end spells it ("--{}" on the command line, "'{}'" in a server request), so the
+    message names what the user typed; the error's `option` is the plain name."""
+    try:
+        if not (is_number(temperature) and temperature == 0):
+            require_number(spelled.format("temperature"), temperature, MIN_TEMPERATURE, MAX_TEMPERATURE,
+                           " (or 0 for greedy decoding)")
+    except LlamaMPError as e:
+        raise OptionError("temperature", str(e)) from None
     if not is_finite_number(top_p) or not 0 < top_p <= 1:
-        raise LlamaMPError(f"top_p must be a number in (0, 1] (1 keeps every token), got {described(top_p)}.")
+        raise OptionError("top_p", f"{spelled.format('top_p')} must be a number in (0, 1] (1 keeps every token), "
+                                   f"got {described(top_p)}.")
     if not is_int(top_k) or top_k < 0:
-        raise LlamaMPError(f"top_k must be an integer >= 0 (0 turns it off), got {described(top_k)}.")
+        raise OptionError("top_k", f"{spelled.format('top_k')} must be an integer >= 0 (0 turns it off), got "
+                                   f"{described(top_k)}.")
 
 
 def make_generator(device, seed: int) -> torch.Generator:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..checks import JsonProblem, parse_json_bytes
 from ..errors import LlamaMPError
 from .protocol import (ApiError, Job, choice, envelope, model_card, models_list, parse_chat,
                        parse_completion, usage)
@@ -34,7 +35,9 @@ from .state import FAILED, READY, ServerState
 
 def error_response(error: ApiError) -> Response:
     # ASCII JSON: a message may quote what a client sent (a URL's model name), and that need not be text
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.status in (408, 413):  # the body was not read to its end: what is left of it is no next request
+        headers["Connection"] = "close"
     return Response(json.dumps(error.body()), status_code=error.status, headers=headers,
                     media_type="application/json")
 
@@ -80,17 +83,9 @@ async def _read_json(request: Request, limit: int, within_s: float):
     except ClientDisconnect:  # nobody reads this answer, but the request ends here, without a traceback
         raise ApiError(400, "The connection closed before the whole request body arrived.") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"The request body is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start} "
-                            "cannot start or continue a character).") from None
-    try:
-        body = json.loads(text)
-    except RecursionError:
-        raise ApiError(400, f"The request body is nested deeper than the {MAX_JSON_DEPTH} levels this server "
-                            "reads.") from None
-    except ValueError as e:
-        raise ApiError(400, f"The request body is not valid JSON ({e}).") from None
+        body = parse_json_bytes(raw)
+    except JsonProblem as e:
+        raise ApiError(400, f"The request body {e.reason}.", param=e.field) from None
     _check_json(body)
     return body
 
@@ -289,7 +284,7 @@ def make_app(state: ServerState) -> FastAPI:
 
     async def run(request: Request, parse) -> object:
         _authorize(state, request)
-        body = await _read_json(request, state.max_body_bytes, state.body_timeout_s)
+        body = await _read_json(request, state.max_body_bytes, state.receive_timeout_s)
         busy = state.unavailable()
         if busy is not None:
             raise busy
@@ -352,15 +347,69 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class HttpServer:
-    """uvicorn serving `app` on an already bound socket, in a daemon thread."""
+def _bounded_head_protocol(head_timeout_s: float):
+    """uvicorn's h11 protocol with a bound on how long a request's line and headers may take to arrive.
 
-    def __init__(self, app: FastAPI, sock: socket.socket):
+    uvicorn times out neither a new connection that sends nothing nor a request head sent a byte at a time
+    (its keep-alive timer stops at the first byte): a client could hold a connection, and then all of them,
+    for ever. Here a timer starts when a connection opens, or when the first byte of its next request comes,
+    and stops when the head is whole (the request starts; its body then has the app's bound). A head not
+    whole in time gets a 408 in OpenAI's error JSON and the connection closes. Only the h11 parser is
+    subclassed (h11 is what uvicorn runs without httptools); nothing is read per byte beyond what h11 reads."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedHead(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.head_timer = None
+            self._time_head()
+
+        def _time_head(self) -> None:
+            if self.head_timer is None:
+                self.head_timer = self.loop.call_later(head_timeout_s, self._head_too_slow)
+
+        def _stop_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            if before is None or before.response_complete:  # these bytes begin or continue a request head
+                self._time_head()
+            super().data_received(data)
+            if self.cycle is not before:  # the head was whole: a request started
+                self._stop_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        def _head_too_slow(self) -> None:
+            self.head_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return
+            body = json.dumps(ApiError(408, f"The request line and headers did not arrive within {head_timeout_s:g} "
+                                            "s; send them at once.", "invalid_request_error", None,
+                                       "request_timeout").body()).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.close()
+
+    return BoundedHead
+
+
+class HttpServer:
+    """uvicorn serving `app` on an already bound socket, in a daemon thread; a request's head must arrive
+    within `head_timeout_s` (`_bounded_head_protocol`)."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket, head_timeout_s: float):
         import uvicorn
 
         self.sock = sock
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=2, timeout_keep_alive=5)
+                                timeout_graceful_shutdown=2, timeout_keep_alive=5,
+                                http=_bounded_head_protocol(head_timeout_s))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
                                        name="llama_mp-http")

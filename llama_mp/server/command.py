@@ -48,13 +48,14 @@ END_MARGIN_S = FLUSH_S + 3.0
 
 
 def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                        max_body_bytes, drain_s, prefix_cache_rows=None) -> None:
+                        max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows=None) -> None:
     """The server's own options, checked on every rank before the process group starts."""
     if not isinstance(host, str) or not host:
         raise LlamaMPError(f"--host must be a host name or address, got {described(host)}.")
     # the command line's domains (checks.OPTION_DOMAINS), for callers from Python too; None is refused here
     for name, value in dict(port=port, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                            max_queue=max_queue, max_body_bytes=max_body_bytes, drain_s=drain_s).items():
+                            max_queue=max_queue, max_body_bytes=max_body_bytes, drain_s=drain_s,
+                            receive_timeout_s=receive_timeout_s).items():
         option_domain("serve", name).check(name, value)
     if prefix_cache_rows is not None:
         option_domain("serve", "prefix_cache_rows").check("prefix_cache_rows", prefix_cache_rows)
@@ -76,6 +77,7 @@ def serve(
     max_queue: int = 64,
     max_body_bytes: int = 1 << 20,
     drain_s: float = 30.0,
+    receive_timeout_s: float = 30.0,
     prefix_cache_rows: Optional[int] = None,
     seed: int = 1,
     backend: str = "auto",
@@ -96,7 +98,8 @@ def serve(
     --max_seq_len tokens (prompt and answer); --max_queue more may wait (then 503). --api_key KEY makes
     every /v1 route need 'Authorization: Bearer KEY' (a non-loopback --host without it prints a warning).
     --model_name is the name clients use (default: the checkpoint folder's name). --max_body_bytes bounds
-    a request body (413). SIGTERM stops taking requests and gives those in flight --drain_s seconds (under
+    a request body (413); --receive_timeout_s (default 30) how long a request's line and headers, and then
+    its body, may each take to arrive (408: a client trickling bytes cannot hold a connection). SIGTERM stops taking requests and gives those in flight --drain_s seconds (under
     torchrun at most its --shutdown_timeout less 5 s, so that no rank is SIGKILLed mid-answer).
     --prefix_cache_rows N: how many free KV-cache rows keep their tokens for a later prompt that starts the
     same way (default: every free row; 0 turns prefix caching off).
@@ -105,7 +108,7 @@ def serve(
     """
     def check() -> None:
         check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                            max_body_bytes, drain_s, prefix_cache_rows)
+                            max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows)
         check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
 
     try:
@@ -117,8 +120,8 @@ def serve(
     name = model_name or os.path.basename(os.path.normpath(str(ckpt_dir)))
     state = http = None
     if rank == 0:
-        state = ServerState(api_key, max_body_bytes)
-        http = app.HttpServer(app.make_app(state), app.bind(host, port))
+        state = ServerState(api_key, max_body_bytes, receive_timeout_s=receive_timeout_s)
+        http = app.HttpServer(app.make_app(state), app.bind(host, port), receive_timeout_s)
         http.start()
         app.say(f"llama_mp server: listening on {http.address} (model {name!r}; loading, /health answers 503 until "
             "ready)")

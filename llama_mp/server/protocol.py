@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from ..checks import described, is_finite_number, is_int, is_number
+from ..checks import MAX_TOKENS, Domain, OptionError, described, is_int, is_number
 from ..errors import LlamaMPError
 from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
 from ..runtime.sampling import check_sampling
@@ -107,24 +107,17 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def _int(body: dict, name: str, default: Optional[int], low: int, high: Optional[int] = None,
-         why: str = "") -> Optional[int]:
-    value = body.get(name, default)
+def _int(body: dict, name: str, default: Optional[int], low: int, high: int, meaning: str) -> Optional[int]:
+    """An integer field from `low` to `high`, by the command line's rule (checks.Domain), in the request's
+    spelling; the bound keeps a 400-digit number out of every later message and sum."""
+    value = body.get(name)
     if value is None:
         return default
-    if not is_int(value) or value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise invalid(f"'{name}' must be an integer {bound}{why}, got {described(value)}.", name)
+    try:
+        Domain(True, low, high, meaning).check(name, value, "'{}'")
+    except OptionError as e:
+        raise invalid(str(e), name) from None
     return value
-
-
-def _number(body: dict, name: str, default: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not is_finite_number(value):
-        raise invalid(f"'{name}' must be a number, got {described(value)}.", name)
-    return float(value)
 
 
 def check_model(body: dict, limits: Limits) -> str:
@@ -209,6 +202,7 @@ MESSAGE_FIELDS = {
     "refusal": _refused("a refusal text of an earlier answer cannot be given to these models"),
     "audio": _refused("this server reads text only"),
 }
+PART_FIELDS = {"type": IMPLEMENTED, "text": IMPLEMENTED}  # a text part of a message's content
 STREAM_OPTION_FIELDS = {"include_usage": IMPLEMENTED}
 
 
@@ -260,16 +254,15 @@ def _stop(body: dict) -> List[str]:
 
 
 def _sampling(body: dict, default_temperature: float = 1.0):
-    temperature = _number(body, "temperature", default_temperature)
-    top_p = _number(body, "top_p", 1.0)
-    try:
-        check_sampling(temperature, top_p, 0)
-    except LlamaMPError as e:
-        raise invalid(str(e), "temperature" if "temperature" in str(e) else "top_p") from None
+    temperature, top_p = body.get("temperature", default_temperature), body.get("top_p", 1.0)
+    try:  # the runtime's own rule, in the request's spelling; a 400-digit integer is refused, not converted
+        check_sampling(temperature, top_p, 0, "'{}'")
+    except OptionError as e:
+        raise invalid(str(e), e.option) from None
     seed = body.get("seed")
     if seed is not None and not is_int(seed):
         raise invalid(f"'seed' must be an integer, got {described(seed)}.", "seed")
-    return temperature, top_p, None if seed is None else seed % (2 ** 64)
+    return float(temperature), float(top_p), None if seed is None else seed % (2 ** 64)
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -283,7 +276,8 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _bool(given(options, STREAM_OPTION_FIELDS, "'stream_options'", "stream_options"), "include_usage")
 
 
-def _room(prompt: List[int], limits: Limits, max_tokens: Optional[int], index: Optional[int] = None) -> int:
+def _room(prompt: List[int], limits: Limits, max_tokens: Optional[int], index: Optional[int] = None,
+          field: str = "max_tokens") -> int:
     """The number of tokens to generate: `max_tokens`, or (None) all the room the context leaves. A prompt
     that leaves no room, or max_tokens past it, is a 400 in OpenAI's words."""
     where = "" if index is None else f" (prompt {index})"
@@ -297,7 +291,7 @@ def _room(prompt: List[int], limits: Limits, max_tokens: Optional[int], index: O
     if len(prompt) + max_tokens > context:
         raise invalid(f"This model's maximum context length is {context} tokens. However, you requested "
                       f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt{where}, {max_tokens} for the "
-                      "completion). Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+                      f"completion). Please reduce the prompt or {field}.", field, "context_length_exceeded")
     return max_tokens
 
 
@@ -343,11 +337,11 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
         raise invalid("'prompt' is required.", "prompt")
     prompts = _prompts(body["prompt"], tokenizer, limits)
     # 0 is allowed, as OpenAI's legacy API does: with `echo` and `logprobs` it scores a text (lm-eval)
-    max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, 0)
+    max_tokens = _int(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, 0, MAX_TOKENS, "tokens to generate")
     temperature, top_p, seed = _sampling(body)
     stream = _bool(body, "stream")
     echo = _bool(body, "echo")
-    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS, "likeliest alternatives per token")
     stop, ignore_eos = _stop(body), _bool(body, "ignore_eos")
     sequences = [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop, logprobs,
                               ignore_eos, echo) for i, p in enumerate(prompts)]
@@ -361,7 +355,9 @@ def _message_text(content: Any, index: int) -> str:
         return content
     if isinstance(content, list) and all(isinstance(p, dict) for p in content):
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
+            if part.get("type") == "text":
+                part = given(part, PART_FIELDS, f"messages[{index}].content[{j}]", "messages")
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise invalid(f"messages[{index}] has a content part of type {part.get('type')!r}; this server "
                               "reads text parts only ({\"type\": \"text\", \"text\": ...}).", "messages")
@@ -397,20 +393,20 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
         raise invalid(UNSAFE_ERROR + " (The Llama 2 chat tags [INST], <<SYS>> would let text forge turns.)",
                       "messages")
     prompt = encode_dialog(tokenizer, dialog)
-    max_tokens = _int(body, "max_tokens", None, 1)
-    newer = _int(body, "max_completion_tokens", None, 1)  # OpenAI's newer name for max_tokens
+    max_tokens = _int(body, "max_tokens", None, 1, MAX_TOKENS, "tokens to generate")
+    newer = _int(body, "max_completion_tokens", None, 1, MAX_TOKENS, "tokens to generate")  # OpenAI's newer name for max_tokens
     if newer is not None and max_tokens is not None and newer != max_tokens:
         raise invalid(f"'max_completion_tokens' ({newer}) and 'max_tokens' ({max_tokens}) disagree; send one of them.",
                       "max_completion_tokens")
-    max_tokens = newer if newer is not None else max_tokens
+    field, max_tokens = ("max_completion_tokens", newer) if newer is not None else ("max_tokens", max_tokens)
     temperature, top_p, seed = _sampling(body)
     stream = _bool(body, "stream")
     logprobs = None
     if _bool(body, "logprobs"):
-        logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, "likeliest alternatives per token")
     elif body.get("top_logprobs") is not None:
         raise invalid("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
-    spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens), temperature, top_p, seed, _stop(body), logprobs,
+    spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens, field=field), temperature, top_p, seed, _stop(body), logprobs,
                         _bool(body, "ignore_eos"), after_prompt=False)
     return Job("chat", model, [spec], stream, _stream_options(body, stream))
 

@@ -27,7 +27,7 @@ class ServerState:
     limits: Optional[Limits] = None
     created: int = field(default_factory=lambda: int(time.time()))
     open_requests: int = 0  # requests whose answer is still being sent
-    body_timeout_s: float = 30.0  # how long a request's body may take to arrive (then 408)
+    receive_timeout_s: float = 30.0  # how long a request's head, then its body, may take to arrive (then 408)
 
     def ready(self, scheduler: Scheduler, tokenizer: Tokenizer, limits: Limits) -> None:
         self.scheduler, self.tokenizer, self.limits = scheduler, tokenizer, limits

@@ -245,7 +245,7 @@ def bench(
                                ("--new_tokens", new_tokens, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
         require_int(flag, value, least)
     require_seed("--seed", seed, BENCH_SEED_LIMIT)
-    check_sampling(temperature, top_p, 0)
+    check_sampling(temperature, top_p, 0, "--{}")
     scheme = quantize_scheme(quantize, group_size)
     if compare and temperature:
         raise LlamaMPError("--compare transformers times greedy decoding; drop --temperature or the comparison.")

@@ -13,10 +13,11 @@ import json as jsonlib
 import math
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from ..checks import MAX_CLIENTS, check_option_values, described
+from ..checks import MAX_CLIENTS, check_option_values, described, is_int
 from ..errors import LlamaMPError
 
 PROMPTS = [
@@ -42,8 +43,8 @@ class Level:
 
     def failed(self, why: str) -> None:
         self.errors += 1
-        if self.first_error is None:
-            self.first_error = why
+        if self.first_error is None:  # quoted mid-sentence: its own closing period would double the message's
+            self.first_error = why.rstrip(". ")
 
     def summary(self) -> Dict[str, Optional[float]]:
         """The level's figures; a latency nothing measured (no answer, or one token each) is None, not NaN,
@@ -69,14 +70,28 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
 def parse_levels(concurrency) -> List[int]:
     """--concurrency 8, or several levels: "1,4,8" (fire may hand over a tuple)."""
     items = concurrency if isinstance(concurrency, (list, tuple)) else str(concurrency).split(",")
-    try:
-        levels = [int(x) for x in items]
-    except (ValueError, TypeError, OverflowError):
-        levels = []
-    if not levels or any(not 1 <= c <= MAX_CLIENTS for c in levels):
+    # whole numbers only: int() would turn 1.5 into 1 and True into 1 without a word
+    levels = [x if is_int(x) else int(x) if isinstance(x, str) and x.strip().isdigit() else None for x in items]
+    if not levels or any(c is None or not 1 <= c <= MAX_CLIENTS for c in levels):
         raise LlamaMPError(f"--concurrency must be an integer from 1 to {MAX_CLIENTS} (clients at once, each with "
                            f"its own connection) or a list of them like 1,4,8; got {described(concurrency)}.")
     return levels
+
+
+def check_url(url) -> None:
+    """--url must be a server's http(s) base address with a host (and a port, if any, from 0 to 65535)."""
+    problem = None
+    try:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            problem = "it is not an http:// or https:// address with a host"
+        else:
+            parts.port  # noqa: B018 - reading it checks it
+    except ValueError as e:
+        problem = str(e).rstrip(". ")
+    if problem:
+        raise LlamaMPError(f"--url {described(url)} is not a server's address ({problem}). Give the base address "
+                           "`llama-mp serve` prints, such as http://127.0.0.1:8000.")
 
 
 async def _one(client, url: str, body: dict, level: Level) -> None:
@@ -150,6 +165,7 @@ def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", 
     """
     levels = parse_levels(concurrency)
     check_option_values("bench_serve", {"requests": requests, "max_tokens": max_tokens, "warmup": warmup})
+    check_url(url)
     try:
         import httpx  # noqa: F401
     except ImportError:

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints.staging import check_output_file, staged_output_file
-from ..checks import require_int
+from ..checks import JsonProblem, read_json_file, require_int
+from ..dtypes import largest_finite
 from ..errors import LlamaMPError
 
 
@@ -69,8 +70,13 @@ class Scores:
     @classmethod
     def load(cls, path: str) -> "Scores":
         try:
-            with open(path) as f:
-                data = json.load(f)
+            data = read_json_file(path)
+        except JsonProblem as e:
+            raise LlamaMPError(f"--compare {path!r} {e.reason}, so it is not a file written by `llama-mp perplexity "
+                               "--per_token`. Score the reference model with --per_token FILE first.") from None
+        except OSError as e:
+            raise LlamaMPError(f"--compare {path!r} cannot be read ({e.strerror or e}).") from None
+        try:
             scores = cls(torch.tensor(data["logprobs"], dtype=torch.float32), torch.tensor(data["argmax"]))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise LlamaMPError(f"--compare {path!r} is not a file written by `llama-mp perplexity --per_token` "
@@ -150,8 +156,8 @@ def perplexity(llama, text_path: str, window: Optional[int] = None, stride: Opti
         engine.stop()
     if scores.nonfinite_problem():
         raise LlamaMPError(f"The model scored {text_path!r} but {scores.nonfinite_problem()}: its activations "
-                           "overflowed (float16 holds at most 65504) or its weights are damaged, so there is no "
-                           "perplexity to report. Run with --dtype float32 or bfloat16, and check the checkpoint "
+                           f"overflowed ({largest_finite(llama.model.act_dtype)}) or its weights are damaged, so "
+                           "there is no perplexity to report. Run with --dtype float32 or bfloat16, and check the checkpoint "
                            "with `llama-mp verify`.")
     report = {"text": text_path, "tokens": len(tokens), "scored": scores.logprobs.numel(), "window": window,
               "stride": stride, "perplexity": scores.perplexity,

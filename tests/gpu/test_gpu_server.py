@@ -40,7 +40,7 @@ def test_a_sampled_and_a_greedy_request_in_one_step_and_over_http(make_checkpoin
 
         # HTTP: the real app, its batch loop in a thread, a plain completion (it samples)
         scheduler = Scheduler(Batcher(llama.engine), tok, max_queue=8, seed=4)
-        state = ServerState(api_key=None, max_body_bytes=1 << 16, body_timeout_s=30.0)
+        state = ServerState(api_key=None, max_body_bytes=1 << 16, receive_timeout_s=30.0)
         state.ready(scheduler, tok, Limits("m", SEQ_LEN, SLOTS))
         batch_loop = threading.Thread(target=scheduler.run, daemon=True)
         batch_loop.start()
