@@ -318,7 +318,7 @@ def test_every_error_code_and_the_server_goes_on(server, client):
     error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": -1}), 400)
     error_of(post(server, "/v1/completions", {"max_tokens": 5}), 400)
     error_of(post(server, "/v1/completions", {"prompt": [[1, 10 ** 9]]}), 400)
-    error_of(post(server, "/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}), 400)
+    error_of(post(server, "/v1/completions", {"prompt": "hi", "stop": ["abcd"] * 600}), 400)  # 2400 characters
     assert error_of(post(server, "/v1/completions", {"prompt": "word " * MAX_SEQ_LEN}), 400)["code"] == \
         "context_length_exceeded"
     assert error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": MAX_SEQ_LEN}), 400)["code"] == \

@@ -23,7 +23,9 @@ from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_specia
 from ..runtime.sampling import check_sampling
 from ..runtime.tokenizer import Tokenizer, prompt_text
 
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on `stop`, and a bound on each string
+# `stop`: any number of strings (vLLM has no limit, and lm-eval sends its tasks' `until` lists whole), within
+# a bound on each string and on all of them together, so the text held back and searched stays small
+MAX_STOP_CHARS, MAX_STOP_TOTAL_CHARS = 256, 2048
 MAX_LOGPROBS = 5             # completions: `logprobs` (top alternatives per token), OpenAI's maximum
 MAX_TOP_LOGPROBS = 20        # chat: `top_logprobs`, OpenAI's maximum
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default `max_tokens` for /v1/completions
@@ -252,10 +254,11 @@ def _stop(body: dict) -> List[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise invalid(f"'stop' must be a string or a list of strings, got {described(stop)}.", "stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise invalid(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", "stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise invalid(f"Each 'stop' string may have at most {MAX_STOP_CHARS} characters.", "stop")
+    longest, total = max(map(len, stops), default=0), sum(map(len, stops))
+    if longest > MAX_STOP_CHARS or total > MAX_STOP_TOTAL_CHARS:
+        raise invalid(f"'stop' strings may have at most {MAX_STOP_CHARS} characters each and "
+                      f"{MAX_STOP_TOTAL_CHARS} all together; got {len(stops)} strings, the longest of {longest} "
+                      f"characters, {total} in all.", "stop")
     return [s for s in stops if s]
 
 

@@ -383,14 +383,19 @@ class Scheduler:
         spec = seq.spec
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
             return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
-        if token in self.stop_ids and not spec.ignore_eos:
-            return self._finish(seq, seq.text.flush(), "stop")
-        seq.generated += 1
+        seq.generated += 1  # a stop token too: it was generated, and counts in `usage` (as OpenAI's does)
         entry_of = None
         if spec.logprobs is not None:
             n, previous, logprob = spec.logprobs, seq.previous, host.logprobs[row]
             values, ids = (host.top_logprobs[row][:n], host.top_ids[row][:n]) if n else ([], [])
             entry_of = lambda added: self._entry(previous, token, added, logprob, values, ids)  # noqa: E731
+        if token in self.stop_ids and not spec.ignore_eos:
+            # It adds no text, but has its logprobs entry (written as ""), as OpenAI and vLLM give it:
+            # lm-eval drops the last entry of an answer as the generated token
+            rest = seq.text.flush()
+            if entry_of is not None:
+                rest.entries.append(entry_of(""))
+            return self._finish(seq, rest, "stop")
         piece = seq.text.push(token, entry_of)
         seq.previous = token
         if piece.stopped:
