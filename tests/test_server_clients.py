@@ -95,3 +95,60 @@ def test_a_generated_stop_token_has_its_logprobs_entry_and_counts_in_usage(token
         assert "".join(e["token"] for e in content["logprobs"]["content"]) == content["message"]["content"]
     finally:
         job.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM's tokenizer routes, as lm-eval's `local-completions` probes and uses them
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer_of_family):
+    job = Served(tokenizer_of_family)
+    yield job
+    job.close()
+
+
+def test_tokenizer_info_and_tokenize_find_bos_and_eos_as_lm_eval_does(served):
+    tokenizer, client = served.tokenizer, served.client
+    info = client.get("/tokenizer_info").json()
+    assert info["model_max_length"] == served.state.limits.max_seq_len and info["vocab_size"] == tokenizer.n_words
+    for name, want in (("eos_token", tokenizer.eos_id), ("bos_token", tokenizer.bos_id)):
+        # lm-eval's RemoteTokenizer: encode(info[name])[0] with add_special_tokens false is the token's id
+        answer = client.post("/tokenize", json={"prompt": info[name], "add_special_tokens": False}).json()
+        assert answer["tokens"] == [want] and answer["count"] == 1
+    text = "The capital of France is Paris."
+    plain = client.post("/tokenize", json={"prompt": text, "model": "m"}).json()
+    assert plain == {"count": len(plain["tokens"]), "max_model_len": served.state.limits.max_seq_len,
+                     "tokens": tokenizer.encode(text, bos=True, eos=False), "token_strs": None}
+    named = client.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()["token_strs"]
+    assert len(named) == plain["count"] and all(isinstance(s, str) for s in named)
+    assert client.post("/detokenize", json={"tokens": plain["tokens"][1:]}).json() == {"prompt": text}
+    # the same names in a completion's prompt are plain text: no text can forge a special token
+    body = {"prompt": info["eos_token"], "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0}
+    echoed = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert echoed["text"].startswith(info["eos_token"]) and len(echoed["logprobs"]["tokens"]) > 2
+
+
+def test_special_token_names_in_the_text_become_their_ids(served):
+    tokenizer = served.tokenizer
+    eos, bos = tokenizer.eos_id, tokenizer.bos_id
+    names = {i: n for n, i in tokenizer.special_tokens.items()}
+    text = f"Hi{names[eos]}there {names[bos]}"
+    ids = served.client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    if tokenizer.byte_level:  # the independent reference: tiktoken's own reading of special tokens
+        assert ids == tokenizer.model.encode(text, allowed_special="all")
+    else:
+        assert ids == tokenizer.encode("Hi", False, False) + [eos] + tokenizer.encode("there ", False, False) + [bos]
+    assert tokenizer.decode(ids) == tokenizer.decode(tokenizer.encode("Hi", False, False) + [eos] +
+                                                     tokenizer.encode("there ", False, False) + [bos])
+
+
+def test_tokenizer_routes_refuse_what_they_cannot_do(served):
+    client = served.client
+    for path, body, param in [("/tokenize", {"prompt": 3}, "prompt"), ("/tokenize", {"prompt": "a", "x": 1}, "x"),
+                              ("/tokenize", {"messages": [{"role": "user", "content": "a"}]}, "messages"),
+                              ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+                              ("/detokenize", {"tokens": [served.tokenizer.n_words]}, "tokens"),
+                              ("/detokenize", {"tokens": "1 2"}, "tokens")]:
+        error = error_of(client.post(path, json=body), 404 if param == "model" else 400)
+        assert error["param"] == param, error

@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import LlamaMPError
-from .protocol import (ApiError, Job, choice, envelope, model_card, models_list, parse_chat,
-                       parse_completion, usage)
+from .protocol import (ApiError, Job, choice, detokenize, envelope, model_card, models_list, parse_chat,
+                       parse_completion, tokenize, tokenizer_info, usage)
 from .scheduler import Event, Generation, Sink
 from .state import FAILED, READY, ServerState
 
@@ -233,7 +233,8 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
 
 
 def make_app(state: ServerState) -> FastAPI:
-    """The ASGI app: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions."""
+    """The ASGI app: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions, and
+    vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info."""
     app = FastAPI(title="llama_mp", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -250,7 +251,8 @@ def make_app(state: ServerState) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
             message = f"Unknown route {request.method} {request.url.path}; see GET /v1/models, POST " \
-                      "/v1/completions and POST /v1/chat/completions."
+                      "/v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET " \
+                      "/tokenizer_info and GET /metrics."
         elif error.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}."
         else:
@@ -310,6 +312,29 @@ def make_app(state: ServerState) -> FastAPI:
 
         return StreamingResponse(counted(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def ready(request: Request) -> None:
+        _authorize(state, request)
+        if state.limits is None:
+            raise state.unavailable()
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        await ready(request)
+        body = await _read_json(request, state.max_body_bytes, state.body_timeout_s)
+        # a long text takes a moment to encode: in a worker thread, while the loop serves the other clients
+        return await asyncio.to_thread(tokenize, body, state.tokenizer, state.limits)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        await ready(request)
+        body = await _read_json(request, state.max_body_bytes, state.body_timeout_s)
+        return await asyncio.to_thread(detokenize, body, state.tokenizer, state.limits)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request):
+        await ready(request)
+        return tokenizer_info(state.tokenizer, state.limits)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

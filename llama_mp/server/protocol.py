@@ -212,6 +212,13 @@ MESSAGE_FIELDS = {
     "audio": _refused("this server reads text only"),
 }
 STREAM_OPTION_FIELDS = {"include_usage": IMPLEMENTED}
+# vLLM's /tokenize and /detokenize, which lm-eval's `local-completions` uses for its tokenizer
+TOKENIZE_FIELDS = {
+    "model": IMPLEMENTED, "prompt": IMPLEMENTED, "add_special_tokens": IMPLEMENTED, "return_token_strs": IMPLEMENTED,
+    "messages": _refused("tokenizing a chat is not implemented here; /v1/chat/completions reports its prompt's "
+                         "length in `usage`"),
+}
+DETOKENIZE_FIELDS = {"model": IMPLEMENTED, "tokens": IMPLEMENTED}
 
 
 def _same(value, default) -> bool:
@@ -416,6 +423,48 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens), temperature, top_p, seed, _stop(body), logprobs,
                         _bool(body, "ignore_eos"), after_prompt=False)
     return Job("chat", model, [spec], stream, _stream_options(body, stream))
+
+
+def _object(body: Any, where: str) -> None:
+    if not isinstance(body, dict):
+        raise invalid(f"The body of {where} must be a JSON object, got {described(body)}.")
+
+
+def tokenize(body: Any, tokenizer: Tokenizer, limits: Limits) -> dict:
+    """vLLM's POST /tokenize: `prompt` as ids, with BOS first unless `add_special_tokens` is false; a special
+    token's name in the text stands for its id, as Hugging Face's tokenizers read it."""
+    _object(body, "/tokenize")
+    body = given(body, TOKENIZE_FIELDS, "A /tokenize request")
+    check_model(body, limits)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid(f"'prompt' must be a string, got {described(prompt)}.", "prompt")
+    ids = tokenizer.encode_naming_specials(prompt, bos=_bool(body, "add_special_tokens", True))
+    strs = [tokenizer.piece(i) for i in ids] if _bool(body, "return_token_strs") else None
+    return {"count": len(ids), "max_model_len": limits.max_seq_len, "tokens": ids, "token_strs": strs}
+
+
+def detokenize(body: Any, tokenizer: Tokenizer, limits: Limits) -> dict:
+    """vLLM's POST /detokenize: the text of `tokens` (special tokens as the tokenizer writes them)."""
+    _object(body, "/detokenize")
+    body = given(body, DETOKENIZE_FIELDS, "A /detokenize request")
+    check_model(body, limits)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
+        raise invalid(f"'tokens' must be a list of token ids, got {described(tokens)}.", "tokens")
+    if tokens and (min(tokens) < 0 or max(tokens) >= tokenizer.n_words):
+        raise invalid(f"'tokens' has ids outside the vocabulary [0, {tokenizer.n_words}).", "tokens")
+    return {"prompt": tokenizer.decode(tokens)}
+
+
+def tokenizer_info(tokenizer: Tokenizer, limits: Limits) -> dict:
+    """vLLM's GET /tokenizer_info: the tokenizer's settings in the names of Hugging Face's tokenizer_config.json
+    (lm-eval reads `eos_token` and `bos_token`, then finds their ids with /tokenize)."""
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    return {"tokenizer_class": "LlamaTokenizer" if tokenizer.family == "llama" else "PreTrainedTokenizerFast",
+            "bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id),
+            "pad_token": names.get(tokenizer.pad_id), "model_max_length": limits.max_seq_len,
+            "vocab_size": tokenizer.n_words, "add_bos_token": True, "add_eos_token": False}
 
 
 # ----------------------------------------------------------------------------------------------------
