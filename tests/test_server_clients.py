@@ -2,11 +2,14 @@
 stand-in model of test_server_inputs.py (both tokenizer families): any number of stop strings, the stop
 token's logprobs entry, the tokenizer routes, OpenAI's sampling parameters and /metrics."""
 
+import threading
+
 import pytest
+import torch
 
 from llama_mp.runtime.tokenizer import Tokenizer
 from llama_mp.server.protocol import MAX_STOP_CHARS, MAX_STOP_TOTAL_CHARS
-from test_server_inputs import Served, error_of, sse
+from test_server_inputs import RandomModel, Served, continuation, error_of, sse
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3"])
@@ -152,3 +155,172 @@ def test_tokenizer_routes_refuse_what_they_cannot_do(served):
                               ("/detokenize", {"tokens": "1 2"}, "tokens")]:
         error = error_of(client.post(path, json=body), 404 if param == "model" else 400)
         assert error["param"] == param, error
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenAI's (and vLLM's) parameters: each honoured, against a computation of its own
+
+
+class SameLogits(RandomModel):
+    """Logits that do not depend on the context: greedy repeats one token, unless the request changes the
+    logits (bias, penalties, banned ids), which is then all that decides the answer."""
+
+    def __init__(self, vocab, logits):
+        super().__init__(vocab)
+        self.fixed = logits
+
+    def _logits(self, context):
+        return self.fixed.clone()
+
+
+@pytest.fixture
+def same(tokenizer_of_family):
+    """(a Served on SameLogits, its logits): the likeliest token `top` is an ordinary word."""
+    tokenizer = tokenizer_of_family
+    logits = torch.randn(tokenizer.n_words, generator=torch.Generator().manual_seed(4))
+    top = tokenizer.encode("hello world", bos=False, eos=False)[-1]
+    logits[top] = logits.max() + 0.5
+    job = Served(tokenizer, run=False)
+    job.scheduler.batcher = SameLogits(tokenizer.n_words, logits)
+    job.loop = threading.Thread(target=job.scheduler.run, daemon=True)
+    job.loop.start()
+    yield job, logits, top
+    job.close()
+
+
+def greedy_ids(logits, steps, presence=0.0, frequency=0.0, bias=None):
+    """The independent reference: greedy choice from the context-free logits with OpenAI's penalty rule."""
+    counts, out = torch.zeros_like(logits), []
+    for _ in range(steps):
+        adjusted = logits - presence * (counts > 0) - frequency * counts + (0 if bias is None else bias)
+        out.append(int(adjusted.argmax()))
+        counts[out[-1]] += 1
+    return out
+
+
+def answer(job, **body):
+    response = job.client.post("/v1/completions", json=dict({"prompt": "Q", "max_tokens": 6, "temperature": 0,
+                                                             "ignore_eos": True}, **body))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def text_of(job, ids):
+    prompt = job.tokenizer.encode("Q", bos=True, eos=False)
+    return continuation(job.tokenizer, prompt, ids)
+
+
+def test_penalties_and_logit_bias_change_the_choice_as_openai_defines_them(same):
+    job, logits, top = same
+    assert answer(job)["choices"][0]["text"] == text_of(job, [top] * 6)
+    for presence, frequency in [(0.7, 0.0), (0.0, 0.4), (1.5, -0.2), (-1.0, 2.0)]:
+        want = greedy_ids(logits, 6, presence, frequency)
+        got = answer(job, presence_penalty=presence, frequency_penalty=frequency)["choices"][0]["text"]
+        assert got == text_of(job, want), (presence, frequency)
+    assert len(set(greedy_ids(logits, 6, 2.0))) == 6  # the reference itself moves: the test can fail
+    other = int(logits.argsort()[len(logits) // 2])
+    bias = torch.zeros_like(logits)
+    bias[[top, other]] = torch.tensor([-100.0, 30.0])
+    biased = answer(job, logit_bias={str(top): -100, str(other): 30}, logprobs=1)["choices"][0]
+    assert biased["text"] == text_of(job, greedy_ids(logits, 6, bias=bias))
+    # logprobs stay the model's own: the biased token's, from the unbiased softmax
+    assert biased["logprobs"]["token_logprobs"][0] == pytest.approx(float(torch.log_softmax(logits, -1)[other]),
+                                                                   abs=1e-4)
+    for bad in [{"x": 1}, {str(len(logits)): 1}, {"5": 101}, {"5": "1"}, [1]]:
+        assert error_of(job.client.post("/v1/completions", json={"prompt": "Q", "logit_bias": bad}), 400)["param"] \
+            == "logit_bias"
+    for name, bad in [("presence_penalty", 2.5), ("frequency_penalty", -3), ("min_p", 1.5), ("top_k", -2),
+                      ("min_tokens", -1), ("stop_token_ids", [-1]), ("n", 0)]:
+        assert error_of(job.client.post("/v1/completions", json={"prompt": "Q", name: bad}), 400)["param"] == name
+
+
+def test_top_k_1_and_min_p_1_sample_the_likeliest_token(same):
+    job, logits, top = same
+    greedy = text_of(job, [top] * 6)
+    flat = answer(job, temperature=1.5, seed=3)["choices"][0]["text"]
+    assert flat != greedy  # without a cut, sampling leaves the likeliest token
+    assert answer(job, temperature=1.5, seed=3, top_k=1)["choices"][0]["text"] == greedy
+    assert answer(job, temperature=1.5, seed=3, min_p=1.0)["choices"][0]["text"] == greedy
+    assert answer(job, temperature=1.5, seed=3, top_k=-1)["choices"][0]["text"] == flat  # vLLM's "off"
+
+
+def test_min_p_keeps_only_tokens_as_likely_as_min_p_times_the_likeliest():
+    from llama_mp.runtime.sampling import RowSampling, choose_from_logits
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 2
+    rows = [RowSampling(1.0, min_p=0.3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    probs = torch.softmax(logits, -1)
+    kept = probs >= 0.3 * probs.max(-1, keepdim=True).values
+    seen = set()
+    for _ in range(200):
+        ids = choose_from_logits(logits, rows).ids
+        assert bool(kept.gather(1, ids[:, None]).all())
+        seen |= {(r, int(t)) for r, t in enumerate(ids)}
+    assert seen == {(r, int(t)) for r, t in kept.nonzero().tolist()}  # and every kept token can come
+
+
+def test_min_tokens_and_stop_token_ids(same):
+    job, logits, top = same
+    eos = job.tokenizer.eos_id
+    job.scheduler.batcher.fixed = logits.clone()
+    job.scheduler.batcher.fixed[eos] = logits.max() + 5  # the end of text is the likeliest, then `top`
+    body = {"ignore_eos": False, "max_tokens": 8}
+    assert answer(job, **body)["usage"]["completion_tokens"] == 1
+    held = answer(job, min_tokens=3, logprobs=0, **body)
+    choice = held["choices"][0]
+    assert choice["text"] == text_of(job, [top] * 3) and choice["finish_reason"] == "stop"
+    assert held["usage"]["completion_tokens"] == 4 and choice["logprobs"]["tokens"][-1] == ""
+    job.scheduler.batcher.fixed = logits
+    stopped = answer(job, stop_token_ids=[top])  # even with ignore_eos
+    assert stopped["choices"][0]["text"] == "" and stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] == 1
+    word = text_of(job, [top])
+    lead = word[:word.index(word.strip())]  # the word's leading space, if the family writes one
+    assert answer(job, stop=[word.strip()])["choices"][0]["text"] == lead
+    # stop strings count from the min_tokens-th token on
+    assert answer(job, stop=[word.strip()], min_tokens=3)["choices"][0]["text"] == text_of(job, [top] * 2) + lead
+    error = error_of(job.client.post("/v1/completions", json={"prompt": "Q", "max_tokens": 2, "min_tokens": 3}), 400)
+    assert error["param"] == "min_tokens"
+
+
+def test_n_samples_are_independent_rows_each_with_its_own_seed(same):
+    job, logits, top = same
+    base = {"temperature": 1.2, "max_tokens": 5}
+    many = answer(job, n=3, seed=10, **base)
+    texts = [c["text"] for c in sorted(many["choices"], key=lambda c: c["index"])]
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    assert texts == [answer(job, seed=10 + j, **base)["choices"][0]["text"] for j in range(3)]
+    assert len(set(texts)) > 1
+    prompt_tokens = len(job.tokenizer.encode("Q", bos=True, eos=False))
+    assert many["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 15, "total_tokens": 15 + prompt_tokens}
+    two = answer(job, prompt=["Q", "Q"], n=2, seed=10, **base)["choices"]  # prompt by prompt: index = p * n + j
+    assert [c["text"] for c in two] == [texts[0], texts[1], texts[0], texts[1]]
+    assert answer(job, n=2, best_of=2, seed=10, **base)["choices"][1]["text"] == texts[1]
+    for best_of in (1, 3):
+        assert error_of(job.client.post("/v1/completions", json={"prompt": "Q", "n": 2, "best_of": best_of}),
+                        400)["param"] == "best_of"
+    assert error_of(job.client.post("/v1/completions", json={"prompt": ["Q"] * 3, "n": 2}), 400)["param"] == "n"
+    streamed = sse(job.client.post("/v1/completions", json={"prompt": "Q", "n": 3, "seed": 10, "stream": True,
+                                                            "ignore_eos": True, **base}))
+    for j in range(3):
+        assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"][0]["index"] == j) == texts[j]
+    chat = job.client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Q"}], "n": 2,
+                                                         "max_tokens": 4, "temperature": 0}).json()["choices"]
+    assert [c["index"] for c in chat] == [0, 1] and chat[0]["message"] == chat[1]["message"]  # greedy: the same
+
+
+def test_tools_response_format_and_suffix_are_refused_by_name(tokenizer):
+    from llama_mp.server.protocol import ApiError, Limits, parse_chat, parse_completion
+
+    limits = Limits("m", 64, 4)
+    chat = {"messages": [{"role": "user", "content": "a"}]}
+    for parse, base, name, value in [
+            (parse_chat, chat, "tools", [{"type": "function", "function": {"name": "f"}}]),
+            (parse_chat, chat, "tool_choice", "auto"), (parse_chat, chat, "response_format", {"type": "json_object"}),
+            (parse_completion, {"prompt": "a"}, "suffix", "end"),
+            (parse_completion, {"prompt": "a"}, "response_format", {"type": "json_schema"})]:
+        with pytest.raises(ApiError) as e:
+            parse(dict(base, **{name: value}), tokenizer, limits)
+        assert e.value.status == 400 and e.value.param == name and f"'{name}'" in e.value.message
+    # `user` is accepted and changes nothing
+    assert parse_chat(dict(chat, user="u-1"), tokenizer, limits).sequences == parse_chat(chat, tokenizer, limits).sequences

@@ -170,6 +170,12 @@ def _sse(payload) -> bytes:
     return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
 
 
+def _count(counts: List[int], job: Job, event: Event) -> None:
+    """Add a finished sequence's tokens to `usage` [prompt, completion]: a prompt once, however many samples."""
+    counts[0] += event.prompt_tokens if job.sequences[event.index].sample == 0 else 0
+    counts[1] += event.completion_tokens
+
+
 async def _whole(answer: _Answer) -> JSONResponse:
     job = answer.job
     texts: Dict[int, List[str]] = {i: [job.echo_texts[i]] if job.echo_texts else [] for i in range(len(answer.seqs))}
@@ -187,8 +193,7 @@ async def _whole(answer: _Answer) -> JSONResponse:
                 logprobs[event.index] += event.logprobs
             if event.finish_reason is not None:
                 finish[event.index] = event.finish_reason
-                counts[0] += event.prompt_tokens
-                counts[1] += event.completion_tokens
+                _count(counts, job, event)
     finally:
         answer.close()  # a no-op for finished sequences; frees the slots of a vanished client
     want_lp = job.sequences[0].logprobs is not None
@@ -216,8 +221,7 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
                 piece = choice(job, event.index, job.echo_texts[event.index], None, entries, delta=True, first=True)
                 yield _sse(envelope(job, [piece], None, True))
             if event.finish_reason is not None:
-                counts[0] += event.prompt_tokens
-                counts[1] += event.completion_tokens
+                _count(counts, job, event)
             if event.text or event.logprobs or event.finish_reason:
                 piece = choice(job, event.index, event.text, event.finish_reason, event.logprobs, delta=True,
                                text_offset=offsets[event.index])

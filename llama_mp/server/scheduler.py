@@ -32,6 +32,7 @@ from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
 from ..runtime.sampling import RowSampling, make_generator
+from ..runtime.transfer import upload
 from ..runtime.scoring import TokenScores
 from ..runtime.tokenizer import TextStream, Tokenizer, prompt_pieces
 from .protocol import ApiError, SequenceSpec, TokenLogprob
@@ -78,14 +79,19 @@ class StopText:
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], after: Sequence[int] = (),
-                 entries: bool = False):
+                 entries: bool = False, min_tokens: int = 0):
         self.stream, self.stops, self.entries = TextStream(tokenizer, after), list(stops), entries
         self.held: List[TokenLogprob] = []  # the tokens not yet released (their texts, and entries)
+        # stop strings count from the min_tokens-th token on (min_tokens): until then no text is held for them
+        self.unarmed = max(min_tokens - 1, 0)
 
     def push(self, token: int, entry_of: Optional[Callable[[str], TokenLogprob]] = None) -> Piece:
         """Add `token`; `entry_of(text it added)` makes its logprobs entry (when `entries`)."""
         added = self.stream.push(token)
         self.held.append(entry_of(added) if entry_of is not None else TokenLogprob(added, None, None))
+        if self.unarmed:
+            self.unarmed -= 1
+            return self._release(final=False, stops=())
         return self._release(final=False)
 
     def flush(self) -> Piece:
@@ -97,14 +103,15 @@ class StopText:
             self.held.append(TokenLogprob(rest, None, None))
         return self._release(final=True)
 
-    def _release(self, final: bool) -> Piece:
+    def _release(self, final: bool, stops: Optional[Sequence[str]] = None) -> Piece:
+        stops = self.stops if stops is None else stops
         text = "".join(e.token for e in self.held)
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
         stopped = bool(found)
         if stopped:
             cut = min(found)
         else:  # hold back the longest end of the text that may be the start of a stop string
-            hold = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+            hold = 0 if final else max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
                                         if text.endswith(s[:n])), default=0)
             cut = len(text) - hold
         # the last token stays while part of a character is held back: its text is not complete yet
@@ -160,6 +167,12 @@ class Generation:
     sink: Sink
     generator: Optional[torch.Generator] = None
     text: Optional[StopText] = None
+    # on the device, made once (see RowSampling): logit_bias as a [vocab] row, the counts of its tokens when it
+    # has penalties, the ids it may not choose before min_tokens
+    bias: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    ban: Optional[torch.Tensor] = None
+    stop_ids: frozenset = frozenset()  # the ids that end it
     slot: Optional[int] = None
     launched: int = 0                # the steps queued for it (each gives one token)
     generated: int = 0
@@ -170,10 +183,12 @@ class Generation:
 
     @property
     def sampling(self) -> RowSampling:
-        """How its tokens are chosen (the server has no top_k)."""
-        spec = self.spec
-        return RowSampling(spec.temperature, spec.top_p, 0, self.generator,
-                           -1 if spec.logprobs is None else spec.logprobs)
+        """How the token of the step now queued is chosen (its `launched`-th, from 0)."""
+        spec, c = self.spec, self.spec.choosing
+        return RowSampling(spec.temperature, spec.top_p, c.top_k, self.generator,
+                           -1 if spec.logprobs is None else spec.logprobs, c.min_p, c.presence_penalty,
+                           c.frequency_penalty, self.bias, self.counts,
+                           self.ban if self.launched < c.min_tokens else None)
 
     @property
     def all_queued(self) -> bool:
@@ -223,7 +238,9 @@ class Scheduler:
             # decoded alone, as Meta's chat_completion does (Llama 2's format puts a space after [/INST]).
             after = spec.prompt_ids if spec.after_prompt else ()
             seqs.append(Generation(spec, i, sink, make_generator(self.device, seed),
-                                   StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None),
+                                   StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None,
+                                            spec.choosing.min_tokens),
+                                   *self._choice_tensors(spec), frozenset(self._stops_of(spec)),
                                    previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
@@ -232,6 +249,24 @@ class Scheduler:
             self.waiting.extend(seqs)
             self.lock.notify()
         return seqs
+
+    def _stops_of(self, spec: SequenceSpec) -> set:
+        """The ids that end `spec`: the tokenizer's stop tokens (unless ignore_eos) and its stop_token_ids."""
+        return (set() if spec.ignore_eos else self.stop_ids) | set(spec.choosing.stop_token_ids)
+
+    def _choice_tensors(self, spec: SequenceSpec):
+        """(bias, counts, ban) of a Generation, on the device: made once per sequence, here, off the loop."""
+        c, vocab = spec.choosing, self.tokenizer.n_words
+        bias = counts = ban = None
+        if c.logit_bias:
+            ids, values = zip(*c.logit_bias)
+            bias = torch.zeros(vocab, device=self.device).index_put_((upload(ids, self.device),),
+                                                                     upload(values, self.device, torch.float32))
+        if c.presence_penalty or c.frequency_penalty:
+            counts = torch.zeros(vocab, device=self.device)
+        if c.min_tokens:
+            ban = upload(sorted(self._stops_of(spec)), self.device)
+        return bias, counts, ban
 
     def cancel(self, seqs: Sequence[Generation]) -> None:
         """The client went away: drop these sequences at the next step (their slots are freed then)."""
@@ -389,7 +424,7 @@ class Scheduler:
             n, previous, logprob = spec.logprobs, seq.previous, host.logprobs[row]
             values, ids = (host.top_logprobs[row][:n], host.top_ids[row][:n]) if n else ([], [])
             entry_of = lambda added: self._entry(previous, token, added, logprob, values, ids)  # noqa: E731
-        if token in self.stop_ids and not spec.ignore_eos:
+        if token in seq.stop_ids:
             # It adds no text, but has its logprobs entry (written as ""), as OpenAI and vLLM give it:
             # lm-eval drops the last entry of an answer as the generated token
             rest = seq.text.flush()
