@@ -324,3 +324,45 @@ def test_tools_response_format_and_suffix_are_refused_by_name(tokenizer):
         assert e.value.status == 400 and e.value.param == name and f"'{name}'" in e.value.message
     # `user` is accepted and changes nothing
     assert parse_chat(dict(chat, user="u-1"), tokenizer, limits).sequences == parse_chat(chat, tokenizer, limits).sequences
+
+
+# ------------------------------------------------------------------------------------------------
+# /metrics
+
+
+def scrape(job):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = job.client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name")))] = s.value
+    return samples
+
+
+def test_metrics_parse_as_prometheus_text_and_move_as_requests_are_served(tokenizer):
+    job = Served(tokenizer)
+    try:
+        before = scrape(job)
+        assert before[("vllm:num_requests_running", ())] == 0 and before[("vllm:kv_cache_usage_perc", ())] == 0
+        assert before[("llama_mp:kv_cache_slots", ())] == job.scheduler.batcher.slots
+        assert ("vllm:prompt_tokens_total", ()) not in before  # no answer yet: the labelled series is not there
+        prompt = tokenizer.encode("Hi", bos=True, eos=False)
+        bodies = [{"prompt": "Hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True},
+                  {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True, "n": 2}]
+        for body in bodies:
+            assert job.client.post("/v1/completions", json=body).status_code == 200
+        after = scrape(job)
+        assert after[("vllm:prompt_tokens_total", ())] == 2 * len(prompt)
+        assert after[("vllm:generation_tokens_total", ())] == 5 + 2 * 3
+        assert after[("vllm:request_success_total", (("finished_reason", "length"),))] == 3
+        assert after[("vllm:e2e_request_latency_seconds_count", ())] == 3
+        assert after[("vllm:time_to_first_token_seconds_count", ())] == 3
+        # a piece per token after each answer's first (fewer where text is held back: a split character)
+        assert 0 < after[("vllm:inter_token_latency_seconds_count", ())] <= (5 - 1) + 2 * (3 - 1)
+        assert after[("vllm:e2e_request_latency_seconds_sum", ())] >= after[("vllm:time_to_first_token_seconds_sum", ())]
+        assert after[("vllm:num_requests_waiting", ())] == 0
+    finally:
+        job.close()

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from ..errors import LlamaMPError
 from .protocol import (ApiError, Job, choice, detokenize, envelope, model_card, models_list, parse_chat,
                        parse_completion, tokenize, tokenizer_info, usage)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .scheduler import Event, Generation, Sink
 from .state import FAILED, READY, ServerState
 
@@ -126,8 +127,9 @@ class _Answer:
     """The sequences of one job, the queue their events arrive in (on the event loop's thread), and a
     watch on the client: once it disconnects, the events stop and the sequences are cancelled."""
 
-    def __init__(self, state: ServerState, job: Job, request: Request):
+    def __init__(self, state: ServerState, job: Job, request: Request, arrived: float):
         self.job, self.state, self.request = job, state, request
+        self.tracker = state.metrics.tracker(arrived)
         self.queue: "asyncio.Queue" = asyncio.Queue()
         self.seqs: List[Generation] = state.scheduler.submit(job.sequences, Sink(asyncio.get_running_loop(),
                                                                                 self.queue))
@@ -152,6 +154,10 @@ class _Answer:
                 return
             if event.finish_reason is not None or event.error is not None:
                 self.open -= 1
+            if event.text or event.logprobs or event.finish_reason:
+                self.tracker.piece(event.index)
+            if event.finish_reason is not None:
+                self.tracker.finished(event.finish_reason, _prompt_tokens(self.job, event), event.completion_tokens)
             yield event
 
     async def prompt_logprobs(self, event: Event) -> list:
@@ -170,9 +176,14 @@ def _sse(payload) -> bytes:
     return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
 
 
+def _prompt_tokens(job: Job, event: Event) -> int:
+    """The prompt tokens a finished sequence adds to `usage` and the metrics: a prompt once, however many samples."""
+    return event.prompt_tokens if job.sequences[event.index].sample == 0 else 0
+
+
 def _count(counts: List[int], job: Job, event: Event) -> None:
-    """Add a finished sequence's tokens to `usage` [prompt, completion]: a prompt once, however many samples."""
-    counts[0] += event.prompt_tokens if job.sequences[event.index].sample == 0 else 0
+    """Add a finished sequence's tokens to `usage` [prompt, completion]."""
+    counts[0] += _prompt_tokens(job, event)
     counts[1] += event.completion_tokens
 
 
@@ -238,7 +249,7 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
 
 def make_app(state: ServerState) -> FastAPI:
     """The ASGI app: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions, and
-    vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info."""
+    vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info and GET /metrics (Prometheus)."""
     app = FastAPI(title="llama_mp", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -292,13 +303,14 @@ def make_app(state: ServerState) -> FastAPI:
         return model_card(state.limits, state.created)
 
     async def run(request: Request, parse) -> object:
+        arrived = time.monotonic()
         _authorize(state, request)
         body = await _read_json(request, state.max_body_bytes, state.body_timeout_s)
         busy = state.unavailable()
         if busy is not None:
             raise busy
         job = parse(body, state.tokenizer, state.limits)
-        answer = _Answer(state, job, request)
+        answer = _Answer(state, job, request, arrived)
         if not job.stream:
             state.open_requests += 1
             try:
@@ -321,6 +333,11 @@ def make_app(state: ServerState) -> FastAPI:
         _authorize(state, request)
         if state.limits is None:
             raise state.unavailable()
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        _authorize(state, request)
+        return Response(state.metrics.text(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request):

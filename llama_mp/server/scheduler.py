@@ -294,8 +294,9 @@ class Scheduler:
 
     def stats(self) -> Dict[str, int]:
         """Sequences waiting, running (in a slot, not yet released) and ended (finished, cancelled by their
-        client, failed), and the steps run so far."""
-        return {"waiting": len(self.waiting), "running": len(self.by_slot), "steps": self.steps, **self.counts}
+        client, failed), the batch's slots, and the steps run so far."""
+        return {"waiting": len(self.waiting), "running": len(self.by_slot), "slots": self.batcher.slots,
+                "steps": self.steps, **self.counts}
 
     # ------------------------------------------------------------------------------------------
     # The batch loop (main thread)
