@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from llama_mp import distributed
 from llama_mp.runtime import sampling, transfer
 from llama_mp.runtime.batching import Batcher
-from llama_mp.server.protocol import SequenceSpec
+from llama_mp.server.protocol import Choosing, SequenceSpec
 from llama_mp.server.scheduler import Scheduler
 from scheduling import run_to_end
 
@@ -256,10 +256,13 @@ def test_the_servers_batch_loop_reads_each_step_one_step_late_and_nothing_else(b
              SequenceSpec(prompt, 5, 0, 1.0, None, [], None, ignore_eos=True),            # greedy
              SequenceSpec(prompt, 3, 0, 1.0, None, [], 2, ignore_eos=True, echo=True),     # scored, logprobs
              SequenceSpec(prompt, 6, 1.0, 1.0, None, [], 1, ignore_eos=True),             # sampled, logprobs
-             SequenceSpec(prompt[:2], 4, 0, 1.0, None, [], None, ignore_eos=True)]        # waits for a slot
+             SequenceSpec(prompt[:2], 4, 0, 1.0, None, [], None, ignore_eos=True),        # waits for a slot
+             SequenceSpec(prompt, 5, 0.8, 1.0, 3, [], None, choosing=Choosing(               # OpenAI's extras
+                 top_k=20, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3, logit_bias=((5, 2.0),),
+                 min_tokens=3, stop_token_ids=(7,)))]
     _, events = run_to_end(scheduler, specs, 60, around=lambda: syncs)
     finished = {e.index: e for e in events if e.finish_reason is not None}
-    assert [finished[i].completion_tokens for i in range(5)] == [7, 5, 3, 6, 4]
+    assert [finished[i].completion_tokens for i in range(5)] == [7, 5, 3, 6, 4] and finished[5].completion_tokens >= 3
     assert syncs.reads() == [] and syncs.uploads() == []
     late = [e for e in syncs.log if e[0] == "late"]
     assert len(late) == scheduler.steps >= 7

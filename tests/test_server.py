@@ -313,12 +313,12 @@ def error_of(response, status):
 def test_every_error_code_and_the_server_goes_on(server, client):
     error_of(post(server, "/v1/completions", {"prompt": "hi"}, key="wrong"), 401)
     error_of(post(server, "/v1/completions", {"prompt": "hi"}, key=None), 401)
-    assert "n" == error_of(post(server, "/v1/completions", {"prompt": "hi", "n": 2}), 400)["param"]
+    assert "suffix" == error_of(post(server, "/v1/completions", {"prompt": "hi", "suffix": "x"}), 400)["param"]
     error_of(post(server, "/v1/completions", {"prompt": "hi", "temperature": -1}), 400)
     error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": -1}), 400)
     error_of(post(server, "/v1/completions", {"max_tokens": 5}), 400)
     error_of(post(server, "/v1/completions", {"prompt": [[1, 10 ** 9]]}), 400)
-    error_of(post(server, "/v1/completions", {"prompt": "hi", "stop": ["a"] * 5}), 400)
+    error_of(post(server, "/v1/completions", {"prompt": "hi", "stop": ["x" * 257]}), 400)  # over 256 characters
     assert error_of(post(server, "/v1/completions", {"prompt": "word " * MAX_SEQ_LEN}), 400)["code"] == \
         "context_length_exceeded"
     assert error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": MAX_SEQ_LEN}), 400)["code"] == \
@@ -333,7 +333,7 @@ def test_every_error_code_and_the_server_goes_on(server, client):
     error_of(httpx.get(server.url + "/v1/models/gpt-4", headers={"Authorization": f"Bearer {KEY}"}), 404)
     error_of(post(server, "/v1/completions", {"prompt": "x" * MAX_BODY}), 413)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="hi", n=3)
+        client.completions.create(model="tiny", prompt="hi", n=MAX_BATCH + 1)  # each sample takes a slot
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     assert client.completions.create(model="tiny", prompt="still here", max_tokens=3).choices[0].finish_reason
@@ -535,10 +535,10 @@ def test_requests_are_validated_in_openai_terms(tokenizer_path):
     assert job.sequences[0].temperature == 1.0 and job.sequences[0].stop == ["x"]
     chat = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, tokenizer, limits)
     assert chat.sequences[0].max_tokens == 32 - len(chat.sequences[0].prompt_ids)  # the rest of the context
-    for body, param in [({"prompt": "a", "n": 2}, "n"), ({"prompt": "a", "top_p": 0}, "top_p"),
+    for body, param in [({"prompt": "a", "n": 3}, "n"), ({"prompt": "a", "top_p": 0}, "top_p"),
                         ({"prompt": ["a", "b", "c"]}, "prompt"), ({"prompt": "a", "max_tokens": 31}, "max_tokens"),
                         ({"prompt": "a", "logprobs": 6}, "logprobs"), ({"prompt": "a", "stream": "yes"}, "stream"),
-                        ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty")]:
+                        ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty")]:
         try:
             parse_completion(body, tokenizer, limits)
         except ApiError as e:

@@ -1,5 +1,5 @@
-"""Choosing the next token: greedy, temperature, top-k and nucleus (top-p) sampling, each row with its own
-settings (`RowSampling`); the one place it happens, for `Engine.generate` (every row alike) and the server's
+"""Choosing the next token: greedy, temperature, top-k, min-p and nucleus (top-p) sampling, with OpenAI's
+logit bias and penalties, each row with its own settings (`RowSampling`); the one place it happens, for `Engine.generate` (every row alike) and the server's
 continuous batch (each request its own settings and generator).
 
 `choose_tokens` is every rank's side: greedy rows that want no logprobs need only the distributed argmax
@@ -19,6 +19,7 @@ a CPU, a tenth of a small model's step) and would change with the candidate coun
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -74,15 +75,32 @@ class RowSampling:
     top_k: int = 0
     generator: Optional[torch.Generator] = None
     logprobs: int = -1
+    # What OpenAI's and vLLM's requests add (the server's), all applied to the logits before the choice, greedy
+    # or sampled, on their device; `logprobs` stay those of the model's own logits. `min_p`: drop the tokens
+    # less likely than min_p times the likeliest (after temperature; sampling only). `bias` [vocab]: added
+    # (logit_bias). `counts` [vocab] float: how often each id was chosen so far, which `choose_from_logits`
+    # adds this step's choice to; with it, `presence_penalty` is taken from every id chosen before and
+    # `frequency_penalty` times its count. `ban` [n] ids: never chosen (stop tokens before min_tokens).
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    bias: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    ban: Optional[torch.Tensor] = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before the choice (bias, penalties, banned ids)."""
+        return self.bias is not None or self.counts is not None or self.ban is not None
+
+    @property
     def needs_logits(self) -> bool:
         """Whether this row's choice needs the whole vocabulary's logits on rank 0 (not just the argmax)."""
-        return not self.greedy or self.logprobs >= 0
+        return not self.greedy or self.logprobs >= 0 or self.adjusts
 
 
 @dataclass
@@ -125,9 +143,12 @@ def choose_tokens(model, h: torch.Tensor, rows: Optional[Sequence[RowSampling]],
 def choose_from_logits(logits: torch.Tensor, rows: Sequence[RowSampling], forced: Optional[Forced] = None) -> Choice:
     """Rank 0's choice from float logits [rows, vocab], each row by its own settings, on their device: the
     ids, and the logprobs some row asked for (of the unscaled softmax, like Meta's)."""
-    ids = draw(logits, rows)
+    ids = draw(_adjusted(logits, rows), rows)
     if forced is not None:
         ids = torch.where(forced[0], forced[1], ids)
+    for i, r in enumerate(rows):
+        if r.counts is not None:  # the choice counts from the next step on (a device op: no read)
+            r.counts.index_add_(0, ids[i:i + 1], torch.ones(1, dtype=r.counts.dtype, device=r.counts.device))
     alternatives = max(r.logprobs for r in rows)
     if alternatives < 0:
         return Choice(ids)
@@ -136,6 +157,23 @@ def choose_from_logits(logits: torch.Tensor, rows: Sequence[RowSampling], forced
     if alternatives:
         choice.top_logprobs, choice.top_ids = torch.topk(lp, alternatives, dim=-1)
     return choice
+
+
+def _adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """The logits the choice is made from: `logits` itself, or a copy where rows that ask for it have their
+    bias added, penalties taken and banned ids at -inf (see `RowSampling`)."""
+    if not any(r.adjusts for r in rows):
+        return logits
+    out = logits.clone()
+    for i, r in enumerate(rows):
+        row = out[i]
+        if r.bias is not None:
+            row += r.bias
+        if r.counts is not None:
+            row -= r.presence_penalty * (r.counts > 0) + r.frequency_penalty * r.counts
+        if r.ban is not None:
+            row.index_fill_(0, r.ban, float("-inf"))
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
@@ -161,6 +199,9 @@ def _sampled(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     engine's case: no per-row tensors); rows that differ get a column of per-row values."""
     vocab = logits.shape[-1]
     logits = logits / _per_row([r.temperature for r in rows], logits)
+    if any(r.min_p > 0 for r in rows):  # p < min_p * p_max is logit < max logit + log(min_p)
+        floor = _per_row([math.log(r.min_p) if r.min_p > 0 else float("-inf") for r in rows], logits)
+        logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + floor, float("-inf"))
     ks = [r.top_k if r.top_k < vocab else 0 for r in rows]
     if any(ks):
         kth = torch.topk(logits, max(ks), dim=-1).values  # [rows, largest k], descending

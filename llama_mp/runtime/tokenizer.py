@@ -99,6 +99,21 @@ class Tokenizer:
             cls = TiktokenTokenizer if _looks_like_tiktoken(model_path) else SentencePieceTokenizer
         return super().__new__(cls)
 
+    def encode_naming_specials(self, text: str, bos: bool) -> List[int]:
+        """`text` as ids where a special token's name ("</s>", "<|eot_id|>") stands for its id, as
+        Hugging Face's tokenizers read text: what a client asks of /tokenize (lm-eval finds BOS and EOS
+        that way). The text between names is encoded as text of its own. Never for a prompt: there a
+        name is plain text (`encode`), so no text can forge a turn."""
+        _check_text(text)
+        names = sorted(self.special_tokens, key=len, reverse=True)  # the longest name wins where two start
+        ids = [self.bos_id] if bos else []
+        for i, part in enumerate(re.split("(" + "|".join(map(re.escape, names)) + ")", text) if names else [text]):
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids += self.encode(part, bos=False, eos=False)
+        return ids
+
     def special_id(self, name: str) -> int:
         """The id of special token `name` (e.g. "<|eot_id|>"), or an error listing the known ones."""
         try:
@@ -170,6 +185,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
+
+    def piece(self, token_id: int) -> str:
+        """The id's piece as the model file names it ("▁Hello", "<0x0A>")."""
+        return self.sp.id_to_piece(token_id)
 
     def text_after(self, previous: int, token_id: int) -> str:
         """The text `token_id` adds after `previous` (a piece's leading space shows only after a piece)."""
@@ -244,6 +263,10 @@ class TiktokenTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one id stands for (a special token's are its name)."""
         return self.model.decode_single_token_bytes(token_id)
+
+    def piece(self, token_id: int) -> str:
+        """The id's bytes as text (a byte that is part of a character: U+FFFD)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def text_after(self, previous: int, token_id: int) -> str:
         """The text `token_id` adds after `previous`: its own bytes, whatever comes before."""

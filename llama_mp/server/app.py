@@ -28,8 +28,9 @@ from starlette.requests import ClientDisconnect
 
 from ..checks import JsonProblem, parse_json_bytes
 from ..errors import LlamaMPError
-from .protocol import (ApiError, Job, choice, envelope, model_card, models_list, parse_chat,
-                       parse_completion, usage)
+from .protocol import (ApiError, Job, choice, detokenize, envelope, model_card, models_list, parse_chat,
+                       parse_completion, tokenize, tokenizer_info, usage)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .scheduler import Event, Generation, Sink
 from .state import FAILED, READY, ServerState
 
@@ -121,8 +122,9 @@ class _Answer:
     """The sequences of one job, the queue their events arrive in (on the event loop's thread), and a
     watch on the client: once it disconnects, the events stop and the sequences are cancelled."""
 
-    def __init__(self, state: ServerState, job: Job, request: Request):
+    def __init__(self, state: ServerState, job: Job, request: Request, arrived: float):
         self.job, self.state, self.request = job, state, request
+        self.tracker = state.metrics.tracker(arrived)
         self.queue: "asyncio.Queue" = asyncio.Queue()
         self.seqs: List[Generation] = state.scheduler.submit(job.sequences, Sink(asyncio.get_running_loop(),
                                                                                 self.queue))
@@ -147,6 +149,10 @@ class _Answer:
                 return
             if event.finish_reason is not None or event.error is not None:
                 self.open -= 1
+            if event.text or event.logprobs or event.finish_reason:
+                self.tracker.piece(event.index)
+            if event.finish_reason is not None:
+                self.tracker.finished(event.finish_reason, _prompt_tokens(self.job, event), event.completion_tokens)
             yield event
 
     async def prompt_logprobs(self, event: Event) -> list:
@@ -163,6 +169,18 @@ class _Answer:
 
 def _sse(payload) -> bytes:
     return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+def _prompt_tokens(job: Job, event: Event) -> int:
+    """The prompt tokens a finished sequence adds to `usage` and the metrics: a prompt once, however many samples."""
+    return event.prompt_tokens if job.sequences[event.index].sample == 0 else 0
+
+
+def _count(counts: List[int], job: Job, event: Event) -> None:
+    """Add a finished sequence's tokens to `usage` [prompt, completion, cached prompt tokens]."""
+    counts[0] += _prompt_tokens(job, event)
+    counts[1] += event.completion_tokens
+    counts[2] += event.cached_tokens if job.sequences[event.index].sample == 0 else 0
 
 
 async def _whole(answer: _Answer) -> JSONResponse:
@@ -182,9 +200,7 @@ async def _whole(answer: _Answer) -> JSONResponse:
                 logprobs[event.index] += event.logprobs
             if event.finish_reason is not None:
                 finish[event.index] = event.finish_reason
-                counts[0] += event.prompt_tokens
-                counts[1] += event.completion_tokens
-                counts[2] += event.cached_tokens
+                _count(counts, job, event)
     finally:
         answer.close()  # a no-op for finished sequences; frees the slots of a vanished client
     want_lp = job.sequences[0].logprobs is not None
@@ -212,9 +228,7 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
                 piece = choice(job, event.index, job.echo_texts[event.index], None, entries, delta=True, first=True)
                 yield _sse(envelope(job, [piece], None, True))
             if event.finish_reason is not None:
-                counts[0] += event.prompt_tokens
-                counts[1] += event.completion_tokens
-                counts[2] += event.cached_tokens
+                _count(counts, job, event)
             if event.text or event.logprobs or event.finish_reason:
                 piece = choice(job, event.index, event.text, event.finish_reason, event.logprobs, delta=True,
                                text_offset=offsets[event.index])
@@ -230,7 +244,8 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
 
 
 def make_app(state: ServerState) -> FastAPI:
-    """The ASGI app: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions."""
+    """The ASGI app: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions, and
+    vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info and GET /metrics (Prometheus)."""
     app = FastAPI(title="llama_mp", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -247,7 +262,8 @@ def make_app(state: ServerState) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException):
         if error.status_code == 404:
             message = f"Unknown route {request.method} {request.url.path}; see GET /v1/models, POST " \
-                      "/v1/completions and POST /v1/chat/completions."
+                      "/v1/completions, POST /v1/chat/completions, POST /tokenize, POST /detokenize, GET " \
+                      "/tokenizer_info and GET /metrics."
         elif error.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}."
         else:
@@ -283,13 +299,14 @@ def make_app(state: ServerState) -> FastAPI:
         return model_card(state.limits, state.created)
 
     async def run(request: Request, parse) -> object:
+        arrived = time.monotonic()
         _authorize(state, request)
         body = await _read_json(request, state.max_body_bytes, state.receive_timeout_s)
         busy = state.unavailable()
         if busy is not None:
             raise busy
         job = parse(body, state.tokenizer, state.limits)
-        answer = _Answer(state, job, request)
+        answer = _Answer(state, job, request, arrived)
         if not job.stream:
             state.open_requests += 1
             try:
@@ -307,6 +324,34 @@ def make_app(state: ServerState) -> FastAPI:
 
         return StreamingResponse(counted(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def ready(request: Request) -> None:
+        _authorize(state, request)
+        if state.limits is None:
+            raise state.unavailable()
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        _authorize(state, request)
+        return Response(state.metrics.text(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request):
+        await ready(request)
+        body = await _read_json(request, state.max_body_bytes, state.receive_timeout_s)
+        # a long text takes a moment to encode: in a worker thread, while the loop serves the other clients
+        return await asyncio.to_thread(tokenize, body, state.tokenizer, state.limits)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request):
+        await ready(request)
+        body = await _read_json(request, state.max_body_bytes, state.receive_timeout_s)
+        return await asyncio.to_thread(detokenize, body, state.tokenizer, state.limits)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request):
+        await ready(request)
+        return tokenizer_info(state.tokenizer, state.limits)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -4,7 +4,7 @@ Everything a client sends is checked here, on rank 0, before any work is queued:
 answered with OpenAI's error JSON (status 400, 404, ...) and never reaches the batch or the other
 ranks. The rules for sampling values are the runtime's own (`check_sampling`), so the server and the
 command line accept exactly the same values. Every field of a body is in one table (`FIELDS`): implemented,
-refused unless its value asks for nothing (n > 1, penalties, tools, ...: a 400 naming it, never silently
+refused unless its value asks for nothing (tools, suffix, ...: a 400 naming it, never silently
 dropped), or ignored for a stated reason (`user`); a field the table does not know is a 400 too, as OpenAI
 answers. An explicit JSON null means "not given", for every field.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..checks import MAX_TOKENS, Domain, OptionError, described, is_int, is_number
 from ..errors import LlamaMPError
@@ -23,7 +23,9 @@ from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_specia
 from ..runtime.sampling import check_sampling
 from ..runtime.tokenizer import Tokenizer, prompt_text
 
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on `stop`, and a bound on each string
+# `stop`: any number of strings (vLLM has no limit, and lm-eval sends its tasks' `until` lists whole), within
+# a bound on each string and on all of them together, so the text held back and searched stays small
+MAX_STOP_CHARS, MAX_STOP_TOTAL_CHARS = 256, 2048
 MAX_LOGPROBS = 5             # completions: `logprobs` (top alternatives per token), OpenAI's maximum
 MAX_TOP_LOGPROBS = 20        # chat: `top_logprobs`, OpenAI's maximum
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default `max_tokens` for /v1/completions
@@ -54,6 +56,22 @@ class Limits:
     max_prompts: int  # prompts in one /v1/completions request (each takes a batch slot)
 
 
+@dataclass(frozen=True)
+class Choosing:
+    """OpenAI's and vLLM's further token choice settings of a sequence (runtime/sampling.py applies them;
+    the defaults change nothing). `stop_token_ids` end it as the end-of-text token does (even with
+    ignore_eos); before `min_tokens` tokens neither they nor the end-of-text token can be chosen, and
+    stop strings are looked for only in the text from the min_tokens-th token on."""
+
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: Tuple[int, ...] = ()
+
+
 @dataclass
 class SequenceSpec:
     """One prompt to continue, as validated: everything the scheduler needs to run and stop it."""
@@ -68,6 +86,8 @@ class SequenceSpec:
     ignore_eos: bool = False
     echo: bool = False          # the answer's text starts with the prompt's
     after_prompt: bool = True   # the text reads on from the prompt's (completions); chat: decoded alone
+    choosing: Choosing = field(default_factory=Choosing)
+    sample: int = 0             # which of the request's `n` samples of its prompt this is
 
     @property
     def score_prompt(self) -> bool:
@@ -155,16 +175,10 @@ _BOTH = {
     "stop": IMPLEMENTED, "stream": IMPLEMENTED, "stream_options": IMPLEMENTED, "max_tokens": IMPLEMENTED,
     "logprobs": IMPLEMENTED,
     "ignore_eos": IMPLEMENTED,  # vLLM's extension: generate max_tokens even past the end-of-text token
-    "n": _refused("this server returns one choice per prompt; send the request several times, with different "
-                  "seeds, for several samples", 1),
-    "presence_penalty": _refused("penalties are not implemented", 0),
-    "frequency_penalty": _refused("penalties are not implemented", 0),
-    "repetition_penalty": _refused("penalties are not implemented", 1),
-    "logit_bias": _refused("biasing tokens is not implemented", {}),
-    "top_k": _refused("top-k sampling is not offered by this server (use top_p)", 0, -1),
-    "min_p": _refused("min-p sampling is not implemented (use top_p)", 0),
-    "min_tokens": _refused("a minimum length is not implemented", 0),
-    "stop_token_ids": _refused("stop ids are not implemented; use 'stop' strings", []),
+    "n": IMPLEMENTED, "presence_penalty": IMPLEMENTED, "frequency_penalty": IMPLEMENTED, "logit_bias": IMPLEMENTED,
+    "top_k": IMPLEMENTED, "min_p": IMPLEMENTED, "min_tokens": IMPLEMENTED, "stop_token_ids": IMPLEMENTED,  # vLLM's
+    "repetition_penalty": _refused("the repetition penalty is not implemented (presence_penalty and "
+                                   "frequency_penalty are)", 1),
     "include_stop_str_in_output": _refused("a stop string is always cut from the text", False),
     "use_beam_search": _refused("beam search is not implemented", False),
     "response_format": _refused("constrained output (JSON mode, schemas) is not implemented",
@@ -174,7 +188,7 @@ _BOTH = {
 }
 COMPLETION_FIELDS = dict(_BOTH, **{
     "prompt": IMPLEMENTED, "echo": IMPLEMENTED,
-    "best_of": _refused("this server does not rank several samples", 1),
+    "best_of": IMPLEMENTED,  # only as n: ranking more samples than are returned is refused (parse_completion)
     "suffix": _refused("insertion (text after the completion) is not implemented", ""),
 })
 CHAT_FIELDS = dict(_BOTH, **{
@@ -204,6 +218,13 @@ MESSAGE_FIELDS = {
 }
 PART_FIELDS = {"type": IMPLEMENTED, "text": IMPLEMENTED}  # a text part of a message's content
 STREAM_OPTION_FIELDS = {"include_usage": IMPLEMENTED}
+# vLLM's /tokenize and /detokenize, which lm-eval's `local-completions` uses for its tokenizer
+TOKENIZE_FIELDS = {
+    "model": IMPLEMENTED, "prompt": IMPLEMENTED, "add_special_tokens": IMPLEMENTED, "return_token_strs": IMPLEMENTED,
+    "messages": _refused("tokenizing a chat is not implemented here; /v1/chat/completions reports its prompt's "
+                         "length in `usage`"),
+}
+DETOKENIZE_FIELDS = {"model": IMPLEMENTED, "tokens": IMPLEMENTED}
 
 
 def _same(value, default) -> bool:
@@ -246,10 +267,11 @@ def _stop(body: dict) -> List[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise invalid(f"'stop' must be a string or a list of strings, got {described(stop)}.", "stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise invalid(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}.", "stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise invalid(f"Each 'stop' string may have at most {MAX_STOP_CHARS} characters.", "stop")
+    longest, total = max(map(len, stops), default=0), sum(map(len, stops))
+    if longest > MAX_STOP_CHARS or total > MAX_STOP_TOTAL_CHARS:
+        raise invalid(f"'stop' strings may have at most {MAX_STOP_CHARS} characters each and "
+                      f"{MAX_STOP_TOTAL_CHARS} all together; got {len(stops)} strings, the longest of {longest} "
+                      f"characters, {total} in all.", "stop")
     return [s for s in stops if s]
 
 
@@ -263,6 +285,73 @@ def _sampling(body: dict, default_temperature: float = 1.0):
     if seed is not None and not is_int(seed):
         raise invalid(f"'seed' must be an integer, got {described(seed)}.", "seed")
     return float(temperature), float(top_p), None if seed is None else seed % (2 ** 64)
+
+
+MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty (either sign)
+MAX_BIAS = 100.0   # OpenAI's bound on a logit_bias value (either sign): -100 bans a token, 100 all but forces it
+
+
+def _ranged(body: dict, name: str, default: float, low: float, high: float, why: str = "") -> float:
+    value = _number(body, name, default)
+    if not low <= value <= high:
+        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}{why}, got {described(body[name])}.", name)
+    return value
+
+
+def _token_id(value, tokenizer: Tokenizer) -> bool:
+    return is_int(value) and 0 <= value < tokenizer.n_words
+
+
+def _choosing(body: dict, tokenizer: Tokenizer) -> Choosing:
+    """The further token choice settings of a request (see `Choosing`), checked."""
+    vocab = tokenizer.n_words
+    top_k = _int(body, "top_k", 0, -1, why=" (-1 or 0 turns it off)")
+    bias = body.get("logit_bias", {})
+    if not isinstance(bias, dict):
+        raise invalid(f"'logit_bias' must be an object mapping token ids to numbers, got {described(bias)}.",
+                      "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else None
+        if token is None or not 0 <= token < vocab:
+            raise invalid(f"'logit_bias' keys must be token ids in [0, {vocab}), got {key!r}.", "logit_bias")
+        if not is_finite_number(value) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise invalid(f"'logit_bias' values must be numbers from {-MAX_BIAS:g} to {MAX_BIAS:g}; token {key} has "
+                          f"{described(value)}.", "logit_bias")
+        pairs.append((token, float(value)))
+    stop_ids = body.get("stop_token_ids", [])
+    if not isinstance(stop_ids, list) or not all(_token_id(t, tokenizer) for t in stop_ids):
+        raise invalid(f"'stop_token_ids' must be a list of token ids in [0, {vocab}), got {described(stop_ids)}.",
+                      "stop_token_ids")
+    return Choosing(max(top_k, 0), _ranged(body, "min_p", 0.0, 0.0, 1.0),
+                    _ranged(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
+                    _ranged(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY), tuple(sorted(pairs)),
+                    _int(body, "min_tokens", 0, 0), tuple(sorted(set(stop_ids))))
+
+
+def _samples(body: dict, specs: List[SequenceSpec], limits: Limits, best_of: bool) -> List[SequenceSpec]:
+    """Each spec `n` times, as OpenAI orders choices (prompt by prompt): independent samples, each with its own
+    seed (a request's `seed` s gives sample j the seed s + j), each prefilled on its own. `best_of` (completions)
+    is accepted as n: ranking more samples than are returned is not implemented."""
+    n = _int(body, "n", 1, 1)
+    if len(specs) * n > limits.max_prompts:
+        raise invalid(f"'n' ({n}) times {len(specs)} prompt(s) asks for {len(specs) * n} sequences; one request may "
+                      f"hold at most {limits.max_prompts} (each takes a batch slot: --max_batch_size).", "n")
+    if best_of:
+        most = _int(body, "best_of", n, 1)
+        if most != n:
+            raise invalid(f"'best_of' ({most}) must equal 'n' ({n}) here: "
+                          + ("it cannot be below n." if most < n else "this server returns every sample it makes and "
+                             "does not rank more of them than it returns."), "best_of")
+    return [replace(spec, sample=j, seed=None if spec.seed is None else (spec.seed + j) % 2 ** 64)
+            for spec in specs for j in range(n)]
+
+
+def _check_min_tokens(specs: List[SequenceSpec]) -> None:
+    for spec in specs:
+        if spec.choosing.min_tokens > spec.max_tokens:
+            raise invalid(f"'min_tokens' ({spec.choosing.min_tokens}) is more than the {spec.max_tokens} tokens this "
+                          "answer may have (max_tokens, or the room the context leaves).", "min_tokens")
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -342,10 +431,13 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     stream = _bool(body, "stream")
     echo = _bool(body, "echo")
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS, "likeliest alternatives per token")
-    stop, ignore_eos = _stop(body), _bool(body, "ignore_eos")
-    sequences = [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop, logprobs,
-                              ignore_eos, echo) for i, p in enumerate(prompts)]
-    echo_texts = [prompt_text(tokenizer, p) for p in prompts] if echo else []  # a text prompt: as it was sent
+    stop, ignore_eos, choosing = _stop(body), _bool(body, "ignore_eos"), _choosing(body, tokenizer)
+    sequences = _samples(body, [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop,
+                                             logprobs, ignore_eos, echo, choosing=choosing)
+                                for i, p in enumerate(prompts)], limits, best_of=True)
+    _check_min_tokens(sequences)
+    # a text prompt: as it was sent
+    echo_texts = [prompt_text(tokenizer, s.prompt_ids) for s in sequences] if echo else []
     return Job("completion", model, sequences, stream, _stream_options(body, stream), echo_texts)
 
 
@@ -406,9 +498,54 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
         logprobs = _int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, "likeliest alternatives per token")
     elif body.get("top_logprobs") is not None:
         raise invalid("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
-    spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens, field=field), temperature, top_p, seed, _stop(body), logprobs,
-                        _bool(body, "ignore_eos"), after_prompt=False)
-    return Job("chat", model, [spec], stream, _stream_options(body, stream))
+    spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens, field=field), temperature, top_p, seed,
+                        _stop(body), logprobs, _bool(body, "ignore_eos"), after_prompt=False,
+                        choosing=_choosing(body, tokenizer))
+    sequences = _samples(body, [spec], limits, best_of=False)
+    _check_min_tokens(sequences)
+    return Job("chat", model, sequences, stream, _stream_options(body, stream))
+
+
+def _object(body: Any, where: str) -> None:
+    if not isinstance(body, dict):
+        raise invalid(f"The body of {where} must be a JSON object, got {described(body)}.")
+
+
+def tokenize(body: Any, tokenizer: Tokenizer, limits: Limits) -> dict:
+    """vLLM's POST /tokenize: `prompt` as ids, with BOS first unless `add_special_tokens` is false; a special
+    token's name in the text stands for its id, as Hugging Face's tokenizers read it."""
+    _object(body, "/tokenize")
+    body = given(body, TOKENIZE_FIELDS, "A /tokenize request")
+    check_model(body, limits)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise invalid(f"'prompt' must be a string, got {described(prompt)}.", "prompt")
+    ids = tokenizer.encode_naming_specials(prompt, bos=_bool(body, "add_special_tokens", True))
+    strs = [tokenizer.piece(i) for i in ids] if _bool(body, "return_token_strs") else None
+    return {"count": len(ids), "max_model_len": limits.max_seq_len, "tokens": ids, "token_strs": strs}
+
+
+def detokenize(body: Any, tokenizer: Tokenizer, limits: Limits) -> dict:
+    """vLLM's POST /detokenize: the text of `tokens` (special tokens as the tokenizer writes them)."""
+    _object(body, "/detokenize")
+    body = given(body, DETOKENIZE_FIELDS, "A /detokenize request")
+    check_model(body, limits)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
+        raise invalid(f"'tokens' must be a list of token ids, got {described(tokens)}.", "tokens")
+    if tokens and (min(tokens) < 0 or max(tokens) >= tokenizer.n_words):
+        raise invalid(f"'tokens' has ids outside the vocabulary [0, {tokenizer.n_words}).", "tokens")
+    return {"prompt": tokenizer.decode(tokens)}
+
+
+def tokenizer_info(tokenizer: Tokenizer, limits: Limits) -> dict:
+    """vLLM's GET /tokenizer_info: the tokenizer's settings in the names of Hugging Face's tokenizer_config.json
+    (lm-eval reads `eos_token` and `bos_token`, then finds their ids with /tokenize)."""
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    return {"tokenizer_class": "LlamaTokenizer" if tokenizer.family == "llama" else "PreTrainedTokenizerFast",
+            "bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id),
+            "pad_token": names.get(tokenizer.pad_id), "model_max_length": limits.max_seq_len,
+            "vocab_size": tokenizer.n_words, "add_bos_token": True, "add_eos_token": False}
 
 
 # ----------------------------------------------------------------------------------------------------

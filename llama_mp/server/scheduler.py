@@ -33,6 +33,7 @@ from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
 from ..runtime.prefixes import PrefixCache, Row
 from ..runtime.sampling import RowSampling, make_generator
+from ..runtime.transfer import upload
 from ..runtime.scoring import TokenScores
 from ..runtime.tokenizer import TextStream, Tokenizer, prompt_pieces
 from .protocol import ApiError, SequenceSpec, TokenLogprob
@@ -80,14 +81,19 @@ class StopText:
     """
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], after: Sequence[int] = (),
-                 entries: bool = False):
+                 entries: bool = False, min_tokens: int = 0):
         self.stream, self.stops, self.entries = TextStream(tokenizer, after), list(stops), entries
         self.held: List[TokenLogprob] = []  # the tokens not yet released (their texts, and entries)
+        # stop strings count from the min_tokens-th token on (min_tokens): until then no text is held for them
+        self.unarmed = max(min_tokens - 1, 0)
 
     def push(self, token: int, entry_of: Optional[Callable[[str], TokenLogprob]] = None) -> Piece:
         """Add `token`; `entry_of(text it added)` makes its logprobs entry (when `entries`)."""
         added = self.stream.push(token)
         self.held.append(entry_of(added) if entry_of is not None else TokenLogprob(added, None, None))
+        if self.unarmed:
+            self.unarmed -= 1
+            return self._release(final=False, stops=())
         return self._release(final=False)
 
     def flush(self) -> Piece:
@@ -99,14 +105,15 @@ class StopText:
             self.held.append(TokenLogprob(rest, None, None))
         return self._release(final=True)
 
-    def _release(self, final: bool) -> Piece:
+    def _release(self, final: bool, stops: Optional[Sequence[str]] = None) -> Piece:
+        stops = self.stops if stops is None else stops
         text = "".join(e.token for e in self.held)
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        found = [i for i in (text.find(s) for s in stops) if i >= 0]
         stopped = bool(found)
         if stopped:
             cut = min(found)
         else:  # hold back the longest end of the text that may be the start of a stop string
-            hold = 0 if final else max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
+            hold = 0 if final else max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1)
                                         if text.endswith(s[:n])), default=0)
             cut = len(text) - hold
         # the last token stays while part of a character is held back: its text is not complete yet
@@ -162,6 +169,12 @@ class Generation:
     sink: Sink
     generator: Optional[torch.Generator] = None
     text: Optional[StopText] = None
+    # on the device, made once (see RowSampling): logit_bias as a [vocab] row, the counts of its tokens when it
+    # has penalties, the ids it may not choose before min_tokens
+    bias: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    ban: Optional[torch.Tensor] = None
+    stop_ids: frozenset = frozenset()  # the ids that end it
     slot: Optional[int] = None
     row: Optional[Row] = None        # what its cache row holds (prefix caching), from its admission on
     cached: int = 0                  # the prompt tokens it did not prefill (a cached prefix)
@@ -174,10 +187,12 @@ class Generation:
 
     @property
     def sampling(self) -> RowSampling:
-        """How its tokens are chosen (the server has no top_k)."""
-        spec = self.spec
-        return RowSampling(spec.temperature, spec.top_p, 0, self.generator,
-                           -1 if spec.logprobs is None else spec.logprobs)
+        """How the token of the step now queued is chosen (its `launched`-th, from 0)."""
+        spec, c = self.spec, self.spec.choosing
+        return RowSampling(spec.temperature, spec.top_p, c.top_k, self.generator,
+                           -1 if spec.logprobs is None else spec.logprobs, c.min_p, c.presence_penalty,
+                           c.frequency_penalty, self.bias, self.counts,
+                           self.ban if self.launched < c.min_tokens else None)
 
     @property
     def all_queued(self) -> bool:
@@ -230,7 +245,9 @@ class Scheduler:
             # decoded alone, as Meta's chat_completion does (Llama 2's format puts a space after [/INST]).
             after = spec.prompt_ids if spec.after_prompt else ()
             seqs.append(Generation(spec, i, sink, make_generator(self.device, seed),
-                                   StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None),
+                                   StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None,
+                                            spec.choosing.min_tokens),
+                                   *self._choice_tensors(spec), frozenset(self._stops_of(spec)),
                                    previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
@@ -239,6 +256,24 @@ class Scheduler:
             self.waiting.extend(seqs)
             self.lock.notify()
         return seqs
+
+    def _stops_of(self, spec: SequenceSpec) -> set:
+        """The ids that end `spec`: the tokenizer's stop tokens (unless ignore_eos) and its stop_token_ids."""
+        return (set() if spec.ignore_eos else self.stop_ids) | set(spec.choosing.stop_token_ids)
+
+    def _choice_tensors(self, spec: SequenceSpec):
+        """(bias, counts, ban) of a Generation, on the device: made once per sequence, here, off the loop."""
+        c, vocab = spec.choosing, self.tokenizer.n_words
+        bias = counts = ban = None
+        if c.logit_bias:
+            ids, values = zip(*c.logit_bias)
+            bias = torch.zeros(vocab, device=self.device).index_put_((upload(ids, self.device),),
+                                                                     upload(values, self.device, torch.float32))
+        if c.presence_penalty or c.frequency_penalty:
+            counts = torch.zeros(vocab, device=self.device)
+        if c.min_tokens:
+            ban = upload(sorted(self._stops_of(spec)), self.device)
+        return bias, counts, ban
 
     def cancel(self, seqs: Sequence[Generation]) -> None:
         """The client went away: drop these sequences at the next step (their slots are freed then)."""
@@ -267,9 +302,11 @@ class Scheduler:
 
     def stats(self) -> Dict[str, int]:
         """Sequences waiting, running (in a slot, not yet released) and ended (finished, cancelled by their
-        client, failed), and the steps run so far."""
-        return {"waiting": len(self.waiting), "running": len(self.by_slot), "steps": self.steps, **self.counts,
-                "prefix_hits": self.prefixes.hits, "cached_tokens": self.prefixes.cached_tokens}
+        client, failed), the batch's slots, the steps run so far, and the prefix cache's hits and the prompt
+        tokens they held."""
+        return {"waiting": len(self.waiting), "running": len(self.by_slot), "slots": self.batcher.slots,
+                "steps": self.steps, **self.counts, "prefix_hits": self.prefixes.hits,
+                "cached_tokens": self.prefixes.cached_tokens}
 
     # ------------------------------------------------------------------------------------------
     # The batch loop (main thread)
@@ -398,14 +435,19 @@ class Scheduler:
         seq.row.tokens.append(token)  # in its cache row once the next step feeds it (`row.written`)
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
             return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
-        if token in self.stop_ids and not spec.ignore_eos:
-            return self._finish(seq, seq.text.flush(), "stop")
-        seq.generated += 1
+        seq.generated += 1  # a stop token too: it was generated, and counts in `usage` (as OpenAI's does)
         entry_of = None
         if spec.logprobs is not None:
             n, previous, logprob = spec.logprobs, seq.previous, host.logprobs[row]
             values, ids = (host.top_logprobs[row][:n], host.top_ids[row][:n]) if n else ([], [])
             entry_of = lambda added: self._entry(previous, token, added, logprob, values, ids)  # noqa: E731
+        if token in seq.stop_ids:
+            # It adds no text, but has its logprobs entry (written as ""), as OpenAI and vLLM give it:
+            # lm-eval drops the last entry of an answer as the generated token
+            rest = seq.text.flush()
+            if entry_of is not None:
+                rest.entries.append(entry_of(""))
+            return self._finish(seq, rest, "stop")
         piece = seq.text.push(token, entry_of)
         seq.previous = token
         if piece.stopped:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..runtime.tokenizer import Tokenizer
+from .metrics import Metrics
 from .protocol import ApiError, Limits
 from .scheduler import Scheduler
 
@@ -28,6 +29,11 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     open_requests: int = 0  # requests whose answer is still being sent
     receive_timeout_s: float = 30.0  # how long a request's head, then its body, may take to arrive (then 408)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self):
+        self.metrics = Metrics(lambda: self.limits.model_name if self.limits else "",
+                               lambda: self.scheduler.stats() if self.scheduler else None)
 
     def ready(self, scheduler: Scheduler, tokenizer: Tokenizer, limits: Limits) -> None:
         self.scheduler, self.tokenizer, self.limits = scheduler, tokenizer, limits
