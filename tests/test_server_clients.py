@@ -292,7 +292,8 @@ def test_n_samples_are_independent_rows_each_with_its_own_seed(same):
     assert texts == [answer(job, seed=10 + j, **base)["choices"][0]["text"] for j in range(3)]
     assert len(set(texts)) > 1
     prompt_tokens = len(job.tokenizer.encode("Q", bos=True, eos=False))
-    assert many["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 15, "total_tokens": 15 + prompt_tokens}
+    assert many["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 15, "total_tokens": 15 + prompt_tokens,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     two = answer(job, prompt=["Q", "Q"], n=2, seed=10, **base)["choices"]  # prompt by prompt: index = p * n + j
     assert [c["text"] for c in two] == [texts[0], texts[1], texts[0], texts[1]]
     assert answer(job, n=2, best_of=2, seed=10, **base)["choices"][1]["text"] == texts[1]

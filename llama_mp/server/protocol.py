@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ..checks import MAX_TOKENS, Domain, OptionError, described, is_int, is_number
+from ..checks import MAX_BATCH, MAX_SIZE, MAX_TOKENS, Domain, OptionError, described, is_finite_number, is_int, is_number
 from ..errors import LlamaMPError
 from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
 from ..runtime.sampling import check_sampling
@@ -291,11 +291,16 @@ MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty (e
 MAX_BIAS = 100.0   # OpenAI's bound on a logit_bias value (either sign): -100 bans a token, 100 all but forces it
 
 
-def _ranged(body: dict, name: str, default: float, low: float, high: float, why: str = "") -> float:
-    value = _number(body, name, default)
-    if not low <= value <= high:
-        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}{why}, got {described(body[name])}.", name)
-    return value
+def _ranged(body: dict, name: str, default: float, low: float, high: float, meaning: str) -> float:
+    """A number field from `low` to `high`, by the command line's rule (checks.Domain), in the request's spelling."""
+    value = body.get(name)
+    if value is None:
+        return default
+    try:
+        Domain(False, low, high, meaning).check(name, value, "'{}'")
+    except OptionError as e:
+        raise invalid(str(e), name) from None
+    return float(value)
 
 
 def _token_id(value, tokenizer: Tokenizer) -> bool:
@@ -305,7 +310,7 @@ def _token_id(value, tokenizer: Tokenizer) -> bool:
 def _choosing(body: dict, tokenizer: Tokenizer) -> Choosing:
     """The further token choice settings of a request (see `Choosing`), checked."""
     vocab = tokenizer.n_words
-    top_k = _int(body, "top_k", 0, -1, why=" (-1 or 0 turns it off)")
+    top_k = _int(body, "top_k", 0, -1, MAX_SIZE, "likeliest tokens kept; -1 or 0 keeps them all")
     bias = body.get("logit_bias", {})
     if not isinstance(bias, dict):
         raise invalid(f"'logit_bias' must be an object mapping token ids to numbers, got {described(bias)}.",
@@ -323,22 +328,22 @@ def _choosing(body: dict, tokenizer: Tokenizer) -> Choosing:
     if not isinstance(stop_ids, list) or not all(_token_id(t, tokenizer) for t in stop_ids):
         raise invalid(f"'stop_token_ids' must be a list of token ids in [0, {vocab}), got {described(stop_ids)}.",
                       "stop_token_ids")
-    return Choosing(max(top_k, 0), _ranged(body, "min_p", 0.0, 0.0, 1.0),
-                    _ranged(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY),
-                    _ranged(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY), tuple(sorted(pairs)),
-                    _int(body, "min_tokens", 0, 0), tuple(sorted(set(stop_ids))))
+    return Choosing(max(top_k, 0), _ranged(body, "min_p", 0.0, 0.0, 1.0, "the least probability kept, relative to the likeliest"),
+                    _ranged(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY, "subtracted once a token has appeared"),
+                    _ranged(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY, "subtracted per time a token has appeared"), tuple(sorted(pairs)),
+                    _int(body, "min_tokens", 0, 0, MAX_TOKENS, "tokens before a stop may end the answer"), tuple(sorted(set(stop_ids))))
 
 
 def _samples(body: dict, specs: List[SequenceSpec], limits: Limits, best_of: bool) -> List[SequenceSpec]:
     """Each spec `n` times, as OpenAI orders choices (prompt by prompt): independent samples, each with its own
     seed (a request's `seed` s gives sample j the seed s + j), each prefilled on its own. `best_of` (completions)
     is accepted as n: ranking more samples than are returned is not implemented."""
-    n = _int(body, "n", 1, 1)
+    n = _int(body, "n", 1, 1, MAX_BATCH, "independent samples per prompt")
     if len(specs) * n > limits.max_prompts:
         raise invalid(f"'n' ({n}) times {len(specs)} prompt(s) asks for {len(specs) * n} sequences; one request may "
                       f"hold at most {limits.max_prompts} (each takes a batch slot: --max_batch_size).", "n")
     if best_of:
-        most = _int(body, "best_of", n, 1)
+        most = _int(body, "best_of", n, 1, MAX_BATCH, "samples made per prompt")
         if most != n:
             raise invalid(f"'best_of' ({most}) must equal 'n' ({n}) here: "
                           + ("it cannot be below n." if most < n else "this server returns every sample it makes and "
