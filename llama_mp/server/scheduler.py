@@ -23,7 +23,7 @@ import asyncio
 import collections
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +31,7 @@ import torch
 from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
+from ..runtime.grammar import Constraint
 from ..runtime.prefixes import PrefixCache, Row
 from ..runtime.sampling import RowSampling, make_generator
 from ..runtime.transfer import upload
@@ -175,6 +176,8 @@ class Generation:
     counts: Optional[torch.Tensor] = None
     ban: Optional[torch.Tensor] = None
     stop_ids: frozenset = frozenset()  # the ids that end it
+    constraint: Optional[Constraint] = None  # the grammar its answer must match (response_format, tool_choice)
+    answer: List[int] = field(default_factory=list)  # the tokens read back so far
     slot: Optional[int] = None
     row: Optional[Row] = None        # what its cache row holds (prefix caching), from its admission on
     cached: int = 0                  # the prompt tokens it did not prefill (a cached prefix)
@@ -248,7 +251,7 @@ class Scheduler:
                                    StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None,
                                             spec.choosing.min_tokens),
                                    *self._choice_tensors(spec), frozenset(self._stops_of(spec)),
-                                   previous=spec.prompt_ids[-1]))
+                                   self._constraint(spec), previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise ApiError(503, f"The server is busy: its queue of {self.max_queue} waiting sequences is full. "
@@ -260,6 +263,13 @@ class Scheduler:
     def _stops_of(self, spec: SequenceSpec) -> set:
         """The ids that end `spec`: the tokenizer's stop tokens (unless ignore_eos) and its stop_token_ids."""
         return (set() if spec.ignore_eos else self.stop_ids) | set(spec.choosing.stop_token_ids)
+
+    def _constraint(self, spec: SequenceSpec) -> Optional[Constraint]:
+        """The grammar state of a constrained sequence, made here, off the loop (the grammar was checked
+        when the request was)."""
+        if spec.grammar is None:
+            return None
+        return Constraint(spec.grammar, self.tokenizer, sorted(self.stop_ids))
 
     def _choice_tensors(self, spec: SequenceSpec):
         """(bias, counts, ban) of a Generation, on the device: made once per sequence, here, off the loop."""
@@ -397,7 +407,7 @@ class Scheduler:
                     self.lock.wait(IDLE_WAIT_S)
                 return Plan()
             release, self.releases = tuple(self.releases), []
-            gather = any(seq.sampling.needs_logits for seq in self.by_slot.values())
+            gather = any(seq.constraint is not None or seq.sampling.needs_logits for seq in self.by_slot.values())
             return Plan(release, tuple(admit), gather)
 
     def _started(self) -> List[Generation]:
@@ -407,8 +417,24 @@ class Scheduler:
         return list(self.by_slot.values()) + (list(in_flight[1].values()) if in_flight is not None else [])
 
     def _sampling_of(self, slots: Sequence[int]) -> List[RowSampling]:
-        """Each row's settings, from its own request."""
-        return [self.by_slot[slot].sampling for slot in slots]
+        """Each row's settings, from its own request; a constrained row's with its grammar's mask."""
+        rows = []
+        for slot in slots:
+            seq = self.by_slot[slot]
+            sampling = seq.sampling
+            if seq.constraint is not None:
+                seq.constraint.catch_up(seq.answer + self._in_flight_token(seq))
+                sampling = replace(sampling, allowed=seq.constraint.allowed(self.device))
+            rows.append(sampling)
+        return rows
+
+    def _in_flight_token(self, seq: Generation) -> List[int]:
+        """The token the step in flight chose for `seq` (not read back yet), as a list of none or one: the
+        one read on the host before the step is (a constrained row's next mask depends on it)."""
+        if self.in_flight is None or self.in_flight[1].get(seq.slot) is not seq:
+            return []
+        result = self.in_flight[0]
+        return [int(result.choice.ids[result.slots.index(seq.slot)])]
 
     def _deliver(self, result: StepResult, owners: Dict[int, Generation]) -> None:
         """Hand a step's tokens to the sequences that were in its slots (`owners`) as events."""
@@ -436,6 +462,7 @@ class Scheduler:
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
             return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
         seq.generated += 1  # a stop token too: it was generated, and counts in `usage` (as OpenAI's does)
+        seq.answer.append(token)
         entry_of = None
         if spec.logprobs is not None:
             n, previous, logprob = spec.logprobs, seq.previous, host.logprobs[row]

@@ -1,0 +1,131 @@
+"""Constrained decoding: which tokens may come next so that the answer matches a grammar (a JSON schema),
+with llguidance as the grammar engine.
+
+Why llguidance (compared with xgrammar and outlines-core, docs/server.md "Structured output"): it installs
+as one CPU wheel from pip with no other dependency (xgrammar pulls in torch's CUDA-side helpers and
+transformers; outlines-core builds its vocabulary index from Hugging Face tokenizers), it takes any
+vocabulary given as the bytes of each id, which is what both of Meta's tokenizer families give
+(SentencePiece's pieces with their byte fallback, tiktoken's byte-level tokens), and it computes a
+mask lazily per step (tens of microseconds for JSON) rather than compiling the whole grammar against the
+vocabulary first. It is kept by Microsoft's guidance team and used by llama.cpp, vLLM and SGLang.
+
+A `Constraint` lives on rank 0 with its sequence: before each choice it has consumed every token chosen
+so far (`catch_up`) and gives the mask of allowed ids (`allowed`, a bool tensor on the logits' device),
+which `sampling.choose_from_logits` applies with the row's other adjustments. Ending the answer (a stop
+token) is allowed only where the grammar is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import LlamaMPError
+from .tokenizer import Tokenizer
+
+_VOCABULARIES: Dict[tuple, object] = {}  # (tokenizer path, end ids) -> llguidance.LLTokenizer
+
+
+def _sentencepiece_bytes(tokenizer) -> List[bytes]:
+    """Each id's bytes: "▁" is a space, "<0x0A>" the byte it names, control pieces their own names."""
+    sp, out = tokenizer.sp, []
+    for i in range(tokenizer.n_words):
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            out.append(bytes([int(piece[3:5], 16)]))
+        elif sp.is_control(i) or sp.is_unknown(i):
+            out.append(piece.encode("utf-8"))
+        else:
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+class _SentencePieceForGuidance:
+    """What llguidance's TokenizerWrapper reads of a tokenizer: every id's bytes, the special ids, and
+    encoding (used to tokenize forced text)."""
+
+    def __init__(self, tokenizer, ends: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.tokens = _sentencepiece_bytes(tokenizer)
+        self.eos_token_id, self.bos_token_id = ends[0], tokenizer.bos_id
+        sp = tokenizer.sp
+        self.special_token_ids = [i for i in range(tokenizer.n_words) if sp.is_control(i) or sp.is_unknown(i)]
+
+    def __call__(self, text) -> List[int]:
+        """`text` as ids in the middle of a text: SentencePiece puts a space before a text's start, so the
+        text is encoded after a newline (a byte piece, which merges with nothing) and that is cut off."""
+        text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
+        sp = self.tokenizer.sp
+        lead, ids = sp.encode("\n"), sp.encode("\n" + text)
+        return ids[len(lead):] if ids[:len(lead)] == lead else ids
+
+
+def vocabulary(tokenizer: Tokenizer, ends: Sequence[int]):
+    """llguidance's view of `tokenizer` whose answers end with `ends` (made once per tokenizer: ~1 s)."""
+    import llguidance
+
+    key = (tokenizer.path, tuple(ends))
+    if key not in _VOCABULARIES:
+        if tokenizer.family == "llama3":
+            from llguidance.tiktoken import lltokenizer_from_encoding
+
+            made = lltokenizer_from_encoding(tokenizer.model, n_vocab=tokenizer.n_words, eos_token=list(ends))
+        else:
+            made = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceForGuidance(tokenizer, ends)),
+                                          n_vocab=tokenizer.n_words, eos_token=list(ends))
+        _VOCABULARIES[key] = made
+    return _VOCABULARIES[key]
+
+
+def schema_grammar(schema: dict) -> str:
+    """The llguidance grammar of JSON text matching `schema` (whitespace between items kept compact), or a
+    LlamaMPError saying why the schema cannot be one."""
+    import llguidance
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False})
+    except (ValueError, TypeError) as e:
+        raise LlamaMPError(f"The JSON schema cannot be used: {e}") from None
+    is_error, problems = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise LlamaMPError(f"The JSON schema cannot be used: {problems[0].strip()}")
+    return grammar
+
+
+def check_grammar(grammar: str, tokenizer: Tokenizer, ends: Sequence[int]) -> None:
+    """Raise a LlamaMPError unless `grammar` makes a working matcher (a request's schema, at validation)."""
+    Constraint(grammar, tokenizer, ends)
+
+
+class Constraint:
+    """One sequence's grammar state (rank 0): what it has consumed and the mask of ids allowed next."""
+
+    def __init__(self, grammar: str, tokenizer: Tokenizer, ends: Sequence[int]):
+        import llguidance
+
+        self.vocab = tokenizer.n_words
+        self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, ends), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise LlamaMPError(f"The grammar cannot be used: {self.matcher.get_error()}")
+        self.consumed = 0      # tokens of the answer fed to the matcher
+        self.failed: Optional[str] = None  # why it stopped constraining (a token it refused)
+
+    def catch_up(self, tokens: Sequence[int]) -> None:
+        """Feed the answer's tokens after the ones already consumed (`tokens` is the answer so far)."""
+        for token in tokens[self.consumed:]:
+            if self.failed is None and not self.matcher.is_stopped() and not self.matcher.consume_token(token):
+                self.failed = self.matcher.get_error() or f"token {token} was not allowed"
+            self.consumed += 1
+
+    def allowed(self, device) -> Optional[torch.Tensor]:
+        """The ids allowed next [vocab] (bool, on `device`), or None when the constraint no longer applies
+        (it failed, which a matcher never does on tokens from its own masks)."""
+        if self.failed is not None or self.matcher.is_error():
+            return None
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        mask = np.unpackbits(bits, bitorder="little")[:self.vocab].astype(bool)
+        return torch.from_numpy(mask).to(device)
