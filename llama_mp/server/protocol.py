@@ -521,8 +521,8 @@ def _tool_choice(body: dict, tools: List[Tool]) -> Tuple[List[Tool], List[Tool],
         name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
         named = [t for t in tools if t.name == name]
         if choice.get("type") != "function" or not named:
-            raise invalid(f''tool_choice' must be "none", "auto", "required" or {{"type": "function", "function": '
-                          f'{{"name": ...}}}} naming one of the request\'s tools ({[t.name for t in tools]}); got '
+            raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": "
+                          f"{{\"name\": ...}}}} naming one of the request's tools ({[t.name for t in tools]}); got "
                           f"{described(body.get('tool_choice'))}.", "tool_choice")
         return tools, named, NAMED_PROMPT.format(name)
     if choice not in ("none", "auto", "required"):
