@@ -1,0 +1,228 @@
+"""Llama 3.1/3.2/3.3 tool calling in the chat format (runtime/tools.py): prompts that offer tools, calls and
+tool results encode to the ids of Meta's documented prompts, and what the model writes is read back by
+Meta's rules. The expected prompts are written out here from Meta's prompt_format.md (Llama 3.1/3.3) and
+text_prompt_format.md (Llama 3.2) as text, and turned into ids the way Meta's ChatFormat does: a special
+token's name is its id, a header's role and its blank line are encoded apart, and each content is encoded
+on its own. Meta's real Llama 3 tokenizer is used when ../shared has it (a tiny tiktoken file otherwise)."""
+
+import re
+
+import pytest
+
+from llama_mp.errors import LlamaMPError
+from llama_mp.runtime.chat import check_dialog, encode_dialog
+from llama_mp.runtime.tokenizer import Tokenizer
+from llama_mp.runtime.tools import REQUIRED_PROMPT, Tool, ToolCall, call_schema, parse_calls
+
+DATE = "21 September 2024"
+SPECIAL = re.compile(r"(<\|begin_of_text\|>|<\|start_header_id\|>|<\|end_header_id\|>|<\|eot_id\|>|<\|eom_id\|>"
+                     r"|<\|python_tag\|>)")
+
+
+@pytest.fixture(scope="module")
+def tok(llama3_tokenizer_path):
+    return Tokenizer(llama3_tokenizer_path)
+
+
+def meta_ids(tok, prompt):
+    """The ids of a prompt written as Meta's documents write it (special tokens by name)."""
+    ids, parts = [], SPECIAL.split(prompt)
+    for i, part in enumerate(parts):
+        if i % 2:
+            ids.append(tok.special_id(part))
+        elif part and i and parts[i - 1] == "<|end_header_id|>":  # the blank line, then the content
+            assert part.startswith("\n\n"), part
+            ids += tok.encode("\n\n", bos=False, eos=False) + tok.encode(part[2:], bos=False, eos=False)
+        elif part:
+            ids += tok.encode(part, bos=False, eos=False)
+    return ids
+
+
+WEATHER = Tool("get_weather", "Get weather info for places", {
+    "type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string", "description": "The name of the city to get the weather for"},
+        "metric": {"type": "string", "description": "The metric for weather. Options are: celsius, fahrenheit",
+                   "default": "celsius"}}})
+SONGS = Tool("trending_songs", "Returns the trending songs on a Music site", {
+    "type": "object", "required": ["n"], "properties": {
+        "n": {"type": "int", "description": "The number of songs to return"},
+        "genre": {"type": "str", "description": "The genre of the songs to return"}}})
+
+# Llama 3.3's prompt_format.md, "JSON based tool calling": the user message that lists custom functions
+SONGS_JSON = """Answer the user's question by making use of the following functions if needed.
+If none of the function can be used, please say so.
+Here is a list of functions in JSON format:
+{
+    "type": "function",
+    "function": {
+        "name": "trending_songs",
+        "description": "Returns the trending songs on a Music site",
+        "parameters": {
+            "type": "object",
+            "properties": [
+                {
+                    "n": {
+                        "type": "object",
+                        "description": "The number of songs to return"
+                    }
+                },
+                {
+                    "genre": {
+                        "type": "object",
+                        "description": "The genre of the songs to return"
+                    }
+                }
+            ],
+            "required": ["n"]
+        }
+    }
+}
+
+Return function calls in JSON format."""
+
+# Llama 3.2's text_prompt_format.md, "Zero shot function calling": the system prompt of the pythonic format
+# (Meta's template writes the required list as Jinja's tojson does, on one line)
+WEATHER_PYTHONIC = """You are an expert in composing functions. You are given a question and a set of possible functions.
+Based on the question, you will need to make one or more function/tool calls to achieve the purpose.
+If none of the function can be used, point it out. If the given question lacks the parameters required by the function,
+also point it out. You should only return the function call in tools call sections.
+
+If you decide to invoke any of the function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]
+You SHOULD NOT include any other text in the response.
+
+Here is a list of functions in JSON format that you can invoke.
+
+[
+    {
+        "name": "get_weather",
+        "description": "Get weather info for places",
+        "parameters": {
+            "type": "dict",
+            "required": ["city"],
+            "properties": {
+                "city": {
+                    "type": "string",
+                    "description": "The name of the city to get the weather for"
+                },
+                "metric": {
+                    "type": "string",
+                    "description": "The metric for weather. Options are: celsius, fahrenheit",
+                    "default": "celsius"
+                }
+            }
+        }
+    }
+]"""
+
+
+def test_llama31_custom_tools_prompt_is_metas(tok):
+    dialog = [{"role": "system", "content": "You are a helpful assistant."},
+              {"role": "user", "content": "Use tools to get latest trending songs"}]
+    want = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\n"
+            f"Cutting Knowledge Date: December 2023\nToday Date: {DATE}\nYou are a helpful assistant.<|eot_id|>"
+            f"<|start_header_id|>user<|end_header_id|>\n\n{SONGS_JSON}<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nUse tools to get latest trending songs<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert encode_dialog(tok, dialog, [SONGS], "json", date=DATE) == meta_ids(tok, want)
+
+
+def test_llama31_builtin_tools_call_and_result_are_metas(tok):
+    """Llama 3.3's "Built-in tools full interaction": the system lines, the call after <|python_tag|> ending
+    with <|eom_id|>, the tool's answer in the ipython role (OpenAI's `tool`)."""
+    result = '{"queryresult": {"success": true, "plaintext": "7"}}'
+    dialog = [{"role": "user", "content": "What is the 100th decimal of pi?"},
+              {"role": "assistant", "content": "",
+               "tool_calls": [ToolCall("wolfram_alpha", {"query": "100th decimal of pi"})]},
+              {"role": "tool", "content": result}]
+    check_dialog(dialog, 0)
+    want = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+            f"Tools: brave_search, wolfram_alpha\nCutting Knowledge Date: December 2023\nToday Date: {DATE}<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nWhat is the 100th decimal of pi?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            '<|python_tag|>wolfram_alpha.call(query="100th decimal of pi")<|eom_id|>'
+            f"<|start_header_id|>ipython<|end_header_id|>\n\n{result}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    tools = [Tool("brave_search"), Tool("wolfram_alpha")]
+    assert encode_dialog(tok, dialog, tools, "json", date=DATE) == meta_ids(tok, want)
+    # the code interpreter alone is the environment line alone
+    assert tok.decode(encode_dialog(tok, dialog[:1], [Tool("code_interpreter")], "json", date=DATE)).startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\nCutting Knowledge")
+
+
+def test_llama32_pythonic_tools_calls_and_results_are_metas(tok):
+    """Llama 3.2's "Zero shot function calling E2E format" (the call written as the model writes it, in
+    one list), with tool_choice "required"'s line ending the system message (llama-stack adds a newline
+    after the function list, then one before the line)."""
+    dialog = [{"role": "user", "content": "What is the weather in SF and Seattle?"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  ToolCall("get_weather", {"city": "San Francisco", "metric": "celsius"}),
+                  ToolCall("get_weather", {"city": "Seattle"})]},
+              {"role": "ipython", "content": '"25 C"'}, {"role": "ipython", "content": '"19 C"'}]
+    check_dialog(dialog, 0)
+    want = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{WEATHER_PYTHONIC}\n\n{REQUIRED_PROMPT}"
+            "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is the weather in SF and Seattle?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            '[get_weather(city="San Francisco", metric="celsius"), get_weather(city="Seattle")]<|eot_id|>'
+            '<|start_header_id|>ipython<|end_header_id|>\n\n"25 C"<|eot_id|>'
+            '<|start_header_id|>ipython<|end_header_id|>\n\n"19 C"<|eot_id|>'
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert encode_dialog(tok, dialog, [WEATHER], "python_list", REQUIRED_PROMPT) == meta_ids(tok, want)
+
+
+def test_a_system_message_follows_the_pythonic_prompt(tok):
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    want = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{WEATHER_PYTHONIC}\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert encode_dialog(tok, dialog, [WEATHER], "python_list") == meta_ids(tok, want)
+    assert encode_dialog(tok, dialog) == encode_dialog(tok, dialog, [], "python_list")  # no tools: unchanged
+
+
+def test_a_json_call_in_the_history_is_metas_encode_tool_call(tok):
+    dialog = [{"role": "user", "content": "songs?"},
+              {"role": "assistant", "content": "", "tool_calls": [ToolCall("trending_songs", {"n": 10})]},
+              {"role": "tool", "content": "[]"}]
+    ids = encode_dialog(tok, dialog, [SONGS], "json", date=DATE)
+    call = '{"type": "function", "name": "trending_songs", "parameters": {"n": 10}}'
+    tail = (f"<|start_header_id|>assistant<|end_header_id|>\n\n{call}<|eot_id|>"
+            "<|start_header_id|>ipython<|end_header_id|>\n\n[]<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert ids[-len(meta_ids(tok, tail)):] == meta_ids(tok, tail)
+
+
+@pytest.mark.parametrize("text, calls", [
+    # Meta's documented answers
+    ('<|python_tag|>brave_search.call(query="latest price of 1oz gold")', [("brave_search", {"query": "latest price of 1oz gold"})]),
+    ('<|python_tag|>{\n    "type": "function",\n    "name": "trending_songs",\n    "parameters": {\n        "n": "10",\n'
+     '        "genre": "all"\n    }\n}', [("trending_songs", {"n": "10", "genre": "all"})]),
+    ('<function=trending_songs>{"n": 10}</function>', [("trending_songs", {"n": 10})]),
+    ("[get_weather(city='San Francisco', metric='celsius'), get_weather(city='Seattle', metric='celsius')]",
+     [("get_weather", {"city": "San Francisco", "metric": "celsius"}), ("get_weather", {"city": "Seattle", "metric": "celsius"})]),
+    ("<|python_tag|>print(is_prime(7))", [("code_interpreter", {"code": "print(is_prime(7))"})]),
+    ('{"name": "brave_search", "parameters": {"q": "x"}}', [("brave_search", {"query": "x"})]),  # built-in as custom
+    # text
+    ("The 100th decimal of pi is 7.", []), ("[1, 2]", []), ("[f(1)]", []), ('{"name": "f"}', []),
+    ('<function=f>{"a": </function>', []), ("", []),
+])
+def test_answers_are_read_by_metas_rules(text, calls):
+    content, found = parse_calls(text)
+    assert [(c.name, c.arguments) for c in found] == calls
+    assert content == ("" if calls else text.replace("<|python_tag|>", ""))
+
+
+def test_tool_results_follow_an_assistant_turn_and_llama2_has_no_tools(tokenizer):
+    for roles in (["user", "ipython"], ["ipython"], ["user", "assistant", "tool", "user", "tool"],
+                  ["user", "assistant", "tool", "tool", "assistant"]):
+        with pytest.raises(LlamaMPError, match="has tool results"):
+            check_dialog([{"role": r, "content": "x"} for r in roles], 0)
+    check_dialog([{"role": r, "content": "x"} for r in ["system", "user", "assistant", "tool", "assistant", "user"]], 0)
+    with pytest.raises(LlamaMPError, match="only an assistant message has tool_calls"):
+        check_dialog([{"role": "user", "content": "x", "tool_calls": []}], 0)
+    with pytest.raises(LlamaMPError, match="needs a Llama 3.1 or later"):
+        encode_dialog(tokenizer, [{"role": "user", "content": "x"}], [WEATHER])
+
+
+def test_a_forced_call_is_one_of_the_tools_with_its_schema():
+    schema = call_schema([WEATHER, Tool("brave_search")])
+    names = [form["properties"]["name"]["const"] for form in schema["anyOf"]]
+    assert names == ["get_weather", "brave_search"]
+    assert schema["anyOf"][0]["properties"]["parameters"] == WEATHER.parameters
+    assert schema["anyOf"][1]["properties"]["parameters"]["required"] == ["query"]
