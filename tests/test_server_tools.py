@@ -8,6 +8,7 @@ by the module: forced calls' arguments and json_schema answers validate against 
 seeded samples each, and "auto" answers text or a call, never an error."""
 
 import json
+import platform
 
 import httpx
 import jsonschema
@@ -18,6 +19,9 @@ from llama_mp.runtime.tokenizer import Tokenizer
 from llama_mp.server.protocol import Limits, parse_chat
 from test_server_inputs import SLOTS, Served, error_of, sse
 
+# openai's client reads platform.processor() (`uname -p`, a subprocess) once and keeps it: read at collection,
+# so that the in-process round trip starts no process
+platform.processor()
 CONTEXT = 1024
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit", "days"], "properties": {
     "city": {"type": "string", "maxLength": 6}, "unit": {"enum": ["celsius", "fahrenheit"]},
@@ -264,3 +268,25 @@ def test_on_two_ranks_forced_calls_and_schemas_validate_and_auto_never_fails(ran
         jsonschema.validate(json.loads(answer["message"]["content"]), ANSWER)
     for answer in post_all(ranks.url, [dict(base, tools=TOOLS, seed=3000, max_tokens=16)]):
         assert answer["finish_reason"] in ("stop", "length", "tool_calls")
+
+
+def test_a_tool_round_trip_with_the_openai_client(job3):
+    """docs/server.md's round trip: a forced call, its result given back, the answer; streamed too."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=job3.client)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="required",
+                                           max_tokens=64, seed=1)
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name in SCHEMAS
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 C, light rain"}]
+    final = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=8, seed=1)
+    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    streamed = client.chat.completions.create(model="m", messages=messages[:1], tools=TOOLS, tool_choice="required",
+                                              max_tokens=64, seed=1, stream=True)
+    arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
+                        for c in streamed if c.choices and c.choices[0].delta.tool_calls)
+    assert json.loads(arguments) == json.loads(call.function.arguments)
