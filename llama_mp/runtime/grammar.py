@@ -1,13 +1,13 @@
 """Constrained decoding: which tokens may come next so that the answer matches a grammar (a JSON schema),
 with llguidance as the grammar engine.
 
-Why llguidance (compared with xgrammar and outlines-core, docs/server.md "Structured output"): it installs
-as one CPU wheel from pip with no other dependency (xgrammar pulls in torch's CUDA-side helpers and
-transformers; outlines-core builds its vocabulary index from Hugging Face tokenizers), it takes any
-vocabulary given as the bytes of each id, which is what both of Meta's tokenizer families give
-(SentencePiece's pieces with their byte fallback, tiktoken's byte-level tokens), and it computes a
-mask lazily per step (tens of microseconds for JSON) rather than compiling the whole grammar against the
-vocabulary first. It is kept by Microsoft's guidance team and used by llama.cpp, vLLM and SGLang.
+Why llguidance (compared with xgrammar and outlines-core, docs/server.md "Tool calling and structured
+output"): it installs as one CPU wheel from pip with no other dependency (xgrammar 0.2 requires triton,
+transformers and apache-tvm-ffi; outlines-core compiles a schema, as one regular expression, into an index
+over the whole vocabulary first), it takes any vocabulary given as the bytes of each id, which is what both of
+Meta's tokenizer families give (SentencePiece's pieces with their byte fallback, tiktoken's byte-level
+tokens), and it computes each mask lazily from a context-free grammar. It is kept by the guidance team and
+used by llama.cpp, vLLM and SGLang.
 
 A `Constraint` lives on rank 0 with its sequence: before each choice it has consumed every token chosen
 so far (`catch_up`) and gives the mask of allowed ids (`allowed`, a bool tensor on the logits' device),
