@@ -226,3 +226,29 @@ def test_a_forced_call_is_one_of_the_tools_with_its_schema():
     assert names == ["get_weather", "brave_search"]
     assert schema["anyOf"][0]["properties"]["parameters"] == WEATHER.parameters
     assert schema["anyOf"][1]["properties"]["parameters"]["required"] == ["query"]
+
+
+def test_chat_completion_offers_tools_and_returns_calls_as_metas_decode_assistant_message(make_checkpoint, tok,
+                                                                                           llama3_tokenizer_path,
+                                                                                           monkeypatch):
+    from workers import build
+
+    ckpt = make_checkpoint(shards=1, vocab_size=tok.n_words, n_heads=8, n_kv_heads=4, use_scaled_rope=True,
+                           rope_theta=500000.0)[0]
+    llama = build(ckpt, llama3_tokenizer_path, max_seq_len=512, max_batch_size=2)
+    dialog = [{"role": "user", "content": "Weather in Oslo?"}]
+    seen = []
+
+    def scripted(request):  # the model's answer, as the engine gives it: the ids before the stop token
+        seen.append(request.prompt_tokens)
+        texts = ['[get_weather(city="Oslo")]', "It is cold."]
+        return [tok.encode(t, bos=False, eos=False) for t in texts], None
+
+    monkeypatch.setattr(llama.engine, "generate", scripted)
+    call, text = llama.chat_completion([dialog, dialog], tools=[WEATHER], tool_format="python_list", max_gen_len=8)
+    assert seen[0][0] == encode_dialog(tok, dialog, [WEATHER], "python_list")
+    assert call["generation"]["content"] == "" and [(c.name, c.arguments) for c in call["generation"]["tool_calls"]] \
+        == [("get_weather", {"city": "Oslo"})]
+    assert text["generation"] == {"role": "assistant", "content": "It is cold."}
+    # the answer goes back into the dialog as it came, with the tool's result after it
+    check_dialog(dialog + [call["generation"], {"role": "ipython", "content": "-3 C"}], 0)
