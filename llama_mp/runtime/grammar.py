@@ -10,15 +10,15 @@ tokens), and it computes each mask lazily from a context-free grammar. It is kep
 used by llama.cpp, vLLM and SGLang.
 
 A `Constraint` lives on rank 0 with its sequence: before each choice it has consumed every token chosen
-so far (`catch_up`) and gives the mask of allowed ids (`allowed`, a bool tensor on the logits' device),
-which `sampling.choose_from_logits` applies with the row's other adjustments. Ending the answer (a stop
+so far (`catch_up`) and gives the ids allowed next, or those banned (`limits`, whichever are fewer, on the
+logits' device), which `sampling.choose_from_logits` applies with the row's other adjustments. Ending the answer (a stop
 token) is allowed only where the grammar is complete.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -121,11 +121,16 @@ class Constraint:
                 self.failed = self.matcher.get_error() or f"token {token} was not allowed"
             self.consumed += 1
 
-    def allowed(self, device) -> Optional[torch.Tensor]:
-        """The ids allowed next [vocab] (bool, on `device`), or None when the constraint no longer applies
-        (it failed, which a matcher never does on tokens from its own masks)."""
+    def limits(self, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(allowed ids, banned ids) of the next choice, on `device`, whichever set is the smaller (the other
+        None): outside a string a few structural tokens, inside one nearly every token, so either way the
+        logits are changed at few places. (None, None) when the constraint no longer applies (it failed,
+        which a matcher never does on tokens from its own masks)."""
         if self.failed is not None or self.matcher.is_error():
-            return None
+            return None, None
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        mask = np.unpackbits(bits, bitorder="little")[:self.vocab].astype(bool)
-        return torch.from_numpy(mask).to(device)
+        mask = np.unpackbits(bits, bitorder="little")[:self.vocab].view(bool)
+        allowed = np.flatnonzero(mask)
+        if 2 * len(allowed) <= self.vocab:
+            return torch.from_numpy(allowed).to(device), None
+        return None, torch.from_numpy(np.flatnonzero(~mask)).to(device)

@@ -81,8 +81,8 @@ class RowSampling:
     # (logit_bias). `counts` [vocab] float: how often each id was chosen so far, which `choose_from_logits`
     # adds this step's choice to; with it, `presence_penalty` is taken from every id chosen before and
     # `frequency_penalty` times its count. `ban` [n] ids: never chosen (stop tokens before min_tokens).
-    # `allowed` [vocab] bool: the only ids that may be chosen (a grammar's mask, runtime/grammar.py); the
-    # logits past its end (a padded vocabulary) are never chosen either.
+    # `allowed` [n] ids: the only ones that may be chosen (a grammar's, runtime/grammar.py, which gives the
+    # ids it bans as `ban` instead when those are fewer).
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -177,9 +177,8 @@ def _adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor
         if r.ban is not None:
             row.index_fill_(0, r.ban, float("-inf"))
         if r.allowed is not None:
-            n = r.allowed.shape[0]
-            row[:n].masked_fill_(~r.allowed, float("-inf"))
-            row[n:] = float("-inf")
+            keep = row.index_select(0, r.allowed)
+            row.fill_(float("-inf")).index_copy_(0, r.allowed, keep)
     return out
 
 

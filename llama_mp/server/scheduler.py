@@ -424,7 +424,10 @@ class Scheduler:
             sampling = seq.sampling
             if seq.constraint is not None:
                 seq.constraint.catch_up(seq.answer + self._in_flight_token(seq))
-                sampling = replace(sampling, allowed=seq.constraint.allowed(self.device))
+                allowed, banned = seq.constraint.limits(self.device)
+                if banned is not None and sampling.ban is not None:
+                    banned = torch.cat((banned, sampling.ban))
+                sampling = replace(sampling, allowed=allowed, ban=banned if banned is not None else sampling.ban)
             rows.append(sampling)
         return rows
 
