@@ -210,6 +210,19 @@ def test_bad_tool_and_format_fields_are_a_400_naming_them(job3, body, param, wor
     assert error["param"] == param and words in error["message"], error
 
 
+def test_the_model_is_told_the_schema_in_its_familys_format(tokenizer, llama3):
+    from llama_mp.runtime.chat import encode_dialog
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+    ask = "Please respond in JSON format with the schema: " + json.dumps(ANSWER)  # llama-stack's words
+    for tok, dialog in [(llama3, ASK + [{"role": "user", "content": ask}]),  # llama-stack's user message
+                        (tokenizer, [{"role": "user", "content": ASK[0]["content"] + "\n\n" + ask}])]:  # Llama 2: turns alternate
+        job = parse_chat({"messages": ASK, "response_format": fmt}, tok, Limits("m", CONTEXT, SLOTS))
+        assert job.sequences[0].prompt_ids == encode_dialog(tok, dialog) and job.sequences[0].grammar
+        assert parse_chat({"messages": ASK, "response_format": {"type": "json_object"}}, tok,
+                          Limits("m", CONTEXT, SLOTS)).sequences[0].prompt_ids == encode_dialog(tok, ASK)
+
+
 def test_llama2_checkpoints_have_structured_output_but_no_tools(tokenizer):
     job = served(tokenizer)
     try:

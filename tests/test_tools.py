@@ -5,6 +5,8 @@ text_prompt_format.md (Llama 3.2) as text, and turned into ids the way Meta's Ch
 token's name is its id, a header's role and its blank line are encoded apart, and each content is encoded
 on its own. Meta's real Llama 3 tokenizer is used when ../shared has it (a tiny tiktoken file otherwise)."""
 
+import json
+import os
 import re
 
 import pytest
@@ -13,8 +15,9 @@ from llama_mp.errors import LlamaMPError
 from llama_mp.runtime.chat import check_dialog, encode_dialog
 from llama_mp.runtime.tokenizer import Tokenizer
 from llama_mp.runtime.tools import REQUIRED_PROMPT, Tool, ToolCall, call_schema, parse_calls
+from tool_texts import DATE, SONGS_JSON, WEATHER_PYTHONIC
 
-DATE = "21 September 2024"
+
 SPECIAL = re.compile(r"(<\|begin_of_text\|>|<\|start_header_id\|>|<\|end_header_id\|>|<\|eot_id\|>|<\|eom_id\|>"
                      r"|<\|python_tag\|>)")
 
@@ -48,73 +51,6 @@ SONGS = Tool("trending_songs", "Returns the trending songs on a Music site", {
         "n": {"type": "int", "description": "The number of songs to return"},
         "genre": {"type": "str", "description": "The genre of the songs to return"}}})
 
-# Llama 3.3's prompt_format.md, "JSON based tool calling": the user message that lists custom functions
-SONGS_JSON = """Answer the user's question by making use of the following functions if needed.
-If none of the function can be used, please say so.
-Here is a list of functions in JSON format:
-{
-    "type": "function",
-    "function": {
-        "name": "trending_songs",
-        "description": "Returns the trending songs on a Music site",
-        "parameters": {
-            "type": "object",
-            "properties": [
-                {
-                    "n": {
-                        "type": "object",
-                        "description": "The number of songs to return"
-                    }
-                },
-                {
-                    "genre": {
-                        "type": "object",
-                        "description": "The genre of the songs to return"
-                    }
-                }
-            ],
-            "required": ["n"]
-        }
-    }
-}
-
-Return function calls in JSON format."""
-
-# Llama 3.2's text_prompt_format.md, "Zero shot function calling": the system prompt of the pythonic format
-# (Meta's template writes the required list as Jinja's tojson does, on one line)
-WEATHER_PYTHONIC = """You are an expert in composing functions. You are given a question and a set of possible functions.
-Based on the question, you will need to make one or more function/tool calls to achieve the purpose.
-If none of the function can be used, point it out. If the given question lacks the parameters required by the function,
-also point it out. You should only return the function call in tools call sections.
-
-If you decide to invoke any of the function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]
-You SHOULD NOT include any other text in the response.
-
-Here is a list of functions in JSON format that you can invoke.
-
-[
-    {
-        "name": "get_weather",
-        "description": "Get weather info for places",
-        "parameters": {
-            "type": "dict",
-            "required": ["city"],
-            "properties": {
-                "city": {
-                    "type": "string",
-                    "description": "The name of the city to get the weather for"
-                },
-                "metric": {
-                    "type": "string",
-                    "description": "The metric for weather. Options are: celsius, fahrenheit",
-                    "default": "celsius"
-                }
-            }
-        }
-    }
-]"""
-
-
 def test_llama31_custom_tools_prompt_is_metas(tok):
     dialog = [{"role": "system", "content": "You are a helpful assistant."},
               {"role": "user", "content": "Use tools to get latest trending songs"}]
@@ -127,8 +63,10 @@ def test_llama31_custom_tools_prompt_is_metas(tok):
 
 
 def test_llama31_builtin_tools_call_and_result_are_metas(tok):
-    """Llama 3.3's "Built-in tools full interaction": the system lines, the call after <|python_tag|> ending
-    with <|eom_id|>, the tool's answer in the ipython role (OpenAI's `tool`)."""
+    """Llama 3.3's "Built-in tools full interaction": the system lines, the call ending with <|eom_id|>, the
+    tool's answer in the ipython role (OpenAI's `tool`). The document shows the call after <|python_tag|>, as
+    the model writes it; Meta's ChatFormat writes it back without (the tag only before interpreter code),
+    and that is what is followed (test_dialogs_with_tools_encode_to_the_ids_of_metas_own_code)."""
     result = '{"queryresult": {"success": true, "plaintext": "7"}}'
     dialog = [{"role": "user", "content": "What is the 100th decimal of pi?"},
               {"role": "assistant", "content": "",
@@ -139,7 +77,7 @@ def test_llama31_builtin_tools_call_and_result_are_metas(tok):
             f"Tools: brave_search, wolfram_alpha\nCutting Knowledge Date: December 2023\nToday Date: {DATE}<|eot_id|>"
             "<|start_header_id|>user<|end_header_id|>\n\nWhat is the 100th decimal of pi?<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n"
-            '<|python_tag|>wolfram_alpha.call(query="100th decimal of pi")<|eom_id|>'
+            'wolfram_alpha.call(query="100th decimal of pi")<|eom_id|>'
             f"<|start_header_id|>ipython<|end_header_id|>\n\n{result}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n")
     tools = [Tool("brave_search"), Tool("wolfram_alpha")]
@@ -252,3 +190,39 @@ def test_chat_completion_offers_tools_and_returns_calls_as_metas_decode_assistan
     assert text["generation"] == {"role": "assistant", "content": "It is cold."}
     # the answer goes back into the dialog as it came, with the tool's result after it
     check_dialog(dialog + [call["generation"], {"role": "ipython", "content": "-3 C"}], 0)
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tool_prompt_ids.json")
+CODE = "print(all(7 % d for d in range(2, 7)))"
+FIXTURE_DIALOGS = {  # name -> (dialog, tools offered, format, tool_choice's line): as the fixture's script has them
+    "llama31_json": ([{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": "Use tools to get latest trending songs"},
+                      {"role": "assistant", "content": "", "tool_calls": [ToolCall("trending_songs", {"n": 10, "genre": "all"})]},
+                      {"role": "tool", "content": '["Song A", "Song B"]'}], [SONGS], "json", ""),
+    "llama31_builtin": ([{"role": "user", "content": "What is the 100th decimal of pi?"},
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             ToolCall("wolfram_alpha", {"query": "100th decimal of pi"})]},
+                         {"role": "tool", "content": '{"result": "7"}'}],
+                        [Tool("brave_search"), Tool("wolfram_alpha")], "json", ""),
+    "llama31_code_interpreter": ([{"role": "user", "content": "Is 7 prime?"},
+                                  {"role": "assistant", "content": "", "tool_calls": [
+                                      ToolCall("code_interpreter", {"code": CODE})]},
+                                  {"role": "tool", "content": "True"}], [Tool("code_interpreter")], "json", ""),
+    "llama32_python_list": ([{"role": "user", "content": "What is the weather in SF?"},
+                             {"role": "assistant", "content": "", "tool_calls": [
+                                 ToolCall("get_weather", {"city": "San Francisco", "metric": "celsius"})]},
+                             {"role": "tool", "content": '"25 C"'}], [WEATHER], "python_list", REQUIRED_PROMPT),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_DIALOGS))
+def test_dialogs_with_tools_encode_to_the_ids_of_metas_own_code(tok, name):
+    """tests/fixtures/tool_prompt_ids.json: the ids llama-models' ChatFormat gives (the command that made
+    them is in tests/fixtures/make_tool_prompt_ids.py), for Meta's tokenizer."""
+    with open(FIXTURE) as f:
+        want = json.load(f)["cases"][name]
+    if tok.n_words != 128256:
+        pytest.skip("the fixture's ids are those of Meta's Llama 3 tokenizer, which ../shared does not have here")
+    dialog, tools, fmt, line = FIXTURE_DIALOGS[name]
+    check_dialog(dialog, 0)
+    assert encode_dialog(tok, dialog, tools, fmt, line, date=DATE) == want

@@ -159,17 +159,17 @@ def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str
     """`<|begin_of_text|>`, then per message `<|start_header_id|>role<|end_header_id|>` a blank line, the
     stripped content and `<|eot_id|>`, then an open assistant header for the model to complete. Markers
     are ids; contents are encoded as plain text. A tool's result has the ipython role; an assistant turn's
-    tool calls follow its content as the model writes them, a built-in tool's after `<|python_tag|>` and
-    ending the message with `<|eom_id|>` (runtime/tools.py)."""
+    tool calls follow its content as Meta's chat format writes them (runtime/tools.calls_text: code for the
+    interpreter after `<|python_tag|>`, built-in calls ending with `<|eom_id|>`)."""
     tokens = [tokenizer.bos_id]
     for message in dialog:
         tokens += _llama3_header(tokenizer, "ipython" if message["role"] in TOOL_ROLES else message["role"])
-        calls, builtin = calls_text(message.get("tool_calls") or (), tool_format)
-        if builtin:
+        calls, tag, eom = calls_text(message.get("tool_calls") or (), tool_format)
+        if tag:
             tokens.append(tokenizer.special_id(PYTHON_TAG))
         for text in [message["content"].strip()] + calls:
             tokens += tokenizer.encode(text, bos=False, eos=False)
-        tokens.append(tokenizer.special_id("<|eom_id|>" if builtin else "<|eot_id|>"))
+        tokens.append(tokenizer.special_id("<|eom_id|>" if eom else "<|eot_id|>"))
     return tokens + _llama3_header(tokenizer, "assistant")
 
 

@@ -107,7 +107,7 @@ class Constraint:
     def __init__(self, grammar: str, tokenizer: Tokenizer, ends: Sequence[int]):
         import llguidance
 
-        self.vocab = tokenizer.n_words
+        self.vocab, self.ends = tokenizer.n_words, list(ends)
         self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, ends), grammar, log_level=0)
         if self.matcher.is_error():
             raise LlamaMPError(f"The grammar cannot be used: {self.matcher.get_error()}")
@@ -131,6 +131,8 @@ class Constraint:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         mask = np.unpackbits(bits, bitorder="little")[:self.vocab].view(bool)
         allowed = np.flatnonzero(mask)
+        if not len(allowed):  # the grammar is over (an end was chosen and the answer goes on: ignore_eos)
+            allowed = np.array(self.ends, dtype=np.int64)
         if 2 * len(allowed) <= self.vocab:
             return torch.from_numpy(allowed).to(device), None
         return None, torch.from_numpy(np.flatnonzero(~mask)).to(device)

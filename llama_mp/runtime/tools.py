@@ -9,7 +9,8 @@ whitespace is exactly what Meta's templates produce:
 - Built-in tools (brave_search, wolfram_alpha, photogen, code_interpreter) are turned on by system lines:
   `Environment: ipython` (which alone turns on the code interpreter) and `Tools: brave_search, ...`. The
   model calls them as `<|python_tag|>brave_search.call(query="...")` and ends that message with
-  `<|eom_id|>`, waiting for the tool's answer.
+  `<|eom_id|>`, waiting for the tool's answer; written back into a dialog (Meta's `encode_message`), the
+  tag stays only before code for the interpreter.
 - Custom tools, Llama 3.1 ("json"): the system message says `Environment: ipython` and the knowledge
   cut-off and date, and a user message before the dialog lists the functions in Meta's JSON layout; the
   model answers `{"type": "function", "name": ..., "parameters": {...}}`.
@@ -236,15 +237,17 @@ def call_text(call: ToolCall, fmt: str) -> str:
     return json.dumps({"type": "function", "name": call.name, "parameters": call.arguments})
 
 
-def calls_text(calls: Sequence[ToolCall], fmt: str) -> Tuple[List[str], bool]:
-    """(texts, builtin) of an assistant turn's calls, each encoded on its own after the content, as Meta's
-    chat format does. Built-in calls are written as the model writes them, after `<|python_tag|>` and
-    before `<|eom_id|>` (Meta's full built-in interaction); custom calls end the turn. Several pythonic
-    calls are one list, as the model writes them."""
+def calls_text(calls: Sequence[ToolCall], fmt: str) -> Tuple[List[str], bool, bool]:
+    """(texts, python_tag, eom) of an assistant turn's calls, each text encoded on its own after the content,
+    as Meta's chat format writes them: `<|python_tag|>` before the content when the first call is the code
+    interpreter's, and `<|eom_id|>` ending a turn of built-in calls (the stop reason the model gives them:
+    it waits for the tool), `<|eot_id|>` any other. Several pythonic calls are one list, as the model
+    writes them (Meta's code writes each as a list of its own)."""
     builtin = bool(calls) and calls[0].name in BUILTIN_TOOLS
+    tag = bool(calls) and calls[0].name == "code_interpreter"
     if fmt == "python_list" and not builtin and len(calls) > 1:
-        return ["[" + ", ".join(call_text(c, fmt)[1:-1] for c in calls) + "]"], False
-    return [call_text(c, fmt) for c in calls], builtin
+        return ["[" + ", ".join(call_text(c, fmt)[1:-1] for c in calls) + "]"], tag, builtin
+    return [call_text(c, fmt) for c in calls], tag, builtin
 
 
 # ----------------------------------------------------------------------------------------------------

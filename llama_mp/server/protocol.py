@@ -572,6 +572,14 @@ def _grammar(schema: dict, param: str) -> str:
         raise invalid(f"{e} (in '{param}').", param) from None
 
 
+def _asking_for(dialog: List[dict], request: str, tokenizer: Tokenizer) -> List[dict]:
+    """`dialog` with `request` after it: llama-stack's last user message in Llama 3's format; in Llama 2's,
+    whose turns must alternate, the end of the last user message (after a blank line)."""
+    if tokenizer.family == "llama3":
+        return dialog + [{"role": "user", "content": request}]
+    return dialog[:-1] + [dict(dialog[-1], content=dialog[-1]["content"] + "\n\n" + request)]
+
+
 def _history_calls(calls: Any, index: int) -> List[ToolCall]:
     """An assistant message's `tool_calls` (OpenAI's: arguments as a JSON text) as calls to write back."""
     if not isinstance(calls, list):
@@ -637,9 +645,9 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
                       "response_format")
     if schema is not None:
         grammar = _grammar(schema, "response_format")
-        if schema != {"type": "object"}:  # as Meta's stack asks for a schema: a user message after the dialog
-            dialog = dialog + [{"role": "user", "content": "Please respond in JSON format with the schema: "
-                                                           + json.dumps(schema)}]
+        if schema != {"type": "object"}:  # the model is told the schema as Meta's stack tells it
+            dialog = _asking_for(dialog, "Please respond in JSON format with the schema: " + json.dumps(schema),
+                                 tokenizer)
     elif forced:
         grammar = _grammar(call_schema(forced), "tools")
     try:
