@@ -303,3 +303,19 @@ def test_a_tool_round_trip_with_the_openai_client(job3):
     arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
                         for c in streamed if c.choices and c.choices[0].delta.tool_calls)
     assert json.loads(arguments) == json.loads(call.function.arguments)
+
+
+def test_vllms_guided_fields_constrain_completions_and_chats(job3):
+    import re
+
+    choices = ["yes", "no", "it depends"]
+    for seed in range(3):
+        text = job3.client.post("/v1/completions", json={"prompt": "Is it?", "max_tokens": 8, "seed": seed,
+                                                         "guided_choice": choices}).json()["choices"][0]
+        assert text["text"] in choices and text["finish_reason"] == "stop"
+        answer = chat(job3, guided_regex=r"[0-9]{2,4}-[a-z]{1,3}", seed=seed, max_tokens=12).json()["choices"][0]
+        assert re.fullmatch(r"[0-9]{2,4}-[a-z]{1,3}", answer["message"]["content"]), answer
+    for body, param in [({"guided_regex": "("}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
+                        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+                        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex")]:
+        assert error_of(chat(job3, **body), 400)["param"] == param

@@ -90,9 +90,23 @@ def schema_grammar(schema: dict) -> str:
             json.dumps(schema), defaults={"whitespace_flexible": False})
     except (ValueError, TypeError) as e:
         raise LlamaMPError(f"The JSON schema cannot be used: {e}") from None
+    return _checked(grammar, "The JSON schema")
+
+
+def regex_grammar(regex: str) -> str:
+    """The llguidance grammar of text matching the regular expression `regex` (the whole text), or a
+    LlamaMPError saying why it cannot be one."""
+    import llguidance
+
+    return _checked(llguidance.LLMatcher.grammar_from_regex(regex), "The regular expression")
+
+
+def _checked(grammar: str, what: str) -> str:
+    import llguidance
+
     is_error, problems = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise LlamaMPError(f"The JSON schema cannot be used: {problems[0].strip()}")
+        raise LlamaMPError(f"{what} cannot be used: {' '.join(problems[0].split())}")
     return grammar
 
 

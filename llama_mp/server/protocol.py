@@ -183,6 +183,7 @@ _BOTH = {
     "ignore_eos": IMPLEMENTED,  # vLLM's extension: generate max_tokens even past the end-of-text token
     "n": IMPLEMENTED, "presence_penalty": IMPLEMENTED, "frequency_penalty": IMPLEMENTED, "logit_bias": IMPLEMENTED,
     "top_k": IMPLEMENTED, "min_p": IMPLEMENTED, "min_tokens": IMPLEMENTED, "stop_token_ids": IMPLEMENTED,  # vLLM's
+    "guided_json": IMPLEMENTED, "guided_regex": IMPLEMENTED, "guided_choice": IMPLEMENTED,  # vLLM's structured output
     "repetition_penalty": _refused("the repetition penalty is not implemented (presence_penalty and "
                                    "frequency_penalty are)", 1),
     "include_stop_str_in_output": _refused("a stop string is always cut from the text", False),
@@ -449,8 +450,9 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     echo = _bool(body, "echo")
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS, "likeliest alternatives per token")
     stop, ignore_eos, choosing = _stop(body), _bool(body, "ignore_eos"), _choosing(body, tokenizer)
+    grammar = _guided(body)
     sequences = _samples(body, [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop,
-                                             logprobs, ignore_eos, echo, choosing=choosing)
+                                             logprobs, ignore_eos, echo, choosing=choosing, grammar=grammar)
                                 for i, p in enumerate(prompts)], limits, best_of=True)
     _check_min_tokens(sequences)
     # a text prompt: as it was sent
@@ -572,6 +574,38 @@ def _grammar(schema: dict, param: str) -> str:
         raise invalid(f"{e} (in '{param}').", param) from None
 
 
+GUIDED = ("guided_json", "guided_regex", "guided_choice")
+
+
+def _guided(body: dict) -> Optional[str]:
+    """The grammar of vLLM's structured-output fields (at most one of them): `guided_json` a JSON schema,
+    `guided_regex` a regular expression the whole answer matches, `guided_choice` a list of strings the answer
+    is one of."""
+    from ..runtime.grammar import regex_grammar
+
+    asked = [name for name in GUIDED if name in body]
+    if len(asked) > 1:
+        raise invalid(f"{asked} each constrain the answer; send one of them.", asked[1])
+    if not asked:
+        return None
+    name, value = asked[0], body[asked[0]]
+    if name == "guided_json":
+        if not isinstance(value, dict):
+            raise invalid(f"'guided_json' must be a JSON schema (an object), got {described(value)}.", name)
+        return _grammar(value, name)
+    if name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise invalid(f"'guided_choice' must be a non-empty list of non-empty strings, got {described(value)}.",
+                          name)
+        value = "(" + "|".join(re.escape(v) for v in value) + ")"
+    elif not isinstance(value, str) or not value:
+        raise invalid(f"'guided_regex' must be a regular expression (a string), got {described(value)}.", name)
+    try:
+        return regex_grammar(value)
+    except LlamaMPError as e:
+        raise invalid(f"{e} (in '{name}').", name) from None
+
+
 def _asking_for(dialog: List[dict], request: str, tokenizer: Tokenizer) -> List[dict]:
     """`dialog` with `request` after it: llama-stack's last user message in Llama 3's format; in Llama 2's,
     whose turns must alternate, the end of the last user message (after a blank line)."""
@@ -639,10 +673,13 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
                       "messages")
     offered, forced, choice_prompt = _tool_choice(body, _tools(body))
     parallel = _bool(body, "parallel_tool_calls", True)
-    schema, grammar = _response_format(body), None
+    schema, grammar = _response_format(body), _guided(body)
     if schema is not None and forced:
         raise invalid("'response_format' asks for a JSON answer and 'tool_choice' for a tool call; send one of them.",
                       "response_format")
+    if grammar is not None and (schema is not None or forced):
+        guided, other = next(n for n in GUIDED if n in body), "response_format" if schema is not None else "tool_choice"
+        raise invalid(f"'{guided}' and '{other}' each constrain the answer; send one of them.", guided)
     if schema is not None:
         grammar = _grammar(schema, "response_format")
         if schema != {"type": "object"}:  # the model is told the schema as Meta's stack tells it
