@@ -29,6 +29,17 @@ from .tokenizer import Tokenizer
 _VOCABULARIES: Dict[tuple, object] = {}  # (tokenizer path, end ids) -> llguidance.LLTokenizer
 
 
+def _llguidance():
+    """The grammar engine, or a LlamaMPError saying how to install it."""
+    try:
+        import llguidance
+        import llguidance.tiktoken  # noqa: F401
+    except ImportError:
+        raise LlamaMPError("Constrained output needs the llguidance package, which is not installed here: "
+                           "pip install llguidance (or the server extra, pip install -e '.[server]').") from None
+    return llguidance
+
+
 def _sentencepiece_bytes(tokenizer) -> List[bytes]:
     """Each id's bytes: "▁" is a space, "<0x0A>" the byte it names, control pieces their own names."""
     sp, out = tokenizer.sp, []
@@ -65,14 +76,12 @@ class _SentencePieceForGuidance:
 
 def vocabulary(tokenizer: Tokenizer, ends: Sequence[int]):
     """llguidance's view of `tokenizer` whose answers end with `ends` (made once per tokenizer: ~1 s)."""
-    import llguidance
+    llguidance = _llguidance()
 
     key = (tokenizer.path, tuple(ends))
     if key not in _VOCABULARIES:
         if tokenizer.family == "llama3":
-            from llguidance.tiktoken import lltokenizer_from_encoding
-
-            made = lltokenizer_from_encoding(tokenizer.model, n_vocab=tokenizer.n_words, eos_token=list(ends))
+            made = llguidance.tiktoken.lltokenizer_from_encoding(tokenizer.model, n_vocab=tokenizer.n_words, eos_token=list(ends))
         else:
             made = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceForGuidance(tokenizer, ends)),
                                           n_vocab=tokenizer.n_words, eos_token=list(ends))
@@ -83,8 +92,7 @@ def vocabulary(tokenizer: Tokenizer, ends: Sequence[int]):
 def schema_grammar(schema: dict) -> str:
     """The llguidance grammar of JSON text matching `schema` (whitespace between items kept compact), or a
     LlamaMPError saying why the schema cannot be one."""
-    import llguidance
-
+    llguidance = _llguidance()
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             json.dumps(schema), defaults={"whitespace_flexible": False})
@@ -96,15 +104,11 @@ def schema_grammar(schema: dict) -> str:
 def regex_grammar(regex: str) -> str:
     """The llguidance grammar of text matching the regular expression `regex` (the whole text), or a
     LlamaMPError saying why it cannot be one."""
-    import llguidance
-
-    return _checked(llguidance.LLMatcher.grammar_from_regex(regex), "The regular expression")
+    return _checked(_llguidance().LLMatcher.grammar_from_regex(regex), "The regular expression")
 
 
 def _checked(grammar: str, what: str) -> str:
-    import llguidance
-
-    is_error, problems = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    is_error, problems = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise LlamaMPError(f"{what} cannot be used: {' '.join(problems[0].split())}")
     return grammar
@@ -119,8 +123,7 @@ class Constraint:
     """One sequence's grammar state (rank 0): what it has consumed and the mask of ids allowed next."""
 
     def __init__(self, grammar: str, tokenizer: Tokenizer, ends: Sequence[int]):
-        import llguidance
-
+        llguidance = _llguidance()
         self.vocab, self.ends = tokenizer.n_words, list(ends)
         self.matcher = llguidance.LLMatcher(vocabulary(tokenizer, ends), grammar, log_level=0)
         if self.matcher.is_error():

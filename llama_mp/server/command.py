@@ -178,6 +178,17 @@ def _server_side():
     return app
 
 
+def _grammar_vocabulary(tokenizer) -> None:
+    """Make the grammar engine's view of the vocabulary now (about 2 s for Llama 3's), not on the event loop
+    when the first constrained request comes; without llguidance such requests are refused, saying so."""
+    from ..runtime.grammar import vocabulary
+
+    try:
+        vocabulary(tokenizer, sorted(tokenizer.stop_ids))
+    except LlamaMPError as e:
+        log(None, f"llama_mp server: {e} Requests for forced tool calls or structured output are refused.")
+
+
 def _serve_on_rank_0(llama: Llama, batcher: Batcher, state: ServerState, http: "HttpServer", name: str,
                      max_seq_len: int, max_batch_size: int, max_queue: int, drain_s: float, seed: int,
                      prefix_cache_rows: Optional[int] = None, tool_format: str = "json") -> None:
@@ -185,6 +196,7 @@ def _serve_on_rank_0(llama: Llama, batcher: Batcher, state: ServerState, http: "
     # Python's default 5: its events then go out as each step ends, instead of two steps at a time.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     scheduler = Scheduler(batcher, llama.tokenizer, max_queue, seed, prefix_cache_rows)
+    _grammar_vocabulary(llama.tokenizer)
     state.ready(scheduler, llama.tokenizer, Limits(name, max_seq_len, max_batch_size, tool_format))
     watch = PeerWatch(llama.group, scheduler)
 
