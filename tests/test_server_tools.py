@@ -204,6 +204,7 @@ def test_calls_and_results_in_the_history_are_accepted(job3, llama3):
     ({"response_format": {"type": "yaml"}}, "response_format", "must be"),
     ({"response_format": {"type": "json_object"}, "tools": TOOLS, "tool_choice": "required"}, "response_format",
      "send one of them"),
+    ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens", "grammar says where"),
 ])
 def test_bad_tool_and_format_fields_are_a_400_naming_them(job3, body, param, words):
     error = error_of(chat(job3, **body), 400)

@@ -367,6 +367,9 @@ def _samples(body: dict, specs: List[SequenceSpec], limits: Limits, best_of: boo
 
 def _check_min_tokens(specs: List[SequenceSpec]) -> None:
     for spec in specs:
+        if spec.choosing.min_tokens and spec.grammar is not None:  # the grammar decides where the answer ends
+            raise invalid("'min_tokens' cannot be combined with a constrained answer (tool_choice, response_format, "
+                          "guided_*), whose grammar says where it may end.", "min_tokens")
         if spec.choosing.min_tokens > spec.max_tokens:
             raise invalid(f"'min_tokens' ({spec.choosing.min_tokens}) is more than the {spec.max_tokens} tokens this "
                           "answer may have (max_tokens, or the room the context leaves).", "min_tokens")
