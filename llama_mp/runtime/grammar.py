@@ -11,7 +11,8 @@ used by llama.cpp, vLLM and SGLang.
 
 A `Constraint` lives on rank 0 with its sequence: before each choice it has consumed every token chosen
 so far (`catch_up`) and gives the ids allowed next, or those banned (`limits`, whichever are fewer, on the
-logits' device), which `sampling.choose_from_logits` applies with the row's other adjustments. Ending the answer (a stop
+logits' device), which `sampling.choose_from_logits` applies with the row's other adjustments. The
+server's scheduler computes them on a thread of its own while the step computes. Ending the answer (a stop
 token) is allowed only where the grammar is complete.
 """
 

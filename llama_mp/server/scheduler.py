@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -226,6 +227,7 @@ class Scheduler:
         self.stepping = False                             # whether the main thread is inside a step
         self.steps, self.rows, self.step_s = 0, 0, 0.0  # for the summary at the end
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}  # sequences, by how they ended
+        self.grammar_thread: Optional[concurrent.futures.ThreadPoolExecutor] = None  # made at the first grammar
 
     # ------------------------------------------------------------------------------------------
     # The HTTP side (event loop thread)
@@ -338,8 +340,9 @@ class Scheduler:
                 continue  # idle; releases wait for the next real step
             started = time.perf_counter()
             self.stepping = True
+            limits = self._limits_during_step()
             try:
-                result = self.batcher.run(plan, self._sampling_of)
+                result = self.batcher.run(plan, lambda slots: self._sampling_of(slots, limits))
             except BaseException as e:
                 if isinstance(e, PeerLostError) or peer_lost(e) is not None:
                     self.fail("rank 0 lost contact with another rank of the job (it died or stopped answering); "
@@ -352,6 +355,8 @@ class Scheduler:
                 raise
             finally:
                 self.stepping = False
+                if limits is not None:  # done before the tokens it read are delivered (or the loop fails)
+                    concurrent.futures.wait([limits])
             self.steps, self.rows = self.steps + 1, self.rows + len(result.slots)
             self.step_s += time.perf_counter() - started
             owners = dict(self.by_slot)
@@ -416,15 +421,37 @@ class Scheduler:
         in_flight = self.in_flight
         return list(self.by_slot.values()) + (list(in_flight[1].values()) if in_flight is not None else [])
 
-    def _sampling_of(self, slots: Sequence[int]) -> List[RowSampling]:
-        """Each row's settings, from its own request; a constrained row's with its grammar's mask."""
+    def _limits_during_step(self) -> Optional["concurrent.futures.Future"]:
+        """Start computing the constrained rows' limits for the step about to run, on a thread of their own,
+        while the step computes: each grammar takes the tokens chosen so far (the last from the step in
+        flight) and gives the ids it allows next (runtime/grammar.Constraint). None when no row is constrained."""
+        constrained = [seq for seq in self.by_slot.values() if seq.constraint is not None]
+        if not constrained:
+            return None
+        tokens = [seq.answer + self._in_flight_token(seq) for seq in constrained]
+
+        def compute():
+            out = {}
+            for seq, answer in zip(constrained, tokens):
+                seq.constraint.catch_up(answer)
+                out[id(seq)] = seq.constraint.limits(self.device)
+            return out
+
+        if self.grammar_thread is None:
+            self.grammar_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        return self.grammar_thread.submit(compute)
+
+    def _sampling_of(self, slots: Sequence[int], limits: Optional["concurrent.futures.Future"] = None
+                     ) -> List[RowSampling]:
+        """Each row's settings, from its own request; a constrained row's with the limits its grammar gives
+        (`limits`: their computation, started with the step)."""
+        computed = limits.result() if limits is not None else {}
         rows = []
         for slot in slots:
             seq = self.by_slot[slot]
             sampling = seq.sampling
             if seq.constraint is not None:
-                seq.constraint.catch_up(seq.answer + self._in_flight_token(seq))
-                allowed, banned = seq.constraint.limits(self.device)
+                allowed, banned = computed[id(seq)]
                 if banned is not None and sampling.ban is not None:
                     banned = torch.cat((banned, sampling.ban))
                 sampling = replace(sampling, allowed=allowed, ban=banned if banned is not None else sampling.ban)
