@@ -12,10 +12,10 @@ setup(
     install_requires=["torch>=2.5", "fairscale", "sentencepiece", "tiktoken", "fire", "tqdm", "safetensors", "numpy"],
     # prometheus_client: the Prometheus project's own client, for the server's GET /metrics
     extras_require={"test": ["pytest", "hypothesis", "transformers", "safetensors", "openai", "httpx", "fastapi",
-                             "uvicorn[standard]", "prometheus_client",
+                             "uvicorn[standard]", "prometheus_client", "llguidance", "jsonschema",
                              # tests/test_lm_eval.py drives the server with lm-eval (its `api` extra: the HTTP client)
                              "lm-eval[api]==0.4.13"],
-                    "server": ["fastapi", "uvicorn[standard]", "prometheus_client"]},
+                    "server": ["fastapi", "uvicorn[standard]", "prometheus_client", "llguidance"]},
     data_files=[("share/llama_mp/configs", glob.glob("configs/*.json"))],
     entry_points={"console_scripts": ["llama-mp=llama_mp.cli:main"]},
 )

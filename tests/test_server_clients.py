@@ -310,14 +310,15 @@ def test_n_samples_are_independent_rows_each_with_its_own_seed(same):
     assert [c["index"] for c in chat] == [0, 1] and chat[0]["message"] == chat[1]["message"]  # greedy: the same
 
 
-def test_tools_response_format_and_suffix_are_refused_by_name(tokenizer):
+def test_deprecated_functions_suffix_and_completion_formats_are_refused_by_name(tokenizer):
+    # tools, tool_choice and chat's response_format are implemented (tests/test_server_tools.py)
     from llama_mp.server.protocol import ApiError, Limits, parse_chat, parse_completion
 
     limits = Limits("m", 64, 4)
     chat = {"messages": [{"role": "user", "content": "a"}]}
     for parse, base, name, value in [
-            (parse_chat, chat, "tools", [{"type": "function", "function": {"name": "f"}}]),
-            (parse_chat, chat, "tool_choice", "auto"), (parse_chat, chat, "response_format", {"type": "json_object"}),
+            (parse_chat, chat, "functions", [{"name": "f"}]), (parse_chat, chat, "function_call", "auto"),
+            (parse_chat, chat, "tool_choice", "auto"),  # with no tools to choose from
             (parse_completion, {"prompt": "a"}, "suffix", "end"),
             (parse_completion, {"prompt": "a"}, "response_format", {"type": "json_schema"})]:
         with pytest.raises(ApiError) as e:

@@ -247,10 +247,12 @@ def test_llama3_dialog_matches_metas_published_prompt(meta):
 
 
 @pytest.mark.parametrize("role", ["ipython", "tool"])
-def test_tool_roles_are_refused_with_a_reason(role):
+def test_a_tool_result_must_answer_an_assistant_turn(role):
+    # the tool roles themselves are Llama 3.1's (tests/test_tools.py): a result follows the turn that called
     dialog = [{"role": "user", "content": "x"}, {"role": role, "content": "42"}]
-    with pytest.raises(LlamaMPError, match=f"message 1 has role '{role}': tool calls .* not supported"):
+    with pytest.raises(LlamaMPError, match="has tool results, so .* only after an assistant turn"):
         check_dialog(dialog, 0)
+    check_dialog(dialog[:1] + [{"role": "assistant", "content": "f()"}] + dialog[1:], 0)
 
 
 def test_llama2_dialogs_keep_their_format(tokenizer):

@@ -9,25 +9,28 @@ that looks like a special token is encoded as the plain text it is.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple, TypedDict
+from typing import List, Optional, Sequence, Tuple, TypedDict
 
 from ..checks import JsonProblem, described, read_json_file, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
+from .tools import PYTHON_TAG, Tool, ToolCall, calls_text, offer_tools
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 ROLES = ("system", "user", "assistant")
-# Llama 3.1's tool calling adds a role for tool output ("ipython" in Meta's format); it needs tool
-# definitions in the system prompt and eom_id handling, which this runner does not do.
+# Llama 3.1's tool calling adds a role for a tool's output: "ipython" in Meta's format ("tool" in
+# Meta's Python API and OpenAI's, written as "ipython"). It answers an assistant turn, which may carry
+# `tool_calls` (runtime/tools.py).
 TOOL_ROLES = ("ipython", "tool")
 
 
-class Message(TypedDict):
+class Message(TypedDict, total=False):
     role: str
     content: str
+    tool_calls: List[ToolCall]  # an assistant turn's calls (Llama 3 only)
 
 
 Dialog = List[Message]
@@ -49,22 +52,29 @@ EXAMPLE_DIALOGS: List[Dialog] = [
 def check_dialog(dialog, index: int) -> None:
     """Raise a clear error unless `dialog` is [system?] user (assistant user)* with string contents:
     Meta's rule. The model answers the last message, so it must be the user's: a dialog that ended with
-    an assistant turn would have that answer encoded as if the user had said it."""
+    an assistant turn would have that answer encoded as if the user had said it. With tools (Llama 3),
+    tool results (role ipython or tool) may follow an assistant turn, one after another, and the model
+    answers them: the dialog may end with them, and an assistant turn follows them otherwise."""
     where = f"dialog {index}"
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise LlamaMPError(f"{where} must be a non-empty list of messages like "
                            f'{{"role": "user", "content": "..."}}; got {described(dialog)}.')
+    roles_known = ROLES + TOOL_ROLES
     for j, msg in enumerate(dialog):
-        if isinstance(msg, dict) and msg.get("role") in TOOL_ROLES:
-            raise LlamaMPError(f"{where}, message {j} has role {msg['role']!r}: tool calls and tool output "
-                               f"are not supported, only the roles {ROLES}. Give the tool's result to the "
-                               "model as part of a user message instead.")
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
-            raise LlamaMPError(f"{where}, message {j} must be an object with role one of {ROLES} and a string "
-                               f"content; got {described(msg)}.")
+        if not isinstance(msg, dict) or msg.get("role") not in roles_known or not isinstance(msg.get("content"), str):
+            raise LlamaMPError(f"{where}, message {j} must be an object with role one of {roles_known} and a "
+                               f"string content; got {described(msg)}.")
         if text_problem(msg["content"]):
             raise LlamaMPError(f"{where}, message {j}'s content {text_problem(msg['content'])}. Send UTF-8 text.")
+        calls = msg.get("tool_calls")
+        if calls is not None and (msg["role"] != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, ToolCall) for c in calls)):
+            raise LlamaMPError(f"{where}, message {j}: only an assistant message has tool_calls, a list of "
+                               f"ToolCall; got {described(calls)} in a {msg['role']!r} message.")
     roles = [m["role"] for m in dialog]
+    if any(r in TOOL_ROLES for r in roles):
+        _check_tool_turns(where, roles)
+        return
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if j % 2 == 0 else "assistant" for j in range(len(turns))]
     if turns != expected or not turns:
@@ -74,6 +84,20 @@ def check_dialog(dialog, index: int) -> None:
         raise LlamaMPError(f"{where} ends with an assistant turn, but the model answers the user's last message "
                            f"(its roles are {roles}). End it with a user message: drop the last assistant "
                            "message, or add what the user says next.")
+
+
+def _check_tool_turns(where: str, roles: List[str]) -> None:
+    """The order of a dialog with tool results: after an optional system message, a user turn; after a
+    user turn an assistant one; after an assistant turn a user turn or tool results; after tool results
+    more of them or an assistant turn; the last message the user's or a tool's."""
+    turns = [("ipython" if r in TOOL_ROLES else r) for r in (roles[1:] if roles[0] == "system" else roles)]
+    follows = {"user": ("assistant",), "assistant": ("user", "ipython"), "ipython": ("ipython", "assistant")}
+    ordered = bool(turns) and turns[0] == "user" and all(b in follows.get(a, ()) for a, b in zip(turns, turns[1:]))
+    if not ordered or turns[-1] == "assistant":
+        raise LlamaMPError(f"{where} has tool results, so after an optional system message it must start with a "
+                           "user turn, give tool results (role ipython or tool) only after an assistant turn or "
+                           "another result, follow them with an assistant turn, and end with a user message or "
+                           f"a tool result; its roles are {roles}.")
 
 
 def check_dialogs(dialogs) -> None:
@@ -97,10 +121,17 @@ def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> b
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """Prompt tokens for a checked dialog, in the chat format of the tokenizer's family."""
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = (), tool_format: str = "json",
+                  choice_prompt: str = "", date: Optional[str] = None) -> List[int]:
+    """Prompt tokens for a checked dialog, in the chat format of the tokenizer's family. `tools` (Llama 3
+    only) are offered to the model in `tool_format` (runtime/tools.py: "json" for Llama 3.1, "python_list"
+    for 3.2 and 3.3), with `choice_prompt` and the date line's `date` (today's by default)."""
     if tokenizer.family == "llama3":
-        return _encode_llama3_dialog(tokenizer, dialog)
+        return _encode_llama3_dialog(tokenizer, offer_tools(list(dialog), tools, tool_format, choice_prompt, date),
+                                     tool_format)
+    if tools or any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog):
+        raise LlamaMPError("Tool calling needs a Llama 3.1 or later checkpoint (its tokenizer has the ipython "
+                           "role and <|python_tag|>); this is a Llama 2 tokenizer, whose chat format has no tools.")
     return _encode_llama2_dialog(tokenizer, dialog)
 
 
@@ -124,15 +155,21 @@ def _llama3_header(tokenizer: Tokenizer, role: str) -> List[int]:
             + [tokenizer.special_id("<|end_header_id|>")] + tokenizer.encode("\n\n", bos=False, eos=False))
 
 
-def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
+def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str = "json") -> List[int]:
     """`<|begin_of_text|>`, then per message `<|start_header_id|>role<|end_header_id|>` a blank line, the
     stripped content and `<|eot_id|>`, then an open assistant header for the model to complete. Markers
-    are ids; contents are encoded as plain text."""
+    are ids; contents are encoded as plain text. A tool's result has the ipython role; an assistant turn's
+    tool calls follow its content as Meta's chat format writes them (runtime/tools.calls_text: code for the
+    interpreter after `<|python_tag|>`, built-in calls ending with `<|eom_id|>`)."""
     tokens = [tokenizer.bos_id]
     for message in dialog:
-        tokens += _llama3_header(tokenizer, message["role"])
-        tokens += tokenizer.encode(message["content"].strip(), bos=False, eos=False)
-        tokens.append(tokenizer.special_id("<|eot_id|>"))
+        tokens += _llama3_header(tokenizer, "ipython" if message["role"] in TOOL_ROLES else message["role"])
+        calls, tag, eom = calls_text(message.get("tool_calls") or (), tool_format)
+        if tag:
+            tokens.append(tokenizer.special_id(PYTHON_TAG))
+        for text in [message["content"].strip()] + calls:
+            tokens += tokenizer.encode(text, bos=False, eos=False)
+        tokens.append(tokenizer.special_id("<|eom_id|>" if eom else "<|eot_id|>"))
     return tokens + _llama3_header(tokenizer, "assistant")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, List, Optional, Tuple, TypedDict
+from typing import Callable, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
@@ -29,6 +29,7 @@ from .engine import Engine, Request
 from .loading import load_checkpoint, ready_on_every_rank
 from .model import Transformer
 from .tokenizer import Tokenizer
+from .tools import Tool, parse_calls
 
 
 FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken")}
@@ -235,29 +236,43 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         top_k: int = 0,
+        tools: Sequence[Tool] = (),
+        tool_format: str = "json",
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in the checkpoint family's chat format (Llama 2's or Llama 3's).
 
         A dialog whose messages contain the format's special tags is not run: its answer is Meta's error
-        text, as in the reference implementation.
+        text, as in the reference implementation. `tools` (Llama 3.1 and later; runtime/tools.Tool) are
+        offered in `tool_format` ("json": Llama 3.1, "python_list": 3.2 and 3.3); an answer that calls
+        them has its calls (runtime/tools.ToolCall) in `generation["tool_calls"]` and an empty content, as
+        Meta's `ChatFormat.decode_assistant_message` gives them. Tool results are messages of the `ipython`
+        (or `tool`) role after the assistant message that called.
         """
-        def decide() -> Tuple[List[bool], Request]:
+        def decide() -> Tuple[List[bool], Request, Tuple[str, ...]]:
             check_dialogs(dialogs)
-            prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+            if not all(isinstance(t, Tool) for t in tools):
+                raise LlamaMPError(f"tools must be a list of llama_mp.runtime.tools.Tool, got {described(tools)}.")
+            prompt_tokens = [encode_dialog(self.tokenizer, d, tools, tool_format) for d in dialogs]
             request = Request(prompt_tokens, self._gen_len(max_gen_len), temperature, top_p, top_k, logprobs)
-            return [has_special_tags(d, self.tokenizer) for d in dialogs], self.engine.check(request)
+            return ([has_special_tags(d, self.tokenizer) for d in dialogs], self.engine.check(request),
+                    tuple(t.name for t in tools))
 
         return self.engine.call("chat", decide)
 
-    def _chat_op(self, payload: Tuple[List[bool], Request]) -> List[ChatPrediction]:
-        unsafe, request = payload
+    def _chat_op(self, payload: Tuple[List[bool], Request, Tuple[str, ...]]) -> List[ChatPrediction]:
+        unsafe, request, tool_names = payload
         ids, lps = self.engine.generate(request)
         out: List[ChatPrediction] = []
         for i, t in enumerate(ids):
             if unsafe[i]:
                 out.append({"generation": {"role": "assistant", "content": UNSAFE_ERROR}})
-            else:
-                out.append(self._prediction(t, lps[i] if lps else None, wrap="assistant"))
+                continue
+            prediction = self._prediction(t, lps[i] if lps else None, wrap="assistant")
+            if tool_names:
+                content, calls = parse_calls(prediction["generation"]["content"])
+                if calls and all(c.name in tool_names for c in calls):
+                    prediction["generation"].update(content=content, tool_calls=calls)
+            out.append(prediction)
         return out
 
     def _gen_len(self, max_gen_len: Optional[int]) -> int:

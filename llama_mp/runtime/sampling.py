@@ -81,12 +81,15 @@ class RowSampling:
     # (logit_bias). `counts` [vocab] float: how often each id was chosen so far, which `choose_from_logits`
     # adds this step's choice to; with it, `presence_penalty` is taken from every id chosen before and
     # `frequency_penalty` times its count. `ban` [n] ids: never chosen (stop tokens before min_tokens).
+    # `allowed` [n] ids: the only ones that may be chosen (a grammar's, runtime/grammar.py, which gives the
+    # ids it bans as `ban` instead when those are fewer).
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     bias: Optional[torch.Tensor] = None
     counts: Optional[torch.Tensor] = None
     ban: Optional[torch.Tensor] = None
+    allowed: Optional[torch.Tensor] = None
 
     @property
     def greedy(self) -> bool:
@@ -94,8 +97,8 @@ class RowSampling:
 
     @property
     def adjusts(self) -> bool:
-        """Whether the logits are changed before the choice (bias, penalties, banned ids)."""
-        return self.bias is not None or self.counts is not None or self.ban is not None
+        """Whether the logits are changed before the choice (bias, penalties, banned or allowed ids)."""
+        return self.bias is not None or self.counts is not None or self.ban is not None or self.allowed is not None
 
     @property
     def needs_logits(self) -> bool:
@@ -161,7 +164,7 @@ def choose_from_logits(logits: torch.Tensor, rows: Sequence[RowSampling], forced
 
 def _adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     """The logits the choice is made from: `logits` itself, or a copy where rows that ask for it have their
-    bias added, penalties taken and banned ids at -inf (see `RowSampling`)."""
+    bias added, penalties taken and banned ids (and those a grammar does not allow) at -inf (see `RowSampling`)."""
     if not any(r.adjusts for r in rows):
         return logits
     out = logits.clone()
@@ -173,6 +176,9 @@ def _adjusted(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor
             row -= r.presence_penalty * (r.counts > 0) + r.frequency_penalty * r.counts
         if r.ban is not None:
             row.index_fill_(0, r.ban, float("-inf"))
+        if r.allowed is not None:
+            keep = row.index_select(0, r.allowed)
+            row.fill_(float("-inf")).index_copy_(0, r.allowed, keep)
     return out
 
 

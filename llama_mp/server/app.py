@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from ..checks import JsonProblem, parse_json_bytes
 from ..errors import LlamaMPError
 from .protocol import (ApiError, Job, choice, detokenize, envelope, model_card, models_list, parse_chat,
-                       parse_completion, tokenize, tokenizer_info, usage)
+                       parse_completion, streamed_calls, tokenize, tokenizer_info, tool_calls, usage)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .scheduler import Event, Generation, Sink
 from .state import FAILED, READY, ServerState
@@ -214,6 +214,9 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
     counts = [0, 0, 0]  # prompt, completion and cached prompt tokens
     offsets = [len(t) for t in job.echo_texts] or [0] * len(answer.seqs)
     scored = job.sequences[0].score_prompt  # the echoed prompt waits for its scores, and comes with them
+    # With tools offered, an answer is held until it ends: Meta's rules read a call anywhere in the text, so
+    # only the whole text says whether it is one (then it streams as calls) or text (then as one piece).
+    held: Dict[int, List[Event]] = {i: [] for i in range(len(answer.seqs))} if job.tools else {}
     try:
         for i in range(len(answer.seqs)):  # the first chunk: the chat role, or the echoed prompt
             if job.kind == "chat" or (job.echo_texts and not scored):
@@ -229,6 +232,19 @@ async def _streamed(answer: _Answer) -> AsyncIterator[bytes]:
                 yield _sse(envelope(job, [piece], None, True))
             if event.finish_reason is not None:
                 _count(counts, job, event)
+            if held:
+                held[event.index].append(event)
+                if event.finish_reason is None:
+                    continue
+                text = "".join(e.text for e in held[event.index])
+                calls = tool_calls(job, text)
+                if calls:
+                    for piece in streamed_calls(job, event.index, calls, event.finish_reason):
+                        yield _sse(envelope(job, [piece], None, True))
+                    continue
+                event.text = text
+                if event.logprobs is not None:
+                    event.logprobs = [entry for e in held[event.index] for entry in (e.logprobs or [])]
             if event.text or event.logprobs or event.finish_reason:
                 piece = choice(job, event.index, event.text, event.finish_reason, event.logprobs, delta=True,
                                text_offset=offsets[event.index])

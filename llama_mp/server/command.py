@@ -32,6 +32,7 @@ from ..distributed.failure import WAIT_FOR_PERSON_S, process_alive
 from ..errors import LlamaMPError, PeerLostError
 from ..runtime.batching import Batcher
 from ..runtime.llama import Llama, check_build_arguments, log
+from ..runtime.tools import FORMATS as TOOL_FORMATS
 from .protocol import Limits
 from .scheduler import Scheduler
 from .state import DRAINING, FAILED, ServerState
@@ -48,8 +49,11 @@ END_MARGIN_S = FLUSH_S + 3.0
 
 
 def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                        max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows=None) -> None:
+                        max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows=None, tool_format="json") -> None:
     """The server's own options, checked on every rank before the process group starts."""
+    if tool_format not in TOOL_FORMATS:
+        raise LlamaMPError(f"--tool_format must be one of {TOOL_FORMATS} (Llama 3.1: json; Llama 3.2 and 3.3: "
+                           f"python_list), got {described(tool_format)}.")
     if not isinstance(host, str) or not host:
         raise LlamaMPError(f"--host must be a host name or address, got {described(host)}.")
     # the command line's domains (checks.OPTION_DOMAINS), for callers from Python too; None is refused here
@@ -79,6 +83,7 @@ def serve(
     drain_s: float = 30.0,
     receive_timeout_s: float = 30.0,
     prefix_cache_rows: Optional[int] = None,
+    tool_format: str = "json",
     seed: int = 1,
     backend: str = "auto",
     device: str = "auto",
@@ -103,12 +108,14 @@ def serve(
     torchrun at most its --shutdown_timeout less 5 s, so that no rank is SIGKILLed mid-answer).
     --prefix_cache_rows N: how many free KV-cache rows keep their tokens for a later prompt that starts the
     same way (default: every free row; 0 turns prefix caching off).
+    --tool_format: how `tools` are offered to the model and its calls read (runtime/tools.py): json (Llama 3.1,
+    the default) or python_list (Llama 3.2 and 3.3, whose calls are `[f(a=1), g()]`).
     --seed seeds requests that bring no seed. --backend, --device, --dtype, --decoder, --quantize,
     --group_size, --timeout_s and --load_timeout_s are text_completion's (see its --help).
     """
     def check() -> None:
         check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                            max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows)
+                            max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows, tool_format)
         check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s, quantize, group_size)
 
     try:
@@ -144,7 +151,7 @@ def serve(
         llama.engine.serve(idle_timeout_s=WAIT_FOR_PERSON_S)
         return
     _serve_on_rank_0(llama, batcher, state, http, name, max_seq_len, max_batch_size, max_queue, drain_s, seed,
-                     prefix_cache_rows)
+                     prefix_cache_rows, tool_format)
 
 
 def drain_within_launcher(drain_s: float, grace_s: Optional[float], say: bool) -> float:
@@ -171,14 +178,26 @@ def _server_side():
     return app
 
 
+def _grammar_vocabulary(tokenizer) -> None:
+    """Make the grammar engine's view of the vocabulary now (about 2 s for Llama 3's), not on the event loop
+    when the first constrained request comes; without llguidance such requests are refused, saying so."""
+    from ..runtime.grammar import vocabulary
+
+    try:
+        vocabulary(tokenizer, sorted(tokenizer.stop_ids))
+    except LlamaMPError as e:
+        log(None, f"llama_mp server: {e} Requests for forced tool calls or structured output are refused.")
+
+
 def _serve_on_rank_0(llama: Llama, batcher: Batcher, state: ServerState, http: "HttpServer", name: str,
                      max_seq_len: int, max_batch_size: int, max_queue: int, drain_s: float, seed: int,
-                     prefix_cache_rows: Optional[int] = None) -> None:
+                     prefix_cache_rows: Optional[int] = None, tool_format: str = "json") -> None:
     # The HTTP thread must get the interpreter between the batch loop's calls within a millisecond, not
     # Python's default 5: its events then go out as each step ends, instead of two steps at a time.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     scheduler = Scheduler(batcher, llama.tokenizer, max_queue, seed, prefix_cache_rows)
-    state.ready(scheduler, llama.tokenizer, Limits(name, max_seq_len, max_batch_size))
+    _grammar_vocabulary(llama.tokenizer)
+    state.ready(scheduler, llama.tokenizer, Limits(name, max_seq_len, max_batch_size, tool_format))
     watch = PeerWatch(llama.group, scheduler)
 
     def on_sigterm(signum, frame):

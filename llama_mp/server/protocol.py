@@ -12,6 +12,7 @@ answers. An explicit JSON null means "not given", for every field.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from ..checks import MAX_BATCH, MAX_SIZE, MAX_TOKENS, Domain, OptionError, described, is_finite_number, is_int, is_number
 from ..errors import LlamaMPError
 from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
+from ..runtime.tools import NAMED_PROMPT, REQUIRED_PROMPT, Tool, ToolCall, call_schema, parse_calls
 from ..runtime.sampling import check_sampling
 from ..runtime.tokenizer import Tokenizer, prompt_text
 
@@ -54,6 +56,7 @@ class Limits:
     model_name: str
     max_seq_len: int
     max_prompts: int  # prompts in one /v1/completions request (each takes a batch slot)
+    tool_format: str = "json"  # how tools are offered and called (runtime/tools.py): Llama 3.1 json, 3.2/3.3 python_list
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class SequenceSpec:
     after_prompt: bool = True   # the text reads on from the prompt's (completions); chat: decoded alone
     choosing: Choosing = field(default_factory=Choosing)
     sample: int = 0             # which of the request's `n` samples of its prompt this is
+    grammar: Optional[str] = None  # the grammar its answer must match (runtime/grammar.py), if any
 
     @property
     def score_prompt(self) -> bool:
@@ -105,6 +109,8 @@ class Job:
     stream: bool
     include_usage: bool = False
     echo_texts: List[str] = field(default_factory=list)  # completions with echo: each prompt's text
+    tools: List[Tool] = field(default_factory=list)  # chat: the tools the answer may call (none: text only)
+    parallel_tool_calls: bool = True                 # chat: whether an answer may make several calls
     id: str = ""
     created: int = 0
 
@@ -177,12 +183,11 @@ _BOTH = {
     "ignore_eos": IMPLEMENTED,  # vLLM's extension: generate max_tokens even past the end-of-text token
     "n": IMPLEMENTED, "presence_penalty": IMPLEMENTED, "frequency_penalty": IMPLEMENTED, "logit_bias": IMPLEMENTED,
     "top_k": IMPLEMENTED, "min_p": IMPLEMENTED, "min_tokens": IMPLEMENTED, "stop_token_ids": IMPLEMENTED,  # vLLM's
+    "guided_json": IMPLEMENTED, "guided_regex": IMPLEMENTED, "guided_choice": IMPLEMENTED,  # vLLM's structured output
     "repetition_penalty": _refused("the repetition penalty is not implemented (presence_penalty and "
                                    "frequency_penalty are)", 1),
     "include_stop_str_in_output": _refused("a stop string is always cut from the text", False),
     "use_beam_search": _refused("beam search is not implemented", False),
-    "response_format": _refused("constrained output (JSON mode, schemas) is not implemented",
-                                {"type": "text"}),
     "user": Rule("ignored", "an end user's id for a provider's abuse monitoring: it changes no answer, and this "
                             "server keeps no record of it"),
 }
@@ -191,13 +196,14 @@ COMPLETION_FIELDS = dict(_BOTH, **{
     "best_of": IMPLEMENTED,  # only as n: ranking more samples than are returned is refused (parse_completion)
     "suffix": _refused("insertion (text after the completion) is not implemented", ""),
 })
+COMPLETION_FIELDS["response_format"] = _refused("structured output is for chat completions (response_format "
+                                                "of /v1/chat/completions)", {"type": "text"})
 CHAT_FIELDS = dict(_BOTH, **{
     "messages": IMPLEMENTED, "max_completion_tokens": IMPLEMENTED, "top_logprobs": IMPLEMENTED,
-    "tools": _refused("tool calls are not implemented", []),
-    "tool_choice": _refused("tool calls are not implemented", "none"),
-    "functions": _refused("function calls are not implemented", []),
-    "function_call": _refused("function calls are not implemented", "none"),
-    "parallel_tool_calls": Rule("ignored", "it only shapes tool calls, which are refused"),
+    "tools": IMPLEMENTED, "tool_choice": IMPLEMENTED, "parallel_tool_calls": IMPLEMENTED,
+    "response_format": IMPLEMENTED,
+    "functions": _refused("the deprecated function calls are not implemented; send `tools`", []),
+    "function_call": _refused("the deprecated function calls are not implemented; send `tool_choice`", "none"),
     "modalities": _refused("this server writes text only", ["text"]),
     "audio": _refused("this server writes text only"),
     "prediction": _refused("predicted outputs are not implemented"),
@@ -210,13 +216,20 @@ CHAT_FIELDS = dict(_BOTH, **{
 MESSAGE_FIELDS = {
     "role": IMPLEMENTED, "content": IMPLEMENTED,
     "name": _refused("Meta's chat formats have no participant names"),
-    "tool_calls": _refused("tool calls are not implemented", []),
-    "tool_call_id": _refused("tool calls are not implemented"),
-    "function_call": _refused("function calls are not implemented"),
+    "tool_calls": IMPLEMENTED,
+    "tool_call_id": Rule("ignored", "Meta's format gives a tool's results in order after the turn that called it, "
+                                    "without ids"),
+    "function_call": _refused("the deprecated function calls are not implemented; send `tool_calls`"),
     "refusal": _refused("a refusal text of an earlier answer cannot be given to these models"),
     "audio": _refused("this server reads text only"),
 }
 PART_FIELDS = {"type": IMPLEMENTED, "text": IMPLEMENTED}  # a text part of a message's content
+TOOL_FIELDS = {"type": IMPLEMENTED, "function": IMPLEMENTED}  # an entry of `tools`
+FUNCTION_FIELDS = {"name": IMPLEMENTED, "description": IMPLEMENTED, "parameters": IMPLEMENTED, "strict": IMPLEMENTED}
+CALL_FIELDS = {"id": IMPLEMENTED, "type": IMPLEMENTED, "function": IMPLEMENTED}  # an assistant message's tool call
+CALLED_FIELDS = {"name": IMPLEMENTED, "arguments": IMPLEMENTED}
+RESPONSE_FORMAT_FIELDS = {"type": IMPLEMENTED, "json_schema": IMPLEMENTED}
+JSON_SCHEMA_FIELDS = {"name": IMPLEMENTED, "description": IMPLEMENTED, "schema": IMPLEMENTED, "strict": IMPLEMENTED}
 STREAM_OPTION_FIELDS = {"include_usage": IMPLEMENTED}
 # vLLM's /tokenize and /detokenize, which lm-eval's `local-completions` uses for its tokenizer
 TOKENIZE_FIELDS = {
@@ -354,6 +367,9 @@ def _samples(body: dict, specs: List[SequenceSpec], limits: Limits, best_of: boo
 
 def _check_min_tokens(specs: List[SequenceSpec]) -> None:
     for spec in specs:
+        if spec.choosing.min_tokens and spec.grammar is not None:  # the grammar decides where the answer ends
+            raise invalid("'min_tokens' cannot be combined with a constrained answer (tool_choice, response_format, "
+                          "guided_*), whose grammar says where it may end.", "min_tokens")
         if spec.choosing.min_tokens > spec.max_tokens:
             raise invalid(f"'min_tokens' ({spec.choosing.min_tokens}) is more than the {spec.max_tokens} tokens this "
                           "answer may have (max_tokens, or the room the context leaves).", "min_tokens")
@@ -437,8 +453,9 @@ def parse_completion(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     echo = _bool(body, "echo")
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS, "likeliest alternatives per token")
     stop, ignore_eos, choosing = _stop(body), _bool(body, "ignore_eos"), _choosing(body, tokenizer)
+    grammar = _guided(body)
     sequences = _samples(body, [SequenceSpec(p, _room(p, limits, max_tokens, i), temperature, top_p, seed, stop,
-                                             logprobs, ignore_eos, echo, choosing=choosing)
+                                             logprobs, ignore_eos, echo, choosing=choosing, grammar=grammar)
                                 for i, p in enumerate(prompts)], limits, best_of=True)
     _check_min_tokens(sequences)
     # a text prompt: as it was sent
@@ -464,6 +481,169 @@ def _message_text(content: Any, index: int) -> str:
                   "messages")
 
 
+
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _tools(body: dict) -> List[Tool]:
+    """`tools`: OpenAI's function tools (a function named like one of Meta's built-in tools, brave_search,
+    wolfram_alpha, photogen or code_interpreter, is that tool, written in Meta's built-in form)."""
+    tools = body.get("tools", [])
+    if not isinstance(tools, list):
+        raise invalid(f"'tools' must be a list of tools, got {described(tools)}.", "tools")
+    out: List[Tool] = []
+    for i, entry in enumerate(tools):
+        if not isinstance(entry, dict):
+            raise invalid(f"tools[{i}] must be an object, got {described(entry)}.", "tools")
+        entry = given(entry, TOOL_FIELDS, f"tools[{i}]", "tools")
+        function = entry.get("function")
+        if entry.get("type") != "function" or not isinstance(function, dict):
+            raise invalid(f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}; this server '
+                          "has function tools only.", "tools")
+        function = given(function, FUNCTION_FIELDS, f"tools[{i}].function", "tools")
+        name, description = function.get("name"), function.get("description", "")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise invalid(f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -, got {described(name)}.",
+                          "tools")
+        if name in (t.name for t in out):
+            raise invalid(f"tools[{i}] repeats the name {name!r}; each tool needs its own.", "tools")
+        if not isinstance(description, str) or not isinstance(parameters, dict):
+            raise invalid(f"tools[{i}].function needs a string description and an object JSON schema as "
+                          f"parameters; got {described(description)} and {described(parameters)}.", "tools")
+        _bool(function, "strict")
+        out.append(Tool(name, description, parameters))
+    return out
+
+
+def _tool_choice(body: dict, tools: List[Tool]) -> Tuple[List[Tool], List[Tool], str]:
+    """(tools offered, tools a call is forced to, the system prompt's line for it) of `tool_choice`: "none"
+    offers nothing, "auto" lets the model choose, "required" and a named function force one call, by the
+    grammar of runtime/tools.call_schema. Strict functions need a forced call: only then is the schema enforced."""
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if isinstance(choice, dict):
+        choice = given(choice, TOOL_FIELDS, "'tool_choice'", "tool_choice")
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        named = [t for t in tools if t.name == name]
+        if choice.get("type") != "function" or not named:
+            raise invalid("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": "
+                          f"{{\"name\": ...}}}} naming one of the request's tools ({[t.name for t in tools]}); got "
+                          f"{described(body.get('tool_choice'))}.", "tool_choice")
+        return tools, named, NAMED_PROMPT.format(name)
+    if choice not in ("none", "auto", "required"):
+        raise invalid(f'\'tool_choice\' must be "none", "auto", "required" or a named function, got {described(choice)}.',
+                      "tool_choice")
+    if choice != "none" and not tools:
+        raise invalid(f"'tool_choice' is {choice!r}, but the request offers no 'tools'.", "tool_choice")
+    strict = [t.name for t, f in zip(tools, body.get("tools") or []) if f.get("function", {}).get("strict")]
+    if strict and choice != "required":
+        raise invalid(f"The tools {strict} are strict, but this server enforces a tool's schema only when a call is "
+                      "forced: send 'tool_choice' \"required\" or a named function, or leave 'strict' out.", "tools")
+    if choice == "required":
+        return tools, tools, REQUIRED_PROMPT
+    return (tools, [], "") if choice == "auto" else ([], [], "")
+
+
+def _response_format(body: dict) -> Optional[dict]:
+    """The JSON schema `response_format` asks the answer to match ({} for any JSON object), or None (text)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise invalid(f"'response_format' must be an object, got {described(fmt)}.", "response_format")
+    fmt = given(fmt, RESPONSE_FORMAT_FIELDS, "'response_format'", "response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        spec = given(fmt["json_schema"], JSON_SCHEMA_FIELDS, "'response_format.json_schema'", "response_format")
+        schema = spec.get("schema", {})
+        if not isinstance(spec.get("name"), str) or not isinstance(schema, dict):
+            raise invalid("'response_format.json_schema' needs a string 'name' and an object 'schema'.", "response_format")
+        return schema
+    raise invalid('\'response_format\' must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                  f'"json_schema": {{"name": ..., "schema": {{...}}}}}}; got {described(body.get("response_format"))}.',
+                  "response_format")
+
+
+def _grammar(schema: dict, param: str) -> str:
+    from ..runtime.grammar import schema_grammar
+
+    try:
+        return schema_grammar(schema)
+    except LlamaMPError as e:
+        raise invalid(f"{e} (in '{param}').", param) from None
+
+
+GUIDED = ("guided_json", "guided_regex", "guided_choice")
+
+
+def _guided(body: dict) -> Optional[str]:
+    """The grammar of vLLM's structured-output fields (at most one of them): `guided_json` a JSON schema,
+    `guided_regex` a regular expression the whole answer matches, `guided_choice` a list of strings the answer
+    is one of."""
+    from ..runtime.grammar import regex_grammar
+
+    asked = [name for name in GUIDED if name in body]
+    if len(asked) > 1:
+        raise invalid(f"{asked} each constrain the answer; send one of them.", asked[1])
+    if not asked:
+        return None
+    name, value = asked[0], body[asked[0]]
+    if name == "guided_json":
+        if not isinstance(value, dict):
+            raise invalid(f"'guided_json' must be a JSON schema (an object), got {described(value)}.", name)
+        return _grammar(value, name)
+    if name == "guided_choice":
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise invalid(f"'guided_choice' must be a non-empty list of non-empty strings, got {described(value)}.",
+                          name)
+        value = "(" + "|".join(re.escape(v) for v in value) + ")"
+    elif not isinstance(value, str) or not value:
+        raise invalid(f"'guided_regex' must be a regular expression (a string), got {described(value)}.", name)
+    try:
+        return regex_grammar(value)
+    except LlamaMPError as e:
+        raise invalid(f"{e} (in '{name}').", name) from None
+
+
+def _asking_for(dialog: List[dict], request: str, tokenizer: Tokenizer) -> List[dict]:
+    """`dialog` with `request` after it: llama-stack's last user message in Llama 3's format; in Llama 2's,
+    whose turns must alternate, the end of the last user message (after a blank line)."""
+    if tokenizer.family == "llama3":
+        return dialog + [{"role": "user", "content": request}]
+    return dialog[:-1] + [dict(dialog[-1], content=dialog[-1]["content"] + "\n\n" + request)]
+
+
+def _history_calls(calls: Any, index: int) -> List[ToolCall]:
+    """An assistant message's `tool_calls` (OpenAI's: arguments as a JSON text) as calls to write back."""
+    if not isinstance(calls, list):
+        raise invalid(f"messages[{index}].tool_calls must be a list, got {described(calls)}.", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"messages[{index}].tool_calls[{j}]"
+        if not isinstance(call, dict):
+            raise invalid(f"{where} must be an object, got {described(call)}.", "messages")
+        call = given(call, CALL_FIELDS, where, "messages")
+        function = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(function, dict):
+            raise invalid(f'{where} must be {{"type": "function", "function": {{"name": ..., "arguments": ...}}}}.',
+                          "messages")
+        function = given(function, CALLED_FIELDS, f"{where}.function", "messages")
+        name, arguments = function.get("name"), function.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            arguments = None
+        if not isinstance(name, str) or not isinstance(arguments, dict):
+            raise invalid(f"{where}.function needs a string name and arguments that are a JSON object in a string; "
+                          f"got {described(function)}.", "messages")
+        out.append(ToolCall(name, arguments, call.get("id") if isinstance(call.get("id"), str) else ""))
+    return out
+
+
 def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     """A /v1/chat/completions body as a Job, or an ApiError. The dialog follows Meta's rules (optional
     system message, then user/assistant turns ending with the user's) in the checkpoint family's format."""
@@ -481,7 +661,12 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
                           "messages")
         m = given(m, MESSAGE_FIELDS, f"messages[{i}]", "messages")
         role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for system
-        dialog.append({"role": role, "content": _message_text(m.get("content"), i)})
+        message = {"role": role, "content": _message_text(m.get("content", "" if "tool_calls" in m else None), i)}
+        if "tool_calls" in m:
+            if role != "assistant":
+                raise invalid(f"messages[{i}] has tool_calls, which only an assistant message has.", "messages")
+            message["tool_calls"] = _history_calls(m["tool_calls"], i)
+        dialog.append(message)
     try:
         check_dialog(dialog, 0)
     except LlamaMPError as e:
@@ -489,7 +674,26 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     if has_special_tags(dialog, tokenizer):
         raise invalid(UNSAFE_ERROR + " (The Llama 2 chat tags [INST], <<SYS>> would let text forge turns.)",
                       "messages")
-    prompt = encode_dialog(tokenizer, dialog)
+    offered, forced, choice_prompt = _tool_choice(body, _tools(body))
+    parallel = _bool(body, "parallel_tool_calls", True)
+    schema, grammar = _response_format(body), _guided(body)
+    if schema is not None and forced:
+        raise invalid("'response_format' asks for a JSON answer and 'tool_choice' for a tool call; send one of them.",
+                      "response_format")
+    if grammar is not None and (schema is not None or forced):
+        guided, other = next(n for n in GUIDED if n in body), "response_format" if schema is not None else "tool_choice"
+        raise invalid(f"'{guided}' and '{other}' each constrain the answer; send one of them.", guided)
+    if schema is not None:
+        grammar = _grammar(schema, "response_format")
+        if schema != {"type": "object"}:  # the model is told the schema as Meta's stack tells it
+            dialog = _asking_for(dialog, "Please respond in JSON format with the schema: " + json.dumps(schema),
+                                 tokenizer)
+    elif forced:
+        grammar = _grammar(call_schema(forced), "tools")
+    try:
+        prompt = encode_dialog(tokenizer, dialog, offered, limits.tool_format, choice_prompt)
+    except LlamaMPError as e:
+        raise invalid(str(e), "tools" if offered else "messages") from None
     max_tokens = _int(body, "max_tokens", None, 1, MAX_TOKENS, "tokens to generate")
     newer = _int(body, "max_completion_tokens", None, 1, MAX_TOKENS, "tokens to generate")  # OpenAI's newer name for max_tokens
     if newer is not None and max_tokens is not None and newer != max_tokens:
@@ -505,10 +709,11 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
         raise invalid("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
     spec = SequenceSpec(prompt, _room(prompt, limits, max_tokens, field=field), temperature, top_p, seed,
                         _stop(body), logprobs, _bool(body, "ignore_eos"), after_prompt=False,
-                        choosing=_choosing(body, tokenizer))
+                        choosing=_choosing(body, tokenizer), grammar=grammar)
     sequences = _samples(body, [spec], limits, best_of=False)
     _check_min_tokens(sequences)
-    return Job("chat", model, sequences, stream, _stream_options(body, stream))
+    return Job("chat", model, sequences, stream, _stream_options(body, stream), tools=offered,
+               parallel_tool_calls=parallel)
 
 
 def _object(body: Any, where: str) -> None:
@@ -599,6 +804,38 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def tool_calls(job: Job, text: str) -> List[dict]:
+    """The calls of a chat answer that offered tools, in OpenAI's shape (arguments as JSON text), read by
+    Meta's rules (runtime/tools.parse_calls); none when the text is no call, or calls a tool the request did
+    not offer (then the answer is text). Without parallel_tool_calls, the first call only."""
+    if not job.tools:
+        return []
+    _, calls = parse_calls(text)
+    if not calls or any(c.name not in {t.name for t in job.tools} for c in calls):
+        return []
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in (calls if job.parallel_tool_calls else calls[:1])]
+
+
+def streamed_calls(job: Job, index: int, calls: List[dict], finish_reason: str) -> List[dict]:
+    """The chunks' choices that stream `calls` as OpenAI does: per call its id, type and name with empty
+    arguments, then the arguments; the last with finish_reason "tool_calls"."""
+    pieces = []
+    for k, c in enumerate(calls):
+        head = {"index": k, "id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
+                                                                             "arguments": ""}}
+        pieces += [{"tool_calls": [head]}, {"tool_calls": [{"index": k, "function": {
+            "arguments": c["function"]["arguments"]}}]}]
+    out = [{"index": index, "delta": p, "logprobs": None, "finish_reason": None} for p in pieces]
+    out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": _call_finish(finish_reason)})
+    return out
+
+
+def _call_finish(finish_reason: Optional[str]) -> Optional[str]:
+    """A call's finish reason: "tool_calls" when the model ended it; "length" when max_tokens cut it."""
+    return "length" if finish_reason == "length" else "tool_calls"
+
+
 def choice(job: Job, index: int, text: str, finish_reason: Optional[str], logprobs: Optional[List[TokenLogprob]],
            delta: bool, first: bool = False, text_offset: int = 0) -> dict:
     """One entry of `choices`: a whole answer, or (delta) a streamed piece of it."""
@@ -607,6 +844,10 @@ def choice(job: Job, index: int, text: str, finish_reason: Optional[str], logpro
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
     lp = None if logprobs is None else _chat_logprobs(logprobs)
     if not delta:
+        calls = tool_calls(job, text) if finish_reason is not None else []
+        if calls:
+            return {"index": index, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                    "logprobs": lp, "finish_reason": _call_finish(finish_reason)}
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                 "finish_reason": finish_reason}
     piece = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})

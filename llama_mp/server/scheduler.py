@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +32,7 @@ import torch
 from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
+from ..runtime.grammar import Constraint
 from ..runtime.prefixes import PrefixCache, Row
 from ..runtime.sampling import RowSampling, make_generator
 from ..runtime.transfer import upload
@@ -175,6 +177,8 @@ class Generation:
     counts: Optional[torch.Tensor] = None
     ban: Optional[torch.Tensor] = None
     stop_ids: frozenset = frozenset()  # the ids that end it
+    constraint: Optional[Constraint] = None  # the grammar its answer must match (response_format, tool_choice)
+    answer: List[int] = field(default_factory=list)  # the tokens read back so far
     slot: Optional[int] = None
     row: Optional[Row] = None        # what its cache row holds (prefix caching), from its admission on
     cached: int = 0                  # the prompt tokens it did not prefill (a cached prefix)
@@ -223,6 +227,7 @@ class Scheduler:
         self.stepping = False                             # whether the main thread is inside a step
         self.steps, self.rows, self.step_s = 0, 0, 0.0  # for the summary at the end
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}  # sequences, by how they ended
+        self.grammar_thread: Optional[concurrent.futures.ThreadPoolExecutor] = None  # made at the first grammar
 
     # ------------------------------------------------------------------------------------------
     # The HTTP side (event loop thread)
@@ -248,7 +253,7 @@ class Scheduler:
                                    StopText(self.tokenizer, spec.stop, after, spec.logprobs is not None,
                                             spec.choosing.min_tokens),
                                    *self._choice_tensors(spec), frozenset(self._stops_of(spec)),
-                                   previous=spec.prompt_ids[-1]))
+                                   self._constraint(spec), previous=spec.prompt_ids[-1]))
         with self.lock:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise ApiError(503, f"The server is busy: its queue of {self.max_queue} waiting sequences is full. "
@@ -260,6 +265,13 @@ class Scheduler:
     def _stops_of(self, spec: SequenceSpec) -> set:
         """The ids that end `spec`: the tokenizer's stop tokens (unless ignore_eos) and its stop_token_ids."""
         return (set() if spec.ignore_eos else self.stop_ids) | set(spec.choosing.stop_token_ids)
+
+    def _constraint(self, spec: SequenceSpec) -> Optional[Constraint]:
+        """The grammar state of a constrained sequence, made here, off the loop (the grammar was checked
+        when the request was)."""
+        if spec.grammar is None:
+            return None
+        return Constraint(spec.grammar, self.tokenizer, sorted(self.stop_ids))
 
     def _choice_tensors(self, spec: SequenceSpec):
         """(bias, counts, ban) of a Generation, on the device: made once per sequence, here, off the loop."""
@@ -328,8 +340,9 @@ class Scheduler:
                 continue  # idle; releases wait for the next real step
             started = time.perf_counter()
             self.stepping = True
+            limits = self._limits_during_step()
             try:
-                result = self.batcher.run(plan, self._sampling_of)
+                result = self.batcher.run(plan, lambda slots: self._sampling_of(slots, limits))
             except BaseException as e:
                 if isinstance(e, PeerLostError) or peer_lost(e) is not None:
                     self.fail("rank 0 lost contact with another rank of the job (it died or stopped answering); "
@@ -342,6 +355,8 @@ class Scheduler:
                 raise
             finally:
                 self.stepping = False
+                if limits is not None:  # done before the tokens it read are delivered (or the loop fails)
+                    concurrent.futures.wait([limits])
             self.steps, self.rows = self.steps + 1, self.rows + len(result.slots)
             self.step_s += time.perf_counter() - started
             owners = dict(self.by_slot)
@@ -397,7 +412,7 @@ class Scheduler:
                     self.lock.wait(IDLE_WAIT_S)
                 return Plan()
             release, self.releases = tuple(self.releases), []
-            gather = any(seq.sampling.needs_logits for seq in self.by_slot.values())
+            gather = any(seq.constraint is not None or seq.sampling.needs_logits for seq in self.by_slot.values())
             return Plan(release, tuple(admit), gather)
 
     def _started(self) -> List[Generation]:
@@ -406,9 +421,50 @@ class Scheduler:
         in_flight = self.in_flight
         return list(self.by_slot.values()) + (list(in_flight[1].values()) if in_flight is not None else [])
 
-    def _sampling_of(self, slots: Sequence[int]) -> List[RowSampling]:
-        """Each row's settings, from its own request."""
-        return [self.by_slot[slot].sampling for slot in slots]
+    def _limits_during_step(self) -> Optional["concurrent.futures.Future"]:
+        """Start computing the constrained rows' limits for the step about to run, on a thread of their own,
+        while the step computes: each grammar takes the tokens chosen so far (the last from the step in
+        flight) and gives the ids it allows next (runtime/grammar.Constraint). None when no row is constrained."""
+        constrained = [seq for seq in self.by_slot.values() if seq.constraint is not None]
+        if not constrained:
+            return None
+        tokens = [seq.answer + self._in_flight_token(seq) for seq in constrained]
+
+        def compute():
+            out = {}
+            for seq, answer in zip(constrained, tokens):
+                seq.constraint.catch_up(answer)
+                out[id(seq)] = seq.constraint.limits(self.device)
+            return out
+
+        if self.grammar_thread is None:
+            self.grammar_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        return self.grammar_thread.submit(compute)
+
+    def _sampling_of(self, slots: Sequence[int], limits: Optional["concurrent.futures.Future"] = None
+                     ) -> List[RowSampling]:
+        """Each row's settings, from its own request; a constrained row's with the limits its grammar gives
+        (`limits`: their computation, started with the step)."""
+        computed = limits.result() if limits is not None else {}
+        rows = []
+        for slot in slots:
+            seq = self.by_slot[slot]
+            sampling = seq.sampling
+            if seq.constraint is not None:
+                allowed, banned = computed[id(seq)]
+                if banned is not None and sampling.ban is not None:
+                    banned = torch.cat((banned, sampling.ban))
+                sampling = replace(sampling, allowed=allowed, ban=banned if banned is not None else sampling.ban)
+            rows.append(sampling)
+        return rows
+
+    def _in_flight_token(self, seq: Generation) -> List[int]:
+        """The token the step in flight chose for `seq` (not read back yet), as a list of none or one: the
+        one read on the host before the step is (a constrained row's next mask depends on it)."""
+        if self.in_flight is None or self.in_flight[1].get(seq.slot) is not seq:
+            return []
+        result = self.in_flight[0]
+        return [int(result.choice.ids[result.slots.index(seq.slot)])]
 
     def _deliver(self, result: StepResult, owners: Dict[int, Generation]) -> None:
         """Hand a step's tokens to the sequences that were in its slots (`owners`) as events."""
@@ -436,6 +492,7 @@ class Scheduler:
         if spec.max_tokens == 0:  # nothing to generate: the prompt (echoed, scored) is the whole answer
             return self._finish(seq, Piece("", [] if spec.logprobs is not None else None, False), "length")
         seq.generated += 1  # a stop token too: it was generated, and counts in `usage` (as OpenAI's does)
+        seq.answer.append(token)
         entry_of = None
         if spec.logprobs is not None:
             n, previous, logprob = spec.logprobs, seq.previous, host.logprobs[row]
