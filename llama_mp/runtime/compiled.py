@@ -98,13 +98,17 @@ class CompiledDecoder(StaticDecoder):
     # ------------------------------------------------------------------------------------------
     # Load: pack, compile, warm up
 
+    def pack(self, model: "Transformer") -> None:
+        """Bring the loaded quantized matrices into the packed kernels' formats (once, at load)."""
+        for projection in _projections(model):
+            if isinstance(projection, (PackedInt8Projection, PackedInt4Projection)):
+                projection.pack()
+
     def start(self, model: "Transformer") -> None:
         """Pack quantized matrices, then compile and run every bucket once (twice on CUDA: the first run
         warms up, the second records the CUDA graph). Every rank runs the same buckets in the same order,
         so their collectives meet."""
-        for projection in _projections(model):
-            if isinstance(projection, (PackedInt8Projection, PackedInt4Projection)):
-                projection.pack()
+        self.pack(model)
         if self.cuda_graphs:
             for tensor in _step_tensors(model):  # read in place by the graphs, never copied into them
                 torch._dynamo.mark_static_address(tensor)
@@ -190,20 +194,31 @@ class PackedInt4Projection(QuantizedProjection):
     """int4 groups through torch's tinygemm kernels: `_weight_int4pack_mm` on CUDA (bfloat16 activations),
     `_weight_int4pack_mm_for_cpu` on a CPU, both computing `(q - 8) * scale + zero` per group, which with
     zero 0 is exactly this project's symmetric `q * scale` (stored as q + 8). `pack` (at load) converts the
-    loaded nibbles into the kernel's tiles (`packed`, as many bytes as the stored matrix, which it then
-    replaces: the holders' `weight` views keep the loaded layout only until then) and the scales into its
-    [in / group_size, out, 2] scale-and-zero table in the activation dtype."""
+    loaded nibbles into the kernel's tiles, as many bytes as the stored matrix, written over it in place
+    (`packed` is a view of `storage`: the holders' `weight` views then hold the kernel's layout, not the
+    checkpoint's), and the scales into its [in / group_size, out, 2] scale-and-zero table in the
+    activation dtype (`scale_and_zero`, the one tensor this path adds)."""
 
     def pack(self) -> None:
         q = unpack_int4(self.storage).to(torch.int32) + 8                        # [out, in], 0..15
         if self.storage.device.type == "cuda":
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)               # [out, in / 2]
-            self.packed = torch._convert_weight_to_int4pack(nibbles, INT4_INNER_K_TILES)
+            del q
+            tiles = torch._convert_weight_to_int4pack(nibbles, INT4_INNER_K_TILES)
+            del nibbles
+            self.packed = self.storage.view(torch.int32).view(tiles.shape).copy_(tiles)
         else:
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
-        del q
+            tiles = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+            del q
+            self.packed = self.storage.view(tiles.dtype).view(tiles.shape).copy_(tiles)
+        del tiles
         scales = self.scales.to(self.dtype).t()                                  # [in / g, out]
         self.scale_and_zero = torch.stack((scales, torch.zeros_like(scales)), dim=-1).contiguous()
+
+    def matrix(self) -> torch.Tensor:
+        """The dequantised weights [out, in] in the activation dtype (a new tensor), read back through the
+        kernel (the tiles are its own layout): the products of the identity."""
+        return self(torch.eye(self.in_features, dtype=self.dtype, device=self.packed.device)).t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
