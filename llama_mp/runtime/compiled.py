@@ -71,6 +71,8 @@ class CompiledDecoder(StaticDecoder):
     `warmup_s` is the time `start` took to compile (and on CUDA capture) every bucket, `graphs` how many
     there are; a later load with the same TORCHINDUCTOR_CACHE_DIR reuses inductor's compiled kernels."""
 
+    packs_quantized = True
+
     def __init__(self, float_projection: Optional[Type[Projection]] = None, steps_per_stop_check: int = 1,
                  device_type: str = "cpu"):
         super().__init__(float_projection, steps_per_stop_check)
@@ -197,7 +199,12 @@ class PackedInt4Projection(QuantizedProjection):
     loaded nibbles into the kernel's tiles, as many bytes as the stored matrix, written over it in place
     (`packed` is a view of `storage`: the holders' `weight` views then hold the kernel's layout, not the
     checkpoint's), and the scales into its [in / group_size, out, 2] scale-and-zero table in the
-    activation dtype (`scale_and_zero`, the one tensor this path adds)."""
+    activation dtype (`scale_and_zero`, the one tensor this path adds; with bfloat16 activations the
+    loaded scales are dropped for views of its scales, so it adds only the zeros)."""
+
+    def __init__(self, holders: Sequence[nn.Module], dtype: torch.dtype, device: torch.device, scheme: Scheme):
+        super().__init__(holders, dtype, device, scheme)
+        self.holders = list(holders)
 
     def pack(self) -> None:
         q = unpack_int4(self.storage).to(torch.int32) + 8                        # [out, in], 0..15
@@ -214,6 +221,13 @@ class PackedInt4Projection(QuantizedProjection):
         del tiles
         scales = self.scales.to(self.dtype).t()                                  # [in / g, out]
         self.scale_and_zero = torch.stack((scales, torch.zeros_like(scales)), dim=-1).contiguous()
+        if self.scales.dtype == self.dtype:  # bfloat16 activations: the table's scales replace the loaded ones
+            self.scales = self.scale_and_zero[..., 0].t()                         # [out, in / g], a view
+            start = 0
+            for holder in self.holders:
+                rows = holder.scales.shape[0]
+                holder.scales = nn.Parameter(self.scales[start:start + rows], requires_grad=False)
+                start += rows
 
     def matrix(self) -> torch.Tensor:
         """The dequantised weights [out, in] in the activation dtype (a new tensor), read back through the

@@ -45,6 +45,8 @@ class Decoder:
     # How many decode steps `generate` runs between checks that every row has stopped (the one host read
     # of its loop): `steps_per_stop_check_for` the device, which `choose_decoder` passes.
     steps_per_stop_check: int = 1
+    # Whether quantized matrices multiply through packed kernels (no dequantised matrix): `plan`'s memory.
+    packs_quantized: bool = False
 
     def __init__(self, float_projection: Optional[Type[Projection]] = None, steps_per_stop_check: int = 1):
         self.float_projection = float_projection  # None: the choice for the device it is materialized on
