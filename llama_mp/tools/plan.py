@@ -21,11 +21,18 @@ from ..errors import LlamaMPError
 from ..quant.scheme import DEFAULT_INT4_GROUP_SIZE, Scheme, parse_scheme
 from ..runtime.footprint import CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, estimate, largest
 
+_estimate = estimate
+
 __all__ = ["CUDA_CONTEXT_BYTES", "GIB", "estimate", "make_plan", "model_args", "plan_to_text"]
 
 
-def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, budget: int) -> List[Dict]:
-    """What would fit in `budget` bytes per GPU: fewer/more ranks, a smaller batch or sequence, a dtype."""
+def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, budget: int,
+                 packed: bool = False) -> List[Dict]:
+    """What would fit in `budget` bytes per GPU: fewer/more ranks, a smaller batch or sequence, a dtype
+    (`packed`: quantized products through the packed kernels, as `--decoder compiled` runs them)."""
+    def estimate(*a, **k):
+        return _estimate(*a, packed=packed, **k)
+
     def ok(**change) -> bool:
         setting = {"ranks": ranks, "dtype": dtype, "batch": batch, "seq": seq, **change}
         return estimate(args, **setting).total <= budget
@@ -89,10 +96,16 @@ def quantized_args(args: ModelArgs, name: str, quantize: Optional[str], group_si
 
 def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: str = "bfloat16",
               max_seq_len: int = 512, max_batch_size: int = 4, quantize: Optional[str] = None,
-              group_size: Optional[int] = None) -> Dict:
+              group_size: Optional[int] = None, decoder: str = "auto") -> Dict:
     """The whole answer as a dict (what --json prints): estimate, verdict, reason and options. `args` of a
-    quantized checkpoint carry its scheme; `quantize` (and `group_size`) plan a float one quantized."""
+    quantized checkpoint carry its scheme; `quantize` (and `group_size`) plan a float one quantized;
+    `decoder` "compiled" plans its packed quantized products (the others dequantise)."""
+    from ..runtime.decode import DECODERS
+
     parse_dtype(dtype)  # a known name, or a LlamaMPError listing them
+    if decoder not in DECODERS:
+        raise LlamaMPError(f"Unknown --decoder {decoder!r}; use one of {', '.join(DECODERS)}.")
+    packed = decoder == "compiled"
     args = quantized_args(args, name, quantize, group_size)
     for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
         require_int(flag, value, low)
@@ -101,7 +114,7 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
     layout.require_split(args, gpus, name, "GPU")
     valid = layout.valid_world_sizes(args)
     budget = int(gpu_mem_gb * GIB)
-    est = estimate(args, gpus, dtype, max_batch_size, max_seq_len)
+    est = estimate(args, gpus, dtype, max_batch_size, max_seq_len, packed=packed)
     fits = est.total <= budget
     if fits:
         reason = f"{est.total / GIB:.2f} GiB per rank of {gpu_mem_gb:g} GiB, {(budget - est.total) / GIB:.2f} GiB spare"
@@ -120,7 +133,7 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
                                                     if k not in ("ranks", "dtype", "batch", "seq")},
                                                  "total": est.total},
         "fits": fits, "reason": reason, "valid_gpu_counts": valid, "local_kv_heads": layout.local_kv_heads(args, gpus),
-        "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget),
+        "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget, packed),
         "gpus_the_weights_need": gpus_the_weights_need(args, dtype, budget),
     }
 
