@@ -74,7 +74,7 @@ def static_and_compiled(ckpt_dir, tokenizer_path):
 
 @pytest.mark.spawn
 def test_compiled_step_decodes_the_eager_static_steps_ids_on_two_ranks(make_checkpoint, tokenizer_path):
-    ckpt_dir, _, _ = make_checkpoint(shards=2, n_kv_heads=2, seed=3)
+    ckpt_dir, _, _ = make_checkpoint(shards=2, n_kv_heads=2, n_layers=1, seed=3)
     per_rank = run_ranks(2, static_and_compiled, ckpt_dir, tokenizer_path, timeout=400)
     for rank, results in enumerate(per_rank):
         greedy, sampled, batched, after, graphs = results["compiled"]
