@@ -94,7 +94,10 @@ def test_a_compile_failure_is_one_message_naming_the_pytorch_decoder(monkeypatch
     from llama_mp.runtime import compiled
 
     def fails(*args, **kwargs):
-        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmany lines of compiler output")
+        raise torch._dynamo.exc.TorchDynamoException("CppCompileError: C++ compile error\nmany lines of output")
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer")
 
     decoder = compiled.CompiledDecoder()
     decoder.compiled = fails
@@ -103,6 +106,9 @@ def test_a_compile_failure_is_one_message_naming_the_pytorch_decoder(monkeypatch
     message = str(raised.value)
     assert "--decoder pytorch" in message and "2 cache row(s) and 16 positions" in message
     assert "CppCompileError" in message and "many lines" not in message
+    decoder.compiled = lost  # a collective's failure inside a step is not a compile failure
+    with pytest.raises(RuntimeError, match="Connection closed"):
+        decoder._run(None, torch.zeros((2, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.long), 16)
 
 
 def test_buckets_cover_every_step():

@@ -26,6 +26,8 @@ import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 from torch import nn
 
 from ..errors import LlamaMPError
@@ -33,10 +35,13 @@ from ..quant.scheme import Scheme, unpack_int4
 from .decode import SPAN_BUCKET_MIN, StaticDecoder
 from .model import CacheRows
 from .projection import Projection, QuantizedProjection
+from .transfer import upload
 
 if TYPE_CHECKING:
     from .model import Transformer
 
+# What tracing and compiling raise (graph breaks under fullgraph, inductor and C++ compiler failures).
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
 # The int4 kernels' tile depth (torch's innerKTiles: 2, 4 or 8; inputs must be a multiple of 16 x it).
 INT4_INNER_K_TILES = 2
 
@@ -136,9 +141,7 @@ class CompiledDecoder(StaticDecoder):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         try:
             return self.compiled(model, tokens, positions, span)
-        except LlamaMPError:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever inductor or dynamo raises, the user gets one paragraph
+        except COMPILE_ERRORS as e:  # what dynamo and inductor raise; a collective's failure passes as it is
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise LlamaMPError(
                 f"--decoder compiled could not compile the decode step for {tokens.shape[0]} cache row(s) and "
@@ -164,7 +167,7 @@ class CompiledDecoder(StaticDecoder):
         # read on the host, where the callers keep them: the bucket and the span
         count, span = self.bucket(model, int(slots.max()) + 1), self.span(model, int(positions.max()))
         device = tokens.device
-        return self.padded_step(model, tokens, slots.to(device), positions.to(device), span, count)
+        return self.padded_step(model, tokens, upload(slots, device), upload(positions, device), span, count)
 
     def block_step(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor,
                    span: int) -> torch.Tensor:
