@@ -23,6 +23,7 @@ dequantised matrix is ever made. A compile failure is a LlamaMPError naming `--d
 from __future__ import annotations
 
 import time
+import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
@@ -125,7 +126,11 @@ class CompiledDecoder(StaticDecoder):
         begin = time.perf_counter()
         device = model.cache_positions.device
         with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=len(self.buckets) + 1,
-                                                                 accumulated_recompile_limit=len(self.buckets) + 64):
+                                                                 accumulated_recompile_limit=len(self.buckets) + 64), \
+                warnings.catch_warnings():
+            # The rotary product is complex (model.apply_rotary): inductor runs that one operator as aten's
+            # own kernel inside the graph and says so once per graph; known, and no reason to alarm anyone.
+            warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
             for rows, span in self.buckets:
                 tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
                 positions = torch.full((rows, 1), model.max_seq_len - 1, dtype=torch.long, device=device)
