@@ -126,6 +126,20 @@ def test_buckets_cover_every_step():
     assert [CompiledDecoder().bucket(Model, rows) for rows in range(1, 7)] == [1, 2, 4, 4, 6, 6]
 
 
+def test_bench_shows_the_compile_time_apart_from_load_and_speed():
+    from llama_mp.tools.bench import format_report
+
+    report = {"model": "m", "parameters": 1e6, "dtype": "float32", "weights": "unquantized", "ranks": 1,
+              "device": "cpu", "threads": 1, "batch": 1, "prompt_len": 8, "new_tokens": 8, "decoding": "greedy",
+              "load_s": 21.2, "compile_s": 14.4, "compiled_graphs": 2, "prefill_tok_s": 1.0, "decode_tok_s": 75.0,
+              "ms_per_token": 13.3, "decode_path": "PyTorch, compiled (inductor C++)",
+              "peak_memory_per_rank_gib": [0.1], "weight_bytes_per_token_per_rank": 1e6,
+              "achieved_gb_s_per_rank": 1.0, "read_gb_s_per_rank": 2.0, "bandwidth_fraction": 0.5}
+    text = format_report(report)
+    assert "21.20 s, of which compiling and warming up 2 graphs 14.40 s" in text
+    assert "75.0 tok/s (13.30 ms/token), PyTorch, compiled" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # Packed quantized products
 
