@@ -73,8 +73,10 @@ class Collectives:
 
     def _traced_sum(self, x: torch.Tensor) -> torch.Tensor:
         """`all_sum` as functional collectives, which torch.compile traces into its graph (NCCL then runs
-        inside a CUDA graph): the same primitives and additions as eager (a gather and a sum in rank
-        order on gloo for small tensors, an all-reduce otherwise), so the results are the same bits."""
+        inside a CUDA graph): the same primitives as eager (on gloo a gather of every rank's part and a
+        local sum over them for small tensors, an all-reduce otherwise), through gloo or NCCL itself
+        rather than the shared-memory exchange. Every rank runs the same compiled sum over the same
+        parts, so the ranks still hold bit-identical results."""
         group = self.group if self.group is not None else dist.group.WORLD
         if self.gloo and x.numel() <= GATHER_SUM_MAX_NUMEL:
             parts = funcol.all_gather_tensor(x.contiguous(), 0, group)
