@@ -215,16 +215,19 @@ class PackedInt4Projection(QuantizedProjection):
         self.holders = list(holders)
 
     def pack(self) -> None:
-        q = unpack_int4(self.storage).to(torch.int32) + 8                        # [out, in], 0..15
-        if self.storage.device.type == "cuda":
-            nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)               # [out, in / 2]
+        # At most 6 bytes a weight at once (footprint.py counts it): int8 values, then int32 ones on a CPU.
+        q = unpack_int4(self.storage).add_(8).view(torch.uint8)                  # [out, in], 0..15
+        if self.storage.device.type == "cuda":  # the kernel's input: two per byte, the even input high
+            nibbles = q[:, ::2].bitwise_left_shift(4).bitwise_or_(q[:, 1::2])     # [out, in / 2]
             del q
             tiles = torch._convert_weight_to_int4pack(nibbles, INT4_INNER_K_TILES)
             del nibbles
             self.packed = self.storage.view(torch.int32).view(tiles.shape).copy_(tiles)
-        else:
-            tiles = torch._convert_weight_to_int4pack_for_cpu(q, INT4_INNER_K_TILES)
+        else:  # the kernel's input: one int32 per value
+            values = q.to(torch.int32)
             del q
+            tiles = torch._convert_weight_to_int4pack_for_cpu(values, INT4_INNER_K_TILES)
+            del values
             self.packed = self.storage.view(tiles.dtype).view(tiles.shape).copy_(tiles)
         del tiles
         scales = self.scales.to(self.dtype).t()                                  # [in / g, out]

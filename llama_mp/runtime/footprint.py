@@ -93,11 +93,11 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     elif args.scheme is not None:
         shard = layout.shard_shapes(one_layer.with_scheme(None), ranks)  # the float shapes [out, in]
         weights += args.n_layers * _packed_extra(args, shard, dtype) + shard["output.weight"][0] * size
-        if args.scheme.mode == "int4":  # repacking one matrix at load: its values as int8 and int32, the tiles
-            largest_rows, inputs = max((shard[f"layers.0.{k}.weight"][0] * (2 if k == "feed_forward.w1" else 1),
-                                        shard[f"layers.0.{k}.weight"][1])
-                                       for k in ("attention.wq", "feed_forward.w1", "feed_forward.w2"))
-            activations = max(activations, largest_rows * inputs * (1 + 4 + 1))
+        if args.scheme.mode == "int4":  # repacking one (fused) matrix at load: its values as int8 and int32
+            qkv = sum(shard[f"layers.0.attention.{k}.weight"][0] for k in ("wq", "wk", "wv")) * args.dim
+            gate_up = 2 * math.prod(shard["layers.0.feed_forward.w1.weight"])
+            down, out = (math.prod(shard[f"layers.0.{k}.weight"]) for k in ("feed_forward.w2", "attention.wo"))
+            activations = max(activations, max(qkv, gate_up, down, out) * (1 + 4 + 1))
     return Estimate(ranks, dtype, batch, seq, weights, kv_cache, cuda_context, logits, activations)
 
 
