@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from .model import Transformer
 
 # What tracing and compiling raise (graph breaks under fullgraph, inductor and C++ compiler failures).
-COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit,
+                  torch._inductor.exc.CppCompileError)
 # The int4 kernels' tile depth (torch's innerKTiles: 2, 4 or 8; inputs must be a multiple of 16 x it).
 INT4_INNER_K_TILES = 2
 
@@ -125,9 +126,11 @@ class CompiledDecoder(StaticDecoder):
         self.compiled = torch.compile(_bucket_step, fullgraph=True, dynamic=False, mode=self.mode)
         begin = time.perf_counter()
         device = model.cache_positions.device
-        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=len(self.buckets) + 1,
-                                                                 accumulated_recompile_limit=len(self.buckets) + 64), \
-                warnings.catch_warnings():
+        # Room for every bucket (and another model's in this process); past it dynamo would run the step
+        # eagerly without a word, so there it fails instead.
+        limits = dict(recompile_limit=len(self.buckets) + 8, accumulated_recompile_limit=len(self.buckets) + 256,
+                      fail_on_recompile_limit_hit=True)
+        with torch.inference_mode(), torch._dynamo.config.patch(**limits), warnings.catch_warnings():
             # The rotary product is complex (model.apply_rotary): inductor runs that one operator as aten's
             # own kernel inside the graph and says so once per graph; known, and no reason to alarm anyone.
             warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
