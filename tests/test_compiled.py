@@ -232,3 +232,18 @@ def test_packed_model_logits_match_the_dequantising_decoder(make_checkpoint, tok
     added = (estimate(model.args, 1, dtype, 1, 16, packed=True).weights
              - estimate(model.args, 1, dtype, 1, 16).weights)
     assert added == _packed_bytes(model) > 0
+
+
+def test_what_the_gpus_int4_kernel_cannot_take_is_refused_at_load_with_what_to_do():
+    from llama_mp.errors import LlamaMPError
+    from llama_mp.quant.scheme import Scheme
+    from llama_mp.runtime.compiled import CompiledDecoder, int4_pack_problem
+    from llama_mp.runtime.decode import choose_decoder
+
+    cuda = torch.device("cuda")  # only decided here, nothing allocated
+    with pytest.raises(LlamaMPError, match="bfloat16 activations, not float16; use --dtype bfloat16, or --decoder pytorch"):
+        choose_decoder("compiled", cuda, torch.float16, Scheme("int4", 32))
+    assert isinstance(choose_decoder("compiled", cuda, torch.bfloat16, Scheme("int4", 32)), CompiledDecoder)
+    assert "multiple of 8 outputs" in int4_pack_problem(64, 12, cuda, torch.bfloat16)
+    assert int4_pack_problem(64, 16, cuda, torch.bfloat16) is None and int4_pack_problem(64, 12, torch.device("cpu"),
+                                                                                          torch.float32) is None
