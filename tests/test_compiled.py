@@ -175,13 +175,15 @@ def test_packed_products_equal_the_dequantised_reference(mode, group_size, dtype
     scheme = Scheme(mode, group_size)
     kind = PackedInt8Projection if mode == "int8" else PackedInt4Projection
     projection, reference = _projection(kind, scheme, 96, 256, dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: its own rounding of x and of y
+    matrix = projection.matrix()  # read back through the kernel (int4) or dequantised (int8)
+    assert (matrix.double() - reference.double()).abs().max() <= tolerance * reference.abs().max()
     x = torch.randn(3, 2, 256, generator=torch.Generator().manual_seed(1))
     for rows in (x[:1, :1], x):  # one row (decoding) and several (a prompt)
         y = projection(rows.to(dtype))
         expected = rows.double() @ reference.double().T
         assert y.dtype == dtype and y.shape == (*rows.shape[:-1], 96)
         scale = expected.abs().max()
-        tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: its own rounding of x and of y
         assert (y.double() - expected).abs().max() <= tolerance * scale
 
 

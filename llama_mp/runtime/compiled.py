@@ -1,7 +1,7 @@
 """The `compiled` decoder: the static decode step (decode.py's StaticDecoder) compiled whole.
 
 `torch.compile(fullgraph=True, dynamic=False)` of `Transformer.step` over a block of cache rows: on CUDA
-in mode "reduce-overhead" (each graph captured as a CUDA graph, so a decode step is one launch), on a CPU
+in mode "reduce-overhead" (each graph captured as a CUDA graph, so a step's layers are one replay), on a CPU
 with inductor's default C++ backend, which is how the CPU suite checks the same compiled code. The
 tensor-parallel sums inside the step are traced as functional collectives
 (`Collectives.all_sum` under `torch.compiler.is_compiling()`), so they are nodes of the graph: NCCL inside
@@ -198,7 +198,7 @@ class PackedInt8Projection(QuantizedProjection):
         self.packed_scales = self.scales.to(self.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = x.reshape(-1, self.in_features).contiguous()  # the kernels take contiguous rows
         y = torch._weight_int8pack_mm(rows, self.storage, self.packed_scales)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -249,7 +249,7 @@ class PackedInt4Projection(QuantizedProjection):
         return self(torch.eye(self.in_features, dtype=self.dtype, device=self.packed.device)).t()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = x.reshape(-1, self.in_features).contiguous()  # the kernels take contiguous rows
         if self.packed.device.type == "cuda":
             y = torch._weight_int4pack_mm(rows, self.packed, self.scheme.group_size, self.scale_and_zero)
         else:
