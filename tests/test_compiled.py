@@ -249,3 +249,18 @@ def test_what_the_gpus_int4_kernel_cannot_take_is_refused_at_load_with_what_to_d
     assert "multiple of 8 outputs" in int4_pack_problem(64, 12, cuda, torch.bfloat16)
     assert int4_pack_problem(64, 16, cuda, torch.bfloat16) is None and int4_pack_problem(64, 12, torch.device("cpu"),
                                                                                           torch.float32) is None
+
+
+def test_plan_counts_the_packed_products_of_the_compiled_decoder():
+    from llama_mp.checkpoints.params import load_preset
+    from llama_mp.errors import LlamaMPError
+    from llama_mp.tools.plan import make_plan
+
+    args = load_preset("llama-3.1-8b")[0]
+    plans = {d: make_plan(args, "8b", 1, 80, "bfloat16", 2048, 1, "int4", 32, d)["per_rank"] for d in ("auto", "compiled")}
+    # no dequantised matrix at run time (the repacking's transient at load is less), one more bfloat16 per group
+    assert plans["compiled"]["activations"] < plans["auto"]["activations"]
+    groups = 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096) // 32
+    assert plans["compiled"]["weights"] - plans["auto"]["weights"] == 2 * groups + 2 * 128256
+    with pytest.raises(LlamaMPError, match="Unknown --decoder 'fast'"):
+        make_plan(args, "8b", 1, 80, decoder="fast")

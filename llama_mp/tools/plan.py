@@ -9,6 +9,7 @@ The verdict is a planning aid with a margin of a few hundred MiB, not a guarante
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Dict, List, Optional
 
@@ -21,8 +22,6 @@ from ..errors import LlamaMPError
 from ..quant.scheme import DEFAULT_INT4_GROUP_SIZE, Scheme, parse_scheme
 from ..runtime.footprint import CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, estimate, largest
 
-_estimate = estimate
-
 __all__ = ["CUDA_CONTEXT_BYTES", "GIB", "estimate", "make_plan", "model_args", "plan_to_text"]
 
 
@@ -30,38 +29,37 @@ def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, 
                  packed: bool = False) -> List[Dict]:
     """What would fit in `budget` bytes per GPU: fewer/more ranks, a smaller batch or sequence, a dtype
     (`packed`: quantized products through the packed kernels, as `--decoder compiled` runs them)."""
-    def estimate(*a, **k):
-        return _estimate(*a, packed=packed, **k)
+    counted = functools.partial(estimate, packed=packed)
 
     def ok(**change) -> bool:
         setting = {"ranks": ranks, "dtype": dtype, "batch": batch, "seq": seq, **change}
-        return estimate(args, **setting).total <= budget
+        return counted(args, **setting).total <= budget
 
     options = []
     fewest = next((n for n in layout.valid_world_sizes(args) if ok(ranks=n)), None)
     if fewest is not None and fewest != ranks:
         options.append({"change": "ranks", "ranks": fewest,
-                        "total_bytes": estimate(args, fewest, dtype, batch, seq).total})
+                        "total_bytes": counted(args, fewest, dtype, batch, seq).total})
     if batch > 1:
         b = largest(lambda x: ok(batch=x), batch - 1)
         if b:
             options.append({"change": "batch", "max_batch_size": b,
-                            "total_bytes": estimate(args, ranks, dtype, b, seq).total})
+                            "total_bytes": counted(args, ranks, dtype, b, seq).total})
     if seq > 2:
         s = largest(lambda x: ok(seq=x), seq - 1, lower=2)
         if s:
             s = s - s % 64 if s >= 64 else s  # a round number is easier to pass on
             options.append({"change": "seq", "max_seq_len": s,
-                            "total_bytes": estimate(args, ranks, dtype, batch, s).total})
+                            "total_bytes": counted(args, ranks, dtype, batch, s).total})
     for other in DTYPE_BYTES:
         if DTYPE_BYTES[other] < DTYPE_BYTES[dtype] and ok(dtype=other):
             options.append({"change": "dtype", "dtype": other,
-                            "total_bytes": estimate(args, ranks, other, batch, seq).total})
+                            "total_bytes": counted(args, ranks, other, batch, seq).total})
     if args.scheme is None:  # a float model: the first scheme that fits (an already-quantized one stays as it is)
         for scheme in (Scheme("int8"), Scheme("int4", DEFAULT_INT4_GROUP_SIZE)):
             smaller = args.with_scheme(scheme)
             if layout.scheme_problem(args, scheme) is None and ranks in layout.valid_world_sizes(smaller):
-                total = estimate(smaller, ranks, dtype, batch, seq).total
+                total = counted(smaller, ranks, dtype, batch, seq).total
                 if total <= budget:
                     options.append({"change": "quantize", "quantization": scheme.to_json(), "total_bytes": total})
                     break
