@@ -20,6 +20,7 @@ def test_bench_reports_speed_memory_and_bandwidth_as_json(llama_mp_command):
                 "achieved_gb_s_per_rank", "read_gb_s_per_rank"):
         assert report[key] and all(v > 0 for v in (report[key] if isinstance(report[key], list) else [report[key]]))
     assert report["decode_path"] == ("C kernels" if cpu_kernels.library() is not None else "PyTorch")
+    assert report["compiled_graphs"] == 0 and report["compile_s"] == 0  # only --decoder compiled compiles
     assert report["ranks"] == 1 and report["parameters"] == 2 * 512 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 192 + 128) + 64
 
 

@@ -179,7 +179,7 @@ def quantize(src: str, dst: str, mode: str, group_size: Optional[int] = None, mp
 
 def plan(gpus: int, gpu_mem_gb: float, ckpt_dir: Optional[str] = None, model: Optional[str] = None,
          dtype: str = "bfloat16", max_seq_len: int = 512, max_batch_size: int = 4, json: bool = False,
-         quantize: Optional[str] = None, group_size: Optional[int] = None) -> None:
+         quantize: Optional[str] = None, group_size: Optional[int] = None, decoder: str = "auto") -> None:
     """Say whether a model fits on --gpus N GPUs of --gpu_mem_gb G GiB each, and if not, what would.
 
     The model is --ckpt_dir DIR (a Meta checkpoint; only its headers are read) or --model NAME, a preset:
@@ -192,13 +192,14 @@ def plan(gpus: int, gpu_mem_gb: float, ckpt_dir: Optional[str] = None, model: Op
     not the model fits (read "fits" in the JSON); exits 2 for bad input (e.g. a GPU count that cannot
     split the model, with the valid counts). A quantized checkpoint (`llama-mp quantize`) is planned as
     stored; --quantize int8|int4 [--group_size N] plans a float one quantized while loading (layer weights
-    per the scheme, output layer int8, embedding and norms in --dtype).
+    per the scheme, output layer int8, embedding and norms in --dtype). --decoder compiled plans the
+    quantized products as that decoder runs them (packed kernels, no dequantised matrix).
     """
     from ..tools.plan import make_plan, model_args, plan_to_text
 
     name, args = model_args(ckpt_dir, model)
     print(plan_to_text(make_plan(args, name, gpus, gpu_mem_gb, str(dtype), max_seq_len, max_batch_size,
-                                 quantize, group_size), json))
+                                 quantize, group_size, decoder), json))
 
 
 def perplexity(ckpt_dir: str, tokenizer_path: str, text: str, window: Optional[int] = None,

@@ -145,8 +145,9 @@ def text_completion(
     strings for several: --prompts '["a, b", "c"]'. Other JSON lists and JSON objects are refused (wrap
     such text in a JSON list to send it as a prompt); built-in examples if --prompts is absent. With one
     prompt and without --json, text is streamed as it is generated. --json prints one JSON object per
-    prompt: {"prompt", "generation", "token_ids"[, "logprobs"]}. --decoder pytorch|static|cpu_kernels picks how
-    decode steps run (auto: the CPU kernels where they can run). If stdout's reader goes away
+    prompt: {"prompt", "generation", "token_ids"[, "logprobs"]}. --decoder
+    pytorch|static|compiled|cpu_kernels picks how decode steps run (auto: the CPU kernels where they can
+    run; compiled: the static step compiled whole at load, CUDA graphs on a GPU). If stdout's reader goes away
     (`| head -1`), the job stops writing and exits 0 without a message.
 
     Values: --temperature 0 (greedy) or a number from 0.001 to 100 (below, float32 logits overflow; above,

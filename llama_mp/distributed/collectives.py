@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from .shm import SharedMemoryExchange
 
@@ -62,11 +63,25 @@ class Collectives:
         """Sum of `x` over all ranks, on every rank (the row-parallel reduction)."""
         if self.world_size == 1:
             return x
+        if torch.compiler.is_compiling():  # inside a compiled step (runtime/compiled.py): graph nodes
+            return self._traced_sum(x)
         if self.gloo and x.numel() <= GATHER_SUM_MAX_NUMEL:
             return self._stacked(x).sum(dim=0)
         x = x.contiguous()
         dist.all_reduce(x, group=self.group)
         return x
+
+    def _traced_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`all_sum` as functional collectives, which torch.compile traces into its graph (NCCL then runs
+        inside a CUDA graph): the same primitives as eager (on gloo a gather of every rank's part and a
+        local sum over them for small tensors, an all-reduce otherwise), through gloo or NCCL itself
+        rather than the shared-memory exchange. Every rank runs the same compiled sum over the same
+        parts, so the ranks still hold bit-identical results."""
+        group = self.group if self.group is not None else dist.group.WORLD
+        if self.gloo and x.numel() <= GATHER_SUM_MAX_NUMEL:
+            parts = funcol.all_gather_tensor(x.contiguous(), 0, group)
+            return parts.view(self.world_size, *x.shape).sum(dim=0)
+        return funcol.all_reduce(x, "sum", group)
 
     def gather_last_dim_to_main(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Rank 0: every rank's `x` concatenated along the last dimension. Other ranks: None."""

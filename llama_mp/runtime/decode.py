@@ -4,10 +4,11 @@ new token per row, is run.
 
 * `pytorch`: PyTorch operators, what GPUs (and CPUs without the kernels) run.
 * `static`: PyTorch operators in a decode step of static shapes, which compiles into one graph.
+* `compiled`: that step compiled whole by torch.compile, CUDA graphs on a GPU (runtime/compiled.py).
 * `cpu_kernels`: the C kernels of llama_mp/kernels on x86-64 CPUs with AVX2 and FMA.
 * `auto` (default): the CPU kernels where they can run, else PyTorch.
 
-A CUDA-graph decoder is one more class here, not a flag threaded through the model.
+The CUDA-graph decoder (`compiled`) is one more class, not a flag threaded through the model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .transfer import upload
 if TYPE_CHECKING:
     from .model import Transformer
 
-DECODERS = ("auto", "pytorch", "static", "cpu_kernels")
+DECODERS = ("auto", "pytorch", "static", "compiled", "cpu_kernels")
 GPU_STOP_CHECK_STEPS = 8  # at most 7 steps past the last stop: ~2% of a 256-token answer
 
 
@@ -44,6 +45,8 @@ class Decoder:
     # How many decode steps `generate` runs between checks that every row has stopped (the one host read
     # of its loop): `steps_per_stop_check_for` the device, which `choose_decoder` passes.
     steps_per_stop_check: int = 1
+    # Whether quantized matrices multiply through packed kernels (no dequantised matrix): `plan`'s memory.
+    packs_quantized: bool = False
 
     def __init__(self, float_projection: Optional[Type[Projection]] = None, steps_per_stop_check: int = 1):
         self.float_projection = float_projection  # None: the choice for the device it is materialized on
@@ -128,17 +131,24 @@ class StaticDecoder(Decoder):
         return self.padded_step(model, tokens, upload(slots, tokens.device), upload(positions, tokens.device), span)
 
     def padded_step(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                    span: int) -> torch.Tensor:
+                    span: int, count: Optional[int] = None) -> torch.Tensor:
         """The device side of a step, what compiles or is captured whole: `Transformer.step` over every
-        cache row, row slots[i] taking tokens[i] at positions[i] (the others token 0 at the last
-        position), its attention reading `span` positions; the hidden states of the rows asked for, in
-        their order [rows, 1, dim]. Every argument but `span` is a device tensor."""
-        count = model.max_batch_size
+        cache row (or rows 0..count-1, which hold every slot), row slots[i] taking tokens[i] at
+        positions[i] (the others token 0 at the last position), its attention reading `span` positions;
+        the hidden states of the rows asked for, in their order [rows, 1, dim]. Every argument but
+        `span` and `count` is a device tensor."""
+        count = model.max_batch_size if count is None else count
         every_token = torch.zeros((count, 1), dtype=tokens.dtype, device=tokens.device).index_copy_(0, slots, tokens)
         every_position = torch.full((count, 1), model.max_seq_len - 1, dtype=torch.long,
                                     device=tokens.device).index_copy_(0, slots, positions[:, None])
-        h = model.step(every_token, every_position, span, CacheRows(0, count))
+        h = self.block_step(model, every_token, every_position, span)
         return h.index_select(0, slots)
+
+    def block_step(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor,
+                   span: int) -> torch.Tensor:
+        """`Transformer.step` over cache rows 0..count-1, one token each (tokens, positions [count, 1]):
+        eager here, one compiled graph per shape in the `compiled` decoder (runtime/compiled.py)."""
+        return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]))
 
 
 # The fewest cache positions the static decoder's attention reads (its smallest bucket).
@@ -176,6 +186,14 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
         return Decoder(float_projection_for(device), steps_per_stop_check_for(device))
     if name == "static":
         return StaticDecoder(float_projection_for(device), steps_per_stop_check_for(device))
+    if name == "compiled":
+        from .compiled import CompiledDecoder
+
+        if scheme is not None and scheme.mode == "int4" and device.type == "cuda" and weight_dtype != torch.bfloat16:
+            raise LlamaMPError(f"--decoder compiled multiplies int4 weights on CUDA with torch's int4 kernel, which "
+                               f"takes bfloat16 activations, not {str(weight_dtype).replace('torch.', '')}; use "
+                               "--dtype bfloat16, or --decoder pytorch.")
+        return CompiledDecoder(float_projection_for(device), steps_per_stop_check_for(device), device.type)
     if name == "cpu_kernels":
         dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
         if device.type != "cpu" or weight_dtype not in dtypes:

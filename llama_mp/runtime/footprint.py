@@ -15,6 +15,10 @@ Per-rank memory is estimated as the sum of
   - 1 GiB for the CUDA context, cuBLAS/NCCL workspaces and allocator slack (typically 0.5-1 GiB);
   - logits: every rank gathers the full vocabulary in float32, plus one float32 copy for sampling:
     2 * batch * vocab * 4 bytes;
+  - a quantized model's products: the portable path makes the dequantised matrix of one (fused)
+    projection at a time in the dtype; the packed one (`--decoder compiled`) makes none, but keeps each
+    matrix's scales again in the dtype (int4: the kernel's table of scales and zeros, twice their
+    count) and repacks each int4 matrix once at load (6 bytes a weight for the largest, transiently);
   - activations of the largest step (the prompt, up to max_seq_len tokens): per token, about four
     hidden-size buffers (residual, norm output, attention output, layer output), this rank's q/k/v
     in float32 (rotary works in float32) and three FFN-width buffers (w1, w3, their product) for this
@@ -65,9 +69,10 @@ class Estimate:
 
 
 def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cache_dtype: Optional[str] = None,
-             cuda_context: int = CUDA_CONTEXT_BYTES) -> Estimate:
+             cuda_context: int = CUDA_CONTEXT_BYTES, packed: bool = False) -> Estimate:
     """Memory one rank needs to run `args` split `ranks` ways with weights in `dtype` (the KV cache in
-    `cache_dtype`, by default the same), see the module docstring for what is counted."""
+    `cache_dtype`, by default the same), see the module docstring for what is counted. `packed`: the
+    quantized matrices multiply through torch's packed kernels (`--decoder compiled`), not dequantised."""
     size = DTYPE_BYTES[dtype]
     one_layer = dataclasses.replace(args, n_layers=1)  # layers are alike: count one, then multiply
     full, shard = layout.full_shapes(one_layer), layout.shard_shapes(one_layer, ranks)
@@ -82,10 +87,32 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     qkv = (args.n_heads // ranks + 2 * local_kv) * args.head_dim * 4
     per_token = 4 * args.dim * size + qkv + 3 * (args.ffn_hidden_dim // ranks) * size
     activations = batch * seq * per_token
-    if args.scheme is not None:  # the portable path dequantises one (fused) matrix at a time, in the dtype
+    if args.scheme is not None and not packed:  # the portable path dequantises one (fused) matrix at a time
         rows = max(shard["output.weight"][0], 2 * args.ffn_hidden_dim // ranks)  # the output layer, or w1|w3
         activations += rows * args.dim * size
+    elif args.scheme is not None:
+        shard = layout.shard_shapes(one_layer.with_scheme(None), ranks)  # the float shapes [out, in]
+        weights += args.n_layers * _packed_extra(args, shard, dtype) + shard["output.weight"][0] * size
+        if args.scheme.mode == "int4":  # repacking one (fused) matrix at load: its values as int8 and int32
+            qkv = sum(shard[f"layers.0.attention.{k}.weight"][0] for k in ("wq", "wk", "wv")) * args.dim
+            gate_up = 2 * math.prod(shard["layers.0.feed_forward.w1.weight"])
+            down, out = (math.prod(shard[f"layers.0.{k}.weight"]) for k in ("feed_forward.w2", "attention.wo"))
+            activations = max(activations, max(qkv, gate_up, down, out) * (1 + 4 + 1))
     return Estimate(ranks, dtype, batch, seq, weights, kv_cache, cuda_context, logits, activations)
+
+
+def _packed_extra(args: ModelArgs, shard, dtype: str) -> int:
+    """Bytes one layer's packed products add to its stored weights: the scales again in the activation
+    dtype (int8: [out]; int4: the kernel's [in / group, out, 2] table of scales and zeros, whose scales
+    replace the loaded ones when the activations are bfloat16 like them)."""
+    extra, size = 0, DTYPE_BYTES[dtype]
+    # int4 with bfloat16 activations keeps only the table (its scales replace the loaded ones): one more per group
+    per_group = 1 if dtype == "bfloat16" else 2
+    for key in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+        rows, inputs = shard[f"layers.0.{key}.weight"]
+        extra += rows * size * (1 if args.scheme.mode == "int8" else per_group * inputs // args.scheme.group_size)
+    return extra
 
 
 def largest(fits: Callable[[int], bool], upper: int, lower: int = 1) -> Optional[int]:
@@ -113,8 +140,9 @@ def available_bytes(device: torch.device) -> Optional[int]:
 
 
 def require_fit(args: ModelArgs, ranks: int, dtype: torch.dtype, cache_dtype: torch.dtype, batch: int, seq: int,
-                device: torch.device) -> None:
-    """Refuse, with the numbers and what would fit, a model that this rank's device cannot hold."""
+                device: torch.device, packed: bool = False) -> None:
+    """Refuse, with the numbers and what would fit, a model that this rank's device cannot hold (`packed`:
+    as `estimate`'s)."""
     free = available_bytes(device)
     if free is None:
         return
@@ -122,7 +150,7 @@ def require_fit(args: ModelArgs, ranks: int, dtype: torch.dtype, cache_dtype: to
     context = CUDA_CONTEXT_BYTES if device.type == "cuda" else 0
 
     def need(b: int, s: int) -> Estimate:
-        return estimate(args, ranks, name, b, s, cache, cuda_context=context)
+        return estimate(args, ranks, name, b, s, cache, cuda_context=context, packed=packed)
 
     est = need(batch, seq)
     if est.total <= free:

@@ -126,7 +126,8 @@ class Llama:
         Call it on every rank (torchrun starts them). Any number of ranks that splits the model evenly
         works, whatever the checkpoint's shard count. `model_parallel_size`, if given, must equal the
         world size. `decoder` picks how decode steps run: "auto" (the CPU kernels where they can run,
-        else PyTorch), "pytorch" or "cpu_kernels". If any rank fails to load, every rank raises. Each wait
+        else PyTorch), "pytorch", "static", "compiled" (the static step compiled at load: CUDA graphs on a
+        GPU, runtime/compiled.py) or "cpu_kernels". If any rank fails to load, every rank raises. Each wait
         for another rank is bounded by `timeout_s`, the wait for the slowest rank to finish loading by
         `load_timeout_s`. `group` is a process group from `distributed.setup` to join instead of a new one.
         `quantize` "int8" or "int4" (`group_size` 32, 64 or 128 for int4) quantizes a float checkpoint's

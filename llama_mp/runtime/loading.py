@@ -36,7 +36,7 @@ def empty_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Deco
                            f"made for (Llama 3: 8192; 3.1 and later: 131072). Use --max_seq_len {args.max_context} "
                            "or less.")
     require_fit(args, group.world_size, dtype, decoder.activation_dtype(dtype), max_batch_size, max_seq_len,
-                group.device)
+                group.device, packed=decoder.packs_quantized)
     with torch.device("meta"):  # shapes only: no random init, no memory
         model = Transformer(args, group)
     model.materialize(decoder, dtype, group.device, max_batch_size, max_seq_len)

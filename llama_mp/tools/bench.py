@@ -230,8 +230,10 @@ def bench(
     (0, 1]) of --new_tokens tokens at --batch, median of --runs after --warmup; --seed (an integer from 0
     to 2**32 - 1) picks the prompts and the random weights.
     --compare transformers also times LlamaForCausalLM.generate on the same weights (one rank only).
-    --decoder pytorch|static|cpu_kernels picks the decode path (auto: the CPU kernels where they can run). The
-    model is built in --dtype directly; peak memory is measured from the end of loading on.
+    --decoder pytorch|static|compiled|cpu_kernels picks the decode path (auto: the CPU kernels where they can
+    run). The model is built in --dtype directly; peak memory is measured from the end of loading on. With
+    --decoder compiled, load includes compiling every (rows, span) bucket of --batch x the sequence; the
+    report gives that time on its own (compile_s, compiled_graphs), and tok/s is measured after it.
     --quantize int8|int4 [--group_size 32|64|128] quantizes the layer weights as they load or are drawn
     (the output layer in int8; embedding, norms and activations stay in --dtype), as `llama-mp` does.
     --profile_ops also counts the PyTorch operators of one decode step (torch.profiler), in all and per
@@ -286,7 +288,8 @@ def bench(
         "weights": args.scheme.describe() if args.scheme is not None else "unquantized", "batch": batch,
         "prompt_len": prompt_len, "new_tokens": new_tokens,
         "decoding": f"sampling (temperature {temperature}, top_p {top_p})" if temperature else "greedy",
-        "load_s": load_s, **result,
+        "load_s": load_s, "compile_s": getattr(net.decoder, "warmup_s", 0.0),
+        "compiled_graphs": getattr(net.decoder, "graphs", 0), **result,
         "peak_memory_per_rank_gib": [p / 2**30 for p in peaks],
         "weight_bytes_per_token_per_rank": per_token,
         "achieved_gb_s_per_rank": per_token * result["decode_tok_s"] / batch / 1e9,
@@ -315,7 +318,8 @@ def format_report(r: Dict) -> str:
         ("model", f"{r['model']} ({r['parameters'] / 1e6:.1f}M parameters, {r['dtype']}{weights})"),
         ("ranks / device", f"{r['ranks']} x {r['device']}, {r['threads']} thread(s) per rank"),
         ("batch / prompt / new", f"{r['batch']} / {r['prompt_len']} / {r['new_tokens']} tokens, {r['decoding']}"),
-        ("load", f"{r['load_s']:.2f} s"),
+        ("load", f"{r['load_s']:.2f} s" + (f", of which compiling and warming up {r['compiled_graphs']} graphs "
+                                           f"{r['compile_s']:.2f} s" if r["compiled_graphs"] else "")),
         ("prefill", f"{r['prefill_tok_s']:.1f} tok/s"),
         ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['ms_per_token']:.2f} ms/token), {r['decode_path']}"),
         ("peak memory per rank", ", ".join(f"{m:.2f} GiB" for m in r["peak_memory_per_rank_gib"])),

@@ -9,7 +9,9 @@ and the next one runs; a step the overall budget no longer allows is marked SKIP
    (bytes read plus bytes written, per second: the rate at which a decode step could stream its weights);
 4. `llama-mp bench` on the Llama 2 7B and Llama 3.1 8B shapes with random weights, in bfloat16, int8 and
    int4, at batch 1 and 16: tok/s, ms per token (per decode step) and the fraction of the measured
-   bandwidth a step reaches (the weight bytes a step reads x steps per second / the copy's rate).
+   bandwidth a step reaches (the weight bytes a step reads x steps per second / the copy's rate); after
+   each weight format, `--decoder compiled` on the Llama 3.1 8B shape at batch 1, its compile time
+   reported apart (not in the dry run: compiling there would be most of its time).
 
 Writes report.md, results.json, pytest.log and bench.log into --out (default $OUT when set, else
 build/gpu-check/) and prints the report's tables last. Exits 0 when every step passed, 1 when one failed or
@@ -40,6 +42,8 @@ COPY_GIB = 4              # the bandwidth probe's buffer (twice that in memory: 
 MODELS = ("llama-2-7b", "llama-3.1-8b")
 WEIGHTS = ("bf16", "int8", "int4")
 BATCHES = (1, 16)
+COMPILED_MODEL = "llama-3.1-8b"  # `--decoder compiled` runs on this shape only: each compile takes minutes
+COMPILED_BENCH_TIMEOUT_S = 240.0  # compiling (and capturing) every bucket at load, then the timed runs
 # The dry run's shape: tiny, so the whole run takes seconds on a CPU.
 DRY_SHAPE = ["--dim", "64", "--n_layers", "2", "--n_heads", "4", "--multiple_of", "32", "--vocab_size", "512"]
 
@@ -188,18 +192,21 @@ def copy_bandwidth(device: str, gib: float) -> float:
     return moved / best
 
 
-def bench_argv(model: str, weights: str, batch: int, device: str, dry: bool) -> List[str]:
+def bench_argv(model: str, weights: str, batch: int, device: str, dry: bool, decoder: Optional[str] = None) -> List[str]:
     shape = DRY_SHAPE if dry else ["--model", model]
     quant = {"bf16": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4", "--group_size", "32"]}[weights]
     tokens = ["--prompt_len", "8", "--new_tokens", "32", "--runs", "1"] if dry else \
         ["--prompt_len", "16", "--new_tokens", "64", "--runs", "2"]
     backend = "nccl" if device == "cuda" else "gloo"
     return [sys.executable, "-m", "llama_mp", "bench", *shape, "--dtype", "bfloat16", *quant, "--batch", str(batch),
-            *tokens, "--warmup", "1", "--json", "--device", device, "--backend", backend]
+            *tokens, "--warmup", "1", "--json", "--device", device, "--backend", backend,
+            *(["--decoder", decoder] if decoder else [])]
 
 
-def bench_one(run: Run, step: Step, model: str, weights: str, batch: int, bandwidth: Optional[float]) -> None:
-    out = run.command(step, bench_argv(model, weights, batch, run.device, run.dry), "bench.log", BENCH_TIMEOUT_S)
+def bench_one(run: Run, step: Step, model: str, weights: str, batch: int, bandwidth: Optional[float],
+              decoder: Optional[str] = None) -> None:
+    timeout = COMPILED_BENCH_TIMEOUT_S if decoder == "compiled" else BENCH_TIMEOUT_S
+    out = run.command(step, bench_argv(model, weights, batch, run.device, run.dry, decoder), "bench.log", timeout)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if not lines:
         raise RuntimeError("bench printed no JSON line (log: bench.log)")
@@ -211,8 +218,10 @@ def bench_one(run: Run, step: Step, model: str, weights: str, batch: int, bandwi
                  "bandwidth_fraction": None if not bandwidth else
                  r["weight_bytes_per_token_per_rank"] * steps_per_s / bandwidth,
                  "peak_memory_gib": r["peak_memory_per_rank_gib"][0], "decode_path": r["decode_path"],
-                 "device": r["device"]}
+                 "device": r["device"], "compile_s": r.get("compile_s", 0.0)}
     step.detail = f"{r['decode_tok_s']:.1f} tok/s, {r['ms_per_token']:.2f} ms/token"
+    if r.get("compiled_graphs"):
+        step.detail += f", {r['compiled_graphs']} graphs compiled in {r['compile_s']:.1f} s"
 
 
 # --- the report -----------------------------------------------------------------------------------------------
@@ -229,7 +238,8 @@ def bench_table(steps: List[Step]) -> List[str]:
     for s in steps:
         if not s.name.startswith("bench "):
             continue
-        d, (model, weights, batch) = s.data, s.name.split()[1:4]
+        d, (model, weights, batch), decoder = s.data, s.name.split()[1:4], s.name.split()[4:]
+        model += f" ({decoder[0]})" if decoder else ""
         frac = d.get("bandwidth_fraction")
         rows.append(f"| {model} | {weights} | {batch.removeprefix('batch=')} | {_fmt(d.get('tok_s'), '.1f')} | "
                     f"{_fmt(d.get('ms_per_token'), '.2f')} | "
@@ -284,6 +294,9 @@ def check(out: str, device: str, dry: bool, budget_s: float, argv: Sequence[str]
             for batch in BATCHES:
                 run.step(f"bench {model} {weights} batch={batch}",
                          lambda s, m=model, w=weights, b=batch: bench_one(run, s, m, w, b, bandwidth), needs_s=20)
+        if not dry:  # the compiled decoder at batch 1, its compile time apart (as far as the budget allows)
+            run.step(f"bench {COMPILED_MODEL} {weights} batch=1 compiled",
+                     lambda s, w=weights: bench_one(run, s, COMPILED_MODEL, w, 1, bandwidth, "compiled"), needs_s=90)
     text = write_report(run, argv)
     print(text.split("## Steps", 1)[1] if "## Steps" in text else text)
     print(f"[gpu-check] report: {os.path.join(out, 'report.md')}", file=sys.stderr)

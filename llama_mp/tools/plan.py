@@ -9,6 +9,7 @@ The verdict is a planning aid with a margin of a few hundred MiB, not a guarante
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Dict, List, Optional
 
@@ -24,37 +25,41 @@ from ..runtime.footprint import CUDA_CONTEXT_BYTES, DTYPE_BYTES, GIB, estimate, 
 __all__ = ["CUDA_CONTEXT_BYTES", "GIB", "estimate", "make_plan", "model_args", "plan_to_text"]
 
 
-def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, budget: int) -> List[Dict]:
-    """What would fit in `budget` bytes per GPU: fewer/more ranks, a smaller batch or sequence, a dtype."""
+def alternatives(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, budget: int,
+                 packed: bool = False) -> List[Dict]:
+    """What would fit in `budget` bytes per GPU: fewer/more ranks, a smaller batch or sequence, a dtype
+    (`packed`: quantized products through the packed kernels, as `--decoder compiled` runs them)."""
+    counted = functools.partial(estimate, packed=packed)
+
     def ok(**change) -> bool:
         setting = {"ranks": ranks, "dtype": dtype, "batch": batch, "seq": seq, **change}
-        return estimate(args, **setting).total <= budget
+        return counted(args, **setting).total <= budget
 
     options = []
     fewest = next((n for n in layout.valid_world_sizes(args) if ok(ranks=n)), None)
     if fewest is not None and fewest != ranks:
         options.append({"change": "ranks", "ranks": fewest,
-                        "total_bytes": estimate(args, fewest, dtype, batch, seq).total})
+                        "total_bytes": counted(args, fewest, dtype, batch, seq).total})
     if batch > 1:
         b = largest(lambda x: ok(batch=x), batch - 1)
         if b:
             options.append({"change": "batch", "max_batch_size": b,
-                            "total_bytes": estimate(args, ranks, dtype, b, seq).total})
+                            "total_bytes": counted(args, ranks, dtype, b, seq).total})
     if seq > 2:
         s = largest(lambda x: ok(seq=x), seq - 1, lower=2)
         if s:
             s = s - s % 64 if s >= 64 else s  # a round number is easier to pass on
             options.append({"change": "seq", "max_seq_len": s,
-                            "total_bytes": estimate(args, ranks, dtype, batch, s).total})
+                            "total_bytes": counted(args, ranks, dtype, batch, s).total})
     for other in DTYPE_BYTES:
         if DTYPE_BYTES[other] < DTYPE_BYTES[dtype] and ok(dtype=other):
             options.append({"change": "dtype", "dtype": other,
-                            "total_bytes": estimate(args, ranks, other, batch, seq).total})
+                            "total_bytes": counted(args, ranks, other, batch, seq).total})
     if args.scheme is None:  # a float model: the first scheme that fits (an already-quantized one stays as it is)
         for scheme in (Scheme("int8"), Scheme("int4", DEFAULT_INT4_GROUP_SIZE)):
             smaller = args.with_scheme(scheme)
             if layout.scheme_problem(args, scheme) is None and ranks in layout.valid_world_sizes(smaller):
-                total = estimate(smaller, ranks, dtype, batch, seq).total
+                total = counted(smaller, ranks, dtype, batch, seq).total
                 if total <= budget:
                     options.append({"change": "quantize", "quantization": scheme.to_json(), "total_bytes": total})
                     break
@@ -89,10 +94,16 @@ def quantized_args(args: ModelArgs, name: str, quantize: Optional[str], group_si
 
 def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: str = "bfloat16",
               max_seq_len: int = 512, max_batch_size: int = 4, quantize: Optional[str] = None,
-              group_size: Optional[int] = None) -> Dict:
+              group_size: Optional[int] = None, decoder: str = "auto") -> Dict:
     """The whole answer as a dict (what --json prints): estimate, verdict, reason and options. `args` of a
-    quantized checkpoint carry its scheme; `quantize` (and `group_size`) plan a float one quantized."""
+    quantized checkpoint carry its scheme; `quantize` (and `group_size`) plan a float one quantized;
+    `decoder` "compiled" plans its packed quantized products (the others dequantise)."""
+    from ..runtime.decode import DECODERS
+
     parse_dtype(dtype)  # a known name, or a LlamaMPError listing them
+    if decoder not in DECODERS:
+        raise LlamaMPError(f"Unknown --decoder {decoder!r}; use one of {', '.join(DECODERS)}.")
+    packed = decoder == "compiled"
     args = quantized_args(args, name, quantize, group_size)
     for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
         require_int(flag, value, low)
@@ -101,7 +112,7 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
     layout.require_split(args, gpus, name, "GPU")
     valid = layout.valid_world_sizes(args)
     budget = int(gpu_mem_gb * GIB)
-    est = estimate(args, gpus, dtype, max_batch_size, max_seq_len)
+    est = estimate(args, gpus, dtype, max_batch_size, max_seq_len, packed=packed)
     fits = est.total <= budget
     if fits:
         reason = f"{est.total / GIB:.2f} GiB per rank of {gpu_mem_gb:g} GiB, {(budget - est.total) / GIB:.2f} GiB spare"
@@ -120,7 +131,7 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
                                                     if k not in ("ranks", "dtype", "batch", "seq")},
                                                  "total": est.total},
         "fits": fits, "reason": reason, "valid_gpu_counts": valid, "local_kv_heads": layout.local_kv_heads(args, gpus),
-        "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget),
+        "options": [] if fits else alternatives(args, gpus, dtype, max_batch_size, max_seq_len, budget, packed),
         "gpus_the_weights_need": gpus_the_weights_need(args, dtype, budget),
     }
 

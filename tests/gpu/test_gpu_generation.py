@@ -42,7 +42,12 @@ def cpu_float32(families):
     return out
 
 
-@pytest.mark.parametrize("family,decoder", [("llama2", "auto"), ("llama3", "auto"), ("llama2", "static")])
+# The compiled decoder on the GPU itself only: on the CPU lane it would compile for minutes (tests/test_compiled.py
+# is its CPU check).
+COMPILED = pytest.param("llama2", "compiled", marks=pytest.mark.skipif(DEVICE != "cuda", reason="compiles on CUDA"))
+
+
+@pytest.mark.parametrize("family,decoder", [("llama2", "auto"), ("llama3", "auto"), ("llama2", "static"), COMPILED])
 def test_float32_greedy_ids_and_logits_equal_the_cpus(families, cpu_float32, family, decoder):
     prompts, cpu_ids, cpu_logits = cpu_float32[family]
     with built(*families[family], on_gpu=True, decoder=decoder) as llama:

@@ -33,7 +33,8 @@ def synchronizing_calls(run) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("decoder", ["pytorch", "static"])
+@pytest.mark.parametrize("decoder", ["pytorch", "static", pytest.param("compiled", marks=pytest.mark.skipif(
+    DEVICE != "cuda", reason="compiles on CUDA only here: tests/test_compiled.py is its CPU check"))])
 def test_the_decode_loops_wait_for_the_device_only_where_they_say(make_checkpoint, tokenizer_path, decoder):
     with built(make_checkpoint(n_kv_heads=2)[0], tokenizer_path, on_gpu=True, decoder=decoder,
                dtype="bfloat16") as llama:
