@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import re
 import sys
@@ -95,13 +96,21 @@ def require_finite_copy(key: str, where: str, piece: torch.Tensor, written: torc
 
 
 def load_shard(path: str) -> StateDict:
-    """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet."""
+    """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet.
+
+    Llama 4's shards also hold `<module>._extra_state` entries, io.BytesIO objects of the training code
+    (empty of anything inference uses): the loader's allowlist admits that one class and nothing else,
+    and they are dropped here, so nothing is lost and every other non-tensor is still refused."""
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.serialization.safe_globals([io.BytesIO]):
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt zip archives
         raise LlamaMPError(f"Cannot read shard {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
                            "The file is truncated or corrupt; download it again and run "
                            "`llama-mp verify` on the folder.") from None
+    if isinstance(sd, dict):
+        sd = {k: v for k, v in sd.items()
+              if not (isinstance(v, io.BytesIO) and isinstance(k, str) and k.endswith("._extra_state"))}
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LlamaMPError(f"{path} does not hold a state dict of tensors, so it is not a Meta consolidated "
                            "shard. Convert other formats with `llama-mp convert`.")
@@ -312,7 +321,17 @@ def share_of(key: str, args: ModelArgs, shards: Dict[int, StateDict], num_shards
     # A tied output layer is cut from the embedding exactly as output.weight would be (check_tensors
     # has made sure the two slices coincide).
     distinct = {k // replicas: sd[stored_key(key, sd)] for k, sd in shards.items()}
-    return dim, rank_pieces(distinct, dim, parts_in, part, parts_out)
+    segs = layout.segments(key, args)
+    if segs is None:
+        return dim, rank_pieces(distinct, dim, parts_in, part, parts_out)
+    # Parts split on their own (Llama 4's fused wqkv, [w1; w3], experts): each part's pieces in turn.
+    pieces, start = [], 0
+    for size in segs:
+        views = {k: t.narrow(dim, start // parts_in, size // parts_in) for k, t in distinct.items()}
+        pieces += [(start // parts_out + offset, piece)
+                   for offset, piece in rank_pieces(views, dim, parts_in, part, parts_out)]
+        start += size
+    return dim, pieces
 
 
 class RankSlices:

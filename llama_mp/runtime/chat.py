@@ -92,7 +92,7 @@ def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> b
     """Whether Meta's Llama 2 guard refuses `dialog`: its text contains the [INST] / <<SYS>> tags, which
     would let a user forge turns. Never for a Llama 3 tokenizer, whose turn markers are special ids that
     text cannot produce."""
-    if tokenizer is not None and tokenizer.family == "llama3":
+    if tokenizer is not None and tokenizer.family in ("llama3", "llama4"):
         return False
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
@@ -101,6 +101,10 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
     """Prompt tokens for a checked dialog, in the chat format of the tokenizer's family."""
     if tokenizer.family == "llama3":
         return _encode_llama3_dialog(tokenizer, dialog)
+    if tokenizer.family == "llama4":
+        from .llama4_tokenizer import encode_dialog as encode_llama4_dialog
+
+        return encode_llama4_dialog(tokenizer, dialog)
     return _encode_llama2_dialog(tokenizer, dialog)
 
 

@@ -31,7 +31,8 @@ from .model import Transformer
 from .tokenizer import Tokenizer
 
 
-FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken")}
+FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken"),
+                "llama4": ("Llama 4", "tiktoken, 2048 special tokens")}
 
 
 def quantize_scheme(quantize: Optional[str], group_size: Optional[int]) -> Optional[Scheme]:
@@ -152,8 +153,8 @@ class Llama:
             require_int("max_seq_len", max_seq_len, 2)
             require_int("max_batch_size", max_batch_size, 1)
             loaded["dtype"] = torch_dtype = choose_dtype(dtype, group.device)
-            loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
             params = load_params(ckpt_dir)
+            loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path, params.family)
             if scheme is not None:
                 refuse_quantized(params, ckpt_dir)
             loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme)
