@@ -157,7 +157,8 @@ class Llama:
             loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path, params.family)
             if scheme is not None:
                 refuse_quantized(params, ckpt_dir)
-            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme)
+            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme,
+                                                       params.family)
             family = params.family
             if tokenizer.family != family:  # before any weight is read
                 (tok_name, tok_kind), (name, kind) = FAMILY_NAMES[tokenizer.family], FAMILY_NAMES[family]
