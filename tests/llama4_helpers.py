@@ -81,13 +81,14 @@ def hf_logits_and_greedy(model, prompt, steps):
     return logits.numpy(), ids[len(prompt):]
 
 
-def logits_and_greedy(ckpt_dirs, tokenizer_path, prompts, steps, decoders, max_seq_len=64):
-    """For each checkpoint and decoder: rank 0's all-position logits of prompts[0] and greedy ids of all."""
+def logits_and_greedy(cases, tokenizer_path, prompts, steps, max_seq_len=64):
+    """For each (checkpoint dir, decoder) in `cases`: rank 0's all-position logits of prompts[0] (None on
+    the other ranks) and greedy ids of all prompts."""
     from workers import build
 
     out = []
-    for ckpt_dir in ckpt_dirs:
-        for decoder in decoders:
+    for ckpt_dir, decoder in cases:
+        if True:
             llama = build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(prompts),
                           decoder=decoder)
             with torch.inference_mode():
