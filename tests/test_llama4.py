@@ -245,3 +245,30 @@ def test_wrong_tokenizer_for_llama4_is_refused(l4, tmp_path):
 
     with pytest.raises(LlamaMPError, match="is a Llama 3.x tokenizer .* holds a Llama 4 model"):
         build(dirs[1], path, decoder="pytorch")
+
+
+# ----------------------------------------------------------------------------------------------
+# No host sync in a Llama 4 decode step (routing, chunk masks and temperature stay on the device)
+
+from test_host_syncs import K, _count_steps, _mark_model, syncs  # noqa: E402,F401 - the fixture too
+
+
+@pytest.mark.parametrize("decoder", ["pytorch", "static"])
+def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syncs, monkeypatch, decoder):  # noqa: F811
+    from llama4_helpers import one_thread
+    from workers import build
+
+    _, _, dirs, prompts = l4
+    with one_thread():
+        llama = build(dirs[1], l4_tokenizer_path, max_seq_len=64, max_batch_size=2, decoder=decoder)
+        _mark_model(llama.model)
+        monkeypatch.setattr(llama.model.decoder, "steps_per_stop_check", K)
+        monkeypatch.setattr(llama.engine, "stop_ids", [])
+        _count_steps(monkeypatch, syncs, llama.model.decoder, ("step", "prefill"))
+        real_results = llama.engine._results
+        monkeypatch.setattr(llama.engine, "_results", lambda *a: (setattr(syncs, "counting", False), real_results(*a))[1])
+        with syncs:
+            llama.generate([prompts[1], prompts[2]], 10, temperature=0)
+    reads = syncs.reads()
+    assert [r[1] for r in reads] == ["__bool__"] * (syncs.steps // K), reads  # the stop check only
+    assert syncs.uploads() == []
