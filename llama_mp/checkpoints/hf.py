@@ -378,6 +378,11 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
     With `tie_word_embeddings` no lm_head.weight is written (transformers uses the embedding)."""
     from safetensors.torch import save_file
 
+    if args.family == "llama4":
+        raise LlamaMPError("Converting Llama 4 to Hugging Face format is not implemented yet (its experts and fused "
+                           "tensors need Llama4ForCausalLM's layout); Llama 4 runs from Meta's folder as it is, and "
+                           "`llama-mp reshard` changes its shard count.")
+
     shapes = layout.full_shapes(args)
     if tie_word_embeddings:
         keys = [key for key in keys if key != "output.weight"]
