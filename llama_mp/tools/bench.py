@@ -260,8 +260,9 @@ def bench(
     load_s = time.perf_counter()
 
     def make_model() -> Transformer:
-        chosen = choose_decoder(decoder, group.device, torch_dtype,
-                                scheme or (load_params(ckpt_dir).scheme if ckpt_dir else None))
+        params = load_params(ckpt_dir) if ckpt_dir else args
+        chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or (params.scheme if ckpt_dir else None),
+                                params.family)
         if ckpt_dir:
             return load_checkpoint(ckpt_dir, group, torch_dtype, chosen, batch, max_seq_len, scheme)
         return random_model(args, group, torch_dtype, chosen, batch, max_seq_len, seed, scheme)
