@@ -223,6 +223,9 @@ MODEL_NAMES = {
 }
 
 
+QUANTIZE_PROBLEM = "llama_mp cannot quantize Llama 4 yet (its experts have no quantized layout); load it in bfloat16"
+
+
 def segments(name: str, args) -> Optional[List[int]]:
     """For a tensor made of parts that are each split on their own along its split dim, the parts'
     sizes in the whole tensor (shard i holds part 0's i-th piece, then part 1's, ...); else None."""
@@ -241,8 +244,7 @@ def full_shapes(args) -> Dict[str, Tuple[int, ...]]:
     from ..errors import LlamaMPError
 
     if args.scheme is not None:
-        raise LlamaMPError("llama_mp cannot quantize Llama 4 yet (its experts have no quantized layout); load "
-                           "the float checkpoint in bfloat16 without --quantize.")
+        raise LlamaMPError(QUANTIZE_PROBLEM + " without --quantize.")
     d, hd, l4 = args.dim, args.head_dim, args.llama4
     shapes: Dict[str, Tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
