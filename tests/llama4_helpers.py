@@ -97,7 +97,7 @@ def hf_logits_and_greedy(model, prompt, steps):
 
 def logits_and_greedy(cases, tokenizer_path, prompts, steps, max_seq_len=64):
     """For each (checkpoint dir, decoder) in `cases`: rank 0's all-position logits of prompts[0] (None on
-    the other ranks) and greedy ids of all prompts."""
+    the other ranks), greedy ids of all prompts and seeded samples of them."""
     from workers import build
 
     out = []
@@ -108,5 +108,6 @@ def logits_and_greedy(cases, tokenizer_path, prompts, steps, max_seq_len=64):
             with torch.inference_mode():
                 logits = llama.model(torch.tensor([prompts[0]]), 0, all_positions=True)
             ids, _ = llama.generate(prompts, steps, temperature=0.0)
-            out.append((None if logits is None else logits[0].numpy(), ids))
+            sampled, _ = llama.generate(prompts, steps, temperature=0.8, top_p=0.95)  # seed 1 (build's)
+            out.append((None if logits is None else logits[0].numpy(), ids, sampled))
     return out

@@ -87,7 +87,7 @@ def until_stop(ids, stops):
 
 def check_against_reference(results, reference, stops):
     ref_logits, ref_ids = reference
-    for logits, ids in results:
+    for logits, ids, _ in results:
         if logits is not None:
             np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4)
         assert ids == [until_stop(r, stops) for r in ref_ids]
@@ -183,23 +183,28 @@ def test_bad_llama4_inputs_are_one_message_each(l4, tmp_path, l4_tokenizer_path)
 # The model against transformers
 
 
-def test_one_rank_matches_transformers(l4, reference, l4_tokenizer_path):
+@pytest.fixture(scope="module")
+def one_rank(l4, l4_tokenizer_path):
     """The PyTorch decoder from the 2-shard checkpoint (with Meta's extras), the static one as a GPU gets it."""
-    args, _, dirs, prompts = l4
-    stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
-    results = logits_and_greedy([(dirs[2], "pytorch"), (dirs[1], "gpu:static")], l4_tokenizer_path, prompts, STEPS)
-    check_against_reference(results, reference, stops)
+    _, _, dirs, prompts = l4
+    return logits_and_greedy([(dirs[2], "pytorch"), (dirs[1], "gpu:static")], l4_tokenizer_path, prompts, STEPS)
+
+
+def test_one_rank_matches_transformers(one_rank, reference, l4_tokenizer_path):
+    check_against_reference(one_rank, reference, Tokenizer(l4_tokenizer_path, "llama4").stop_ids)
+    assert one_rank[0][2] == one_rank[1][2]  # seeded samples: the same whatever the decoder
 
 
 @pytest.mark.spawn
-def test_two_ranks_match_transformers_from_one_and_two_shards(l4, reference, l4_tokenizer_path):
+def test_two_ranks_match_transformers_from_one_and_two_shards(l4, reference, one_rank, l4_tokenizer_path):
     args, _, dirs, prompts = l4
     stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
     per_rank = run_ranks(2, logits_and_greedy, [(dirs[2], "static"), (dirs[1], "pytorch")], l4_tokenizer_path,
                          prompts, STEPS)
     for rank in per_rank:
         check_against_reference(rank, reference, stops)
-    assert all(logits is None for logits, _ in per_rank[1])  # gathered on rank 0 only
+        assert [sampled for *_, sampled in rank] == [one_rank[0][2]] * 2  # seeded samples as on one rank
+    assert all(logits is None for logits, *_ in per_rank[1])  # gathered on rank 0 only
 
 
 # ----------------------------------------------------------------------------------------------
