@@ -276,6 +276,23 @@ def full_shapes(args) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
+def shape_summary(shapes: Dict[str, Tuple[int, ...]], args) -> List[str]:
+    """The plain cause of a shard's shape problems, where it is the experts: params.json's moe_args and
+    the shards' routers (router_DE [dim, E]) disagree on how many experts there are, or whether any."""
+    routers = {k: s for k, s in shapes.items() if k.endswith(".feed_forward.router_DE")}
+    said = args.llama4.num_experts
+    if not routers:
+        return [f"params.json says moe_args.num_experts {said}, but the shard has no MoE layer (no router_DE)"] \
+            if said is not None else []
+    key, shape = next(iter(sorted(routers.items())))
+    if said is None:
+        return [f"params.json has no moe_args, but the shard has MoE layers ({key} is {list(shape)})"]
+    if len(shape) == 2 and shape[1] != said:
+        return [f"params.json says moe_args.num_experts {said}, but the shard's routers choose among {shape[1]} "
+                f"experts ({key} is {list(shape)})"]
+    return []
+
+
 def split_rules(args) -> List[Tuple[str, int]]:
     """(what, size) of everything a rank or shard count must divide."""
     rules = [("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("dim", args.dim)]

@@ -254,6 +254,9 @@ def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: st
     if ties_output(sd) and not can_tie_output(args, num_shards):
         raise LlamaMPError(f"{where}: {tied_output_problem(num_shards)}.")
     problems = shape_problems(tied_shapes(sd), expected)
+    own = layout.own_layout(args)
+    if problems and own is not None:  # what the family can say more plainly goes first (Llama 4: experts)
+        problems = own.shape_summary(tensor_shapes(sd), args) + problems
     if problems:
         raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])
                            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
