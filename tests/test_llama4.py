@@ -123,6 +123,9 @@ def test_bad_llama4_params_name_every_problem():
     text = str(e.value)
     for part in ("experts_per_gpu", "use_qk_norm must be true or false", "attention_chunk_size must be a positive"):
         assert part in text
+    with pytest.raises(LlamaMPError, match=r"quantization_args .* \(Maverick's FP8 experts"):
+        parse_params({**SCOUT, "quantization_args": {"scheme": "fp8_mixed"}})
+    assert parse_params({**SCOUT, "quantization_args": None, "lora_args": None}).family == "llama4"
     with pytest.raises(LlamaMPError, match="top_k 3 is more than num_experts 2"):
         parse_params({**SCOUT, "moe_args": {"num_experts": 2, "top_k": 3}})
 

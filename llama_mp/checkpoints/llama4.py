@@ -38,7 +38,8 @@ LLAMA4_ROPE_HIGH_FREQ_FACTOR = 1.0
 
 # The params.json fields only Llama 4 has (Meta's models/llama4/args.py), and those of moe_args.
 FIELDS = ("moe_args", "nope_layer_interval", "attention_chunk_size", "use_qk_norm", "attn_temperature_tuning",
-          "floor_scale", "attn_scale", "ffn_exp", "rope_high_freq_factor", "vision_args", "head_dim")
+          "floor_scale", "attn_scale", "ffn_exp", "rope_high_freq_factor", "vision_args", "head_dim",
+          "quantization_args", "lora_args")
 MOE_FIELDS = ("num_experts", "top_k", "interleave_moe_layer_step", "capacity_factor", "auto_scale_F")
 
 
@@ -147,6 +148,12 @@ def parse_fields(raw: Dict[str, Any], core: Dict[str, Any]) -> Tuple[Optional[Ll
     for name in ("floor_scale", "attn_scale", "ffn_exp", "rope_high_freq_factor"):
         if raw.get(name) is not None:
             values[name] = _positive_float(name, raw[name], problems)
+    if raw.get("quantization_args") is not None:
+        problems.append(f"quantization_args {raw['quantization_args']!r:.80} says the weights are quantized by Meta "
+                        "(Maverick's FP8 experts with fp8_scales_*.pt, or int4), which llama_mp cannot read yet; "
+                        "use the bfloat16 download of the same model")
+    if raw.get("lora_args") is not None:
+        problems.append("lora_args is set, and llama_mp runs no LoRA adapters; use a merged checkpoint")
     vision = raw.get("vision_args")
     if vision is not None and not isinstance(vision, dict):
         problems.append(f"vision_args must be an object, got {vision!r:.60}")
