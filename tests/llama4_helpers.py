@@ -111,3 +111,22 @@ def logits_and_greedy(cases, tokenizer_path, prompts, steps, max_seq_len=64):
             sampled, _ = llama.generate(prompts, steps, temperature=0.8, top_p=0.95)  # seed 1 (build's)
             out.append((None if logits is None else logits[0].numpy(), ids, sampled))
     return out
+
+
+def greedy_in_slots(ckpt_dir, tokenizer_path, prompts, slots, steps, decoder, max_batch_size=3):
+    """Greedy ids of each prompt as the server's batch loop decodes them: prompt i prefilled into cache row
+    slots[i] on its own, then every row one token per call at its own position (scattered rows)."""
+    from workers import build
+
+    with one_thread(), torch.inference_mode():
+        llama = build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=max_batch_size, decoder=decoder)
+        model, ids = llama.model, []
+        for prompt, slot in zip(prompts, slots):
+            ids.append([int(model.greedy_next(model.hidden_in_slot(torch.tensor([prompt]), slot))[0])])
+        for _ in range(steps - 1):
+            tokens = torch.tensor([[row[-1]] for row in ids])
+            positions = torch.tensor([len(p) + len(row) - 1 for p, row in zip(prompts, ids)])
+            chosen = model.greedy_next(model.hidden_rows(tokens, torch.tensor(slots), positions))
+            for row, t in zip(ids, chosen.tolist()):
+                row.append(t)
+    return ids

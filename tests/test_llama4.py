@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama4_helpers import hf_logits_and_greedy, hf_model, logits_and_greedy, tiny_args
+from llama4_helpers import greedy_in_slots, hf_logits_and_greedy, hf_model, logits_and_greedy, tiny_args
 from llama_mp.checkpoints import layout
 from llama_mp.checkpoints import meta as checkpoint
 from llama_mp.checkpoints.llama4 import expert_hidden_dim
@@ -197,6 +197,14 @@ def one_rank(l4, l4_tokenizer_path):
 def test_one_rank_matches_transformers(one_rank, reference, l4_tokenizer_path):
     check_against_reference(one_rank, reference, Tokenizer(l4_tokenizer_path, "llama4").stop_ids)
     assert one_rank[0][2] == one_rank[1][2]  # seeded samples: the same whatever the decoder
+
+
+@pytest.mark.parametrize("decoder", ["pytorch", "static"])
+def test_the_servers_scattered_rows_match_transformers(l4, reference, l4_tokenizer_path, decoder):
+    """Continuous batching's calls: prompts prefilled into rows 2, 0 and 1, then decoded together, out of order."""
+    _, _, dirs, prompts = l4
+    ids = greedy_in_slots(dirs[1], l4_tokenizer_path, prompts, [2, 0, 1], STEPS, decoder)
+    assert ids == reference[1]
 
 
 @pytest.mark.spawn
