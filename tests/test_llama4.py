@@ -102,6 +102,12 @@ def test_scout_params_are_llama4_with_meta_defaults():
     assert args.family == "llama4" and args.llama4.num_experts == 16 and args.llama4.has_vision
     assert args.rope_scale == 16.0 and args.llama4.rope_high_freq_factor is None  # Meta's defaults: 16 and 1
     assert expert_hidden_dim(args) == 8192 and args.head_dim == 128
+    from llama_mp.runtime.model import rotary_tables
+
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    long = 2 * torch.pi / freqs.double() >= 8192  # Meta's Llama 4 scaling: these divided by 16, the rest kept
+    angles = rotary_tables(128, 2, 500000.0, torch.device("cpu"), args.rope_scale, args.rope_high_freq_factor)[1].angle()
+    torch.testing.assert_close(angles, torch.where(long, freqs / 16, freqs), rtol=1e-6, atol=0)
     assert [args.llama4.is_nope_layer(i) for i in range(4)] == [False, False, False, True]
     assert layout.valid_world_sizes(args) == [1, 2, 4, 8]
     maverick = parse_params({**SCOUT, "use_scaled_rope": False, "moe_args": {**SCOUT["moe_args"], "num_experts": 128,

@@ -83,6 +83,13 @@ class ModelArgs:
         return 32.0 if (self.dim, self.n_layers) in LLAMA32_SMALL_SHAPES else 8.0
 
     @property
+    def rope_high_freq_factor(self) -> float:
+        """Scaled rope's high-frequency factor: Meta's 4 for Llama 3.1 and later, Llama 4's own (default 1)."""
+        if self.llama4 is not None and self.llama4.rope_high_freq_factor is not None:
+            return self.llama4.rope_high_freq_factor
+        return _llama4.LLAMA4_ROPE_HIGH_FREQ_FACTOR if self.llama4 is not None else 4.0
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 

@@ -44,7 +44,7 @@ def layer_kind(args: ModelArgs, index: int) -> LayerKind:
                      qk_norm=l4.use_qk_norm and not nope, temperature=nope and l4.attn_temperature_tuning)
 
 
-def query_scale(l4: Llama4Args, positions: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def query_scale(l4: Llama4Args, positions: torch.Tensor) -> Optional[torch.Tensor]:
     """[rows or 1, seq, 1, 1] float32 factors for the queries of NoPE layers at `positions` (temperature
     tuning), or None without it. Made on the positions' device, once per step."""
     if not l4.attn_temperature_tuning:

@@ -329,7 +329,7 @@ class Transformer(nn.Module):
                                          requires_grad=False)
         self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device,
                                       self.args.rope_scale if self.args.use_scaled_rope else None,
-                                      *([] if self.args.llama4 is None else [self.args.llama4.rope_high_freq_factor or 1.0]))
+                                      self.args.rope_high_freq_factor)
         self.cache_positions = torch.arange(max_seq_len, device=device)  # attention's masks are made from it
         self.row_numbers = torch.arange(max_batch_size, device=device)[:, None]  # [rows, 1]: cache rows to write
         self.vocab_offset = self.output.weight.shape[0] * self.rank
@@ -434,7 +434,7 @@ class Transformer(nn.Module):
             chunk = self.args.llama4.attention_chunk_size
             if chunk is not None and span > chunk:  # else the chunk holds every key the call reads
                 chunk_bias = self._attention_bias(positions, span, rows, n, seq, chunk)
-            query_scale = llama4.query_scale(self.args.llama4, positions, self.act_dtype)
+            query_scale = llama4.query_scale(self.args.llama4, positions)
         at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias, chunk_bias, query_scale)
         for layer in self.layers:
             h = layer(h, at)
