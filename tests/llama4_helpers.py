@@ -8,11 +8,11 @@ import torch
 from llama_mp.checkpoints.llama4 import expert_hidden_dim
 from llama_mp.checkpoints.params import parse_params
 
-# 4 layers: 0 RoPE + dense, 1 RoPE + MoE, 2 NoPE + dense, 3 RoPE + MoE; chunks of 8 positions; qk norm;
+# 8 heads sharing 4 kv heads (1, 2 or 4 ranks). 4 layers: 0 RoPE + dense, 1 RoPE + MoE, 2 NoPE + dense, 3 RoPE + MoE; chunks of 8 positions; qk norm;
 # temperature tuning from position 3 on (floor_scale 4); top-2 of 8 experts (F = 48), dense FFN 176: decoding
 # 3 rows reads 6 chosen experts (the gathering path), a prompt runs every expert (the dense path).
 TINY_LLAMA4 = {
-    "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "ffn_dim_multiplier": 1.0,
+    "dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 16, "ffn_dim_multiplier": 1.0,
     "ffn_exp": 2.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
     "moe_args": {"num_experts": 8, "top_k": 2, "interleave_moe_layer_step": 2, "capacity_factor": 1.0,
                  "auto_scale_F": True},

@@ -156,9 +156,10 @@ def test_fused_and_expert_tensors_split_per_part_and_load_on_any_rank_count(l4):
     # 2 shards on 1 rank and 1 shard on 2 ranks: the rank's share is what a split says
     _, whole = checkpoint.load_rank_state_dict(dirs[2], args, 0, 1)
     assert set(whole) == set(state) and all(torch.equal(whole[k], state[k]) for k in state)
-    for rank in range(2):
-        _, share = checkpoint.load_rank_state_dict(dirs[1], args, rank, 2)
-        assert all(torch.equal(share[k], layout.split(k, state[k], args, 2, rank)) for k in state)
+    for shards, ranks in ((1, 2), (2, 4)):
+        for rank in range(ranks):
+            _, share = checkpoint.load_rank_state_dict(dirs[shards], args, rank, ranks)
+            assert all(torch.equal(share[k], layout.split(k, state[k], args, ranks, rank)) for k in state)
 
 
 def test_only_extra_state_bytes_are_dropped(l4, tmp_path):
@@ -173,7 +174,7 @@ def test_only_extra_state_bytes_are_dropped(l4, tmp_path):
 
 def test_bad_llama4_inputs_are_one_message_each(l4, tmp_path, l4_tokenizer_path):
     args, _, _, _ = l4
-    with pytest.raises(LlamaMPError, match=r"Llama 4 model .*the experts' width F 48.*Valid process counts: \[1, 2\]"):
+    with pytest.raises(LlamaMPError, match=r"Llama 4 model .*the experts' width F 48.*Valid process counts: \[1, 2, 4\]"):
         layout.require_split(args, 3, "This checkpoint", "process")
     # params.json says 8 experts, the shards hold 16
     write_random_checkpoint(str(tmp_path), tiny_args(args.vocab_size, moe_args={"num_experts": 16, "top_k": 2,
