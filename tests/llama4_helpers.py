@@ -8,9 +8,10 @@ import torch
 from llama_mp.checkpoints.llama4 import expert_hidden_dim
 from llama_mp.checkpoints.params import parse_params
 
-# 8 heads sharing 4 kv heads (1, 2 or 4 ranks). 4 layers: 0 RoPE + dense, 1 RoPE + MoE, 2 NoPE + dense, 3 RoPE + MoE; chunks of 8 positions; qk norm;
-# temperature tuning from position 3 on (floor_scale 4); top-2 of 8 experts (F = 48), dense FFN 176: decoding
-# 3 rows reads 6 chosen experts (the gathering path), a prompt runs every expert (the dense path).
+# 8 heads sharing 4 kv heads (1, 2 or 4 ranks). 4 layers: 0 RoPE + dense, 1 RoPE + MoE, 2 NoPE + dense,
+# 3 RoPE + MoE; chunks of 8 positions; qk norm; temperature tuning from position 3 on (floor_scale 4); top-2
+# of 8 experts (F = 48), dense FFN 176: decoding 3 rows reads 6 chosen experts (the gathering path), a prompt
+# runs every expert (the dense path).
 TINY_LLAMA4 = {
     "dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 16, "ffn_dim_multiplier": 1.0,
     "ffn_exp": 2.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
