@@ -162,6 +162,42 @@ def test_fused_and_expert_tensors_split_per_part_and_load_on_any_rank_count(l4):
             assert all(torch.equal(share[k], layout.split(k, state[k], args, ranks, rank)) for k in state)
 
 
+def unfused(shard, args, shards):
+    """A shard of the shipped layout in Meta's unfused names (its model's parameter names)."""
+    out, hd, e = {}, args.head_dim, args.llama4.num_experts
+    for key, t in shard.items():
+        layer, _, name = key.partition(".")[2].partition(".") if key.startswith("layers.") else ("", "", key)
+        p = f"layers.{layer}." if layer else ""
+        if name == "attention.wqkv.weight":
+            sizes = [args.n_heads * hd // shards, args.kv_heads * hd // shards, args.kv_heads * hd // shards]
+            out.update(zip((p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"),
+                           t.split(sizes)))
+        elif name == "feed_forward.mlp.fc1_weight":
+            out[p + "feed_forward.w1.weight"], out[p + "feed_forward.w3.weight"] = t.chunk(2)
+        elif name.startswith("feed_forward.experts.moe_w_"):
+            inner = {"in": "w1", "swiglu": "w3", "out": "w2"}[name.split("_")[3]]
+            out[p + "feed_forward.experts." + inner] = t.reshape(e, -1, t.shape[-1])
+        else:
+            renamed = {"attention.wqkv.layer_norm_weight": "attention_norm.weight", "feed_forward.norm.weight": "ffn_norm.weight",
+                       "feed_forward.mlp.layer_norm_weight": "ffn_norm.weight", "feed_forward.mlp.fc2_weight": "feed_forward.w2.weight",
+                       "feed_forward.w_in_shared_FD.weight": "feed_forward.shared_expert.w1.weight",
+                       "feed_forward.w_swiglu_FD.weight": "feed_forward.shared_expert.w3.weight",
+                       "feed_forward.w_out_shared_DF.weight": "feed_forward.shared_expert.w2.weight"}
+            out[p + renamed.get(name, name)] = t
+    return out
+
+
+def test_metas_unfused_names_load_as_the_shipped_layout(l4, tmp_path):
+    args, state, dirs, _ = l4
+    for path in checkpoint.shard_paths(dirs[2]):
+        torch.save(unfused(checkpoint.load_shard(path), args, 2), tmp_path / os.path.basename(path))
+    with open(tmp_path / "params.json", "w") as f:
+        json.dump(args.to_json_dict(), f)
+    assert "layers.1.feed_forward.experts.w2" in torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    _, whole = checkpoint.load_rank_state_dict(str(tmp_path), args, 0, 1)
+    assert set(whole) == set(state) and all(torch.equal(whole[k], state[k]) for k in state)
+
+
 def test_only_extra_state_bytes_are_dropped(l4, tmp_path):
     _, _, dirs, _ = l4
     shard = checkpoint.load_shard(checkpoint.shard_paths(dirs[2])[0])

@@ -300,6 +300,59 @@ def shape_summary(shapes: Dict[str, Tuple[int, ...]], args) -> List[str]:
     return []
 
 
+# Meta's unfused names (its model's own parameter names, which its load hooks accept too) and the shipped
+# name each stands for; the fused ones are joined per shard, and the experts' [E, D, F] tensors viewed as
+# [E * D, F] (a view: no copy).
+_UNFUSED_EXPERTS = {"feed_forward.experts.w1": "feed_forward.experts.moe_w_in_eD_F",
+                    "feed_forward.experts.w3": "feed_forward.experts.moe_w_swiglu_eD_F",
+                    "feed_forward.experts.w2": "feed_forward.experts.moe_w_out_eF_D"}
+_UNFUSED_RENAMED = {"attention_norm.weight": "attention.wqkv.layer_norm_weight",
+                    "feed_forward.shared_expert.w1.weight": "feed_forward.w_in_shared_FD.weight",
+                    "feed_forward.shared_expert.w3.weight": "feed_forward.w_swiglu_FD.weight",
+                    "feed_forward.shared_expert.w2.weight": "feed_forward.w_out_shared_DF.weight",
+                    "feed_forward.router_DE": "feed_forward.router_DE", "feed_forward.w2.weight": "feed_forward.mlp.fc2_weight"}
+_UNFUSED_JOINED = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+                   "feed_forward.mlp.fc1_weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
+
+
+def has_unfused_names(sd) -> bool:
+    """Whether a shard uses Meta's unfused Llama 4 names: its MoE layers' experts as `experts.w1` [E, D, F]."""
+    return any(isinstance(k, str) and k.endswith(".feed_forward.experts.w1") for k in sd)
+
+
+def fused_names(sd):
+    """A shard in Meta's unfused names as the shipped layout names it (wq, wk, wv joined into wqkv and w1, w3
+    into mlp.fc1_weight, both per shard as Meta's checkpoints hold them; every other tensor a view)."""
+    import re
+
+    import torch
+
+    out, by_layer = {}, {}
+    for key, t in sd.items():
+        m = re.match(r"^layers\.(\d+)\.(.+)$", key)
+        if m:
+            by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = t
+        else:
+            out[key] = t
+    for i, names in sorted(by_layer.items()):
+        p, moe = f"layers.{i}.", "feed_forward.experts.w1" in names
+        used = set()
+        for fused, parts in _UNFUSED_JOINED.items():
+            if all(part in names for part in parts):
+                out[p + fused] = torch.cat([names[part] for part in parts])
+                used.update(parts)
+        for name, t in names.items():
+            if name in used:
+                continue
+            if name in _UNFUSED_EXPERTS:
+                out[p + _UNFUSED_EXPERTS[name]] = t.reshape(-1, t.shape[-1]) if t.dim() == 3 else t
+            elif name == "ffn_norm.weight":
+                out[p + ("feed_forward.norm.weight" if moe else "feed_forward.mlp.layer_norm_weight")] = t
+            else:
+                out[p + _UNFUSED_RENAMED.get(name, name)] = t
+    return out
+
+
 def split_rules(args) -> List[Tuple[str, int]]:
     """(what, size) of everything a rank or shard count must divide."""
     rules = [("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("dim", args.dim)]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..dtypes import DTYPES, largest_finite
 from ..errors import LlamaMPError
 from ..quant.scheme import scales_problem
-from . import layout
+from . import layout, llama4
 from .params import ModelArgs
 
 StateDict = Dict[str, torch.Tensor]
@@ -114,6 +114,8 @@ def load_shard(path: str) -> StateDict:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LlamaMPError(f"{path} does not hold a state dict of tensors, so it is not a Meta consolidated "
                            "shard. Convert other formats with `llama-mp convert`.")
+    if llama4.has_unfused_names(sd):  # Meta's Llama 4 model names (experts.w1, wq, ...): read as shipped ones
+        sd = llama4.fused_names(sd)
     return sd
 
 
