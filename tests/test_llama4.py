@@ -106,7 +106,8 @@ def test_scout_params_are_llama4_with_meta_defaults():
 
     freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
     long = 2 * torch.pi / freqs.double() >= 8192  # Meta's Llama 4 scaling: these divided by 16, the rest kept
-    angles = rotary_tables(128, 2, 500000.0, torch.device("cpu"), args.rope_scale, args.rope_high_freq_factor)[1].angle()
+    table = rotary_tables(128, 2, 500000.0, torch.device("cpu"), args.rope_scale, args.rope_high_freq_factor)
+    angles = table[1].angle()
     torch.testing.assert_close(angles, torch.where(long, freqs / 16, freqs), rtol=1e-6, atol=0)
     assert [args.llama4.is_nope_layer(i) for i in range(4)] == [False, False, False, True]
     assert layout.valid_world_sizes(args) == [1, 2, 4, 8]
@@ -178,8 +179,9 @@ def unfused(shard, args, shards):
             inner = {"in": "w1", "swiglu": "w3", "out": "w2"}[name.split("_")[3]]
             out[p + "feed_forward.experts." + inner] = t.reshape(e, -1, t.shape[-1])
         else:
-            renamed = {"attention.wqkv.layer_norm_weight": "attention_norm.weight", "feed_forward.norm.weight": "ffn_norm.weight",
-                       "feed_forward.mlp.layer_norm_weight": "ffn_norm.weight", "feed_forward.mlp.fc2_weight": "feed_forward.w2.weight",
+            renamed = {"attention.wqkv.layer_norm_weight": "attention_norm.weight",
+                       "feed_forward.norm.weight": "ffn_norm.weight", "feed_forward.mlp.layer_norm_weight": "ffn_norm.weight",
+                       "feed_forward.mlp.fc2_weight": "feed_forward.w2.weight",
                        "feed_forward.w_in_shared_FD.weight": "feed_forward.shared_expert.w1.weight",
                        "feed_forward.w_swiglu_FD.weight": "feed_forward.shared_expert.w3.weight",
                        "feed_forward.w_out_shared_DF.weight": "feed_forward.shared_expert.w2.weight"}
@@ -288,11 +290,14 @@ def test_llama4_tokenizer_specials_and_stops(meta_tokenizer):
     from llama_mp.runtime.chat import encode_dialog
 
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    expected = ([200000, 200005] + tok.encode("system", bos=False, eos=False) + [200006] + tok.encode("\n\n", bos=False, eos=False)
-                + tok.encode("Be brief.", bos=False, eos=False) + [200008, 200005] + tok.encode("user", bos=False, eos=False)
-                + [200006] + tok.encode("\n\n", bos=False, eos=False) + tok.encode("Hi", bos=False, eos=False)
-                + [200008, 200005] + tok.encode("assistant", bos=False, eos=False) + [200006]
-                + tok.encode("\n\n", bos=False, eos=False))
+    def text(t):
+        return tok.encode(t, bos=False, eos=False)
+
+    def header(role):
+        return [200005] + text(role) + [200006] + text("\n\n")  # header_start role header_end, a blank line
+
+    expected = [200000] + header("system") + text("Be brief.") + [200008] + header("user") + text("Hi") + [200008]
+    expected += header("assistant")
     assert encode_dialog(tok, dialog) == expected
 
 

@@ -125,7 +125,8 @@ def parse_fields(raw: Dict[str, Any], core: Dict[str, Any]) -> Tuple[Optional[Ll
     moe = raw.get("moe_args")
     if moe is not None:
         if not isinstance(moe, dict):
-            problems.append(f"moe_args must be an object such as {{\"num_experts\": 16, \"top_k\": 1}}, got {moe!r:.60}")
+            problems.append(f"moe_args must be an object such as {{\"num_experts\": 16, \"top_k\": 1}}, "
+                            f"got {moe!r:.60}")
         else:
             unknown = sorted(set(moe) - set(MOE_FIELDS))
             if unknown:
@@ -136,7 +137,8 @@ def parse_fields(raw: Dict[str, Any], core: Dict[str, Any]) -> Tuple[Optional[Ll
             if "num_experts" not in moe:
                 problems.append("moe_args has no num_experts")
             if "capacity_factor" in moe:
-                values["capacity_factor"] = _positive_float("moe_args.capacity_factor", moe["capacity_factor"], problems)
+                values["capacity_factor"] = _positive_float("moe_args.capacity_factor", moe["capacity_factor"],
+                                                            problems)
             if "auto_scale_F" in moe:
                 values["auto_scale_F"] = _bool("moe_args.auto_scale_F", moe["auto_scale_F"], problems)
     for name in ("nope_layer_interval", "attention_chunk_size"):
@@ -310,7 +312,7 @@ _UNFUSED_RENAMED = {"attention_norm.weight": "attention.wqkv.layer_norm_weight",
                     "feed_forward.shared_expert.w1.weight": "feed_forward.w_in_shared_FD.weight",
                     "feed_forward.shared_expert.w3.weight": "feed_forward.w_swiglu_FD.weight",
                     "feed_forward.shared_expert.w2.weight": "feed_forward.w_out_shared_DF.weight",
-                    "feed_forward.router_DE": "feed_forward.router_DE", "feed_forward.w2.weight": "feed_forward.mlp.fc2_weight"}
+                    "feed_forward.w2.weight": "feed_forward.mlp.fc2_weight"}
 _UNFUSED_JOINED = {"attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
                    "feed_forward.mlp.fc1_weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}
 

@@ -64,7 +64,8 @@ class DenseMLP(FeedForward):
     def __init__(self, shapes, prefix: str, comm: Collectives):
         nn.Module.__init__(self)
         self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = Weight(shapes[prefix + "mlp.fc1.weight"]), Weight(shapes[prefix + "mlp.fc2.weight"])
+        self.mlp.fc1 = Weight(shapes[prefix + "mlp.fc1.weight"])
+        self.mlp.fc2 = Weight(shapes[prefix + "mlp.fc2.weight"])
         self.comm = comm
         self.gate_up = self.down = None
 
