@@ -10,12 +10,12 @@ from llama_mp.checkpoints.params import parse_params
 
 # 8 heads sharing 4 kv heads (1, 2 or 4 ranks). 4 layers: 0 RoPE + dense, 1 RoPE + MoE, 2 NoPE + dense,
 # 3 RoPE + MoE; chunks of 8 positions; qk norm; temperature tuning from position 3 on (floor_scale 4); top-2
-# of 8 experts (F = 48), dense FFN 176: decoding 3 rows reads 6 chosen experts (the gathering path), a prompt
-# runs every expert (the dense path).
+# of 32 experts (F = 48), dense FFN 176: decoding 3 rows reads 6 chosen experts (the gathering path), a
+# prompt runs every expert (the dense path).
 TINY_LLAMA4 = {
     "dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 16, "ffn_dim_multiplier": 1.0,
     "ffn_exp": 2.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
-    "moe_args": {"num_experts": 8, "top_k": 2, "interleave_moe_layer_step": 2, "capacity_factor": 1.0,
+    "moe_args": {"num_experts": 32, "top_k": 2, "interleave_moe_layer_step": 2, "capacity_factor": 1.0,
                  "auto_scale_F": True},
     "nope_layer_interval": 3, "attention_chunk_size": 8, "use_qk_norm": True,
     "attn_temperature_tuning": True, "floor_scale": 4.0, "attn_scale": 0.5,

@@ -214,15 +214,15 @@ def test_bad_llama4_inputs_are_one_message_each(l4, tmp_path, l4_tokenizer_path)
     args, _, _, _ = l4
     with pytest.raises(LlamaMPError, match=r"Llama 4 model .*the experts' width F 48.*Valid process counts: \[1, 2, 4\]"):
         layout.require_split(args, 3, "This checkpoint", "process")
-    # params.json says 8 experts, the shards hold 16
+    # params.json says 32 experts, the shards hold 16
     write_random_checkpoint(str(tmp_path), tiny_args(args.vocab_size, moe_args={"num_experts": 16, "top_k": 2,
                                                                                 "interleave_moe_layer_step": 2}), 1)
     with open(tmp_path / "params.json", "w") as f:
         json.dump(args.to_json_dict(), f)
     from workers import build
 
-    with pytest.raises(LlamaMPError, match=r"num_experts 8, but the shard's routers choose among 16 experts .*"
-                                           r"moe_w_in_eD_F has shape \[1024, 48\] but params.json implies \[512, 48\]"):
+    with pytest.raises(LlamaMPError, match=r"num_experts 32, but the shard's routers choose among 16 experts .*"
+                                           r"moe_w_in_eD_F has shape \[1024, 48\] but params.json implies \[2048, 48\]"):
         build(str(tmp_path), l4_tokenizer_path, decoder="pytorch")
     with pytest.raises(LlamaMPError, match="cpu_kernels cannot run Llama 4"):
         build(str(tmp_path), l4_tokenizer_path, decoder="cpu_kernels")

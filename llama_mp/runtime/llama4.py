@@ -12,10 +12,10 @@ Llama 4 (`ModelArgs.llama4`; its checkpoint layout is checkpoints/llama4.py's).
   the ranks' partial outputs meet in one sum per layer, as in a dense FFN. Other layers are a dense
   SwiGLU FFN stored as Meta's `mlp.fc1_weight` ([w1; w3] of each shard) and `mlp.fc2_weight`.
 
-Routing needs no host read: a step with fewer (token, choice) pairs than experts (decoding) gathers
-only the chosen experts' slices and multiplies by them; a longer call (a prompt chunk) runs every expert
-on every token with the unchosen ones' inputs scaled by 0 (exactly Meta's reference), which costs
-E / top_k times the routed FLOPs but no data-dependent shapes.
+Routing needs no host read: a step with at most E / 3 (token, choice) pairs (decoding a few rows)
+gathers only the chosen experts' slices and multiplies by them; a longer call (a prompt chunk, a large
+batch) runs every expert on every token with the unchosen ones' inputs scaled by 0 (exactly Meta's
+reference), which costs E / top_k times the routed FLOPs but no data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ class MoE(nn.Module):
         w_swiglu = self.experts.moe_w_swiglu_eD_F.weight.view(e, dim, -1)
         w_out = self.experts.moe_w_out_eF_D.weight.view(e, -1, dim)                   # [E, F/N, D]
         out = swiglu(self.shared_gate_up, self.shared_down, tokens)
-        if chosen.numel() < e:  # few tokens (decoding): only the chosen experts' slices are read
+        # Gathering copies each chosen slice and reads it again: cheaper than reading every expert's slice
+        # while 3 * (token, choice) pairs <= E (decoding a few rows).
+        if 3 * chosen.numel() <= e:  # few tokens (decoding): only the chosen experts' slices are read
             which = chosen.reshape(-1)
             routed_in = (tokens[:, None, :] * gates[..., None]).reshape(-1, 1, dim)   # [a*k, 1, D]
             middle = F.silu(torch.bmm(routed_in, w_in[which])) * torch.bmm(routed_in, w_swiglu[which])
