@@ -337,3 +337,15 @@ def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syn
     reads = syncs.reads()
     assert [r[1] for r in reads] == ["__bool__"] * (syncs.steps // K), reads  # the stop check only
     assert syncs.uploads() == []
+
+
+def test_bench_counts_only_the_chosen_experts_of_a_decode_step(l4, l4_tokenizer_path):
+    from llama_mp.tools.bench import bytes_read_per_token
+    from workers import build
+
+    args, state, dirs, _ = l4
+    model = build(dirs[1], l4_tokenizer_path, decoder="pytorch").model
+    expert_bytes = sum(t.numel() * 4 for k, t in state.items() if ".experts." in k)  # float32, both MoE layers
+    every = bytes_read_per_token(model, batch=100)  # a large batch runs every expert
+    e, k = args.llama4.num_experts, args.llama4.top_k
+    assert every - bytes_read_per_token(model, batch=1) == expert_bytes * (e - k) // e // 2 * 2

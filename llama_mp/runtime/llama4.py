@@ -102,6 +102,20 @@ class MoE(nn.Module):
             holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
                                          requires_grad=False)
 
+    def gathers(self, pairs: int) -> bool:
+        """Whether a call with `pairs` (token, choice) pairs reads only the chosen experts: gathering copies
+        each chosen slice and reads it again, cheaper than reading every expert's slice while 3 * pairs <= E."""
+        return 3 * pairs <= self.num_experts
+
+    def unread_bytes(self, rows: int) -> int:
+        """Bytes of routed-expert weights a decode step of `rows` rows does not read (at most rows * top_k
+        experts are chosen when it gathers; every expert is read otherwise)."""
+        if not self.gathers(rows * self.top_k):
+            return 0
+        size = sum(getattr(self.experts, name).weight.numel() * getattr(self.experts, name).weight.element_size()
+                   for name in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"))
+        return size * (self.num_experts - rows * self.top_k) // self.num_experts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dim, e = x.shape, x.shape[-1], self.num_experts
         tokens = x.reshape(-1, dim)                                                   # [a, D]
@@ -111,9 +125,7 @@ class MoE(nn.Module):
         w_swiglu = self.experts.moe_w_swiglu_eD_F.weight.view(e, dim, -1)
         w_out = self.experts.moe_w_out_eF_D.weight.view(e, -1, dim)                   # [E, F/N, D]
         out = swiglu(self.shared_gate_up, self.shared_down, tokens)
-        # Gathering copies each chosen slice and reads it again: cheaper than reading every expert's slice
-        # while 3 * (token, choice) pairs <= E (decoding a few rows).
-        if 3 * chosen.numel() <= e:  # few tokens (decoding): only the chosen experts' slices are read
+        if self.gathers(chosen.numel()):  # few tokens (decoding): only the chosen experts' slices are read
             which = chosen.reshape(-1)
             routed_in = (tokens[:, None, :] * gates[..., None]).reshape(-1, 1, dim)   # [a*k, 1, D]
             middle = F.silu(torch.bmm(routed_in, w_in[which])) * torch.bmm(routed_in, w_swiglu[which])
