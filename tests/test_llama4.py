@@ -58,9 +58,12 @@ def l4(tmp_path_factory, l4_tokenizer_path):
 
 
 def add_meta_extras(ckpt_dir, args):
-    """What Meta's Llama 4 shards hold besides the weights: io.BytesIO `_extra_state` entries and gate stats."""
+    """What Meta's Llama 4 shards hold besides the text weights: io.BytesIO `_extra_state` entries, gate
+    statistics and the vision encoder's weights."""
     for path in checkpoint.shard_paths(ckpt_dir):
         shard = torch.load(path, weights_only=True)
+        shard["vision_embeddings.vision_encoder.conv1._linear.weight"] = torch.ones(8, 12)
+        shard["vision_projection.weight"] = torch.ones(args.dim // 2, 16)
         for i in range(args.n_layers):
             shard[f"layers.{i}.attention.wqkv._extra_state"] = io.BytesIO(b"\x00" * 8)
             shard[f"layers.{i}.attention.wo._extra_state"] = io.BytesIO(b"state")
@@ -141,7 +144,7 @@ def test_bad_llama4_params_name_every_problem():
 # Layout and loading
 
 
-def test_fused_and_expert_tensors_split_per_part_and_load_on_any_rank_count(l4):
+def test_fused_and_expert_tensors_split_per_part_and_load_on_any_rank_count(l4, tmp_path):
     args, state, dirs, _ = l4
     key = "layers.1.feed_forward.experts.moe_w_out_eF_D"
     f, e = expert_hidden_dim(args), args.llama4.num_experts
@@ -157,6 +160,12 @@ def test_fused_and_expert_tensors_split_per_part_and_load_on_any_rank_count(l4):
     # 2 shards on 1 rank and 1 shard on 2 ranks: the rank's share is what a split says
     _, whole = checkpoint.load_rank_state_dict(dirs[2], args, 0, 1)
     assert set(whole) == set(state) and all(torch.equal(whole[k], state[k]) for k in state)
+    from llama_mp.checkpoints.reshard import reshard
+
+    out = str(tmp_path / "mp1")
+    reshard(dirs[2], out, 1, progress=False)  # the text weights, whole; the vision ones and the extras left out
+    written = checkpoint.load_shard(checkpoint.shard_paths(out)[0])
+    assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
     for shards, ranks in ((1, 2), (2, 4)):
         for rank in range(ranks):
             _, share = checkpoint.load_rank_state_dict(dirs[shards], args, rank, ranks)

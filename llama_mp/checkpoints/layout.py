@@ -44,17 +44,22 @@ from .params import ModelArgs
 
 
 class _IgnoredKeys:
-    """Keys of a shard that no model reads: LLaMA 1's `rope.freqs`, and Llama 4's router statistics of
-    training in every layer (llama4.IGNORED_LAYER_NAMES)."""
+    """Keys of a shard that no model reads: LLaMA 1's `rope.freqs`, Llama 4's vision weights (text only) and
+    its router statistics of training in every layer (llama4.IGNORED_LAYER_NAMES)."""
 
     def __contains__(self, key) -> bool:
-        if key == "rope.freqs":
+        if key == "rope.freqs" or is_vision_key(key):
             return True
         m = _LAYER_KEY.match(key) if isinstance(key, str) else None
         return m is not None and any(m.group(2) in own.IGNORED_LAYER_NAMES for own in OWN_LAYOUTS.values())
 
 
 IGNORED_KEYS = _IgnoredKeys()
+
+
+def is_vision_key(key) -> bool:
+    """Whether `key` is a weight of Llama 4's vision encoder or projection (llama_mp runs the text model)."""
+    return isinstance(key, str) and key.startswith(("vision_embeddings.", "vision_projection."))
 
 # Per model family: the dimension each tensor is split along (None: replicated). Keys inside a layer
 # are given without their "layers.N." prefix.

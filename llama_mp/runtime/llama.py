@@ -178,6 +178,8 @@ class Llama:
             return model
 
         model = ready_on_every_rank(group, load, max_batch_size, max_seq_len, load_timeout_s)
+        if model.args.llama4 is not None and model.args.llama4.has_vision:
+            log(group, "note: this Llama 4 checkpoint's vision encoder is not read; llama_mp runs its text model.")
         weights = "" if loaded["scheme"] is None else f"weights {loaded['scheme'].describe()}, "
         log(group, f"Loaded {ckpt_dir} on {group.world_size} rank(s) ({group.backend}, {group.device.type}, "
                    f"{weights}{str(loaded['dtype']).replace('torch.', '')}, {loaded['decoder'].name}) in "
