@@ -1,6 +1,6 @@
 """Llama 4 (Scout 17B-16E, Maverick 17B-128E, text): everything in which its checkpoints differ from
-Llama 1/2/3, in one place. params.py, layout.py and meta.py ask here once they know the family
-(`ModelArgs.llama4` is set); nothing else branches on it.
+Llama 1/2/3, in one place. params.py asks here for the fields, layout.py (registered in its
+OWN_LAYOUTS) and meta.py for the layout once they know the family (`ModelArgs.llama4` is set).
 
 * params.json: Meta's Llama 4 fields (`moe_args`, `nope_layer_interval`, `attention_chunk_size`,
   `use_qk_norm`, `use_scaled_rope` with Meta's Llama 4 defaults, `attn_temperature_tuning` /
@@ -8,7 +8,7 @@ Llama 1/2/3, in one place. params.py, layout.py and meta.py ask here once they k
   into `Llama4Args` (`parse_fields`), with Meta's defaults for what a file leaves out.
 * The layout of Meta's shards (fairscale splits, `consolidated.NN.pth`), per layer:
   `attention.wqkv.weight` fused [q; k; v] *of each shard* (the whole tensor is [q; k; v] of the whole
-  model, each of the three split on its own: `SEGMENTED`), `attention.wo.weight` (row-parallel),
+  model, each of the three split on its own: `segments`), `attention.wo.weight` (row-parallel),
   `attention.wqkv.layer_norm_weight`; MoE layers `feed_forward.norm.weight`, `feed_forward.router_DE`
   [dim, E] (replicated), the routed experts `feed_forward.experts.moe_w_in_eD_F` / `moe_w_swiglu_eD_F`
   [E*dim, F] (split along F) and `moe_w_out_eF_D` [E*F, dim] (split along F *inside every expert*), the
@@ -17,7 +17,9 @@ Llama 1/2/3, in one place. params.py, layout.py and meta.py ask here once they k
   `feed_forward.mlp.fc1_weight` ([w1; w3] of each shard), `feed_forward.mlp.fc2_weight` and
   `feed_forward.mlp.layer_norm_weight`; the embedding and output split by vocabulary rows.
   The shards also hold non-tensor `_extra_state` entries (io.BytesIO) and gate statistics that inference
-  never reads: meta.load_shard drops the first, `IGNORED_LAYER_NAMES` the second.
+  never reads: meta.load_shard drops the first, `IGNORED_LAYER_NAMES` the second (and layout.py the
+  vision encoder's weights). Meta's unfused names (its model's parameter names: `experts.w1`, `wq`...)
+  are read as the shipped ones (`fused_names`).
 * The model's own names for the tensors whose checkpoint names are not `<module>.weight`
   (`MODEL_NAMES`): the runtime (runtime/llama4.py) holds the norms as attention_norm / ffn_norm, like
   every other family, and the experts and mlp matrices as `<name>.weight`.
