@@ -104,6 +104,10 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
             raise LlamaMPError(f"{where} has no {name!r}; it is not a Llama config.json.")
         return config[name]
 
+    if config.get("model_type") in ("llama4", "llama4_text"):
+        raise LlamaMPError(f"{where} describes a Hugging Face Llama 4 model, which llama_mp cannot convert yet; run "
+                           "Meta's own checkpoint folder (consolidated.NN.pth, params.json: the `original/` folder "
+                           "of Meta's repositories) as it is, see docs/llama4.md.")
     if config.get("model_type", "llama") != "llama":
         raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; only Llama "
                            "(model_type 'llama', LlamaForCausalLM) checkpoints can be converted.")
