@@ -104,6 +104,10 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
             raise LlamaMPError(f"{where} has no {name!r}; it is not a Llama config.json.")
         return config[name]
 
+    if config.get("model_type") in ("llama4", "llama4_text"):
+        raise LlamaMPError(f"{where} describes a Hugging Face Llama 4 model, which llama_mp cannot convert yet; run "
+                           "Meta's own checkpoint folder (consolidated.NN.pth, params.json: the `original/` folder "
+                           "of Meta's repositories) as it is, see docs/llama4.md.")
     if config.get("model_type", "llama") != "llama":
         raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; only Llama "
                            "(model_type 'llama', LlamaForCausalLM) checkpoints can be converted.")
@@ -377,6 +381,11 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
     Meta tensors fetched one at a time by `tensor(key)`; one file's tensors are in memory at once.
     With `tie_word_embeddings` no lm_head.weight is written (transformers uses the embedding)."""
     from safetensors.torch import save_file
+
+    if args.family == "llama4":
+        raise LlamaMPError("Converting Llama 4 to Hugging Face format is not implemented yet (its experts and fused "
+                           "tensors need Llama4ForCausalLM's layout); Llama 4 runs from Meta's folder as it is, and "
+                           "`llama-mp reshard` changes its shard count.")
 
     shapes = layout.full_shapes(args)
     if tie_word_embeddings:

@@ -39,9 +39,27 @@ import torch
 from ..checks import is_int
 from ..errors import LlamaMPError
 from ..quant.scheme import INT4_GROUP_SIZES, Scheme
+from . import llama4
 from .params import ModelArgs
 
-IGNORED_KEYS = frozenset({"rope.freqs"})
+
+class _IgnoredKeys:
+    """Keys of a shard that no model reads: LLaMA 1's `rope.freqs`, Llama 4's vision weights (text only) and
+    its router statistics of training in every layer (llama4.IGNORED_LAYER_NAMES)."""
+
+    def __contains__(self, key) -> bool:
+        if key == "rope.freqs" or is_vision_key(key):
+            return True
+        m = _LAYER_KEY.match(key) if isinstance(key, str) else None
+        return m is not None and any(m.group(2) in own.IGNORED_LAYER_NAMES for own in OWN_LAYOUTS.values())
+
+
+IGNORED_KEYS = _IgnoredKeys()
+
+
+def is_vision_key(key) -> bool:
+    """Whether `key` is a weight of Llama 4's vision encoder or projection (llama_mp runs the text model)."""
+    return isinstance(key, str) and key.startswith(("vision_embeddings.", "vision_projection."))
 
 # Per model family: the dimension each tensor is split along (None: replicated). Keys inside a layer
 # are given without their "layers.N." prefix.
@@ -64,6 +82,11 @@ SPLIT_DIMS = {
     # Llama 3.x: fairscale's VocabParallelEmbedding splits the embedding by vocabulary rows.
     "llama3": {**_LLAMA, "tok_embeddings.weight": 0},
 }
+# Families whose layout is a module of its own (the next one is a new file and a line here). Such a module
+# gives SPLIT_DIMS, IGNORED_LAYER_NAMES, MODEL_NAMES, full_shapes, splits, split_message, segments,
+# split_tensor, merge_tensors and QUANTIZE_PROBLEM.
+OWN_LAYOUTS = {"llama4": llama4}
+SPLIT_DIMS.update({name: module.SPLIT_DIMS for name, module in OWN_LAYOUTS.items()})
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Cut by kv head, and replicated once there are more ranks than kv heads.
 _KV_KEYS = frozenset({"attention.wk.weight", "attention.wv.weight", "attention.wk.scales", "attention.wv.scales"})
@@ -74,9 +97,14 @@ OUTPUT_SCHEME = Scheme("int8")
 
 
 def family(args: Optional[ModelArgs]) -> str:
-    """The model family whose layout `args` describes: "llama" (LLaMA 1, Llama 2, Code Llama) or
-    "llama3". None (params unknown, as for a damaged folder) gives the LLaMA family's table."""
+    """The model family whose layout `args` describes: "llama" (LLaMA 1, Llama 2, Code Llama), "llama3"
+    or "llama4". None (params unknown, as for a damaged folder) gives the LLaMA family's table."""
     return "llama" if args is None else args.family
+
+
+def own_layout(args: Optional[ModelArgs]):
+    """The module of `args`'s family if its layout is one of its own (OWN_LAYOUTS), else None."""
+    return OWN_LAYOUTS.get(family(args))
 
 
 def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:
@@ -122,6 +150,8 @@ def element_size(key: str, args: Optional[ModelArgs], float_size: int) -> int:
 def scheme_problem(args: ModelArgs, scheme: Scheme) -> Optional[str]:
     """Why `scheme` cannot quantize this model's layers (int4 groups that do not divide the inputs of a
     linear layer: dim for wq wk wv wo w1 w3, the FFN width for w2), or None."""
+    if own_layout(args) is not None and own_layout(args).QUANTIZE_PROBLEM:
+        return own_layout(args).QUANTIZE_PROBLEM
     for what, inputs in (("dim", args.dim), ("FFN width", args.ffn_hidden_dim)):
         if not scheme.divides(inputs):
             fitting = [str(g) for g in INT4_GROUP_SIZES if inputs % g == 0]
@@ -150,6 +180,8 @@ def pieces(key: str, args: Optional[ModelArgs], count: int, index: int = 0) -> T
 def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """Shape of every tensor of the whole (unsplit) model, in Meta's key order."""
     assert args.vocab_size > 0, "full_shapes needs a known vocab_size"
+    if own_layout(args) is not None:
+        return own_layout(args).full_shapes(args)
     d, hidden, kv = args.dim, args.ffn_hidden_dim, args.kv_heads * args.head_dim
     shapes: Dict[str, Tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
@@ -214,6 +246,8 @@ def valid_world_sizes(args: ModelArgs, limit: int = 64) -> List[int]:
 def splits(args: ModelArgs, n: int) -> bool:
     """Whether `n` processes or shards split the model as `valid_world_sizes` says. A count above n_heads
     never does, so asking costs nothing whatever `n` is."""
+    if own_layout(args) is not None:
+        return own_layout(args).splits(args, n)
     must_divide = [args.n_heads, args.ffn_hidden_dim, args.dim]
     if args.vocab_size > 0:
         must_divide.append(args.vocab_size)
@@ -228,6 +262,8 @@ def require_split(args: ModelArgs, count, subject: str, unit: str, advice: str =
     naming the counts that would. `subject` says what is being split, e.g. "This checkpoint (DIR)"."""
     if is_int(count) and splits(args, count):
         return
+    if own_layout(args) is not None:
+        raise LlamaMPError(own_layout(args).split_message(args, count, subject, unit, valid_world_sizes(args), advice))
     raise LlamaMPError(
         f"{subject} (n_heads {args.n_heads}, n_kv_heads {args.kv_heads}, FFN {args.ffn_hidden_dim}, dim "
         f"{args.dim}, vocab {args.vocab_size}) cannot be split over {count!r} {unit}{'es' if unit == 'process' else 's'}: "
@@ -250,6 +286,9 @@ def split(key: str, tensor: torch.Tensor, args: ModelArgs, num_shards: int, inde
     if dim is None:
         return tensor
     parts, part = pieces(key, args, num_shards, index)
+    segs = segments(key, args)
+    if segs is not None:
+        return own_layout(args).split_tensor(tensor, dim, segs, parts, part)
     return tensor.chunk(parts, dim=dim)[part]
 
 
@@ -260,7 +299,30 @@ def merge(key: str, shards: List[torch.Tensor], args: ModelArgs) -> torch.Tensor
     if dim is None:
         return shards[0]
     parts, _ = pieces(key, args, len(shards))
+    segs = segments(key, args)
+    if segs is not None:
+        return own_layout(args).merge_tensors(shards[::len(shards) // parts], dim, segs)
     return torch.cat(shards[::len(shards) // parts], dim=dim)
+
+
+def segments(key: str, args: Optional[ModelArgs]) -> Optional[List[int]]:
+    """For a tensor whose parts are each split on their own (Llama 4's fused wqkv, [w1; w3] and the
+    experts' output matrices: llama4.segments), the parts' sizes along its split dim; else None."""
+    own = own_layout(args)
+    if own is None:
+        return None
+    m = _LAYER_KEY.match(key)
+    return own.segments(m.group(2) if m else key, args)
+
+
+def model_key(key: str, args: Optional[ModelArgs]) -> str:
+    """The name the runtime model gives tensor `key` of a checkpoint (the same, except for Llama 4's
+    tensors whose names are not `<module>.weight`: llama4.MODEL_NAMES)."""
+    own = own_layout(args)
+    m = _LAYER_KEY.match(key) if own is not None else None
+    if not m:
+        return key
+    return f"layers.{m.group(1)}.{own.MODEL_NAMES.get(m.group(2), m.group(2))}"
 
 
 def first_replica(key: str, args: ModelArgs, num_shards: int, index: int) -> int:

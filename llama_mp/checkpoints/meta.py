@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
 import re
 import sys
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ..dtypes import DTYPES, largest_finite
 from ..errors import LlamaMPError
 from ..quant.scheme import scales_problem
-from . import layout
+from . import layout, llama4
 from .params import ModelArgs
 
 StateDict = Dict[str, torch.Tensor]
@@ -95,16 +96,26 @@ def require_finite_copy(key: str, where: str, piece: torch.Tensor, written: torc
 
 
 def load_shard(path: str) -> StateDict:
-    """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet."""
+    """Open one shard lazily (mmap, tensors only): no pickled code runs, no page is read yet.
+
+    Llama 4's shards also hold `<module>._extra_state` entries, io.BytesIO objects of the training code
+    (empty of anything inference uses): the loader's allowlist admits that one class and nothing else,
+    and they are dropped here, so nothing is lost and every other non-tensor is still refused."""
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        with torch.serialization.safe_globals([io.BytesIO]):
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt zip archives
         raise LlamaMPError(f"Cannot read shard {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
                            "The file is truncated or corrupt; download it again and run "
                            "`llama-mp verify` on the folder.") from None
+    if isinstance(sd, dict):
+        sd = {k: v for k, v in sd.items()
+              if not (isinstance(v, io.BytesIO) and isinstance(k, str) and k.endswith("._extra_state"))}
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LlamaMPError(f"{path} does not hold a state dict of tensors, so it is not a Meta consolidated "
                            "shard. Convert other formats with `llama-mp convert`.")
+    if llama4.has_unfused_names(sd):  # Meta's Llama 4 model names (experts.w1, wq, ...): read as shipped ones
+        sd = llama4.fused_names(sd)
     return sd
 
 
@@ -245,6 +256,9 @@ def check_tensors(sd: StateDict, expected: Dict[str, Tuple[int, ...]], where: st
     if ties_output(sd) and not can_tie_output(args, num_shards):
         raise LlamaMPError(f"{where}: {tied_output_problem(num_shards)}.")
     problems = shape_problems(tied_shapes(sd), expected)
+    own = layout.own_layout(args)
+    if problems and own is not None:  # what the family can say more plainly goes first (Llama 4: experts)
+        problems = own.shape_summary(tensor_shapes(sd), args) + problems
     if problems:
         raise LlamaMPError(f"{where} does not match params.json: " + "; ".join(problems[:8])
                            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -312,7 +326,17 @@ def share_of(key: str, args: ModelArgs, shards: Dict[int, StateDict], num_shards
     # A tied output layer is cut from the embedding exactly as output.weight would be (check_tensors
     # has made sure the two slices coincide).
     distinct = {k // replicas: sd[stored_key(key, sd)] for k, sd in shards.items()}
-    return dim, rank_pieces(distinct, dim, parts_in, part, parts_out)
+    segs = layout.segments(key, args)
+    if segs is None:
+        return dim, rank_pieces(distinct, dim, parts_in, part, parts_out)
+    # Parts split on their own (Llama 4's fused wqkv, [w1; w3], experts): each part's pieces in turn.
+    pieces, start = [], 0
+    for size in segs:
+        views = {k: t.narrow(dim, start // parts_in, size // parts_in) for k, t in distinct.items()}
+        pieces += [(start // parts_out + offset, piece)
+                   for offset, piece in rank_pieces(views, dim, parts_in, part, parts_out)]
+        start += size
+    return dim, pieces
 
 
 class RankSlices:

@@ -104,7 +104,13 @@ def open_meta(src: str, allow_quantized: bool = False):
         if index == 0:
             args = checkpoint.resolve_vocab(args, shard, path, len(paths))
             expected = layout.shard_shapes(args, len(paths))
-            keys = list(shard)  # keep Meta's own key order (and LLaMA 1's rope.freqs, replicated)
+            # Meta's own key order (and LLaMA 1's rope.freqs, replicated); Llama 4's vision weights and router
+            # statistics are not read by llama_mp, so they are not written either (no split rule is known).
+            keys = [k for k in shard if k == "rope.freqs" or k not in layout.IGNORED_KEYS]
+            dropped = len(shard) - len(keys)
+            if dropped:
+                print(f"note: {dropped} tensor(s) that llama_mp does not read (Llama 4's vision encoder, router "
+                      "statistics) are not copied.", file=sys.stderr)
         checkpoint.check_tensors(shard, expected, path, args, len(paths))
     return args, paths, keys
 

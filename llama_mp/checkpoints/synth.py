@@ -22,7 +22,8 @@ from .reshard import save_consolidated
 REPO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "assets", "tokenizer.model"))
 SHARED_TOKENIZERS = {"llama": SHARED_TOKENIZER,
-                     "llama3": os.path.join(os.path.dirname(SHARED_TOKENIZER), "llama3-tokenizer.model")}
+                     "llama3": os.path.join(os.path.dirname(SHARED_TOKENIZER), "llama3-tokenizer.model"),
+                     "llama4": os.path.join(os.path.dirname(SHARED_TOKENIZER), "llama4-tokenizer.model")}
 
 
 def random_tensor(key: str, shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,7 +48,7 @@ def write_random_checkpoint(ckpt_dir: str, args: ModelArgs, num_shards: int, see
     """Write a random checkpoint; return its whole state dict. params.json says vocab_size -1 like
     Meta's files unless `vocab_in_params`."""
     state = random_state_dict(args, seed, dtype)
-    written = args if vocab_in_params or args.family == "llama3" else args.with_vocab(-1)  # as Meta's files
+    written = args if vocab_in_params or args.family in ("llama3", "llama4") else args.with_vocab(-1)  # as Meta's
     save_consolidated(ckpt_dir, written, state, num_shards)
     return state
 
@@ -117,10 +118,11 @@ def write_tiny_tiktoken(path: str, merges: int = 64) -> str:
 
 def find_or_make_tokenizer(fallback_path: str, shared: Optional[str] = SHARED_TOKENIZER, family: str = "llama") -> str:
     """The family's real tokenizer from ../shared when it exists (`shared`, or the family's file), else a
-    freshly made tiny one: a SentencePiece model for LLaMA / Llama 2, a tiktoken file for Llama 3."""
+    freshly made tiny one: a SentencePiece model for LLaMA / Llama 2, a tiktoken file for Llama 3 and 4
+    (a Llama 4 model reads it with Llama 4's 2048 special tokens)."""
     shared = SHARED_TOKENIZERS[family] if shared is SHARED_TOKENIZER else shared
     if shared and os.path.isfile(shared):
         return os.path.abspath(shared)
     if not os.path.isfile(fallback_path):
-        (write_tiny_tiktoken if family == "llama3" else train_tiny_tokenizer)(fallback_path)
+        (write_tiny_tiktoken if family in ("llama3", "llama4") else train_tiny_tokenizer)(fallback_path)
     return fallback_path

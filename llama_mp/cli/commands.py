@@ -36,8 +36,9 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
           dtype: str = "float32", tokenizer: str = None, overwrite: bool = False, family: str = "llama") -> None:
     """Write a random checkpoint with MP shards in Meta's exact layout, for demos and benchmarks.
 
-    --family llama (LLaMA / Llama 2 layout and SentencePiece tokenizer) or llama3 (Llama 3.1: embedding
-    split by vocabulary rows, scaled rope with theta 500000, tiktoken tokenizer). The tokenizer is the
+    --family llama (LLaMA / Llama 2 layout and SentencePiece tokenizer), llama3 (Llama 3.1: embedding
+    split by vocabulary rows, scaled rope with theta 500000, tiktoken tokenizer) or llama4 (Meta's Llama 4
+    layout: MoE and dense layers, NoPE, chunked attention, qk norm; Llama 4's tokenizer). The tokenizer is the
     family's file in ../shared/assets when present (or --tokenizer), else a tiny one made on the spot;
     it is copied next to the shards as tokenizer.model and the vocabulary is sized to it unless
     --vocab_size is given. MP must split every head, the FFN, the embedding and the
@@ -55,7 +56,7 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
         tok_dst = os.path.join(out, "tokenizer.model")
         made = None if tokenizer is not None else find_or_make_tokenizer(tok_dst, family=family)
         copy_tokenizer(out, tokenizer, made)
-        vocab = vocab_size or Tokenizer(tok_dst).n_words
+        vocab = vocab_size or Tokenizer(tok_dst, family).n_words
         args = parse_params({"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
                              "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5,
                              **FAMILY_PARAMS[family]}, where="synth options")
@@ -87,7 +88,14 @@ def require_synth_fits(out_dir: str, args, dtype) -> None:
     require_room(out_dir, os.path.dirname(os.path.abspath(out_dir)), size)
 
 
-FAMILY_PARAMS = {"llama": {}, "llama3": {"rope_theta": 500000.0, "use_scaled_rope": True}}
+FAMILY_PARAMS = {"llama": {}, "llama3": {"rope_theta": 500000.0, "use_scaled_rope": True},
+                 # Scout's kinds of layer at a small size: MoE (4 experts, top 1) every other layer, the others
+                 # dense as in Maverick, NoPE every 4th layer, chunks of 16 positions, qk norm, temperature tuning.
+                 "llama4": {"rope_theta": 500000.0, "ffn_exp": 4.0, "ffn_dim_multiplier": 1.2,
+                            "moe_args": {"num_experts": 4, "top_k": 1, "interleave_moe_layer_step": 2,
+                                         "capacity_factor": 1.0, "auto_scale_F": True},
+                            "nope_layer_interval": 4, "attention_chunk_size": 16, "use_qk_norm": True,
+                            "attn_temperature_tuning": True, "floor_scale": 8192.0, "attn_scale": 0.1}}
 
 
 def _note(message: str) -> None:

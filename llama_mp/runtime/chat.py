@@ -116,7 +116,7 @@ def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> b
     """Whether Meta's Llama 2 guard refuses `dialog`: its text contains the [INST] / <<SYS>> tags, which
     would let a user forge turns. Never for a Llama 3 tokenizer, whose turn markers are special ids that
     text cannot produce."""
-    if tokenizer is not None and tokenizer.family == "llama3":
+    if tokenizer is not None and tokenizer.family in ("llama3", "llama4"):
         return False
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
@@ -130,8 +130,13 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = 
         return _encode_llama3_dialog(tokenizer, offer_tools(list(dialog), tools, tool_format, choice_prompt, date),
                                      tool_format)
     if tools or any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog):
-        raise LlamaMPError("Tool calling needs a Llama 3.1 or later checkpoint (its tokenizer has the ipython "
-                           "role and <|python_tag|>); this is a Llama 2 tokenizer, whose chat format has no tools.")
+        raise LlamaMPError(f"Tool calling needs a Llama 3.1-3.3 checkpoint (its tokenizer has the ipython role and "
+                           f"<|python_tag|>); this is a {tokenizer.family} tokenizer, whose chat format here has no "
+                           "tools. Put the tool's description and results in user messages instead.")
+    if tokenizer.family == "llama4":
+        from .llama4_tokenizer import encode_dialog as encode_llama4_dialog
+
+        return encode_llama4_dialog(tokenizer, dialog)
     return _encode_llama2_dialog(tokenizer, dialog)
 
 

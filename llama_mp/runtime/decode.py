@@ -170,7 +170,7 @@ def steps_per_stop_check_for(device: torch.device) -> int:
 
 
 def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
-                   scheme: Optional[Scheme] = None) -> Decoder:
+                   scheme: Optional[Scheme] = None, family: Optional[str] = None) -> Decoder:
     """The decoder `name` (one of DECODERS) for a model in `weight_dtype` on `device`, its layer matrices
     quantized by `scheme` if given (the kernels then take float16 models too). A Decoder made already
     is returned as it is: e.g. `choose_decoder("static", torch.device("cuda"), ...)`, what a GPU gets,
@@ -194,6 +194,9 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                                f"takes bfloat16 activations, not {str(weight_dtype).replace('torch.', '')}; use "
                                "--dtype bfloat16, or --decoder pytorch.")
         return CompiledDecoder(float_projection_for(device), steps_per_stop_check_for(device), device.type)
+    if family == "llama4" and name == "cpu_kernels":
+        raise LlamaMPError("--decoder cpu_kernels cannot run Llama 4 (the C kernels have no mixture-of-experts, "
+                           "NoPE or chunked attention layers); use --decoder pytorch or static (auto picks pytorch).")
     if name == "cpu_kernels":
         dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
         if device.type != "cpu" or weight_dtype not in dtypes:
@@ -202,6 +205,6 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                                f"{device.type} with {str(weight_dtype).replace('torch.', '')}; use --decoder auto.")
         cpu.library(required=True)
         return CpuKernelDecoder()
-    if cpu.usable(device, weight_dtype, scheme):
+    if family != "llama4" and cpu.usable(device, weight_dtype, scheme):
         return CpuKernelDecoder()
     return Decoder(float_projection_for(device), steps_per_stop_check_for(device))

@@ -74,13 +74,15 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     `cache_dtype`, by default the same), see the module docstring for what is counted. `packed`: the
     quantized matrices multiply through torch's packed kernels (`--decoder compiled`), not dequantised."""
     size = DTYPE_BYTES[dtype]
-    one_layer = dataclasses.replace(args, n_layers=1)  # layers are alike: count one, then multiply
+    # Layers are alike: count one, then multiply (Llama 4's MoE and dense layers differ: count them all).
+    alike = args.llama4 is None
+    one_layer = dataclasses.replace(args, n_layers=1) if alike else args
     full, shard = layout.full_shapes(one_layer), layout.shard_shapes(one_layer, ranks)
     embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])
     stored = {key: math.prod(shape) * layout.element_size(key, args, size) for key, shape in shard.items()}
     per_layer = sum(b for key, b in stored.items() if key.startswith("layers."))
     rest = sum(b for key, b in stored.items() if not key.startswith("layers."))
-    weights = args.n_layers * per_layer + rest + embedding_rest * size
+    weights = (args.n_layers if alike else 1) * per_layer + rest + embedding_rest * size
     local_kv = layout.local_kv_heads(args, ranks)
     kv_cache = 2 * args.n_layers * batch * seq * local_kv * args.head_dim * DTYPE_BYTES[cache_dtype or dtype]
     logits = 2 * batch * args.vocab_size * 4

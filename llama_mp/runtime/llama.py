@@ -32,7 +32,8 @@ from .tokenizer import Tokenizer
 from .tools import Tool, parse_calls
 
 
-FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken")}
+FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken"),
+                "llama4": ("Llama 4", "tiktoken, 2048 special tokens")}
 
 
 def quantize_scheme(quantize: Optional[str], group_size: Optional[int]) -> Optional[Scheme]:
@@ -154,11 +155,12 @@ class Llama:
             require_int("max_seq_len", max_seq_len, 2)
             require_int("max_batch_size", max_batch_size, 1)
             loaded["dtype"] = torch_dtype = choose_dtype(dtype, group.device)
-            loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path)
             params = load_params(ckpt_dir)
+            loaded["tokenizer"] = tokenizer = Tokenizer(tokenizer_path, params.family)
             if scheme is not None:
                 refuse_quantized(params, ckpt_dir)
-            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme)
+            loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme,
+                                                       params.family)
             family = params.family
             if tokenizer.family != family:  # before any weight is read
                 (tok_name, tok_kind), (name, kind) = FAMILY_NAMES[tokenizer.family], FAMILY_NAMES[family]
@@ -178,6 +180,8 @@ class Llama:
             return model
 
         model = ready_on_every_rank(group, load, max_batch_size, max_seq_len, load_timeout_s)
+        if model.args.llama4 is not None and model.args.llama4.has_vision:
+            log(group, "note: this Llama 4 checkpoint's vision encoder is not read; llama_mp runs its text model.")
         weights = "" if loaded["scheme"] is None else f"weights {loaded['scheme'].describe()}, "
         log(group, f"Loaded {ckpt_dir} on {group.world_size} rank(s) ({group.backend}, {group.device.type}, "
                    f"{weights}{str(loaded['dtype']).replace('torch.', '')}, {loaded['decoder'].name}) in "

@@ -52,7 +52,7 @@ def load_checkpoint(ckpt_dir: str, group: Group, dtype: torch.dtype, decoder: De
     ever holds the full-precision model. The model's dtype is that of its activations, embedding and norms."""
     slices = rank_slices(ckpt_dir, group.rank, group.world_size, scheme)
     model = empty_model(slices.args, group, dtype, decoder, max_batch_size, max_seq_len)
-    targets = model.state_dict()  # views of the tensors the decoder allocated
+    targets = model.checkpoint_tensors()  # views of the tensors the decoder allocated
     assert set(targets) == set(slices.keys()), "the model's tensors are the layout's"
     with torch.no_grad():
         for key in tqdm(slices.keys(), desc="loading", unit="tensor", file=sys.stderr,
@@ -77,7 +77,7 @@ def random_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Dec
     float_args = args.with_scheme(None)
     full, local = layout.full_shapes(float_args), layout.shard_shapes(float_args, group.world_size)
     g = make_generator(group.device, seed * 1000 + group.rank)  # drawn where they go: a GPU draws 8B in ms
-    targets = model.state_dict()
+    targets = model.checkpoint_tensors()
     with torch.no_grad():
         for key, target in targets.items():
             quantized = layout.scheme_of(key, args)

@@ -69,7 +69,7 @@ class RMSNorm(Weight):
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device,
-                  scale: Optional[float] = None) -> torch.Tensor:
+                  scale: Optional[float] = None, high_freq_factor: float = 4.0) -> torch.Tensor:
     """Unit complex numbers e^(i * position * frequency), complex64 [max_seq_len, head_dim // 2].
 
     With `scale` (Llama 3.1's scaled rope), frequencies whose wavelength is longer than the original
@@ -77,7 +77,7 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.d
     between are blended smoothly; computed in float64 from the float32 frequencies, as Meta does."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     if scale is not None:
-        freqs = scaled_rope_frequencies(freqs, scale)
+        freqs = scaled_rope_frequencies(freqs, scale, high_freq_factor=high_freq_factor)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -90,7 +90,8 @@ def scaled_rope_frequencies(freqs: torch.Tensor, scale: float, original_context:
     long_wave, short_wave = original_context / low_freq_factor, original_context / high_freq_factor
     blend = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
     between = (1 - blend) * f / scale + blend * f
-    scaled = torch.where(wavelength < short_wave, f, torch.where(wavelength > long_wave, f / scale, between))
+    # With high_freq_factor == low_freq_factor (Llama 4) nothing lies between, and `between` is unused.
+    scaled = torch.where(wavelength < short_wave, f, torch.where(wavelength >= long_wave, f / scale, between))
     return scaled.to(freqs.dtype)
 
 
@@ -132,15 +133,34 @@ class StepInputs(NamedTuple):
     span: int                       # cache positions attention reads, 0..span-1
     bias: Optional[torch.Tensor]    # [count, 1, seq, span]: 0 where a query sees a key, -inf elsewhere;
                                     # None: every query sees the keys up to its own, the last seq of span
+    chunk_bias: Optional[torch.Tensor] = None   # as bias, for chunked attention (Llama 4's RoPE layers)
+    query_scale: Optional[torch.Tensor] = None  # [rows or 1, seq, 1, 1]: Llama 4's attention temperature
+
+
+class LayerKind(NamedTuple):
+    """How a layer's attention differs from Llama 1/2/3's (Llama 4: runtime/llama4.py's `layer_kind`)."""
+
+    rope: bool = True            # rotary embedding (False: a NoPE layer)
+    chunked: bool = False        # attention within blocks of attention_chunk_size positions
+    qk_norm: bool = False        # weightless RMSNorm of q and k after rope
+    temperature: bool = False    # q scaled by at.query_scale
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, shapes, prefix: str, comm: Collectives):
+    def __init__(self, args: ModelArgs, shapes, prefix: str, comm: Collectives, kind: LayerKind = LayerKind()):
         super().__init__()
-        self.head_dim = args.head_dim
-        self.wq, self.wk, self.wv, self.wo = (Weight(shapes[f"{prefix}{name}.weight"]) for name in ("wq", "wk", "wv", "wo"))
-        self.n_local_heads = self.wq.weight.shape[0] // args.head_dim
-        self.n_local_kv_heads = self.wk.weight.shape[0] // args.head_dim
+        self.head_dim, self.kind, self.eps = args.head_dim, kind, args.norm_eps
+        if prefix + "wq.weight" in shapes:
+            self.wq, self.wk, self.wv = (Weight(shapes[f"{prefix}{name}.weight"]) for name in ("wq", "wk", "wv"))
+            self.n_local_heads = self.wq.weight.shape[0] // args.head_dim
+            self.n_local_kv_heads = self.wk.weight.shape[0] // args.head_dim
+            self.qkv_holders = [self.wq, self.wk, self.wv]
+        else:  # Llama 4: [q; k; v] of this rank's heads in one tensor, as Meta's shards store it
+            self.wqkv = Weight(shapes[prefix + "wqkv.weight"])
+            parts = (args.n_heads + 2 * args.kv_heads) * args.head_dim // self.wqkv.weight.shape[0]
+            self.n_local_heads, self.n_local_kv_heads = args.n_heads // parts, args.kv_heads // parts
+            self.qkv_holders = [self.wqkv]
+        self.wo = Weight(shapes[prefix + "wo.weight"])
         self.comm = comm
         self.qkv: Optional[Projection] = None  # q, k and v features of this rank, fused
         self.out: Optional[Projection] = None
@@ -149,7 +169,7 @@ class Attention(nn.Module):
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
                     max_seq_len: int, scheme: Optional[Scheme] = None) -> None:
-        self.qkv = decoder.projection([self.wq, self.wk, self.wv], dtype, device, scheme)
+        self.qkv = decoder.projection(self.qkv_holders, dtype, device, scheme)
         self.out = decoder.projection([self.wo], dtype, device, scheme)
         # [batch, kv_heads, seq, head_dim]: a block of rows and a prefix of the sequence axis is a view
         # that attention reads in place.
@@ -163,7 +183,13 @@ class Attention(nn.Module):
         rows, seq, _ = x.shape
         heads, kv_heads, hd = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         qkv = self.qkv(x).view(rows, seq, heads + 2 * kv_heads, hd)
-        qk = apply_rotary(qkv[:, :, :heads + kv_heads], at.rotation)  # q and k rotate together
+        qk = qkv[:, :, :heads + kv_heads]
+        if self.kind.rope:
+            qk = apply_rotary(qk, at.rotation)  # q and k rotate together
+        if self.kind.qk_norm:
+            qk = unit_rms_norm(qk, self.eps)
+        if self.kind.temperature:
+            qk = torch.cat([(qk[:, :, :heads] * at.query_scale).to(qk.dtype), qk[:, :, heads:]], dim=2)
         # Written in place (index_put_: only the new tokens' values move), before anything attends, so
         # a call's tokens see each other within their row (a prompt's causal attention).
         self.cache_k[at.cache_rows, :, at.positions] = qk[:, :, heads:]   # [rows, seq, kv_heads, hd]
@@ -173,6 +199,7 @@ class Attention(nn.Module):
         values = self.cache_v[block, :, :at.span]
         q = qk[:, :, :heads].transpose(1, 2)     # [rows, heads, seq, hd]
         index = at.rows.index
+        bias = at.chunk_bias if self.kind.chunked else at.bias
         if index is not None:  # rows in scattered cache rows: their queries go to their block rows
             q = q.new_zeros(at.rows.count, heads, seq, hd).index_copy_(0, index, q)
         if seq == 1:
@@ -180,13 +207,13 @@ class Attention(nn.Module):
             # in place (GQA without repeating a kv head); softmax in float32.
             grouped = q.reshape(q.shape[0], kv_heads, heads // kv_heads, hd) * hd ** -0.5
             scores = torch.matmul(grouped, keys.transpose(2, 3))         # [count, kv_heads, group, span]
-            if at.bias is not None:
-                scores = scores + at.bias
+            if bias is not None:
+                scores = scores + bias
             out = torch.matmul(_softmax_as(scores, q.dtype), values)    # [count, kv_heads, group, hd]
         else:
             # Prompts: SDPA's fused kernels (causal from position 0 with no mask at all, the fastest
             # there is); enable_gqa reads a kv head in place for its queries too, softmax in float32.
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.bias, is_causal=at.bias is None,
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, is_causal=bias is None,
                                                  enable_gqa=heads != kv_heads).transpose(1, 2)  # [count, seq, heads, hd]
         if index is not None:
             out = out.index_select(0, index)
@@ -207,16 +234,32 @@ class FeedForward(nn.Module):
         self.down = decoder.projection([self.w2], dtype, device, scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.comm.all_sum(self.down(F.silu(gate) * up))
+        return self.comm.all_sum(swiglu(self.gate_up, self.down, x))
+
+
+def swiglu(gate_up: Projection, down: Projection, x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a SwiGLU FFN, before the ranks' sum: down(silu(gate) * up), gate and up fused."""
+    gate, up = gate_up(x).chunk(2, dim=-1)
+    return down(F.silu(gate) * up)
+
+
+def unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight over the last axis, in float32, returned in x's dtype (Llama 4's qk norm)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).type_as(x)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, shapes, index: int, comm: Collectives):
         super().__init__()
         prefix = f"layers.{index}."
-        self.attention = Attention(args, shapes, prefix + "attention.", comm)
-        self.feed_forward = FeedForward(shapes, prefix + "feed_forward.", comm)
+        if args.llama4 is not None:
+            from . import llama4
+
+            self.attention = Attention(args, shapes, prefix + "attention.", comm, llama4.layer_kind(args, index))
+            self.feed_forward = llama4.feed_forward(args, shapes, prefix + "feed_forward.", comm, index)
+        else:
+            self.attention = Attention(args, shapes, prefix + "attention.", comm)
+            self.feed_forward = FeedForward(shapes, prefix + "feed_forward.", comm)
         self.attention_norm = RMSNorm(shapes[prefix + "attention_norm.weight"], args.norm_eps)
         self.ffn_norm = RMSNorm(shapes[prefix + "ffn_norm.weight"], args.norm_eps)
 
@@ -244,7 +287,8 @@ class Transformer(nn.Module):
         self.comm = group.collectives if group is not None else Collectives(0, 1, "none")
         # The holders take the float shapes [out, in]; a quantized model's projections (materialize) then
         # give them integer `weight` and `scales` views, as layout.py lays out a quantized checkpoint.
-        shapes = layout.shard_shapes(args.with_scheme(None), self.world_size)
+        shapes = {layout.model_key(key, args): shape
+                  for key, shape in layout.shard_shapes(args.with_scheme(None), self.world_size).items()}
         self.tok_embeddings = Weight(shapes["tok_embeddings.weight"])  # this rank's slice, until shared
         self.layers = nn.ModuleList(TransformerBlock(args, shapes, i, self.comm) for i in range(args.n_layers))
         self.norm = RMSNorm(shapes["norm.weight"], args.norm_eps)
@@ -255,6 +299,15 @@ class Transformer(nn.Module):
         self.act_dtype = torch.float32
         self.logits_of: Optional[Projection] = None
         self.unusable_from: Optional[int] = None  # local output ids from here on are never generated
+
+    def checkpoint_tensors(self) -> dict:
+        """This rank's tensors by their checkpoint names (layout.py's keys): the state dict, renamed where
+        a family's checkpoint names differ from the model's (Llama 4's norms, experts, mlp)."""
+        names = {layout.model_key(key, self.args): key for key in layout.full_shapes(self.args.with_scheme(None))}
+        state = self.state_dict()
+        if all(k == v for k, v in names.items()):
+            return state
+        return {names.get(key, key): tensor for key, tensor in state.items()}
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device, max_batch_size: int,
                     max_seq_len: int) -> None:
@@ -275,7 +328,8 @@ class Transformer(nn.Module):
             holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
                                          requires_grad=False)
         self.rotation = rotary_tables(self.args.head_dim, max_seq_len, self.args.rope_theta, device,
-                                      self.args.rope_scale if self.args.use_scaled_rope else None)
+                                      self.args.rope_scale if self.args.use_scaled_rope else None,
+                                      self.args.rope_high_freq_factor)
         self.cache_positions = torch.arange(max_seq_len, device=device)  # attention's masks are made from it
         self.row_numbers = torch.arange(max_batch_size, device=device)[:, None]  # [rows, 1]: cache rows to write
         self.vocab_offset = self.output.weight.shape[0] * self.rank
@@ -373,20 +427,32 @@ class Transformer(nn.Module):
         bias = None
         if not (causal and rows.index is None and (seq == 1 or seq == span)):
             bias = self._attention_bias(positions, span, rows, n, seq)
-        at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias)
+        chunk_bias, query_scale = bias, None
+        if self.args.llama4 is not None:
+            from . import llama4
+
+            chunk = self.args.llama4.attention_chunk_size
+            if chunk is not None and span > chunk:  # else the chunk holds every key the call reads
+                chunk_bias = self._attention_bias(positions, span, rows, n, seq, chunk)
+            query_scale = llama4.query_scale(self.args.llama4, positions)
+        at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias, chunk_bias, query_scale)
         for layer in self.layers:
             h = layer(h, at)
         return self.norm(h if all_positions else h[:, -1:])
 
-    def _attention_bias(self, positions, span: int, rows: CacheRows, n: int, seq: int) -> torch.Tensor:
+    def _attention_bias(self, positions, span: int, rows: CacheRows, n: int, seq: int,
+                        chunk: Optional[int] = None) -> torch.Tensor:
         """[count, 1, seq, span] additive bias: 0 where a block row's query sees a cached position (its
-        own position and before), -inf elsewhere; made once per call, in the activation dtype, so that
-        no layer converts a boolean mask again. Block rows no token row uses see position 0 only (a
-        finite result that nothing reads)."""
+        own position and before; with `chunk`, only those of its own block of `chunk` positions), -inf
+        elsewhere; made once per call, in the activation dtype, so that no layer converts a boolean mask
+        again. Block rows no token row uses see position 0 only (a finite result that nothing reads)."""
         query_positions = positions.expand(n, seq)
         if rows.index is not None:
             query_positions = query_positions.new_zeros(rows.count, seq).index_copy_(0, rows.index, query_positions)
-        hidden = self.cache_positions[:span] > query_positions[:, None, :, None]      # [count, 1, seq, span]
+        keys, queries = self.cache_positions[:span], query_positions[:, None, :, None]
+        hidden = keys > queries                                                        # [count, 1, seq, span]
+        if chunk is not None:
+            hidden |= keys < queries - queries % chunk
         return torch.zeros(hidden.shape, dtype=self.act_dtype, device=hidden.device).masked_fill_(hidden,
                                                                                                    float("-inf"))
 

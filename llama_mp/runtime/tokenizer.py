@@ -13,7 +13,7 @@ import binascii
 import codecs
 import os
 import re
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from ..errors import LlamaMPError
 
@@ -94,9 +94,13 @@ class Tokenizer:
     stop_ids: List[int]
     special_tokens: Dict[str, int]
 
-    def __new__(cls, model_path: str):
-        if cls is Tokenizer:  # the factory: pick the class for the file's format
-            cls = TiktokenTokenizer if _looks_like_tiktoken(model_path) else SentencePieceTokenizer
+    def __new__(cls, model_path: str, family: Optional[str] = None):
+        if cls is Tokenizer:  # the factory: pick the class for the file's format (and the model's family)
+            cls = SentencePieceTokenizer
+            if _looks_like_tiktoken(model_path):
+                from .llama4_tokenizer import Llama4Tokenizer, is_llama4_file
+
+                cls = Llama4Tokenizer if is_llama4_file(model_path, family) else TiktokenTokenizer
         return super().__new__(cls)
 
     def encode_naming_specials(self, text: str, bos: bool) -> List[int]:
@@ -161,7 +165,7 @@ class SentencePieceTokenizer(Tokenizer):
     family = "llama"
     byte_level = False  # pieces start with a space marker that decode drops at the start of a text
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, family: Optional[str] = None):
         from sentencepiece import SentencePieceProcessor
 
         try:
@@ -206,17 +210,22 @@ class TiktokenTokenizer(Tokenizer):
 
     family = "llama3"
     byte_level = True
+    specials = LLAMA3_SPECIALS
+    split_pattern = LLAMA3_SPLIT_PATTERN
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, family: Optional[str] = None):
         import tiktoken
 
         self.path = model_path
         ranks = self._read_ranks(model_path)
         n_base = len(ranks)
-        self.special_tokens = {name: n_base + i for i, name in enumerate(LLAMA3_SPECIALS)}
-        self.model = tiktoken.Encoding(name=os.path.basename(model_path), pat_str=LLAMA3_SPLIT_PATTERN,
+        self.special_tokens = {name: n_base + i for i, name in enumerate(self.specials)}
+        self.model = tiktoken.Encoding(name=os.path.basename(model_path), pat_str=self.split_pattern,
                                        mergeable_ranks=ranks, special_tokens=self.special_tokens)
-        self.n_words = n_base + LLAMA3_SPECIAL_COUNT
+        self.n_words = n_base + len(self.specials)
+        self._set_special_ids()
+
+    def _set_special_ids(self) -> None:
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
         self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]  # Meta's from 3.1 on (3.0: -1)

@@ -101,12 +101,14 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def bytes_read_per_token(model: Transformer) -> int:
-    """Weights one decode step streams from memory on this rank: all but the embedding table, of which
-    only one row is read."""
+def bytes_read_per_token(model: Transformer, batch: int = 1) -> int:
+    """Weights one decode step of `batch` rows streams from memory on this rank: all but the embedding
+    table, of which only one row is read, and (Llama 4) the routed experts no row chose."""
     emb = model.tok_embeddings.weight
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    unread = sum(layer.feed_forward.unread_bytes(batch) for layer in model.layers
+                 if hasattr(layer.feed_forward, "unread_bytes"))
+    return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size() - unread
 
 
 def run_bench(llama: Llama, batch: int, prompt_len: int, new_tokens: int, runs: int, warmup: int,
@@ -262,8 +264,9 @@ def bench(
     load_s = time.perf_counter()
 
     def make_model() -> Transformer:
-        chosen = choose_decoder(decoder, group.device, torch_dtype,
-                                scheme or (load_params(ckpt_dir).scheme if ckpt_dir else None))
+        params = load_params(ckpt_dir) if ckpt_dir else args
+        chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or (params.scheme if ckpt_dir else None),
+                                params.family)
         if ckpt_dir:
             return load_checkpoint(ckpt_dir, group, torch_dtype, chosen, batch, max_seq_len, scheme)
         return random_model(args, group, torch_dtype, chosen, batch, max_seq_len, seed, scheme)
@@ -275,7 +278,7 @@ def bench(
     reset_peak_memory(group.device)
     llama = Llama(net, _NoStop(), group)
     result = run_bench(llama, batch, prompt_len, new_tokens, runs, warmup, seed, temperature, top_p)
-    per_token = bytes_read_per_token(net)
+    per_token = bytes_read_per_token(net, batch)
     peaks = [peak_memory_bytes(group.device)]  # before the bandwidth probe adds its own buffer
     if group.world_size > 1:
         peaks = [None] * group.world_size

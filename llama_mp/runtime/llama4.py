@@ -1,0 +1,138 @@
+"""Llama 4's model pieces, used by model.py's one pass (`Transformer.step`) for a model whose params say
+Llama 4 (`ModelArgs.llama4`; its checkpoint layout is checkpoints/llama4.py's).
+
+* Layers: every `nope_layer_interval`-th layer has no rotary embedding (NoPE) and full causal attention;
+  the others rotate q and k, attend within blocks of `attention_chunk_size` positions (chunked causal
+  attention, at decode too, as transformers does) and, with `use_qk_norm`, normalise q and k after
+  rope (RMSNorm without a weight). With `attn_temperature_tuning`, NoPE layers scale q by
+  1 + attn_scale * log(1 + floor((position + 1) / floor_scale)) (`query_scale`).
+* Feed-forward: MoE layers (every `interleave_moe_layer_step`-th) route each token to the top_k experts
+  of the router's logits, scale the expert's *input* by the sigmoid of its logit (no renormalisation),
+  run SwiGLU experts and add the shared expert; each rank holds F/N of every expert (Meta's shards), so
+  the ranks' partial outputs meet in one sum per layer, as in a dense FFN. Other layers are a dense
+  SwiGLU FFN stored as Meta's `mlp.fc1_weight` ([w1; w3] of each shard) and `mlp.fc2_weight`.
+
+Routing needs no host read: a step with at most E / 3 (token, choice) pairs (decoding a few rows)
+gathers only the chosen experts' slices and multiplies by them; a longer call (a prompt chunk, a large
+batch) runs every expert on every token with the unchosen ones' inputs scaled by 0 (exactly Meta's
+reference), which costs E / top_k times the routed FLOPs but no data-dependent shapes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints.llama4 import Llama4Args
+from ..checkpoints.params import ModelArgs
+from ..distributed.collectives import Collectives
+from ..errors import LlamaMPError
+from ..quant.scheme import Scheme
+from .model import FeedForward, LayerKind, Weight, swiglu
+
+if TYPE_CHECKING:
+    from .decode import Decoder
+
+
+def layer_kind(args: ModelArgs, index: int) -> LayerKind:
+    l4 = args.llama4
+    nope = l4.is_nope_layer(index)
+    return LayerKind(rope=not nope, chunked=not nope and l4.attention_chunk_size is not None,
+                     qk_norm=l4.use_qk_norm and not nope, temperature=nope and l4.attn_temperature_tuning)
+
+
+def query_scale(l4: Llama4Args, positions: torch.Tensor) -> Optional[torch.Tensor]:
+    """[rows or 1, seq, 1, 1] float32 factors for the queries of NoPE layers at `positions` (temperature
+    tuning), or None without it. Made on the positions' device, once per step."""
+    if not l4.attn_temperature_tuning:
+        return None
+    scale = torch.log1p(torch.floor((positions.float() + 1.0) / l4.floor_scale)) * l4.attn_scale + 1.0
+    return scale[:, :, None, None]
+
+
+def feed_forward(args: ModelArgs, shapes, prefix: str, comm: Collectives, index: int) -> nn.Module:
+    return MoE(args, shapes, prefix, comm) if args.llama4.is_moe_layer(index) else DenseMLP(shapes, prefix, comm)
+
+
+class DenseMLP(FeedForward):
+    """A dense layer of Llama 4: Meta's `mlp.fc1_weight` holds this rank's [w1; w3], which is the fused
+    gate-and-up projection as it is; `mlp.fc2_weight` is w2. The math is FeedForward's."""
+
+    def __init__(self, shapes, prefix: str, comm: Collectives):
+        nn.Module.__init__(self)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = Weight(shapes[prefix + "mlp.fc1.weight"])
+        self.mlp.fc2 = Weight(shapes[prefix + "mlp.fc2.weight"])
+        self.comm = comm
+        self.gate_up = self.down = None
+
+    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device,
+                    scheme: Optional[Scheme] = None) -> None:
+        self.gate_up = decoder.projection([self.mlp.fc1], dtype, device, scheme)
+        self.down = decoder.projection([self.mlp.fc2], dtype, device, scheme)
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts layer of this rank: the router (replicated), its F/N slice of every routed
+    expert, in Meta's stored layout (`experts.moe_w_in_eD_F` [E*dim, F/N], `moe_w_swiglu_eD_F` likewise,
+    `moe_w_out_eF_D` [E*F/N, dim]), and of the shared expert."""
+
+    def __init__(self, args: ModelArgs, shapes, prefix: str, comm: Collectives):
+        super().__init__()
+        self.num_experts, self.top_k, self.comm = args.llama4.num_experts, args.llama4.top_k, comm
+        self.router_DE = Weight(shapes[prefix + "router_DE.weight"])
+        self.experts = nn.Module()
+        for name in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"):
+            setattr(self.experts, name, Weight(shapes[prefix + f"experts.{name}.weight"]))
+        self.w_in_shared_FD, self.w_swiglu_FD, self.w_out_shared_DF = (
+            Weight(shapes[prefix + f"{name}.weight"]) for name in ("w_in_shared_FD", "w_swiglu_FD", "w_out_shared_DF"))
+        self.shared_gate_up = self.shared_down = None
+
+    def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device,
+                    scheme: Optional[Scheme] = None) -> None:
+        if scheme is not None:
+            raise LlamaMPError("llama_mp cannot quantize Llama 4's experts yet; load the model without --quantize.")
+        self.shared_gate_up = decoder.projection([self.w_in_shared_FD, self.w_swiglu_FD], dtype, device)
+        self.shared_down = decoder.projection([self.w_out_shared_DF], dtype, device)
+        for holder in (self.router_DE, self.experts.moe_w_in_eD_F, self.experts.moe_w_swiglu_eD_F,
+                       self.experts.moe_w_out_eF_D):
+            holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
+                                         requires_grad=False)
+
+    def gathers(self, pairs: int) -> bool:
+        """Whether a call with `pairs` (token, choice) pairs reads only the chosen experts: gathering copies
+        each chosen slice and reads it again, cheaper than reading every expert's slice while 3 * pairs <= E."""
+        return 3 * pairs <= self.num_experts
+
+    def unread_bytes(self, rows: int) -> int:
+        """Bytes of routed-expert weights a decode step of `rows` rows does not read (at most rows * top_k
+        experts are chosen when it gathers; every expert is read otherwise)."""
+        if not self.gathers(rows * self.top_k):
+            return 0
+        size = sum(getattr(self.experts, name).weight.numel() * getattr(self.experts, name).weight.element_size()
+                   for name in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"))
+        return size * (self.num_experts - rows * self.top_k) // self.num_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dim, e = x.shape, x.shape[-1], self.num_experts
+        tokens = x.reshape(-1, dim)                                                   # [a, D]
+        scores, chosen = torch.topk(tokens @ self.router_DE.weight, self.top_k, dim=-1)  # [a, k]
+        gates = torch.sigmoid(scores.float()).to(x.dtype)
+        w_in = self.experts.moe_w_in_eD_F.weight.view(e, dim, -1)                     # [E, D, F/N]
+        w_swiglu = self.experts.moe_w_swiglu_eD_F.weight.view(e, dim, -1)
+        w_out = self.experts.moe_w_out_eF_D.weight.view(e, -1, dim)                   # [E, F/N, D]
+        out = swiglu(self.shared_gate_up, self.shared_down, tokens)
+        if self.gathers(chosen.numel()):  # few tokens (decoding): only the chosen experts' slices are read
+            which = chosen.reshape(-1)
+            routed_in = (tokens[:, None, :] * gates[..., None]).reshape(-1, 1, dim)   # [a*k, 1, D]
+            middle = F.silu(torch.bmm(routed_in, w_in[which])) * torch.bmm(routed_in, w_swiglu[which])
+            out = out + torch.bmm(middle, w_out[which]).view(tokens.shape[0], -1, dim).sum(dim=1)
+        else:  # every expert on every token, the unchosen ones' inputs scaled by 0
+            weights = torch.zeros(tokens.shape[0], e, dtype=x.dtype, device=x.device).scatter_(1, chosen, gates)
+            routed_in = weights.t()[:, :, None] * tokens[None]                          # [E, a, D]
+            middle = F.silu(torch.bmm(routed_in, w_in)) * torch.bmm(routed_in, w_swiglu)
+            out = out + torch.bmm(middle, w_out).sum(dim=0)
+        return self.comm.all_sum(out.view(shape))

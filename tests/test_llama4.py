@@ -1,0 +1,360 @@
+"""Llama 4 (issue 23): params.json recognised, Meta's shard layout (fused wqkv, experts split inside every
+expert, router replicated, dense mlp.fc1/fc2, `_extra_state` entries), resharding at load, and the model
+(MoE + dense layers, NoPE with temperature tuning, chunked attention past one chunk, qk norm) against
+transformers' Llama4ForCausalLM in float32 on 1 and 2 ranks; Llama 4's tokenizer and chat format."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llama4_helpers import greedy_in_slots, hf_logits_and_greedy, hf_model, logits_and_greedy, tiny_args
+from llama_mp.checkpoints import layout
+from llama_mp.checkpoints import meta as checkpoint
+from llama_mp.checkpoints.llama4 import expert_hidden_dim
+from llama_mp.checkpoints.params import parse_params
+from llama_mp.checkpoints.synth import SHARED_TOKENIZERS, write_random_checkpoint, write_tiny_tiktoken
+from llama_mp.errors import LlamaMPError
+from llama_mp.runtime.tokenizer import Tokenizer
+from multiproc import run_ranks
+
+STEPS = 6
+SCOUT = {"dim": 5120, "n_layers": 48, "n_heads": 40, "n_kv_heads": 8, "vocab_size": 202048, "multiple_of": 2048,
+         "ffn_dim_multiplier": 1.2, "ffn_exp": 4.0, "norm_eps": 1e-05, "rope_theta": 500000.0,
+         "use_scaled_rope": True, "attention_chunk_size": 8192, "nope_layer_interval": 4, "use_qk_norm": True,
+         "moe_args": {"num_experts": 16, "capacity_factor": 1.0, "auto_scale_F": True, "top_k": 1,
+                      "interleave_moe_layer_step": 1},
+         "vision_args": {"image_size": {"height": 336, "width": 336}, "patch_size": {"height": 14, "width": 14},
+                         "dim": 1408, "n_layers": 34, "n_heads": 16, "mlp_ratio": 4.0, "output_dim": 4096,
+                         "pixel_shuffle_ratio": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def l4_tokenizer_path(tmp_path_factory):
+    """A tiny tiktoken file (320 ranks), read as Llama 4's (+ 2048 special tokens) for a Llama 4 model."""
+    return write_tiny_tiktoken(str(tmp_path_factory.mktemp("tok4") / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def l4(tmp_path_factory, l4_tokenizer_path):
+    """(args, whole state dict, {shards: checkpoint dir}, prompts): one random tiny Llama 4 written with 1 and 2
+    shards, the 2-shard one also holding Meta's `_extra_state` entries and gate statistics."""
+    tok = Tokenizer(l4_tokenizer_path, "llama4")
+    args = tiny_args(tok.n_words)
+    dirs = {}
+    for shards in (1, 2):
+        dirs[shards] = str(tmp_path_factory.mktemp(f"llama4_mp{shards}"))
+        state = write_random_checkpoint(dirs[shards], args, shards, seed=3)
+    add_meta_extras(dirs[2], args)
+    texts = ["The quick brown fox jumps over the lazy dog. A journey of a thousand",  # > 2 chunks of 8
+             "Once upon a time", "Model parallel"]
+    prompts = [tok.encode(t, bos=True, eos=False) for t in texts]
+    chunk = args.llama4.attention_chunk_size
+    assert len(prompts[0]) > 2 * chunk and len(prompts[0]) // chunk < (len(prompts[0]) + STEPS - 1) // chunk
+    return args, state, dirs, prompts
+
+
+def add_meta_extras(ckpt_dir, args):
+    """What Meta's Llama 4 shards hold besides the text weights: io.BytesIO `_extra_state` entries, gate
+    statistics and the vision encoder's weights."""
+    for path in checkpoint.shard_paths(ckpt_dir):
+        shard = torch.load(path, weights_only=True)
+        shard["vision_embeddings.vision_encoder.conv1._linear.weight"] = torch.ones(8, 12)
+        shard["vision_projection.weight"] = torch.ones(args.dim // 2, 16)
+        for i in range(args.n_layers):
+            shard[f"layers.{i}.attention.wqkv._extra_state"] = io.BytesIO(b"\x00" * 8)
+            shard[f"layers.{i}.attention.wo._extra_state"] = io.BytesIO(b"state")
+            if args.llama4.is_moe_layer(i):
+                shard[f"layers.{i}.feed_forward.global_gate_stats_3E"] = torch.zeros(3, args.llama4.num_experts)
+        torch.save(shard, path)
+
+
+@pytest.fixture(scope="module")
+def reference(l4):
+    """transformers' logits of prompts[0] and greedy ids of every prompt."""
+    args, state, _, prompts = l4
+    model = hf_model(args, state)
+    logits = hf_logits_and_greedy(model, prompts[0], 0)[0]
+    return logits, [hf_logits_and_greedy(model, p, STEPS)[1] for p in prompts]
+
+
+def until_stop(ids, stops):
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def check_against_reference(results, reference, stops):
+    ref_logits, ref_ids = reference
+    for logits, ids, _ in results:
+        if logits is not None:
+            np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4)
+        assert ids == [until_stop(r, stops) for r in ref_ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# params.json
+
+
+def test_scout_params_are_llama4_with_meta_defaults():
+    args = parse_params(SCOUT)
+    assert args.family == "llama4" and args.llama4.num_experts == 16 and args.llama4.has_vision
+    assert args.rope_scale == 16.0 and args.llama4.rope_high_freq_factor is None  # Meta's defaults: 16 and 1
+    assert expert_hidden_dim(args) == 8192 and args.head_dim == 128
+    from llama_mp.runtime.model import rotary_tables
+
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    long = 2 * torch.pi / freqs.double() >= 8192  # Meta's Llama 4 scaling: these divided by 16, the rest kept
+    table = rotary_tables(128, 2, 500000.0, torch.device("cpu"), args.rope_scale, args.rope_high_freq_factor)
+    angles = table[1].angle()
+    torch.testing.assert_close(angles, torch.where(long, freqs / 16, freqs), rtol=1e-6, atol=0)
+    assert [args.llama4.is_nope_layer(i) for i in range(4)] == [False, False, False, True]
+    assert layout.valid_world_sizes(args) == [1, 2, 4, 8]
+    maverick = parse_params({**SCOUT, "use_scaled_rope": False, "moe_args": {**SCOUT["moe_args"], "num_experts": 128,
+                                                                             "interleave_moe_layer_step": 2}})
+    assert maverick.ffn_hidden_dim == 16384 and not maverick.llama4.is_moe_layer(0) and maverick.llama4.is_moe_layer(1)
+    # Llama 3 stays Llama 3; Meta's default rope_theta for Llama 4 when a file leaves it out
+    assert parse_params({"dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 128256}).family == "llama3"
+    no_theta = {k: v for k, v in SCOUT.items() if k != "rope_theta"}
+    assert parse_params(no_theta).rope_theta == 500000.0
+    args = tiny_args(2368)
+    assert parse_params(json.loads(json.dumps(args.to_json_dict()))) == args
+
+
+def test_bad_llama4_params_name_every_problem():
+    bad = {**SCOUT, "moe_args": {"num_experts": 2, "top_k": 3, "experts_per_gpu": 1}, "use_qk_norm": "yes",
+           "attention_chunk_size": 0}
+    with pytest.raises(LlamaMPError) as e:
+        parse_params(bad)
+    text = str(e.value)
+    for part in ("experts_per_gpu", "use_qk_norm must be true or false", "attention_chunk_size must be a positive"):
+        assert part in text
+    with pytest.raises(LlamaMPError, match=r"quantization_args .* \(Maverick's FP8 experts"):
+        parse_params({**SCOUT, "quantization_args": {"scheme": "fp8_mixed"}})
+    assert parse_params({**SCOUT, "quantization_args": None, "lora_args": None}).family == "llama4"
+    with pytest.raises(LlamaMPError, match="top_k 3 is more than num_experts 2"):
+        parse_params({**SCOUT, "moe_args": {"num_experts": 2, "top_k": 3}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout and loading
+
+
+def test_fused_and_expert_tensors_split_per_part_and_load_on_any_rank_count(l4, tmp_path):
+    args, state, dirs, _ = l4
+    key = "layers.1.feed_forward.experts.moe_w_out_eF_D"
+    f, e = expert_hidden_dim(args), args.llama4.num_experts
+    pieces = [layout.split(key, state[key], args, 2, i) for i in range(2)]
+    # each shard holds half of every expert's F rows, expert by expert (Meta's layout)
+    assert torch.equal(pieces[1].view(e, f // 2, -1), state[key].view(e, f, -1)[:, f // 2:])
+    assert torch.equal(layout.merge(key, pieces, args), state[key])
+    qkv = "layers.0.attention.wqkv.weight"
+    hd = args.head_dim
+    shard1 = layout.split(qkv, state[qkv], args, 2, 1)
+    q, k, v = state[qkv].split([args.n_heads * hd, args.kv_heads * hd, args.kv_heads * hd])
+    assert torch.equal(shard1, torch.cat([q.chunk(2)[1], k.chunk(2)[1], v.chunk(2)[1]]))
+    # 2 shards on 1 rank and 1 shard on 2 ranks: the rank's share is what a split says
+    _, whole = checkpoint.load_rank_state_dict(dirs[2], args, 0, 1)
+    assert set(whole) == set(state) and all(torch.equal(whole[k], state[k]) for k in state)
+    from llama_mp.checkpoints.reshard import reshard
+
+    out = str(tmp_path / "mp1")
+    reshard(dirs[2], out, 1, progress=False)  # the text weights, whole; the vision ones and the extras left out
+    written = checkpoint.load_shard(checkpoint.shard_paths(out)[0])
+    assert written.keys() == state.keys() and all(torch.equal(written[k], state[k]) for k in state)
+    for shards, ranks in ((1, 2), (2, 4)):
+        for rank in range(ranks):
+            _, share = checkpoint.load_rank_state_dict(dirs[shards], args, rank, ranks)
+            assert all(torch.equal(share[k], layout.split(k, state[k], args, ranks, rank)) for k in state)
+
+
+def unfused(shard, args, shards):
+    """A shard of the shipped layout in Meta's unfused names (its model's parameter names)."""
+    out, hd, e = {}, args.head_dim, args.llama4.num_experts
+    for key, t in shard.items():
+        layer, _, name = key.partition(".")[2].partition(".") if key.startswith("layers.") else ("", "", key)
+        p = f"layers.{layer}." if layer else ""
+        if name == "attention.wqkv.weight":
+            sizes = [args.n_heads * hd // shards, args.kv_heads * hd // shards, args.kv_heads * hd // shards]
+            out.update(zip((p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"),
+                           t.split(sizes)))
+        elif name == "feed_forward.mlp.fc1_weight":
+            out[p + "feed_forward.w1.weight"], out[p + "feed_forward.w3.weight"] = t.chunk(2)
+        elif name.startswith("feed_forward.experts.moe_w_"):
+            inner = {"in": "w1", "swiglu": "w3", "out": "w2"}[name.split("_")[3]]
+            out[p + "feed_forward.experts." + inner] = t.reshape(e, -1, t.shape[-1])
+        else:
+            renamed = {"attention.wqkv.layer_norm_weight": "attention_norm.weight",
+                       "feed_forward.norm.weight": "ffn_norm.weight", "feed_forward.mlp.layer_norm_weight": "ffn_norm.weight",
+                       "feed_forward.mlp.fc2_weight": "feed_forward.w2.weight",
+                       "feed_forward.w_in_shared_FD.weight": "feed_forward.shared_expert.w1.weight",
+                       "feed_forward.w_swiglu_FD.weight": "feed_forward.shared_expert.w3.weight",
+                       "feed_forward.w_out_shared_DF.weight": "feed_forward.shared_expert.w2.weight"}
+            out[p + renamed.get(name, name)] = t
+    return out
+
+
+def test_metas_unfused_names_load_as_the_shipped_layout(l4, tmp_path):
+    args, state, dirs, _ = l4
+    for path in checkpoint.shard_paths(dirs[2]):
+        torch.save(unfused(checkpoint.load_shard(path), args, 2), tmp_path / os.path.basename(path))
+    with open(tmp_path / "params.json", "w") as f:
+        json.dump(args.to_json_dict(), f)
+    assert "layers.1.feed_forward.experts.w2" in torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    _, whole = checkpoint.load_rank_state_dict(str(tmp_path), args, 0, 1)
+    assert set(whole) == set(state) and all(torch.equal(whole[k], state[k]) for k in state)
+
+
+def test_only_extra_state_bytes_are_dropped(l4, tmp_path):
+    _, _, dirs, _ = l4
+    shard = checkpoint.load_shard(checkpoint.shard_paths(dirs[2])[0])
+    assert not any(k.endswith("_extra_state") for k in shard)
+    other = dict(shard, **{"layers.0.attention.wo.notes": io.BytesIO(b"x")})
+    torch.save(other, tmp_path / "consolidated.00.pth")
+    with pytest.raises(LlamaMPError, match="does not hold a state dict of tensors"):
+        checkpoint.load_shard(str(tmp_path / "consolidated.00.pth"))
+
+
+def test_bad_llama4_inputs_are_one_message_each(l4, tmp_path, l4_tokenizer_path):
+    args, _, _, _ = l4
+    with pytest.raises(LlamaMPError, match=r"Llama 4 model .*the experts' width F 48.*Valid process counts: \[1, 2, 4\]"):
+        layout.require_split(args, 3, "This checkpoint", "process")
+    # params.json says 32 experts, the shards hold 16
+    write_random_checkpoint(str(tmp_path), tiny_args(args.vocab_size, moe_args={"num_experts": 16, "top_k": 2,
+                                                                                "interleave_moe_layer_step": 2}), 1)
+    with open(tmp_path / "params.json", "w") as f:
+        json.dump(args.to_json_dict(), f)
+    from workers import build
+
+    with pytest.raises(LlamaMPError, match=r"num_experts 32, but the shard's routers choose among 16 experts .*"
+                                           r"moe_w_in_eD_F has shape \[1024, 48\] but params.json implies \[2048, 48\]"):
+        build(str(tmp_path), l4_tokenizer_path, decoder="pytorch")
+    with pytest.raises(LlamaMPError, match="cpu_kernels cannot run Llama 4"):
+        build(str(tmp_path), l4_tokenizer_path, decoder="cpu_kernels")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model against transformers
+
+
+@pytest.fixture(scope="module")
+def one_rank(l4, l4_tokenizer_path):
+    """The PyTorch decoder from the 2-shard checkpoint (with Meta's extras), the static one as a GPU gets it."""
+    _, _, dirs, prompts = l4
+    return logits_and_greedy([(dirs[2], "pytorch"), (dirs[1], "gpu:static")], l4_tokenizer_path, prompts, STEPS)
+
+
+def test_one_rank_matches_transformers(one_rank, reference, l4_tokenizer_path):
+    check_against_reference(one_rank, reference, Tokenizer(l4_tokenizer_path, "llama4").stop_ids)
+    assert one_rank[0][2] == one_rank[1][2]  # seeded samples: the same whatever the decoder
+
+
+@pytest.mark.parametrize("decoder", ["pytorch", "static"])
+def test_the_servers_scattered_rows_match_transformers(l4, reference, l4_tokenizer_path, decoder):
+    """Continuous batching's calls: prompts prefilled into rows 2, 0 and 1, then decoded together, out of order."""
+    _, _, dirs, prompts = l4
+    ids = greedy_in_slots(dirs[1], l4_tokenizer_path, prompts, [2, 0, 1], STEPS, decoder)
+    assert ids == reference[1]
+
+
+@pytest.mark.spawn
+def test_two_ranks_match_transformers_from_one_and_two_shards(l4, reference, one_rank, l4_tokenizer_path):
+    args, _, dirs, prompts = l4
+    stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
+    per_rank = run_ranks(2, logits_and_greedy, [(dirs[2], "static"), (dirs[1], "pytorch")], l4_tokenizer_path,
+                         prompts, STEPS)
+    for rank in per_rank:
+        check_against_reference(rank, reference, stops)
+        assert [sampled for *_, sampled in rank] == [one_rank[0][2]] * 2  # seeded samples as on one rank
+    assert all(logits is None for logits, *_ in per_rank[1])  # gathered on rank 0 only
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat format
+
+
+@pytest.fixture(scope="module")
+def meta_tokenizer():
+    path = SHARED_TOKENIZERS["llama4"]
+    if not os.path.isfile(path):
+        pytest.skip("Meta's Llama 4 tokenizer is not in ../shared/assets")
+    return Tokenizer(path)
+
+
+def test_llama4_tokenizer_specials_and_stops(meta_tokenizer):
+    tok = meta_tokenizer
+    assert (tok.family, tok.n_words, tok.bos_id, tok.eos_id, tok.pad_id) == ("llama4", 202048, 200000, 200001, 200018)
+    named = {n: tok.special_id(n) for n in ("<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|patch|>",
+                                            "<|reasoning_thinking_end|>", "<|reserved_special_token_903|>")}
+    assert named == {"<|header_start|>": 200005, "<|header_end|>": 200006, "<|eom|>": 200007, "<|eot|>": 200008,
+                     "<|patch|>": 200092, "<|reasoning_thinking_end|>": 201143, "<|reserved_special_token_903|>": 202047}
+    assert tok.stop_ids == [200001, 200007, 200008]
+    text = "Hello, world! It's 2025.\n\n  Ünïcode 日本語 <|eot|>"
+    ids = tok.encode(text, bos=True, eos=False)
+    assert ids[0] == 200000 and 200008 not in ids and tok.decode(ids[1:]) == text  # typed specials stay text
+    from llama_mp.runtime.chat import encode_dialog
+
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    def text(t):
+        return tok.encode(t, bos=False, eos=False)
+
+    def header(role):
+        return [200005] + text(role) + [200006] + text("\n\n")  # header_start role header_end, a blank line
+
+    expected = [200000] + header("system") + text("Be brief.") + [200008] + header("user") + text("Hi") + [200008]
+    expected += header("assistant")
+    assert encode_dialog(tok, dialog) == expected
+
+
+def test_wrong_tokenizer_for_llama4_is_refused(l4, tmp_path):
+    _, _, dirs, _ = l4
+    path = SHARED_TOKENIZERS["llama3"]
+    if not os.path.isfile(path):
+        pytest.skip("Meta's Llama 3 tokenizer is not in ../shared/assets")
+    from workers import build
+
+    with pytest.raises(LlamaMPError, match="is a Llama 3.x tokenizer .* holds a Llama 4 model"):
+        build(dirs[1], path, decoder="pytorch")
+
+
+# ----------------------------------------------------------------------------------------------
+# No host sync in a Llama 4 decode step (routing, chunk masks and temperature stay on the device)
+
+from test_host_syncs import K, _count_steps, _mark_model, syncs  # noqa: E402,F401 - the fixture too
+
+
+@pytest.mark.parametrize("decoder", ["pytorch", "static"])
+def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syncs, monkeypatch, decoder):  # noqa: F811
+    from llama4_helpers import one_thread
+    from workers import build
+
+    _, _, dirs, prompts = l4
+    with one_thread():
+        llama = build(dirs[1], l4_tokenizer_path, max_seq_len=64, max_batch_size=2, decoder=decoder)
+        _mark_model(llama.model)
+        monkeypatch.setattr(llama.model.decoder, "steps_per_stop_check", K)
+        monkeypatch.setattr(llama.engine, "stop_ids", [])
+        _count_steps(monkeypatch, syncs, llama.model.decoder, ("step", "prefill"))
+        real_results = llama.engine._results
+        monkeypatch.setattr(llama.engine, "_results", lambda *a: (setattr(syncs, "counting", False), real_results(*a))[1])
+        with syncs:
+            llama.generate([prompts[1], prompts[2]], 10, temperature=0)
+    reads = syncs.reads()
+    assert [r[1] for r in reads] == ["__bool__"] * (syncs.steps // K), reads  # the stop check only
+    assert syncs.uploads() == []
+
+
+def test_bench_counts_only_the_chosen_experts_of_a_decode_step(l4, l4_tokenizer_path):
+    from llama_mp.tools.bench import bytes_read_per_token
+    from workers import build
+
+    args, state, dirs, _ = l4
+    model = build(dirs[1], l4_tokenizer_path, decoder="pytorch").model
+    expert_bytes = sum(t.numel() * 4 for k, t in state.items() if ".experts." in k)  # float32, both MoE layers
+    every = bytes_read_per_token(model, batch=100)  # a large batch runs every expert
+    e, k = args.llama4.num_experts, args.llama4.top_k
+    assert every - bytes_read_per_token(model, batch=1) == expert_bytes * (e - k) // e // 2 * 2
