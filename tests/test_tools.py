@@ -154,7 +154,7 @@ def test_tool_results_follow_an_assistant_turn_and_llama2_has_no_tools(tokenizer
     check_dialog([{"role": r, "content": "x"} for r in ["system", "user", "assistant", "tool", "assistant", "user"]], 0)
     with pytest.raises(LlamaMPError, match="only an assistant message has tool_calls"):
         check_dialog([{"role": "user", "content": "x", "tool_calls": []}], 0)
-    with pytest.raises(LlamaMPError, match="needs a Llama 3.1 or later"):
+    with pytest.raises(LlamaMPError, match="needs a Llama 3.1-3.3 checkpoint"):
         encode_dialog(tokenizer, [{"role": "user", "content": "x"}], [WEATHER])
 
 
