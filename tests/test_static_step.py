@@ -128,6 +128,7 @@ def test_checking_for_stops_every_few_steps_changes_no_output(make_checkpoint, t
             llama.engine.generator.manual_seed(11)
             out.append(llama.generate(prompts, 8, temperature=temperature, logprobs=True))
         steps.clear()
+        llama.engine.forget_rows()  # a whole prefill, so the steps counted are the decode steps alone
         out.append(llama.generate(prompts[:1], 8, temperature=0))  # stops after 2 of 8 tokens
         return out, len(steps)
 

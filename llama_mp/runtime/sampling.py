@@ -223,11 +223,10 @@ def _sampled(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     if not cut:
         return _draw(probs, u)
     if len(cut) == len(rows):
-        top, ids = _nucleus(probs, _per_row([r.top_p for r in rows], probs))
-        return ids.gather(-1, _draw(top, u)[:, None])[:, 0]
+        return _draw(_nucleus(probs, _per_row([r.top_p for r in rows], probs)), u)
     at = upload(cut, logits.device)
-    top, ids = _nucleus(probs.index_select(0, at), _per_row([rows[i].top_p for i in cut], probs))
-    return _draw(probs, u).index_copy_(0, at, ids.gather(-1, _draw(top, u.index_select(0, at))[:, None])[:, 0])
+    kept = _nucleus(probs.index_select(0, at), _per_row([rows[i].top_p for i in cut], probs))
+    return _draw(probs, u).index_copy_(0, at, _draw(kept, u.index_select(0, at)))
 
 
 def _per_row(values: List[float], like: torch.Tensor):
@@ -253,9 +252,14 @@ def _uniforms(rows: Sequence[RowSampling], device: torch.device) -> torch.Tensor
 
 
 def _nucleus(probs: torch.Tensor, top_p):
-    """(probs, ids) of the likeliest tokens in descending order, with every token zeroed that comes
-    after the smallest prefix whose mass reaches top_p (a number, or a column [rows, 1] of per-row
-    values). The most likely token always survives.
+    """`probs` with every token zeroed that is less likely than the smallest prefix of the likeliest
+    tokens whose mass reaches top_p (a number, or a column [rows, 1] of per-row values) holds; tokens
+    as likely as its last one stay too. The most likely token always survives.
+
+    The kept tokens stay in vocabulary order, and the draw runs over that order: a draw over the sorted
+    order would depend on how nearly equal probabilities sort, which float rounding (another rank count
+    or decoder: sums in another order) changes, and in a flat distribution that moves most draws. In
+    vocabulary order a draw moves only where the uniform number or the nucleus edge lies within rounding.
 
     Sorting a 32000-token vocabulary costs ~3 ms on a CPU, as much as a whole decode step of a small
     model. There, the 128 likeliest tokens (a top-k, ~0.15 ms) are tried first: when they hold more
@@ -274,7 +278,8 @@ def _nucleus(probs: torch.Tensor, top_p):
             break
         k = min(vocab, k * 16)
     drop = (torch.cumsum(top, dim=-1) - top) > top_p  # the mass before this token already reaches top_p
-    return top.masked_fill(drop, 0.0), ids
+    edge = top.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)  # the least likely kept token's
+    return probs.masked_fill(probs < edge, 0.0)
 
 
 def _reads_are_free(device: torch.device) -> bool:
