@@ -43,13 +43,25 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # must list to run it, best first (the first this CPU runs is loaded).
 _AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"))
+# Every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has AVX512-VNNI too, so that build
+# has both; avx512vnni is Cascade Lake and Ice Lake, avxvnni AVX2 machines with AVX-VNNI (Alder Lake on).
+_AVX2 = (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c"))
 ISAS: Dict[str, Tuple[List[str], Tuple[str, ...]]] = {
-    "avx512bf16": (_AVX512[0] + ["-mavx512bf16"], _AVX512[1] + ("avx512_bf16",)),
+    "avx512bf16": (_AVX512[0] + ["-mavx512vnni", "-mavx512bf16"], _AVX512[1] + ("avx512_vnni", "avx512_bf16")),
+    "avx512vnni": (_AVX512[0] + ["-mavx512vnni"], _AVX512[1] + ("avx512_vnni",)),
     "avx512": _AVX512,
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+    "avxvnni": (_AVX2[0] + ["-mavxvnni"], _AVX2[1] + ("avx_vnni",)),
+    "avx2": _AVX2,
 }
 ENV = "LLAMA_MP_CPU_KERNELS"
 ISA_ENV = "LLAMA_MP_CPU_ISA"
+# int8 / int4 weights: whether products quantize x to int8 per block of 32 and take integer dot
+# products ("int8"), or multiply the weights, widened, by x in float ("float"; see csrc's matvec_q).
+ACTIVATIONS_ENV = "LLAMA_MP_CPU_ACTIVATIONS"
+ACTIVATIONS = ("int8", "float")
+DEFAULT_ACTIVATIONS = "int8"
+# The integer dot product each build uses (csrc's int_dot()).
+INT_DOTS = {1: "AVX2 vpmaddubsw", 2: "AVX-VNNI vpdpbusd", 3: "AVX512-VNNI vpdpbusd"}
 
 _loaded: Optional[ctypes.CDLL] = None
 _why_not: Optional[str] = None  # set once the library was found unusable
@@ -132,7 +144,10 @@ def load_isa(isa: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(compiler, isa)))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
-        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64, i64], None),
+        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64, i64, i64], None),
+        "quantize_x": ([pointer, i64, i64, pointer, pointer], i64),
+        "block_dots": ([pointer, pointer, pointer, i64, i64, i64, i64], None),
+        "int_dot": ([], i64),
         "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer, pointer, pointer], None),
         "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
         "finish": ([pointer, i64, pointer, pointer, pointer], None),
@@ -188,6 +203,32 @@ def library(required: bool = False) -> Optional[ctypes.CDLL]:
     return _loaded
 
 
+def int8_activations() -> bool:
+    """Whether products of int8 / int4 weights take x quantized to int8 (LLAMA_MP_CPU_ACTIVATIONS, default
+    DEFAULT_ACTIVATIONS). Raises LlamaMPError for another value."""
+    asked = os.environ.get(ACTIVATIONS_ENV, DEFAULT_ACTIVATIONS).strip().lower() or DEFAULT_ACTIVATIONS
+    if asked not in ACTIVATIONS:
+        raise LlamaMPError(f"{ACTIVATIONS_ENV}={asked} is not one of {', '.join(ACTIVATIONS)}: int8 quantizes the "
+                           f"inputs of int8 / int4 products per block of 32 for integer dot products, float keeps "
+                           f"them in float (slower, a little closer to the float model). Unset it for "
+                           f"{DEFAULT_ACTIVATIONS}.")
+    return asked == "int8"
+
+
+def describe(scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None) -> str:
+    """Which kernels run: the build, and for a quantized model (scheme) its products' arithmetic. The one
+    place that says so (bench reports it)."""
+    lib = lib or library()
+    if lib is None:
+        return "none (PyTorch operators)"
+    isa = next((name for name, built in _variants.items() if built is lib), "?")
+    if scheme is None:
+        return f"{isa} build"
+    if int8_activations():
+        return f"{isa} build, int8 activations ({INT_DOTS[lib.int_dot()]} integer dot products)"
+    return f"{isa} build, float activations ({scheme.mode} weights widened)"
+
+
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # The model dtypes whose embedding table the kernels read: a quantized model's matrices are int8 or
 # int4 whatever its dtype, and only the embedding (and the norms, widened once) stay in it.
@@ -222,11 +263,14 @@ PROJECT_MAX_ROWS = 32
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
-            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None, round_x: bool = False) -> torch.Tensor:
+            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None, round_x: bool = False,
+            int8_x: Optional[bool] = None) -> torch.Tensor:
     """x [..., in] @ W.T in float32 for CPU tensors: W [out, in] contiguous in float32 or bfloat16, or
     quantized by `scheme` with its `scales` (quant/scheme.py's layout). `round_x`: the model's dtype is
     bfloat16, so x is rounded to bfloat16 before the products (the module docstring's rule); otherwise
-    x is used as it is (float32 math). `lib`: a variant from `load_isa` instead of the loaded kernels."""
+    x is used as it is (float32 math). `int8_x` (None: `int8_activations()`): quantized weights take x
+    quantized to int8 per block of 32 instead, and integer dot products (round_x then does not apply).
+    `lib`: a variant from `load_isa` instead of the loaded kernels."""
     fmt, group = weight_format(weight, scheme)
     in_features = x.shape[-1]
     assert weight.is_contiguous() and weight.shape[1] == (in_features // 2 if fmt == INT4 else in_features)
@@ -236,5 +280,6 @@ def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device="cpu")
     (lib or _loaded).matvec(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
                             y.data_ptr(), x.numel() // in_features, in_features, weight.shape[0],
-                            torch.get_num_threads(), fmt, group, int(round_x))
+                            torch.get_num_threads(), fmt, group, int(round_x),
+                            int(scheme is not None and (int8_activations() if int8_x is None else int8_x)))
     return y
