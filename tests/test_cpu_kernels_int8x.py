@@ -217,22 +217,25 @@ def test_the_vnni_builds_compile_and_use_vpdpbusd(tmp_path):
         assert cpu_kernels.load_isa(isa).int_dot() == INT_DOT[isa]
 
 
-def test_the_activations_setting_is_one_of_two_and_says_which_path_runs(monkeypatch):
+def test_the_activations_setting_picks_the_path_and_says_which_runs(monkeypatch):
     from llama_mp import LlamaMPError
 
-    monkeypatch.delenv(cpu_kernels.ACTIVATIONS_ENV, raising=False)
-    assert cpu_kernels.int8_activations() == (cpu_kernels.DEFAULT_ACTIVATIONS == "int8")
-    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "float")
-    assert not cpu_kernels.int8_activations()
-    assert "float activations" in cpu_kernels.describe(Scheme("int8"))
-    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "INT8")
+    int8, int4 = Scheme("int8"), Scheme("int4", 32)
+    monkeypatch.delenv(cpu_kernels.ACTIVATIONS_ENV, raising=False)  # auto: int8 x for int4 weights only
+    assert cpu_kernels.int8_activations(int4) and not cpu_kernels.int8_activations(int8)
+    assert not cpu_kernels.int8_activations(None)
+    assert "float activations" in cpu_kernels.describe(int8)
     lib = cpu_kernels.library()
-    assert cpu_kernels.describe(Scheme("int4", 32)).endswith(
-        f"int8 activations ({cpu_kernels.INT_DOTS[lib.int_dot()]} integer dot products)")
+    assert cpu_kernels.describe(int4).endswith(
+        f"int8 activations, {cpu_kernels.INT_DOTS[lib.int_dot()]} integer dot products")
     assert cpu_kernels.describe(None) == f"{cpu_kernels.chosen_isa()} build"
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "INT8")
+    assert cpu_kernels.int8_activations(int8) and cpu_kernels.int8_activations(int4)
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "float")
+    assert not cpu_kernels.int8_activations(int8) and not cpu_kernels.int8_activations(int4)
     monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "int16")
-    with pytest.raises(LlamaMPError, match="LLAMA_MP_CPU_ACTIVATIONS=int16 is not one of int8, float"):
-        cpu_kernels.int8_activations()
+    with pytest.raises(LlamaMPError, match="LLAMA_MP_CPU_ACTIVATIONS=int16 is not one of auto, int8, float"):
+        cpu_kernels.int8_activations(int8)
 
 
 def fake_quantized_linear(x, matrix):

@@ -57,9 +57,10 @@ ENV = "LLAMA_MP_CPU_KERNELS"
 ISA_ENV = "LLAMA_MP_CPU_ISA"
 # int8 / int4 weights: whether products quantize x to int8 per block of 32 and take integer dot
 # products ("int8"), or multiply the weights, widened, by x in float ("float"; see csrc's matvec_q).
+# "auto" (the default) is int8 for int4 weights and float for int8 ones: measured by teacher forcing
+# (docs/quantization.md), int8 activations add 1-4% to int4's |delta log-prob| but 40-50% to int8's.
 ACTIVATIONS_ENV = "LLAMA_MP_CPU_ACTIVATIONS"
-ACTIVATIONS = ("int8", "float")
-DEFAULT_ACTIVATIONS = "int8"
+ACTIVATIONS = ("auto", "int8", "float")
 # The integer dot product each build uses (csrc's int_dot()).
 INT_DOTS = {1: "AVX2 vpmaddubsw", 2: "AVX-VNNI vpdpbusd", 3: "AVX512-VNNI vpdpbusd"}
 
@@ -203,16 +204,18 @@ def library(required: bool = False) -> Optional[ctypes.CDLL]:
     return _loaded
 
 
-def int8_activations() -> bool:
-    """Whether products of int8 / int4 weights take x quantized to int8 (LLAMA_MP_CPU_ACTIVATIONS, default
-    DEFAULT_ACTIVATIONS). Raises LlamaMPError for another value."""
-    asked = os.environ.get(ACTIVATIONS_ENV, DEFAULT_ACTIVATIONS).strip().lower() or DEFAULT_ACTIVATIONS
+def int8_activations(scheme: Optional[Scheme]) -> bool:
+    """Whether products of weights quantized by `scheme` (None: float weights, never) take x quantized to
+    int8, by LLAMA_MP_CPU_ACTIVATIONS (ACTIVATIONS_ENV above). Raises LlamaMPError for another value."""
+    asked = os.environ.get(ACTIVATIONS_ENV, "auto").strip().lower() or "auto"
     if asked not in ACTIVATIONS:
         raise LlamaMPError(f"{ACTIVATIONS_ENV}={asked} is not one of {', '.join(ACTIVATIONS)}: int8 quantizes the "
-                           f"inputs of int8 / int4 products per block of 32 for integer dot products, float keeps "
-                           f"them in float (slower, a little closer to the float model). Unset it for "
-                           f"{DEFAULT_ACTIVATIONS}.")
-    return asked == "int8"
+                           f"inputs of int8 / int4 products per block of 32 for integer dot products (faster, a "
+                           f"little further from the float model), float keeps them in float, auto (the default) "
+                           f"takes int8 for int4 weights and float for int8 ones. Unset it for auto.")
+    if scheme is None:
+        return False
+    return asked == "int8" or (asked == "auto" and scheme.mode == "int4")
 
 
 def describe(scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None) -> str:
@@ -224,9 +227,9 @@ def describe(scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None)
     isa = next((name for name, built in _variants.items() if built is lib), "?")
     if scheme is None:
         return f"{isa} build"
-    if int8_activations():
-        return f"{isa} build, int8 activations ({INT_DOTS[lib.int_dot()]} integer dot products)"
-    return f"{isa} build, float activations ({scheme.mode} weights widened)"
+    if int8_activations(scheme):
+        return f"{isa} build, int8 activations, {INT_DOTS[lib.int_dot()]} integer dot products"
+    return f"{isa} build, float activations, {scheme.mode} weights widened"
 
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -268,7 +271,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor
     """x [..., in] @ W.T in float32 for CPU tensors: W [out, in] contiguous in float32 or bfloat16, or
     quantized by `scheme` with its `scales` (quant/scheme.py's layout). `round_x`: the model's dtype is
     bfloat16, so x is rounded to bfloat16 before the products (the module docstring's rule); otherwise
-    x is used as it is (float32 math). `int8_x` (None: `int8_activations()`): quantized weights take x
+    x is used as it is (float32 math). `int8_x` (None: `int8_activations(scheme)`): quantized weights take x
     quantized to int8 per block of 32 instead, and integer dot products (round_x then does not apply).
     `lib`: a variant from `load_isa` instead of the loaded kernels."""
     fmt, group = weight_format(weight, scheme)
@@ -281,5 +284,5 @@ def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor
     (lib or _loaded).matvec(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
                             y.data_ptr(), x.numel() // in_features, in_features, weight.shape[0],
                             torch.get_num_threads(), fmt, group, int(round_x),
-                            int(scheme is not None and (int8_activations() if int8_x is None else int8_x)))
+                            int(scheme is not None and (int8_activations(scheme) if int8_x is None else int8_x)))
     return y

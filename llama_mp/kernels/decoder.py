@@ -62,6 +62,10 @@ class CpuKernelDecoder(Decoder):
     def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return torch.float32
 
+    def describe(self, model) -> str:
+        """Which build of the kernels runs, and for a quantized model its products' arithmetic (cpu.describe)."""
+        return cpu.describe(getattr(model.layers[0].attention.qkv, "scheme", None))
+
     def start(self, model) -> None:
         args, first = model.args, model.layers[0].attention
         self.kernels = CpuDecoder(DecodeTensors(
@@ -219,7 +223,7 @@ class CpuDecoder:
         self.model = _Model(
             t.dim, self.n_layers, t.heads, t.kv_heads, t.head_dim, t.hidden, t.max_rows, seq,
             torch.get_num_threads(), EMBEDDING_TYPES[t.embedding.dtype], fmt, group,
-            int(t.scheme is not None and cpu.int8_activations()), t.eps, _ptr(rotation),
+            int(cpu.int8_activations(t.scheme)), t.eps, _ptr(rotation),
             norm(t.norm), _ptr(t.embedding), t.embedding.shape[0], self._layers,
             *(_ptr(m) for m in (x, qkv, attn, scores, ffn_buf, act)))
         self.ref = ctypes.byref(self.model)

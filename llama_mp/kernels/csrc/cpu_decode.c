@@ -955,6 +955,49 @@ INLINE float int4_offset(const float *c, const uint16_t *gs, int log2, int64_t b
     return total;
 }
 
+/* The 8 int32 lanes of each of s[0..7] summed: lane k of the result is the sum of s[k]'s lanes. */
+INLINE __m256i hsums_epi32(const __m256i *s) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* The group scales of blocks b..b+7 of an int4 row as float32 (block k's is gs[(b + k) >> log2]). */
+INLINE __m256 int4_scales8(const uint16_t *gs, int64_t b, int log2) {
+    const uint16_t *p = gs + (b >> log2);
+    const __m128i raw = log2 == 0 ? _mm_loadu_si128((const __m128i *)p)
+                        : log2 == 1 ? _mm_loadl_epi64((const __m128i *)p) : _mm_cvtsi32_si128(*(const int32_t *)p);
+    const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+    const __m256i pick = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(log2));
+    return _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(wide, pick));
+}
+
+/* One int4 row against one row of quantized x (the decode step's product), eight blocks at a time: their
+ * eight block sums are reduced to one vector (a block a lane), so the conversion, the offset and the
+ * scales (x's d, the row's groups) take one vector operation each per eight blocks. The row is read
+ * front to back, a single stream. */
+INLINE float qrow_int4(const QX *x, const uint8_t *row, const uint16_t *gs, int log2, int64_t blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+        __m256i s[8];
+        for (int k = 0; k < 8; ++k)
+            s[k] = dot_u8s8(int4_block_u8(row, b + k), _mm256_loadu_si256((const __m256i *)(x->q + (b + k) * QBLOCK)));
+        /* per block: d (sum n q) - 8 d sum q, times the group's scale */
+        const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(hsums_epi32(s)), _mm256_loadu_ps(x->d + b), _mm256_loadu_ps(x->c + b));
+        acc = _mm256_fmadd_ps(t, int4_scales8(gs, b, log2), acc);
+    }
+    float total = hsum256(acc);
+    for (; b < blocks; ++b) {
+        const __m256i s = dot_u8s8(int4_block_u8(row, b), _mm256_loadu_si256((const __m256i *)(x->q + b * QBLOCK)));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        total += ((float)_mm_cvtsi128_si32(t) * x->d[b] - x->c[b]) * widen_bf16(gs[b >> log2]);
+    }
+    return total;
+}
+
 /* The register tile of the integer products: y[r, o0 + o] for R rows of quantized x and O weight rows.
  * Each weight block is loaded (int4: unpacked; int8: its |w|) once for all R rows, each x block once for
  * all O outputs; per pair a dot product (2 instructions, 1 with VNNI; int8: a vpsignb more), a conversion
@@ -1030,7 +1073,12 @@ INLINE void qoutput_tile(int fmt, const QX *x, const void *w, const void *scales
                          int64_t n, int64_t in, int64_t out, int64_t t) {
     const int64_t o0 = t * QTILE_OUTS, end = o0 + QTILE_OUTS < out ? o0 + QTILE_OUTS : out;
     if (n == 1) {
-        for (int64_t o = o0; o < end; ++o) qtile(fmt, 1, 1, x, w, scales, group, y, o, in, out);
+        if (fmt == INT4) {
+            const int log2 = __builtin_ctzll((unsigned long long)(group / QBLOCK));
+            for (int64_t o = o0; o < end; ++o)
+                y[o] = qrow_int4(x, (const uint8_t *)w + o * (in / 2), (const uint16_t *)scales + o * (in / group), log2, in / QBLOCK);
+        } else
+            for (int64_t o = o0; o < end; ++o) qtile(fmt, 1, 1, x, w, scales, group, y, o, in, out);
         return;
     }
     int64_t r = 0;
