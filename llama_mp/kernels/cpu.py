@@ -9,11 +9,14 @@ bfloat16 (round to nearest even) once per call, as PyTorch, Meta's reference and
 bfloat16 models; weights (bfloat16, or int8 / int4 levels, exact in bfloat16) times bfloat16 x are
 exact products and all sums stay float32; norms, rotary, attention, softmax, the residual stream and
 the KV cache stay float32 (`project(..., round_x=True)`, and the C decode step by the embedding's dtype).
-The source is compiled for three instruction sets: AVX-512 (F, BW, VL, DQ) with AVX512_BF16, whose
-vdpbf16ps multiplies bfloat16 pairs (the fast path for bfloat16 models), plain AVX-512, and AVX2 + FMA;
-all three follow the same rule (the last two round x and use float32 multiply-adds: the same products).
-The best this CPU runs is loaded (by /proc/cpuinfo); LLAMA_MP_CPU_ISA=avx512bf16|avx512|avx2 forces one
-(for tests and benchmarks). A library is compiled on first use (about a second) into a cache folder
+The source is compiled for five instruction sets: AVX-512 (F, BW, VL, DQ) with AVX512_BF16 (and
+AVX512-VNNI), whose vdpbf16ps multiplies bfloat16 pairs (the fast path for bfloat16 models), AVX-512 with
+AVX512-VNNI, plain AVX-512, AVX2 + FMA with AVX-VNNI, and AVX2 + FMA; all follow the same rule (those
+without AVX512_BF16 round x and use float32 multiply-adds: the same products). The best this CPU runs is
+loaded (by /proc/cpuinfo); LLAMA_MP_CPU_ISA=avx512bf16|avx512vnni|avx512|avxvnni|avx2 forces one (for
+tests and benchmarks). Products of int8 / int4 weights may instead quantize x to int8 per block of 32
+and take integer dot products (vpdpbusd with VNNI, vpmaddubsw on AVX2): LLAMA_MP_CPU_ACTIVATIONS, below,
+on by default for int4; `describe` says which build and which arithmetic run. A library is compiled on first use (about a second) into a cache folder
 keyed by the source, flags and compiler, so every later run and every rank just loads it. Without a
 compiler, on another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators
 instead: the same math, about half as fast in float32 and far slower in bfloat16 (which PyTorch then

@@ -1,7 +1,9 @@
 /* llama_mp's CPU decode kernels: one new token for each of `rows` sequences on x86-64, and the matrix
  * products of prompts; weights in float32, bfloat16, int8 or int4, sums in float32. Built on first use
- * by kernels/cpu.py with the system C compiler, three times (AVX-512 with AVX512_BF16, AVX-512, and
- * AVX2 + FMA, see `vf` and `BF16_DOT` below), and called through ctypes.
+ * by kernels/cpu.py with the system C compiler, five times (AVX-512 with AVX512_BF16 and VNNI, AVX-512
+ * with VNNI, AVX-512, AVX2 + FMA with AVX-VNNI, and AVX2 + FMA, see `vf`, `BF16_DOT` and `INT_DOT`
+ * below), and called through ctypes. int8 and int4 products may take x quantized to int8 and integer
+ * dot products instead (`matvec_q`, "int8 activations").
  *
  * Why C: decoding reads every weight once per token, so it runs at the speed weights stream from
  * memory. Two things keep eager PyTorch well below that on a CPU: about 25 operators per layer at a
