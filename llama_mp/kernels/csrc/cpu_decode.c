@@ -930,9 +930,10 @@ typedef struct {
 /* The 32 unsigned nibbles (q + 8) of int4 block b of a row, in input order: low nibbles of its 16 bytes
  * are inputs 0..15, high ones 16..31. */
 INLINE __m256i int4_block_u8(const uint8_t *row, int64_t b) {
-    const __m128i v = _mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2)));
-    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
-    return _mm256_and_si256(both, _mm256_set1_epi8(15));
+    /* the 16 bytes in both halves (one load), the upper half shifted by 4: each byte's high nibble */
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2))));
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(15));
 }
 
 /* 32 int8 weights of block b (the last, partial block of a row read into zeros: q is zero there too). */
