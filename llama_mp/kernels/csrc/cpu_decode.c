@@ -44,7 +44,7 @@
  * ~400-420 GFLOP/s, int8 ~330-370 (weights widened to bfloat16 once per block of outputs), int4 ~280-310:
  * its per-group scales cost a float32 multiply-add per four vdpbf16ps (applied per 128 inputs), which
  * caps it near 80% of bfloat16's rate so long as x keeps bfloat16 precision (llama.cpp's faster Q4_0
- * prompts round x to 8-bit integers and use integer dot products instead).
+ * prompts round x to 8-bit integers and use integer dot products instead: matvec_q, below, when int8_x).
  */
 #include <immintrin.h>
 #include <math.h>
