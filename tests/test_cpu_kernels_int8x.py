@@ -136,7 +136,7 @@ def _unit_case(fmt, out, n, g):
 def test_every_product_with_unit_scales_is_the_exact_integer_product(isa, fmt):
     lib = cpu_kernels.load_isa(isa)
     g = torch.Generator().manual_seed(2)
-    inputs = (32, 40, 200, 768) if fmt == "int8" else (128, 384, 768)
+    inputs = (16, 32, 40, 200, 768) if fmt == "int8" else (128, 384, 768)  # 16: one partial block
     for n in inputs:
         for out in OUTS:
             x, w, scales, scheme, levels = _unit_case(fmt, out, n, g)
