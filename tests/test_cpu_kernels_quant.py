@@ -6,7 +6,8 @@ of the stored integers (for a bfloat16 model: x rounded to bfloat16 first), up t
 float32 sums: for any number of rows (one decode step, a batch, a prompt, rows short of a
 register tile), outputs that are not a multiple of the tile, and inputs that are not a multiple of
 the vector width. A quantized model decodes with the kernels step for step as the PyTorch
-QuantizedProjection path does, and LLAMA_MP_CPU_ISA picks the build.
+QuantizedProjection path does, and LLAMA_MP_CPU_ISA picks the build. These are the products with x in
+float (LLAMA_MP_CPU_ACTIVATIONS=float); those with x quantized to int8 are test_cpu_kernels_int8x.py's.
 """
 
 
@@ -61,10 +62,11 @@ def test_every_product_is_the_dequantised_matrix_times_x(isa, fmt):
             weight, scales, scheme, matrix = _stored(fmt, out_features, in_features, seed=in_features + out_features)
             x = torch.randn(max(ROWS), in_features, generator=torch.Generator().manual_seed(out_features))
             for rows in ROWS:
-                y = cpu_kernels.project(x[:rows], weight, scales, scheme, lib=lib)
+                y = cpu_kernels.project(x[:rows], weight, scales, scheme, lib=lib, int8_x=False)
                 _check_product(y, x[:rows], matrix)
             # leading dims are rows too: [batch, seq, in], as a prompt's projection has them
-            _check_product(cpu_kernels.project(x[:12].view(3, 4, -1), weight, scales, scheme, lib=lib).view(12, -1),
+            _check_product(cpu_kernels.project(x[:12].view(3, 4, -1), weight, scales, scheme, lib=lib,
+                                               int8_x=False).view(12, -1),
                            x[:12], matrix)
 
 
@@ -84,7 +86,7 @@ def test_every_product_of_a_bfloat16_model_takes_x_rounded_to_bfloat16(isa, fmt)
             x = torch.randn(max(ROWS), in_features, generator=torch.Generator().manual_seed(out_features)) * 3
             rounded = x.bfloat16().float()
             for rows in range(1, 41):
-                y = cpu_kernels.project(x[:rows], weight, scales, scheme, lib=lib, round_x=True)
+                y = cpu_kernels.project(x[:rows], weight, scales, scheme, lib=lib, round_x=True, int8_x=False)
                 _check_product(y, rounded[:rows], matrix)
             assert not torch.equal(rounded, x)  # so the check above can fail
 
@@ -101,12 +103,13 @@ def test_the_builds_agree(fmt):
         bound = 4 * 768 * 2.0 ** -24 * (xr.abs() @ matrix.float().abs().T)
         for rows in (1, 4, 33):
             a, *others = (cpu_kernels.project(x[:rows], weight, scales, scheme, lib=cpu_kernels.load_isa(isa),
-                                              round_x=round_x) for isa in isas)
+                                              round_x=round_x, int8_x=False) for isa in isas)
             for b in others:
                 assert bool(((a - b).abs() <= bound[:rows]).all())
 
 
-def test_a_quantized_projection_runs_the_kernels_on_its_own_storage():
+def test_a_quantized_projection_runs_the_kernels_on_its_own_storage(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "float")
     holders = [torch.nn.Module() for _ in range(2)]
     for h, rows in zip(holders, (24, 40)):
         h.weight = torch.nn.Parameter(torch.empty(rows, 64, device="meta"), requires_grad=False)
@@ -124,7 +127,8 @@ def test_a_quantized_projection_runs_the_kernels_on_its_own_storage():
     _check_product(y.view(10, 64), x.view(10, 64), dequantize(q, scales, scheme).double())
 
 
-BUILT = {"avx512bf16": (512, 1), "avx512": (512, 0), "avx2": (256, 0)}  # (isa_bits(), bf16_dot())
+BUILT = {"avx512bf16": (512, 1), "avx512vnni": (512, 0), "avx512": (512, 0), "avxvnni": (256, 0),
+         "avx2": (256, 0)}  # (isa_bits(), bf16_dot())
 
 
 def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced(fresh_kernels, monkeypatch, capsys):
@@ -146,19 +150,23 @@ def test_the_instruction_set_is_the_best_the_cpu_runs_unless_one_is_forced(fresh
     assert chosen("sse2") is None
     err = capsys.readouterr().err
     assert err.count("CPU decode kernels unavailable") == 1
-    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512bf16, avx512, avx2" in err
+    assert f"{cpu_kernels.ISA_ENV}=sse2 is not one of avx512bf16, avx512vnni, avx512, avxvnni, avx2" in err
 
 
 def test_forcing_an_instruction_set_the_cpu_lacks_is_refused(monkeypatch):
     avx512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: avx512)
     monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512bf16")
-    with pytest.raises(RuntimeError, match=r"lacks \(avx512_bf16\)"):
+    with pytest.raises(RuntimeError, match=r"lacks \(avx512_bf16, avx512_vnni\)"):
         cpu_kernels.chosen_isa()
     monkeypatch.setenv(cpu_kernels.ISA_ENV, "auto")
     assert cpu_kernels.chosen_isa() == "avx512"
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: avx512 + ("avx512_bf16",))
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: avx512 + ("avx512_vnni",))
+    assert cpu_kernels.chosen_isa() == "avx512vnni"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: avx512 + ("avx512_vnni", "avx512_bf16"))
     assert cpu_kernels.chosen_isa() == "avx512bf16"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: ("avx2", "fma", "f16c", "avx_vnni"))
+    assert cpu_kernels.chosen_isa() == "avxvnni"
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: ("avx2", "fma", "f16c"))
     monkeypatch.setenv(cpu_kernels.ISA_ENV, "avx512")
     with pytest.raises(RuntimeError, match="avx512bw, avx512dq, avx512f, avx512vl"):
@@ -188,7 +196,8 @@ def _stepwise_logits(model, prompts, steps):
 
 @pytest.mark.parametrize("quantize,group_size", [("int8", None), ("int4", 32), ("int4", 64)])
 def test_a_quantized_model_decodes_as_the_pytorch_quantized_path(quantize, group_size, make_checkpoint,
-                                                                  tokenizer_path):
+                                                                  tokenizer_path, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "float")  # weight-only, as the PyTorch path
     ckpt_dir, args, _ = make_checkpoint(shards=1, dim=128, n_heads=8, n_kv_heads=2, multiple_of=64)
     prompts = torch.randint(3, args.vocab_size, (5, 6), generator=torch.Generator().manual_seed(0)).tolist()
     fast = _build(ckpt_dir, tokenizer_path, "auto", quantize, group_size=group_size)
@@ -203,11 +212,14 @@ def test_a_quantized_model_decodes_as_the_pytorch_quantized_path(quantize, group
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_a_quantized_bfloat16_model_rounds_the_inputs_of_its_products(make_checkpoint, tokenizer_path):
+def test_a_quantized_bfloat16_model_rounds_the_inputs_of_its_products(make_checkpoint, tokenizer_path, monkeypatch):
     """The embedding and the norms stay in bfloat16 (the kernels read that embedding directly), and as
-    in any bfloat16 model every product takes x rounded to bfloat16: the reference is the plain-torch
-    forward under that rule with the dequantised matrices (int4 layers, int8 output layer)."""
+    in any bfloat16 model every product with x in float (LLAMA_MP_CPU_ACTIVATIONS=float) takes x rounded
+    to bfloat16: the reference is the plain-torch forward under that rule with the dequantised matrices
+    (int4 layers, int8 output layer)."""
     from test_cpu_kernels import assert_follows_bf16_rule, bf16_input_logits
+
+    monkeypatch.setenv(cpu_kernels.ACTIVATIONS_ENV, "float")
 
     ckpt_dir, args, _ = make_checkpoint(shards=1, dtype=torch.bfloat16, dim=128, n_heads=8, multiple_of=64)
     prompts = torch.randint(3, args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1)).tolist()

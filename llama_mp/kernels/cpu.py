@@ -9,11 +9,14 @@ bfloat16 (round to nearest even) once per call, as PyTorch, Meta's reference and
 bfloat16 models; weights (bfloat16, or int8 / int4 levels, exact in bfloat16) times bfloat16 x are
 exact products and all sums stay float32; norms, rotary, attention, softmax, the residual stream and
 the KV cache stay float32 (`project(..., round_x=True)`, and the C decode step by the embedding's dtype).
-The source is compiled for three instruction sets: AVX-512 (F, BW, VL, DQ) with AVX512_BF16, whose
-vdpbf16ps multiplies bfloat16 pairs (the fast path for bfloat16 models), plain AVX-512, and AVX2 + FMA;
-all three follow the same rule (the last two round x and use float32 multiply-adds: the same products).
-The best this CPU runs is loaded (by /proc/cpuinfo); LLAMA_MP_CPU_ISA=avx512bf16|avx512|avx2 forces one
-(for tests and benchmarks). A library is compiled on first use (about a second) into a cache folder
+The source is compiled for five instruction sets: AVX-512 (F, BW, VL, DQ) with AVX512_BF16 (and
+AVX512-VNNI), whose vdpbf16ps multiplies bfloat16 pairs (the fast path for bfloat16 models), AVX-512 with
+AVX512-VNNI, plain AVX-512, AVX2 + FMA with AVX-VNNI, and AVX2 + FMA; all follow the same rule (those
+without AVX512_BF16 round x and use float32 multiply-adds: the same products). The best this CPU runs is
+loaded (by /proc/cpuinfo); LLAMA_MP_CPU_ISA=avx512bf16|avx512vnni|avx512|avxvnni|avx2 forces one (for
+tests and benchmarks). Products of int8 / int4 weights may instead quantize x to int8 per block of 32
+and take integer dot products (vpdpbusd with VNNI, vpmaddubsw on AVX2): LLAMA_MP_CPU_ACTIVATIONS, below,
+on by default for int4; `describe` says which build and which arithmetic run. A library is compiled on first use (about a second) into a cache folder
 keyed by the source, flags and compiler, so every later run and every rank just loads it. Without a
 compiler, on another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators
 instead: the same math, about half as fast in float32 and far slower in bfloat16 (which PyTorch then
@@ -43,13 +46,26 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # must list to run it, best first (the first this CPU runs is loaded).
 _AVX512 = (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"))
+# Every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) has AVX512-VNNI too, so that build
+# has both; avx512vnni is Cascade Lake and Ice Lake, avxvnni AVX2 machines with AVX-VNNI (Alder Lake on).
+_AVX2 = (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c"))
 ISAS: Dict[str, Tuple[List[str], Tuple[str, ...]]] = {
-    "avx512bf16": (_AVX512[0] + ["-mavx512bf16"], _AVX512[1] + ("avx512_bf16",)),
+    "avx512bf16": (_AVX512[0] + ["-mavx512vnni", "-mavx512bf16"], _AVX512[1] + ("avx512_vnni", "avx512_bf16")),
+    "avx512vnni": (_AVX512[0] + ["-mavx512vnni"], _AVX512[1] + ("avx512_vnni",)),
     "avx512": _AVX512,
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+    "avxvnni": (_AVX2[0] + ["-mavxvnni"], _AVX2[1] + ("avx_vnni",)),
+    "avx2": _AVX2,
 }
 ENV = "LLAMA_MP_CPU_KERNELS"
 ISA_ENV = "LLAMA_MP_CPU_ISA"
+# int8 / int4 weights: whether products quantize x to int8 per block of 32 and take integer dot
+# products ("int8"), or multiply the weights, widened, by x in float ("float"; see csrc's matvec_q).
+# "auto" (the default) is int8 for int4 weights and float for int8 ones: measured by teacher forcing
+# (docs/quantization.md), int8 activations add 1-4% to int4's |delta log-prob| but 40-50% to int8's.
+ACTIVATIONS_ENV = "LLAMA_MP_CPU_ACTIVATIONS"
+ACTIVATIONS = ("auto", "int8", "float")
+# The integer dot product each build uses (csrc's int_dot()).
+INT_DOTS = {1: "AVX2 vpmaddubsw", 2: "AVX-VNNI vpdpbusd", 3: "AVX512-VNNI vpdpbusd"}
 
 _loaded: Optional[ctypes.CDLL] = None
 _why_not: Optional[str] = None  # set once the library was found unusable
@@ -132,7 +148,10 @@ def load_isa(isa: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_build(compiler, isa)))
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
-        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64, i64], None),
+        "matvec": ([pointer, pointer, pointer, pointer, i64, i64, i64, i64, i64, i64, i64, i64], None),
+        "quantize_x": ([pointer, i64, i64, pointer, pointer], i64),
+        "block_dots": ([pointer, pointer, pointer, i64, i64, i64, i64], None),
+        "int_dot": ([], i64),
         "attention_block": ([pointer, i64, i64, i64, pointer, pointer, pointer, pointer, pointer], None),
         "ffn_block": ([pointer, i64, i64, pointer, pointer, pointer], None),
         "finish": ([pointer, i64, pointer, pointer, pointer], None),
@@ -188,6 +207,34 @@ def library(required: bool = False) -> Optional[ctypes.CDLL]:
     return _loaded
 
 
+def int8_activations(scheme: Optional[Scheme]) -> bool:
+    """Whether products of weights quantized by `scheme` (None: float weights, never) take x quantized to
+    int8, by LLAMA_MP_CPU_ACTIVATIONS (ACTIVATIONS_ENV above). Raises LlamaMPError for another value."""
+    asked = os.environ.get(ACTIVATIONS_ENV, "auto").strip().lower() or "auto"
+    if asked not in ACTIVATIONS:
+        raise LlamaMPError(f"{ACTIVATIONS_ENV}={asked} is not one of {', '.join(ACTIVATIONS)}: int8 quantizes the "
+                           f"inputs of int8 / int4 products per block of 32 for integer dot products (faster, a "
+                           f"little further from the float model), float keeps them in float, auto (the default) "
+                           f"takes int8 for int4 weights and float for int8 ones. Unset it for auto.")
+    if scheme is None:
+        return False
+    return asked == "int8" or (asked == "auto" and scheme.mode == "int4")
+
+
+def describe(scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None) -> str:
+    """Which kernels run: the build, and for a quantized model (scheme) its products' arithmetic. The one
+    place that says so (bench reports it)."""
+    lib = lib or library()
+    if lib is None:
+        return "none (PyTorch operators)"
+    isa = next((name for name, built in _variants.items() if built is lib), "?")
+    if scheme is None:
+        return f"{isa} build"
+    if int8_activations(scheme):
+        return f"{isa} build, int8 activations, {INT_DOTS[lib.int_dot()]} integer dot products"
+    return f"{isa} build, float activations, {scheme.mode} weights widened"
+
+
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 # The model dtypes whose embedding table the kernels read: a quantized model's matrices are int8 or
 # int4 whatever its dtype, and only the embedding (and the norms, widened once) stay in it.
@@ -222,11 +269,14 @@ PROJECT_MAX_ROWS = 32
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
-            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None, round_x: bool = False) -> torch.Tensor:
+            scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None, round_x: bool = False,
+            int8_x: Optional[bool] = None) -> torch.Tensor:
     """x [..., in] @ W.T in float32 for CPU tensors: W [out, in] contiguous in float32 or bfloat16, or
     quantized by `scheme` with its `scales` (quant/scheme.py's layout). `round_x`: the model's dtype is
     bfloat16, so x is rounded to bfloat16 before the products (the module docstring's rule); otherwise
-    x is used as it is (float32 math). `lib`: a variant from `load_isa` instead of the loaded kernels."""
+    x is used as it is (float32 math). `int8_x` (None: `int8_activations(scheme)`): quantized weights take x
+    quantized to int8 per block of 32 instead, and integer dot products (round_x then does not apply).
+    `lib`: a variant from `load_isa` instead of the loaded kernels."""
     fmt, group = weight_format(weight, scheme)
     in_features = x.shape[-1]
     assert weight.is_contiguous() and weight.shape[1] == (in_features // 2 if fmt == INT4 else in_features)
@@ -236,5 +286,6 @@ def project(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor
     y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device="cpu")
     (lib or _loaded).matvec(x.data_ptr(), weight.data_ptr(), None if scales is None else scales.data_ptr(),
                             y.data_ptr(), x.numel() // in_features, in_features, weight.shape[0],
-                            torch.get_num_threads(), fmt, group, int(round_x))
+                            torch.get_num_threads(), fmt, group, int(round_x),
+                            int(scheme is not None and (int8_activations(scheme) if int8_x is None else int8_x)))
     return y

@@ -62,6 +62,10 @@ class CpuKernelDecoder(Decoder):
     def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         return torch.float32
 
+    def describe(self, model) -> str:
+        """Which build of the kernels runs, and for a quantized model its products' arithmetic (cpu.describe)."""
+        return cpu.describe(getattr(model.layers[0].attention.qkv, "scheme", None))
+
     def start(self, model) -> None:
         args, first = model.args, model.layers[0].attention
         self.kernels = CpuDecoder(DecodeTensors(
@@ -174,7 +178,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in
                  ("dim", "n_layers", "heads", "kv_heads", "head_dim", "hidden", "max_rows",
-                  "max_seq_len", "threads", "embedding_type", "format", "group_size")]
+                  "max_seq_len", "threads", "embedding_type", "format", "group_size", "int8_x")]
                 + [("eps", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("rotation", "norm", "embedding")]
                 + [("vocab_total", ctypes.c_int64), ("layers", ctypes.POINTER(_Layer))]
@@ -218,7 +222,8 @@ class CpuDecoder:
         self.cache_rows, self.step_rows = t.max_rows, rows
         self.model = _Model(
             t.dim, self.n_layers, t.heads, t.kv_heads, t.head_dim, t.hidden, t.max_rows, seq,
-            torch.get_num_threads(), EMBEDDING_TYPES[t.embedding.dtype], fmt, group, t.eps, _ptr(rotation),
+            torch.get_num_threads(), EMBEDDING_TYPES[t.embedding.dtype], fmt, group,
+            int(cpu.int8_activations(t.scheme)), t.eps, _ptr(rotation),
             norm(t.norm), _ptr(t.embedding), t.embedding.shape[0], self._layers,
             *(_ptr(m) for m in (x, qkv, attn, scores, ffn_buf, act)))
         self.ref = ctypes.byref(self.model)

@@ -299,6 +299,8 @@ def bench(
         "read_gb_s_per_rank": bandwidth / 1e9,
         "decode_path": net.decoder.name,
     }
+    if hasattr(net.decoder, "describe"):  # the C kernels: their build and (quantized) activations
+        report["kernels"] = net.decoder.describe(net)
     report["bandwidth_fraction"] = report["achieved_gb_s_per_rank"] / report["read_gb_s_per_rank"]
     if profile_ops:
         report.update(ops_per_decode_step(net, batch, prompt_len, seed))
@@ -324,7 +326,8 @@ def format_report(r: Dict) -> str:
         ("load", f"{r['load_s']:.2f} s" + (f", of which compiling and warming up {r['compiled_graphs']} graphs "
                                            f"{r['compile_s']:.2f} s" if r["compiled_graphs"] else "")),
         ("prefill", f"{r['prefill_tok_s']:.1f} tok/s"),
-        ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['ms_per_token']:.2f} ms/token), {r['decode_path']}"),
+        ("decode", f"{r['decode_tok_s']:.1f} tok/s ({r['ms_per_token']:.2f} ms/token), {r['decode_path']}"
+                   + (f" ({r['kernels']})" if r.get("kernels") else "")),
         ("peak memory per rank", ", ".join(f"{m:.2f} GiB" for m in r["peak_memory_per_rank_gib"])),
         ("weights read per token", f"{r['weight_bytes_per_token_per_rank'] / 1e6:.1f} MB per rank"),
         ("bandwidth", f"{r['achieved_gb_s_per_rank']:.1f} GB/s per rank, {100 * r['bandwidth_fraction']:.0f}% of "

@@ -1,7 +1,9 @@
 /* llama_mp's CPU decode kernels: one new token for each of `rows` sequences on x86-64, and the matrix
  * products of prompts; weights in float32, bfloat16, int8 or int4, sums in float32. Built on first use
- * by kernels/cpu.py with the system C compiler, three times (AVX-512 with AVX512_BF16, AVX-512, and
- * AVX2 + FMA, see `vf` and `BF16_DOT` below), and called through ctypes.
+ * by kernels/cpu.py with the system C compiler, five times (AVX-512 with AVX512_BF16 and VNNI, AVX-512
+ * with VNNI, AVX-512, AVX2 + FMA with AVX-VNNI, and AVX2 + FMA, see `vf`, `BF16_DOT` and `INT_DOT`
+ * below), and called through ctypes. int8 and int4 products may take x quantized to int8 and integer
+ * dot products instead (`matvec_q`, "int8 activations").
  *
  * Why C: decoding reads every weight once per token, so it runs at the speed weights stream from
  * memory. Two things keep eager PyTorch well below that on a CPU: about 25 operators per layer at a
@@ -42,7 +44,7 @@
  * ~400-420 GFLOP/s, int8 ~330-370 (weights widened to bfloat16 once per block of outputs), int4 ~280-310:
  * its per-group scales cost a float32 multiply-add per four vdpbf16ps (applied per 128 inputs), which
  * caps it near 80% of bfloat16's rate so long as x keeps bfloat16 precision (llama.cpp's faster Q4_0
- * prompts round x to 8-bit integers and use integer dot products instead).
+ * prompts round x to 8-bit integers and use integer dot products instead: matvec_q, below, when int8_x).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -71,6 +73,7 @@ typedef struct {
     int64_t dim, n_layers, heads, kv_heads, head_dim, hidden, max_rows, max_seq_len, threads;
     int64_t embedding_type;  /* EMB_* */
     int64_t format, group_size;  /* the layers' weight format and (int4) inputs per scale */
+    int64_t int8_x;              /* int8 / int4 weights: products with x quantized to int8 (matvec_q) */
     float eps;
     const float *rotation;   /* [max_seq_len, head_dim / 2, 2]: cos and sin of each position and pair */
     const float *norm;       /* final norm weight, float32 */
@@ -495,9 +498,10 @@ INLINE void round_bf16(const float *x, int64_t n, uint16_t *out) {
 }
 
 /* Per-thread scratch, grown as needed and kept (a decode step calls matvec ~50 times): slot 0 for the
- * rounded x (the calling thread), slot 1 for weights widened to bfloat16 (each thread of a product). */
-static __thread void *scratch_memory[2];
-static __thread size_t scratch_size[2];
+ * rounded x (the calling thread), slot 1 for weights widened to bfloat16 (each thread of a product),
+ * slot 2 for x quantized to int8 (matvec_q, the calling thread). */
+static __thread void *scratch_memory[3];
+static __thread size_t scratch_size[3];
 static void *scratch_at(int slot, size_t bytes) {
     if (bytes > scratch_size[slot]) {
         free(scratch_memory[slot]);
@@ -835,12 +839,346 @@ static void matvec_b(const float *x, const void *w, const void *scales, float *y
 /* Whether this build multiplies bfloat16 by bfloat16 (vdpbf16ps): 1 in the avx512bf16 build. */
 int64_t bf16_dot(void) { return BF16_DOT; }
 
+/* ---- int8 activations: integer dot products for int8 and int4 weights ----
+ *
+ * With `int8_x` (cpu.py's LLAMA_MP_CPU_ACTIVATIONS), a product of int8 or int4 weights quantizes x once
+ * per call, as llama.cpp's Q8_0 does: per block of 32 inputs of a row, d = max|x| / 127 (float32),
+ * q = round(x / d) by x * (1 / d) rounded to nearest even, q in [-127, 127], and zeros past `in`. Every
+ * output row then takes integer dot products per block: int8 weights w (their row's float32 scale s)
+ * give y = s * sum_b d_b * sum_i w_i q_i; int4 weights n = q + 8 (0..15, the stored nibbles) with group
+ * scales g give y = sum_b g_b d_b (sum_i n_i q_i - 8 sum_i q_i), the 8 sum q of each block computed once
+ * per row of x (`c` below, 8 d_b sum q, a float32) and applied after the blocks as one dot product with
+ * the row's scales. The block sums are exact integers (int32); the scaling and the sums across blocks
+ * are float32. The integer products take 32 bytes at a time in 256-bit registers in every build:
+ * vpdpbusd (AVX512-VNNI with VL, or AVX-VNNI), else vpmaddubsw + vpmaddwd (AVX2), unsigned bytes times
+ * signed bytes: int4 nibbles are unsigned as stored; int8 weights give |w| and q with w's sign
+ * (vpsignb), whose products are w q. vpmaddubsw adds pairs with int16 saturation, which none of these
+ * reach (|w| <= 128 with |q| <= 127: 2 x 128 x 127 = 32512; nibbles: 2 x 15 x 127), so every build's
+ * block sums are the same integers. Non-finite x (inf, NaN) in a block makes its d NaN, so the output
+ * is NaN as in the float path. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define INT_DOT 3
+INLINE __m256i dot_u8s8(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
+#elif defined(__AVXVNNI__)
+#define INT_DOT 2
+INLINE __m256i dot_u8s8(__m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s); }
+#else
+#define INT_DOT 1
+INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+#endif
+/* Which integer dot product this build uses: 3 AVX512-VNNI, 2 AVX-VNNI, 1 AVX2 (vpmaddubsw). */
+int64_t int_dot(void) { return INT_DOT; }
+
+#define QBLOCK 32
+/* Blocks of a quantized x row, padded to a multiple of 8 (zeros), so that loops may take 8 at a time. */
+#define QBLOCKS(in) (((in) + 8 * QBLOCK - 1) / (8 * QBLOCK) * 8)
+
+INLINE float hsum256(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* One row of x (in floats) as QBLOCKS(in) blocks: q [QBLOCKS * 32] int8, d and c [QBLOCKS] (c = 8 d sum q). */
+static void quantize_x_row(const float *x, int64_t in, int8_t *q, float *d, float *c) {
+    const int64_t blocks = QBLOCKS(in), full = in / QBLOCK;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.402823466e38f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < blocks; ++b) {
+        float v[QBLOCK];
+        const float *p = x + b * QBLOCK;
+        if (b >= full) {  /* the partial last block, and the padding */
+            const int64_t n = in - b * QBLOCK > 0 ? in - b * QBLOCK : 0;
+            for (int i = 0; i < QBLOCK; ++i) v[i] = i < n ? p[i] : 0.0f;
+            p = v;
+        }
+        __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8), x2 = _mm256_loadu_ps(p + 16), x3 = _mm256_loadu_ps(p + 24);
+        __m256 a0 = _mm256_and_ps(x0, absmask), a1 = _mm256_and_ps(x1, absmask);
+        __m256 a2 = _mm256_and_ps(x2, absmask), a3 = _mm256_and_ps(x3, absmask);
+        const __m256 bad = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(a0, big, _CMP_NLE_UQ), _mm256_cmp_ps(a1, big, _CMP_NLE_UQ)),
+                                        _mm256_or_ps(_mm256_cmp_ps(a2, big, _CMP_NLE_UQ), _mm256_cmp_ps(a3, big, _CMP_NLE_UQ)));
+        const __m256 m = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        const float scale = _mm256_movemask_ps(bad) ? NAN : amax / 127.0f;
+        const float inv = scale != 0.0f && scale == scale ? 1.0f / scale : 0.0f;
+        const __m256 iv = _mm256_set1_ps(inv);
+        /* x * (1 / d) rounded to nearest even (the default rounding mode), |q| <= 127: no saturation below */
+        const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(x0, iv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(x1, iv));
+        const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(x2, iv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(x3, iv));
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i *)(q + b * QBLOCK), _mm256_permutevar8x32_epi32(packed, order));
+        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        d[b] = scale;
+        c[b] = scale * (float)(8 * _mm_cvtsi128_si32(t));
+    }
+}
+
+/* x quantized: row r's blocks at q + r * QBLOCKS(in) * 32, its scales at d + r * QBLOCKS(in) (and c). */
+typedef struct {
+    const int8_t *q;
+    const float *d, *c;
+    int64_t blocks;  /* QBLOCKS(in), the stride of d and c; q's is blocks * 32 */
+} QX;
+
+/* The 32 unsigned nibbles (q + 8) of int4 block b of a row, in input order: low nibbles of its 16 bytes
+ * are inputs 0..15, high ones 16..31. */
+INLINE __m256i int4_block_u8(const uint8_t *row, int64_t b) {
+    /* the 16 bytes in both halves (one load), the upper half shifted by 4: each byte's high nibble */
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + b * (QBLOCK / 2))));
+    const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(both, shift), _mm256_set1_epi8(15));
+}
+
+/* 32 int8 weights of block b (the last, partial block of a row read into zeros: q is zero there too). */
+INLINE __m256i int8_block(const int8_t *row, int64_t b, int64_t in) {
+    if ((b + 1) * QBLOCK <= in) return _mm256_loadu_si256((const __m256i *)(row + b * QBLOCK));
+    int8_t tail[QBLOCK] = {0};
+    memcpy(tail, row + b * QBLOCK, (size_t)(in - b * QBLOCK));
+    return _mm256_loadu_si256((const __m256i *)tail);
+}
+
+/* int4: the offset term sum_b g_b c_b of a row of x (c) and a weight row's group scales. */
+INLINE float int4_offset(const float *c, const uint16_t *gs, int log2, int64_t blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    if (log2 == 0)
+        for (; b + 8 <= blocks; b += 8) {
+            const __m256 g = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(gs + b))), 16));
+            acc = _mm256_fmadd_ps(g, _mm256_loadu_ps(c + b), acc);
+        }
+    float total = hsum256(acc);
+    for (; b < blocks; ++b) total += widen_bf16(gs[b >> log2]) * c[b];
+    return total;
+}
+
+/* The 8 int32 lanes of each of s[0..7] summed: lane k of the result is the sum of s[k]'s lanes. */
+INLINE __m256i hsums_epi32(const __m256i *s) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* The group scales of blocks b..b+7 of an int4 row as float32 (block k's is gs[(b + k) >> log2]). */
+INLINE __m256 int4_scales8(const uint16_t *gs, int64_t b, int log2) {
+    const uint16_t *p = gs + (b >> log2);
+    const __m128i raw = log2 == 0 ? _mm_loadu_si128((const __m128i *)p)
+                        : log2 == 1 ? _mm_loadl_epi64((const __m128i *)p) : _mm_cvtsi32_si128(*(const int32_t *)p);
+    const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+    const __m256i pick = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(log2));
+    return _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(wide, pick));
+}
+
+/* One int4 row against one row of quantized x (the decode step's product), eight blocks at a time: their
+ * eight block sums are reduced to one vector (a block a lane), so the conversion, the offset and the
+ * scales (x's d, the row's groups) take one vector operation each per eight blocks. The row is read
+ * front to back, a single stream. */
+INLINE float qrow_int4(const QX *x, const uint8_t *row, const uint16_t *gs, int log2, int64_t blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+        __m256i s[8];
+        for (int k = 0; k < 8; ++k)
+            s[k] = dot_u8s8(int4_block_u8(row, b + k), _mm256_loadu_si256((const __m256i *)(x->q + (b + k) * QBLOCK)));
+        /* per block: d (sum n q) - 8 d sum q, times the group's scale */
+        const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(hsums_epi32(s)), _mm256_loadu_ps(x->d + b), _mm256_loadu_ps(x->c + b));
+        acc = _mm256_fmadd_ps(t, int4_scales8(gs, b, log2), acc);
+    }
+    float total = hsum256(acc);
+    for (; b < blocks; ++b) {
+        const __m256i s = dot_u8s8(int4_block_u8(row, b), _mm256_loadu_si256((const __m256i *)(x->q + b * QBLOCK)));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+        total += ((float)_mm_cvtsi128_si32(t) * x->d[b] - x->c[b]) * widen_bf16(gs[b >> log2]);
+    }
+    return total;
+}
+
+/* The register tile of the integer products: y[r, o0 + o] for R rows of quantized x and O weight rows.
+ * Each weight block is loaded (int4: unpacked; int8: its |w|) once for all R rows, each x block once for
+ * all O outputs; per pair a dot product (2 instructions, 1 with VNNI; int8: a vpsignb more), a conversion
+ * and one or two float multiplies. A single row (R == 1, the decode step) keeps four blocks in flight. */
+INLINE void qtile(int fmt, int R, int O, const QX *x, const void *w, const void *scales, int64_t group,
+                  float *y, int64_t o0, int64_t in, int64_t out) {
+    __m256 acc[4][2][4];  /* [R][O][chain]: R * O * K accumulators, K = 4 for one row and one output */
+    const int K = R == 1 && O == 1 ? 4 : 1;
+    const int64_t blocks = (in + QBLOCK - 1) / QBLOCK, rb = x->blocks * QBLOCK;
+    const int log2 = fmt == INT4 ? __builtin_ctzll((unsigned long long)(group / QBLOCK)) : 0;
+    const void *row[2];
+    const uint16_t *gs[2];
+    for (int o = 0; o < O; ++o) {
+        row[o] = fmt == INT4 ? (const void *)((const uint8_t *)w + (o0 + o) * (in / 2)) : (const void *)((const int8_t *)w + (o0 + o) * in);
+        gs[o] = fmt == INT4 ? (const uint16_t *)scales + (o0 + o) * (in / group) : NULL;
+    }
+    for (int r = 0; r < R; ++r)
+        for (int o = 0; o < O; ++o)
+            for (int k = 0; k < K; ++k) acc[r][o][k] = _mm256_setzero_ps();
+#define QTILE_STEP(B, k)                                                                                     \
+    do {                                                                                                     \
+        __m256i wv[2], uv[2];                                                                                \
+        __m256 g[2];                                                                                         \
+        for (int o = 0; o < O; ++o) {                                                                        \
+            if (fmt == INT4) {                                                                               \
+                uv[o] = int4_block_u8((const uint8_t *)row[o], (B));                                         \
+                g[o] = _mm256_set1_ps(widen_bf16(gs[o][(B) >> log2]));                                       \
+            } else {                                                                                         \
+                wv[o] = int8_block((const int8_t *)row[o], (B), in);                                         \
+                uv[o] = _mm256_abs_epi8(wv[o]);                                                              \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int r = 0; r < R; ++r) {                                                                        \
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + r * rb + (B) * QBLOCK));         \
+            const __m256 dv = _mm256_broadcast_ss(x->d + r * x->blocks + (B));                               \
+            for (int o = 0; o < O; ++o) {                                                                    \
+                const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(uv[o], fmt == INT4 ? xv : _mm256_sign_epi8(xv, wv[o]))); \
+                acc[r][o][k] = fmt == INT4 ? _mm256_fmadd_ps(_mm256_mul_ps(p, dv), g[o], acc[r][o][k])       \
+                                           : _mm256_fmadd_ps(p, dv, acc[r][o][k]);                           \
+            }                                                                                                \
+        }                                                                                                    \
+    } while (0)
+    int64_t b = 0;
+    if (K == 4)
+        for (; b + 4 <= blocks; b += 4) {
+            QTILE_STEP(b, 0);
+            QTILE_STEP(b + 1, 1);
+            QTILE_STEP(b + 2, 2);
+            QTILE_STEP(b + 3, 3);
+        }
+    for (; b < blocks; ++b) QTILE_STEP(b, 0);
+#undef QTILE_STEP
+    for (int r = 0; r < R; ++r)
+        for (int o = 0; o < O; ++o) {
+            __m256 s = acc[r][o][0];
+            for (int k = 1; k < K; ++k) s = _mm256_add_ps(s, acc[r][o][k]);
+            float total = hsum256(s);
+            if (fmt == INT4) total -= int4_offset(x->c + r * x->blocks, gs[o], log2, blocks);
+            else total *= ((const float *)scales)[o0 + o];
+            y[r * out + o0 + o] = total;
+        }
+}
+
+/* Register tile sizes of the integer products (AVX2's 16 registers: R x O accumulators, O weight
+ * vectors and their |w| or scales, an x block and its scale). */
+#define QTILE_ROWS 4
+#define QTILE_OUTS 2
+
+/* Output tile t (QTILE_OUTS outputs from t * QTILE_OUTS; the last, partial one an output at a time) for
+ * the n rows of x: tiles of QTILE_ROWS rows, then the rest as one smaller tile; one row (decode) takes
+ * the outputs one at a time, each a single stream of weights. */
+INLINE void qoutput_tile(int fmt, const QX *x, const void *w, const void *scales, int64_t group, float *y,
+                         int64_t n, int64_t in, int64_t out, int64_t t) {
+    const int64_t o0 = t * QTILE_OUTS, end = o0 + QTILE_OUTS < out ? o0 + QTILE_OUTS : out;
+    if (n == 1) {
+        if (fmt == INT4) {
+            const int log2 = __builtin_ctzll((unsigned long long)(group / QBLOCK));
+            for (int64_t o = o0; o < end; ++o)
+                y[o] = qrow_int4(x, (const uint8_t *)w + o * (in / 2), (const uint16_t *)scales + o * (in / group), log2, in / QBLOCK);
+        } else
+            for (int64_t o = o0; o < end; ++o) qtile(fmt, 1, 1, x, w, scales, group, y, o, in, out);
+        return;
+    }
+    int64_t r = 0;
+    QX at = *x;
+    for (; r + QTILE_ROWS <= n; r += QTILE_ROWS) {
+        at.q = x->q + r * x->blocks * QBLOCK, at.d = x->d + r * x->blocks, at.c = x->c + r * x->blocks;
+        if (end - o0 == QTILE_OUTS) qtile(fmt, QTILE_ROWS, QTILE_OUTS, &at, w, scales, group, y + r * out, o0, in, out);
+        else
+            for (int64_t o = o0; o < end; ++o) qtile(fmt, QTILE_ROWS, 1, &at, w, scales, group, y + r * out, o, in, out);
+    }
+    at.q = x->q + r * x->blocks * QBLOCK, at.d = x->d + r * x->blocks, at.c = x->c + r * x->blocks;
+    switch (n - r) {
+#define QREST(K)                                                                                                 \
+    case K:                                                                                                      \
+        if (end - o0 == QTILE_OUTS) qtile(fmt, K, QTILE_OUTS, &at, w, scales, group, y + r * out, o0, in, out); \
+        else                                                                                                     \
+            for (int64_t o = o0; o < end; ++o) qtile(fmt, K, 1, &at, w, scales, group, y + r * out, o, in, out); \
+        break;
+    QREST(1) QREST(2) QREST(3)
+#undef QREST
+    default: break;
+    }
+}
+
+typedef void (*QTileFn)(const QX *, const void *, const void *, int64_t, float *, int64_t, int64_t, int64_t, int64_t);
+static void qoutput_tile_INT8(const QX *x, const void *w, const void *s, int64_t g, float *y, int64_t n, int64_t in,
+                              int64_t out, int64_t t) {
+    qoutput_tile(INT8, x, w, s, g, y, n, in, out, t);
+}
+static void qoutput_tile_INT4(const QX *x, const void *w, const void *s, int64_t g, float *y, int64_t n, int64_t in,
+                              int64_t out, int64_t t) {
+    qoutput_tile(INT4, x, w, s, g, y, n, in, out, t);
+}
+
+/* matvec's integer path (formats INT8 and INT4, see above). */
+static void matvec_q(const float *x, const void *w, const void *scales, float *y, int64_t rows, int64_t in,
+                     int64_t out, int64_t threads, int64_t format, int64_t group) {
+    const int64_t blocks = QBLOCKS(in);
+    char *mem = scratch_at(2, (size_t)(rows * blocks) * (QBLOCK + 2 * sizeof(float)));
+    if (!mem) abort();
+    float *d = (float *)mem, *c = d + rows * blocks;
+    int8_t *q = (int8_t *)(c + rows * blocks);
+    for (int64_t r = 0; r < rows; ++r)
+        quantize_x_row(x + r * in, in, q + r * blocks * QBLOCK, d + r * blocks, c + r * blocks);
+    const QTileFn fn = format == INT4 ? qoutput_tile_INT4 : qoutput_tile_INT8;
+    const int64_t tiles = (out + QTILE_OUTS - 1) / QTILE_OUTS;
+    for (int64_t first = 0; first < rows; first += ROW_BLOCK) {
+        const int64_t n = rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK;
+        const QX qx = {q + first * blocks * QBLOCK, d + first * blocks, c + first * blocks, blocks};
+        #pragma omp parallel for schedule(static) num_threads(threads) if (out * in >= 65536)
+        for (int64_t t = 0; t < tiles; ++t) fn(&qx, w, scales, group, y + first * out, n, in, out, t);
+    }
+}
+
+/* x quantized as matvec_q does (for tests): q [rows, QBLOCKS(in) * 32], d [rows, QBLOCKS(in)]; returns QBLOCKS(in). */
+int64_t quantize_x(const float *x, int64_t rows, int64_t in, int8_t *q, float *d) {
+    const int64_t blocks = QBLOCKS(in);
+    float *c = malloc((size_t)blocks * sizeof(float));
+    if (!c) abort();
+    for (int64_t r = 0; r < rows; ++r) quantize_x_row(x + r * in, in, q + r * blocks * QBLOCK, d + r * blocks, c);
+    free(c);
+    return blocks;
+}
+
+/* The block sums of matvec_q (for tests): dots[r, o, b] = sum over block b of q[r] times weight row o's
+ * integers as the kernels multiply them (int8: w; int4: the stored nibbles, q + 8), each by the build's
+ * dot product. q as quantize_x lays it out (QBLOCKS(in) blocks a row). */
+void block_dots(const int8_t *q, const void *w, int32_t *dots, int64_t rows, int64_t in, int64_t out, int64_t format) {
+    const int64_t blocks = (in + QBLOCK - 1) / QBLOCK, stride = QBLOCKS(in) * QBLOCK;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = 0; o < out; ++o)
+            for (int64_t b = 0; b < blocks; ++b) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(q + r * stride + b * QBLOCK));
+                __m256i s;
+                if (format == INT4) s = dot_u8s8(int4_block_u8((const uint8_t *)w + o * (in / 2), b), xv);
+                else {
+                    const __m256i wv = int8_block((const int8_t *)w + o * in, b, in);
+                    s = dot_u8s8(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+                }
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+                dots[(r * out + o) * blocks + b] = _mm_cvtsi128_si32(t);
+            }
+}
+
 /* y[r, o] = x[r, :] . w[o, :] for `rows` rows of x (float32 [rows, in]) and a weight matrix of `out`
  * rows in `format` (with `scales` and `group` for int8 and int4). Each tile of weight rows is read
  * from memory once and reused from L1 for every row of x; threads take contiguous ranges of tiles.
- * `round_x` (a bfloat16 model): x is rounded to bfloat16 first (see the header). */
+ * `round_x` (a bfloat16 model): x is rounded to bfloat16 first (see the header). `int8_x`: int8 and int4
+ * weights take x quantized to int8 instead (matvec_q, integer dot products; round_x does not apply). */
 void matvec(const float *x, const void *w, const void *scales, float *y, int64_t rows, int64_t in, int64_t out,
-            int64_t threads, int64_t format, int64_t group, int64_t round_x) {
+            int64_t threads, int64_t format, int64_t group, int64_t round_x, int64_t int8_x) {
+    if (int8_x && (format == INT8 || format == INT4)) {
+        matvec_q(x, w, scales, y, rows, in, out, threads, format, group);
+        return;
+    }
     if (round_x) {
         if (BF16_DOT && format != F32 && !(rows == 1 && ((format == INT8 && INT8_ROW_FLOAT) ||
                                                           (format == BF16 && BF16_ROW_FLOAT)))) {
@@ -962,7 +1300,7 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, c
     const float scale = (float)(1.0 / sqrt((double)hd));
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->attention_norm, dim, m->eps);
-    matvec(m->x, l->wqkv, l->sqkv, m->qkv, rows, dim, qkv_dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);
+    matvec(m->x, l->wqkv, l->sqkv, m->qkv, rows, dim, qkv_dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16, m->int8_x);
     for (int64_t r = 0; r < rows; ++r) {
         float *q = m->qkv + r * qkv_dim, *k = q + q_dim, *v = k + kv_dim;
         const int64_t slot = slots ? slots[r] : r, at_pos = positions ? positions[r] : pos;
@@ -975,7 +1313,7 @@ void attention_block(const Model *m, int64_t layer, int64_t rows, int64_t pos, c
         }
     }
     attend(m, l, rows, pos, slots, positions);
-    matvec(m->att, l->wo, l->so, partial, rows, q_dim, dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);
+    matvec(m->att, l->wo, l->so, partial, rows, q_dim, dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16, m->int8_x);
 }
 
 void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const float *incoming, float *partial) {
@@ -983,7 +1321,7 @@ void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const floa
     const int64_t dim = m->dim, hidden = m->hidden;
     add_incoming(m, rows, h, incoming);
     for (int64_t r = 0; r < rows; ++r) rmsnorm(m->x + r * dim, h + r * dim, l->ffn_norm, dim, m->eps);
-    matvec(m->x, l->w13, l->s13, m->ffn, rows, dim, 2 * hidden, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);  /* w1 rows, then w3 rows */
+    matvec(m->x, l->w13, l->s13, m->ffn, rows, dim, 2 * hidden, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16, m->int8_x);  /* w1 rows, then w3 rows */
     /* a prompt's rows (tens of thousands of expf) split across the threads; a decode step's stay on one */
     #pragma omp parallel for schedule(static) num_threads(m->threads) if (rows * hidden >= 16384)
     for (int64_t r = 0; r < rows; ++r) {
@@ -991,7 +1329,7 @@ void ffn_block(const Model *m, int64_t layer, int64_t rows, float *h, const floa
         float *act = m->act + r * hidden;
         for (int64_t i = 0; i < hidden; ++i) act[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
-    matvec(m->act, l->w2, l->s2, partial, rows, hidden, dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16);
+    matvec(m->act, l->w2, l->s2, partial, rows, hidden, dim, m->threads, m->format, m->group_size, m->embedding_type == EMB_BF16, m->int8_x);
 }
 
 void finish(const Model *m, int64_t rows, float *h, const float *incoming, float *out) {
