@@ -136,11 +136,16 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
 def _int(body: dict, name: str, default: Optional[int], low: int, high: int, meaning: str) -> Optional[int]:
     """An integer field from `low` to `high`, by the command line's rule (checks.Domain), in the request's
     spelling; the bound keeps a 400-digit number out of every later message and sum."""
+    return _in_domain(body, name, default, Domain(True, low, high, meaning))
+
+
+def _in_domain(body: dict, name: str, default, domain: Domain):
+    """Field `name` of the request, checked against `domain` (a 400 naming it), or `default` when absent."""
     value = body.get(name)
     if value is None:
         return default
     try:
-        Domain(True, low, high, meaning).check(name, value, "'{}'")
+        domain.check(name, value, "'{}'")
     except OptionError as e:
         raise invalid(str(e), name) from None
     return value
@@ -306,14 +311,7 @@ MAX_BIAS = 100.0   # OpenAI's bound on a logit_bias value (either sign): -100 ba
 
 def _ranged(body: dict, name: str, default: float, low: float, high: float, meaning: str) -> float:
     """A number field from `low` to `high`, by the command line's rule (checks.Domain), in the request's spelling."""
-    value = body.get(name)
-    if value is None:
-        return default
-    try:
-        Domain(False, low, high, meaning).check(name, value, "'{}'")
-    except OptionError as e:
-        raise invalid(str(e), name) from None
-    return float(value)
+    return float(_in_domain(body, name, default, Domain(False, low, high, meaning)))
 
 
 def _token_id(value, tokenizer: Tokenizer) -> bool:
