@@ -26,6 +26,7 @@ import torch
 
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
+from .transfer import upload
 
 _VOCABULARIES: Dict[tuple, object] = {}  # (tokenizer path, end ids) -> llguidance.LLTokenizer
 
@@ -152,5 +153,5 @@ class Constraint:
         if not len(allowed):  # the grammar is over (an end was chosen and the answer goes on: ignore_eos)
             allowed = np.array(self.ends, dtype=np.int64)
         if 2 * len(allowed) <= self.vocab:
-            return torch.from_numpy(allowed).to(device), None
-        return None, torch.from_numpy(np.flatnonzero(~mask)).to(device)
+            return upload(torch.from_numpy(allowed), device), None
+        return None, upload(torch.from_numpy(np.flatnonzero(~mask)), device)
