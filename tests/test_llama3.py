@@ -45,13 +45,20 @@ def test_the_family_is_llama3_and_its_embedding_is_split_by_vocabulary_rows(chec
     assert layout.shard_shapes(args, 4)["tok_embeddings.weight"] == (args.vocab_size // 4, args.dim)
 
 
+@pytest.fixture(scope="module")
+def independent(checkpoints, prompts):
+    """The independent reference's logits of the first prompt and greedy ids of every prompt: computed once,
+    the expectation of every decoder."""
+    _, args, state = checkpoints[1]
+    return reference_logits(state, args, prompts[0]).numpy(), [reference_greedy(state, args, p, STEPS) for p in prompts]
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_one_rank_matches_the_independent_reference_with_scaled_rope(checkpoints, llama3_tokenizer_path, prompts,
-                                                                    decoder):
-    ckpt_dir, args, state = checkpoints[1]
-    (logits, ids), = logits_and_greedy([ckpt_dir], llama3_tokenizer_path, prompts, STEPS, decoder)
-    np.testing.assert_allclose(logits, reference_logits(state, args, prompts[0]).numpy(), rtol=0, atol=1e-4)
-    assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
+                                                                    independent, decoder):
+    (logits, ids), = logits_and_greedy([checkpoints[1][0]], llama3_tokenizer_path, prompts, STEPS, decoder)
+    np.testing.assert_allclose(logits, independent[0], rtol=0, atol=1e-4)
+    assert ids == independent[1]
 
 
 @pytest.mark.spawn

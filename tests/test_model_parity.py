@@ -70,12 +70,22 @@ def test_ranks_compute_the_same_logits_and_greedy_ids_as_one_rank(world_size, de
         assert [ids for _, ids in ranks] == [ref_ids] * world_size  # every rank returns the same ids
 
 
-def test_model_matches_independent_reference(make_checkpoint, tokenizer_path, prompts, one_rank):
-    for (logits, ids), cfg in zip(one_rank, (MHA, GQA)):
+@pytest.fixture(scope="module")
+def independent(make_checkpoint, prompts):
+    """The independent reference's logits of the first prompt and greedy ids of every prompt, for the MHA
+    and GQA models: computed once, the same expectation for every decoder."""
+    expected = []
+    for cfg in (MHA, GQA):
         _, args, state = make_checkpoint(shards=1, **cfg)
-        expected = reference_logits(state, args, prompts[0]).numpy()
-        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
-        assert ids == [reference_greedy(state, args, p, STEPS) for p in prompts]
+        expected.append((reference_logits(state, args, prompts[0]).numpy(),
+                         [reference_greedy(state, args, p, STEPS) for p in prompts]))
+    return expected
+
+
+def test_model_matches_independent_reference(one_rank, independent):
+    for (logits, ids), (expected_logits, expected_ids) in zip(one_rank, independent):
+        np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-4)
+        assert ids == expected_ids
 
 
 def test_bfloat16_checkpoint_loads_in_float32_and_bfloat16(make_checkpoint, tokenizer_path, prompts):
