@@ -14,17 +14,14 @@ from typing import List, Optional, Sequence, Tuple, TypedDict
 from ..checks import JsonProblem, described, read_json_file, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
-from .tools import PYTHON_TAG, Tool, ToolCall, calls_text, offer_tools
+from .tools import PYTHON_TAG, TOOL_ROLES, Tool, ToolCall, calls_text, offer_tools
+from .tools import tool_format as _tool_format
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 ROLES = ("system", "user", "assistant")
-# Llama 3.1's tool calling adds a role for a tool's output: "ipython" in Meta's format ("tool" in
-# Meta's Python API and OpenAI's, written as "ipython"). It answers an assistant turn, which may carry
-# `tool_calls` (runtime/tools.py).
-TOOL_ROLES = ("ipython", "tool")
 
 
 class Message(TypedDict, total=False):
@@ -121,23 +118,30 @@ def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> b
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = (), tool_format: str = "json",
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = (), tool_format: Optional[str] = None,
                   choice_prompt: str = "", date: Optional[str] = None) -> List[int]:
     """Prompt tokens for a checked dialog, in the chat format of the tokenizer's family. `tools` (Llama 3
-    only) are offered to the model in `tool_format` (runtime/tools.py: "json" for Llama 3.1, "python_list"
-    for 3.2 and 3.3), with `choice_prompt` and the date line's `date` (today's by default)."""
-    if tokenizer.family == "llama3":
-        return _encode_llama3_dialog(tokenizer, offer_tools(list(dialog), tools, tool_format, choice_prompt, date),
-                                     tool_format)
-    if tools or any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog):
-        raise LlamaMPError(f"Tool calling needs a Llama 3.1-3.3 checkpoint (its tokenizer has the ipython role and "
-                           f"<|python_tag|>); this is a {tokenizer.family} tokenizer, whose chat format here has no "
-                           "tools. Put the tool's description and results in user messages instead.")
-    if tokenizer.family == "llama4":
+    and 4) are offered to the model in `tool_format` (runtime/tools.py: "json" for Llama 3.1, "python_list"
+    for 3.2, 3.3 and 4; None: the family's own, tools.DEFAULT_FORMATS), with `choice_prompt` and the date
+    line's `date` (today's by default)."""
+    family = tokenizer.family
+    if family in ("llama3", "llama4"):
+        fmt = _tool_format(tool_format, family) if tools or _has_tool_turns(dialog) else None
+        offered = offer_tools(list(dialog), tools, fmt, choice_prompt, date, family)
+        if family == "llama3":
+            return _encode_llama3_dialog(tokenizer, offered, fmt or "json")
         from .llama4_tokenizer import encode_dialog as encode_llama4_dialog
 
-        return encode_llama4_dialog(tokenizer, dialog)
+        return encode_llama4_dialog(tokenizer, offered, fmt or "python_list")
+    if tools or _has_tool_turns(dialog):
+        raise LlamaMPError(f"Tool calling needs a Llama 3.1-3.3 or Llama 4 checkpoint (its tokenizer has the ipython "
+                           f"role); this is a {family} tokenizer, whose chat format here has no tools. Put the "
+                           "tool's description and results in user messages instead.")
     return _encode_llama2_dialog(tokenizer, dialog)
+
+
+def _has_tool_turns(dialog: Dialog) -> bool:
+    return any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog)
 
 
 def _encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
