@@ -239,6 +239,82 @@ def test_llama2_checkpoints_have_structured_output_but_no_tools(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------
+# Llama 4: a tiny random Llama 4 (tests/llama4_helpers.py) behind the server in-process, on one rank
+
+
+CONTEXT4 = 4096  # Meta's Llama 4 tool prompt is ~3,000 tokens of the tiny tokenizer's mostly single bytes
+
+
+@pytest.fixture(scope="module")
+def job4(tmp_path_factory):
+    from llama4_helpers import tiny_args
+    from llama_mp.checkpoints.synth import write_random_checkpoint, write_tiny_tiktoken
+    from llama_mp.runtime.batching import Batcher
+    from workers import build
+
+    tok_path = write_tiny_tiktoken(str(tmp_path_factory.mktemp("tok4") / "tokenizer.model"))
+    tok = Tokenizer(tok_path, "llama4")
+    ckpt = str(tmp_path_factory.mktemp("llama4_tools"))
+    write_random_checkpoint(ckpt, tiny_args(tok.n_words), 1, seed=3)
+    llama = build(ckpt, tok_path, max_seq_len=CONTEXT4, max_batch_size=SLOTS)
+    job = Served(llama.tokenizer, batcher=Batcher(llama.engine))
+    job.state.limits = Limits("m", CONTEXT4, SLOTS)
+    yield job
+    job.close()
+
+
+def test_llama4_forced_calls_match_their_schema(job4):
+    """tool_choice "required" and a named function on a random Llama 4: calls of offered tools whose
+    arguments validate, several answers of one request decoded together in the batch."""
+    named = {"type": "function", "function": {"name": "search"}}
+    for choice in ("required", named):
+        answer = chat(job4, tools=TOOLS, tool_choice=choice, seed=7, n=2, temperature=1.0, max_tokens=200)
+        assert answer.status_code == 200, answer.text
+        for each in answer.json()["choices"]:
+            calls = validated_calls(each)
+            assert len(calls) == 1 and (choice == "required" or calls[0]["function"]["name"] == "search")
+
+
+def test_llama4_history_is_metas_llama4_format(job4):
+    """A call and its result given back: the call as the pythonic list, ended by <|eom|>, the result headed
+    ipython and ended by <|eom|> (Meta's llama4 ChatFormat; its ids: tests/test_tools.py's fixture)."""
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius", "days": 1})}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "21 C and sunny"}]
+    tok = job4.tokenizer
+    prompt = parse_chat({"messages": history, "tools": TOOLS}, tok, Limits("m", CONTEXT4, SLOTS)).sequences[0].prompt_ids
+    assert tok.decode(prompt).endswith(
+        '<|header_start|>assistant<|header_end|>\n\n[get_weather(city="Paris", unit="celsius", days=1)]<|eom|>'
+        "<|header_start|>ipython<|header_end|>\n\n21 C and sunny<|eom|><|header_start|>assistant<|header_end|>\n\n")
+    answer = chat(job4, messages=history, tools=TOOLS, max_tokens=4)
+    assert answer.status_code == 200, answer.text
+
+
+def test_llama4_answers_are_read_by_its_rules_and_json_is_not_its_format(job4):
+    """What a Llama 4 writes (scripted): code between <|python_start|> and <|python_end|> is a call of the
+    interpreter; a server started with --tool_format json refuses tools for a Llama 4 (a 400 naming them)."""
+    tok = job4.tokenizer
+    tools = TOOLS + [{"type": "function", "function": {"name": "code_interpreter", "description": "Runs Python",
+                                                       "parameters": {"type": "object"}}}]
+    body = {"messages": ASK, "tools": tools, "max_tokens": 64, "temperature": 0}
+    prompt = parse_chat(body, tok, Limits("m", CONTEXT4, SLOTS)).sequences[0].prompt_ids
+    written = [tok.special_id("<|python_start|>")] + tok.encode("print(2 + 2)", bos=False, eos=False) + [
+        tok.special_id("<|python_end|>"), tok.special_id("<|eom|>")]
+    job = Served(tok, {tuple(prompt): written})
+    job.state.limits = Limits("m", CONTEXT4, SLOTS)
+    try:
+        first = job.client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert first["finish_reason"] == "tool_calls", first
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in first["message"]["tool_calls"]] \
+            == [("code_interpreter", {"code": "print(2 + 2)"})]
+        job.state.limits = Limits("m", CONTEXT4, SLOTS, "json")
+        error = error_of(job.client.post("/v1/chat/completions", json=body), 400)
+        assert error["param"] == "tools" and "Llama 4 calls tools in the pythonic list" in error["message"]
+    finally:
+        job.close()
+
+
+# ------------------------------------------------------------------------------------------------
 # The issue's done-when checks: 2 CPU ranks, a random-weight Llama 3 model
 
 SAMPLES = 50
