@@ -293,3 +293,32 @@ def test_llama4_answers_are_read_by_metas_rules(text, calls):
     content, found = parse_calls(text, "llama4")
     assert [(c.name, c.arguments) for c in found] == calls
     assert content == ("" if calls else text)
+
+
+def test_llama4_chat_completion_offers_tools_in_its_format_and_returns_calls(tmp_path, monkeypatch):
+    """chat_completion(tools=) on a tiny random Llama 4: the prompt is Llama 4's (no format asked), and
+    interpreter code between <|python_start|> and <|python_end|> comes back as a call."""
+    from llama4_helpers import tiny_args
+    from llama_mp.checkpoints.synth import write_random_checkpoint, write_tiny_tiktoken
+    from workers import build
+
+    tok_path = write_tiny_tiktoken(str(tmp_path / "tokenizer.model"))
+    tok = Tokenizer(tok_path, "llama4")
+    write_random_checkpoint(str(tmp_path), tiny_args(tok.n_words), 1, seed=3)
+    llama = build(str(tmp_path), tok_path, max_seq_len=4096, max_batch_size=2)
+    dialog = [{"role": "user", "content": "Is 7 prime?"}]
+    seen = []
+
+    def scripted(request):  # the ids before the stop token
+        seen.append(request.prompt_tokens)
+        code = [tok.special_id("<|python_start|>")] + tok.encode("print(7 % 2)", bos=False, eos=False) + [
+            tok.special_id("<|python_end|>")]
+        return [code, tok.encode('[get_weather(city="Oslo")]', bos=False, eos=False)], None
+
+    monkeypatch.setattr(llama.engine, "generate", scripted)
+    tools = [Tool("code_interpreter"), WEATHER]
+    code, call = llama.chat_completion([dialog, dialog], tools=tools, max_gen_len=8)
+    assert seen[0][0] == encode_dialog(tok, dialog, tools, "python_list")
+    assert [(c.name, c.arguments) for c in code["generation"]["tool_calls"]] == [("code_interpreter", {"code": "print(7 % 2)"})]
+    assert [(c.name, c.arguments) for c in call["generation"]["tool_calls"]] == [("get_weather", {"city": "Oslo"})]
+    check_dialog(dialog + [call["generation"], {"role": "tool", "content": "-3 C"}], 0)
