@@ -182,25 +182,28 @@ def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str
     return tokens + _llama3_header(tokenizer, "assistant")
 
 
-def fit_dialog(tokenizer: Tokenizer, dialog: Dialog, max_prompt_tokens: int) -> Tuple[List[int], Dialog, int]:
-    """(prompt tokens, dialog kept, exchanges dropped) for a checked dialog whose prompt must fit in
-    `max_prompt_tokens`: a conversation that grew too long forgets its oldest user/assistant exchanges
-    first, as a person forgets the start of a long talk, but keeps the system message, which says how to
-    answer at all. If even the last user message alone (with the system message) is too long, a
-    LlamaMPError says by how much, and nothing is dropped."""
+def fit_dialog(tokenizer: Tokenizer, dialog: Dialog, max_prompt_tokens: int, tools: Sequence[Tool] = (),
+               tool_format: Optional[str] = None) -> Tuple[List[int], Dialog, int]:
+    """(prompt tokens, dialog kept, exchanges dropped) for a checked dialog whose prompt (with `tools`
+    offered in `tool_format`, as encode_dialog does) must fit in `max_prompt_tokens`: a conversation that
+    grew too long forgets its oldest exchanges first (a user message and all that answered it: the
+    assistant's turns, tool calls and results), as a person forgets the start of a long talk, but keeps
+    the system message, which says how to answer at all. If even the last exchange alone (with the system
+    message) is too long, a LlamaMPError says by how much, and nothing is dropped."""
     system = dialog[:1] if dialog[0]["role"] == "system" else []
     turns = list(dialog[len(system):])
     dropped = 0
     while True:
         kept = system + turns
-        tokens = encode_dialog(tokenizer, kept)
+        tokens = encode_dialog(tokenizer, kept, tools, tool_format)
         if len(tokens) <= max_prompt_tokens:
             return tokens, kept, dropped
-        if len(turns) == 1:
+        later = next((j for j in range(1, len(turns)) if turns[j]["role"] == "user"), None)
+        if later is None:
             with_system = " with the system message" if system else ""
             raise LlamaMPError(f"This message needs {len(tokens)} prompt tokens{with_system}, but at most "
                                f"{max_prompt_tokens} fit.")
-        turns = turns[2:]
+        turns = turns[later:]
         dropped += 1
 
 

@@ -486,9 +486,10 @@ def _message_text(content: Any, index: int) -> str:
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _tools(body: dict) -> List[Tool]:
+def openai_tools(body: dict) -> List[Tool]:
     """`tools`: OpenAI's function tools (a function named like one of Meta's built-in tools, brave_search,
-    wolfram_alpha, photogen or code_interpreter, is that tool, written in Meta's built-in form)."""
+    wolfram_alpha, photogen or code_interpreter, is that tool, written in Meta's built-in form). Also the
+    interactive chat's --tools file (cli/chat.py)."""
     tools = body.get("tools", [])
     if not isinstance(tools, list):
         raise invalid(f"'tools' must be a list of tools, got {described(tools)}.", "tools")
@@ -675,7 +676,7 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     if has_special_tags(dialog, tokenizer):
         raise invalid(UNSAFE_ERROR + " (The Llama 2 chat tags [INST], <<SYS>> would let text forge turns.)",
                       "messages")
-    offered, forced, choice_prompt = _tool_choice(body, _tools(body))
+    offered, forced, choice_prompt = _tool_choice(body, openai_tools(body))
     parallel = _bool(body, "parallel_tool_calls", True)
     schema, grammar = _response_format(body), _guided(body)
     if schema is not None and forced:
