@@ -360,26 +360,56 @@ def test_on_two_ranks_forced_calls_and_schemas_validate_and_auto_never_fails(ran
         assert answer["finish_reason"] in ("stop", "length", "tool_calls")
 
 
-def test_a_tool_round_trip_with_the_openai_client(job3):
-    """docs/server.md's round trip: a forced call, its result given back, the answer; streamed too."""
-    from openai import OpenAI
+def docs_example(heading="## Tool calling and structured output"):
+    """The first python block after `heading` in docs/server.md, as written there."""
+    import pathlib
 
-    client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=job3.client)
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="required",
-                                           max_tokens=64, seed=1)
-    call = first.choices[0].message.tool_calls[0]
-    assert first.choices[0].finish_reason == "tool_calls" and call.function.name in SCHEMAS
-    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-    messages += [first.choices[0].message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "18 C, light rain"}]
-    final = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=8, seed=1)
-    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    streamed = client.chat.completions.create(model="m", messages=messages[:1], tools=TOOLS, tool_choice="required",
-                                              max_tokens=64, seed=1, stream=True)
-    arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
-                        for c in streamed if c.choices and c.choices[0].delta.tool_calls)
-    assert json.loads(arguments) == json.loads(call.function.arguments)
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
+    after = text[text.index(heading):]
+    return after[after.index("```python\n") + len("```python\n"):after.index("\n```", after.index("```python"))]
+
+
+def test_the_docs_openai_round_trip_runs_as_written(llama3, monkeypatch, capsys):
+    """docs/server.md's example, executed as written with the official `openai` client, its requests going
+    to the app in-process (the one change: the client's transport). The model's first answer is scripted
+    as a call, so the whole round trip runs: the call, the tool's result given back, the final answer;
+    then the forced call and the json_schema answer, which must match their schemas."""
+    import openai
+
+    code = docs_example()
+    name = "llama-3.1-8b-instruct"
+    limits = Limits(name, 512, SLOTS)
+    first_body = {"model": name, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    namespace: dict = {}
+    exec(code.split("\nmessages = ")[0], namespace)  # the example's `tools`, to script the first answer
+    first_body["tools"] = namespace["tools"]
+    prompt = parse_chat(first_body, llama3, limits).sequences[0].prompt_ids
+    call = '{"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}}'
+    job = served(llama3, {tuple(prompt): llama3.encode(call, bos=False, eos=False) + [llama3.special_id("<|eot_id|>")]})
+    job.state.limits, job.state.api_key = limits, "KEY"
+    real = openai.OpenAI
+    monkeypatch.setattr(openai, "OpenAI", lambda **kw: real(**kw, http_client=job.client))
+    try:
+        namespace = {}
+        exec(code, namespace)
+        streamed = namespace["client"].chat.completions.create(  # the forced call streamed, as the client joins it
+            model=name, messages=namespace["messages"][:1], tools=namespace["tools"], stream=True,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
+                            for c in streamed if c.choices and c.choices[0].delta.tool_calls)
+    finally:
+        job.close()
+    assert namespace["first"].choices[0].finish_reason == "tool_calls"  # the round trip was taken
+    assert namespace["messages"][-1] == {"role": "tool", "tool_call_id": namespace["call"].id,
+                                         "content": json.dumps({"city": "Paris", "temperature": 18})}
+    assert capsys.readouterr().out == namespace["final"].choices[0].message.content + "\n"
+    forced = namespace["forced"].choices[0].message.tool_calls[0].function
+    schema = namespace["tools"][0]["function"]["parameters"]
+    assert forced.name == "get_weather" and jsonschema.validate(json.loads(forced.arguments), schema) is None
+    jsonschema.validate(json.loads(arguments), schema)
+    answer = namespace["answer"].choices[0]
+    if answer.finish_reason == "stop":  # a random model may not close the JSON within the context
+        jsonschema.validate(json.loads(answer.message.content), {"type": "object", "required": ["city", "country"]})
 
 
 def test_vllms_guided_fields_constrain_completions_and_chats(job3):
