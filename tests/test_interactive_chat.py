@@ -309,7 +309,7 @@ def test_bad_tools_files_and_options_are_one_message_each(tmp_path):
         path.write_text(content)
         with pytest.raises(LlamaMPError, match=words):
             load_tools(str(path))
-    with pytest.raises(LlamaMPError, match="no file"):
+    with pytest.raises(LlamaMPError, match="does not exist"):
         load_tools(str(tmp_path / "missing.json"))
     with pytest.raises(LlamaMPError, match="add --interactive"):
         check_interactive_options(False, None, None, False, False, tools=True)

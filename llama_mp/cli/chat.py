@@ -24,7 +24,6 @@ keeps just the answers.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import List, Optional
 
@@ -32,7 +31,7 @@ from .. import distributed
 from ..checks import require_int
 from ..distributed.failure import WAIT_FOR_PERSON_S
 from ..errors import LlamaMPError
-from ..checks import JsonProblem, described, read_json_file
+from ..checks import described, read_json_input
 from ..runtime.chat import Dialog, encode_dialog, fit_dialog, has_special_tags
 from ..runtime.tools import Tool, ToolCall, parse_calls
 from ..runtime.llama import Llama, check_build_arguments
@@ -86,15 +85,8 @@ def load_tools(path: Optional[str]) -> List[Tool]:
         return []
     from ..server.protocol import ApiError, openai_tools
 
-    if not isinstance(path, str) or not os.path.isfile(path):
-        raise LlamaMPError(f"--tools must be the path of a JSON file of tools, got {described(path)}, which is no file.")
-    try:
-        data = read_json_file(path)
-    except JsonProblem as e:
-        raise LlamaMPError(f"Tools file {path!r} {e.reason}. It should hold a JSON list of tools as OpenAI's `tools` "
-                           'has them: [{"type": "function", "function": {"name": ..., "parameters": {...}}}].') from None
-    except OSError as e:
-        raise LlamaMPError(f"Tools file {path!r} cannot be read ({e.strerror or e}).") from None
+    data = read_json_input(path, "--tools", "Tools file", "a JSON list of tools as OpenAI's `tools` has them: "
+                           '[{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
     if not isinstance(data, list) or not data:
         raise LlamaMPError(f"Tools file {path!r} must hold a non-empty JSON list of tools (OpenAI's `tools`), got "
                            f"{described(data)}.")

@@ -8,10 +8,9 @@ that looks like a special token is encoded as the plain text it is.
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple, TypedDict
 
-from ..checks import JsonProblem, described, read_json_file, text_problem
+from ..checks import described, read_json_input, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
 from .tools import PYTHON_TAG, TOOL_ROLES, Tool, ToolCall, calls_text, offer_tools
@@ -211,17 +210,8 @@ def load_dialogs(path: Optional[str]) -> List[Dialog]:
     """Dialogs from a JSON file (a list of dialogs, or one dialog), or the built-in examples."""
     if path is None:
         return EXAMPLE_DIALOGS
-    if not isinstance(path, str):
-        raise LlamaMPError(f"--dialogs must be the path of a JSON file, got {described(path)}.")
-    if not os.path.isfile(path):
-        raise LlamaMPError(f"Dialogs file {path!r} does not exist.")
-    try:
-        data = read_json_file(path)
-    except JsonProblem as e:
-        raise LlamaMPError(f"Dialogs file {path!r} {e.reason}. It should hold a list of dialogs, each a list of "
-                           '{"role": ..., "content": ...} messages.') from None
-    except OSError as e:
-        raise LlamaMPError(f"Dialogs file {path!r} cannot be read ({e.strerror or e}).") from None
+    data = read_json_input(path, "--dialogs", "Dialogs file",
+                           'a list of dialogs, each a list of {"role": ..., "content": ...} messages')
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = [data]  # a single dialog
     if not isinstance(data, list) or not data:
