@@ -250,12 +250,12 @@ def scripted_chat(make_checkpoint, llama3_tokenizer_path):
 
     llama.generate = generate
 
-    def conversation(tools, script):
+    def conversation(tools, script, tool_format=None):
         from llama_mp.cli.chat import _Conversation
 
         asked.clear()
         answers[:] = script
-        return _Conversation(llama, None, 256, 16, 0.0, 1.0, 0, tools), asked
+        return _Conversation(llama, None, 256, 16, 0.0, 1.0, 0, tools, tool_format), asked
     return conversation, tok
 
 
@@ -313,3 +313,21 @@ def test_bad_tools_files_and_options_are_one_message_each(tmp_path):
         load_tools(str(tmp_path / "missing.json"))
     with pytest.raises(LlamaMPError, match="add --interactive"):
         check_interactive_options(False, None, None, False, False, tools=True)
+
+
+def test_parallel_calls_take_their_results_in_order_then_the_model_answers(scripted_chat, capsys):
+    from llama_mp.runtime.tools import Tool, ToolCall
+
+    conversation, tok = scripted_chat
+    tools = [Tool("get_weather", "Weather now", WEATHER_TOOL["function"]["parameters"])]
+    chat, asked = conversation(tools, ['[get_weather(city="Oslo"), get_weather(city="Rome")]', "Cold, then warm."],
+                               "python_list")
+    chat.take("Oslo and Rome?")
+    chat.take('/tool get_weather "-3 C"')
+    assert len(asked) == 1 and "still waiting for get_weather" in capsys.readouterr().err
+    chat.take('/tool get_weather "25 C"')
+    calls = [ToolCall("get_weather", {"city": "Oslo"}), ToolCall("get_weather", {"city": "Rome"})]
+    assert asked[1] == encode_dialog(tok, [user("Oslo and Rome?"), {"role": "assistant", "content": "", "tool_calls": calls},
+                                           {"role": "tool", "content": '"-3 C"'}, {"role": "tool", "content": '"25 C"'}],
+                                     tools, "python_list")
+    assert capsys.readouterr().out.splitlines()[-1] == "Cold, then warm."

@@ -140,8 +140,8 @@ class _Conversation:
         self.room, self.max_gen_len = room, max_gen_len
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
         self.tools, self.tool_format = list(tools), tool_format
-        self.calls: List[ToolCall] = []  # the last answer's calls that have no result yet, in order
-        self.results: Dialog = []        # the results given for the last answer's calls so far
+        self.calls: List[ToolCall] = []  # the last answer's calls, in order
+        self.results: Dialog = []        # the results given for the first of them so far
         self.written = ""                # the last answer's text as the model wrote it
 
     def run(self) -> None:
@@ -193,17 +193,22 @@ class _Conversation:
         note("system message set; the dialog starts over." if system else
              "system message removed; the dialog starts over.")
 
+    def waiting(self) -> List[ToolCall]:
+        """The last answer's calls that have no result yet, in order."""
+        return self.calls[len(self.results):]
+
     def tool_result(self, argument: str) -> None:
         """`/tool NAME JSON`: the result of the last answer's next call of NAME (calls take their results
         in order, as Meta's format matches them); the model answers once every call has one."""
         name, _, result = argument.partition(" ")
-        if not self.calls:
+        waiting = self.waiting()
+        if not waiting:
             note("no tool call waits for a result: /tool NAME JSON gives the result of a call the model just "
                  "made" + ("." if self.tools else ", and tools are offered only with --tools FILE.json."))
             return
-        if name != self.calls[0].name:
-            note(f"the next call waiting for its result is {self.calls[0].name}'s: give it with /tool "
-                 f"{self.calls[0].name} JSON.")
+        if name != waiting[0].name:
+            note(f"the next call waiting for its result is {waiting[0].name}'s: give it with /tool {waiting[0].name} "
+                 "JSON.")
             return
         try:
             json.loads(result)
@@ -211,37 +216,31 @@ class _Conversation:
             note(f"the result of {name} must be JSON after its name (/tool {name} {{\"temperature\": 21}}), got "
                  f"{result!r:.80}. Nothing was added.")
             return
-        self.calls.pop(0)
         self.results.append({"role": "tool", "content": result.strip()})
-        if self.calls:
-            note(f"result taken; still waiting for {', '.join(c.name for c in self.calls)}.")
-            return
-        self.respond(self.turns + self.results)
+        if self.waiting():
+            note(f"result taken; still waiting for {', '.join(c.name for c in self.waiting())}.")
+        elif not self.respond(self.turns + self.results):
+            self.results.pop()  # not sent: that call waits for its result again
 
     def answer(self, text: str) -> None:
-        """Stream the model's answer to `text` on stdout and add both to the dialog (a call still waiting
-        for its result is dropped: the person moved on)."""
+        """Stream the model's answer to `text` on stdout and add both to the dialog. Calls of the last answer
+        still waiting for a result are given up: that answer stays as the text the model wrote."""
         message = {"role": "user", "content": text}
         if has_special_tags([message], self.tokenizer):
             note("that message was refused: it contains the Llama 2 chat tags ([INST], <<SYS>>), which would "
                  "let text forge turns. Rephrase it; the dialog is unchanged.")
             return
-        if self.calls:
-            note(f"the calls of {', '.join(c.name for c in self.calls)} got no result: that answer stays in the "
+        turns = self.turns
+        if self.waiting():  # Meta's format gives every call its result: the answer goes back as text
+            note(f"the calls of {', '.join(c.name for c in self.waiting())} got no result: that answer stays in the "
                  "dialog as the text the model wrote.")
-        self.respond(self._without_open_calls() + [message])
+            turns = self.turns[:-1] + [{"role": "assistant", "content": self.written}]
+        self.respond(turns + [message])
 
-    def _without_open_calls(self) -> Dialog:
-        """The dialog so far, made whole again when its last answer's calls did not all get a result: that
-        answer stays as the model wrote it, as text (Meta's format gives every call its result)."""
-        if not self.calls:
-            return self.turns
-        return self.turns[:-1] + [{"role": "assistant", "content": self.written}]
-
-    def respond(self, turns: Dialog) -> None:
+    def respond(self, turns: Dialog) -> bool:
         """Stream the model's answer to the dialog `turns` (ending with a user message or tool results) and
         keep both. A dialog that outgrew max_seq_len forgets its oldest exchanges; one too long even alone
-        is refused, and the dialog stays as it was."""
+        is refused (False), and the dialog stays as it was."""
         system: Dialog = [{"role": "system", "content": self.system}] if self.system else []
         max_seq_len = self.generator.model.max_seq_len
         try:
@@ -252,7 +251,7 @@ class _Conversation:
             note(f"that message was not sent. {e} Here that is max_seq_len {max_seq_len} minus {self.room} kept for "
                  f"the answer: shorten it{shorter_system}, lower --max_gen_len or raise --max_seq_len. The dialog "
                  "is unchanged.")
-            return
+            return False
         if dropped:
             note(f"the dialog outgrew max_seq_len {max_seq_len}: dropped the oldest {dropped} exchange(s); the "
                  "system message is kept." if self.system else
@@ -273,6 +272,7 @@ class _Conversation:
                     note(f"the model calls {c.name} with {json.dumps(c.arguments)}: give its result with /tool "
                          f"{c.name} JSON.")
         self.turns = kept[len(system):] + [reply]
+        return True
 
 
 def chat(
