@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -181,6 +182,22 @@ def read_json_file(path: str):
     """The JSON in the file `path` (`parse_json_bytes`); an OSError is the caller's to word."""
     with open(path, "rb") as f:
         return parse_json_bytes(f.read())
+
+
+def read_json_input(path, option: str, name: str, holds: str):
+    """The JSON of the input file `path` that `option` names (--dialogs, --tools), or a LlamaMPError that
+    says what is wrong with it: not a path, no such file, not JSON (then what it should hold: `holds`),
+    unreadable. `name` starts the messages ("Dialogs file")."""
+    if not isinstance(path, str):
+        raise LlamaMPError(f"{option} must be the path of a JSON file, got {described(path)}.")
+    if not os.path.isfile(path):
+        raise LlamaMPError(f"{name} {path!r} does not exist.")
+    try:
+        return read_json_file(path)
+    except JsonProblem as e:
+        raise LlamaMPError(f"{name} {path!r} {e.reason}. It should hold {holds}.") from None
+    except OSError as e:
+        raise LlamaMPError(f"{name} {path!r} cannot be read ({e.strerror or e}).") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ lines on stdin, answers on stdout, prompt and notes on stderr, every rank ending
 Each launcher run costs a Python start and a model load, so the module starts all of them at once
 (`jobs`) and each test then reads the one it needs."""
 
+import json
 import os
 import signal
 import subprocess
@@ -83,6 +84,12 @@ def llama3_ckpt(make_checkpoint, llama3_tokenizer_path):
                            rope_theta=500000.0, n_heads=8, n_kv_heads=4)[0]
 
 
+def tools_file(folder):
+    path = folder / "tools.json"
+    path.write_text(json.dumps([WEATHER_TOOL]))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def jobs(llama2_ckpt, llama3_ckpt, tokenizer_path, llama3_tokenizer_path, tmp_path_factory):
     """Every launcher run of this module, started together; each test finishes its own."""
@@ -96,6 +103,9 @@ def jobs(llama2_ckpt, llama3_ckpt, tokenizer_path, llama3_tokenizer_path, tmp_pa
                         + llama2 + GREEDY + CPU + ["--max_seq_len", "64"], tmp / "overflow",
                         "Hi\nHello again\nAnd once more\n" + "word " * 80 + "\nBye\n/exit\n"),
         "ctrl_c": Job(plain + llama2 + GREEDY + CPU, tmp / "ctrl_c"),
+        "tools": Job(plain + ["--ckpt_dir", llama3_ckpt, "--tokenizer_path", llama3_tokenizer_path, "--tools",
+                              tools_file(tmp), "--max_seq_len", "512"] + GREEDY + CPU, tmp / "tools",
+                     "Weather in Oslo?\n/tool get_weather {}\n/exit\n"),
         "torchrun": Job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                          str(free_port()), script("chat"), "--ckpt_dir", llama3_ckpt, "--tokenizer_path",
                          llama3_tokenizer_path, "--max_seq_len", "512", "--timeout_s", str(TIMEOUT_S)]
@@ -173,6 +183,20 @@ def test_ctrl_c_at_the_prompt_ends_quietly_with_130(jobs):
     assert code == 130 and out == "" and no_traceback(err) and "Traceback" not in err, err
 
 
+@pytest.mark.spawn
+def test_tools_from_a_file_reach_the_prompt(jobs, llama3_ckpt, llama3_tokenizer_path):
+    from llama_mp.cli.chat import load_tools
+
+    code, out, err, _ = jobs["tools"].finish()
+    assert code == 0, err
+    llama = build(llama3_ckpt, llama3_tokenizer_path, max_seq_len=512, max_batch_size=1)
+    tools = load_tools(tools_file(jobs["tools"].output_path.parent))
+    want = llama.chat_completion([[user("Weather in Oslo?")]], temperature=0, max_gen_len=8, tools=tools)[0]
+    assert "tool_calls" not in want["generation"]  # a random model writes no call: the answer is text
+    assert out == want["generation"]["content"] + "\n" and "the model may call get_weather" in err
+    assert "no tool call waits for a result" in err and no_traceback(err)
+
+
 def test_trimming_keeps_the_system_message_and_the_newest_exchanges(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
     system = {"role": "system", "content": "Be brief"}
@@ -187,3 +211,123 @@ def test_trimming_keeps_the_system_message_and_the_newest_exchanges(tokenizer_pa
     alone = [system, user("last question")]
     with pytest.raises(LlamaMPError, match="needs .* prompt tokens with the system message"):
         fit_dialog(tokenizer, dialog, len(encode_dialog(tokenizer, alone)) - 1)
+
+
+def test_trimming_drops_a_whole_exchange_with_its_tool_calls_and_results(llama3_tokenizer_path):
+    from llama_mp.runtime.tools import Tool, ToolCall
+
+    tokenizer, tools = Tokenizer(llama3_tokenizer_path), [Tool("brave_search")]
+    called = {"role": "assistant", "content": "", "tool_calls": [ToolCall("brave_search", {"query": "oslo"})]}
+    dialog = [user("Weather?"), called, {"role": "tool", "content": "cold"}, {"role": "assistant", "content": "Cold."},
+              user("And now?"), called, {"role": "tool", "content": "warm"}]
+    newest = dialog[4:]
+    tokens, kept, dropped = fit_dialog(tokenizer, dialog, len(encode_dialog(tokenizer, newest, tools)), tools)
+    assert (kept, dropped) == (newest, 1) and tokens == encode_dialog(tokenizer, newest, tools)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tools: --tools FILE.json offers them, a call is shown and noted, /tool NAME JSON gives its result
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
+    "type": "object", "required": ["city"], "properties": {"city": {"type": "string", "description": "City"}}}}}
+
+
+@pytest.fixture(scope="module")
+def scripted_chat(make_checkpoint, llama3_tokenizer_path):
+    """A one-rank Llama 3 whose answers are scripted: (conversation factory, the prompts it was asked)."""
+    tok = Tokenizer(llama3_tokenizer_path)
+    ckpt = make_checkpoint(shards=1, vocab_size=tok.n_words, use_scaled_rope=True, rope_theta=500000.0,
+                           n_heads=8, n_kv_heads=4)[0]
+    llama = build(ckpt, llama3_tokenizer_path, max_seq_len=2048, max_batch_size=1)
+    asked, answers = [], []
+
+    def generate(prompts, gen_len, on_token=None, **sampling):
+        asked.append(prompts[0])
+        ids = tok.encode(answers.pop(0), bos=False, eos=False)
+        for t in ids:
+            on_token([t])
+        return [ids], None
+
+    llama.generate = generate
+
+    def conversation(tools, script, tool_format=None):
+        from llama_mp.cli.chat import _Conversation
+
+        asked.clear()
+        answers[:] = script
+        return _Conversation(llama, None, 256, 16, 0.0, 1.0, 0, tools, tool_format), asked
+    return conversation, tok
+
+
+def test_a_call_is_shown_and_its_result_given_with_slash_tool(scripted_chat, tmp_path, capsys):
+    from llama_mp.cli.chat import load_tools
+    from llama_mp.runtime.tools import ToolCall
+
+    conversation, tok = scripted_chat
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([WEATHER_TOOL]))
+    tools = load_tools(str(path))
+    chat, asked = conversation(tools, ['{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}',
+                                       "It is -3 C in Oslo.", "Bergen too?", "Welcome."])
+    chat.take("Weather in Oslo?")
+    chat.take("/tool search {}")                      # not the call that waits: refused
+    chat.take("/tool get_weather not json")           # not JSON: refused
+    chat.take('/tool get_weather {"temp": "-3 C"}')   # the result: the model answers it
+    chat.take("/tool get_weather {}")                 # no call waits any more
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ['{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}',
+                                "It is -3 C in Oslo."]
+    assert 'the model calls get_weather with {"city": "Oslo"}: give its result with /tool get_weather JSON' in err
+    assert "the next call waiting for its result is get_weather's" in err and "must be JSON" in err
+    assert "no tool call waits for a result" in err
+    call = ToolCall("get_weather", {"city": "Oslo"})
+    dialog = [user("Weather in Oslo?")]
+    assert asked == [encode_dialog(tok, dialog, tools),
+                     encode_dialog(tok, dialog + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                                                  {"role": "tool", "content": '{"temp": "-3 C"}'}], tools)]
+    # a message while a call waits for its result: the call stays as the text the model wrote
+    chat.take("Weather in Bergen?")
+    chat.take("Thanks")
+    assert "got no result" not in capsys.readouterr().err
+    chat2, asked = conversation(tools, ['{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}',
+                                        "Hello."])
+    chat2.take("Weather in Oslo?")
+    chat2.take("Never mind")
+    assert "got no result" in capsys.readouterr().err
+    written = '{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}'
+    assert asked[1] == encode_dialog(tok, [user("Weather in Oslo?"), {"role": "assistant", "content": written},
+                                           user("Never mind")], tools)
+
+
+def test_bad_tools_files_and_options_are_one_message_each(tmp_path):
+    from llama_mp.cli.chat import check_interactive_options, load_tools
+
+    for content, words in [("[", "is not valid JSON"), ("[]", "non-empty JSON list"),
+                           ('[{"type": "retrieval"}]', "function tools only"),
+                           (json.dumps([WEATHER_TOOL, WEATHER_TOOL]), "repeats the name")]:
+        path = tmp_path / "tools.json"
+        path.write_text(content)
+        with pytest.raises(LlamaMPError, match=words):
+            load_tools(str(path))
+    with pytest.raises(LlamaMPError, match="does not exist"):
+        load_tools(str(tmp_path / "missing.json"))
+    with pytest.raises(LlamaMPError, match="add --interactive"):
+        check_interactive_options(False, None, None, False, False, tools=True)
+
+
+def test_parallel_calls_take_their_results_in_order_then_the_model_answers(scripted_chat, capsys):
+    from llama_mp.runtime.tools import Tool, ToolCall
+
+    conversation, tok = scripted_chat
+    tools = [Tool("get_weather", "Weather now", WEATHER_TOOL["function"]["parameters"])]
+    chat, asked = conversation(tools, ['[get_weather(city="Oslo"), get_weather(city="Rome")]', "Cold, then warm."],
+                               "python_list")
+    chat.take("Oslo and Rome?")
+    chat.take('/tool get_weather "-3 C"')
+    assert len(asked) == 1 and "still waiting for get_weather" in capsys.readouterr().err
+    chat.take('/tool get_weather "25 C"')
+    calls = [ToolCall("get_weather", {"city": "Oslo"}), ToolCall("get_weather", {"city": "Rome"})]
+    assert asked[1] == encode_dialog(tok, [user("Oslo and Rome?"), {"role": "assistant", "content": "", "tool_calls": calls},
+                                           {"role": "tool", "content": '"-3 C"'}, {"role": "tool", "content": '"25 C"'}],
+                                     tools, "python_list")
+    assert capsys.readouterr().out.splitlines()[-1] == "Cold, then warm."

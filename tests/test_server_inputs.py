@@ -75,11 +75,12 @@ class RandomModel:
 
 
 class Served:
-    """The app with a scheduler on a RandomModel, its batch loop in a thread."""
+    """The app with a scheduler on a RandomModel (or on `batcher`, a real model's), its batch loop in a thread."""
 
-    def __init__(self, tokenizer, script=None, max_queue=16, receive_timeout_s=30.0, max_body=1 << 16, run=True):
+    def __init__(self, tokenizer, script=None, max_queue=16, receive_timeout_s=30.0, max_body=1 << 16, run=True,
+                 batcher=None):
         self.tokenizer = tokenizer
-        self.scheduler = Scheduler(RandomModel(tokenizer.n_words, script), tokenizer, max_queue)
+        self.scheduler = Scheduler(batcher or RandomModel(tokenizer.n_words, script), tokenizer, max_queue)
         self.state = ServerState(api_key=None, max_body_bytes=max_body, receive_timeout_s=receive_timeout_s)
         self.state.ready(self.scheduler, tokenizer, Limits("m", SEQ_LEN, SLOTS))
         self.app = make_app(self.state)

@@ -239,6 +239,82 @@ def test_llama2_checkpoints_have_structured_output_but_no_tools(tokenizer):
 
 
 # ------------------------------------------------------------------------------------------------
+# Llama 4: a tiny random Llama 4 (tests/llama4_helpers.py) behind the server in-process, on one rank
+
+
+CONTEXT4 = 4096  # Meta's Llama 4 tool prompt is ~3,000 tokens of the tiny tokenizer's mostly single bytes
+
+
+@pytest.fixture(scope="module")
+def job4(tmp_path_factory):
+    from llama4_helpers import tiny_args
+    from llama_mp.checkpoints.synth import write_random_checkpoint, write_tiny_tiktoken
+    from llama_mp.runtime.batching import Batcher
+    from workers import build
+
+    tok_path = write_tiny_tiktoken(str(tmp_path_factory.mktemp("tok4") / "tokenizer.model"))
+    tok = Tokenizer(tok_path, "llama4")
+    ckpt = str(tmp_path_factory.mktemp("llama4_tools"))
+    write_random_checkpoint(ckpt, tiny_args(tok.n_words), 1, seed=3)
+    llama = build(ckpt, tok_path, max_seq_len=CONTEXT4, max_batch_size=SLOTS)
+    job = Served(llama.tokenizer, batcher=Batcher(llama.engine))
+    job.state.limits = Limits("m", CONTEXT4, SLOTS)
+    yield job
+    job.close()
+
+
+def test_llama4_forced_calls_match_their_schema(job4):
+    """tool_choice "required" and a named function on a random Llama 4: calls of offered tools whose
+    arguments validate, several answers of one request decoded together in the batch."""
+    named = {"type": "function", "function": {"name": "search"}}
+    for choice in ("required", named):
+        answer = chat(job4, tools=TOOLS, tool_choice=choice, seed=7, n=2, temperature=1.0, max_tokens=200)
+        assert answer.status_code == 200, answer.text
+        for each in answer.json()["choices"]:
+            calls = validated_calls(each)
+            assert len(calls) == 1 and (choice == "required" or calls[0]["function"]["name"] == "search")
+
+
+def test_llama4_history_is_metas_llama4_format(job4):
+    """A call and its result given back: the call as the pythonic list, ended by <|eom|>, the result headed
+    ipython and ended by <|eom|> (Meta's llama4 ChatFormat; its ids: tests/test_tools.py's fixture)."""
+    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius", "days": 1})}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "21 C and sunny"}]
+    tok = job4.tokenizer
+    prompt = parse_chat({"messages": history, "tools": TOOLS}, tok, Limits("m", CONTEXT4, SLOTS)).sequences[0].prompt_ids
+    assert tok.decode(prompt).endswith(
+        '<|header_start|>assistant<|header_end|>\n\n[get_weather(city="Paris", unit="celsius", days=1)]<|eom|>'
+        "<|header_start|>ipython<|header_end|>\n\n21 C and sunny<|eom|><|header_start|>assistant<|header_end|>\n\n")
+    answer = chat(job4, messages=history, tools=TOOLS, max_tokens=4)
+    assert answer.status_code == 200, answer.text
+
+
+def test_llama4_answers_are_read_by_its_rules_and_json_is_not_its_format(job4):
+    """What a Llama 4 writes (scripted): code between <|python_start|> and <|python_end|> is a call of the
+    interpreter; a server started with --tool_format json refuses tools for a Llama 4 (a 400 naming them)."""
+    tok = job4.tokenizer
+    tools = TOOLS + [{"type": "function", "function": {"name": "code_interpreter", "description": "Runs Python",
+                                                       "parameters": {"type": "object"}}}]
+    body = {"messages": ASK, "tools": tools, "max_tokens": 64, "temperature": 0}
+    prompt = parse_chat(body, tok, Limits("m", CONTEXT4, SLOTS)).sequences[0].prompt_ids
+    written = [tok.special_id("<|python_start|>")] + tok.encode("print(2 + 2)", bos=False, eos=False) + [
+        tok.special_id("<|python_end|>"), tok.special_id("<|eom|>")]
+    job = Served(tok, {tuple(prompt): written})
+    job.state.limits = Limits("m", CONTEXT4, SLOTS)
+    try:
+        first = job.client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert first["finish_reason"] == "tool_calls", first
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in first["message"]["tool_calls"]] \
+            == [("code_interpreter", {"code": "print(2 + 2)"})]
+        job.state.limits = Limits("m", CONTEXT4, SLOTS, "json")
+        error = error_of(job.client.post("/v1/chat/completions", json=body), 400)
+        assert error["param"] == "tools" and "Llama 4 calls tools in the pythonic list" in error["message"]
+    finally:
+        job.close()
+
+
+# ------------------------------------------------------------------------------------------------
 # The issue's done-when checks: 2 CPU ranks, a random-weight Llama 3 model
 
 SAMPLES = 50
@@ -284,26 +360,67 @@ def test_on_two_ranks_forced_calls_and_schemas_validate_and_auto_never_fails(ran
         assert answer["finish_reason"] in ("stop", "length", "tool_calls")
 
 
-def test_a_tool_round_trip_with_the_openai_client(job3):
-    """docs/server.md's round trip: a forced call, its result given back, the answer; streamed too."""
-    from openai import OpenAI
+def docs_example(heading="## Tool calling and structured output"):
+    """The first python block after `heading` in docs/server.md, as written there."""
+    import pathlib
 
-    client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=job3.client)
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice="required",
-                                           max_tokens=64, seed=1)
-    call = first.choices[0].message.tool_calls[0]
-    assert first.choices[0].finish_reason == "tool_calls" and call.function.name in SCHEMAS
-    jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-    messages += [first.choices[0].message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": "18 C, light rain"}]
-    final = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, max_tokens=8, seed=1)
-    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    streamed = client.chat.completions.create(model="m", messages=messages[:1], tools=TOOLS, tool_choice="required",
-                                              max_tokens=64, seed=1, stream=True)
-    arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
-                        for c in streamed if c.choices and c.choices[0].delta.tool_calls)
-    assert json.loads(arguments) == json.loads(call.function.arguments)
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
+    after = text[text.index(heading):]
+    return after[after.index("```python\n") + len("```python\n"):after.index("\n```", after.index("```python"))]
+
+
+def test_the_docs_openai_round_trip_runs_as_written(llama3, monkeypatch, capsys):
+    """docs/server.md's example, executed as written with the official `openai` client, its requests going
+    to the app in-process (the one change: the client's transport). The model's answers are scripted (its
+    first a call, so that the whole round trip runs: the call, the tool's result given back, the final
+    answer; the json_schema one), except the forced call's, which its schema constrains."""
+    import openai
+
+    code = docs_example()
+    name = "llama-3.1-8b-instruct"
+    limits = Limits(name, 512, SLOTS)
+    first_body = {"model": name, "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    namespace: dict = {}
+    exec(code.split("\nmessages = ")[0], namespace)  # the example's `tools`, to script the first answer
+    first_body["tools"] = namespace["tools"]
+    call = '{"type": "function", "name": "get_weather", "parameters": {"city": "Paris"}}'
+    said = "It is 18 C in Paris."
+    given_back = first_body["messages"] + [  # the history the example sends next (call ids are not in the prompt)
+        {"role": "assistant", "tool_calls": [{"id": "x", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "x", "content": json.dumps({"city": "Paris", "temperature": 18})}]
+    place = '{"city":"Paris","country":"France"}'  # the json_schema answer, as its grammar allows it (compact)
+    asked = {"type": "json_schema", "json_schema": {"name": "place", "schema": {
+        "type": "object", "required": ["city", "country"],
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}}}}}
+    bodies = [(first_body, call), (dict(first_body, messages=given_back), said),
+              ({"model": name, "messages": [{"role": "user", "content": "Name a city and its country."}],
+                "response_format": asked}, place)]
+    script = {tuple(parse_chat(body, llama3, limits).sequences[0].prompt_ids):
+              llama3.encode(text, bos=False, eos=False) + [llama3.special_id("<|eot_id|>")] for body, text in bodies}
+    job = served(llama3, script)
+    job.state.limits, job.state.api_key = limits, "KEY"
+    real = openai.OpenAI
+    monkeypatch.setattr(openai, "OpenAI", lambda **kw: real(**kw, http_client=job.client))
+    try:
+        namespace = {}
+        exec(code, namespace)
+        streamed = namespace["client"].chat.completions.create(  # the forced call streamed, as the client joins it
+            model=name, messages=namespace["messages"][:1], tools=namespace["tools"], stream=True,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        arguments = "".join(c.choices[0].delta.tool_calls[0].function.arguments or ""
+                            for c in streamed if c.choices and c.choices[0].delta.tool_calls)
+    finally:
+        job.close()
+    assert namespace["first"].choices[0].finish_reason == "tool_calls"  # the round trip was taken
+    assert namespace["messages"][-1] == {"role": "tool", "tool_call_id": namespace["call"].id,
+                                         "content": json.dumps({"city": "Paris", "temperature": 18})}
+    assert capsys.readouterr().out == said + "\n"  # the final answer, printed
+    forced = namespace["forced"].choices[0].message.tool_calls[0].function
+    schema = namespace["tools"][0]["function"]["parameters"]
+    assert forced.name == "get_weather" and jsonschema.validate(json.loads(forced.arguments), schema) is None
+    jsonschema.validate(json.loads(arguments), schema)
+    assert namespace["answer"].choices[0].message.content == place  # the json_schema request as the example sends it
 
 
 def test_vllms_guided_fields_constrain_completions_and_chats(job3):

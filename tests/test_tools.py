@@ -14,7 +14,7 @@ import pytest
 from llama_mp.errors import LlamaMPError
 from llama_mp.runtime.chat import check_dialog, encode_dialog
 from llama_mp.runtime.tokenizer import Tokenizer
-from llama_mp.runtime.tools import REQUIRED_PROMPT, Tool, ToolCall, call_schema, parse_calls
+from llama_mp.runtime.tools import NAMED_PROMPT, REQUIRED_PROMPT, Tool, ToolCall, call_schema, parse_calls
 from tool_texts import DATE, SONGS_JSON, WEATHER_PYTHONIC
 
 
@@ -154,7 +154,7 @@ def test_tool_results_follow_an_assistant_turn_and_llama2_has_no_tools(tokenizer
     check_dialog([{"role": r, "content": "x"} for r in ["system", "user", "assistant", "tool", "assistant", "user"]], 0)
     with pytest.raises(LlamaMPError, match="only an assistant message has tool_calls"):
         check_dialog([{"role": "user", "content": "x", "tool_calls": []}], 0)
-    with pytest.raises(LlamaMPError, match="needs a Llama 3.1-3.3 checkpoint"):
+    with pytest.raises(LlamaMPError, match="needs a Llama 3.1-3.3 or Llama 4 checkpoint"):
         encode_dialog(tokenizer, [{"role": "user", "content": "x"}], [WEATHER])
 
 
@@ -226,3 +226,99 @@ def test_dialogs_with_tools_encode_to_the_ids_of_metas_own_code(tok, name):
     dialog, tools, fmt, line = FIXTURE_DIALOGS[name]
     check_dialog(dialog, 0)
     assert encode_dialog(tok, dialog, tools, fmt, line, date=DATE) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# Llama 4: the pythonic format (its only one), the ipython role, <|eom|> after calls and results
+
+
+@pytest.fixture(scope="module")
+def tok4():
+    from llama_mp.checkpoints.synth import SHARED_TOKENIZERS
+
+    if not os.path.isfile(SHARED_TOKENIZERS["llama4"]):
+        pytest.skip("the fixture's Llama 4 ids are those of Meta's Llama 4 tokenizer, which ../shared/assets does "
+                    "not have here")
+    return Tokenizer(SHARED_TOKENIZERS["llama4"])
+
+
+LLAMA4_DIALOGS = {  # name -> (dialog, tools offered, tool_choice's line): as the fixture's script has them
+    "llama4_python_list": ([{"role": "system", "content": "You are a helpful assistant."},
+                            {"role": "user", "content": "What is the weather in SF?"},
+                            {"role": "assistant", "content": "", "tool_calls": [
+                                ToolCall("get_weather", {"city": "San Francisco", "metric": "celsius"})]},
+                            {"role": "tool", "content": '"25 C"'}], [WEATHER], REQUIRED_PROMPT),
+    "llama4_builtin": ([{"role": "user", "content": "What is the 100th decimal of pi?"},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            ToolCall("wolfram_alpha", {"query": "100th decimal of pi"})]},
+                        {"role": "ipython", "content": '{"result": "7"}'}],
+                       [Tool("brave_search"), Tool("wolfram_alpha")], ""),
+    "llama4_code_interpreter_named": ([{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "Is 7 prime? "},
+                                       {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                                           ToolCall("code_interpreter", {"code": CODE})]},
+                                       {"role": "tool", "content": "True"},
+                                       {"role": "assistant", "content": "Yes, 7 is prime."},
+                                       {"role": "user", "content": "And 9?"}],
+                                      [Tool("code_interpreter"), WEATHER], NAMED_PROMPT.format("get_weather")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA4_DIALOGS))
+def test_llama4_dialogs_with_tools_encode_to_the_ids_of_metas_own_code(tok4, name):
+    """The fixture's Llama 4 ids: llama-models' Llama 4 ChatFormat on the system message llama-stack writes
+    for a Llama 4 model (tests/fixtures/make_tool_prompt_ids.py). The format is the family's own unasked."""
+    with open(FIXTURE) as f:
+        want = json.load(f)["cases"][name]
+    dialog, tools, line = LLAMA4_DIALOGS[name]
+    check_dialog(dialog, 0)
+    assert encode_dialog(tok4, dialog, tools, None, line) == want
+    assert encode_dialog(tok4, dialog, tools, "python_list", line) == want
+    with pytest.raises(LlamaMPError, match="Llama 4 calls tools in the pythonic list"):
+        encode_dialog(tok4, dialog, tools, "json", line)
+
+
+@pytest.mark.parametrize("text, calls", [
+    ('[get_weather(city="Oslo"), get_weather(city="Bergen")]',
+     [("get_weather", {"city": "Oslo"}), ("get_weather", {"city": "Bergen"})]),
+    ("<|python_start|>print(is_prime(7))<|python_end|>", [("code_interpreter", {"code": "print(is_prime(7))"})]),
+    ('<|python_start|>brave_search.call(query="gold price")<|python_end|>', [("brave_search", {"query": "gold price"})]),
+    ('{"type": "function", "name": "get_weather", "parameters": {"city": "Oslo"}}', [("get_weather", {"city": "Oslo"})]),
+    ("<|python_tag|>print(1)", []),  # Llama 3's tag is text to Llama 4
+    ("Oslo is cold.", []),
+])
+def test_llama4_answers_are_read_by_metas_rules(text, calls):
+    """Meta's llama4 ChatFormat.decode_assistant_message: `<|python_start|>` opens code (its `<|python_end|>`
+    dropped), then Llama 3's rules."""
+    content, found = parse_calls(text, "llama4")
+    assert [(c.name, c.arguments) for c in found] == calls
+    assert content == ("" if calls else text)
+
+
+def test_llama4_chat_completion_offers_tools_in_its_format_and_returns_calls(tmp_path, monkeypatch):
+    """chat_completion(tools=) on a tiny random Llama 4: the prompt is Llama 4's (no format asked), and
+    interpreter code between <|python_start|> and <|python_end|> comes back as a call."""
+    from llama4_helpers import tiny_args
+    from llama_mp.checkpoints.synth import write_random_checkpoint, write_tiny_tiktoken
+    from workers import build
+
+    tok_path = write_tiny_tiktoken(str(tmp_path / "tokenizer.model"))
+    tok = Tokenizer(tok_path, "llama4")
+    write_random_checkpoint(str(tmp_path), tiny_args(tok.n_words), 1, seed=3)
+    llama = build(str(tmp_path), tok_path, max_seq_len=4096, max_batch_size=2)
+    dialog = [{"role": "user", "content": "Is 7 prime?"}]
+    seen = []
+
+    def scripted(request):  # the ids before the stop token
+        seen.append(request.prompt_tokens)
+        code = [tok.special_id("<|python_start|>")] + tok.encode("print(7 % 2)", bos=False, eos=False) + [
+            tok.special_id("<|python_end|>")]
+        return [code, tok.encode('[get_weather(city="Oslo")]', bos=False, eos=False)], None
+
+    monkeypatch.setattr(llama.engine, "generate", scripted)
+    tools = [Tool("code_interpreter"), WEATHER]
+    code, call = llama.chat_completion([dialog, dialog], tools=tools, max_gen_len=8)
+    assert seen[0][0] == encode_dialog(tok, dialog, tools, "python_list")
+    assert [(c.name, c.arguments) for c in code["generation"]["tool_calls"]] == [("code_interpreter", {"code": "print(7 % 2)"})]
+    assert [(c.name, c.arguments) for c in call["generation"]["tool_calls"]] == [("get_weather", {"city": "Oslo"})]
+    check_dialog(dialog + [call["generation"], {"role": "tool", "content": "-3 C"}], 0)

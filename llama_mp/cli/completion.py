@@ -214,6 +214,8 @@ def chat_completion(
     system: Optional[str] = None,
     quantize: Optional[str] = None,
     group_size: Optional[int] = None,
+    tools: Optional[str] = None,
+    tool_format: Optional[str] = None,
 ) -> None:
     """Answer chat dialogs (a JSON file of dialogs via --dialogs; built-in examples otherwise), or chat in
     the terminal with --interactive (as launch/chat.py does; --system TEXT sets its system message).
@@ -224,15 +226,17 @@ def chat_completion(
     {"role", "content"}, "token_ids"}. Only the first node needs the --dialogs file: rank 0 reads it,
     before the model is loaded. --temperature, --top_p, --top_k, --seed, --timeout_s and --load_timeout_s
     take the values text_completion's --help lists (temperature 0 or 0.001 to 100, top_p in (0, 1], ...),
-    and so do --quantize and --group_size (quantize a float checkpoint while loading).
+    and so do --quantize and --group_size (quantize a float checkpoint while loading). --tools FILE.json and
+    --tool_format belong to the interactive chat (see launch/chat.py --help).
     """
-    if interactive or system is not None:
+    if interactive or system is not None or tools is not None or tool_format is not None:
         from .chat import chat, check_interactive_options  # chat.py builds on this module
 
-        _before_loading(lambda: check_interactive_options(interactive, system, dialogs, json, logprobs))
+        _before_loading(lambda: check_interactive_options(interactive, system, dialogs, json, logprobs,
+                                                          tools is not None or tool_format is not None))
         return chat(ckpt_dir, tokenizer_path, system, max_seq_len, max_batch_size, max_gen_len, temperature,
                     top_p, top_k, seed, backend, device, dtype, decoder, timeout_s, load_timeout_s,
-                    quantize=quantize, group_size=group_size)
+                    quantize=quantize, group_size=group_size, tools=tools, tool_format=tool_format)
     _before_loading(lambda: (check_sampling(temperature, top_p, top_k, "--{}"),
                              check_build_arguments(ckpt_dir, tokenizer_path, seed, timeout_s, load_timeout_s,
                                                    quantize, group_size)))

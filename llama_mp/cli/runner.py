@@ -26,8 +26,8 @@ REPORTER_GRACE_S = 1.0
 TEXT_TYPES = (str, Optional[str], "str", "Optional[str]", "str | None")
 # Text options that name files: a file name on Linux is bytes, and one that is not UTF-8 is still a name
 # (Python hands it over with surrogate escapes, which `open` turns back into the same bytes).
-PATH_OPTIONS = frozenset({"ckpt_dir", "tokenizer_path", "out_dir", "src", "dst", "text", "dialogs", "per_token",
-                          "compare", "tokenizer"})
+PATH_OPTIONS = frozenset({"ckpt_dir", "tokenizer_path", "out_dir", "src", "dst", "text", "dialogs", "tools",
+                          "per_token", "compare", "tokenizer"})
 
 
 def text_options(fn: Callable) -> List[str]:

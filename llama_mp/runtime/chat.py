@@ -8,23 +8,19 @@ that looks like a special token is encoded as the plain text it is.
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple, TypedDict
 
-from ..checks import JsonProblem, described, read_json_file, text_problem
+from ..checks import described, read_json_input, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
-from .tools import PYTHON_TAG, Tool, ToolCall, calls_text, offer_tools
+from .tools import PYTHON_TAG, TOOL_ROLES, Tool, ToolCall, calls_text, offer_tools
+from .tools import tool_format as _tool_format
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 ROLES = ("system", "user", "assistant")
-# Llama 3.1's tool calling adds a role for a tool's output: "ipython" in Meta's format ("tool" in
-# Meta's Python API and OpenAI's, written as "ipython"). It answers an assistant turn, which may carry
-# `tool_calls` (runtime/tools.py).
-TOOL_ROLES = ("ipython", "tool")
 
 
 class Message(TypedDict, total=False):
@@ -121,23 +117,30 @@ def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> b
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = (), tool_format: str = "json",
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = (), tool_format: Optional[str] = None,
                   choice_prompt: str = "", date: Optional[str] = None) -> List[int]:
     """Prompt tokens for a checked dialog, in the chat format of the tokenizer's family. `tools` (Llama 3
-    only) are offered to the model in `tool_format` (runtime/tools.py: "json" for Llama 3.1, "python_list"
-    for 3.2 and 3.3), with `choice_prompt` and the date line's `date` (today's by default)."""
-    if tokenizer.family == "llama3":
-        return _encode_llama3_dialog(tokenizer, offer_tools(list(dialog), tools, tool_format, choice_prompt, date),
-                                     tool_format)
-    if tools or any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog):
-        raise LlamaMPError(f"Tool calling needs a Llama 3.1-3.3 checkpoint (its tokenizer has the ipython role and "
-                           f"<|python_tag|>); this is a {tokenizer.family} tokenizer, whose chat format here has no "
-                           "tools. Put the tool's description and results in user messages instead.")
-    if tokenizer.family == "llama4":
+    and 4) are offered to the model in `tool_format` (runtime/tools.py: "json" for Llama 3.1, "python_list"
+    for 3.2, 3.3 and 4; None: the family's own, tools.DEFAULT_FORMATS), with `choice_prompt` and the date
+    line's `date` (today's by default)."""
+    family = tokenizer.family
+    if family in ("llama3", "llama4"):
+        fmt = _tool_format(tool_format, family) if tools or _has_tool_turns(dialog) else None
+        offered = offer_tools(list(dialog), tools, fmt, choice_prompt, date, family)
+        if family == "llama3":
+            return _encode_llama3_dialog(tokenizer, offered, fmt or "json")
         from .llama4_tokenizer import encode_dialog as encode_llama4_dialog
 
-        return encode_llama4_dialog(tokenizer, dialog)
+        return encode_llama4_dialog(tokenizer, offered, fmt or "python_list")
+    if tools or _has_tool_turns(dialog):
+        raise LlamaMPError(f"Tool calling needs a Llama 3.1-3.3 or Llama 4 checkpoint (its tokenizer has the ipython "
+                           f"role); this is a {family} tokenizer, whose chat format here has no tools. Put the "
+                           "tool's description and results in user messages instead.")
     return _encode_llama2_dialog(tokenizer, dialog)
+
+
+def _has_tool_turns(dialog: Dialog) -> bool:
+    return any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog)
 
 
 def _encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
@@ -178,25 +181,28 @@ def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str
     return tokens + _llama3_header(tokenizer, "assistant")
 
 
-def fit_dialog(tokenizer: Tokenizer, dialog: Dialog, max_prompt_tokens: int) -> Tuple[List[int], Dialog, int]:
-    """(prompt tokens, dialog kept, exchanges dropped) for a checked dialog whose prompt must fit in
-    `max_prompt_tokens`: a conversation that grew too long forgets its oldest user/assistant exchanges
-    first, as a person forgets the start of a long talk, but keeps the system message, which says how to
-    answer at all. If even the last user message alone (with the system message) is too long, a
-    LlamaMPError says by how much, and nothing is dropped."""
+def fit_dialog(tokenizer: Tokenizer, dialog: Dialog, max_prompt_tokens: int, tools: Sequence[Tool] = (),
+               tool_format: Optional[str] = None) -> Tuple[List[int], Dialog, int]:
+    """(prompt tokens, dialog kept, exchanges dropped) for a checked dialog whose prompt (with `tools`
+    offered in `tool_format`, as encode_dialog does) must fit in `max_prompt_tokens`: a conversation that
+    grew too long forgets its oldest exchanges first (a user message and all that answered it: the
+    assistant's turns, tool calls and results), as a person forgets the start of a long talk, but keeps
+    the system message, which says how to answer at all. If even the last exchange alone (with the system
+    message) is too long, a LlamaMPError says by how much, and nothing is dropped."""
     system = dialog[:1] if dialog[0]["role"] == "system" else []
     turns = list(dialog[len(system):])
     dropped = 0
     while True:
         kept = system + turns
-        tokens = encode_dialog(tokenizer, kept)
+        tokens = encode_dialog(tokenizer, kept, tools, tool_format)
         if len(tokens) <= max_prompt_tokens:
             return tokens, kept, dropped
-        if len(turns) == 1:
+        later = next((j for j in range(1, len(turns)) if turns[j]["role"] == "user"), None)
+        if later is None:
             with_system = " with the system message" if system else ""
             raise LlamaMPError(f"This message needs {len(tokens)} prompt tokens{with_system}, but at most "
                                f"{max_prompt_tokens} fit.")
-        turns = turns[2:]
+        turns = turns[later:]
         dropped += 1
 
 
@@ -204,17 +210,8 @@ def load_dialogs(path: Optional[str]) -> List[Dialog]:
     """Dialogs from a JSON file (a list of dialogs, or one dialog), or the built-in examples."""
     if path is None:
         return EXAMPLE_DIALOGS
-    if not isinstance(path, str):
-        raise LlamaMPError(f"--dialogs must be the path of a JSON file, got {described(path)}.")
-    if not os.path.isfile(path):
-        raise LlamaMPError(f"Dialogs file {path!r} does not exist.")
-    try:
-        data = read_json_file(path)
-    except JsonProblem as e:
-        raise LlamaMPError(f"Dialogs file {path!r} {e.reason}. It should hold a list of dialogs, each a list of "
-                           '{"role": ..., "content": ...} messages.') from None
-    except OSError as e:
-        raise LlamaMPError(f"Dialogs file {path!r} cannot be read ({e.strerror or e}).") from None
+    data = read_json_input(path, "--dialogs", "Dialogs file",
+                           'a list of dialogs, each a list of {"role": ..., "content": ...} messages')
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = [data]  # a single dialog
     if not isinstance(data, list) or not data:

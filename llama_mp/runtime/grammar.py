@@ -82,7 +82,7 @@ def vocabulary(tokenizer: Tokenizer, ends: Sequence[int]):
 
     key = (tokenizer.path, tuple(ends))
     if key not in _VOCABULARIES:
-        if tokenizer.family == "llama3":
+        if tokenizer.family in ("llama3", "llama4"):  # tiktoken files, their special ids after the ranks
             made = llguidance.tiktoken.lltokenizer_from_encoding(tokenizer.model, n_vocab=tokenizer.n_words, eos_token=list(ends))
         else:
             made = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceForGuidance(tokenizer, ends)),

@@ -242,13 +242,14 @@ class Llama:
         logprobs: bool = False,
         top_k: int = 0,
         tools: Sequence[Tool] = (),
-        tool_format: str = "json",
+        tool_format: Optional[str] = None,
     ) -> List[ChatPrediction]:
         """Answer each dialog as the assistant, in the checkpoint family's chat format (Llama 2's or Llama 3's).
 
         A dialog whose messages contain the format's special tags is not run: its answer is Meta's error
         text, as in the reference implementation. `tools` (Llama 3.1 and later; runtime/tools.Tool) are
-        offered in `tool_format` ("json": Llama 3.1, "python_list": 3.2 and 3.3); an answer that calls
+        offered in `tool_format` ("json": Llama 3.1, "python_list": 3.2, 3.3 and 4; None: the checkpoint
+        family's own, json for Llama 3 and python_list for Llama 4); an answer that calls
         them has its calls (runtime/tools.ToolCall) in `generation["tool_calls"]` and an empty content, as
         Meta's `ChatFormat.decode_assistant_message` gives them. Tool results are messages of the `ipython`
         (or `tool`) role after the assistant message that called.
@@ -274,7 +275,7 @@ class Llama:
                 continue
             prediction = self._prediction(t, lps[i] if lps else None, wrap="assistant")
             if tool_names:
-                content, calls = parse_calls(prediction["generation"]["content"])
+                content, calls = parse_calls(prediction["generation"]["content"], self.tokenizer.family)
                 if calls and all(c.name in tool_names for c in calls):
                     prediction["generation"].update(content=content, tool_calls=calls)
             out.append(prediction)

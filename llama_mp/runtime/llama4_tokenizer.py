@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from .tokenizer import TiktokenTokenizer
+from .tools import TOOL_ROLES, calls_text
 
 LLAMA4_BASE_TOKENS = 200_000
 LLAMA3_BASE_TOKENS = 128_000
@@ -69,20 +70,22 @@ class Llama4Tokenizer(TiktokenTokenizer):
 
 
 def _header(tokenizer, role: str) -> List[int]:
-    """`<|header_start|>role<|header_end|>` and a blank line, encoded on its own as Meta does (a tool's
-    turn is headed "ipython")."""
-    return ([tokenizer.special_id("<|header_start|>")]
-            + tokenizer.encode("ipython" if role == "tool" else role, bos=False, eos=False)
+    """`<|header_start|>role<|header_end|>` and a blank line, encoded on its own as Meta does."""
+    return ([tokenizer.special_id("<|header_start|>")] + tokenizer.encode(role, bos=False, eos=False)
             + [tokenizer.special_id("<|header_end|>")] + tokenizer.encode("\n\n", bos=False, eos=False))
 
 
-def encode_dialog(tokenizer, dialog) -> List[int]:
+def encode_dialog(tokenizer, dialog, tool_format: str = "python_list") -> List[int]:
     """Meta's Llama 4 chat format: `<|begin_of_text|>`, per message its header, the content as plain text
-    (not stripped: Meta's Llama 4 code keeps it as given) and `<|eot|>` (`<|eom|>` after a tool's
-    message), then an open assistant header for the model to complete."""
+    (not stripped: Meta's Llama 4 code keeps it as given) and `<|eot|>`, then an open assistant header for
+    the model to complete. A tool's result (role ipython or tool) is headed "ipython"; it and an assistant
+    turn with tool calls (each written after the content, runtime/tools.calls_text) end with `<|eom|>`."""
     tokens = [tokenizer.bos_id]
     for message in dialog:
-        tokens += _header(tokenizer, message["role"])
-        tokens += tokenizer.encode(message["content"], bos=False, eos=False)
-        tokens.append(tokenizer.special_id("<|eom|>" if message["role"] == "tool" else "<|eot|>"))
+        tool = message["role"] in TOOL_ROLES
+        tokens += _header(tokenizer, "ipython" if tool else message["role"])
+        calls, _, eom = calls_text(message.get("tool_calls") or (), tool_format, "llama4")
+        for text in [message["content"]] + calls:
+            tokens += tokenizer.encode(text, bos=False, eos=False)
+        tokens.append(tokenizer.special_id("<|eom|>" if tool or eom else "<|eot|>"))
     return tokens + _header(tokenizer, "assistant")

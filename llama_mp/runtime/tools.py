@@ -16,9 +16,16 @@ whitespace is exactly what Meta's templates produce:
   model answers `{"type": "function", "name": ..., "parameters": {...}}`.
 - Custom tools, Llama 3.2 and 3.3 ("python_list"): the system message lists the functions and asks for
   the pythonic list `[f(a=1), g()]`, which allows several calls at once.
+- Custom tools, Llama 4 (its only format, "python_list"): the same pythonic list and system message
+  layout, with Llama 4's longer instructions (llama-stack's `llama4/prompt_templates`).
 - A tool's result is a message of the `ipython` role (OpenAI's `tool` role).
 
-Parsing is Meta's `decode_assistant_message` rules: a leading `<|python_tag|>` is dropped; then a
+Llama 4's chat format (Meta's `models/llama4/chat_format.py`) writes an assistant turn that calls
+tools without a tag and ends it with `<|eom|>`, and the model marks code for the interpreter with
+`<|python_start|>` ... `<|python_end|>` instead of Llama 3's `<|python_tag|>`.
+
+Parsing is Meta's `decode_assistant_message` rules: a leading `<|python_tag|>` is dropped (Llama 4: a
+leading `<|python_start|>`, and every `<|python_end|>`); then a
 `<function=NAME>{...}` call, a whole-JSON call, a pythonic list (every call in it; Meta's code keeps
 the first), a built-in `NAME.call(query="...")`, or, after `<|python_tag|>`, code for the interpreter.
 Anything else is text.
@@ -39,8 +46,16 @@ from ..errors import LlamaMPError
 # Meta's BuiltinTool: brave_search, wolfram_alpha and photogen take a query; code_interpreter takes code.
 QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 BUILTIN_TOOLS = QUERY_TOOLS + ("code_interpreter",)
-FORMATS = ("json", "python_list")  # Llama 3.1 (and 3.2 vision) / Llama 3.2 text and 3.3
+FORMATS = ("json", "python_list")  # Llama 3.1 (and 3.2 vision) / Llama 3.2 text, 3.3 and 4
+# The format a family calls tools in when none is asked for: Llama 3.1's json (llama-stack's default for a
+# Llama 3 model it cannot name); python_list, the only one Meta's stack offers Llama 4.
+DEFAULT_FORMATS = {"llama3": "json", "llama4": "python_list"}
 PYTHON_TAG = "<|python_tag|>"
+# How each family marks code for the interpreter: (the tag before it, the tag after it or "")
+CODE_TAGS = {"llama3": (PYTHON_TAG, ""), "llama4": ("<|python_start|>", "<|python_end|>")}
+# Llama 3.1's tool calling adds a role for a tool's output: "ipython" in Meta's format ("tool" in Meta's
+# Python API and OpenAI's, written as "ipython"). It answers an assistant turn, which may carry `tool_calls`.
+TOOL_ROLES = ("ipython", "tool")
 KNOWLEDGE_LINE = "Cutting Knowledge Date: December 2023"
 
 REQUIRED_PROMPT = "You MUST use one of the provided functions/tools to answer the user query."
@@ -142,15 +157,62 @@ PYTHON_LIST_PROMPT = (
     "You are an expert in composing functions. You are given a question and a set of possible functions.\n"
     "Based on the question, you will need to make one or more function/tool calls to achieve the purpose.\n"
     "If none of the function can be used, point it out. If the given question lacks the parameters required "
-    "by the function,\nalso point it out. You should only return the function call in tools call sections.\n\n")
+    "by the function,\nalso point it out. You should only return the function call in tools call sections.\n\n"
+    "If you decide to invoke any of the function(s), you MUST put it in the format of "
+    "[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]\n"
+    "You SHOULD NOT include any other text in the response.\n\n"
+    "Here is a list of functions in JSON format that you can invoke.\n\n")
+
+# Llama 4's (llama-stack's models/llama/llama4/prompt_templates/system_prompts.py, as its Jinja renders it)
+LLAMA4_PYTHON_LIST_PROMPT = (
+    "You are a helpful assistant and an expert in function composition. You can answer general questions using "
+    "your internal knowledge OR invoke functions when necessary. Follow these strict guidelines:\n\n"
+    "1. FUNCTION CALLS:\n"
+    "- ONLY use functions that are EXPLICITLY listed in the function list below\n"
+    "- If NO functions are listed (empty function list []), respond ONLY with internal knowledge or "
+    "\"I don't have access to [Unavailable service] information\"\n"
+    "- If a function is not in the list, respond ONLY with internal knowledge or \"I don't have access to "
+    "[Unavailable service] information\"\n"
+    "- If ALL required parameters are present AND the query EXACTLY matches a listed function's purpose: output "
+    "ONLY the function call(s)\n"
+    "- Use exact format: [func_name1(param1=value1, param2=value2), func_name2(...)]\n"
+    "Examples:\n"
+    "CORRECT: [get_weather(location=\"Vancouver\"), calculate_route(start=\"Boston\", end=\"New York\")] <- Only "
+    "if get_weather and calculate_route are in function list\n"
+    "INCORRECT: get_weather(location=\"New York\")\n"
+    "INCORRECT: Let me check the weather: [get_weather(location=\"New York\")]\n"
+    "INCORRECT: [get_events(location=\"Singapore\")] <- If function not in list\n\n"
+    "2. RESPONSE RULES:\n"
+    "- For pure function requests matching a listed function: ONLY output the function call(s)\n"
+    "- For knowledge questions: ONLY output text\n"
+    "- For missing parameters: ONLY request the specific missing parameters\n"
+    "- For unavailable services (not in function list): output ONLY with internal knowledge or \"I don't have "
+    "access to [Unavailable service] information\". Do NOT execute a function call.\n"
+    "- If the query asks for information beyond what a listed function provides: output ONLY with internal "
+    "knowledge about your limitations\n"
+    "- NEVER combine text and function calls in the same response\n"
+    "- NEVER suggest alternative functions when the requested service is unavailable\n"
+    "- NEVER create or invent new functions not listed below\n\n"
+    "3. STRICT BOUNDARIES:\n"
+    "- ONLY use functions from the list below - no exceptions\n"
+    "- NEVER use a function as an alternative to unavailable information\n"
+    "- NEVER call functions not present in the function list\n"
+    "- NEVER add explanatory text to function calls\n"
+    "- NEVER respond with empty brackets\n"
+    "- Use proper Python/JSON syntax for function calls\n"
+    "- Check the function list carefully before responding\n\n"
+    "4. TOOL RESPONSE HANDLING:\n"
+    "- When receiving tool responses: provide concise, natural language responses\n"
+    "- Don't repeat tool response verbatim\n"
+    "- Don't add supplementary information\n\n"
+    "Here is a list of functions in JSON format that you can invoke:\n")
+PYTHON_LIST_PROMPTS = {"llama3": PYTHON_LIST_PROMPT, "llama4": LLAMA4_PYTHON_LIST_PROMPT}
 
 
-def _python_list_functions(tools: Sequence[Tool]) -> str:
-    """Llama 3.2/3.3's system prompt for custom functions: how to call them, and the list of them."""
-    text = ("If you decide to invoke any of the function(s), you MUST put it in the format of "
-            "[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]\n"
-            "You SHOULD NOT include any other text in the response.\n\n"
-            "Here is a list of functions in JSON format that you can invoke.\n\n[\n    ")
+def _python_list_functions(tools: Sequence[Tool], family: str = "llama3") -> str:
+    """The system prompt for custom functions in the pythonic format (Llama 3.2/3.3's or Llama 4's): how to
+    call them, and the list of them."""
+    text = "[\n    "
     for j, tool in enumerate(tools):
         params = _params(tool)
         text += ('{\n'
@@ -166,7 +228,7 @@ def _python_list_functions(tools: Sequence[Tool]) -> str:
                 text += f',\n                    "default": "{_jinja_str(prop["default"])}"'
             text += "\n                }" + ("," if i < len(params) - 1 else "")
         text += "\n            }\n        }\n    }" + (",\n    " if j < len(tools) - 1 else "")
-    return PYTHON_LIST_PROMPT + text + "\n]"
+    return PYTHON_LIST_PROMPTS[family] + text + "\n]"
 
 
 def _jinja_str(value) -> str:
@@ -174,16 +236,28 @@ def _jinja_str(value) -> str:
     return str(value)
 
 
+def tool_format(fmt: Optional[str], family: str) -> str:
+    """The format tools are offered in for a tokenizer `family` ("llama3", "llama4"): `fmt`, or the family's
+    own when None (DEFAULT_FORMATS); a LlamaMPError for one the family has not."""
+    fmt = DEFAULT_FORMATS[family] if fmt is None else fmt
+    if fmt not in FORMATS:
+        raise LlamaMPError(f"The tool format must be one of {FORMATS} (Llama 3.1: json; 3.2, 3.3 and 4: "
+                           f"python_list), got {fmt!r}.")
+    if family == "llama4" and fmt != "python_list":
+        raise LlamaMPError(f"Llama 4 calls tools in the pythonic list `[f(a=1), g()]` only (Meta's stack offers it "
+                           f"no other format), but the tool format asked for is {fmt!r}: ask for python_list, "
+                           "or leave the format out.")
+    return fmt
+
+
 def offer_tools(dialog: List[dict], tools: Sequence[Tool], fmt: str, choice_prompt: str = "",
-                date: Optional[str] = None) -> List[dict]:
-    """`dialog` (checked, plain messages) with the messages that offer `tools` in format `fmt`, as
-    Meta's stack writes them for Llama 3.1 ("json") or 3.2/3.3 ("python_list"); `choice_prompt` (one of
-    REQUIRED_PROMPT, NAMED_PROMPT) ends the system message. Without tools the dialog is unchanged."""
+                date: Optional[str] = None, family: str = "llama3") -> List[dict]:
+    """`dialog` (checked, plain messages) with the messages that offer `tools` in format `fmt` (checked by
+    tool_format), as Meta's stack writes them for Llama 3.1 ("json"), 3.2/3.3 ("python_list") or, with
+    `family` "llama4", Llama 4; `choice_prompt` (one of REQUIRED_PROMPT, NAMED_PROMPT) ends the system
+    message. Without tools the dialog is unchanged."""
     if not tools:
         return list(dialog)
-    if fmt not in FORMATS:
-        raise LlamaMPError(f"The tool format must be one of {FORMATS} (Llama 3.1: json; 3.2 and 3.3: "
-                           f"python_list), got {fmt!r}.")
     system = dialog[0]["content"] if dialog[0]["role"] == "system" else None
     rest = list(dialog[1:] if system is not None else dialog)
     custom = [t for t in tools if not t.builtin]
@@ -200,7 +274,7 @@ def offer_tools(dialog: List[dict], tools: Sequence[Tool], fmt: str, choice_prom
     builtins = [t for t in tools if t.builtin]
     text = _environment(builtins) + "\n" if builtins else ""
     if custom:
-        text += _python_list_functions(custom) + "\n"
+        text += _python_list_functions(custom, family) + "\n"
     if system is not None:
         text += system
     if choice_prompt:
@@ -237,17 +311,19 @@ def call_text(call: ToolCall, fmt: str) -> str:
     return json.dumps({"type": "function", "name": call.name, "parameters": call.arguments})
 
 
-def calls_text(calls: Sequence[ToolCall], fmt: str) -> Tuple[List[str], bool, bool]:
+def calls_text(calls: Sequence[ToolCall], fmt: str, family: str = "llama3") -> Tuple[List[str], bool, bool]:
     """(texts, python_tag, eom) of an assistant turn's calls, each text encoded on its own after the content,
-    as Meta's chat format writes them: `<|python_tag|>` before the content when the first call is the code
-    interpreter's, and `<|eom_id|>` ending a turn of built-in calls (the stop reason the model gives them:
-    it waits for the tool), `<|eot_id|>` any other. Several pythonic calls are one list, as the model
-    writes them (Meta's code writes each as a list of its own)."""
-    builtin = bool(calls) and calls[0].name in BUILTIN_TOOLS
-    tag = bool(calls) and calls[0].name == "code_interpreter"
-    if fmt == "python_list" and not builtin and len(calls) > 1:
-        return ["[" + ", ".join(call_text(c, fmt)[1:-1] for c in calls) + "]"], tag, builtin
-    return [call_text(c, fmt) for c in calls], tag, builtin
+    as Meta's chat formats write them. Llama 3: `<|python_tag|>` before the content when the first call is
+    the code interpreter's, and `<|eom_id|>` ending a turn of built-in calls (the stop reason the model gives
+    them: it waits for the tool), `<|eot_id|>` any other. Llama 4: no tag, and `<|eom|>` ending any turn
+    that calls. Several pythonic calls are one list, as the model writes them (Meta's code writes each as a
+    list of its own)."""
+    llama4 = family == "llama4"
+    eom = bool(calls) and (llama4 or calls[0].name in BUILTIN_TOOLS)
+    tag = bool(calls) and not llama4 and calls[0].name == "code_interpreter"
+    if fmt == "python_list" and len(calls) > 1 and not any(c.name in BUILTIN_TOOLS for c in calls):
+        return ["[" + ", ".join(call_text(c, fmt)[1:-1] for c in calls) + "]"], tag, eom
+    return [call_text(c, fmt) for c in calls], tag, eom
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,13 +357,16 @@ def _python_list(text: str) -> Optional[List[Tuple[str, dict]]]:
     return calls or None
 
 
-def parse_calls(text: str) -> Tuple[str, List[ToolCall]]:
-    """(content, calls) of an assistant answer's text (its `<|python_tag|>` written as that name), by
-    Meta's rules (see the module's docstring). With calls, the content is ""."""
+def parse_calls(text: str, family: str = "llama3") -> Tuple[str, List[ToolCall]]:
+    """(content, calls) of an assistant answer's text (its code tags, CODE_TAGS[family], written as their
+    names), by Meta's rules (see the module's docstring). With calls, the content is ""."""
+    start, end = CODE_TAGS[family]
     content = text.strip(" ")
-    ipython = content.startswith(PYTHON_TAG)
+    ipython = content.startswith(start)
     if ipython:
-        content = content[len(PYTHON_TAG):]
+        content = content[len(start):]
+        if end:
+            content = content.replace(end, "")
     found: List[Tuple[str, dict]] = []
     tagged = _FUNCTION_TAG_CALL.search(content)
     whole = _json_object(content) if tagged is None else None

@@ -49,10 +49,10 @@ END_MARGIN_S = FLUSH_S + 3.0
 
 
 def check_serve_options(host, port, max_batch_size, max_seq_len, api_key, model_name, max_queue,
-                        max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows=None, tool_format="json") -> None:
+                        max_body_bytes, drain_s, receive_timeout_s, prefix_cache_rows=None, tool_format=None) -> None:
     """The server's own options, checked on every rank before the process group starts."""
-    if tool_format not in TOOL_FORMATS:
-        raise LlamaMPError(f"--tool_format must be one of {TOOL_FORMATS} (Llama 3.1: json; Llama 3.2 and 3.3: "
+    if tool_format is not None and tool_format not in TOOL_FORMATS:
+        raise LlamaMPError(f"--tool_format must be one of {TOOL_FORMATS} (Llama 3.1: json; Llama 3.2, 3.3 and 4: "
                            f"python_list), got {described(tool_format)}.")
     if not isinstance(host, str) or not host:
         raise LlamaMPError(f"--host must be a host name or address, got {described(host)}.")
@@ -83,7 +83,7 @@ def serve(
     drain_s: float = 30.0,
     receive_timeout_s: float = 30.0,
     prefix_cache_rows: Optional[int] = None,
-    tool_format: str = "json",
+    tool_format: Optional[str] = None,
     seed: int = 1,
     backend: str = "auto",
     device: str = "auto",
@@ -109,7 +109,8 @@ def serve(
     --prefix_cache_rows N: how many free KV-cache rows keep their tokens for a later prompt that starts the
     same way (default: every free row; 0 turns prefix caching off).
     --tool_format: how `tools` are offered to the model and its calls read (runtime/tools.py): json (Llama 3.1,
-    the default) or python_list (Llama 3.2 and 3.3, whose calls are `[f(a=1), g()]`).
+    the default for Llama 3) or python_list (Llama 3.2 and 3.3, whose calls are `[f(a=1), g()]`; Llama 4's
+    only format, its default).
     --seed seeds requests that bring no seed. --backend, --device, --dtype, --decoder, --quantize,
     --group_size, --timeout_s and --load_timeout_s are text_completion's (see its --help).
     """
@@ -191,7 +192,7 @@ def _grammar_vocabulary(tokenizer) -> None:
 
 def _serve_on_rank_0(llama: Llama, batcher: Batcher, state: ServerState, http: "HttpServer", name: str,
                      max_seq_len: int, max_batch_size: int, max_queue: int, drain_s: float, seed: int,
-                     prefix_cache_rows: Optional[int] = None, tool_format: str = "json") -> None:
+                     prefix_cache_rows: Optional[int] = None, tool_format: Optional[str] = None) -> None:
     # The HTTP thread must get the interpreter between the batch loop's calls within a millisecond, not
     # Python's default 5: its events then go out as each step ends, instead of two steps at a time.
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -56,7 +56,9 @@ class Limits:
     model_name: str
     max_seq_len: int
     max_prompts: int  # prompts in one /v1/completions request (each takes a batch slot)
-    tool_format: str = "json"  # how tools are offered and called (runtime/tools.py): Llama 3.1 json, 3.2/3.3 python_list
+    # how tools are offered and called (runtime/tools.py): json (Llama 3.1) or python_list (3.2, 3.3, 4); None:
+    # the family's own (json for Llama 3, python_list for Llama 4)
+    tool_format: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Job:
     echo_texts: List[str] = field(default_factory=list)  # completions with echo: each prompt's text
     tools: List[Tool] = field(default_factory=list)  # chat: the tools the answer may call (none: text only)
     parallel_tool_calls: bool = True                 # chat: whether an answer may make several calls
+    family: str = "llama3"                           # chat with tools: whose rules read the calls (tools.CODE_TAGS)
     id: str = ""
     created: int = 0
 
@@ -483,9 +486,10 @@ def _message_text(content: Any, index: int) -> str:
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def _tools(body: dict) -> List[Tool]:
+def openai_tools(body: dict) -> List[Tool]:
     """`tools`: OpenAI's function tools (a function named like one of Meta's built-in tools, brave_search,
-    wolfram_alpha, photogen or code_interpreter, is that tool, written in Meta's built-in form)."""
+    wolfram_alpha, photogen or code_interpreter, is that tool, written in Meta's built-in form). Also the
+    interactive chat's --tools file (cli/chat.py)."""
     tools = body.get("tools", [])
     if not isinstance(tools, list):
         raise invalid(f"'tools' must be a list of tools, got {described(tools)}.", "tools")
@@ -608,9 +612,9 @@ def _guided(body: dict) -> Optional[str]:
 
 
 def _asking_for(dialog: List[dict], request: str, tokenizer: Tokenizer) -> List[dict]:
-    """`dialog` with `request` after it: llama-stack's last user message in Llama 3's format; in Llama 2's,
-    whose turns must alternate, the end of the last user message (after a blank line)."""
-    if tokenizer.family == "llama3":
+    """`dialog` with `request` after it: llama-stack's last user message in Llama 3's and 4's formats; in
+    Llama 2's, whose turns must alternate, the end of the last user message (after a blank line)."""
+    if tokenizer.family in ("llama3", "llama4"):
         return dialog + [{"role": "user", "content": request}]
     return dialog[:-1] + [dict(dialog[-1], content=dialog[-1]["content"] + "\n\n" + request)]
 
@@ -672,7 +676,7 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     if has_special_tags(dialog, tokenizer):
         raise invalid(UNSAFE_ERROR + " (The Llama 2 chat tags [INST], <<SYS>> would let text forge turns.)",
                       "messages")
-    offered, forced, choice_prompt = _tool_choice(body, _tools(body))
+    offered, forced, choice_prompt = _tool_choice(body, openai_tools(body))
     parallel = _bool(body, "parallel_tool_calls", True)
     schema, grammar = _response_format(body), _guided(body)
     if schema is not None and forced:
@@ -711,7 +715,7 @@ def parse_chat(body: Any, tokenizer: Tokenizer, limits: Limits) -> Job:
     sequences = _samples(body, [spec], limits, best_of=False)
     _check_min_tokens(sequences)
     return Job("chat", model, sequences, stream, _stream_options(body, stream), tools=offered,
-               parallel_tool_calls=parallel)
+               parallel_tool_calls=parallel, family=tokenizer.family)
 
 
 def _object(body: Any, where: str) -> None:
@@ -808,7 +812,7 @@ def tool_calls(job: Job, text: str) -> List[dict]:
     not offer (then the answer is text). Without parallel_tool_calls, the first call only."""
     if not job.tools:
         return []
-    _, calls = parse_calls(text)
+    _, calls = parse_calls(text, job.family)
     if not calls or any(c.name not in {t.name for t in job.tools} for c in calls):
         return []
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
