@@ -132,6 +132,39 @@ def test_sharded_safetensors_and_pytorch_bin_sources_give_the_same_tensors(world
         assert all(torch.equal(got[k], reference[k]) for k in got), name
 
 
+# Texts whose ids transformers must agree on: spaces at the start, in runs and at the end, digits, bytes
+# outside the vocabulary (byte fallback), and special-token names, which Hugging Face's tokenizers read as
+# the special ids (as our /tokenize does: `encode_naming_specials`), the text after each encoded on its own.
+TOKENIZER_TEXTS = PROMPTS + ["The capital of France is   Paris!\n\n 12345 ça va? 日本語 🦙", " leading space",
+                             "  two  spaces  ", "tabs\tand\nnewlines\n\n\n", "", "a</s>b<s> c<unk>d"]
+LLAMA3_SPECIAL_TEXT = "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|><|reserved_special_token_7|> x"
+
+
+def assert_transformers_reads_it_as_we_do(hf_dir, tok, texts):
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in texts:
+        ids = tok.encode_naming_specials(text, bos=True)
+        assert hf_tok(text)["input_ids"] == ids, text
+        if ids == tok.encode(text, bos=True, eos=False):  # no special token in it: decoded, the text again
+            assert hf_tok.decode(ids[1:]) == tok.decode(ids[1:]) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
+
+
+@pytest.mark.slow  # builds a transformers tokenizer of the 32000-piece vocabulary
+def test_a_sentencepiece_tokenizer_beside_the_source_travels_to_hf_and_transformers_reads_it(
+        tmp_path, make_checkpoint, tokenizer_path):
+    from llama_mp.runtime.tokenizer import Tokenizer
+
+    meta_src, _, _ = make_checkpoint(shards=1)
+    src = tmp_path / "meta"
+    shutil.copytree(meta_src, src)
+    shutil.copyfile(tokenizer_path, src / "tokenizer.model")  # no --tokenizer: the one in the folder
+    convert(str(src), str(tmp_path / "hf"), to="hf", progress=False)
+    # tokenizer.json made by convert: transformers needs no protobuf to read a SentencePiece model then
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "hf"))
+    assert_transformers_reads_it_as_we_do(str(tmp_path / "hf"), Tokenizer(tokenizer_path), TOKENIZER_TEXTS)
+
+
 def test_tied_embeddings_become_a_separate_output_matrix(tmp_path, tokenizer):
     model = random_hf_model(tokenizer.n_words, tie=True)
     model.save_pretrained(str(tmp_path / "tied"))
@@ -243,10 +276,7 @@ def test_llama31_meta_to_hf_loads_in_transformers_and_generates_what_we_generate
     assert tok.bos_id == base and sorted(tok.stop_ids) == [base + 1, base + 8, base + 9]
     assert os.path.isfile(os.path.join(hf_dir, "tokenizer.model"))
     # transformers reads the tiktoken tokenizer.model (not as SentencePiece) and encodes text as we do.
-    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    for text in PROMPTS + ["The capital of France is   Paris!\n\n 12345 ça va? 日本語"]:
-        assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True, eos=False)
-    assert hf_tok.convert_tokens_to_ids("<|eot_id|>") == tok.special_id("<|eot_id|>")
+    assert_transformers_reads_it_as_we_do(hf_dir, tok, TOKENIZER_TEXTS + [LLAMA3_SPECIAL_TEXT])
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
     assert model.config.rope_parameters["rope_type"] == "llama3"
     model.generation_config.pad_token_id = tok.eos_id

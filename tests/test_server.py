@@ -28,8 +28,8 @@ MAX_SEQ_LEN, MAX_BATCH, MAX_BODY = 96, 4, 4096
 LONG = 1024  # max_seq_len of the servers that end while answering: answers long enough to be caught running
 
 
-def server_args(max_seq_len=MAX_SEQ_LEN):
-    return ["--max_seq_len", str(max_seq_len), "--max_batch_size", str(MAX_BATCH), "--port", "0", "--max_body_bytes",
+def server_args(max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH):
+    return ["--max_seq_len", str(max_seq_len), "--max_batch_size", str(max_batch_size), "--port", "0", "--max_body_bytes",
             str(MAX_BODY), "--backend", "gloo", "--device", "cpu"]
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "Model parallel", "Hello", "A B C D E F G",
            "Continuous batching lets requests"]
@@ -86,10 +86,10 @@ def _env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
-def start_torchrun(tmp_path, ckpt_dir, tokenizer_path, *args) -> Server:
+def start_torchrun(tmp_path, ckpt_dir, tokenizer_path, *args, max_batch_size=MAX_BATCH) -> Server:
     err = str(tmp_path / "server.err")
     cmd = TORCHRUN + ["--nproc_per_node", "2", "--master_port", str(free_port()), script("serve"), "--ckpt_dir",
-                      ckpt_dir, "--tokenizer_path", tokenizer_path, *server_args(), *args]
+                      ckpt_dir, "--tokenizer_path", tokenizer_path, *server_args(max_batch_size=max_batch_size), *args]
     with open(err, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
     return Server([proc], [err]).wait_ready()
@@ -348,6 +348,8 @@ def test_bench_serve_reports_every_level(server, capsys):
     levels = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(lv["concurrency"], lv["requests"], lv["errors"]) for lv in levels] == [(1, 3, 0), (3, 3, 0)]
     assert all(lv["output_tokens_per_s"] > 0 and lv["ttft_p50_ms"] <= lv["ttft_p99_ms"] for lv in levels)
+    # the server's own step timer, from /metrics: a round of the loop holds its step; 3 clients, 3 rows at most
+    assert all(0 < lv["step_ms"] <= lv["loop_ms"] and 1 <= lv["rows_per_step"] <= lv["concurrency"] for lv in levels)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -366,5 +366,11 @@ def test_metrics_parse_as_prometheus_text_and_move_as_requests_are_served(tokeni
         assert 0 < after[("vllm:inter_token_latency_seconds_count", ())] <= (5 - 1) + 2 * (3 - 1)
         assert after[("vllm:e2e_request_latency_seconds_sum", ())] >= after[("vllm:time_to_first_token_seconds_sum", ())]
         assert after[("vllm:num_requests_waiting", ())] == 0
+        # the batch loop's own counters: every generated token came from a row of a step; the steps are
+        # within the loop's rounds that ran them
+        moved = {name: after[(f"llama_mp:batch_{name}_total", ())] - before[(f"llama_mp:batch_{name}_total", ())]
+                 for name in ("steps", "rows", "step_seconds", "loop_seconds")}
+        assert moved["steps"] >= 5 + 3 and moved["rows"] >= 5 + 2 * 3
+        assert moved["loop_seconds"] >= moved["step_seconds"] > 0
     finally:
         job.close()

@@ -22,7 +22,6 @@ pointed at `original/` instead.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, List, Optional, Protocol, Tuple
@@ -35,6 +34,7 @@ from ..errors import LlamaMPError
 from . import layout
 from . import meta as checkpoint
 from .hf import HFSource, is_hf_dir, write_hf
+from .hf_tokenizer import write_hf_tokenizer
 from .llama2c import Llama2cSource, looks_like_llama2c
 from .meta import write_checklist
 from .params import ModelArgs, save_params
@@ -147,8 +147,9 @@ def write_meta(source: Source, dst: str, mp: int, overwrite: bool = False, dtype
 
 def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optional[str] = None,
                  tokenizer: Optional[str] = None, progress: bool = True, src: Optional[str] = None) -> None:
-    """Write `source` as a Hugging Face Llama directory (config.json, safetensors, tokenizer.model and a
-    tokenizer_config.json for it); config.json takes its bos and stop ids from that tokenizer."""
+    """Write `source` as a Hugging Face Llama directory: config.json, safetensors and, when the source has a
+    tokenizer (or `tokenizer` names one), tokenizer.model with the files transformers reads it by
+    (hf_tokenizer.py); config.json takes its bos and stop ids from that tokenizer."""
     torch_dtype = parse_dtype(dtype, optional=True)
     keys = source.keys()
 
@@ -167,25 +168,7 @@ def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optio
         write_hf(out, source.args, keys, tensor, progress=bar.update, special_ids=special_ids,
                  tie_word_embeddings=getattr(source, "ties_output", False))
         if copied is not None:
-            with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-                json.dump(hf_tokenizer_config(copied), f, indent=2)
-
-
-def hf_tokenizer_config(tokenizer) -> dict:
-    """tokenizer_config.json that makes transformers' AutoTokenizer read the copied tokenizer.model.
-
-    SentencePiece (LLaMA, Llama 2): LlamaTokenizer(Fast), which reads tokenizer.model itself. tiktoken
-    (Llama 3): LlamaTokenizer would misread the file; transformers 5 builds a fast tokenizer from a tiktoken
-    tokenizer.model when the config names PreTrainedTokenizerFast (after a logged failed attempt to read
-    it as SentencePiece), given the special tokens in id order after the BPE ranks, which is how Meta
-    numbers them, and add_bos_token for Meta's leading <|begin_of_text|>."""
-    if tokenizer.family != "llama3":
-        return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
-    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-            "eos_token": "<|end_of_text|>", "add_bos_token": True, "add_eos_token": False,
-            "extra_special_tokens": specials, "model_input_names": ["input_ids", "attention_mask"]}
+            write_hf_tokenizer(out, copied)
 
 
 def _copied_tokenizer(out_dir: str):

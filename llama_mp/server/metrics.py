@@ -4,7 +4,9 @@ one, so dashboards and alerts written for vLLM read this server unchanged.
 Made with `prometheus_client`, the Prometheus project's own client for Python (its text format, histogram
 buckets and escaping are the standard's, not a copy of them). Latencies and token counts are observed on
 the HTTP thread, as each answer's events arrive there, never in the batch loop; the batch's gauges
-(requests running and waiting, slots in use) are read from the scheduler when a scrape asks for them.
+(requests running and waiting, slots in use) and its step counters (steps, rows, seconds in the steps and
+in the loop's rounds) are read from the scheduler when a scrape asks for them: the loop only adds to
+numbers it keeps anyway.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # vLLM's buckets for its latency histograms (seconds)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -37,10 +39,13 @@ class _Batch:
             return
         label = [self.model_name()]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        def gauge(name: str, doc: str, value: float, kind=GaugeMetricFamily):
+            family = kind(name, doc, labels=["model_name"])
             family.add_metric(label, value)
             return family
+
+        def counter(name: str, doc: str, value: float):
+            return gauge(name, doc, value, CounterMetricFamily)
 
         yield gauge("vllm:num_requests_running", "Sequences in a slot of the running batch.", stats["running"])
         yield gauge("vllm:num_requests_waiting", "Sequences waiting for a slot.", stats["waiting"])
@@ -48,6 +53,14 @@ class _Batch:
                     stats["running"] / stats["slots"])
         yield gauge("llama_mp:kv_cache_slots_in_use", "KV cache slots (rows) holding a sequence.", stats["running"])
         yield gauge("llama_mp:kv_cache_slots", "KV cache slots (rows): --max_batch_size.", stats["slots"])
+        # Mean step time over a window: the change of the seconds over the change of the steps.
+        yield counter("llama_mp:batch_steps", "Steps of the batch run (each gives every row one token).",
+                      stats["steps"])
+        yield counter("llama_mp:batch_rows", "Rows of the steps run, summed.", stats["rows"])
+        yield counter("llama_mp:batch_step_seconds", "Seconds inside the steps (every rank's model calls).",
+                      stats["step_s"])
+        yield counter("llama_mp:batch_loop_seconds", "Seconds of the batch loop's rounds that ran a step: "
+                      "planning, the step, handing out the tokens of the step before.", stats["loop_s"])
 
 
 class Metrics:

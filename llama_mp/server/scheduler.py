@@ -225,7 +225,10 @@ class Scheduler:
         self.draining_until: Optional[float] = None       # set by `drain` (a signal handler: no lock taken)
         self.failure: Optional[str] = None                # set by `fail`: why every request now gets 503
         self.stepping = False                             # whether the main thread is inside a step
-        self.steps, self.rows, self.step_s = 0, 0, 0.0  # for the summary at the end
+        # For the summary at the end and /metrics: steps run, their rows, the seconds inside them, and the
+        # seconds of the loop's rounds that ran one (planning, the step, handing out the step before's tokens):
+        # what HTTP work on the loop's thread would lengthen while the step itself does not.
+        self.steps, self.rows, self.step_s, self.loop_s = 0, 0, 0.0, 0.0
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}  # sequences, by how they ended
         self.grammar_thread: Optional[concurrent.futures.ThreadPoolExecutor] = None  # made at the first grammar
 
@@ -314,11 +317,11 @@ class Scheduler:
 
     def stats(self) -> Dict[str, int]:
         """Sequences waiting, running (in a slot, not yet released) and ended (finished, cancelled by their
-        client, failed), the batch's slots, the steps run so far, and the prefix cache's hits and the prompt
-        tokens they held."""
+        client, failed), the batch's slots, the steps run so far (their rows, the seconds in them and in the
+        loop's rounds that ran them), and the prefix cache's hits and the prompt tokens they held."""
         return {"waiting": len(self.waiting), "running": len(self.by_slot), "slots": self.batcher.slots,
-                "steps": self.steps, **self.counts, "prefix_hits": self.prefixes.hits,
-                "cached_tokens": self.prefixes.cached_tokens}
+                "steps": self.steps, "rows": self.rows, "step_s": self.step_s, "loop_s": self.loop_s,
+                **self.counts, "prefix_hits": self.prefixes.hits, "cached_tokens": self.prefixes.cached_tokens}
 
     # ------------------------------------------------------------------------------------------
     # The batch loop (main thread)
@@ -327,6 +330,7 @@ class Scheduler:
         """Step the batch until draining is over (returns) or a step fails (every pending request gets
         503, then the error is raised). Raises RuntimeError if `fail` was called (a lost rank)."""
         while True:
+            round_started = time.perf_counter()
             plan = self._next_plan(wait=self.in_flight is None)
             if self.failure is not None:
                 raise RuntimeError(self.failure)
@@ -367,6 +371,7 @@ class Scheduler:
             previous, self.in_flight = self.in_flight, (result, owners)
             if previous is not None:  # the step before, read while this one runs
                 self._deliver(*previous)
+            self.loop_s += time.perf_counter() - round_started
 
     def _next_plan(self, wait: bool) -> Optional[Plan]:
         """The next step's plan; None once draining is over (nothing left, or its time is up). With `wait`,

@@ -3,7 +3,10 @@
 Each client sends streamed /v1/completions requests one after another (a few prompts in turn, a fixed
 --max_tokens with "ignore_eos", so every answer has the same length whatever the model says) until the
 level's requests are done. Per level of concurrency it reports requests/s, output tokens/s, time to
-first token and the time between tokens (p50 and p99), measured on the client's side of the socket.
+first token and the time between tokens (p50 and p99), measured on the client's side of the socket, and,
+from a llama_mp server's /metrics (its batch loop's own counters, read before and after the level), the
+mean time of a step, of the loop's round around it, and the rows per step: whether the HTTP side's work
+lengthens the loop beyond what the rows themselves cost.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Level:
     first_token_s: List[float] = field(default_factory=list)
     between_tokens_s: List[float] = field(default_factory=list)
     first_error: Optional[str] = None  # what the first failed request met, for the message
+    server: Optional[Dict[str, float]] = None  # the change of the server's batch counters over the level
 
     def failed(self, why: str) -> None:
         self.errors += 1
@@ -53,10 +57,14 @@ class Level:
             p = percentile(values, q)
             return None if p is None else 1e3 * p
 
+        steps = self.server["steps"] if self.server else 0
         return {"concurrency": self.concurrency, "requests": self.requests, "errors": self.errors,
                 "requests_per_s": self.requests / self.seconds, "output_tokens_per_s": self.tokens / self.seconds,
                 "ttft_p50_ms": ms(self.first_token_s, 50), "ttft_p99_ms": ms(self.first_token_s, 99),
-                "itl_p50_ms": ms(self.between_tokens_s, 50), "itl_p99_ms": ms(self.between_tokens_s, 99)}
+                "itl_p50_ms": ms(self.between_tokens_s, 50), "itl_p99_ms": ms(self.between_tokens_s, 99),
+                "step_ms": 1e3 * self.server["step_seconds"] / steps if steps else None,
+                "loop_ms": 1e3 * self.server["loop_seconds"] / steps if steps else None,
+                "rows_per_step": self.server["rows"] / steps if steps else None}
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:
@@ -92,6 +100,26 @@ def check_url(url) -> None:
     if problem:
         raise LlamaMPError(f"--url {described(url)} is not a server's address ({problem}). Give the base address "
                            "`llama-mp serve` prints, such as http://127.0.0.1:8000.")
+
+
+BATCH_COUNTERS = ("steps", "rows", "step_seconds", "loop_seconds")  # llama_mp:batch_<name>_total
+
+
+def batch_counters(base_url: str, headers: dict) -> Optional[Dict[str, float]]:
+    """The batch loop's counters from a llama_mp server's /metrics, or None from a server without them
+    (another kind of server; prometheus_client, which parses them, not installed)."""
+    import httpx
+
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+        response = httpx.get(base_url + "/metrics", headers=headers, timeout=30)
+    except (ImportError, httpx.HTTPError):
+        return None
+    if response.status_code != 200:
+        return None
+    found = {s.name: s.value for family in text_string_to_metric_families(response.text) for s in family.samples}
+    names = {name: f"llama_mp:batch_{name}_total" for name in BATCH_COUNTERS}
+    return {name: found[key] for name, key in names.items()} if all(k in found for k in names.values()) else None
 
 
 async def _one(client, url: str, body: dict, level: Level) -> None:
@@ -160,7 +188,9 @@ def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", 
     per level: requests/s, output tokens/s, time to first token (TTFT) and time between tokens (ITL) at
     p50 and p99, and the failed requests; --json prints one JSON object per level instead. --url is the
     server's base address, --api_key its key, --model the name to send (default: none, the server's).
-    --warmup requests are sent first and not counted. If every request of the warmup or of a level fails,
+    --warmup requests are sent first and not counted. From a llama_mp server it also reports the server's
+    mean step time, the mean time of the batch loop's round around a step (the step, planning, handing out
+    tokens), and rows per step, over the level (from /metrics). If every request of the warmup or of a level fails,
     nothing was measured: it exits 2 with what the first failed request met (some failures are a note).
     """
     levels = parse_levels(concurrency)
@@ -170,22 +200,28 @@ def bench_serve(url: str = "http://127.0.0.1:8000", concurrency: str = "1,4,8", 
         import httpx  # noqa: F401
     except ImportError:
         raise LlamaMPError("bench-serve needs httpx: pip install httpx (it comes with the test extra).") from None
-    endpoint = str(url).rstrip("/") + "/v1/completions"
+    base = str(url).rstrip("/")
+    endpoint = base + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if warmup:  # a server that answers nothing is found here, before any level
         measured(asyncio.run(_level(endpoint, 1, warmup, max_tokens, headers, model)), url, "the warmup")
     if not json:
         print(f"{'C':>3} {'req/s':>8} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>8} {'errors':>6}"
-              "   (ms)")
+              f" {'step':>7} {'loop':>7} {'rows/step':>9}   (ms)")
     for c in levels:
+        before = batch_counters(base, headers)
         level = asyncio.run(_level(endpoint, c, requests or max(64, 8 * c), max_tokens, headers, model))
+        after = batch_counters(base, headers) if before is not None else None
+        if after is not None:
+            level.server = {name: after[name] - before[name] for name in BATCH_COUNTERS}
         s = level.summary()
         if json:
             print(jsonlib.dumps(s), flush=True)
         else:
             print(f"{c:>3} {s['requests_per_s']:>8.2f} {s['output_tokens_per_s']:>9.1f} {_ms(s['ttft_p50_ms'], 9, 1)} "
                   f"{_ms(s['ttft_p99_ms'], 8, 1)} {_ms(s['itl_p50_ms'], 8, 2)} {_ms(s['itl_p99_ms'], 8, 2)} "
-                  f"{s['errors']:>6}", flush=True)
+                  f"{s['errors']:>6} {_ms(s['step_ms'], 7, 2)} {_ms(s['loop_ms'], 7, 2)} "
+                  f"{_ms(s['rows_per_step'], 9, 1)}", flush=True)
         measured(level, url, f"concurrency {c}")
 
 
