@@ -1,16 +1,16 @@
 """The `compiled` decoder (runtime/compiled.py): the static step compiled whole by torch.compile, one graph
-per (rows, span) bucket made at load, the ranks' sums inside the graphs as functional collectives. On 2
-gloo ranks it decodes the eager static step's ids, greedy and seeded sampling, in `generate` and in
+per (rows, span) bucket made at load, the ranks' sums inside the graphs as functional collectives. On 1, 2
+and 4 gloo ranks it decodes the eager static step's ids, greedy and seeded sampling, in `generate` and in
 continuous batching, and compiles nothing after load. Its packed quantized products (torch's int8 and
 int4 kernels, the CPU twins of the GPU's) give the dequantised reference's products and logits.
 
-Compiling is the point of one test only: it runs both ranks in one job, on the smallest cache that still
+Compiling is the point of one test only (a job per rank count: 1, 2, 4), on the smallest cache that still
 batches (2 rows, 16 positions: 2 graphs per rank); everything else runs without compiling."""
 
 import pytest
 import torch
 
-from multiproc import run_ranks
+from multiproc import on_ranks
 
 PROMPTS = [[1, 306, 4658, 29871, 12], [1, 15043]]
 STEPS = 6
@@ -72,10 +72,12 @@ def static_and_compiled(ckpt_dir, tokenizer_path):
     return results
 
 
-@pytest.mark.spawn
-def test_compiled_step_decodes_the_eager_static_steps_ids_on_two_ranks(make_checkpoint, tokenizer_path):
-    ckpt_dir, _, _ = make_checkpoint(shards=2, n_kv_heads=2, n_layers=1, seed=3)
-    per_rank = run_ranks(2, static_and_compiled, ckpt_dir, tokenizer_path, timeout=400)
+@pytest.mark.spawn  # inductor starts processes of its own, even for one rank in this process
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_compiled_step_decodes_the_eager_static_steps_ids_on_any_rank_count(make_checkpoint, tokenizer_path,
+                                                                           world_size):
+    ckpt_dir, _, _ = make_checkpoint(shards=2, n_kv_heads=2, n_layers=1, seed=3)  # 4 ranks replicate kv heads
+    per_rank = on_ranks(world_size, static_and_compiled, ckpt_dir, tokenizer_path, timeout=600)
     for rank, results in enumerate(per_rank):
         greedy, sampled, batched, after, graphs = results["compiled"]
         assert graphs == 2 and after == 0  # rows 1 and 2 at span 16, made at load; nothing compiled later
