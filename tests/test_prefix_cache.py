@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from llama_mp import distributed
 from llama_mp.runtime.prefixes import PrefixCache, common_prefix
+from llama_mp.runtime.scoring import SAME_ROWS
 from llama_mp.server.protocol import SequenceSpec, usage
 from scheduling import run_to_end
 
@@ -152,6 +153,65 @@ def served_with_and_without_the_cache(llama):
     return out
 
 
+def _scored_requests(tokenizer):
+    """lm-eval's multiple choice, as its local-completions sends it: a question and each of its answers,
+    scored (`echo`, `logprobs`, max_tokens 0), one request after another; two `logprobs` counts, a prompt
+    sent twice (every entry kept), and two choices in one request (admitted together)."""
+    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731  (lm-eval: no special tokens)
+    # long enough (~100 tokens) that the C kernels prefill them apart from the step, as they resume them
+    story = "The river runs past old stone walls, under a bridge and through a field, toward the sea. " * 4
+    question = f"{story}Question: which way does the river run?\nAnswer:"
+    other = f"{story}Question: how many bridges does it pass under?\nAnswer:"
+
+    def scored(text, top=1):
+        return SequenceSpec(encode(text), 0, 0, 1.0, None, [], top, echo=True)
+
+    choices = [" toward the sea", " up the hill", " nowhere at all", " the sea"]
+    return ([[scored(question + c)] for c in choices] + [[scored(question + choices[0])]]
+            + [[scored(question + c, top=3)] for c in choices[:2]]
+            + [[scored(other + " seven"), scored(other + " three")], [scored(other + " seven llamas")]])
+
+
+def scored_with_and_without_the_cache(llama):
+    """Rank 0: the prompt scores of `_scored_requests`, each request run to its end before the next (a new
+    scheduler each, on one batcher and, with the cache on, one table), with the cache off, then on; and the
+    cached positions of each sequence. The other ranks follow."""
+    from llama_mp.runtime.batching import Batcher, Plan
+    from llama_mp.server.scheduler import Scheduler
+
+    batcher = Batcher(llama.engine)
+    if not llama.group.is_main:
+        llama.engine.serve()
+        return None
+    out = []
+    for rows in (0, ROWS):
+        table, scores, cached = None, [], []
+        for specs in _scored_requests(llama.tokenizer):
+            scheduler = Scheduler(batcher, llama.tokenizer, max_queue=16, seed=3, prefix_rows=rows)
+            table = scheduler.prefixes = table or scheduler.prefixes
+            seqs, events = run_to_end(scheduler, specs, 60)
+            scores += [tuple(t.tolist() for t in (e.prompt_scores.logprobs, e.prompt_scores.top_logprobs,
+                                                  e.prompt_scores.top_ids))  # lists: they leave a rank's process
+                       for e in sorted(events, key=lambda e: e.index) if e.prompt_scores is not None]
+            cached += [s.cached for s in seqs]
+            batcher.run(Plan(release=tuple(range(ROWS))), None)
+        out.append((scores, cached))
+    batcher.pause()
+    llama.engine.stop()
+    return out
+
+
+def _check_scored(runs):
+    """Every entry equal, bit for bit: a hit reuses what the same computation gave the request before."""
+    (off, off_cached), (on, on_cached) = runs
+    assert len(off) == len(on) == 10 and off_cached == [0] * 10
+    assert on == off  # floats compared exactly
+    # every prompt after the first continues from the story its row kept, but the first with the other count
+    # of alternatives (only the entries computed for its own count serve it); at least SAME_ROWS prefilled
+    assert on_cached[0] == on_cached[5] == 0 and all(n > 0 for i, n in enumerate(on_cached) if i not in (0, 5))
+    assert all(len(s[0]) + 1 - n >= SAME_ROWS for s, n in zip(on, on_cached)), on_cached
+
+
 def _check(runs, tokenizer):
     (off, off_cached, off_stats), (on, on_cached, on_stats) = runs
     _same(off, on)
@@ -178,12 +238,29 @@ def test_the_batch_loop_answers_the_same_with_the_cache_on_one_rank(decoder, mak
         distributed.teardown()
 
 
+@pytest.mark.parametrize("decoder", ["pytorch", "static", "cpu_kernels"])
+def test_scored_prompts_continue_from_kept_entries_and_score_the_same_on_one_rank(decoder, make_checkpoint,
+                                                                                  tokenizer_path):
+    from llama_mp import Llama
+    from llama_mp.kernels import cpu
+
+    if decoder == "cpu_kernels" and cpu.library() is None:
+        pytest.skip("the C kernels do not build here")
+    llama = Llama.build(make_checkpoint(n_kv_heads=2)[0], tokenizer_path, 160, ROWS, seed=3, backend="gloo",
+                        device="cpu", decoder=decoder)
+    try:
+        _check_scored(scored_with_and_without_the_cache(llama))
+    finally:
+        distributed.teardown()
+
+
 def _two_ranks(ckpt_dir, tokenizer_path):
     """Every rank: the batch loop's runs (rank 0's), then generate's."""
     import workers
 
-    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=ROWS, decoder="pytorch")
-    return served_with_and_without_the_cache(llama), generated_with_and_without_the_rows_held(llama)
+    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=160, max_batch_size=ROWS, decoder="pytorch")
+    return (served_with_and_without_the_cache(llama), generated_with_and_without_the_rows_held(llama),
+            scored_with_and_without_the_cache(llama))
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +327,12 @@ def test_generate_continues_what_the_rows_hold_and_answers_the_same(decoder, mak
         _check_generate(*generated_with_and_without_the_rows_held(llama))
     finally:
         distributed.teardown()
+
+
+@pytest.mark.spawn
+def test_scored_prompts_continue_from_kept_entries_and_score_the_same_on_two_ranks(two_ranks):
+    assert two_ranks[1][2] is None
+    _check_scored(two_ranks[0][2])
 
 
 @pytest.mark.spawn

@@ -50,8 +50,9 @@ ADMISSION_HEADER = 5    # an admission in that tensor: [slot, prompt length, sco
 @dataclass(frozen=True)
 class Admission:
     """A newcomer: its prompt ids, prefilled into `slot` from position `cached`. With `score_top` >= 0 its
-    prompt is also scored (then prefilled whole): each prompt token's log-probability and the `score_top`
-    likeliest ids at each position before it (the server's `echo` with `logprobs`)."""
+    prompt is also scored from there: the log-probability of each prompt token after position `cached`
+    and the `score_top` likeliest ids at each position from `cached` on (the server's `echo` with
+    `logprobs`; rank 0 keeps the entries of the positions before, see runtime/prefixes.py)."""
 
     slot: int
     prompt: Tuple[int, ...]
@@ -88,7 +89,7 @@ class StepResult:
     """What a step produced: the slot of each row (decoding rows in slot order, then the newcomers in
     admission order), the choice of each row's next token (ids on the device; on rank 0 the logprobs
     asked for), and on rank 0 the scores of the prompts admitted with `score_top` (by slot; prompt tokens
-    1.. given the ones before them). `on_host` reads them there."""
+    cached + 1.. given the ones before them). `on_host` reads them there."""
 
     slots: List[int]
     choice: Choice
@@ -143,7 +144,7 @@ class Batcher:
         decoding = [s for s in range(self.slots) if self.occupied[s]]
         for a in plan.admit:
             if self.occupied[a.slot] or not 0 < len(a.prompt) < model.max_seq_len or \
-                    not 0 <= a.cached < len(a.prompt) or (a.cached and a.score_top >= 0):
+                    not 0 <= a.cached < len(a.prompt):
                 raise LlamaMPError(f"internal error: slot {a.slot} cannot take a prompt of {len(a.prompt)} tokens "
                                    f"with {a.cached} cached (occupied: {self.occupied[a.slot]}).")
         for a in plan.admit:  # before anything is written, in admission order (see runtime/prefixes.py)
@@ -161,7 +162,8 @@ class Batcher:
         room = model.decoder.prompt_rows_in_step(model, len(decoding))
         inside, apart = [], []  # admissions prefilled in the step, and on their own
         for a in plan.admit:
-            fits = len(a.prompt) - a.cached <= room
+            # a scored prompt continued from a cached prefix is prefilled as its decoder promised (scored_resume)
+            fits = len(a.prompt) - a.cached <= room and not (a.cached and a.score_top >= 0)
             (inside if fits else apart).append(a)
             room -= len(a.prompt) - a.cached if fits else 0
         first_rows = {}  # slot -> the row of its prompt's first token, for admissions prefilled inside
@@ -182,7 +184,7 @@ class Batcher:
             tokens = torch.cat((self.last[as_tensor(decoding)], as_tensor(prompt_ids)))
             h = model.hidden_rows(tokens[:, None], host[0], host[1])
             hidden.append(h if len(picked) == len(slots) else h[as_tensor(picked)])
-            scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
+            scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt) - a.cached, 0])
                        for a in inside if a.score_top >= 0]
         for a in apart:
             h = model.hidden_in_slot(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached, a.score_top >= 0)
@@ -202,7 +204,7 @@ class Batcher:
         self.last.index_copy_(0, as_tensor(rows), choice.ids)
         prompt_scores = {}
         for a, h_prompt in scored:
-            scores = score_hidden(model, h_prompt[:-1], as_tensor(a.prompt[1:]), a.score_top)
+            scores = score_hidden(model, h_prompt[:-1], as_tensor(a.prompt[a.cached + 1:]), a.score_top)
             if scores is not None:
                 prompt_scores[a.slot] = scores
         return StepResult(rows, choice, prompt_scores)

@@ -460,14 +460,17 @@ class Transformer(nn.Module):
                 all_positions: bool = False) -> torch.Tensor:
         """Prompts (tokens [batch, seq]) into cache rows first_row.. from `start_pos`, through `step`
         PREFILL_CHUNK positions at a time (which bounds a long prompt's activations, e.g. its FFN's
-        [seq, hidden] products). Final normed hidden states [batch, seq, dim] with `all_positions`, else
-        of the last position [batch, 1, dim]."""
+        [seq, hidden] products), in chunks that end at multiples of PREFILL_CHUNK: a prompt continued
+        from a cached prefix runs the whole prompt's chunks, or an end of one (see `resume_in_chunks`).
+        Final normed hidden states [batch, seq, dim] with `all_positions`, else of the last position
+        [batch, 1, dim]."""
         batch, seq = tokens.shape
-        rows, out = CacheRows(first_row, batch), []
-        for start in range(0, seq, PREFILL_CHUNK):
-            end = min(start + PREFILL_CHUNK, seq)
+        rows, out, start = CacheRows(first_row, batch), [], 0
+        while start < seq:
+            end = min((start_pos + start) // PREFILL_CHUNK * PREFILL_CHUNK + PREFILL_CHUNK - start_pos, seq)
             positions = torch.arange(start_pos + start, start_pos + end, device=tokens.device)[None]
             out.append(self.step(tokens[:, start:end], positions, start_pos + end, rows, all_positions, causal=True))
+            start = end
         return out[0] if len(out) == 1 else (torch.cat(out, dim=1) if all_positions else out[-1])
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:

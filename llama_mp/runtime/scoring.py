@@ -15,6 +15,13 @@ import torch
 
 # Logits made at once, in elements: positions per chunk = this // vocabulary size (64 MiB of float32).
 CHUNK_ELEMENTS = 1 << 24
+# Float32 matrix products (MKL's here) compute a row of the output the same way, bit for bit, for any
+# number of rows from about a dozen on, but take other paths for fewer (and the C kernels' projections,
+# tiles of a few rows, take up to 32). So logits are made for at least LOGIT_ROWS rows (padded), and a
+# scored prompt continued from a cached prefix prefills at least SAME_ROWS positions
+# (`Decoder.scored_resume`): its scores then equal those of the whole prompt exactly.
+SAME_ROWS = 16
+LOGIT_ROWS = 48
 
 
 @dataclass
@@ -35,10 +42,13 @@ def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1) ->
     chunk = max(1, CHUNK_ELEMENTS // vocab)
     logprobs, top_logprobs, top_ids = [], [], []
     for start in range(0, n, chunk):
-        logits = model.logits(h[start:start + chunk, None])  # [c, 1, vocab] float32 on rank 0
+        rows = h[start:start + chunk]
+        if rows.shape[0] < LOGIT_ROWS:  # see LOGIT_ROWS; the padding's logits are dropped
+            rows = torch.cat((rows, rows.new_zeros(LOGIT_ROWS - rows.shape[0], rows.shape[1])))
+        logits = model.logits(rows[:, None])  # [c, 1, vocab] float32 on rank 0
         if logits is None:
             continue
-        lp = torch.log_softmax(logits[:, 0], dim=-1)                                # [c, vocab]
+        lp = torch.log_softmax(logits[:min(chunk, n - start), 0], dim=-1)           # [c, vocab]
         logprobs.append(lp.gather(-1, targets[start:start + chunk, None])[:, 0])
         values, ids = torch.topk(lp, top, dim=-1)                                    # [c, top]
         top_logprobs.append(values)

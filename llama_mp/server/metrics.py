@@ -4,7 +4,7 @@ one, so dashboards and alerts written for vLLM read this server unchanged.
 Made with `prometheus_client`, the Prometheus project's own client for Python (its text format, histogram
 buckets and escaping are the standard's, not a copy of them). Latencies and token counts are observed on
 the HTTP thread, as each answer's events arrive there, never in the batch loop; the batch's gauges
-(requests running and waiting, slots in use) are read from the scheduler when a scrape asks for them.
+(requests running and waiting, slots in use) and the prefix cache's counters are read from the scheduler when a scrape asks for them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # vLLM's buckets for its latency histograms (seconds)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -48,6 +48,21 @@ class _Batch:
                     stats["running"] / stats["slots"])
         yield gauge("llama_mp:kv_cache_slots_in_use", "KV cache slots (rows) holding a sequence.", stats["running"])
         yield gauge("llama_mp:kv_cache_slots", "KV cache slots (rows): --max_batch_size.", stats["slots"])
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(label, value)
+            return family
+
+        # vLLM's prefix cache counters count tokens: queries the prompt tokens looked up, hits those found
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats["prefix_queries"])
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens a cached prefix held (not prefilled).",
+                      stats["cached_tokens"])
+        yield counter("llama_mp:prefix_cache_hit_prompts", "Prompts that continued from a cached prefix.",
+                      stats["prefix_hits"])
+        yield counter("llama_mp:prefix_cache_evictions", "Kept cache rows whose prefix was forgotten (the "
+                      "--prefix_cache_rows budget) or overwritten by another prompt.", stats["prefix_evictions"])
 
 
 class Metrics:
