@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from llama_mp import distributed
-from llama_mp.runtime.prefixes import PrefixCache, common_prefix
-from llama_mp.runtime.scoring import SAME_ROWS
+from llama_mp.runtime.prefixes import KeptScores, PrefixCache, common_prefix
+from llama_mp.runtime.scoring import SAME_ROWS, TokenScores
 from llama_mp.server.protocol import SequenceSpec, usage
 from scheduling import run_to_end
 
@@ -23,7 +23,8 @@ ROWS = 3
 @st.composite
 def histories(draw):
     """Steps of a batch: each releases some busy rows, admits prompts and chooses a token for every row."""
-    prompts = st.lists(st.integers(1, 3), min_size=1, max_size=7)  # few values: many shared starts
+    prompts = st.tuples(st.lists(st.integers(1, 3), min_size=1, max_size=7),  # few values: many shared starts
+                        st.booleans())  # scored
     return draw(st.lists(st.tuples(st.lists(st.integers(0, ROWS - 1), max_size=2), st.lists(prompts, max_size=3),
                                    st.integers(1, 3)), min_size=1, max_size=12)), draw(st.integers(0, ROWS))
 
@@ -32,7 +33,12 @@ def histories(draw):
 @given(histories())
 def test_what_the_table_says_a_row_holds_the_row_holds(history):
     steps, keep = history
-    cache = PrefixCache(ROWS, keep)
+    cache = PrefixCache(ROWS, keep, lambda length, cached: cached)
+
+    def entries(prompt, n):  # stand-ins for the score entries of a prompt's first n positions: each its tokens
+        code = [float(int("".join(map(str, prompt[:i + 2])), 4)) for i in range(n)]
+        return TokenScores(torch.tensor(code, dtype=torch.float64), torch.zeros(n, 0), torch.zeros(n, 0))
+
     truth = {slot: [] for slot in range(ROWS)}  # the tokens whose keys and values each row holds
     running = {}  # slot -> its Row (what the table is told)
     for release, prompts, token in steps:
@@ -44,19 +50,25 @@ def test_what_the_table_says_a_row_holds_the_row_holds(history):
             truth[slot].append(row.tokens[-1])
             row.written += 1
         free, taken, written = [s for s in range(ROWS) if s not in running], {}, []
-        for prompt in prompts:
+        for prompt, scored in prompts:
             if not free:
                 break
-            place, row = cache.place(prompt, free, taken)
+            place, row = cache.place(prompt, free, taken, 0 if scored else -1)
             assert 0 <= place.cached < len(prompt)
+            if scored:  # the entries it reuses are those of its own first positions
+                assert (place.scores is None) == (place.cached == 0)
+                if place.cached:
+                    assert torch.equal(place.scores.scores.logprobs, entries(prompt, place.cached).logprobs)
             if place.copy_from >= 0:  # copies first, in order, before the step writes
                 truth[place.slot][:place.cached] = truth[place.copy_from][:place.cached]
             assert truth[place.slot][:place.cached] == prompt[:place.cached]
             assert len(truth[place.slot]) >= place.cached
-            written.append((place.slot, prompt))
+            written.append((place.slot, prompt, scored, row))
             running[place.slot] = row
-        for slot, prompt in written:
+        for slot, prompt, scored, row in written:
             truth[slot] = list(prompt)
+            if scored:  # its step scored it (at the earliest: the end of the step that admitted it)
+                row.scores = KeptScores(0, entries(prompt, len(prompt) - 1))
         for slot, row in running.items():  # the token each row chose is read at once (at worst: it is
             row.tokens.append(token)       # known before a step has written it)
     if keep == 0:
@@ -90,6 +102,18 @@ def test_kept_rows_beyond_the_budget_are_forgotten_least_recently_used_first():
     assert sorted(cache.held) == [1, 2]  # row 0, released first, is forgotten; row 1 is busy
     place, _ = cache.place([1, 1, 5], [0, 2], {})
     assert place.cached == 0
+
+
+def test_a_scored_prompt_resumes_where_its_prefill_runs_the_whole_prompts_chunks_or_a_long_end_of_one():
+    from llama_mp.runtime.decode import resume_in_chunks
+    from llama_mp.runtime.model import PREFILL_CHUNK as P
+
+    assert resume_in_chunks(100, 90, 16) == 84           # at least 16 positions prefilled again
+    assert resume_in_chunks(100, 50, 16) == 50
+    assert resume_in_chunks(10, 9, 16) == 0              # shorter than 16: whole
+    assert resume_in_chunks(P + 40, P + 30, 16) == P + 24  # in the last chunk, an end of it
+    assert resume_in_chunks(P + 10, P + 5, 16) == P      # its last chunk is short: that chunk whole
+    assert resume_in_chunks(2 * P, P - 5, 16) == P - 16  # a long end of the first chunk, then the second whole
 
 
 def test_usage_reports_the_cached_prompt_tokens():
