@@ -27,8 +27,8 @@ with open(os.path.join(folder, "story_mc.jsonl"), "w") as f:
     f.write("\n".join(json.dumps(r) for r in rows))
 with open(os.path.join(folder, "story_mc.yaml"), "w") as f:
     f.write(f"task: story_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder}/story_mc.jsonl\n"
-            'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
-            'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
+            'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+            'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n')
 
 
 def run(port):

@@ -7,13 +7,15 @@ Then the server's batch loop with the cache on and off on the same model: greedy
 logprobs equal, with hits in the same row and copies from a busy row, for each decoder, on 1 and 2 ranks.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from llama_mp import distributed
 from llama_mp.runtime.prefixes import KeptScores, PrefixCache, common_prefix
-from llama_mp.runtime.scoring import SAME_ROWS, TokenScores
+from llama_mp.runtime.scoring import SCORED_CHUNK, TokenScores
 from llama_mp.server.protocol import SequenceSpec, usage
 from scheduling import run_to_end
 
@@ -33,7 +35,12 @@ def histories(draw):
 @given(histories())
 def test_what_the_table_says_a_row_holds_the_row_holds(history):
     steps, keep = history
-    cache = PrefixCache(ROWS, keep, lambda length, cached: cached)
+    with mock.patch("llama_mp.runtime.prefixes.SCORED_CHUNK", 2):  # scored prompts resume at even positions
+        _follow_a_history(steps, keep)
+
+
+def _follow_a_history(steps, keep):
+    cache = PrefixCache(ROWS, keep)
 
     def entries(prompt, n):  # stand-ins for the score entries of a prompt's first n positions: each its tokens
         code = [float(int("".join(map(str, prompt[:i + 2])), 4)) for i in range(n)]
@@ -58,6 +65,7 @@ def test_what_the_table_says_a_row_holds_the_row_holds(history):
             if scored:  # the entries it reuses are those of its own first positions
                 assert (place.scores is None) == (place.cached == 0)
                 if place.cached:
+                    assert place.cached % 2 == 0
                     assert torch.equal(place.scores.scores.logprobs, entries(prompt, place.cached).logprobs)
             if place.copy_from >= 0:  # copies first, in order, before the step writes
                 truth[place.slot][:place.cached] = truth[place.copy_from][:place.cached]
@@ -102,18 +110,6 @@ def test_kept_rows_beyond_the_budget_are_forgotten_least_recently_used_first():
     assert sorted(cache.held) == [1, 2]  # row 0, released first, is forgotten; row 1 is busy
     place, _ = cache.place([1, 1, 5], [0, 2], {})
     assert place.cached == 0
-
-
-def test_a_scored_prompt_resumes_where_its_prefill_runs_the_whole_prompts_chunks_or_a_long_end_of_one():
-    from llama_mp.runtime.decode import resume_in_chunks
-    from llama_mp.runtime.model import PREFILL_CHUNK as P
-
-    assert resume_in_chunks(100, 90, 16) == 84           # at least 16 positions prefilled again
-    assert resume_in_chunks(100, 50, 16) == 50
-    assert resume_in_chunks(10, 9, 16) == 0              # shorter than 16: whole
-    assert resume_in_chunks(P + 40, P + 30, 16) == P + 24  # in the last chunk, an end of it
-    assert resume_in_chunks(P + 10, P + 5, 16) == P      # its last chunk is short: that chunk whole
-    assert resume_in_chunks(2 * P, P - 5, 16) == P - 16  # a long end of the first chunk, then the second whole
 
 
 def test_usage_reports_the_cached_prompt_tokens():
@@ -182,7 +178,7 @@ def _scored_requests(tokenizer):
     scored (`echo`, `logprobs`, max_tokens 0), one request after another; two `logprobs` counts, a prompt
     sent twice (every entry kept), and two choices in one request (admitted together)."""
     encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731  (lm-eval: no special tokens)
-    # long enough (~100 tokens) that the C kernels prefill them apart from the step, as they resume them
+    # long enough (~100 tokens) to resume from position SCORED_CHUNK
     story = "The river runs past old stone walls, under a bridge and through a field, toward the sea. " * 4
     question = f"{story}Question: which way does the river run?\nAnswer:"
     other = f"{story}Question: how many bridges does it pass under?\nAnswer:"
@@ -231,9 +227,9 @@ def _check_scored(runs):
     assert len(off) == len(on) == 10 and off_cached == [0] * 10
     assert on == off  # floats compared exactly
     # every prompt after the first continues from the story its row kept, but the first with the other count
-    # of alternatives (only the entries computed for its own count serve it); at least SAME_ROWS prefilled
+    # of alternatives (only the entries computed for its own count serve it); from a multiple of SCORED_CHUNK
     assert on_cached[0] == on_cached[5] == 0 and all(n > 0 for i, n in enumerate(on_cached) if i not in (0, 5))
-    assert all(len(s[0]) + 1 - n >= SAME_ROWS for s, n in zip(on, on_cached)), on_cached
+    assert all(n % SCORED_CHUNK == 0 for n in on_cached), on_cached
 
 
 def _check(runs, tokenizer):
@@ -262,7 +258,7 @@ def test_the_batch_loop_answers_the_same_with_the_cache_on_one_rank(decoder, mak
         distributed.teardown()
 
 
-@pytest.mark.parametrize("decoder", ["pytorch", "static", "cpu_kernels"])
+@pytest.mark.parametrize("decoder", ["pytorch", "cpu_kernels"])  # static: its prefill is pytorch's
 def test_scored_prompts_continue_from_kept_entries_and_score_the_same_on_one_rank(decoder, make_checkpoint,
                                                                                   tokenizer_path):
     from llama_mp import Llama

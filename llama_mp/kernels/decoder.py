@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.scheme import Scheme
-from ..runtime.decode import Decoder, resume_in_chunks
-from ..runtime.scoring import SAME_ROWS
+from ..runtime.decode import Decoder
 from ..runtime.projection import Projection, QuantizedProjection
 from . import cpu
 
@@ -97,25 +96,13 @@ class CpuKernelDecoder(Decoder):
         products (a quarter of a 32-token prefill of the 110M shape). Longer prompts take that forward,
         whose products are these kernels' tiles too (or MKL's for many rows of float32)."""
         batch, seq = tokens.shape
-        # a scored prompt continued from a cached prefix takes the way its whole prompt takes (scored_resume)
-        if batch * seq > self.step_capacity(model) or \
-                (all_positions and start_pos and batch * (start_pos + seq) > self.step_capacity(model)):
+        if batch * seq > self.step_capacity(model):
             return super().prefill(model, tokens, start_pos, all_positions, first_row)
         slots = torch.arange(first_row, first_row + batch, device="cpu").repeat_interleave(seq)  # [batch * seq]
         positions = torch.arange(start_pos, start_pos + seq, device="cpu").repeat(batch)  # [batch * seq]
         h = self.kernels.hidden(tokens.reshape(-1, 1), start_pos + seq - 1, slots, positions)  # [batch * seq, 1, dim]
         h = h.view(batch, seq, -1)
         return h if all_positions else h[:, -1:]
-
-    def scored_resume(self, model, length: int, cached: int) -> int:
-        """A prompt of up to `step_capacity` rows runs in one C step, its rows in register tiles shared
-        with whatever else the step runs: no resume. A longer one takes the PyTorch forward, whose float32
-        products are MKL's from PROJECT_MAX_ROWS + 1 rows on (the kernels' tiles below): a resume that
-        keeps every chunk it runs above that (bfloat16 and quantized products are the kernels' always)."""
-        if length <= self.step_capacity(model) or model.layers[0].attention.qkv.storage.dtype != torch.float32 \
-                or getattr(model.layers[0].attention.qkv, "scheme", None) is not None:
-            return 0
-        return resume_in_chunks(length, cached, max(cpu.PROJECT_MAX_ROWS + 1, SAME_ROWS))
 
     def step_capacity(self, model) -> int:
         """The cache's rows plus up to PROMPT_ROWS rows of prompts (continuous batching prefills short

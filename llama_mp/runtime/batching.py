@@ -39,7 +39,7 @@ from ..errors import LlamaMPError
 from .engine import Engine
 from .transfer import Readback, upload
 from .sampling import Choice, RowSampling, choose_tokens
-from .scoring import TokenScores, score_hidden
+from .scoring import SCORED_CHUNK, TokenScores, score_hidden
 
 BATCH_OP = "batch"
 END, STEP = 0, 1        # the kinds of a plan's header
@@ -162,13 +162,11 @@ class Batcher:
         room = model.decoder.prompt_rows_in_step(model, len(decoding))
         inside, apart = [], []  # admissions prefilled in the step, and on their own
         for a in plan.admit:
-            # a scored prompt continued from a cached prefix is prefilled as its decoder promised (scored_resume)
-            fits = len(a.prompt) - a.cached <= room and not (a.cached and a.score_top >= 0)
+            # a scored prompt is prefilled on its own, in the same calls whatever its start (hidden_scored)
+            fits = len(a.prompt) - a.cached <= room and a.score_top < 0
             (inside if fits else apart).append(a)
             room -= len(a.prompt) - a.cached if fits else 0
-        first_rows = {}  # slot -> the row of its prompt's first token, for admissions prefilled inside
         for a in inside:
-            first_rows[a.slot] = len(slots)
             prompt_ids += a.prompt[a.cached:]
             slots += [a.slot] * (len(a.prompt) - a.cached)
             positions += range(a.cached, len(a.prompt))
@@ -184,12 +182,14 @@ class Batcher:
             tokens = torch.cat((self.last[as_tensor(decoding)], as_tensor(prompt_ids)))
             h = model.hidden_rows(tokens[:, None], host[0], host[1])
             hidden.append(h if len(picked) == len(slots) else h[as_tensor(picked)])
-            scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt) - a.cached, 0])
-                       for a in inside if a.score_top >= 0]
         for a in apart:
-            h = model.hidden_in_slot(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached, a.score_top >= 0)
             if a.score_top >= 0:
+                h = model.hidden_scored(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached)
                 scored.append((a, h[0]))
+                last = len(a.prompt) - a.cached - 1
+                hidden.append(h[:, last:last + 1])
+                continue
+            h = model.hidden_in_slot(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached)
             hidden.append(h[:, -1:])
         for s in decoding:
             self.position[s] += 1
@@ -203,10 +203,12 @@ class Batcher:
         choice = choose_tokens(model, h, settings, plan.gather)
         self.last.index_copy_(0, as_tensor(rows), choice.ids)
         prompt_scores = {}
-        for a, h_prompt in scored:
-            scores = score_hidden(model, h_prompt[:-1], as_tensor(a.prompt[a.cached + 1:]), a.score_top)
+        for a, h_prompt in scored:  # padded (hidden_scored): scored in the same calls whatever the start
+            n = len(a.prompt) - a.cached - 1  # positions scored: each but the last gives the next token's score
+            targets = list(a.prompt[a.cached + 1:]) + [0] * (h_prompt.shape[0] - n)
+            scores = score_hidden(model, h_prompt, as_tensor(targets), a.score_top, SCORED_CHUNK)
             if scores is not None:
-                prompt_scores[a.slot] = scores
+                prompt_scores[a.slot] = TokenScores(scores.logprobs[:n], scores.top_logprobs[:n], scores.top_ids[:n])
         return StepResult(rows, choice, prompt_scores)
 
     @torch.inference_mode()  # like the step: the exchange's buffers are made in it, and used only in it

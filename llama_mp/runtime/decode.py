@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import LlamaMPError
 from ..quant.scheme import Scheme
-from .model import PREFILL_CHUNK, CacheRows
+from .model import CacheRows
 from .projection import InOutProjection, Projection, QuantizedProjection
 from .transfer import upload
 
@@ -84,19 +84,6 @@ class Decoder:
         the last position's [batch, 1, dim]."""
         return model.prefill(tokens, start_pos, first_row, all_positions)
 
-    def scored_resume(self, model: "Transformer", length: int, cached: int) -> int:
-        """Prefix caching of scored prompts (runtime/prefixes.py): how many of the first `cached` positions
-        of a prompt of `length` tokens, already in its cache row, it may keep, so that `prefill` of the
-        rest with `all_positions` gives every position the bits the whole prompt's gives; 0: none. Float32
-        on the CPU only: MKL's products compute a row alike for any number of rows from SAME_ROWS on
-        (a GPU's library picks its kernels by shape; bfloat16 and quantized products are not checked)."""
-        from .scoring import SAME_ROWS
-
-        if model.cache_positions.device.type != "cpu" or model.act_dtype != torch.float32 or \
-                getattr(model.layers[0].attention.qkv, "scheme", None) is not None:
-            return 0
-        return resume_in_chunks(length, cached, SAME_ROWS)
-
     def step_rows(self, model: "Transformer", tokens: torch.Tensor, slots: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
         """As `step`, but row i continues cache row `slots[i]` at its own position `positions[i]`
@@ -115,16 +102,6 @@ class Decoder:
         attends). None here: attention reads each slot's cache through one block row, so two rows of a
         slot would need a copy of it per row; a newcomer's prompt is prefilled on its own instead."""
         return 0
-
-
-def resume_in_chunks(length: int, cached: int, min_rows: int) -> int:
-    """The latest position <= `cached` from which `Transformer.prefill` of a prompt of `length` tokens
-    runs each chunk as the whole prompt's prefill does, or an end of it of at least `min_rows` rows
-    (chunks end at multiples of PREFILL_CHUNK; a product computes a row alike for any number of rows
-    from `min_rows` on, never for fewer)."""
-    first = cached // PREFILL_CHUNK * PREFILL_CHUNK  # the start of the whole prompt's chunk at `cached`
-    resume = min(cached, min(first + PREFILL_CHUNK, length) - min_rows)
-    return resume if resume >= first else first
 
 
 class StaticDecoder(Decoder):

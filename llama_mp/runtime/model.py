@@ -460,18 +460,37 @@ class Transformer(nn.Module):
                 all_positions: bool = False) -> torch.Tensor:
         """Prompts (tokens [batch, seq]) into cache rows first_row.. from `start_pos`, through `step`
         PREFILL_CHUNK positions at a time (which bounds a long prompt's activations, e.g. its FFN's
-        [seq, hidden] products), in chunks that end at multiples of PREFILL_CHUNK: a prompt continued
-        from a cached prefix runs the whole prompt's chunks, or an end of one (see `resume_in_chunks`).
-        Final normed hidden states [batch, seq, dim] with `all_positions`, else of the last position
-        [batch, 1, dim]."""
+        [seq, hidden] products). Final normed hidden states [batch, seq, dim] with `all_positions`, else
+        of the last position [batch, 1, dim]."""
         batch, seq = tokens.shape
-        rows, out, start = CacheRows(first_row, batch), [], 0
-        while start < seq:
-            end = min((start_pos + start) // PREFILL_CHUNK * PREFILL_CHUNK + PREFILL_CHUNK - start_pos, seq)
+        rows, out = CacheRows(first_row, batch), []
+        for start in range(0, seq, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, seq)
             positions = torch.arange(start_pos + start, start_pos + end, device=tokens.device)[None]
             out.append(self.step(tokens[:, start:end], positions, start_pos + end, rows, all_positions, causal=True))
-            start = end
         return out[0] if len(out) == 1 else (torch.cat(out, dim=1) if all_positions else out[-1])
+
+    def hidden_scored(self, tokens: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
+        """A scored prompt (tokens [1, n]) into cache row `slot` from `start`, a multiple of SCORED_CHUNK
+        (what is before it is in the row): final normed hidden states [1, padded, dim] of its positions
+        and of padding after them. It runs in calls of SCORED_CHUNK positions at multiples of it through
+        `step` (PyTorch's operators, whatever the decoder), the last padded with token 0 up to the next
+        multiple or max_seq_len: every call has the shapes its chunk index alone gives, so a position's
+        hidden state has the same bits whatever the prompt's length or start (an attention kernel's
+        blocking, a product's path depend on the shapes; the padding is masked for every real position).
+        The padding's keys and values land past the prompt in the row, where nothing reads them before a
+        later step writes there."""
+        from .scoring import SCORED_CHUNK
+
+        n = tokens.shape[1]
+        end = min(-(-(start + n) // SCORED_CHUNK) * SCORED_CHUNK, self.max_seq_len)
+        padded = torch.cat((tokens, tokens.new_zeros(1, end - start - n)), dim=1)
+        rows, out = CacheRows(slot, 1), []
+        for at in range(start, end, SCORED_CHUNK):
+            stop = min(at + SCORED_CHUNK, end)
+            positions = torch.arange(at, stop, device=tokens.device)[None]
+            out.append(self.step(padded[:, at - start:stop - start], positions, stop, rows, causal=True))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""

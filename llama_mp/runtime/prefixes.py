@@ -25,8 +25,9 @@ entries of the positions it does not prefill. So a row that held a scored prompt
 the entries computed for it (`Row.scores`: position i's logprob of token i+1 and its `top` alternatives,
 for the `logprobs` count asked), and a scored prompt continues only from a row whose entries it can take:
 the same `top`, as many positions as it shares with the row's tokens up to the token each entry scores,
-and no more than its decoder's prefill of the rest computes as the whole prompt's (`Decoder.scored_resume`:
-the scores are then equal bit for bit).
+rounded down to a multiple of SCORED_CHUNK: scored prompts are prefilled and scored in calls of that many
+positions at multiples of it (`Transformer.hidden_scored`), so the rest is computed in the very calls the
+whole prompt's prefill makes for it, and the scores are equal bit for bit.
 Its `cached` positions are those whose entries it reuses, so the first position it prefills is the one
 whose logits score its first new token (one before the first token it does not share). What a row keeps
 is bounded by the row: one entry per position of its prompt, of at most MAX_LOGPROBS + 1 values, and it
@@ -36,11 +37,11 @@ is forgotten with the row (evicted, overwritten, or its request failed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .scoring import TokenScores
+from .scoring import SCORED_CHUNK, TokenScores
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,6 @@ class PrefixCache:
 
     rows: int
     keep: int
-    # scored prompts: (prompt length, positions it could keep) -> those it may keep (`Decoder.scored_resume`,
-    # whose prefill of the rest scores exactly as the whole prompt's); None: scored prompts are prefilled whole
-    scored_resume: Optional[Callable[[int, int], int]] = None
     held: Dict[int, Row] = field(default_factory=dict)   # by slot: busy rows and kept ones
     busy: Dict[int, bool] = field(default_factory=dict)  # slot -> a sequence runs in it
     tick: int = 0
@@ -165,10 +163,10 @@ class PrefixCache:
         n = min(common_prefix(row.valid, prompt), len(prompt) - 1, valid)
         if score_top < 0:
             return n
-        if row.scores is None or row.scores.top != score_top or self.scored_resume is None:
+        if row.scores is None or row.scores.top != score_top:
             return 0
-        n = self.scored_resume(len(prompt), n)  # where prefilling the rest scores as the whole prompt does
-        return min(n, len(row.scores), common_prefix(row.tokens, prompt) - 1)
+        # from a multiple of SCORED_CHUNK, where its prefill of the rest scores as the whole prompt's does
+        return min(n, len(row.scores), common_prefix(row.tokens, prompt) - 1) // SCORED_CHUNK * SCORED_CHUNK
 
     def _free_row(self, free: List[int]) -> int:
         """A free row to overwrite: one that holds nothing, else the kept row used least recently."""

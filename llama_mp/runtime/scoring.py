@@ -15,13 +15,10 @@ import torch
 
 # Logits made at once, in elements: positions per chunk = this // vocabulary size (64 MiB of float32).
 CHUNK_ELEMENTS = 1 << 24
-# Float32 matrix products (MKL's here) compute a row of the output the same way, bit for bit, for any
-# number of rows from about a dozen on, but take other paths for fewer (and the C kernels' projections,
-# tiles of a few rows, take up to 32). So logits are made for at least LOGIT_ROWS rows (padded), and a
-# scored prompt continued from a cached prefix prefills at least SAME_ROWS positions
-# (`Decoder.scored_resume`): its scores then equal those of the whole prompt exactly.
-SAME_ROWS = 16
-LOGIT_ROWS = 48
+# A scored prompt is prefilled and scored in calls of this many positions, at multiples of it, the last
+# padded (`Transformer.hidden_scored`): a position's bits then do not depend on the prompt's length or on
+# where a cached prefix ends (prefix caching resumes scored prompts at multiples of it).
+SCORED_CHUNK = 64
 
 
 @dataclass
@@ -34,21 +31,20 @@ class TokenScores:
 
 
 @torch.inference_mode()
-def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1) -> Optional[TokenScores]:
+def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1,
+                 chunk: Optional[int] = None) -> Optional[TokenScores]:
     """Every rank (it gathers logits): `h` [n, dim], final normed hidden states of n positions; `targets`
-    [n] on h's device, the id that follows each. Rank 0 gets TokenScores on h's device (nothing is read on the host: the
+    [n] on h's device, the id that follows each; `chunk`: positions per logits call (default: by
+    CHUNK_ELEMENTS). Rank 0 gets TokenScores on h's device (nothing is read on the host: the
     server's batch step scores prompts, and the callers copy them when they need them); the others None."""
     n, vocab = h.shape[0], model.args.vocab_size
-    chunk = max(1, CHUNK_ELEMENTS // vocab)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // vocab)
     logprobs, top_logprobs, top_ids = [], [], []
     for start in range(0, n, chunk):
-        rows = h[start:start + chunk]
-        if rows.shape[0] < LOGIT_ROWS:  # see LOGIT_ROWS; the padding's logits are dropped
-            rows = torch.cat((rows, rows.new_zeros(LOGIT_ROWS - rows.shape[0], rows.shape[1])))
-        logits = model.logits(rows[:, None])  # [c, 1, vocab] float32 on rank 0
+        logits = model.logits(h[start:start + chunk, None])  # [c, 1, vocab] float32 on rank 0
         if logits is None:
             continue
-        lp = torch.log_softmax(logits[:min(chunk, n - start), 0], dim=-1)           # [c, vocab]
+        lp = torch.log_softmax(logits[:, 0], dim=-1)                                # [c, vocab]
         logprobs.append(lp.gather(-1, targets[start:start + chunk, None])[:, 0])
         values, ids = torch.topk(lp, top, dim=-1)                                    # [c, top]
         top_logprobs.append(values)

@@ -4,7 +4,8 @@ one, so dashboards and alerts written for vLLM read this server unchanged.
 Made with `prometheus_client`, the Prometheus project's own client for Python (its text format, histogram
 buckets and escaping are the standard's, not a copy of them). Latencies and token counts are observed on
 the HTTP thread, as each answer's events arrive there, never in the batch loop; the batch's gauges
-(requests running and waiting, slots in use) and the prefix cache's counters are read from the scheduler when a scrape asks for them.
+(requests running and waiting, slots in use) and the prefix cache's counters are read from the scheduler
+when a scrape asks for them.
 """
 
 from __future__ import annotations

@@ -212,9 +212,7 @@ class Scheduler:
                  prefix_rows: Optional[int] = None):
         self.batcher, self.tokenizer = batcher, tokenizer
         # the free cache rows that may keep their tokens for a later prompt (None: all; 0: none)
-        model = batcher.model
-        self.prefixes = PrefixCache(batcher.slots, batcher.slots if prefix_rows is None else prefix_rows,
-                                    lambda length, cached: model.decoder.scored_resume(model, length, cached))
+        self.prefixes = PrefixCache(batcher.slots, batcher.slots if prefix_rows is None else prefix_rows)
         self.device = batcher.device  # the model's: where each request's generator draws from its logits
         self.stop_ids = set(tokenizer.stop_ids)
         self.max_queue = max_queue
