@@ -1,8 +1,9 @@
 """Prefix caching under load, as a server's clients see it: 32 concurrent mixed requests (chat turns on a
 shared system prompt, completions sharing a start, lm-eval's scored echo prompts, streams whose clients go
 away mid-answer; the scored ones each after the one before, as lm-eval sends them) against a 2-rank server
-whose small --prefix_cache_rows budget forces evictions, and the same requests against one with the cache off. No request is lost, every answer equals its twin (greedy
-text; the scored prompts' logprobs and alternatives exactly), and /metrics shows hits and evictions."""
+whose small --prefix_cache_rows budget forces evictions, and the same requests against one with the cache
+off. No request is lost, every answer equals its twin (greedy text; the scored prompts' logprobs and
+alternatives exactly), and /metrics shows hits and evictions."""
 
 import concurrent.futures
 import json
