@@ -7,12 +7,15 @@ Then the server's batch loop with the cache on and off on the same model: greedy
 logprobs equal, with hits in the same row and copies from a busy row, for each decoder, on 1 and 2 ranks.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from llama_mp import distributed
-from llama_mp.runtime.prefixes import PrefixCache, common_prefix
+from llama_mp.runtime.prefixes import KeptScores, PrefixCache, common_prefix
+from llama_mp.runtime.scoring import SCORED_CHUNK, TokenScores
 from llama_mp.server.protocol import SequenceSpec, usage
 from scheduling import run_to_end
 
@@ -22,7 +25,8 @@ ROWS = 3
 @st.composite
 def histories(draw):
     """Steps of a batch: each releases some busy rows, admits prompts and chooses a token for every row."""
-    prompts = st.lists(st.integers(1, 3), min_size=1, max_size=7)  # few values: many shared starts
+    prompts = st.tuples(st.lists(st.integers(1, 3), min_size=1, max_size=7),  # few values: many shared starts
+                        st.booleans())  # scored
     return draw(st.lists(st.tuples(st.lists(st.integers(0, ROWS - 1), max_size=2), st.lists(prompts, max_size=3),
                                    st.integers(1, 3)), min_size=1, max_size=12)), draw(st.integers(0, ROWS))
 
@@ -31,7 +35,17 @@ def histories(draw):
 @given(histories())
 def test_what_the_table_says_a_row_holds_the_row_holds(history):
     steps, keep = history
+    with mock.patch("llama_mp.runtime.prefixes.SCORED_CHUNK", 2):  # scored prompts resume at even positions
+        _follow_a_history(steps, keep)
+
+
+def _follow_a_history(steps, keep):
     cache = PrefixCache(ROWS, keep)
+
+    def entries(prompt, n):  # stand-ins for the score entries of a prompt's first n positions: each its tokens
+        code = [float(int("".join(map(str, prompt[:i + 2])), 4)) for i in range(n)]
+        return TokenScores(torch.tensor(code, dtype=torch.float64), torch.zeros(n, 0), torch.zeros(n, 0))
+
     truth = {slot: [] for slot in range(ROWS)}  # the tokens whose keys and values each row holds
     running = {}  # slot -> its Row (what the table is told)
     for release, prompts, token in steps:
@@ -43,19 +57,26 @@ def test_what_the_table_says_a_row_holds_the_row_holds(history):
             truth[slot].append(row.tokens[-1])
             row.written += 1
         free, taken, written = [s for s in range(ROWS) if s not in running], {}, []
-        for prompt in prompts:
+        for prompt, scored in prompts:
             if not free:
                 break
-            place, row = cache.place(prompt, free, taken)
+            place, row = cache.place(prompt, free, taken, 0 if scored else -1)
             assert 0 <= place.cached < len(prompt)
+            if scored:  # the entries it reuses are those of its own first positions
+                assert (place.scores is None) == (place.cached == 0)
+                if place.cached:
+                    assert place.cached % 2 == 0
+                    assert torch.equal(place.scores.scores.logprobs, entries(prompt, place.cached).logprobs)
             if place.copy_from >= 0:  # copies first, in order, before the step writes
                 truth[place.slot][:place.cached] = truth[place.copy_from][:place.cached]
             assert truth[place.slot][:place.cached] == prompt[:place.cached]
             assert len(truth[place.slot]) >= place.cached
-            written.append((place.slot, prompt))
+            written.append((place.slot, prompt, scored, row))
             running[place.slot] = row
-        for slot, prompt in written:
+        for slot, prompt, scored, row in written:
             truth[slot] = list(prompt)
+            if scored:  # its step scored it (at the earliest: the end of the step that admitted it)
+                row.scores = KeptScores(0, entries(prompt, len(prompt) - 1))
         for slot, row in running.items():  # the token each row chose is read at once (at worst: it is
             row.tokens.append(token)       # known before a step has written it)
     if keep == 0:
@@ -152,6 +173,65 @@ def served_with_and_without_the_cache(llama):
     return out
 
 
+def _scored_requests(tokenizer):
+    """lm-eval's multiple choice, as its local-completions sends it: a question and each of its answers,
+    scored (`echo`, `logprobs`, max_tokens 0), one request after another; two `logprobs` counts, a prompt
+    sent twice (every entry kept), and two choices in one request (admitted together)."""
+    encode = lambda text: tokenizer.encode(text, bos=False, eos=False)  # noqa: E731  (lm-eval: no special tokens)
+    # long enough (~100 tokens) to resume from position SCORED_CHUNK
+    story = "The river runs past old stone walls, under a bridge and through a field, toward the sea. " * 4
+    question = f"{story}Question: which way does the river run?\nAnswer:"
+    other = f"{story}Question: how many bridges does it pass under?\nAnswer:"
+
+    def scored(text, top=1):
+        return SequenceSpec(encode(text), 0, 0, 1.0, None, [], top, echo=True)
+
+    choices = [" toward the sea", " up the hill", " nowhere at all", " the sea"]
+    return ([[scored(question + c)] for c in choices] + [[scored(question + choices[0])]]
+            + [[scored(question + c, top=3)] for c in choices[:2]]
+            + [[scored(other + " seven"), scored(other + " three")], [scored(other + " seven llamas")]])
+
+
+def scored_with_and_without_the_cache(llama):
+    """Rank 0: the prompt scores of `_scored_requests`, each request run to its end before the next (a new
+    scheduler each, on one batcher and, with the cache on, one table), with the cache off, then on; and the
+    cached positions of each sequence. The other ranks follow."""
+    from llama_mp.runtime.batching import Batcher, Plan
+    from llama_mp.server.scheduler import Scheduler
+
+    batcher = Batcher(llama.engine)
+    if not llama.group.is_main:
+        llama.engine.serve()
+        return None
+    out = []
+    for rows in (0, ROWS):
+        table, scores, cached = None, [], []
+        for specs in _scored_requests(llama.tokenizer):
+            scheduler = Scheduler(batcher, llama.tokenizer, max_queue=16, seed=3, prefix_rows=rows)
+            table = scheduler.prefixes = table or scheduler.prefixes
+            seqs, events = run_to_end(scheduler, specs, 60)
+            scores += [tuple(t.tolist() for t in (e.prompt_scores.logprobs, e.prompt_scores.top_logprobs,
+                                                  e.prompt_scores.top_ids))  # lists: they leave a rank's process
+                       for e in sorted(events, key=lambda e: e.index) if e.prompt_scores is not None]
+            cached += [s.cached for s in seqs]
+            batcher.run(Plan(release=tuple(range(ROWS))), None)
+        out.append((scores, cached))
+    batcher.pause()
+    llama.engine.stop()
+    return out
+
+
+def _check_scored(runs):
+    """Every entry equal, bit for bit: a hit reuses what the same computation gave the request before."""
+    (off, off_cached), (on, on_cached) = runs
+    assert len(off) == len(on) == 10 and off_cached == [0] * 10
+    assert on == off  # floats compared exactly
+    # every prompt after the first continues from the story its row kept, but the first with the other count
+    # of alternatives (only the entries computed for its own count serve it); from a multiple of SCORED_CHUNK
+    assert on_cached[0] == on_cached[5] == 0 and all(n > 0 for i, n in enumerate(on_cached) if i not in (0, 5))
+    assert all(n % SCORED_CHUNK == 0 for n in on_cached), on_cached
+
+
 def _check(runs, tokenizer):
     (off, off_cached, off_stats), (on, on_cached, on_stats) = runs
     _same(off, on)
@@ -178,12 +258,29 @@ def test_the_batch_loop_answers_the_same_with_the_cache_on_one_rank(decoder, mak
         distributed.teardown()
 
 
+@pytest.mark.parametrize("decoder", ["pytorch", "cpu_kernels"])  # static: its prefill is pytorch's
+def test_scored_prompts_continue_from_kept_entries_and_score_the_same_on_one_rank(decoder, make_checkpoint,
+                                                                                  tokenizer_path):
+    from llama_mp import Llama
+    from llama_mp.kernels import cpu
+
+    if decoder == "cpu_kernels" and cpu.library() is None:
+        pytest.skip("the C kernels do not build here")
+    llama = Llama.build(make_checkpoint(n_kv_heads=2)[0], tokenizer_path, 160, ROWS, seed=3, backend="gloo",
+                        device="cpu", decoder=decoder)
+    try:
+        _check_scored(scored_with_and_without_the_cache(llama))
+    finally:
+        distributed.teardown()
+
+
 def _two_ranks(ckpt_dir, tokenizer_path):
     """Every rank: the batch loop's runs (rank 0's), then generate's."""
     import workers
 
-    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=ROWS, decoder="pytorch")
-    return served_with_and_without_the_cache(llama), generated_with_and_without_the_rows_held(llama)
+    llama = workers.build(ckpt_dir, tokenizer_path, max_seq_len=160, max_batch_size=ROWS, decoder="pytorch")
+    return (served_with_and_without_the_cache(llama), generated_with_and_without_the_rows_held(llama),
+            scored_with_and_without_the_cache(llama))
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +347,12 @@ def test_generate_continues_what_the_rows_hold_and_answers_the_same(decoder, mak
         _check_generate(*generated_with_and_without_the_rows_held(llama))
     finally:
         distributed.teardown()
+
+
+@pytest.mark.spawn
+def test_scored_prompts_continue_from_kept_entries_and_score_the_same_on_two_ranks(two_ranks):
+    assert two_ranks[1][2] is None
+    _check_scored(two_ranks[0][2])
 
 
 @pytest.mark.spawn

@@ -39,7 +39,7 @@ from ..errors import LlamaMPError
 from .engine import Engine
 from .transfer import Readback, upload
 from .sampling import Choice, RowSampling, choose_tokens
-from .scoring import TokenScores, score_hidden
+from .scoring import SCORED_CHUNK, TokenScores, score_hidden
 
 BATCH_OP = "batch"
 END, STEP = 0, 1        # the kinds of a plan's header
@@ -50,8 +50,9 @@ ADMISSION_HEADER = 5    # an admission in that tensor: [slot, prompt length, sco
 @dataclass(frozen=True)
 class Admission:
     """A newcomer: its prompt ids, prefilled into `slot` from position `cached`. With `score_top` >= 0 its
-    prompt is also scored (then prefilled whole): each prompt token's log-probability and the `score_top`
-    likeliest ids at each position before it (the server's `echo` with `logprobs`)."""
+    prompt is also scored from there: the log-probability of each prompt token after position `cached`
+    and the `score_top` likeliest ids at each position from `cached` on (the server's `echo` with
+    `logprobs`; rank 0 keeps the entries of the positions before, see runtime/prefixes.py)."""
 
     slot: int
     prompt: Tuple[int, ...]
@@ -88,7 +89,7 @@ class StepResult:
     """What a step produced: the slot of each row (decoding rows in slot order, then the newcomers in
     admission order), the choice of each row's next token (ids on the device; on rank 0 the logprobs
     asked for), and on rank 0 the scores of the prompts admitted with `score_top` (by slot; prompt tokens
-    1.. given the ones before them). `on_host` reads them there."""
+    cached + 1.. given the ones before them). `on_host` reads them there."""
 
     slots: List[int]
     choice: Choice
@@ -143,7 +144,7 @@ class Batcher:
         decoding = [s for s in range(self.slots) if self.occupied[s]]
         for a in plan.admit:
             if self.occupied[a.slot] or not 0 < len(a.prompt) < model.max_seq_len or \
-                    not 0 <= a.cached < len(a.prompt) or (a.cached and a.score_top >= 0):
+                    not 0 <= a.cached < len(a.prompt):
                 raise LlamaMPError(f"internal error: slot {a.slot} cannot take a prompt of {len(a.prompt)} tokens "
                                    f"with {a.cached} cached (occupied: {self.occupied[a.slot]}).")
         for a in plan.admit:  # before anything is written, in admission order (see runtime/prefixes.py)
@@ -161,12 +162,11 @@ class Batcher:
         room = model.decoder.prompt_rows_in_step(model, len(decoding))
         inside, apart = [], []  # admissions prefilled in the step, and on their own
         for a in plan.admit:
-            fits = len(a.prompt) - a.cached <= room
+            # a scored prompt is prefilled on its own, in the same calls whatever its start (hidden_scored)
+            fits = len(a.prompt) - a.cached <= room and a.score_top < 0
             (inside if fits else apart).append(a)
             room -= len(a.prompt) - a.cached if fits else 0
-        first_rows = {}  # slot -> the row of its prompt's first token, for admissions prefilled inside
         for a in inside:
-            first_rows[a.slot] = len(slots)
             prompt_ids += a.prompt[a.cached:]
             slots += [a.slot] * (len(a.prompt) - a.cached)
             positions += range(a.cached, len(a.prompt))
@@ -182,12 +182,14 @@ class Batcher:
             tokens = torch.cat((self.last[as_tensor(decoding)], as_tensor(prompt_ids)))
             h = model.hidden_rows(tokens[:, None], host[0], host[1])
             hidden.append(h if len(picked) == len(slots) else h[as_tensor(picked)])
-            scored += [(a, h[first_rows[a.slot]:first_rows[a.slot] + len(a.prompt), 0])
-                       for a in inside if a.score_top >= 0]
         for a in apart:
-            h = model.hidden_in_slot(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached, a.score_top >= 0)
             if a.score_top >= 0:
+                h = model.hidden_scored(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached)
                 scored.append((a, h[0]))
+                last = len(a.prompt) - a.cached - 1
+                hidden.append(h[:, last:last + 1])
+                continue
+            h = model.hidden_in_slot(as_tensor([a.prompt[a.cached:]]), a.slot, a.cached)
             hidden.append(h[:, -1:])
         for s in decoding:
             self.position[s] += 1
@@ -201,10 +203,12 @@ class Batcher:
         choice = choose_tokens(model, h, settings, plan.gather)
         self.last.index_copy_(0, as_tensor(rows), choice.ids)
         prompt_scores = {}
-        for a, h_prompt in scored:
-            scores = score_hidden(model, h_prompt[:-1], as_tensor(a.prompt[1:]), a.score_top)
+        for a, h_prompt in scored:  # padded (hidden_scored): scored in the same calls whatever the start
+            n = len(a.prompt) - a.cached - 1  # positions scored: each but the last gives the next token's score
+            targets = list(a.prompt[a.cached + 1:]) + [0] * (h_prompt.shape[0] - n)
+            scores = score_hidden(model, h_prompt, as_tensor(targets), a.score_top, SCORED_CHUNK)
             if scores is not None:
-                prompt_scores[a.slot] = scores
+                prompt_scores[a.slot] = TokenScores(scores.logprobs[:n], scores.top_logprobs[:n], scores.top_ids[:n])
         return StepResult(rows, choice, prompt_scores)
 
     @torch.inference_mode()  # like the step: the exchange's buffers are made in it, and used only in it

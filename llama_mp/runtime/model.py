@@ -470,6 +470,28 @@ class Transformer(nn.Module):
             out.append(self.step(tokens[:, start:end], positions, start_pos + end, rows, all_positions, causal=True))
         return out[0] if len(out) == 1 else (torch.cat(out, dim=1) if all_positions else out[-1])
 
+    def hidden_scored(self, tokens: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
+        """A scored prompt (tokens [1, n]) into cache row `slot` from `start`, a multiple of SCORED_CHUNK
+        (what is before it is in the row): final normed hidden states [1, padded, dim] of its positions
+        and of padding after them. It runs in calls of SCORED_CHUNK positions at multiples of it through
+        `step` (PyTorch's operators, whatever the decoder), the last padded with token 0 up to the next
+        multiple or max_seq_len: every call has the shapes its chunk index alone gives, so a position's
+        hidden state has the same bits whatever the prompt's length or start (an attention kernel's
+        blocking, a product's path depend on the shapes; the padding is masked for every real position).
+        The padding's keys and values land past the prompt in the row, where nothing reads them before a
+        later step writes there."""
+        from .scoring import SCORED_CHUNK
+
+        n = tokens.shape[1]
+        end = min(-(-(start + n) // SCORED_CHUNK) * SCORED_CHUNK, self.max_seq_len)
+        padded = torch.cat((tokens, tokens.new_zeros(1, end - start - n)), dim=1)
+        rows, out = CacheRows(slot, 1), []
+        for at in range(start, end, SCORED_CHUNK):
+            stop = min(at + SCORED_CHUNK, end)
+            positions = torch.arange(at, stop, device=tokens.device)[None]
+            out.append(self.step(padded[:, at - start:stop - start], positions, stop, rows, causal=True))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
     def logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """Float32 logits over the whole vocabulary on rank 0; None on the other ranks."""
         full = self.comm.gather_last_dim_to_main(self._local_logits(h))

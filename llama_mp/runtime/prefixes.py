@@ -18,12 +18,53 @@ Safety rules, each what makes a hit equal to a miss:
 * A row taken in this step is, for later admissions of the same step, only as good as what stays in it:
   the copies of a step run before it writes anything, in admission order (`Batcher.step`).
 * Every prompt keeps at least its last token to prefill: its hidden state gives the next token.
+
+A scored prompt (`echo` with `logprobs`: every position's logprob and alternatives, as lm-eval's
+multiple choice asks for a context and each of its choices) needs more than keys and values: the score
+entries of the positions it does not prefill. So a row that held a scored prompt also keeps, on rank 0,
+the entries computed for it (`Row.scores`: position i's logprob of token i+1 and its `top` alternatives,
+for the `logprobs` count asked), and a scored prompt continues only from a row whose entries it can take:
+the same `top`, as many positions as it shares with the row's tokens up to the token each entry scores,
+rounded down to a multiple of SCORED_CHUNK: scored prompts are prefilled and scored in calls of that many
+positions at multiples of it (`Transformer.hidden_scored`), so the rest is computed in the very calls the
+whole prompt's prefill makes for it, and the scores are equal bit for bit.
+Its `cached` positions are those whose entries it reuses, so the first position it prefills is the one
+whose logits score its first new token (one before the first token it does not share). What a row keeps
+is bounded by the row: one entry per position of its prompt, of at most MAX_LOGPROBS + 1 values, and it
+is forgotten with the row (evicted, overwritten, or its request failed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .scoring import SCORED_CHUNK, TokenScores
+
+
+@dataclass(frozen=True)
+class KeptScores:
+    """The score entries of a row's first positions, on the host: `scores` position i scores token i+1 of
+    the row's tokens, with the `top` likeliest alternatives (a request's `logprobs`)."""
+
+    top: int
+    scores: TokenScores
+
+    def __len__(self) -> int:
+        return self.scores.logprobs.shape[0]
+
+    def first(self, n: int) -> "KeptScores":
+        s = self.scores
+        return KeptScores(self.top, TokenScores(s.logprobs[:n], s.top_logprobs[:n], s.top_ids[:n]))
+
+    def then(self, more: TokenScores) -> "KeptScores":
+        """These entries followed by `more` (those of the next positions)."""
+        s = self.scores
+        return KeptScores(self.top, TokenScores(torch.cat((s.logprobs, more.logprobs)),
+                                                torch.cat((s.top_logprobs, more.top_logprobs)),
+                                                torch.cat((s.top_ids, more.top_ids))))
 
 
 @dataclass
@@ -34,6 +75,7 @@ class Row:
     tokens: List[int]
     written: int
     used: int = 0  # when it last served or was filled (a tick of its table), for least-recently-used
+    scores: Optional[KeptScores] = None  # the score entries of its first positions, if its prompt was scored
 
     @property
     def valid(self) -> Sequence[int]:
@@ -43,11 +85,13 @@ class Row:
 @dataclass(frozen=True)
 class Placement:
     """Where a prompt goes: its row, how many of its first tokens are already there (`cached`), and the
-    row they are copied from first (-1: they are in `slot` itself)."""
+    row they are copied from first (-1: they are in `slot` itself); for a scored prompt, the score entries
+    of those `cached` positions (None when it has none)."""
 
     slot: int
     cached: int = 0
     copy_from: int = -1
+    scores: Optional[KeptScores] = None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -68,39 +112,61 @@ class PrefixCache:
     held: Dict[int, Row] = field(default_factory=dict)   # by slot: busy rows and kept ones
     busy: Dict[int, bool] = field(default_factory=dict)  # slot -> a sequence runs in it
     tick: int = 0
+    queries: int = 0         # prompt tokens looked up (of every prompt placed while the cache is on)
     hits: int = 0            # prompts that continued from a cached prefix
     cached_tokens: int = 0   # prompt tokens they did not prefill
+    evictions: int = 0       # kept rows forgotten for the budget or overwritten by another prompt
 
     @property
     def enabled(self) -> bool:
         return self.keep > 0
 
     def place(self, prompt: Sequence[int], free: List[int], taken: Dict[int, int],
-              reuse: bool = True) -> Tuple[Placement, Row]:
+              score_top: int = -1) -> Tuple[Placement, Row]:
         """Choose a row of `free` for `prompt` (removing it from `free`) and how much of the prompt it
         need not prefill; and the `Row` that its sequence keeps up to date as its tokens are written and
         read. `taken`: the rows taken earlier in this step -> the positions that stay valid in each
-        (updated here). `reuse` False: prefill it whole (its prompt is scored)."""
+        (updated here). `score_top` >= 0: the prompt is scored with that many alternatives, and continues
+        only from kept score entries (see the module's docstring)."""
         self.tick += 1
         best, source = 0, -1
-        if self.enabled and reuse:  # the longest start of the prompt; a free row rather than a copy at a tie
-            candidates = [(min(common_prefix(row.valid, prompt), len(prompt) - 1, taken.get(slot, len(prompt))),
-                           slot in free, slot) for slot, row in self.held.items()]
+        if self.enabled:  # the longest start of the prompt; a free row rather than a copy at a tie
+            self.queries += len(prompt)
+            candidates = [(self._reusable(row, prompt, taken.get(slot, len(prompt)), score_top), slot in free, slot)
+                          for slot, row in self.held.items()]
             best, _, source = max(candidates, default=(0, False, -1))
         if best > 0 and source in free:
             slot, placement = source, Placement(source, best)
         else:
             slot = self._free_row(free)
             placement = Placement(slot, best, source) if best > 0 else Placement(slot)
-        free.remove(slot)
+        scores = None
         if best > 0:
             self.held[source].used = self.tick
             self.hits, self.cached_tokens = self.hits + 1, self.cached_tokens + best
+            if score_top >= 0:
+                scores = self.held[source].scores.first(best)
+                placement = Placement(placement.slot, best, placement.copy_from, scores)
+        if slot in self.held and not self.busy.get(slot) and slot != source:
+            self.evictions += 1  # a kept row's tokens are overwritten
+        free.remove(slot)
         taken[slot] = placement.cached
-        row = Row(list(prompt), len(prompt), self.tick)
+        row = Row(list(prompt), len(prompt), self.tick, scores)
         if self.enabled:
             self.busy[slot], self.held[slot] = True, row
         return placement, row
+
+    def _reusable(self, row: Row, prompt: Sequence[int], valid: int, score_top: int) -> int:
+        """How many of `prompt`'s first positions `row` serves (of which `valid` stay valid this step): the
+        tokens it shares with the row's cache but the last; scored, only positions with kept entries for
+        the same `top` whose scored tokens it shares too."""
+        n = min(common_prefix(row.valid, prompt), len(prompt) - 1, valid)
+        if score_top < 0:
+            return n
+        if row.scores is None or row.scores.top != score_top:
+            return 0
+        # from a multiple of SCORED_CHUNK, where its prefill of the rest scores as the whole prompt's does
+        return min(n, len(row.scores), common_prefix(row.tokens, prompt) - 1) // SCORED_CHUNK * SCORED_CHUNK
 
     def _free_row(self, free: List[int]) -> int:
         """A free row to overwrite: one that holds nothing, else the kept row used least recently."""
@@ -123,6 +189,7 @@ class PrefixCache:
         idle = sorted((s for s in self.held if not self.busy.get(s)), key=lambda s: self.held[s].used)
         for s in idle[:max(len(idle) - self.keep, 0)]:
             del self.held[s]
+            self.evictions += 1
 
     def forget(self) -> None:
         """Nothing held is trusted any more (e.g. after a failed step)."""

@@ -15,6 +15,10 @@ import torch
 
 # Logits made at once, in elements: positions per chunk = this // vocabulary size (64 MiB of float32).
 CHUNK_ELEMENTS = 1 << 24
+# A scored prompt is prefilled and scored in calls of this many positions, at multiples of it, the last
+# padded (`Transformer.hidden_scored`): a position's bits then do not depend on the prompt's length or on
+# where a cached prefix ends (prefix caching resumes scored prompts at multiples of it).
+SCORED_CHUNK = 64
 
 
 @dataclass
@@ -27,12 +31,14 @@ class TokenScores:
 
 
 @torch.inference_mode()
-def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1) -> Optional[TokenScores]:
+def score_hidden(model, h: torch.Tensor, targets: torch.Tensor, top: int = 1,
+                 chunk: Optional[int] = None) -> Optional[TokenScores]:
     """Every rank (it gathers logits): `h` [n, dim], final normed hidden states of n positions; `targets`
-    [n] on h's device, the id that follows each. Rank 0 gets TokenScores on h's device (nothing is read on the host: the
+    [n] on h's device, the id that follows each; `chunk`: positions per logits call (default: by
+    CHUNK_ELEMENTS). Rank 0 gets TokenScores on h's device (nothing is read on the host: the
     server's batch step scores prompts, and the callers copy them when they need them); the others None."""
     n, vocab = h.shape[0], model.args.vocab_size
-    chunk = max(1, CHUNK_ELEMENTS // vocab)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // vocab)
     logprobs, top_logprobs, top_ids = [], [], []
     for start in range(0, n, chunk):
         logits = model.logits(h[start:start + chunk, None])  # [c, 1, vocab] float32 on rank 0

@@ -4,9 +4,9 @@ one, so dashboards and alerts written for vLLM read this server unchanged.
 Made with `prometheus_client`, the Prometheus project's own client for Python (its text format, histogram
 buckets and escaping are the standard's, not a copy of them). Latencies and token counts are observed on
 the HTTP thread, as each answer's events arrive there, never in the batch loop; the batch's gauges
-(requests running and waiting, slots in use) and its step counters (steps, rows, seconds in the steps and
-in the loop's rounds) are read from the scheduler when a scrape asks for them: the loop only adds to
-numbers it keeps anyway.
+(requests running and waiting, slots in use), its step counters (steps, rows, seconds in the steps and
+in the loop's rounds) and the prefix cache's counters are read from the scheduler when a scrape asks for
+them: the loop only adds to numbers it keeps anyway.
 """
 
 from __future__ import annotations
@@ -61,6 +61,21 @@ class _Batch:
                       stats["step_s"])
         yield counter("llama_mp:batch_loop_seconds", "Seconds of the batch loop's rounds that ran a step: "
                       "planning, the step, handing out the tokens of the step before.", stats["loop_s"])
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(label, value)
+            return family
+
+        # vLLM's prefix cache counters count tokens: queries the prompt tokens looked up, hits those found
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats["prefix_queries"])
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens a cached prefix held (not prefilled).",
+                      stats["cached_tokens"])
+        yield counter("llama_mp:prefix_cache_hit_prompts", "Prompts that continued from a cached prefix.",
+                      stats["prefix_hits"])
+        yield counter("llama_mp:prefix_cache_evictions", "Kept cache rows whose prefix was forgotten (the "
+                      "--prefix_cache_rows budget) or overwritten by another prompt.", stats["prefix_evictions"])
 
 
 class Metrics:

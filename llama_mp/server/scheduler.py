@@ -33,7 +33,7 @@ from ..distributed.failure import peer_lost
 from ..errors import PeerLostError
 from ..runtime.batching import Admission, Batcher, HostStep, Plan, StepResult
 from ..runtime.grammar import Constraint
-from ..runtime.prefixes import PrefixCache, Row
+from ..runtime.prefixes import KeptScores, PrefixCache, Row
 from ..runtime.sampling import RowSampling, make_generator
 from ..runtime.transfer import upload
 from ..runtime.scoring import TokenScores
@@ -182,6 +182,7 @@ class Generation:
     slot: Optional[int] = None
     row: Optional[Row] = None        # what its cache row holds (prefix caching), from its admission on
     cached: int = 0                  # the prompt tokens it did not prefill (a cached prefix)
+    kept_scores: Optional[KeptScores] = None  # scored: the entries of those positions, kept with a row
     launched: int = 0                # the steps queued for it (each gives one token)
     generated: int = 0
     previous: int = -1               # the last token of the sequence so far (the prompt's, at first)
@@ -318,10 +319,13 @@ class Scheduler:
     def stats(self) -> Dict[str, int]:
         """Sequences waiting, running (in a slot, not yet released) and ended (finished, cancelled by their
         client, failed), the batch's slots, the steps run so far (their rows, the seconds in them and in the
-        loop's rounds that ran them), and the prefix cache's hits and the prompt tokens they held."""
+        loop's rounds that ran them), and the prefix cache's prompt tokens looked up, hits (prompts) and the
+        prompt tokens they held, and kept rows evicted."""
+        p = self.prefixes
         return {"waiting": len(self.waiting), "running": len(self.by_slot), "slots": self.batcher.slots,
                 "steps": self.steps, "rows": self.rows, "step_s": self.step_s, "loop_s": self.loop_s,
-                **self.counts, "prefix_hits": self.prefixes.hits, "cached_tokens": self.prefixes.cached_tokens}
+                **self.counts, "prefix_queries": p.queries, "prefix_hits": p.hits,
+                "cached_tokens": p.cached_tokens, "prefix_evictions": p.evictions}
 
     # ------------------------------------------------------------------------------------------
     # The batch loop (main thread)
@@ -404,11 +408,11 @@ class Scheduler:
                     self._cancelled(seq)
                     continue
                 spec = seq.spec
-                place, seq.row = self.prefixes.place(spec.prompt_ids, free, taken, reuse=not spec.score_prompt)
-                seq.slot, seq.cached = place.slot, place.cached
+                score_top = spec.logprobs if spec.score_prompt else -1
+                place, seq.row = self.prefixes.place(spec.prompt_ids, free, taken, score_top)
+                seq.slot, seq.cached, seq.kept_scores = place.slot, place.cached, place.scores
                 self.by_slot[seq.slot] = seq
-                admit.append(Admission(seq.slot, tuple(spec.prompt_ids), spec.logprobs if spec.score_prompt else -1,
-                                       place.cached, place.copy_from))
+                admit.append(Admission(seq.slot, tuple(spec.prompt_ids), score_top, place.cached, place.copy_from))
             if not self.by_slot:
                 if draining:
                     return None
@@ -481,13 +485,24 @@ class Scheduler:
                 self._cancelled(seq)  # no-op unless it left its slot before its client went away
             if seq is None or seq.done:
                 continue
+            scores = self._prompt_scores(seq, host.prompt_scores.get(slot))
             event = self._take(seq, token, host, row)
             if event is not None:
-                event.prompt_scores = host.prompt_scores.get(slot)
+                event.prompt_scores = scores
                 outbox.append((seq.sink, event))
-            elif slot in host.prompt_scores:
-                outbox.append((seq.sink, Event(seq.index, prompt_scores=host.prompt_scores[slot])))
+            elif scores is not None:
+                outbox.append((seq.sink, Event(seq.index, prompt_scores=scores)))
         send(outbox)
+
+    def _prompt_scores(self, seq: Generation, computed: Optional[TokenScores]) -> Optional[TokenScores]:
+        """A scored prompt's entries: those its cached positions kept, then those its step `computed`; its
+        row keeps them all (while the row holds its tokens: a row that is forgotten takes them along)."""
+        if computed is None:
+            return None
+        whole = seq.kept_scores.then(computed) if seq.kept_scores is not None else KeptScores(seq.spec.logprobs,
+                                                                                            computed)
+        seq.row.scores, seq.kept_scores = whole, None
+        return whole.scores
 
     def _take(self, seq: Generation, token: int, host: HostStep, row: int) -> Optional[Event]:
         """Add `token` (of `row` of the step `host`, which has its logprobs when the request wants them)
