@@ -62,11 +62,6 @@ class _Batch:
         yield counter("llama_mp:batch_loop_seconds", "Seconds of the batch loop's rounds that ran a step: "
                       "planning, the step, handing out the tokens of the step before.", stats["loop_s"])
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(label, value)
-            return family
-
         # vLLM's prefix cache counters count tokens: queries the prompt tokens looked up, hits those found
         yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       stats["prefix_queries"])
