@@ -40,12 +40,12 @@ def l4_tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def l4(tmp_path_factory, l4_tokenizer_path):
-    """(args, whole state dict, {shards: checkpoint dir}, prompts): one random tiny Llama 4 written with 1 and 2
-    shards, the 2-shard one also holding Meta's `_extra_state` entries and gate statistics."""
+    """(args, whole state dict, {shards: checkpoint dir}, prompts): one random tiny Llama 4 written with 1, 2
+    and 4 shards, the 2-shard one also holding Meta's `_extra_state` entries and gate statistics."""
     tok = Tokenizer(l4_tokenizer_path, "llama4")
     args = tiny_args(tok.n_words)
     dirs = {}
-    for shards in (1, 2):
+    for shards in (1, 2, 4):
         dirs[shards] = str(tmp_path_factory.mktemp(f"llama4_mp{shards}"))
         state = write_random_checkpoint(dirs[shards], args, shards, seed=3)
     add_meta_extras(dirs[2], args)
@@ -262,15 +262,17 @@ def test_the_servers_scattered_rows_match_transformers(l4, reference, l4_tokeniz
 
 
 @pytest.mark.spawn
-def test_two_ranks_match_transformers_from_one_and_two_shards(l4, reference, one_rank, l4_tokenizer_path):
+@pytest.mark.parametrize("world_size,shards", [(2, (2, 1)), (4, (4, 2))])
+def test_ranks_match_transformers_from_any_shard_count(l4, reference, one_rank, l4_tokenizer_path, world_size, shards):
+    """2 ranks from 2 and 1 shards, 4 ranks from 4 and 2: each rank holds its F/N slice of every expert."""
     args, _, dirs, prompts = l4
     stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
-    per_rank = run_ranks(2, logits_and_greedy, [(dirs[2], "static"), (dirs[1], "pytorch")], l4_tokenizer_path,
-                         prompts, STEPS)
+    per_rank = run_ranks(world_size, logits_and_greedy, [(dirs[shards[0]], "static"), (dirs[shards[1]], "pytorch")],
+                         l4_tokenizer_path, prompts, STEPS)
     for rank in per_rank:
         check_against_reference(rank, reference, stops)
         assert [sampled for *_, sampled in rank] == [one_rank[0][2]] * 2  # seeded samples as on one rank
-    assert all(logits is None for logits, *_ in per_rank[1])  # gathered on rank 0 only
+    assert all(logits is None for r in per_rank[1:] for logits, *_ in r)  # gathered on rank 0 only
 
 
 # ----------------------------------------------------------------------------------------------
