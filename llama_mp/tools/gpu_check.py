@@ -15,7 +15,7 @@ and the next one runs; a step the overall budget no longer allows is marked SKIP
 
 Writes report.md, results.json, pytest.log and bench.log into --out (default $OUT when set, else
 build/gpu-check/) and prints the report's tables last. Exits 0 when every step passed, 1 when one failed or
-was skipped, 2 without a CUDA device. `--device cpu --dry` runs the same steps on the CPU over a tiny shape (the lane
+was skipped, 2 without a CUDA device. `--device cpu --dry` runs the same steps on the CPU over a tiny shape, batch 1 only (the lane
 with LLAMA_MP_GPU_LANE_ON_CPU=1): a check of this script and its report, never a GPU figure.
 """
 
@@ -291,7 +291,7 @@ def check(out: str, device: str, dry: bool, budget_s: float, argv: Sequence[str]
     # bfloat16 first for both shapes: if the budget runs short, the figures that matter most are in.
     for weights in WEIGHTS:
         for model in ("tiny",) if dry else MODELS:
-            for batch in BATCHES:
+            for batch in (1,) if dry else BATCHES:  # the dry run checks the script: one batch is enough
                 run.step(f"bench {model} {weights} batch={batch}",
                          lambda s, m=model, w=weights, b=batch: bench_one(run, s, m, w, b, bandwidth), needs_s=20)
         if not dry:  # the compiled decoder at batch 1, its compile time apart (as far as the budget allows)
