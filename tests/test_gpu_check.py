@@ -79,4 +79,4 @@ def test_the_cpu_dry_run_goes_through_every_step_and_writes_the_report(tmp_path)
     assert len(steps) == 3 + 3 and all(s["status"] == "PASSED" for s in steps), steps
     assert " passed" in steps[1]["detail"] and " failed" not in steps[1]["detail"]
     assert all(s["data"]["tok_s"] > 0 and s["data"]["bandwidth_fraction"] > 0 for s in steps[3:])
-    assert "| tiny | int4 | 16 |" in (out / "report.md").read_text() and "| tiny | int4 | 16 |" in done.stdout
+    assert "| tiny | int4 | 1 |" in (out / "report.md").read_text() and "| tiny | int4 | 1 |" in done.stdout
