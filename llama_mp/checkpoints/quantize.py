@@ -34,12 +34,15 @@ CHUNK_VALUES = 1 << 21
 def quantize_into(weight: torch.Tensor, scheme: Scheme, q_out: torch.Tensor, scales_out: torch.Tensor,
                   row_max: Optional[torch.Tensor] = None) -> None:
     """Quantize float rows `weight` [out, in] (any float dtype, e.g. an mmap view) into `q_out` and
-    `scales_out` (any device), a few rows at a time; `row_max` as for `quant.scheme.quantize`."""
+    `scales_out` (any device), a few rows at a time; `row_max` as for `quant.scheme.quantize`.
+
+    The rounding runs on `q_out`'s device: loading onto a GPU quantizes there, one chunk in flight."""
     rows = max(1, CHUNK_VALUES // max(1, weight.shape[1]))
+    device = q_out.device
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
-        chunk = weight[start:stop].to(torch.float32, memory_format=torch.contiguous_format)
-        q, scales = quantize(chunk, scheme, None if row_max is None else row_max[start:stop])
+        chunk = weight[start:stop].to(device, torch.float32, memory_format=torch.contiguous_format)
+        q, scales = quantize(chunk, scheme, None if row_max is None else row_max[start:stop].to(device))
         q_out[start:stop].copy_(q)
         scales_out[start:stop].copy_(scales)
 
