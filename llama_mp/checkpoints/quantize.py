@@ -41,7 +41,8 @@ def quantize_into(weight: torch.Tensor, scheme: Scheme, q_out: torch.Tensor, sca
     device = q_out.device
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
-        chunk = weight[start:stop].to(device, torch.float32, memory_format=torch.contiguous_format)
+        # moved in its stored dtype (half the bytes of float32 for bf16), widened where it is rounded
+        chunk = weight[start:stop].to(device).to(torch.float32, memory_format=torch.contiguous_format)
         q, scales = quantize(chunk, scheme, None if row_max is None else row_max[start:stop].to(device))
         q_out[start:stop].copy_(q)
         scales_out[start:stop].copy_(scales)
