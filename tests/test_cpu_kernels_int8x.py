@@ -268,3 +268,26 @@ def test_a_quantized_model_decodes_as_the_pytorch_forward_with_int8_activations(
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
     assert float((got - expected).abs().mean()) < 0.05 * float((plain - expected).abs().mean())
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_auto_takes_int8_activations_for_int4_only_where_they_are_the_faster_arithmetic(monkeypatch):
+    """auto's int4 products: integer dot products for single rows (decode) on every build, and for several
+    rows except a bfloat16 model's on the avx512bf16 build, whose vdpbf16ps tiles on x rounded to bfloat16
+    are faster there (so they give exactly the float-activation path's result)."""
+    monkeypatch.delenv(cpu_kernels.ACTIVATIONS_ENV, raising=False)
+    int4 = Scheme("int4", 32)
+    assert cpu_kernels.int8_activations(int4) == cpu_kernels.INT8_X_WHERE_FASTER
+    g = torch.Generator().manual_seed(3)
+    w, scales = quantize(torch.randn(40, 256, generator=g), int4)
+    x = torch.randn(5, 256, generator=g)
+    for isa in cpu_kernels.runnable_isas():
+        lib = cpu_kernels.load_isa(isa)
+        for rows in (1, 5):
+            for round_x in (False, True):
+                def product(int8_x):
+                    return cpu_kernels.project(x[:rows], w, scales, int4, lib=lib, round_x=round_x, int8_x=int8_x)
+                floats = bool(lib.bf16_dot()) and round_x and rows > 1
+                assert not torch.equal(product(True), product(False))  # the two arithmetics differ
+                assert torch.equal(product(None), product(not floats)), (isa, rows, round_x)
+        described = cpu_kernels.describe(int4, lib=lib, bfloat16=True)
+        assert ("bfloat16 ones in products of several rows (vdpbf16ps)" in described) == bool(lib.bf16_dot()), isa

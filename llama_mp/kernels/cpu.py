@@ -16,7 +16,8 @@ without AVX512_BF16 round x and use float32 multiply-adds: the same products). T
 loaded (by /proc/cpuinfo); LLAMA_MP_CPU_ISA=avx512bf16|avx512vnni|avx512|avxvnni|avx2 forces one (for
 tests and benchmarks). Products of int8 / int4 weights may instead quantize x to int8 per block of 32
 and take integer dot products (vpdpbusd with VNNI, vpmaddubsw on AVX2): LLAMA_MP_CPU_ACTIVATIONS, below,
-on by default for int4; `describe` says which build and which arithmetic run. A library is compiled on first use (about a second) into a cache folder
+on by default for int4 where faster (not in a bfloat16 model's multi-row products on the avx512bf16
+build); `describe` says which build and which arithmetic run. A library is compiled on first use (about a second) into a cache folder
 keyed by the source, flags and compiler, so every later run and every rank just loads it. Without a
 compiler, on another CPU, or with LLAMA_MP_CPU_KERNELS=0, the model decodes with PyTorch operators
 instead: the same math, about half as fast in float32 and far slower in bfloat16 (which PyTorch then
@@ -62,8 +63,12 @@ ISA_ENV = "LLAMA_MP_CPU_ISA"
 # products ("int8"), or multiply the weights, widened, by x in float ("float"; see csrc's matvec_q).
 # "auto" (the default) is int8 for int4 weights and float for int8 ones: measured by teacher forcing
 # (docs/quantization.md), int8 activations add 1-4% to int4's |delta log-prob| but 40-50% to int8's.
+# For int4, auto takes them only where they are faster: everywhere but a bfloat16 model's products of
+# several rows on the avx512bf16 build, whose bfloat16 dot products win there (csrc's matvec).
 ACTIVATIONS_ENV = "LLAMA_MP_CPU_ACTIVATIONS"
 ACTIVATIONS = ("auto", "int8", "float")
+# matvec's int8_x: float activations, int8 ones, int8 ones where faster (csrc's INT8_X_WHERE_FASTER)
+FLOAT_X, INT8_X, INT8_X_WHERE_FASTER = 0, 1, 2
 # The integer dot product each build uses (csrc's int_dot()).
 INT_DOTS = {1: "AVX2 vpmaddubsw", 2: "AVX-VNNI vpdpbusd", 3: "AVX512-VNNI vpdpbusd"}
 
@@ -207,30 +212,37 @@ def library(required: bool = False) -> Optional[ctypes.CDLL]:
     return _loaded
 
 
-def int8_activations(scheme: Optional[Scheme]) -> bool:
+def int8_activations(scheme: Optional[Scheme]) -> int:
     """Whether products of weights quantized by `scheme` (None: float weights, never) take x quantized to
-    int8, by LLAMA_MP_CPU_ACTIVATIONS (ACTIVATIONS_ENV above). Raises LlamaMPError for another value."""
+    int8, by LLAMA_MP_CPU_ACTIVATIONS (ACTIVATIONS_ENV above), as matvec's int8_x: FLOAT_X, INT8_X, or
+    INT8_X_WHERE_FASTER (auto's int4). Raises LlamaMPError for another value."""
     asked = os.environ.get(ACTIVATIONS_ENV, "auto").strip().lower() or "auto"
     if asked not in ACTIVATIONS:
         raise LlamaMPError(f"{ACTIVATIONS_ENV}={asked} is not one of {', '.join(ACTIVATIONS)}: int8 quantizes the "
                            f"inputs of int8 / int4 products per block of 32 for integer dot products (faster, a "
                            f"little further from the float model), float keeps them in float, auto (the default) "
                            f"takes int8 for int4 weights and float for int8 ones. Unset it for auto.")
-    if scheme is None:
-        return False
-    return asked == "int8" or (asked == "auto" and scheme.mode == "int4")
+    if scheme is None or asked == "float":
+        return FLOAT_X
+    if asked == "int8":
+        return INT8_X
+    return INT8_X_WHERE_FASTER if scheme.mode == "int4" else FLOAT_X
 
 
-def describe(scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None) -> str:
-    """Which kernels run: the build, and for a quantized model (scheme) its products' arithmetic. The one
-    place that says so (bench reports it)."""
+def describe(scheme: Optional[Scheme] = None, lib: Optional[ctypes.CDLL] = None, bfloat16: bool = False) -> str:
+    """Which kernels run: the build, and for a quantized model (scheme; `bfloat16`: the model's dtype is
+    bfloat16) its products' arithmetic. The one place that says so (bench reports it)."""
     lib = lib or library()
     if lib is None:
         return "none (PyTorch operators)"
     isa = next((name for name, built in _variants.items() if built is lib), "?")
     if scheme is None:
         return f"{isa} build"
-    if int8_activations(scheme):
+    int8_x = int8_activations(scheme)
+    if int8_x == INT8_X_WHERE_FASTER and bfloat16 and lib.bf16_dot():
+        return (f"{isa} build, int8 activations in single-row products ({INT_DOTS[lib.int_dot()]} integer dot "
+                f"products), bfloat16 ones in products of several rows (vdpbf16ps)")
+    if int8_x:
         return f"{isa} build, int8 activations, {INT_DOTS[lib.int_dot()]} integer dot products"
     return f"{isa} build, float activations, {scheme.mode} weights widened"
 

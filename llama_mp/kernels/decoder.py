@@ -64,7 +64,8 @@ class CpuKernelDecoder(Decoder):
 
     def describe(self, model) -> str:
         """Which build of the kernels runs, and for a quantized model its products' arithmetic (cpu.describe)."""
-        return cpu.describe(getattr(model.layers[0].attention.qkv, "scheme", None))
+        qkv = model.layers[0].attention.qkv
+        return cpu.describe(getattr(qkv, "scheme", None), bfloat16=getattr(qkv, "dtype", None) == torch.bfloat16)
 
     def start(self, model) -> None:
         args, first = model.args, model.layers[0].attention

@@ -1211,9 +1211,15 @@ void block_dots(const int8_t *q, const void *w, int32_t *dots, int64_t rows, int
  * rows in `format` (with `scales` and `group` for int8 and int4). Each tile of weight rows is read
  * from memory once and reused from L1 for every row of x; threads take contiguous ranges of tiles.
  * `round_x` (a bfloat16 model): x is rounded to bfloat16 first (see the header). `int8_x`: int8 and int4
- * weights take x quantized to int8 instead (matvec_q, integer dot products; round_x does not apply). */
+ * weights take x quantized to int8 instead (matvec_q, integer dot products; round_x does not apply);
+ * INT8_X_WHERE_FASTER (cpu.py's `auto` for int4 weights) only where that is the faster arithmetic: not in
+ * a bfloat16 model's products of several rows on the avx512bf16 build, whose vdpbf16ps tiles (matvec_b,
+ * x rounded to bfloat16) ran those 1.3-1.7x faster than the integer tiles at 2-32 rows (2-core Zen 4,
+ * 110M shape's matrices, int4 g32 and int8); single rows (decode) stream fastest as integers there too. */
+#define INT8_X_WHERE_FASTER 2
 void matvec(const float *x, const void *w, const void *scales, float *y, int64_t rows, int64_t in, int64_t out,
             int64_t threads, int64_t format, int64_t group, int64_t round_x, int64_t int8_x) {
+    if (int8_x == INT8_X_WHERE_FASTER) int8_x = !(BF16_DOT && round_x && rows > 1);
     if (int8_x && (format == INT8 || format == INT4)) {
         matvec_q(x, w, scales, y, rows, in, out, threads, format, group);
         return;
