@@ -136,7 +136,8 @@ def _unit_case(fmt, out, n, g):
 def test_every_product_with_unit_scales_is_the_exact_integer_product(isa, fmt):
     lib = cpu_kernels.load_isa(isa)
     g = torch.Generator().manual_seed(2)
-    inputs = (16, 32, 40, 200, 768) if fmt == "int8" else (128, 384, 768)  # 16: one partial block
+    # 16: one partial block; int4 160 and 192: blocks past the last whole four (the wide single-row loop's tail)
+    inputs = (16, 32, 40, 200, 768) if fmt == "int8" else (128, 384, 768) + {"int4-g32": (160,), "int4-g64": (192,)}.get(fmt, ())
     for n in inputs:
         for out in OUTS:
             x, w, scales, scheme, levels = _unit_case(fmt, out, n, g)
@@ -177,7 +178,7 @@ def test_every_product_is_the_quantized_x_times_the_weights_within_float32_round
     lib = cpu_kernels.load_isa(isa)
     scheme = Scheme("int8") if fmt == "int8" else Scheme("int4", int(fmt.split("g")[1]))
     g = torch.Generator().manual_seed(3)
-    for n in (40, 768) if fmt == "int8" else (384,):  # 40: a partial block
+    for n in (40, 768) if fmt == "int8" else (384, 640):  # 40: a partial block
         for out in (7, 66):
             w, scales = quantize(torch.randn(out, n, generator=g), scheme)
             x = torch.randn(max(ROWS), n, generator=g) * 3
@@ -192,11 +193,13 @@ def test_every_product_is_the_quantized_x_times_the_weights_within_float32_round
 @pytest.mark.parametrize("isa", ISAS)
 def test_a_nan_in_x_gives_nan_outputs(isa):
     lib = cpu_kernels.load_isa(isa)
-    w, scales = quantize(torch.randn(8, 64), Scheme("int4", 32))
-    x = torch.randn(2, 64)
-    x[1, 40] = float("nan")
-    y = cpu_kernels.project(x, w, scales, Scheme("int4", 32), lib=lib, int8_x=True)
-    assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1]).all())
+    for n in (64, 256):  # 256, one row: the wide loop
+        w, scales = quantize(torch.randn(8, n), Scheme("int4", 32))
+        x = torch.randn(2, n)
+        x[1, 40] = float("nan")
+        y = cpu_kernels.project(x, w, scales, Scheme("int4", 32), lib=lib, int8_x=True)
+        assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1]).all())
+        assert bool(torch.isnan(cpu_kernels.project(x[1:], w, scales, Scheme("int4", 32), lib=lib, int8_x=True)).all())
 
 
 @pytest.mark.slow  # two compilations: ~15 s on a 2-core machine

@@ -984,6 +984,11 @@ INLINE float qrow_int4(const QX *x, const uint8_t *row, const uint16_t *gs, int 
     int64_t b = 0;
     for (; b + 8 <= blocks; b += 8) {
         __m256i s[8];
+        /* two lines 2 KB ahead (into the next rows, which follow this one): 1.06x (quartiles 1.03-1.09)
+         * the int4 decode products without on a 2-core Zen 4, A/B alternating in one process (int8's
+         * qrow_int8, measured likewise, gained nothing from it) */
+        _mm_prefetch((const char *)row + b * (QBLOCK / 2) + 2048, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + b * (QBLOCK / 2) + 2048 + 64, _MM_HINT_T0);
         for (int k = 0; k < 8; ++k)
             s[k] = dot_u8s8(int4_block_u8(row, b + k), _mm256_loadu_si256((const __m256i *)(x->q + (b + k) * QBLOCK)));
         /* per block: d (sum n q) - 8 d sum q, times the group's scale */
