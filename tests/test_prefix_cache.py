@@ -152,25 +152,35 @@ def _same(a, b):
             assert [t for t, _ in top or []] == [t for t, _ in top_b or []]
 
 
-def served_with_and_without_the_cache(llama):
-    """Rank 0: the specs' answers with the cache off, then on (the same batcher and cache rows), and the
-    cached prompt tokens of each sequence; the other ranks follow."""
+def _on_rank_0(llama, runs):
+    """`runs(batcher, release)` on rank 0, one batcher for all of them, while the other ranks follow its
+    steps; then every rank stops. `release()` sends the row releases a drained loop had not sent."""
     from llama_mp.runtime.batching import Batcher, Plan
-    from llama_mp.server.scheduler import Scheduler
 
     batcher = Batcher(llama.engine)
     if not llama.group.is_main:
         llama.engine.serve()
         return None
-    out = []
-    for rows in (0, None):
-        scheduler = Scheduler(batcher, llama.tokenizer, max_queue=16, seed=3, prefix_rows=rows)
-        seqs, events = run_to_end(scheduler, _specs(llama.tokenizer), 120)
-        out.append((_answers(events), [s.cached for s in seqs], scheduler.stats()))
-        batcher.run(Plan(release=tuple(range(ROWS))), None)  # the releases a drained loop had not sent
+    out = runs(batcher, lambda: batcher.run(Plan(release=tuple(range(ROWS))), None))
     batcher.pause()
     llama.engine.stop()
     return out
+
+
+def served_with_and_without_the_cache(llama):
+    """Rank 0: the specs' answers with the cache off, then on (the same batcher and cache rows), and the
+    cached prompt tokens of each sequence; the other ranks follow."""
+    from llama_mp.server.scheduler import Scheduler
+
+    def runs(batcher, release):
+        out = []
+        for rows in (0, None):
+            scheduler = Scheduler(batcher, llama.tokenizer, max_queue=16, seed=3, prefix_rows=rows)
+            seqs, events = run_to_end(scheduler, _specs(llama.tokenizer), 120)
+            out.append((_answers(events), [s.cached for s in seqs], scheduler.stats()))
+            release()
+        return out
+    return _on_rank_0(llama, runs)
 
 
 def _scored_requests(tokenizer):
@@ -196,29 +206,24 @@ def scored_with_and_without_the_cache(llama):
     """Rank 0: the prompt scores of `_scored_requests`, each request run to its end before the next (a new
     scheduler each, on one batcher and, with the cache on, one table), with the cache off, then on; and the
     cached positions of each sequence. The other ranks follow."""
-    from llama_mp.runtime.batching import Batcher, Plan
     from llama_mp.server.scheduler import Scheduler
 
-    batcher = Batcher(llama.engine)
-    if not llama.group.is_main:
-        llama.engine.serve()
-        return None
-    out = []
-    for rows in (0, ROWS):
-        table, scores, cached = None, [], []
-        for specs in _scored_requests(llama.tokenizer):
-            scheduler = Scheduler(batcher, llama.tokenizer, max_queue=16, seed=3, prefix_rows=rows)
-            table = scheduler.prefixes = table or scheduler.prefixes
-            seqs, events = run_to_end(scheduler, specs, 60)
-            scores += [tuple(t.tolist() for t in (e.prompt_scores.logprobs, e.prompt_scores.top_logprobs,
-                                                  e.prompt_scores.top_ids))  # lists: they leave a rank's process
-                       for e in sorted(events, key=lambda e: e.index) if e.prompt_scores is not None]
-            cached += [s.cached for s in seqs]
-            batcher.run(Plan(release=tuple(range(ROWS))), None)
-        out.append((scores, cached))
-    batcher.pause()
-    llama.engine.stop()
-    return out
+    def runs(batcher, release):
+        out = []
+        for rows in (0, ROWS):
+            table, scores, cached = None, [], []
+            for specs in _scored_requests(llama.tokenizer):
+                scheduler = Scheduler(batcher, llama.tokenizer, max_queue=16, seed=3, prefix_rows=rows)
+                table = scheduler.prefixes = table or scheduler.prefixes
+                seqs, events = run_to_end(scheduler, specs, 60)
+                scores += [tuple(t.tolist() for t in (e.prompt_scores.logprobs, e.prompt_scores.top_logprobs,
+                                                      e.prompt_scores.top_ids))  # lists: they leave a rank's process
+                           for e in sorted(events, key=lambda e: e.index) if e.prompt_scores is not None]
+                cached += [s.cached for s in seqs]
+                release()
+            out.append((scores, cached))
+        return out
+    return _on_rank_0(llama, runs)
 
 
 def _check_scored(runs):
