@@ -221,7 +221,8 @@ def int8_activations(scheme: Optional[Scheme]) -> int:
         raise LlamaMPError(f"{ACTIVATIONS_ENV}={asked} is not one of {', '.join(ACTIVATIONS)}: int8 quantizes the "
                            f"inputs of int8 / int4 products per block of 32 for integer dot products (faster, a "
                            f"little further from the float model), float keeps them in float, auto (the default) "
-                           f"takes int8 for int4 weights and float for int8 ones. Unset it for auto.")
+                           f"takes int8 for int4 weights where it is the faster arithmetic and float for int8 ones. Unset it "
+                           f"for auto.")
     if scheme is None or asked == "float":
         return FLOAT_X
     if asked == "int8":
