@@ -36,10 +36,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import families
 from ..checks import is_int
 from ..errors import LlamaMPError
 from ..quant.scheme import INT4_GROUP_SIZES, Scheme
-from . import llama4
 from .params import ModelArgs
 
 
@@ -62,30 +62,11 @@ def is_vision_key(key) -> bool:
     return isinstance(key, str) and key.startswith(("vision_embeddings.", "vision_projection."))
 
 # Per model family: the dimension each tensor is split along (None: replicated). Keys inside a layer
-# are given without their "layers.N." prefix.
-_LLAMA = {
-    "tok_embeddings.weight": 1,
-    "output.weight": 0,
-    "norm.weight": None,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "feed_forward.w3.weight": 0,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-}
-SPLIT_DIMS = {
-    "llama": _LLAMA,
-    # Llama 3.x: fairscale's VocabParallelEmbedding splits the embedding by vocabulary rows.
-    "llama3": {**_LLAMA, "tok_embeddings.weight": 0},
-}
-# Families whose layout is a module of its own (the next one is a new file and a line here). Such a module
-# gives SPLIT_DIMS, IGNORED_LAYER_NAMES, MODEL_NAMES, full_shapes, splits, split_message, segments,
-# split_tensor, merge_tensors and QUANTIZE_PROBLEM.
-OWN_LAYOUTS = {"llama4": llama4}
+# are given without their "layers.N." prefix. A family whose layout is a module of its own
+# (Family.layout: Llama 4's checkpoints/llama4.py) gives SPLIT_DIMS, IGNORED_LAYER_NAMES, MODEL_NAMES,
+# full_shapes, splits, split_message, segments, split_tensor, merge_tensors and QUANTIZE_PROBLEM.
+OWN_LAYOUTS = {f.name: f.layout_module for f in families.FAMILIES if f.layout is not None}
+SPLIT_DIMS = {f.name: f.split_dims for f in families.FAMILIES if f.layout is None}
 SPLIT_DIMS.update({name: module.SPLIT_DIMS for name, module in OWN_LAYOUTS.items()})
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Cut by kv head, and replicated once there are more ranks than kv heads.
@@ -97,9 +78,9 @@ OUTPUT_SCHEME = Scheme("int8")
 
 
 def family(args: Optional[ModelArgs]) -> str:
-    """The model family whose layout `args` describes: "llama" (LLaMA 1, Llama 2, Code Llama), "llama3"
-    or "llama4". None (params unknown, as for a damaged folder) gives the LLaMA family's table."""
-    return "llama" if args is None else args.family
+    """The name of the model family whose layout `args` describes (families.family_of): None (params
+    unknown, as for a damaged folder) gives the LLaMA family's table."""
+    return families.family_of(args).name
 
 
 def own_layout(args: Optional[ModelArgs]):

@@ -1,0 +1,81 @@
+"""Llama 4 (Scout, Maverick; text): its own params fields, layout, layers, tokenizer and chat format.
+
+The implementation stays in checkpoints/llama4.py (params fields, layout, names), runtime/llama4.py
+(MoE and dense layers, NoPE, chunked attention, temperature) and runtime/llama4_tokenizer.py (2048
+special tokens, header/eot chat format); this is what the generic code is told of them.
+"""
+
+from ..checkpoints import llama4 as fields
+from . import Family, OwnParams, ToolRules
+
+
+def _model_pieces():
+    from ..runtime import llama4 as pieces
+
+    return pieces
+
+
+def claims_tokenizer(path: str, model_family) -> bool:
+    """Llama 4's 200,000-rank file, or a tiktoken file of another size read for a Llama 4 model."""
+    from ..runtime.llama4_tokenizer import is_llama4_file
+
+    return is_llama4_file(path, model_family)
+
+
+def rope_high_freq_factor(args) -> float:
+    factor = args.llama4.rope_high_freq_factor
+    return fields.LLAMA4_ROPE_HIGH_FREQ_FACTOR if factor is None else factor
+
+
+def loading_notes(args):
+    return (["this Llama 4 checkpoint's vision encoder is not read; llama_mp runs its text model."]
+            if args.llama4.has_vision else [])
+
+
+# Scout's kinds of layer at a small size for `synth --family llama4`: MoE (4 experts, top 1) every other
+# layer, the others dense as in Maverick, NoPE every 4th layer, chunks of 16 positions, qk norm,
+# temperature tuning.
+SYNTH_PARAMS = {"rope_theta": 500000.0, "ffn_exp": 4.0, "ffn_dim_multiplier": 1.2,
+                "moe_args": {"num_experts": 4, "top_k": 1, "interleave_moe_layer_step": 2,
+                             "capacity_factor": 1.0, "auto_scale_F": True},
+                "nope_layer_interval": 4, "attention_chunk_size": 16, "use_qk_norm": True,
+                "attn_temperature_tuning": True, "floor_scale": 8192.0, "attn_scale": 0.1}
+
+# python_list only (Meta's stack offers Llama 4 no other format), code between <|python_start|> and
+# <|python_end|>, and <|eom|> ending every turn that calls.
+TOOLS = ToolRules(default_format="python_list", formats=("python_list",),
+                  formats_text="the pythonic list `[f(a=1), g()]`",
+                  code_tags=("<|python_start|>", "<|python_end|>"),
+                  python_list_prompt="runtime.tools:LLAMA4_PYTHON_LIST_PROMPT",
+                  eom_after_any_call=True, code_interpreter_tag=False)
+
+FAMILY = Family(
+    name="llama4",
+    title="Llama 4",
+    identifies=lambda args: args.llama4 is not None,
+    tokenizer_format="tiktoken",
+    tokenizer_text="tiktoken, 2048 special tokens",
+    tokenizer_class="runtime.llama4_tokenizer:Llama4Tokenizer",
+    chat_format="runtime.llama4_tokenizer:encode_dialog",
+    synth_tokenizer="llama4-tokenizer.model",
+    synth_params=SYNTH_PARAMS,
+    hf_tokenizer_class="PreTrainedTokenizerFast",
+    claims_tokenizer=claims_tokenizer,
+    tools=TOOLS,
+    vocab_in_params=True,
+    cpu_kernels=False,  # the C kernels have no mixture-of-experts, NoPE or chunked attention layers
+    own_params=OwnParams(attribute="llama4", fields=fields.FIELDS, is_in=fields.is_llama4,
+                         with_defaults=fields.with_defaults, parse=fields.parse_fields),
+    layout="checkpoints.llama4",
+    layers_alike=False,  # MoE and dense layers
+    hf_model_types=("llama4", "llama4_text"),
+    hf_convert_problem="its experts and fused tensors need Llama4ForCausalLM's layout; see docs/llama4.md",
+    rope_scale=lambda args: fields.LLAMA4_ROPE_SCALE,
+    rope_high_freq_factor=rope_high_freq_factor,
+    layer_kind=lambda args, index: _model_pieces().layer_kind(args, index),
+    feed_forward=lambda args, shapes, prefix, comm, index: _model_pieces().feed_forward(args, shapes, prefix,
+                                                                                        comm, index),
+    attention_chunk=lambda args: args.llama4.attention_chunk_size,
+    query_scale=lambda args, positions: _model_pieces().query_scale(args.llama4, positions),
+    loading_notes=loading_notes,
+)
