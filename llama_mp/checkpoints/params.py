@@ -54,8 +54,8 @@ class ModelArgs:
 
     @property
     def family(self) -> str:
-        """The name of the model family (families/): "llama" (LLaMA 1, Llama 2, Code Llama), "llama3"
-        (Llama 3.x) or "llama4": what layout, tokenizer and chat format go with it."""
+        """The name of the model family (families/): llama (LLaMA 1, Llama 2, Code Llama), llama3 (Llama
+        3.x) or llama4 (Llama 4): what layout, tokenizer and chat format go with it."""
         return families.family_of(self).name
 
     @property

@@ -61,11 +61,14 @@ class Family:
     tools: Optional[ToolRules] = None            # None: its chat format has no tools
     text_turn_markers: bool = False  # turns marked by text ([INST]): a guard on dialogs, and turns alternate
     vocab_in_params: bool = False    # Meta's params.json states vocab_size (else -1, from the checkpoint)
-    cpu_kernels: bool = True         # whether the C decode kernels (kernels/) run it
+    cpu_kernels_problem: Optional[str] = None    # why the C decode kernels (kernels/) cannot run it
     own_params: Optional[OwnParams] = None       # its own params.json fields, if any
     split_dims: Optional[Dict[str, Optional[int]]] = None  # the split of each tensor in the common layout
-    layout: Optional[str] = None     # else: "module" of a layout of its own (checkpoints/layout.py's OWN_LAYOUTS)
+    layout: Optional[str] = None     # else: "module" of a layout of its own (checkpoints/layout.py)
     layers_alike: bool = True        # every layer has the same shapes (memory estimates count one)
+    # A shard's tensors as Meta ships them, where they come under other names (Llama 4's model names);
+    # else the shard as it is. Asked of every shard before its family is known.
+    shipped_names: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     hf_model_types: Tuple[str, ...] = ()         # config.json model_type values of its HF checkpoints
     hf_special_ids: Optional[Tuple[int, List[int]]] = None  # (bos, stop ids) of its HF config.json
     hf_convert_problem: Optional[str] = None     # why `convert` cannot write or read it in HF format

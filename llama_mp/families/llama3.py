@@ -41,6 +41,7 @@ FAMILY = Family(
     tools=TOOLS,
     vocab_in_params=True,
     split_dims={**LLAMA_SPLIT_DIMS, "tok_embeddings.weight": 0},
+    hf_model_types=("llama",),  # LlamaForCausalLM, as Llama 2's
     # Meta's HF configs (transformers' convert_llama_weights_to_hf.py) give bos 128000 and, for instruct
     # models, end_of_text, eom_id and eot_id; llama_mp stops on all three for every Llama 3 model.
     hf_special_ids=(128000, [128001, 128008, 128009]),

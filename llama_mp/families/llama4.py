@@ -27,6 +27,11 @@ def rope_high_freq_factor(args) -> float:
     return fields.LLAMA4_ROPE_HIGH_FREQ_FACTOR if factor is None else factor
 
 
+def shipped_names(sd):
+    """Meta's Llama 4 model names (experts.w1, wq, ...) read as the shipped ones; any other shard as it is."""
+    return fields.fused_names(sd) if fields.has_unfused_names(sd) else sd
+
+
 def loading_notes(args):
     return (["this Llama 4 checkpoint's vision encoder is not read; llama_mp runs its text model."]
             if args.llama4.has_vision else [])
@@ -63,11 +68,12 @@ FAMILY = Family(
     claims_tokenizer=claims_tokenizer,
     tools=TOOLS,
     vocab_in_params=True,
-    cpu_kernels=False,  # the C kernels have no mixture-of-experts, NoPE or chunked attention layers
+    cpu_kernels_problem="the C kernels have no mixture-of-experts, NoPE or chunked attention layers",
     own_params=OwnParams(attribute="llama4", fields=fields.FIELDS, is_in=fields.is_llama4,
                          with_defaults=fields.with_defaults, parse=fields.parse_fields),
     layout="checkpoints.llama4",
     layers_alike=False,  # MoE and dense layers
+    shipped_names=shipped_names,
     hf_model_types=("llama4", "llama4_text"),
     hf_convert_problem="its experts and fused tensors need Llama4ForCausalLM's layout; see docs/llama4.md",
     rope_scale=lambda args: fields.LLAMA4_ROPE_SCALE,

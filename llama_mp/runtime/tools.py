@@ -41,18 +41,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .. import families
 from ..errors import LlamaMPError
 
 # Meta's BuiltinTool: brave_search, wolfram_alpha and photogen take a query; code_interpreter takes code.
 QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 BUILTIN_TOOLS = QUERY_TOOLS + ("code_interpreter",)
 FORMATS = ("json", "python_list")  # Llama 3.1 (and 3.2 vision) / Llama 3.2 text, 3.3 and 4
-# The format a family calls tools in when none is asked for: Llama 3.1's json (llama-stack's default for a
-# Llama 3 model it cannot name); python_list, the only one Meta's stack offers Llama 4.
-DEFAULT_FORMATS = {"llama3": "json", "llama4": "python_list"}
-PYTHON_TAG = "<|python_tag|>"
-# How each family marks code for the interpreter: (the tag before it, the tag after it or "")
-CODE_TAGS = {"llama3": (PYTHON_TAG, ""), "llama4": ("<|python_start|>", "<|python_end|>")}
+# A family's default format, the formats it has and how it marks code for the interpreter are its
+# families.ToolRules (`_rules`).
 # Llama 3.1's tool calling adds a role for a tool's output: "ipython" in Meta's format ("tool" in Meta's
 # Python API and OpenAI's, written as "ipython"). It answers an assistant turn, which may carry `tool_calls`.
 TOOL_ROLES = ("ipython", "tool")
@@ -206,7 +203,15 @@ LLAMA4_PYTHON_LIST_PROMPT = (
     "- Don't repeat tool response verbatim\n"
     "- Don't add supplementary information\n\n"
     "Here is a list of functions in JSON format that you can invoke:\n")
-PYTHON_LIST_PROMPTS = {"llama3": PYTHON_LIST_PROMPT, "llama4": LLAMA4_PYTHON_LIST_PROMPT}
+
+
+def _rules(family: str) -> families.ToolRules:
+    """The tool rules of the family called `family`, or an error if its chat format has none."""
+    found = families.named(family)
+    if found.tools is None:
+        raise LlamaMPError(f"The {found.title} chat format has no tool calling; tools need a Llama 3.1-3.3 or "
+                           "Llama 4 checkpoint.")
+    return found.tools
 
 
 def _python_list_functions(tools: Sequence[Tool], family: str = "llama3") -> str:
@@ -228,7 +233,7 @@ def _python_list_functions(tools: Sequence[Tool], family: str = "llama3") -> str
                 text += f',\n                    "default": "{_jinja_str(prop["default"])}"'
             text += "\n                }" + ("," if i < len(params) - 1 else "")
         text += "\n            }\n        }\n    }" + (",\n    " if j < len(tools) - 1 else "")
-    return PYTHON_LIST_PROMPTS[family] + text + "\n]"
+    return families.named(family).piece(_rules(family).python_list_prompt) + text + "\n]"
 
 
 def _jinja_str(value) -> str:
@@ -238,15 +243,16 @@ def _jinja_str(value) -> str:
 
 def tool_format(fmt: Optional[str], family: str) -> str:
     """The format tools are offered in for a tokenizer `family` ("llama3", "llama4"): `fmt`, or the family's
-    own when None (DEFAULT_FORMATS); a LlamaMPError for one the family has not."""
-    fmt = DEFAULT_FORMATS[family] if fmt is None else fmt
+    own when None (its ToolRules.default_format); a LlamaMPError for one the family has not."""
+    rules = _rules(family)
+    fmt = rules.default_format if fmt is None else fmt
     if fmt not in FORMATS:
         raise LlamaMPError(f"The tool format must be one of {FORMATS} (Llama 3.1: json; 3.2, 3.3 and 4: "
                            f"python_list), got {fmt!r}.")
-    if family == "llama4" and fmt != "python_list":
-        raise LlamaMPError(f"Llama 4 calls tools in the pythonic list `[f(a=1), g()]` only (Meta's stack offers it "
-                           f"no other format), but the tool format asked for is {fmt!r}: ask for python_list, "
-                           "or leave the format out.")
+    if fmt not in rules.formats:
+        raise LlamaMPError(f"{families.named(family).title} calls tools in {rules.formats_text} only (Meta's "
+                           f"stack offers it no other format), but the tool format asked for is {fmt!r}: ask "
+                           f"for {' or '.join(rules.formats)}, or leave the format out.")
     return fmt
 
 
@@ -318,9 +324,9 @@ def calls_text(calls: Sequence[ToolCall], fmt: str, family: str = "llama3") -> T
     them: it waits for the tool), `<|eot_id|>` any other. Llama 4: no tag, and `<|eom|>` ending any turn
     that calls. Several pythonic calls are one list, as the model writes them (Meta's code writes each as a
     list of its own)."""
-    llama4 = family == "llama4"
-    eom = bool(calls) and (llama4 or calls[0].name in BUILTIN_TOOLS)
-    tag = bool(calls) and not llama4 and calls[0].name == "code_interpreter"
+    rules = _rules(family)
+    eom = bool(calls) and (rules.eom_after_any_call or calls[0].name in BUILTIN_TOOLS)
+    tag = bool(calls) and rules.code_interpreter_tag and calls[0].name == "code_interpreter"
     if fmt == "python_list" and len(calls) > 1 and not any(c.name in BUILTIN_TOOLS for c in calls):
         return ["[" + ", ".join(call_text(c, fmt)[1:-1] for c in calls) + "]"], tag, eom
     return [call_text(c, fmt) for c in calls], tag, eom
@@ -358,9 +364,9 @@ def _python_list(text: str) -> Optional[List[Tuple[str, dict]]]:
 
 
 def parse_calls(text: str, family: str = "llama3") -> Tuple[str, List[ToolCall]]:
-    """(content, calls) of an assistant answer's text (its code tags, CODE_TAGS[family], written as their
-    names), by Meta's rules (see the module's docstring). With calls, the content is ""."""
-    start, end = CODE_TAGS[family]
+    """(content, calls) of an assistant answer's text (its code tags, the family's ToolRules.code_tags,
+    written as their names), by Meta's rules (see the module's docstring). With calls, the content is ""."""
+    start, end = _rules(family).code_tags
     content = text.strip(" ")
     ipython = content.startswith(start)
     if ipython:
