@@ -41,8 +41,8 @@ def test_every_pointer_of_a_family_names_code_that_exists():
         refs = [family.tokenizer_class, family.chat_format] + ([family.layout] if family.layout else [])
         refs += [family.tools.python_list_prompt] if family.tools else []
         for ref in refs:
-            assert family.piece(ref) is not None, (family.name, ref)
-        assert family.piece(family.tokenizer_class).family == family.name
+            assert families.piece(ref) is not None, (family.name, ref)
+        assert families.piece(family.tokenizer_class).family == family.name
 
 
 @pytest.fixture

@@ -2,10 +2,11 @@
 ("llama4") apart, one module each stating its differences as a `Family`, and the registry below.
 
 Generic code asks a family (`family_of(args)` from params.json, `named(tokenizer.family)` from a
-tokenizer) instead of comparing names, so the next family is a module here and one `register` line.
+tokenizer) instead of comparing names, so the next family is a module here and one `register` line at
+the end of this file.
 The pieces that are code of their own (a tokenizer class, a chat format, model layers) are named as
-"module:attribute" inside llama_mp and imported when first used (`Family.piece`): this package then
-imports nothing above checkpoints/, which itself asks it what a params.json is.
+"module:attribute" inside llama_mp and imported when first used (`piece`): this package then imports
+nothing above checkpoints/, which itself asks it what a params.json is.
 """
 
 from __future__ import annotations
@@ -83,19 +84,21 @@ class Family:
     query_scale: Optional[Callable] = None         # (args, positions) -> tensor or None
     loading_notes: Callable[[Any], List[str]] = lambda args: []  # said once a checkpoint is loaded
 
-    def piece(self, ref: str):
-        """The object a "module:attribute" reference inside llama_mp names (imported on first use)."""
-        module, _, attribute = ref.partition(":")
-        found = importlib.import_module(f"{__package__.rpartition('.')[0]}.{module}")
-        return getattr(found, attribute) if attribute else found
-
     @property
     def layout_module(self):
         """The module of its own layout, or None for the common one (split_dims)."""
-        return None if self.layout is None else self.piece(self.layout)
+        return None if self.layout is None else piece(self.layout)
 
     def encode_dialog(self, tokenizer, dialog, tool_format: Optional[str]) -> List[int]:
-        return self.piece(self.chat_format)(tokenizer, dialog, tool_format)
+        return piece(self.chat_format)(tokenizer, dialog, tool_format)
+
+
+def piece(ref: str):
+    """The object a "module:attribute" reference inside llama_mp names ("module" alone: the module),
+    imported on first use."""
+    module, _, attribute = ref.partition(":")
+    found = importlib.import_module(f"{__package__.rpartition('.')[0]}.{module}")
+    return getattr(found, attribute) if attribute else found
 
 
 FAMILIES: List[Family] = []  # oldest first; a newer family is asked first (it is the more specific)
@@ -142,8 +145,7 @@ def tokenizer_family(fmt: str, path: str, model_family: Optional[str]) -> Family
                 and (f.claims_tokenizer is None or f.claims_tokenizer(path, model_family)))
 
 
-from . import llama, llama3, llama4  # noqa: E402 - each module needs the classes above
-
-register(llama.FAMILY)
-register(llama3.FAMILY)
-register(llama4.FAMILY)
+# One line per family, oldest first; each module needs the classes above.
+register(importlib.import_module(".llama", __name__).FAMILY)
+register(importlib.import_module(".llama3", __name__).FAMILY)
+register(importlib.import_module(".llama4", __name__).FAMILY)

@@ -6,20 +6,33 @@ special tokens, header/eot chat format); this is what the generic code is told o
 """
 
 from ..checkpoints import llama4 as fields
-from . import Family, OwnParams, ToolRules
+from . import Family, OwnParams, ToolRules, piece
 
-
-def _model_pieces():
-    from ..runtime import llama4 as pieces
-
-    return pieces
 
 
 def claims_tokenizer(path: str, model_family) -> bool:
     """Llama 4's 200,000-rank file, or a tiktoken file of another size read for a Llama 4 model."""
-    from ..runtime.llama4_tokenizer import is_llama4_file
+    return piece("runtime.llama4_tokenizer:is_llama4_file")(path, model_family)
 
-    return is_llama4_file(path, model_family)
+
+# Its layers (runtime/llama4.py), imported when a model is built; query_scale runs in every step (a plain
+# import there, which torch.compile traces, where importlib would not be).
+def layer_kind(args, index: int):
+    from ..runtime import llama4
+
+    return llama4.layer_kind(args, index)
+
+
+def feed_forward(args, shapes, prefix: str, comm, index: int):
+    from ..runtime import llama4
+
+    return llama4.feed_forward(args, shapes, prefix, comm, index)
+
+
+def query_scale(args, positions):
+    from ..runtime import llama4
+
+    return llama4.query_scale(args.llama4, positions)
 
 
 def rope_high_freq_factor(args) -> float:
@@ -78,10 +91,9 @@ FAMILY = Family(
     hf_convert_problem="its experts and fused tensors need Llama4ForCausalLM's layout; see docs/llama4.md",
     rope_scale=lambda args: fields.LLAMA4_ROPE_SCALE,
     rope_high_freq_factor=rope_high_freq_factor,
-    layer_kind=lambda args, index: _model_pieces().layer_kind(args, index),
-    feed_forward=lambda args, shapes, prefix, comm, index: _model_pieces().feed_forward(args, shapes, prefix,
-                                                                                        comm, index),
+    layer_kind=layer_kind,
+    feed_forward=feed_forward,
     attention_chunk=lambda args: args.llama4.attention_chunk_size,
-    query_scale=lambda args, positions: _model_pieces().query_scale(args.llama4, positions),
+    query_scale=query_scale,
     loading_notes=loading_notes,
 )

@@ -99,7 +99,7 @@ class Tokenizer:
         if cls is Tokenizer:  # the factory: pick the class for the file's format (and the model's family)
             fmt = "tiktoken" if _looks_like_tiktoken(model_path) else "sentencepiece"
             chosen = families.tokenizer_family(fmt, model_path, family)
-            cls = chosen.piece(chosen.tokenizer_class)
+            cls = families.piece(chosen.tokenizer_class)
         return super().__new__(cls)
 
     def encode_naming_specials(self, text: str, bos: bool) -> List[int]:

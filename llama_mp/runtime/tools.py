@@ -233,7 +233,7 @@ def _python_list_functions(tools: Sequence[Tool], family: str = "llama3") -> str
                 text += f',\n                    "default": "{_jinja_str(prop["default"])}"'
             text += "\n                }" + ("," if i < len(params) - 1 else "")
         text += "\n            }\n        }\n    }" + (",\n    " if j < len(tools) - 1 else "")
-    return families.named(family).piece(_rules(family).python_list_prompt) + text + "\n]"
+    return families.piece(_rules(family).python_list_prompt) + text + "\n]"
 
 
 def _jinja_str(value) -> str:
