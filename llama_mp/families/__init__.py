@@ -37,7 +37,7 @@ class ToolRules:
     formats: Tuple[str, ...]         # the formats it calls tools in
     formats_text: str                # those, as a refusal names them
     code_tags: Tuple[str, str]       # what marks code for the interpreter: (before it, after it or "")
-    python_list_prompt: str          # "module:attribute" of its pythonic-list system prompt
+    python_list_prompt: str          # its system prompt before a pythonic list of custom functions
     eom_after_any_call: bool         # every turn that calls ends with eom (else only built-in calls)
     code_interpreter_tag: bool       # the code tag starts a turn that calls the code interpreter
 

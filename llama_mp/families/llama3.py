@@ -21,10 +21,21 @@ def rope_scale(args) -> float:
     return 32.0 if (args.dim, args.n_layers) in LLAMA32_SMALL_SHAPES else 8.0
 
 
+# Llama 3.2's and 3.3's system prompt for custom tools in the pythonic format (llama-stack's)
+PYTHON_LIST_PROMPT = (
+    "You are an expert in composing functions. You are given a question and a set of possible functions.\n"
+    "Based on the question, you will need to make one or more function/tool calls to achieve the purpose.\n"
+    "If none of the function can be used, point it out. If the given question lacks the parameters required "
+    "by the function,\nalso point it out. You should only return the function call in tools call sections.\n\n"
+    "If you decide to invoke any of the function(s), you MUST put it in the format of "
+    "[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]\n"
+    "You SHOULD NOT include any other text in the response.\n\n"
+    "Here is a list of functions in JSON format that you can invoke.\n\n")
+
 # Llama 3.1's json (llama-stack's default for a Llama 3 model it cannot name) unless python_list is asked
 # for (3.2, 3.3); `<|python_tag|>` before code for the interpreter, `<|eom_id|>` after built-in calls.
 TOOLS = ToolRules(default_format="json", formats=("json", "python_list"), formats_text="json or python_list",
-                  code_tags=("<|python_tag|>", ""), python_list_prompt="runtime.tools:PYTHON_LIST_PROMPT",
+                  code_tags=("<|python_tag|>", ""), python_list_prompt=PYTHON_LIST_PROMPT,
                   eom_after_any_call=False, code_interpreter_tag=True)
 
 FAMILY = Family(
