@@ -76,18 +76,26 @@ class Family:
     max_context: Callable[[Any], Optional[int]] = lambda args: None  # what Meta states (None: nothing)
     rope_scale: Callable[[Any], float] = lambda args: 8.0           # scaled rope's stretch, unless in params
     rope_high_freq_factor: Callable[[Any], float] = lambda args: 4.0
-    # Model pieces (runtime/model.py): a layer's attention kind and feed-forward, the attention chunk and
-    # the query temperature of a step; None: Llama's own.
-    layer_kind: Optional[Callable] = None          # (args, index) -> LayerKind
-    feed_forward: Optional[Callable] = None        # (args, shapes, prefix, comm, index) -> nn.Module
-    attention_chunk: Callable[[Any], Optional[int]] = lambda args: None
-    query_scale: Optional[Callable] = None         # (args, positions) -> tensor or None
+    # Model pieces (runtime/model.py): "module" of its own layers, which gives layer_kind(args, index) ->
+    # LayerKind, feed_forward(args, shapes, prefix, comm, index) -> nn.Module and query_scale(own params
+    # fields, positions) -> a step's query temperature or None; None: Llama's own layers.
+    layers: Optional[str] = None
+    attention_chunk: Callable[[Any], Optional[int]] = lambda args: None  # positions a RoPE layer sees
     loading_notes: Callable[[Any], List[str]] = lambda args: []  # said once a checkpoint is loaded
 
     @property
     def layout_module(self):
         """The module of its own layout, or None for the common one (split_dims)."""
         return None if self.layout is None else piece(self.layout)
+
+    @property
+    def layers_module(self):
+        """The module of its own layers, or None for Llama's (runtime/model.py)."""
+        return None if self.layers is None else piece(self.layers)
+
+    def own_fields(self, args):
+        """Its own params.json fields as parsed into `args` (None for a family without any)."""
+        return None if self.own_params is None else getattr(args, self.own_params.attribute)
 
     def encode_dialog(self, tokenizer, dialog, tool_format: Optional[str]) -> List[int]:
         return piece(self.chat_format)(tokenizer, dialog, tool_format)

@@ -15,26 +15,6 @@ def claims_tokenizer(path: str, model_family) -> bool:
     return piece("runtime.llama4_tokenizer:is_llama4_file")(path, model_family)
 
 
-# Its layers (runtime/llama4.py), imported when a model is built; query_scale runs in every step (a plain
-# import there, which torch.compile traces, where importlib would not be).
-def layer_kind(args, index: int):
-    from ..runtime import llama4
-
-    return llama4.layer_kind(args, index)
-
-
-def feed_forward(args, shapes, prefix: str, comm, index: int):
-    from ..runtime import llama4
-
-    return llama4.feed_forward(args, shapes, prefix, comm, index)
-
-
-def query_scale(args, positions):
-    from ..runtime import llama4
-
-    return llama4.query_scale(args.llama4, positions)
-
-
 def rope_high_freq_factor(args) -> float:
     factor = args.llama4.rope_high_freq_factor
     return fields.LLAMA4_ROPE_HIGH_FREQ_FACTOR if factor is None else factor
@@ -135,9 +115,7 @@ FAMILY = Family(
     hf_convert_problem="its experts and fused tensors need Llama4ForCausalLM's layout; see docs/llama4.md",
     rope_scale=lambda args: fields.LLAMA4_ROPE_SCALE,
     rope_high_freq_factor=rope_high_freq_factor,
-    layer_kind=layer_kind,
-    feed_forward=feed_forward,
+    layers="runtime.llama4",
     attention_chunk=lambda args: args.llama4.attention_chunk_size,
-    query_scale=query_scale,
     loading_notes=loading_notes,
 )
