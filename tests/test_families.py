@@ -38,7 +38,7 @@ def test_params_json_chooses_the_family_newest_first():
 
 def test_every_pointer_of_a_family_names_code_that_exists():
     for family in families.FAMILIES:
-        refs = [family.tokenizer_class, family.chat_format] + ([family.layout] if family.layout else [])
+        refs = [family.tokenizer_class, family.chat_format] + [ref for ref in (family.layout, family.layers) if ref]
         for ref in refs:
             assert families.piece(ref) is not None, (family.name, ref)
         assert families.piece(family.tokenizer_class).family == family.name
