@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .. import families
 from ..checks import JsonProblem, read_json_file
 from ..errors import LlamaMPError
 from . import layout
@@ -33,10 +34,6 @@ from .params import ModelArgs, ffn_fields_for, parse_params
 # Only the stretch `factor` varies between Meta's models; these three are fixed in Meta's code, so a
 # config with other values describes a model llama_mp would run differently.
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-# bos and stop ids written into config.json when no tokenizer says otherwise. Llama 3: Meta's HF configs
-# (transformers' convert_llama_weights_to_hf.py) give 128000 and, for instruct models, end_of_text,
-# eom_id and eot_id; llama_mp stops on all three for every Llama 3 model, so the HF folder does too.
-FAMILY_SPECIAL_IDS = {"llama": (1, [2]), "llama3": (128000, [128001, 128008, 128009])}
 
 # Meta name (inside a layer) -> HF name (inside model.layers.N.)
 _LAYER_NAMES = {
@@ -104,11 +101,13 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
             raise LlamaMPError(f"{where} has no {name!r}; it is not a Llama config.json.")
         return config[name]
 
-    if config.get("model_type") in ("llama4", "llama4_text"):
-        raise LlamaMPError(f"{where} describes a Hugging Face Llama 4 model, which llama_mp cannot convert yet; run "
-                           "Meta's own checkpoint folder (consolidated.NN.pth, params.json: the `original/` folder "
-                           "of Meta's repositories) as it is, see docs/llama4.md.")
-    if config.get("model_type", "llama") != "llama":
+    model_type = config.get("model_type", "llama")  # transformers' LlamaForCausalLM, for Llama 1/2/3
+    named = next((f for f in families.FAMILIES if model_type in f.hf_model_types), None)
+    if named is not None and named.hf_convert_problem:
+        raise LlamaMPError(f"{where} describes a Hugging Face {named.title} model, which llama_mp cannot convert yet "
+                           f"({named.hf_convert_problem}); run Meta's own checkpoint folder (consolidated.NN.pth, "
+                           "params.json: the `original/` folder of Meta's repositories) as it is.")
+    if named is None:
         raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; only Llama "
                            "(model_type 'llama', LlamaForCausalLM) checkpoints can be converted.")
     # transformers 5 writes `rope_parameters` (with rope_theta inside); 4.x wrote `rope_scaling` beside a
@@ -330,10 +329,10 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Opti
     """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x).
 
     `max_position_embeddings` defaults to the context the model was made for (Llama 3.x), else 4096;
-    `special_ids` (bos id, stop ids) to the family's (`FAMILY_SPECIAL_IDS`)."""
+    `special_ids` (bos id, stop ids) to the family's (`Family.hf_special_ids`)."""
     dtype_name = str(dtype).replace("torch.", "")
     rope_parameters, rope_scaling = hf_rope(args)
-    bos, stops = special_ids or FAMILY_SPECIAL_IDS[args.family]
+    bos, stops = special_ids or families.family_of(args).hf_special_ids
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -382,9 +381,10 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
     With `tie_word_embeddings` no lm_head.weight is written (transformers uses the embedding)."""
     from safetensors.torch import save_file
 
-    if args.family == "llama4":
-        raise LlamaMPError("Converting Llama 4 to Hugging Face format is not implemented yet (its experts and fused "
-                           "tensors need Llama4ForCausalLM's layout); Llama 4 runs from Meta's folder as it is, and "
+    family = families.family_of(args)
+    if family.hf_convert_problem:
+        raise LlamaMPError(f"Converting {family.title} to Hugging Face format is not implemented yet "
+                           f"({family.hf_convert_problem}); {family.title} runs from Meta's folder as it is, and "
                            "`llama-mp reshard` changes its shard count.")
 
     shapes = layout.full_shapes(args)

@@ -21,13 +21,15 @@ import json
 import os
 from typing import Dict, List, Tuple
 
+from .. import families
+
 SPACE = "\u2581"  # SentencePiece's space marker
 
 
 def write_hf_tokenizer(out_dir: str, tokenizer) -> None:
     """tokenizer_config.json (both families) and tokenizer.json (SentencePiece) beside the tokenizer.model
     copied into `out_dir`."""
-    if tokenizer.family == "llama":
+    if families.named(tokenizer.family).tokenizer_format == "sentencepiece":
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             json.dump(sentencepiece_tokenizer_json(tokenizer.sp), f, ensure_ascii=False)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
@@ -38,7 +40,7 @@ def hf_tokenizer_config(tokenizer) -> dict:
     """tokenizer_config.json: the class, the special tokens and Meta's leading BOS (add_bos_token)."""
     common = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
               "model_input_names": ["input_ids", "attention_mask"]}
-    if tokenizer.family != "llama3":
+    if families.named(tokenizer.family).tokenizer_format == "sentencepiece":
         sp = tokenizer.sp
         return {**common, "bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
                 "unk_token": sp.id_to_piece(sp.unk_id())}

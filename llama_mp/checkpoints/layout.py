@@ -36,10 +36,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import families
 from ..checks import is_int
 from ..errors import LlamaMPError
 from ..quant.scheme import INT4_GROUP_SIZES, Scheme
-from . import llama4
 from .params import ModelArgs
 
 
@@ -51,7 +51,8 @@ class _IgnoredKeys:
         if key == "rope.freqs" or is_vision_key(key):
             return True
         m = _LAYER_KEY.match(key) if isinstance(key, str) else None
-        return m is not None and any(m.group(2) in own.IGNORED_LAYER_NAMES for own in OWN_LAYOUTS.values())
+        return m is not None and any(m.group(2) in f.layout_module.IGNORED_LAYER_NAMES
+                                     for f in families.FAMILIES if f.layout is not None)
 
 
 IGNORED_KEYS = _IgnoredKeys()
@@ -61,32 +62,10 @@ def is_vision_key(key) -> bool:
     """Whether `key` is a weight of Llama 4's vision encoder or projection (llama_mp runs the text model)."""
     return isinstance(key, str) and key.startswith(("vision_embeddings.", "vision_projection."))
 
-# Per model family: the dimension each tensor is split along (None: replicated). Keys inside a layer
-# are given without their "layers.N." prefix.
-_LLAMA = {
-    "tok_embeddings.weight": 1,
-    "output.weight": 0,
-    "norm.weight": None,
-    "attention.wq.weight": 0,
-    "attention.wk.weight": 0,
-    "attention.wv.weight": 0,
-    "attention.wo.weight": 1,
-    "feed_forward.w1.weight": 0,
-    "feed_forward.w2.weight": 1,
-    "feed_forward.w3.weight": 0,
-    "attention_norm.weight": None,
-    "ffn_norm.weight": None,
-}
-SPLIT_DIMS = {
-    "llama": _LLAMA,
-    # Llama 3.x: fairscale's VocabParallelEmbedding splits the embedding by vocabulary rows.
-    "llama3": {**_LLAMA, "tok_embeddings.weight": 0},
-}
-# Families whose layout is a module of its own (the next one is a new file and a line here). Such a module
-# gives SPLIT_DIMS, IGNORED_LAYER_NAMES, MODEL_NAMES, full_shapes, splits, split_message, segments,
-# split_tensor, merge_tensors and QUANTIZE_PROBLEM.
-OWN_LAYOUTS = {"llama4": llama4}
-SPLIT_DIMS.update({name: module.SPLIT_DIMS for name, module in OWN_LAYOUTS.items()})
+# Per model family (families/): the dimension each tensor is split along (None: replicated), keys inside
+# a layer without their "layers.N." prefix, in Family.split_dims. A family whose layout is a module of its
+# own (Family.layout: Llama 4's checkpoints/llama4.py) gives SPLIT_DIMS, IGNORED_LAYER_NAMES, MODEL_NAMES,
+# full_shapes, splits, split_message, segments, split_tensor, merge_tensors and QUANTIZE_PROBLEM.
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Cut by kv head, and replicated once there are more ranks than kv heads.
 _KV_KEYS = frozenset({"attention.wk.weight", "attention.wv.weight", "attention.wk.scales", "attention.wv.scales"})
@@ -96,15 +75,16 @@ QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.
 OUTPUT_SCHEME = Scheme("int8")
 
 
-def family(args: Optional[ModelArgs]) -> str:
-    """The model family whose layout `args` describes: "llama" (LLaMA 1, Llama 2, Code Llama), "llama3"
-    or "llama4". None (params unknown, as for a damaged folder) gives the LLaMA family's table."""
-    return "llama" if args is None else args.family
-
-
 def own_layout(args: Optional[ModelArgs]):
-    """The module of `args`'s family if its layout is one of its own (OWN_LAYOUTS), else None."""
-    return OWN_LAYOUTS.get(family(args))
+    """The module of `args`'s family if its layout is one of its own (Family.layout), else None. None
+    (params unknown, as for a damaged folder) is the LLaMA family's (families.family_of)."""
+    return families.family_of(args).layout_module
+
+
+def split_dims(args: Optional[ModelArgs]):
+    """The split dimension of each tensor name (inside a layer: without "layers.N.") of `args`'s family."""
+    own = own_layout(args)
+    return own.SPLIT_DIMS if own is not None else families.family_of(args).split_dims
 
 
 def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:
@@ -115,10 +95,10 @@ def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:
         scheme = scheme_of(key, args)
         if scheme is None:
             raise KeyError(key)  # a float model has no scales, like any other unknown key
-        if SPLIT_DIMS[family(args)][name[:-len(".scales")] + ".weight"] == 0:
+        if split_dims(args)[name[:-len(".scales")] + ".weight"] == 0:
             return 0
         return None if scheme.mode == "int8" else 1  # int8: whole-row scales, replicated
-    return SPLIT_DIMS[family(args)][name]
+    return split_dims(args)[name]
 
 
 def scheme_of(key: str, args: Optional[ModelArgs]) -> Optional[Scheme]:

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from ..dtypes import DTYPES, largest_finite
 from ..errors import LlamaMPError
 from ..quant.scheme import scales_problem
-from . import layout, llama4
+from .. import families
+from . import layout
 from .params import ModelArgs
 
 StateDict = Dict[str, torch.Tensor]
@@ -114,8 +115,9 @@ def load_shard(path: str) -> StateDict:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LlamaMPError(f"{path} does not hold a state dict of tensors, so it is not a Meta consolidated "
                            "shard. Convert other formats with `llama-mp convert`.")
-    if llama4.has_unfused_names(sd):  # Meta's Llama 4 model names (experts.w1, wq, ...): read as shipped ones
-        sd = llama4.fused_names(sd)
+    for family in families.FAMILIES:  # a family's other names for its tensors, read as the shipped ones
+        if family.shipped_names is not None:
+            sd = family.shipped_names(sd)
     return sd
 
 

@@ -13,13 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 from ..checks import JsonProblem, read_json_file
 from ..errors import LlamaMPError
 from ..quant.scheme import Scheme, scheme_from_json
-from . import llama4 as _llama4
+from .. import families
 from .llama4 import Llama4Args
-
-LLAMA3_VOCAB = 128256          # 128000 BPE tokens + 256 special tokens
-LLAMA3_CONTEXT = 8192          # Llama 3
-LLAMA31_CONTEXT = 131072       # Llama 3.1, 3.2, 3.3 (scaled rope)
-LLAMA32_SMALL_SHAPES = {(2048, 16), (3072, 28)}  # Llama 3.2 1B and 3B: (dim, n_layers); rope scaled by 32
 
 
 @dataclass(frozen=True)
@@ -59,35 +54,26 @@ class ModelArgs:
 
     @property
     def family(self) -> str:
-        """"llama4" for Llama 4 (its own params fields: checkpoints/llama4.py), "llama3" for Llama 3.x (a
-        128256-token tiktoken vocabulary, scaled rope from 3.1 on), else "llama" (LLaMA 1, Llama 2, Code
-        Llama): what layout, tokenizer and chat format go with it."""
-        if self.llama4 is not None:
-            return "llama4"
-        return "llama3" if self.use_scaled_rope or self.vocab_size == LLAMA3_VOCAB else "llama"
+        """The name of the model family (families/): llama (LLaMA 1, Llama 2, Code Llama), llama3 (Llama
+        3.x) or llama4 (Llama 4): what layout, tokenizer and chat format go with it."""
+        return families.family_of(self).name
 
     @property
     def max_context(self) -> Optional[int]:
         """The longest sequence the model was made for, where Meta states one (Llama 3.x); else None."""
-        if self.family != "llama3":
-            return None
-        return LLAMA31_CONTEXT if self.use_scaled_rope else LLAMA3_CONTEXT
+        return families.family_of(self).max_context(self)
 
     @property
     def rope_scale(self) -> float:
         """How much scaled rope stretches the low frequencies (only with `use_scaled_rope`)."""
         if self.rope_scaling_factor is not None:
             return self.rope_scaling_factor
-        if self.llama4 is not None:
-            return _llama4.LLAMA4_ROPE_SCALE
-        return 32.0 if (self.dim, self.n_layers) in LLAMA32_SMALL_SHAPES else 8.0
+        return families.family_of(self).rope_scale(self)
 
     @property
     def rope_high_freq_factor(self) -> float:
         """Scaled rope's high-frequency factor: Meta's 4 for Llama 3.1 and later, Llama 4's own (default 1)."""
-        if self.llama4 is not None and self.llama4.rope_high_freq_factor is not None:
-            return self.llama4.rope_high_freq_factor
-        return _llama4.LLAMA4_ROPE_HIGH_FREQ_FACTOR if self.llama4 is not None else 4.0
+        return families.family_of(self).rope_high_freq_factor(self)
 
     @property
     def kv_heads(self) -> int:
@@ -125,9 +111,9 @@ class ModelArgs:
             del out["quantization"]
         else:
             out["quantization"] = self.quantization.to_json()
-        del out["llama4"]
-        if self.llama4 is not None:
-            out.update(self.llama4.to_json_fields())
+        for own in families.own_params():  # a family's own fields, as its params.json writes them
+            if out.pop(own.attribute) is not None:
+                out.update(getattr(self, own.attribute).to_json_fields())
         return out
 
     def parameters_text(self) -> str:
@@ -139,7 +125,7 @@ class ModelArgs:
         """Number of weights (embedding, layers, final norm, output), for sizing and bandwidth."""
         if self.vocab_size <= 0:
             raise ValueError("parameter_count needs a known vocab_size")
-        if self.llama4 is not None:
+        if families.family_of(self).layout is not None:
             from .layout import full_shapes
             return sum(math.prod(shape) for shape in full_shapes(self).values())
         d, h = self.dim, self.ffn_hidden_dim
@@ -171,7 +157,8 @@ def ffn_fields_for(dim: int, hidden: int) -> Dict[str, Any]:
     raise LlamaMPError(f"No params.json can describe an FFN width of {hidden} for dim {dim}.")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ModelArgs) if f.name != "llama4"}
+_OWN_ATTRIBUTES = {own.attribute for own in families.own_params()}
+_FIELDS = {f.name: f for f in dataclasses.fields(ModelArgs) if f.name not in _OWN_ATTRIBUTES}
 _REQUIRED = [name for name, f in _FIELDS.items()
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 _INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"}
@@ -197,11 +184,11 @@ def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
         raise LlamaMPError(f"{where} must hold a JSON object such as {{\"dim\": 4096, ...}}, "
                            f"but it holds a {type(raw).__name__}.")
     problems = []
-    llama4 = _llama4.is_llama4(raw)
-    family_fields = set(_llama4.FIELDS) if llama4 else set()
+    own = families.own_params_of(raw)
+    family_fields = set(own.fields) if own else set()
     unknown = sorted(set(raw) - set(_FIELDS) - family_fields)
     if unknown:
-        known = sorted(set(_FIELDS) | set(_llama4.FIELDS))
+        known = sorted(set(_FIELDS).union(*(o.fields for o in families.own_params())))
         problems.append(f"unknown field(s) {unknown} (llama_mp knows {known})")
     missing = [name for name in _REQUIRED if name not in raw]
     if missing:
@@ -226,9 +213,9 @@ def parse_params(raw: Dict[str, Any], where: str = "params.json") -> ModelArgs:
             values[name] = float(value) if name in _FLOATS else value
     if not problems:
         problems.extend(_consistency_problems(values))
-    if llama4 and not problems:
-        values = _llama4.with_defaults(values, raw)
-        values["llama4"], more = _llama4.parse_fields(raw, values)
+    if own and not problems:
+        values = own.with_defaults(values, raw)
+        values[own.attribute], more = own.parse(raw, values)
         problems.extend(more)
     if problems:
         raise LlamaMPError(f"{where} is not a valid LLaMA params file: " + "; ".join(problems)

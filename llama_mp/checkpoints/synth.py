@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .. import families
 from . import layout
 from .meta import StateDict
 from .params import ModelArgs
@@ -21,9 +22,8 @@ from .reshard import save_consolidated
 
 REPO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 SHARED_TOKENIZER = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "assets", "tokenizer.model"))
-SHARED_TOKENIZERS = {"llama": SHARED_TOKENIZER,
-                     "llama3": os.path.join(os.path.dirname(SHARED_TOKENIZER), "llama3-tokenizer.model"),
-                     "llama4": os.path.join(os.path.dirname(SHARED_TOKENIZER), "llama4-tokenizer.model")}
+# Meta's real tokenizer of each family, where ../shared/assets has them
+SHARED_TOKENIZERS = {f.name: os.path.join(os.path.dirname(SHARED_TOKENIZER), f.synth_tokenizer) for f in families.FAMILIES}
 
 
 def random_tensor(key: str, shape, fan_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -48,7 +48,7 @@ def write_random_checkpoint(ckpt_dir: str, args: ModelArgs, num_shards: int, see
     """Write a random checkpoint; return its whole state dict. params.json says vocab_size -1 like
     Meta's files unless `vocab_in_params`."""
     state = random_state_dict(args, seed, dtype)
-    written = args if vocab_in_params or args.family in ("llama3", "llama4") else args.with_vocab(-1)  # as Meta's
+    written = args if vocab_in_params or families.family_of(args).vocab_in_params else args.with_vocab(-1)  # as Meta's
     save_consolidated(ckpt_dir, written, state, num_shards)
     return state
 
@@ -124,5 +124,6 @@ def find_or_make_tokenizer(fallback_path: str, shared: Optional[str] = SHARED_TO
     if shared and os.path.isfile(shared):
         return os.path.abspath(shared)
     if not os.path.isfile(fallback_path):
-        (write_tiny_tiktoken if family in ("llama3", "llama4") else train_tiny_tokenizer)(fallback_path)
+        tiktoken = families.named(family).tokenizer_format == "tiktoken"
+        (write_tiny_tiktoken if tiktoken else train_tiny_tokenizer)(fallback_path)
     return fallback_path

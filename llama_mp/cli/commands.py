@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional
 
-from .. import distributed
+from .. import distributed, families
 from ..checkpoints.params import parse_params
 from ..dtypes import parse_dtype
 from ..errors import LlamaMPError
@@ -49,8 +49,8 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
     from ..checkpoints.synth import find_or_make_tokenizer, write_random_checkpoint
     from ..runtime.tokenizer import Tokenizer
 
-    if family not in FAMILY_PARAMS:
-        raise LlamaMPError(f"Unknown --family {family!r}; use one of {', '.join(FAMILY_PARAMS)}.")
+    if family not in families.names():
+        raise LlamaMPError(f"Unknown --family {family!r}; use one of {', '.join(families.names())}.")
     torch_dtype = parse_dtype(dtype)
     with staged_output_dir(out_dir, overwrite) as out:
         tok_dst = os.path.join(out, "tokenizer.model")
@@ -59,7 +59,7 @@ def synth(out_dir: str, mp: int = 1, dim: int = 256, n_layers: int = 4, n_heads:
         vocab = vocab_size or Tokenizer(tok_dst, family).n_words
         args = parse_params({"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads,
                              "vocab_size": vocab, "multiple_of": multiple_of, "norm_eps": 1e-5,
-                             **FAMILY_PARAMS[family]}, where="synth options")
+                             **families.named(family).synth_params}, where="synth options")
         check_shard_count(args, mp)
         require_synth_fits(out_dir, args, torch_dtype)
         write_random_checkpoint(out, args, mp, seed=seed, dtype=torch_dtype)
@@ -86,16 +86,6 @@ def require_synth_fits(out_dir: str, args, dtype) -> None:
                            "smaller shape, or `llama-mp bench --dim ...`, which draws random weights on each rank "
                            "without writing a checkpoint.")
     require_room(out_dir, os.path.dirname(os.path.abspath(out_dir)), size)
-
-
-FAMILY_PARAMS = {"llama": {}, "llama3": {"rope_theta": 500000.0, "use_scaled_rope": True},
-                 # Scout's kinds of layer at a small size: MoE (4 experts, top 1) every other layer, the others
-                 # dense as in Maverick, NoPE every 4th layer, chunks of 16 positions, qk norm, temperature tuning.
-                 "llama4": {"rope_theta": 500000.0, "ffn_exp": 4.0, "ffn_dim_multiplier": 1.2,
-                            "moe_args": {"num_experts": 4, "top_k": 1, "interleave_moe_layer_step": 2,
-                                         "capacity_factor": 1.0, "auto_scale_F": True},
-                            "nope_layer_interval": 4, "attention_chunk_size": 16, "use_qk_norm": True,
-                            "attn_temperature_tuning": True, "floor_scale": 8192.0, "attn_scale": 0.1}}
 
 
 def _note(message: str) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, TypedDict
 
+from .. import families
 from ..checks import described, read_json_input, text_problem
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
-from .tools import PYTHON_TAG, TOOL_ROLES, Tool, ToolCall, calls_text, offer_tools
+from .tools import TOOL_ROLES, Tool, ToolCall, calls_text, offer_tools
 from .tools import tool_format as _tool_format
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -112,7 +113,7 @@ def has_special_tags(dialog: Dialog, tokenizer: Optional[Tokenizer] = None) -> b
     """Whether Meta's Llama 2 guard refuses `dialog`: its text contains the [INST] / <<SYS>> tags, which
     would let a user forge turns. Never for a Llama 3 tokenizer, whose turn markers are special ids that
     text cannot produce."""
-    if tokenizer is not None and tokenizer.family in ("llama3", "llama4"):
+    if tokenizer is not None and not families.named(tokenizer.family).text_turn_markers:
         return False
     return any(tag in msg["content"] for tag in SPECIAL_TAGS for msg in dialog)
 
@@ -123,29 +124,26 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Sequence[Tool] = 
     and 4) are offered to the model in `tool_format` (runtime/tools.py: "json" for Llama 3.1, "python_list"
     for 3.2, 3.3 and 4; None: the family's own, tools.DEFAULT_FORMATS), with `choice_prompt` and the date
     line's `date` (today's by default)."""
-    family = tokenizer.family
-    if family in ("llama3", "llama4"):
-        fmt = _tool_format(tool_format, family) if tools or _has_tool_turns(dialog) else None
-        offered = offer_tools(list(dialog), tools, fmt, choice_prompt, date, family)
-        if family == "llama3":
-            return _encode_llama3_dialog(tokenizer, offered, fmt or "json")
-        from .llama4_tokenizer import encode_dialog as encode_llama4_dialog
-
-        return encode_llama4_dialog(tokenizer, offered, fmt or "python_list")
+    family = families.named(tokenizer.family)
+    if family.tools is not None:
+        fmt = _tool_format(tool_format, family.name) if tools or _has_tool_turns(dialog) else None
+        offered = offer_tools(list(dialog), tools, fmt, choice_prompt, date, family.name)
+        return family.encode_dialog(tokenizer, offered, fmt or family.tools.default_format)
     if tools or _has_tool_turns(dialog):
         raise LlamaMPError(f"Tool calling needs a Llama 3.1-3.3 or Llama 4 checkpoint (its tokenizer has the ipython "
-                           f"role); this is a {family} tokenizer, whose chat format here has no tools. Put the "
+                           f"role); this is a {family.name} tokenizer, whose chat format here has no tools. Put the "
                            "tool's description and results in user messages instead.")
-    return _encode_llama2_dialog(tokenizer, dialog)
+    return family.encode_dialog(tokenizer, dialog, None)
 
 
 def _has_tool_turns(dialog: Dialog) -> bool:
     return any(m["role"] in TOOL_ROLES or m.get("tool_calls") for m in dialog)
 
 
-def _encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog) -> List[int]:
-    """Each exchange is `<s>[INST] user [/INST] answer </s>`; a system message goes inside the first
-    user turn, between <<SYS>> tags."""
+def encode_llama2_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: Optional[str] = None) -> List[int]:
+    """Llama 2's chat format (families/llama.py): each exchange is `<s>[INST] user [/INST] answer </s>`; a
+    system message goes inside the first user turn, between <<SYS>> tags. It has no tools (`tool_format`
+    None)."""
     if dialog[0]["role"] == "system":
         dialog = [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}] + dialog[2:]
     tokens: List[int] = []
@@ -163,8 +161,8 @@ def _llama3_header(tokenizer: Tokenizer, role: str) -> List[int]:
             + [tokenizer.special_id("<|end_header_id|>")] + tokenizer.encode("\n\n", bos=False, eos=False))
 
 
-def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str = "json") -> List[int]:
-    """`<|begin_of_text|>`, then per message `<|start_header_id|>role<|end_header_id|>` a blank line, the
+def encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str = "json") -> List[int]:
+    """Llama 3's chat format (families/llama3.py): `<|begin_of_text|>`, then per message `<|start_header_id|>role<|end_header_id|>` a blank line, the
     stripped content and `<|eot_id|>`, then an open assistant header for the model to complete. Markers
     are ids; contents are encoded as plain text. A tool's result has the ipython role; an assistant turn's
     tool calls follow its content as Meta's chat format writes them (runtime/tools.calls_text: code for the
@@ -174,7 +172,7 @@ def _encode_llama3_dialog(tokenizer: Tokenizer, dialog: Dialog, tool_format: str
         tokens += _llama3_header(tokenizer, "ipython" if message["role"] in TOOL_ROLES else message["role"])
         calls, tag, eom = calls_text(message.get("tool_calls") or (), tool_format)
         if tag:
-            tokens.append(tokenizer.special_id(PYTHON_TAG))
+            tokens.append(tokenizer.special_id(families.named(tokenizer.family).tools.code_tags[0]))
         for text in [message["content"].strip()] + calls:
             tokens += tokenizer.encode(text, bos=False, eos=False)
         tokens.append(tokenizer.special_id("<|eom_id|>" if eom else "<|eot_id|>"))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Type
 import torch
 from torch import nn
 
+from .. import families
 from ..errors import LlamaMPError
 from ..quant.scheme import Scheme
 from .model import CacheRows
@@ -194,9 +195,10 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                                f"takes bfloat16 activations, not {str(weight_dtype).replace('torch.', '')}; use "
                                "--dtype bfloat16, or --decoder pytorch.")
         return CompiledDecoder(float_projection_for(device), steps_per_stop_check_for(device), device.type)
-    if family == "llama4" and name == "cpu_kernels":
-        raise LlamaMPError("--decoder cpu_kernels cannot run Llama 4 (the C kernels have no mixture-of-experts, "
-                           "NoPE or chunked attention layers); use --decoder pytorch or static (auto picks pytorch).")
+    kernels_problem = None if family is None else families.named(family).cpu_kernels_problem
+    if kernels_problem and name == "cpu_kernels":
+        raise LlamaMPError(f"--decoder cpu_kernels cannot run {families.named(family).title} ({kernels_problem}); "
+                           "use --decoder pytorch or static (auto picks pytorch).")
     if name == "cpu_kernels":
         dtypes = cpu.WEIGHT_DTYPES if scheme is None else cpu.EMBEDDING_DTYPES
         if device.type != "cpu" or weight_dtype not in dtypes:
@@ -205,6 +207,6 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
                                f"{device.type} with {str(weight_dtype).replace('torch.', '')}; use --decoder auto.")
         cpu.library(required=True)
         return CpuKernelDecoder()
-    if family != "llama4" and cpu.usable(device, weight_dtype, scheme):
+    if not kernels_problem and cpu.usable(device, weight_dtype, scheme):
         return CpuKernelDecoder()
     return Decoder(float_projection_for(device), steps_per_stop_check_for(device))

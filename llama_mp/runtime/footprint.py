@@ -39,6 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import families
 from ..checkpoints import layout
 from ..checkpoints.params import ModelArgs
 from ..dtypes import DTYPES
@@ -75,7 +76,7 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     quantized matrices multiply through torch's packed kernels (`--decoder compiled`), not dequantised."""
     size = DTYPE_BYTES[dtype]
     # Layers are alike: count one, then multiply (Llama 4's MoE and dense layers differ: count them all).
-    alike = args.llama4 is None
+    alike = families.family_of(args).layers_alike
     one_layer = dataclasses.replace(args, n_layers=1) if alike else args
     full, shard = layout.full_shapes(one_layer), layout.shard_shapes(one_layer, ranks)
     embedding_rest = math.prod(full["tok_embeddings.weight"]) - math.prod(shard["tok_embeddings.weight"])

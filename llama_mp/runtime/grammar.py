@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import families
 from ..errors import LlamaMPError
 from .tokenizer import Tokenizer
 from .transfer import upload
@@ -82,7 +83,7 @@ def vocabulary(tokenizer: Tokenizer, ends: Sequence[int]):
 
     key = (tokenizer.path, tuple(ends))
     if key not in _VOCABULARIES:
-        if tokenizer.family in ("llama3", "llama4"):  # tiktoken files, their special ids after the ranks
+        if families.named(tokenizer.family).tokenizer_format == "tiktoken":  # special ids after the ranks
             made = llguidance.tiktoken.lltokenizer_from_encoding(tokenizer.model, n_vocab=tokenizer.n_words, eos_token=list(ends))
         else:
             made = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceForGuidance(tokenizer, ends)),

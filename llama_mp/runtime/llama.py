@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
 
-from .. import distributed
+from .. import distributed, families
 from ..checkpoints.params import load_params
 from ..checkpoints.quantize import refuse_quantized
 from ..checks import described, require_int, require_seconds, require_seed, text_problem
@@ -30,10 +30,6 @@ from .loading import load_checkpoint, ready_on_every_rank
 from .model import Transformer
 from .tokenizer import Tokenizer
 from .tools import Tool, parse_calls
-
-
-FAMILY_NAMES = {"llama": ("LLaMA / Llama 2 / Code Llama", "SentencePiece"), "llama3": ("Llama 3.x", "tiktoken"),
-                "llama4": ("Llama 4", "tiktoken, 2048 special tokens")}
 
 
 def quantize_scheme(quantize: Optional[str], group_size: Optional[int]) -> Optional[Scheme]:
@@ -161,12 +157,12 @@ class Llama:
                 refuse_quantized(params, ckpt_dir)
             loaded["decoder"] = chosen = choose_decoder(decoder, group.device, torch_dtype, scheme or params.scheme,
                                                        params.family)
-            family = params.family
-            if tokenizer.family != family:  # before any weight is read
-                (tok_name, tok_kind), (name, kind) = FAMILY_NAMES[tokenizer.family], FAMILY_NAMES[family]
-                raise LlamaMPError(f"The tokenizer {tokenizer_path!r} is a {tok_name} tokenizer ({tok_kind}), but "
-                                   f"{ckpt_dir!r} holds a {name} model (its params.json says so), which needs a "
-                                   f"{kind} one. Use the tokenizer.model shipped with this checkpoint.")
+            if tokenizer.family != params.family:  # before any weight is read
+                tok, model_family = families.named(tokenizer.family), families.family_of(params)
+                raise LlamaMPError(f"The tokenizer {tokenizer_path!r} is a {tok.title} tokenizer ({tok.tokenizer_text}), "
+                                   f"but {ckpt_dir!r} holds a {model_family.title} model (its params.json says so), "
+                                   f"which needs a {model_family.tokenizer_text} one. Use the tokenizer.model shipped "
+                                   "with this checkpoint.")
             model = load_checkpoint(ckpt_dir, group, torch_dtype, chosen, max_batch_size, max_seq_len, scheme)
             loaded["scheme"] = model.args.scheme
             if tokenizer.n_words > model.args.vocab_size:
@@ -180,8 +176,8 @@ class Llama:
             return model
 
         model = ready_on_every_rank(group, load, max_batch_size, max_seq_len, load_timeout_s)
-        if model.args.llama4 is not None and model.args.llama4.has_vision:
-            log(group, "note: this Llama 4 checkpoint's vision encoder is not read; llama_mp runs its text model.")
+        for note in families.family_of(model.args).loading_notes(model.args):
+            log(group, "note: " + note)
         weights = "" if loaded["scheme"] is None else f"weights {loaded['scheme'].describe()}, "
         log(group, f"Loaded {ckpt_dir} on {group.world_size} rank(s) ({group.backend}, {group.device.type}, "
                    f"{weights}{str(loaded['dtype']).replace('torch.', '')}, {loaded['decoder'].name}) in "

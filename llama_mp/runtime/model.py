@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import families
 from ..checkpoints import layout
 from ..checkpoints.params import ModelArgs
 from ..distributed.collectives import Collectives
@@ -252,11 +253,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, shapes, index: int, comm: Collectives):
         super().__init__()
         prefix = f"layers.{index}."
-        if args.llama4 is not None:
-            from . import llama4
-
-            self.attention = Attention(args, shapes, prefix + "attention.", comm, llama4.layer_kind(args, index))
-            self.feed_forward = llama4.feed_forward(args, shapes, prefix + "feed_forward.", comm, index)
+        own = families.family_of(args).layers_module
+        if own is not None:  # the family's own layers (Llama 4's: runtime/llama4.py)
+            self.attention = Attention(args, shapes, prefix + "attention.", comm, own.layer_kind(args, index))
+            self.feed_forward = own.feed_forward(args, shapes, prefix + "feed_forward.", comm, index)
         else:
             self.attention = Attention(args, shapes, prefix + "attention.", comm)
             self.feed_forward = FeedForward(shapes, prefix + "feed_forward.", comm)
@@ -283,6 +283,9 @@ class Transformer(nn.Module):
         super().__init__()
         assert args.vocab_size > 0, "resolve vocab_size from the checkpoint before building the model"
         self.args = args
+        # Chosen once: a step asks the family for its attention chunk and its layers for the temperature.
+        self.family = families.family_of(args)
+        self.own_layers, self.own_fields = self.family.layers_module, self.family.own_fields(args)
         self.rank, self.world_size = (group.rank, group.world_size) if group is not None else (0, 1)
         self.comm = group.collectives if group is not None else Collectives(0, 1, "none")
         # The holders take the float shapes [out, in]; a quantized model's projections (materialize) then
@@ -428,13 +431,11 @@ class Transformer(nn.Module):
         if not (causal and rows.index is None and (seq == 1 or seq == span)):
             bias = self._attention_bias(positions, span, rows, n, seq)
         chunk_bias, query_scale = bias, None
-        if self.args.llama4 is not None:
-            from . import llama4
-
-            chunk = self.args.llama4.attention_chunk_size
-            if chunk is not None and span > chunk:  # else the chunk holds every key the call reads
-                chunk_bias = self._attention_bias(positions, span, rows, n, seq, chunk)
-            query_scale = llama4.query_scale(self.args.llama4, positions)
+        chunk = self.family.attention_chunk(self.args)
+        if chunk is not None and span > chunk:  # else the chunk holds every key the call reads
+            chunk_bias = self._attention_bias(positions, span, rows, n, seq, chunk)
+        if self.own_layers is not None:
+            query_scale = self.own_layers.query_scale(self.own_fields, positions)
         at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias, chunk_bias, query_scale)
         for layer in self.layers:
             h = layer(h, at)

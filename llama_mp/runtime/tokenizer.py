@@ -15,6 +15,7 @@ import os
 import re
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from .. import families
 from ..errors import LlamaMPError
 
 # Llama 3's special tokens, ids from the number of BPE tokens on (128000 with Meta's file), named as
@@ -79,7 +80,7 @@ class Tokenizer:
 
     Every tokenizer has Meta's `encode(text, bos, eos)` and `decode(ids)` and these attributes:
     `n_words` (ids are 0 .. n_words-1), `bos_id`, `eos_id`, `pad_id`, `stop_ids` (the ids that end
-    generation), `family` ("llama" for LLaMA 1 / Llama 2, "llama3" for Llama 3.x), `special_tokens`
+    generation), `family` (its model family's name, families/: "llama", "llama3", "llama4"), `special_tokens`
     (name -> id) with `special_id(name)`, `text_after(previous, id)` (the text an id adds after another:
     how an alternative token reads in `logprobs`), and `byte_level` (whether each id stands for fixed bytes, which
     is what lets `TextStream` decode incrementally).
@@ -96,11 +97,9 @@ class Tokenizer:
 
     def __new__(cls, model_path: str, family: Optional[str] = None):
         if cls is Tokenizer:  # the factory: pick the class for the file's format (and the model's family)
-            cls = SentencePieceTokenizer
-            if _looks_like_tiktoken(model_path):
-                from .llama4_tokenizer import Llama4Tokenizer, is_llama4_file
-
-                cls = Llama4Tokenizer if is_llama4_file(model_path, family) else TiktokenTokenizer
+            fmt = "tiktoken" if _looks_like_tiktoken(model_path) else "sentencepiece"
+            chosen = families.tokenizer_family(fmt, model_path, family)
+            cls = families.piece(chosen.tokenizer_class)
         return super().__new__(cls)
 
     def encode_naming_specials(self, text: str, bos: bool) -> List[int]:

@@ -41,18 +41,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .. import families
 from ..errors import LlamaMPError
 
 # Meta's BuiltinTool: brave_search, wolfram_alpha and photogen take a query; code_interpreter takes code.
 QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 BUILTIN_TOOLS = QUERY_TOOLS + ("code_interpreter",)
 FORMATS = ("json", "python_list")  # Llama 3.1 (and 3.2 vision) / Llama 3.2 text, 3.3 and 4
-# The format a family calls tools in when none is asked for: Llama 3.1's json (llama-stack's default for a
-# Llama 3 model it cannot name); python_list, the only one Meta's stack offers Llama 4.
-DEFAULT_FORMATS = {"llama3": "json", "llama4": "python_list"}
-PYTHON_TAG = "<|python_tag|>"
-# How each family marks code for the interpreter: (the tag before it, the tag after it or "")
-CODE_TAGS = {"llama3": (PYTHON_TAG, ""), "llama4": ("<|python_start|>", "<|python_end|>")}
+# A family's default format, the formats it has and how it marks code for the interpreter are its
+# families.ToolRules (`_rules`).
 # Llama 3.1's tool calling adds a role for a tool's output: "ipython" in Meta's format ("tool" in Meta's
 # Python API and OpenAI's, written as "ipython"). It answers an assistant turn, which may carry `tool_calls`.
 TOOL_ROLES = ("ipython", "tool")
@@ -153,60 +150,13 @@ def _json_functions(tools: Sequence[Tool]) -> str:
     return text + "\nReturn function calls in JSON format."
 
 
-PYTHON_LIST_PROMPT = (
-    "You are an expert in composing functions. You are given a question and a set of possible functions.\n"
-    "Based on the question, you will need to make one or more function/tool calls to achieve the purpose.\n"
-    "If none of the function can be used, point it out. If the given question lacks the parameters required "
-    "by the function,\nalso point it out. You should only return the function call in tools call sections.\n\n"
-    "If you decide to invoke any of the function(s), you MUST put it in the format of "
-    "[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]\n"
-    "You SHOULD NOT include any other text in the response.\n\n"
-    "Here is a list of functions in JSON format that you can invoke.\n\n")
-
-# Llama 4's (llama-stack's models/llama/llama4/prompt_templates/system_prompts.py, as its Jinja renders it)
-LLAMA4_PYTHON_LIST_PROMPT = (
-    "You are a helpful assistant and an expert in function composition. You can answer general questions using "
-    "your internal knowledge OR invoke functions when necessary. Follow these strict guidelines:\n\n"
-    "1. FUNCTION CALLS:\n"
-    "- ONLY use functions that are EXPLICITLY listed in the function list below\n"
-    "- If NO functions are listed (empty function list []), respond ONLY with internal knowledge or "
-    "\"I don't have access to [Unavailable service] information\"\n"
-    "- If a function is not in the list, respond ONLY with internal knowledge or \"I don't have access to "
-    "[Unavailable service] information\"\n"
-    "- If ALL required parameters are present AND the query EXACTLY matches a listed function's purpose: output "
-    "ONLY the function call(s)\n"
-    "- Use exact format: [func_name1(param1=value1, param2=value2), func_name2(...)]\n"
-    "Examples:\n"
-    "CORRECT: [get_weather(location=\"Vancouver\"), calculate_route(start=\"Boston\", end=\"New York\")] <- Only "
-    "if get_weather and calculate_route are in function list\n"
-    "INCORRECT: get_weather(location=\"New York\")\n"
-    "INCORRECT: Let me check the weather: [get_weather(location=\"New York\")]\n"
-    "INCORRECT: [get_events(location=\"Singapore\")] <- If function not in list\n\n"
-    "2. RESPONSE RULES:\n"
-    "- For pure function requests matching a listed function: ONLY output the function call(s)\n"
-    "- For knowledge questions: ONLY output text\n"
-    "- For missing parameters: ONLY request the specific missing parameters\n"
-    "- For unavailable services (not in function list): output ONLY with internal knowledge or \"I don't have "
-    "access to [Unavailable service] information\". Do NOT execute a function call.\n"
-    "- If the query asks for information beyond what a listed function provides: output ONLY with internal "
-    "knowledge about your limitations\n"
-    "- NEVER combine text and function calls in the same response\n"
-    "- NEVER suggest alternative functions when the requested service is unavailable\n"
-    "- NEVER create or invent new functions not listed below\n\n"
-    "3. STRICT BOUNDARIES:\n"
-    "- ONLY use functions from the list below - no exceptions\n"
-    "- NEVER use a function as an alternative to unavailable information\n"
-    "- NEVER call functions not present in the function list\n"
-    "- NEVER add explanatory text to function calls\n"
-    "- NEVER respond with empty brackets\n"
-    "- Use proper Python/JSON syntax for function calls\n"
-    "- Check the function list carefully before responding\n\n"
-    "4. TOOL RESPONSE HANDLING:\n"
-    "- When receiving tool responses: provide concise, natural language responses\n"
-    "- Don't repeat tool response verbatim\n"
-    "- Don't add supplementary information\n\n"
-    "Here is a list of functions in JSON format that you can invoke:\n")
-PYTHON_LIST_PROMPTS = {"llama3": PYTHON_LIST_PROMPT, "llama4": LLAMA4_PYTHON_LIST_PROMPT}
+def _rules(family: str) -> families.ToolRules:
+    """The tool rules of the family called `family`, or an error if its chat format has none."""
+    found = families.named(family)
+    if found.tools is None:
+        raise LlamaMPError(f"The {found.title} chat format has no tool calling; tools need a Llama 3.1-3.3 or "
+                           "Llama 4 checkpoint.")
+    return found.tools
 
 
 def _python_list_functions(tools: Sequence[Tool], family: str = "llama3") -> str:
@@ -228,7 +178,7 @@ def _python_list_functions(tools: Sequence[Tool], family: str = "llama3") -> str
                 text += f',\n                    "default": "{_jinja_str(prop["default"])}"'
             text += "\n                }" + ("," if i < len(params) - 1 else "")
         text += "\n            }\n        }\n    }" + (",\n    " if j < len(tools) - 1 else "")
-    return PYTHON_LIST_PROMPTS[family] + text + "\n]"
+    return _rules(family).python_list_prompt + text + "\n]"
 
 
 def _jinja_str(value) -> str:
@@ -238,15 +188,16 @@ def _jinja_str(value) -> str:
 
 def tool_format(fmt: Optional[str], family: str) -> str:
     """The format tools are offered in for a tokenizer `family` ("llama3", "llama4"): `fmt`, or the family's
-    own when None (DEFAULT_FORMATS); a LlamaMPError for one the family has not."""
-    fmt = DEFAULT_FORMATS[family] if fmt is None else fmt
+    own when None (its ToolRules.default_format); a LlamaMPError for one the family has not."""
+    rules = _rules(family)
+    fmt = rules.default_format if fmt is None else fmt
     if fmt not in FORMATS:
         raise LlamaMPError(f"The tool format must be one of {FORMATS} (Llama 3.1: json; 3.2, 3.3 and 4: "
                            f"python_list), got {fmt!r}.")
-    if family == "llama4" and fmt != "python_list":
-        raise LlamaMPError(f"Llama 4 calls tools in the pythonic list `[f(a=1), g()]` only (Meta's stack offers it "
-                           f"no other format), but the tool format asked for is {fmt!r}: ask for python_list, "
-                           "or leave the format out.")
+    if fmt not in rules.formats:
+        raise LlamaMPError(f"{families.named(family).title} calls tools in {rules.formats_text} only (Meta's "
+                           f"stack offers it no other format), but the tool format asked for is {fmt!r}: ask "
+                           f"for {' or '.join(rules.formats)}, or leave the format out.")
     return fmt
 
 
@@ -318,9 +269,9 @@ def calls_text(calls: Sequence[ToolCall], fmt: str, family: str = "llama3") -> T
     them: it waits for the tool), `<|eot_id|>` any other. Llama 4: no tag, and `<|eom|>` ending any turn
     that calls. Several pythonic calls are one list, as the model writes them (Meta's code writes each as a
     list of its own)."""
-    llama4 = family == "llama4"
-    eom = bool(calls) and (llama4 or calls[0].name in BUILTIN_TOOLS)
-    tag = bool(calls) and not llama4 and calls[0].name == "code_interpreter"
+    rules = _rules(family)
+    eom = bool(calls) and (rules.eom_after_any_call or calls[0].name in BUILTIN_TOOLS)
+    tag = bool(calls) and rules.code_interpreter_tag and calls[0].name == "code_interpreter"
     if fmt == "python_list" and len(calls) > 1 and not any(c.name in BUILTIN_TOOLS for c in calls):
         return ["[" + ", ".join(call_text(c, fmt)[1:-1] for c in calls) + "]"], tag, eom
     return [call_text(c, fmt) for c in calls], tag, eom
@@ -358,9 +309,9 @@ def _python_list(text: str) -> Optional[List[Tuple[str, dict]]]:
 
 
 def parse_calls(text: str, family: str = "llama3") -> Tuple[str, List[ToolCall]]:
-    """(content, calls) of an assistant answer's text (its code tags, CODE_TAGS[family], written as their
-    names), by Meta's rules (see the module's docstring). With calls, the content is ""."""
-    start, end = CODE_TAGS[family]
+    """(content, calls) of an assistant answer's text (its code tags, the family's ToolRules.code_tags,
+    written as their names), by Meta's rules (see the module's docstring). With calls, the content is ""."""
+    start, end = _rules(family).code_tags
     content = text.strip(" ")
     ipython = content.startswith(start)
     if ipython:

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional, Sequence, Tuple
 
+from .. import families
 from ..checks import MAX_BATCH, MAX_SIZE, MAX_TOKENS, Domain, OptionError, described, is_finite_number, is_int, is_number
 from ..errors import LlamaMPError
 from ..runtime.chat import UNSAFE_ERROR, check_dialog, encode_dialog, has_special_tags
@@ -113,7 +114,7 @@ class Job:
     echo_texts: List[str] = field(default_factory=list)  # completions with echo: each prompt's text
     tools: List[Tool] = field(default_factory=list)  # chat: the tools the answer may call (none: text only)
     parallel_tool_calls: bool = True                 # chat: whether an answer may make several calls
-    family: str = "llama3"                           # chat with tools: whose rules read the calls (tools.CODE_TAGS)
+    family: str = "llama3"                           # chat with tools: whose rules read the calls (families/)
     id: str = ""
     created: int = 0
 
@@ -614,7 +615,7 @@ def _guided(body: dict) -> Optional[str]:
 def _asking_for(dialog: List[dict], request: str, tokenizer: Tokenizer) -> List[dict]:
     """`dialog` with `request` after it: llama-stack's last user message in Llama 3's and 4's formats; in
     Llama 2's, whose turns must alternate, the end of the last user message (after a blank line)."""
-    if tokenizer.family in ("llama3", "llama4"):
+    if not families.named(tokenizer.family).text_turn_markers:
         return dialog + [{"role": "user", "content": request}]
     return dialog[:-1] + [dict(dialog[-1], content=dialog[-1]["content"] + "\n\n" + request)]
 
@@ -754,7 +755,7 @@ def tokenizer_info(tokenizer: Tokenizer, limits: Limits) -> dict:
     """vLLM's GET /tokenizer_info: the tokenizer's settings in the names of Hugging Face's tokenizer_config.json
     (lm-eval reads `eos_token` and `bos_token`, then finds their ids with /tokenize)."""
     names = {i: name for name, i in tokenizer.special_tokens.items()}
-    return {"tokenizer_class": "LlamaTokenizer" if tokenizer.family == "llama" else "PreTrainedTokenizerFast",
+    return {"tokenizer_class": families.named(tokenizer.family).hf_tokenizer_class,
             "bos_token": names.get(tokenizer.bos_id), "eos_token": names.get(tokenizer.eos_id),
             "pad_token": names.get(tokenizer.pad_id), "model_max_length": limits.max_seq_len,
             "vocab_size": tokenizer.n_words, "add_bos_token": True, "add_eos_token": False}
