@@ -114,13 +114,13 @@ def logits_and_greedy(cases, tokenizer_path, prompts, steps, max_seq_len=64):
     return out
 
 
-def greedy_in_slots(ckpt_dir, tokenizer_path, prompts, slots, steps, decoder, max_batch_size=3):
+def greedy_in_slots(ckpt_dir, tokenizer_path, prompts, slots, steps, decoder, max_batch_size=3, max_seq_len=64):
     """Greedy ids of each prompt as the server's batch loop decodes them: prompt i prefilled into cache row
     slots[i] on its own, then every row one token per call at its own position (scattered rows)."""
     from workers import build
 
     with one_thread(), torch.inference_mode():
-        llama = build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=max_batch_size, decoder=decoder)
+        llama = build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size, decoder=decoder)
         model, ids = llama.model, []
         for prompt, slot in zip(prompts, slots):
             ids.append([int(model.greedy_next(model.hidden_in_slot(torch.tensor([prompt]), slot))[0])])

@@ -261,6 +261,16 @@ def test_the_servers_scattered_rows_match_transformers(l4, reference, l4_tokeniz
     assert ids == reference[1]
 
 
+@pytest.mark.spawn  # inductor starts processes of its own
+def test_the_compiled_step_decodes_transformers_ids(l4, reference, l4_tokenizer_path):
+    """--decoder compiled on Llama 4's layers (MoE with its shared expert, dense, NoPE and chunked ones; the
+    8-token prompt decodes into its second chunk): one row of 16 positions, a single graph to compile."""
+    _, _, dirs, prompts = l4
+    assert len(prompts[2]) + STEPS <= 16
+    assert greedy_in_slots(dirs[1], l4_tokenizer_path, prompts[2:], [0], STEPS, "compiled", max_batch_size=1,
+                           max_seq_len=16) == reference[1][2:]
+
+
 @pytest.mark.spawn
 @pytest.mark.parametrize("world_size,shards", [(2, (2, 1)), (4, (4, 2))])
 def test_ranks_match_transformers_from_any_shard_count(l4, reference, one_rank, l4_tokenizer_path, world_size, shards):

@@ -267,9 +267,11 @@ def int4_pack_problem(in_features: int, out_features: int, device: torch.device,
 
 
 def _projections(model: "Transformer") -> List[Projection]:
+    """Every projection of the model: the output layer's and those its layers' modules hold, whatever the
+    layer kind (Llama's feed-forward, Llama 4's dense one or its MoE's shared expert)."""
     out = [model.logits_of]
     for layer in model.layers:
-        out += [layer.attention.qkv, layer.attention.out, layer.feed_forward.gate_up, layer.feed_forward.down]
+        out += [v for module in layer.modules() for v in vars(module).values() if isinstance(v, Projection)]
     return out
 
 
