@@ -189,6 +189,11 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
     if name == "compiled":
         from .compiled import CompiledDecoder
 
+        if family == "llama4" and scheme is not None:
+            from .llama4 import COMPILED_QUANTIZED_PROBLEM
+
+            raise LlamaMPError(COMPILED_QUANTIZED_PROBLEM)
+
         if scheme is not None and scheme.mode == "int4" and device.type == "cuda" and weight_dtype != torch.bfloat16:
             raise LlamaMPError(f"--decoder compiled multiplies int4 weights on CUDA with torch's int4 kernel, which "
                                f"takes bfloat16 activations, not {str(weight_dtype).replace('torch.', '')}; use "

@@ -105,6 +105,10 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
         raise LlamaMPError(f"Unknown --decoder {decoder!r}; use one of {', '.join(DECODERS)}.")
     packed = decoder == "compiled"
     args = quantized_args(args, name, quantize, group_size)
+    if packed and args.llama4 is not None and args.scheme is not None:
+        from ..runtime.llama4 import COMPILED_QUANTIZED_PROBLEM
+
+        raise LlamaMPError(COMPILED_QUANTIZED_PROBLEM)
     for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
         require_int(flag, value, low)
     if not is_number(gpu_mem_gb) or gpu_mem_gb <= 0:
