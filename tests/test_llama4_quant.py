@@ -122,7 +122,7 @@ def test_loading_and_the_tool_give_the_same_integers_on_any_rank_count(q4, mode,
     folder = the tool writing N shards."""
     args, _, dirs, _, _ = q4
     whole = checkpoint.load_shard(checkpoint.shard_paths(dirs[mode])[0])
-    for ranks in (1, 2, 4) if mode == "int8" else (1, 2):
+    for ranks in (2, 4) if mode == "int8" else (2,):  # (one rank: the same logits exactly, test_one_rank_...)
         for rank in range(ranks):
             slices = QuantizingSlices(dirs[2], load_params(dirs[2]), rank, ranks, SCHEMES[mode])
             assert set(slices.keys()) == set(whole)
