@@ -3,6 +3,7 @@
 
 import contextlib
 
+import numpy as np
 import torch
 
 from llama_mp.checkpoints.llama4 import expert_hidden_dim
@@ -97,15 +98,15 @@ def hf_logits_and_greedy(model, prompt, steps):
 
 
 def logits_and_greedy(cases, tokenizer_path, prompts, steps, max_seq_len=64):
-    """For each (checkpoint dir, decoder) in `cases`: rank 0's all-position logits of prompts[0] (None on
-    the other ranks), greedy ids of all prompts and seeded samples of them."""
+    """For each (checkpoint dir, decoder[, --quantize mode]) in `cases`: rank 0's all-position logits of
+    prompts[0] (None on the other ranks), greedy ids of all prompts and seeded samples of them."""
     from workers import build
 
     out = []
     with one_thread():
-        for ckpt_dir, decoder in cases:
+        for ckpt_dir, decoder, *quantize in cases:
             llama = build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(prompts),
-                          decoder=decoder)
+                          decoder=decoder, quantize=quantize[0] if quantize else None)
             with torch.inference_mode():
                 logits = llama.model(torch.tensor([prompts[0]]), 0, all_positions=True)
             ids, _ = llama.generate(prompts, steps, temperature=0.0)
@@ -131,3 +132,20 @@ def greedy_in_slots(ckpt_dir, tokenizer_path, prompts, slots, steps, decoder, ma
             for row, t in zip(ids, chosen.tolist()):
                 row.append(t)
     return ids
+
+
+def until_stop(ids, stops):
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def check_against_reference(results, reference, stops):
+    """`logits_and_greedy`'s results against (reference logits of prompts[0], reference greedy ids): logits
+    within 1e-4 (float32), the same ids up to the first stop."""
+    ref_logits, ref_ids = reference
+    for logits, ids, _ in results:
+        if logits is not None:
+            np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4)
+        assert ids == [until_stop(r, stops) for r in ref_ids]

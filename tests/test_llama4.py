@@ -7,11 +7,11 @@ import io
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
-from llama4_helpers import greedy_in_slots, hf_logits_and_greedy, hf_model, logits_and_greedy, tiny_args
+from llama4_helpers import (check_against_reference, greedy_in_slots, hf_logits_and_greedy, hf_model,
+                            logits_and_greedy, tiny_args)
 from llama_mp.checkpoints import layout
 from llama_mp.checkpoints import meta as checkpoint
 from llama_mp.checkpoints.llama4 import expert_hidden_dim
@@ -79,21 +79,6 @@ def reference(l4):
     model = hf_model(args, state)
     logits = hf_logits_and_greedy(model, prompts[0], 0)[0]
     return logits, [hf_logits_and_greedy(model, p, STEPS)[1] for p in prompts]
-
-
-def until_stop(ids, stops):
-    for i, t in enumerate(ids):
-        if t in stops:
-            return ids[:i]
-    return ids
-
-
-def check_against_reference(results, reference, stops):
-    ref_logits, ref_ids = reference
-    for logits, ids, _ in results:
-        if logits is not None:
-            np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-4)
-        assert ids == [until_stop(r, stops) for r in ref_ids]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,14 +324,17 @@ def test_wrong_tokenizer_for_llama4_is_refused(l4, tmp_path):
 from test_host_syncs import K, _count_steps, _mark_model, syncs  # noqa: E402,F401 - the fixture too
 
 
-@pytest.mark.parametrize("decoder", ["pytorch", "static"])
-def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syncs, monkeypatch, decoder):  # noqa: F811
+@pytest.mark.parametrize("decoder,quantize", [("pytorch", None), ("static", None), ("static", "int8")])
+def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syncs, monkeypatch, decoder,  # noqa: F811
+                                                      quantize):
+    """Also with quantized experts (int8: dequantised per step, only the chosen ones while decoding)."""
     from llama4_helpers import one_thread
     from workers import build
 
     _, _, dirs, prompts = l4
     with one_thread():
-        llama = build(dirs[1], l4_tokenizer_path, max_seq_len=64, max_batch_size=2, decoder=decoder)
+        llama = build(dirs[1], l4_tokenizer_path, max_seq_len=64, max_batch_size=2, decoder=decoder,
+                      quantize=quantize)
         _mark_model(llama.model)
         monkeypatch.setattr(llama.model.decoder, "steps_per_stop_check", K)
         monkeypatch.setattr(llama.engine, "stop_ids", [])

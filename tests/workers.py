@@ -7,9 +7,10 @@ from llama_mp import Llama
 GLOO = dict(backend="gloo", device="cpu")
 
 
-def build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="float32", seed=1, decoder="auto"):
+def build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, dtype="float32", seed=1, decoder="auto",
+          quantize=None):
     return Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, seed=seed, dtype=dtype,
-                       decoder=decoder_of(decoder), **GLOO)
+                       decoder=decoder_of(decoder), quantize=quantize, **GLOO)
 
 
 def decoder_of(spec):

@@ -26,7 +26,10 @@ weights along the output rows (column-parallel: dim 0; wk and wv by the kv `piec
 matrix (wo, w2) is split along its inputs: its int8 scales cover whole rows and are replicated in every
 shard, its int4 scales are per group of inputs and split along dim 1, so with int4 every rank's slice of
 those inputs must be whole groups (`valid_world_sizes`). `quantized_dtype` says which dtype each
-quantized tensor must have.
+quantized tensor must have. A family with a layout of its own names its quantized matrices and their
+scales (Llama 4: llama4.QUANTIZED_LINEARS, SCALES_NAMES); its routed experts are stacks of [in, out]
+matrices (`stacked_experts`), stored as quant/experts.py says, whose inputs run along dim 0
+(`input_dim`): their scales follow the same rule with the roles of the dims swapped.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 from .. import families
 from ..checks import is_int
 from ..errors import LlamaMPError
+from ..quant import experts as quantized_experts
 from ..quant.scheme import INT4_GROUP_SIZES, Scheme
 from .params import ModelArgs
 
@@ -65,13 +69,15 @@ def is_vision_key(key) -> bool:
 # Per model family (families/): the dimension each tensor is split along (None: replicated), keys inside
 # a layer without their "layers.N." prefix, in Family.split_dims. A family whose layout is a module of its
 # own (Family.layout: Llama 4's checkpoints/llama4.py) gives SPLIT_DIMS, IGNORED_LAYER_NAMES, MODEL_NAMES,
-# full_shapes, splits, split_message, segments, split_tensor, merge_tensors and QUANTIZE_PROBLEM.
+# full_shapes, splits, split_message, segments, split_tensor, merge_tensors, and for quantizing QUANTIZED_LINEARS,
+# SCALES_NAMES, stacked_experts and quantized_inputs.
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Cut by kv head, and replicated once there are more ranks than kv heads.
 _KV_KEYS = frozenset({"attention.wk.weight", "attention.wv.weight", "attention.wk.scales", "attention.wv.scales"})
 # The matrices a quantized checkpoint stores as integers (in a layer; and the output layer, always int8).
 QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
                      "feed_forward.w2", "feed_forward.w3")
+_QUANTIZED_WEIGHTS = frozenset(name + ".weight" for name in QUANTIZED_LINEARS)
 OUTPUT_SCHEME = Scheme("int8")
 
 
@@ -89,27 +95,59 @@ def split_dims(args: Optional[ModelArgs]):
 
 def split_dim(key: str, args: Optional[ModelArgs]) -> Optional[int]:
     """The dimension along which `key` is split across shards, or None if it is replicated."""
-    m = _LAYER_KEY.match(key)
-    name = m.group(2) if m else key
-    if name.endswith(".scales"):
+    if key.endswith(".scales"):
         scheme = scheme_of(key, args)
         if scheme is None:
             raise KeyError(key)  # a float model has no scales, like any other unknown key
-        if split_dims(args)[name[:-len(".scales")] + ".weight"] == 0:
-            return 0
-        return None if scheme.mode == "int8" else 1  # int8: whole-row scales, replicated
-    return split_dims(args)[name]
+        weight = weight_key(key, args)
+        dim = split_dim(weight, args)
+        if dim != input_dim(weight, args):
+            return dim  # split by outputs: the scales with them
+        return None if scheme.mode == "int8" else dim  # int8: whole-row scales, replicated
+    m = _LAYER_KEY.match(key)
+    return split_dims(args)[m.group(2) if m else key]
+
+
+def scales_key(key: str, args: Optional[ModelArgs]) -> str:
+    """The key of the scales of quantized weight `key`: `<name>.scales` for `<name>.weight`, and for a
+    family's tensors named otherwise their model's name so (Llama 4: llama4.SCALES_NAMES)."""
+    own, m = own_layout(args), _LAYER_KEY.match(key)
+    if own is not None and m and m.group(2) in own.SCALES_NAMES:
+        return f"layers.{m.group(1)}.{own.SCALES_NAMES[m.group(2)]}"
+    return key[:-len(".weight")] + ".scales"
+
+
+def weight_key(key: str, args: Optional[ModelArgs]) -> str:
+    """Inverse of `scales_key`: the weight scaled by `.scales` key `key`."""
+    own, m = own_layout(args), _LAYER_KEY.match(key)
+    if own is not None and m:
+        for weight, scales in own.SCALES_NAMES.items():
+            if scales == m.group(2):
+                return f"layers.{m.group(1)}.{weight}"
+    return key[:-len(".scales")] + ".weight"
+
+
+def stacked_experts(key: str, args: Optional[ModelArgs]) -> Optional[int]:
+    """The number of experts E when weight `key` is a stack of E expert matrices [E * in, out] stored as
+    quant/experts.py says (Llama 4's routed experts), else None (a matrix [out, in])."""
+    own, m = own_layout(args), _LAYER_KEY.match(key)
+    return own.stacked_experts(m.group(2), args) if own is not None and m else None
+
+
+def input_dim(key: str, args: Optional[ModelArgs]) -> int:
+    """The dimension of weight `key` along which its inputs run: 1 for [out, in], 0 for stacked experts."""
+    return 0 if stacked_experts(key, args) else 1
 
 
 def scheme_of(key: str, args: Optional[ModelArgs]) -> Optional[Scheme]:
     """The scheme tensor `key` (a weight or its `.scales`) is stored in, or None for a float tensor."""
     if args is None or args.scheme is None:
         return None
-    base = key.rsplit(".", 1)[0]
-    if base == "output":
+    weight = weight_key(key, args) if key.endswith(".scales") else key
+    if weight == "output.weight":
         return OUTPUT_SCHEME
-    m = _LAYER_KEY.match(base)
-    return args.scheme if m and m.group(2) in QUANTIZED_LINEARS else None
+    m, own = _LAYER_KEY.match(weight), own_layout(args)
+    return args.scheme if m and m.group(2) in (_QUANTIZED_WEIGHTS if own is None else own.QUANTIZED_LINEARS) else None
 
 
 def quantized_dtype(key: str, args: Optional[ModelArgs]) -> Optional[torch.dtype]:
@@ -129,10 +167,10 @@ def element_size(key: str, args: Optional[ModelArgs], float_size: int) -> int:
 
 def scheme_problem(args: ModelArgs, scheme: Scheme) -> Optional[str]:
     """Why `scheme` cannot quantize this model's layers (int4 groups that do not divide the inputs of a
-    linear layer: dim for wq wk wv wo w1 w3, the FFN width for w2), or None."""
-    if own_layout(args) is not None and own_layout(args).QUANTIZE_PROBLEM:
-        return own_layout(args).QUANTIZE_PROBLEM
-    for what, inputs in (("dim", args.dim), ("FFN width", args.ffn_hidden_dim)):
+    linear layer: dim for wq wk wv wo w1 w3, the FFN width for w2; a family's own: `quantized_inputs`), or None."""
+    own = own_layout(args)
+    rows = (("dim", args.dim), ("FFN width", args.ffn_hidden_dim)) if own is None else own.quantized_inputs(args)
+    for what, inputs in rows:
         if not scheme.divides(inputs):
             fitting = [str(g) for g in INT4_GROUP_SIZES if inputs % g == 0]
             return (f"int4 groups of {scheme.group_size} do not divide the model's {what} {inputs}, the length of "
@@ -161,7 +199,8 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """Shape of every tensor of the whole (unsplit) model, in Meta's key order."""
     assert args.vocab_size > 0, "full_shapes needs a known vocab_size"
     if own_layout(args) is not None:
-        return own_layout(args).full_shapes(args)
+        shapes = own_layout(args).full_shapes(args)
+        return shapes if args.scheme is None else _quantized_shapes(shapes, args)
     d, hidden, kv = args.dim, args.ffn_hidden_dim, args.kv_heads * args.head_dim
     shapes: Dict[str, Tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
@@ -184,15 +223,19 @@ def full_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
 
 def _quantized_shapes(shapes: Dict[str, Tuple[int, ...]], args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
     """`shapes` of a float model as a quantized checkpoint stores them: integer weights, each followed
-    by its `.scales`."""
+    by its `.scales` (stacked experts as quant/experts.py stores them)."""
     out: Dict[str, Tuple[int, ...]] = {}
     for key, shape in shapes.items():
         scheme = scheme_of(key, args)
+        experts = stacked_experts(key, args)
         if scheme is None:
             out[key] = shape
-            continue
-        out[key] = scheme.weight_shape(*shape)
-        out[key[:-len(".weight")] + ".scales"] = scheme.scale_shape(*shape)
+        elif experts:
+            out[key] = quantized_experts.weight_shape(scheme, *shape)
+            out[scales_key(key, args)] = quantized_experts.scale_shape(scheme, experts, *shape)
+        else:
+            out[key] = scheme.weight_shape(*shape)
+            out[scales_key(key, args)] = scheme.scale_shape(*shape)
     return out
 
 

@@ -1,6 +1,6 @@
 """Llama 4 (Scout 17B-16E, Maverick 17B-128E, text): everything in which its checkpoints differ from
-Llama 1/2/3, in one place. params.py asks here for the fields, layout.py (registered in its
-OWN_LAYOUTS) and meta.py for the layout once they know the family (`ModelArgs.llama4` is set).
+Llama 1/2/3, in one place. params.py asks here for the fields, layout.py (as families/llama4.py's
+Family.layout) and meta.py for the layout once they know the family (`ModelArgs.llama4` is set).
 
 * params.json: Meta's Llama 4 fields (`moe_args`, `nope_layer_interval`, `attention_chunk_size`,
   `use_qk_norm`, `use_scaled_rope` with Meta's Llama 4 defaults, `attn_temperature_tuning` /
@@ -20,6 +20,9 @@ OWN_LAYOUTS) and meta.py for the layout once they know the family (`ModelArgs.ll
   never reads: meta.load_shard drops the first, `IGNORED_LAYER_NAMES` the second (and layout.py the
   vision encoder's weights). Meta's unfused names (its model's parameter names: `experts.w1`, `wq`...)
   are read as the shipped ones (`fused_names`).
+* Quantized (`args.scheme`): the same tensors with every linear layer as integers, the routed experts
+  included (stacks of [in, out] matrices quantized expert by expert, quant/experts.py), each followed
+  by its scales (`QUANTIZED_LINEARS`, `SCALES_NAMES`); router, norms and embedding stay float.
 * The model's own names for the tensors whose checkpoint names are not `<module>.weight`
   (`MODEL_NAMES`): the runtime (runtime/llama4.py) holds the norms as attention_norm / ffn_norm, like
   every other family, and the experts and mlp matrices as `<name>.weight`.
@@ -234,28 +237,62 @@ MODEL_NAMES = {
 }
 
 
-QUANTIZE_PROBLEM = "llama_mp cannot quantize Llama 4 yet (its experts have no quantized layout); load it in bfloat16"
+# Quantized (args.scheme): every linear layer of every transformer layer, the routed experts included, as
+# layout.py says; the router, the norms and the embedding stay float. Beside each quantized weight its
+# scales, under the model's name of the weight with `.scales` for `.weight` (`mlp.fc1.scales` for
+# `mlp.fc1_weight`, `experts.moe_w_in_eD_F.scales`). The routed experts are stacks of [in, out] matrices,
+# quantized expert by expert along each one's own inputs (quant/experts.py).
+_EXPERTS = ("feed_forward.experts.moe_w_in_eD_F", "feed_forward.experts.moe_w_swiglu_eD_F",
+            "feed_forward.experts.moe_w_out_eF_D")
+QUANTIZED_LINEARS = ("attention.wqkv.weight", "attention.wo.weight", "feed_forward.mlp.fc1_weight",
+                     "feed_forward.mlp.fc2_weight", "feed_forward.w_in_shared_FD.weight",
+                     "feed_forward.w_swiglu_FD.weight", "feed_forward.w_out_shared_DF.weight") + _EXPERTS
+SCALES_NAMES = {name: MODEL_NAMES.get(name, name)[:-len(".weight")] + ".scales" for name in QUANTIZED_LINEARS}
+
+
+def stacked_experts(name: str, args) -> Optional[int]:
+    """E for the routed experts' weights (stacks of E [in, out] matrices), None for any other tensor."""
+    return args.llama4.num_experts if name in _EXPERTS else None
+
+
+def quantized_inputs(args) -> List[Tuple[str, int]]:
+    """(what, length) of the inputs of the quantized matrices, which int4 groups cut: dim (wqkv, wo, fc1, the
+    experts' w_in and w_swiglu), the dense FFN width (fc2) and the experts' width F (w_out, shared and routed).
+    The last three are split over ranks too, so each rank's slice of them must be whole groups (`splits`)."""
+    rows = [("dim", args.dim)]
+    if any(not args.llama4.is_moe_layer(i) for i in range(args.n_layers)):
+        rows.append(("dense FFN width", args.ffn_hidden_dim))
+    if args.llama4.num_experts is not None:
+        rows.append(("experts' width F", expert_hidden_dim(args)))
+    return rows
 
 
 def segments(name: str, args) -> Optional[List[int]]:
     """For a tensor made of parts that are each split on their own along its split dim, the parts'
-    sizes in the whole tensor (shard i holds part 0's i-th piece, then part 1's, ...); else None."""
+    sizes in the whole tensor (shard i holds part 0's i-th piece, then part 1's, ...); else None. The
+    scales of a fused matrix split as its rows; a quantized expert stack's rows per expert are its
+    stored ones (int4: half the inputs, or one scale row per group)."""
+    from ..quant import experts as quantized_experts
+
     hd = args.head_dim
-    if name == "attention.wqkv.weight":
+    weight = next((w for w, scales in SCALES_NAMES.items() if scales == name), name)
+    if weight == "attention.wqkv.weight":
         return [args.n_heads * hd, args.kv_heads * hd, args.kv_heads * hd]
-    if name == "feed_forward.mlp.fc1_weight":
+    if weight == "feed_forward.mlp.fc1_weight":
         return [args.ffn_hidden_dim] * 2
-    if name == "feed_forward.experts.moe_w_out_eF_D":
-        return [expert_hidden_dim(args)] * args.llama4.num_experts
+    if weight == "feed_forward.experts.moe_w_out_eF_D":
+        rows = expert_hidden_dim(args)  # each expert's inputs: its rows of the float stack
+        if args.scheme is not None and name != weight:
+            rows = quantized_experts.scale_shape(args.scheme, 1, rows, 1)[0]
+        elif args.scheme is not None:
+            rows = quantized_experts.weight_shape(args.scheme, rows, 1)[0]
+        return [rows] * args.llama4.num_experts
     return None
 
 
 def full_shapes(args) -> Dict[str, Tuple[int, ...]]:
-    """Shape of every tensor of the whole (unsplit) Llama 4 text model, in Meta's key order."""
-    from ..errors import LlamaMPError
-
-    if args.scheme is not None:
-        raise LlamaMPError(QUANTIZE_PROBLEM + " without --quantize.")
+    """Shape of every tensor of the whole (unsplit) Llama 4 text model as float weights, in Meta's key order
+    (layout.full_shapes gives a quantized model's from them)."""
     d, hd, l4 = args.dim, args.head_dim, args.llama4
     shapes: Dict[str, Tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
     for i in range(args.n_layers):
@@ -369,19 +406,30 @@ def split_rules(args) -> List[Tuple[str, int]]:
     return rules
 
 
+def _group_size(args) -> int:
+    return args.scheme.group_size if args.scheme is not None and args.scheme.mode == "int4" else 1
+
+
 def splits(args, n: int) -> bool:
     """Whether `n` ranks or shards split this Llama 4 evenly: every query and kv head, the embedding,
     the vocabulary, the dense FFN and every expert's F (each holds F/n of every expert, as Meta's
-    shards do). Unlike Llama 2/3, kv heads are never replicated over more ranks than there are."""
-    return 1 <= n <= args.n_heads and all(size % n == 0 for _, size in split_rules(args))
+    shards do). Unlike Llama 2/3, kv heads are never replicated over more ranks than there are. With
+    int4 weights each slice of the split inputs (`quantized_inputs`) must also be whole groups."""
+    group = _group_size(args)
+    return (1 <= n <= args.n_heads and all(size % n == 0 for _, size in split_rules(args))
+            and all(size % n == 0 and (size // n) % group == 0 for _, size in quantized_inputs(args)))
 
 
 def split_message(args, count, subject: str, unit: str, valid: List[int], advice: str) -> str:
     rules = ", ".join(f"{what} {size}" for what, size in split_rules(args))
     plural = "es" if unit == "process" else "s"
+    group = _group_size(args)
+    groups = "" if group == 1 else (
+        f"; with int4 weights in groups of {group}, each {unit}'s slice of the "
+        + ", ".join(f"{what} {size}" for what, size in quantized_inputs(args)) + " must also be whole groups")
     return (f"{subject}, a Llama 4 model ({rules}), cannot be split over {count!r} {unit}{plural}: each of those "
-            f"must divide evenly by the count (every {unit} holds its slice of every expert, as Meta's shards do). "
-            f"Valid {unit} counts: {valid}.{advice}")
+            f"must divide evenly by the count (every {unit} holds its slice of every expert, as Meta's shards do)"
+            f"{groups}. Valid {unit} counts: {valid}.{advice}")
 
 
 def split_tensor(tensor, dim: int, segs: List[int], parts: int, part: int):

@@ -127,7 +127,7 @@ class ModelArgs:
             raise ValueError("parameter_count needs a known vocab_size")
         if families.family_of(self).layout is not None:
             from .layout import full_shapes
-            return sum(math.prod(shape) for shape in full_shapes(self).values())
+            return sum(math.prod(shape) for shape in full_shapes(self.with_scheme(None)).values())  # weights, not bytes
         d, h = self.dim, self.ffn_hidden_dim
         kv = self.kv_heads * self.head_dim
         per_layer = d * d * 2 + 2 * d * kv + 3 * d * h + 2 * d

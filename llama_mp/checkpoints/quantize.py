@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from ..errors import LlamaMPError
+from ..quant import experts as quantized_experts
 from ..quant.scheme import Scheme, parse_scheme, quantize
 from . import layout
 from . import meta as checkpoint
@@ -48,13 +49,28 @@ def quantize_into(weight: torch.Tensor, scheme: Scheme, q_out: torch.Tensor, sca
         scales_out[start:stop].copy_(scales)
 
 
-def whole_row_max(key: str, shards: List[checkpoint.StateDict]) -> torch.Tensor:
-    """max |w| of each whole row of row-parallel matrix `key`, from every shard's piece of its inputs."""
+def quantize_weight_into(key: str, args: ModelArgs, weight: torch.Tensor, q_out: torch.Tensor,
+                         scales_out: torch.Tensor, row_max: Optional[torch.Tensor] = None) -> None:
+    """Quantize float weight `key` (a rank's share of it) into its stored integers and scales as `args.scheme`
+    lays them out: a matrix by rows (`quantize_into`), a stack of experts expert by expert (quant/experts.py)."""
+    scheme, experts = layout.scheme_of(key, args), layout.stacked_experts(key, args)
+    if experts:
+        quantized_experts.quantize_into(weight, experts, scheme, q_out, scales_out, row_max, CHUNK_VALUES)
+    else:
+        quantize_into(weight, scheme, q_out, scales_out, row_max)
+
+
+def whole_row_max(key: str, shards: List[checkpoint.StateDict], experts: Optional[int] = None) -> torch.Tensor:
+    """max |w| of each whole row of row-parallel matrix `key`, from every shard's piece of its inputs (a stack
+    of `experts` [in, out] matrices split along their inputs: of each expert's output, [experts, out])."""
     result: Optional[torch.Tensor] = None
     for sd in shards:
         piece = sd[key]
-        rows = max(1, CHUNK_VALUES // max(1, piece.shape[1]))
-        m = torch.cat([piece[s:s + rows].float().abs().amax(dim=1) for s in range(0, piece.shape[0], rows)])
+        if experts:
+            m = quantized_experts.input_max(piece, experts)
+        else:
+            rows = max(1, CHUNK_VALUES // max(1, piece.shape[1]))
+            m = torch.cat([piece[s:s + rows].float().abs().amax(dim=1) for s in range(0, piece.shape[0], rows)])
         result = m if result is None else torch.maximum(result, m)
     return result
 
@@ -90,6 +106,7 @@ class QuantizingSlices:
         layout.require_split(self.args, world_size, f"This checkpoint ({ckpt_dir}) quantized to {scheme.describe()}",
                              "process", " Run with torchrun --nproc_per_node one of those.")
         self.ckpt_dir, self.rank, self.world_size = ckpt_dir, rank, world_size
+        self._stored = layout.shard_shapes(self.args, world_size)  # this rank's integers and scales
         self._all_shards: Optional[List[checkpoint.StateDict]] = None
         self._scales: Dict[str, torch.Tensor] = {}
 
@@ -97,24 +114,25 @@ class QuantizingSlices:
         return list(layout.full_shapes(self.args))
 
     def _row_max(self, key: str, scheme: Scheme) -> Optional[torch.Tensor]:
-        """Whole-row maxima for a row-parallel int8 matrix split over several shards or ranks, else None."""
-        if scheme.mode != "int8" or layout.split_dim(key, self.args) != 1:
+        """Whole-row maxima for a row-parallel int8 matrix (split along its inputs) split over several shards
+        or ranks, else None."""
+        if scheme.mode != "int8" or layout.split_dim(key, self.args) != layout.input_dim(key, self.args):
             return None
         if self._all_shards is None:
             self._all_shards = [checkpoint.load_shard(p) for p in checkpoint.shard_paths(self.ckpt_dir)]
         if len(self._all_shards) == 1 and self.world_size == 1:
             return None  # the rows are whole already
-        return whole_row_max(key, self._all_shards)
+        return whole_row_max(key, self._all_shards, layout.stacked_experts(key, self.args))
 
     def _quantize_weight(self, key: str, dest: Optional[torch.Tensor]) -> torch.Tensor:
-        scheme = layout.scheme_of(key, self.args)
+        scheme, scales_key = layout.scheme_of(key, self.args), layout.scales_key(key, self.args)
         weight = self.source.tensor(key)
         self.source.require_finite(key, weight)  # NaN would quantize to integers that look sound
         if dest is None:
-            dest = torch.empty(scheme.weight_shape(*weight.shape), dtype=scheme.weight_dtype)
-        scales = torch.empty(scheme.scale_shape(*weight.shape), dtype=scheme.scale_dtype)
-        quantize_into(weight, scheme, dest, scales, self._row_max(key, scheme))
-        self._scales[key[:-len(".weight")] + ".scales"] = scales
+            dest = torch.empty(self._stored[key], dtype=scheme.weight_dtype)
+        scales = torch.empty(self._stored[scales_key], dtype=scheme.scale_dtype)
+        quantize_weight_into(key, self.args, weight, dest, scales, self._row_max(key, scheme))
+        self._scales[scales_key] = scales
         return dest
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -125,7 +143,7 @@ class QuantizingSlices:
             return share
         if key.endswith(".scales"):
             if key not in self._scales:
-                self._quantize_weight(key[:-len(".scales")] + ".weight", None)
+                self._quantize_weight(layout.weight_key(key, self.args), None)
             return self._scales.pop(key)
         return self._quantize_weight(key, None)
 

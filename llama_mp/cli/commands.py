@@ -156,7 +156,9 @@ def quantize(src: str, dst: str, mode: str, group_size: Optional[int] = None, mp
              overwrite: bool = False) -> None:
     """Write a quantized copy of the float Meta checkpoint SRC into a new folder DST (--mode int8|int4).
 
-    Every linear layer of every transformer layer (wq wk wv wo w1 w2 w3) is stored as --mode says:
+    Every linear layer of every transformer layer (wq wk wv wo w1 w2 w3; Llama 4: wqkv, wo, the dense
+    fc1/fc2, the shared expert and every routed expert, each expert along its own inputs; its router
+    stays float) is stored as --mode says:
     int8 with one float32 scale per output row, or int4 (two per byte) with one bfloat16 scale per
     --group_size inputs (32, the default, 64 or 128; each group's scale the least-squared-error one,
     never worse than round-to-nearest). The output layer is int8 per row in both modes; the embedding and

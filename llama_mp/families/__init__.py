@@ -63,6 +63,7 @@ class Family:
     text_turn_markers: bool = False  # turns marked by text ([INST]): a guard on dialogs, and turns alternate
     vocab_in_params: bool = False    # Meta's params.json states vocab_size (else -1, from the checkpoint)
     cpu_kernels_problem: Optional[str] = None    # why the C decode kernels (kernels/) cannot run it
+    compiled_quantized_problem: Optional[str] = None  # why --decoder compiled cannot run it quantized
     own_params: Optional[OwnParams] = None       # its own params.json fields, if any
     split_dims: Optional[Dict[str, Optional[int]]] = None  # the split of each tensor in the common layout
     layout: Optional[str] = None     # else: "module" of a layout of its own (checkpoints/layout.py)
@@ -77,8 +78,9 @@ class Family:
     rope_scale: Callable[[Any], float] = lambda args: 8.0           # scaled rope's stretch, unless in params
     rope_high_freq_factor: Callable[[Any], float] = lambda args: 4.0
     # Model pieces (runtime/model.py): "module" of its own layers, which gives layer_kind(args, index) ->
-    # LayerKind, feed_forward(args, shapes, prefix, comm, index) -> nn.Module and query_scale(own params
-    # fields, positions) -> a step's query temperature or None; None: Llama's own layers.
+    # LayerKind, feed_forward(args, shapes, prefix, comm, index) -> nn.Module, query_scale(own params
+    # fields, positions) -> a step's query temperature or None, and dequantized_bytes(args, ranks, dtype
+    # size) -> the most a quantized layer dequantises at once (footprint.py); None: Llama's own layers.
     layers: Optional[str] = None
     attention_chunk: Callable[[Any], Optional[int]] = lambda args: None  # positions a RoPE layer sees
     loading_notes: Callable[[Any], List[str]] = lambda args: []  # said once a checkpoint is loaded

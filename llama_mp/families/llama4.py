@@ -106,6 +106,11 @@ FAMILY = Family(
     tools=TOOLS,
     vocab_in_params=True,
     cpu_kernels_problem="the C kernels have no mixture-of-experts, NoPE or chunked attention layers",
+    compiled_quantized_problem=(
+        "--decoder compiled cannot run a quantized Llama 4: its packed int8/int4 products have no layout for the "
+        "routed experts (stacks of [in, out] matrices quantized expert by expert), and `llama-mp plan` cannot "
+        "count them. Use --decoder pytorch or static (auto picks pytorch), which multiply by the dequantised "
+        "experts."),
     own_params=OwnParams(attribute="llama4", fields=fields.FIELDS, is_in=fields.is_llama4,
                          with_defaults=fields.with_defaults, parse=fields.parse_fields),
     layout="checkpoints.llama4",

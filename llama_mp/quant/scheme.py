@@ -170,19 +170,20 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of `pack_int4`: int8 values in [-8, 7], [out, in]."""
-    out_features, half = packed.shape
-    blocks = packed.view(out_features, half // (BLOCK // 2), BLOCK // 2)
+    """Inverse of `pack_int4`: int8 values in [-8, 7], [..., out, in] (leading dims: a stack of matrices)."""
+    *lead, half = packed.shape
+    blocks = packed.reshape(*lead, half // (BLOCK // 2), BLOCK // 2)
     low, high = blocks & 0x0F, blocks >> 4
-    return (torch.cat([low, high], dim=-1).to(torch.int8) - 8).view(out_features, half * 2)
+    return (torch.cat([low, high], dim=-1).to(torch.int8) - 8).view(*lead, half * 2)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, scheme: Scheme,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The float matrix [out, in] a quantized one stands for: each value times its float32 scale."""
+    """The float matrix [out, in] a quantized one stands for: each value times its float32 scale. Leading
+    dims are a stack of such matrices (q [..., out, in or in / 2], scales [..., out] or [..., out, in / g])."""
     if scheme.mode == "int8":
-        return (q.float() * scales.float()[:, None]).to(dtype)
+        return (q.float() * scales.float()[..., None]).to(dtype)
     values = unpack_int4(q).float()
-    out_features, in_features = values.shape
-    grouped = values.view(out_features, -1, scheme.group_size) * scales.float()[..., None]
-    return grouped.view(out_features, in_features).to(dtype)
+    *lead, in_features = values.shape
+    grouped = values.view(*lead, -1, scheme.group_size) * scales.float()[..., None]
+    return grouped.view(*lead, in_features).to(dtype)

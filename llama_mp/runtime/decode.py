@@ -190,6 +190,9 @@ def choose_decoder(name, device: torch.device, weight_dtype: torch.dtype,
     if name == "compiled":
         from .compiled import CompiledDecoder
 
+        problem = None if family is None or scheme is None else families.named(family).compiled_quantized_problem
+        if problem:
+            raise LlamaMPError(problem)
         if scheme is not None and scheme.mode == "int4" and device.type == "cuda" and weight_dtype != torch.bfloat16:
             raise LlamaMPError(f"--decoder compiled multiplies int4 weights on CUDA with torch's int4 kernel, which "
                                f"takes bfloat16 activations, not {str(weight_dtype).replace('torch.', '')}; use "

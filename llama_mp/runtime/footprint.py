@@ -16,7 +16,8 @@ Per-rank memory is estimated as the sum of
   - logits: every rank gathers the full vocabulary in float32, plus one float32 copy for sampling:
     2 * batch * vocab * 4 bytes;
   - a quantized model's products: the portable path makes the dequantised matrix of one (fused)
-    projection at a time in the dtype; the packed one (`--decoder compiled`) makes none, but keeps each
+    projection at a time in the dtype (or, if larger, what a family's own layers dequantise at once, their
+    `dequantized_bytes`: Llama 4's block of routed experts); the packed one (`--decoder compiled`) makes none, but keeps each
     matrix's scales again in the dtype (int4: the kernel's table of scales and zeros, twice their
     count) and repacks each int4 matrix once at load (6 bytes a weight for the largest, transiently);
   - activations of the largest step (the prompt, up to max_seq_len tokens): per token, about four
@@ -92,7 +93,11 @@ def estimate(args: ModelArgs, ranks: int, dtype: str, batch: int, seq: int, cach
     activations = batch * seq * per_token
     if args.scheme is not None and not packed:  # the portable path dequantises one (fused) matrix at a time
         rows = max(shard["output.weight"][0], 2 * args.ffn_hidden_dim // ranks)  # the output layer, or w1|w3
-        activations += rows * args.dim * size
+        dequantized = rows * args.dim * size
+        own_layers = families.family_of(args).layers_module
+        if own_layers is not None:  # or what a family's own layers dequantise at once (Llama 4's experts)
+            dequantized = max(dequantized, own_layers.dequantized_bytes(args, ranks, size))
+        activations += dequantized
     elif args.scheme is not None:
         shard = layout.shard_shapes(one_layer.with_scheme(None), ranks)  # the float shapes [out, in]
         weights += args.n_layers * _packed_extra(args, shard, dtype) + shard["output.weight"][0] * size

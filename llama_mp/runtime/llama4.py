@@ -16,6 +16,12 @@ Routing needs no host read: a step with at most E / 3 (token, choice) pairs (dec
 gathers only the chosen experts' slices and multiplies by them; a longer call (a prompt chunk, a large
 batch) runs every expert on every token with the unchosen ones' inputs scaled by 0 (exactly Meta's
 reference), which costs E / top_k times the routed FLOPs but no data-dependent shapes.
+
+Quantized (`--quantize`, or a quantized folder): attention, the dense layers and the shared expert are the
+decoder's quantized projections, like any family's; the routed experts keep their integers and scales in
+the stored layout (quant/experts.py) and each call multiplies by the dequantised matrices of the experts
+it reads (the chosen ones when it gathers, else all), `DEQUANTIZED_VALUES` float values of one matrix at
+a time at most: correct everywhere, fast nowhere, like the portable dense path. The router stays float.
 """
 
 from __future__ import annotations
@@ -29,12 +35,28 @@ from torch import nn
 from ..checkpoints.llama4 import Llama4Args
 from ..checkpoints.params import ModelArgs
 from ..distributed.collectives import Collectives
-from ..errors import LlamaMPError
+from ..quant import experts as quantized_experts
 from ..quant.scheme import Scheme
 from .model import FeedForward, LayerKind, Weight, swiglu
 
 if TYPE_CHECKING:
     from .decode import Decoder
+
+# The most values of one routed matrix dequantised at once (whole experts, one at least): 64 MiB in float32.
+DEQUANTIZED_VALUES = 1 << 24
+_EXPERT_NAMES = ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D")
+
+
+def dequantized_bytes(args: ModelArgs, ranks: int, dtype_size: int) -> int:
+    """Working memory of a quantized MoE call on one of `ranks` ranks (for footprint.py): one block of
+    dequantised experts (`DEQUANTIZED_VALUES` per matrix, or one whole expert's slice if larger), for each
+    of the three matrices, in float32 on the way and in the activation dtype; 0 without routed experts."""
+    from ..checkpoints.llama4 import expert_hidden_dim
+
+    if args.llama4.num_experts is None:
+        return 0
+    per_expert = args.dim * expert_hidden_dim(args) // ranks
+    return 3 * max(DEQUANTIZED_VALUES, per_expert) * (4 + dtype_size)
 
 
 def layer_kind(args: ModelArgs, index: int) -> LayerKind:
@@ -78,29 +100,40 @@ class DenseMLP(FeedForward):
 class MoE(nn.Module):
     """A mixture-of-experts layer of this rank: the router (replicated), its F/N slice of every routed
     expert, in Meta's stored layout (`experts.moe_w_in_eD_F` [E*dim, F/N], `moe_w_swiglu_eD_F` likewise,
-    `moe_w_out_eF_D` [E*F/N, dim]), and of the shared expert."""
+    `moe_w_out_eF_D` [E*F/N, dim]; quantized: integers and `scales` as quant/experts.py stores them), and
+    of the shared expert."""
 
     def __init__(self, args: ModelArgs, shapes, prefix: str, comm: Collectives):
         super().__init__()
         self.num_experts, self.top_k, self.comm = args.llama4.num_experts, args.llama4.top_k, comm
         self.router_DE = Weight(shapes[prefix + "router_DE.weight"])
         self.experts = nn.Module()
-        for name in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"):
+        for name in _EXPERT_NAMES:
             setattr(self.experts, name, Weight(shapes[prefix + f"experts.{name}.weight"]))
         self.w_in_shared_FD, self.w_swiglu_FD, self.w_out_shared_DF = (
             Weight(shapes[prefix + f"{name}.weight"]) for name in ("w_in_shared_FD", "w_swiglu_FD", "w_out_shared_DF"))
         self.shared_gate_up = self.shared_down = None
+        self.scheme: Optional[Scheme] = None  # how the routed experts are stored (None: in the model dtype)
+        self.values_per_expert = 0
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device,
                     scheme: Optional[Scheme] = None) -> None:
-        if scheme is not None:
-            raise LlamaMPError("llama_mp cannot quantize Llama 4's experts yet; load the model without --quantize.")
-        self.shared_gate_up = decoder.projection([self.w_in_shared_FD, self.w_swiglu_FD], dtype, device)
-        self.shared_down = decoder.projection([self.w_out_shared_DF], dtype, device)
-        for holder in (self.router_DE, self.experts.moe_w_in_eD_F, self.experts.moe_w_swiglu_eD_F,
-                       self.experts.moe_w_out_eF_D):
-            holder.weight = nn.Parameter(torch.empty(holder.weight.shape, dtype=dtype, device=device),
-                                         requires_grad=False)
+        self.shared_gate_up = decoder.projection([self.w_in_shared_FD, self.w_swiglu_FD], dtype, device, scheme)
+        self.shared_down = decoder.projection([self.w_out_shared_DF], dtype, device, scheme)
+        self.router_DE.weight = nn.Parameter(torch.empty(self.router_DE.weight.shape, dtype=dtype, device=device),
+                                             requires_grad=False)
+        self.scheme = scheme
+        for name in _EXPERT_NAMES:
+            holder = getattr(self.experts, name)
+            rows, cols = holder.weight.shape
+            self.values_per_expert = rows * cols // self.num_experts  # of this rank's slice of one matrix
+            if scheme is None:
+                holder.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False)
+                continue
+            holder.weight = nn.Parameter(torch.empty(quantized_experts.weight_shape(scheme, rows, cols),
+                                                     dtype=scheme.weight_dtype, device=device), requires_grad=False)
+            holder.scales = nn.Parameter(torch.empty(quantized_experts.scale_shape(scheme, self.num_experts, rows, cols),
+                                                     dtype=scheme.scale_dtype, device=device), requires_grad=False)
 
     def gathers(self, pairs: int) -> bool:
         """Whether a call with `pairs` (token, choice) pairs reads only the chosen experts: gathering copies
@@ -112,8 +145,8 @@ class MoE(nn.Module):
         experts are chosen when it gathers; every expert is read otherwise)."""
         if not self.gathers(rows * self.top_k):
             return 0
-        size = sum(getattr(self.experts, name).weight.numel() * getattr(self.experts, name).weight.element_size()
-                   for name in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"))
+        size = sum(t.numel() * t.element_size() for name in _EXPERT_NAMES
+                   for t in getattr(self.experts, name).parameters())  # weights, and scales if quantized
         return size * (self.num_experts - rows * self.top_k) // self.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,18 +154,35 @@ class MoE(nn.Module):
         tokens = x.reshape(-1, dim)                                                   # [a, D]
         scores, chosen = torch.topk(tokens @ self.router_DE.weight, self.top_k, dim=-1)  # [a, k]
         gates = torch.sigmoid(scores.float()).to(x.dtype)
-        w_in = self.experts.moe_w_in_eD_F.weight.view(e, dim, -1)                     # [E, D, F/N]
-        w_swiglu = self.experts.moe_w_swiglu_eD_F.weight.view(e, dim, -1)
-        w_out = self.experts.moe_w_out_eF_D.weight.view(e, -1, dim)                   # [E, F/N, D]
         out = swiglu(self.shared_gate_up, self.shared_down, tokens)
         if self.gathers(chosen.numel()):  # few tokens (decoding): only the chosen experts' slices are read
-            which = chosen.reshape(-1)
             routed_in = (tokens[:, None, :] * gates[..., None]).reshape(-1, 1, dim)   # [a*k, 1, D]
-            middle = F.silu(torch.bmm(routed_in, w_in[which])) * torch.bmm(routed_in, w_swiglu[which])
-            out = out + torch.bmm(middle, w_out[which]).view(tokens.shape[0], -1, dim).sum(dim=1)
+            out = out + self._experts(routed_in, chosen.reshape(-1)).view(tokens.shape[0], -1, dim).sum(dim=1)
         else:  # every expert on every token, the unchosen ones' inputs scaled by 0
             weights = torch.zeros(tokens.shape[0], e, dtype=x.dtype, device=x.device).scatter_(1, chosen, gates)
             routed_in = weights.t()[:, :, None] * tokens[None]                          # [E, a, D]
-            middle = F.silu(torch.bmm(routed_in, w_in)) * torch.bmm(routed_in, w_swiglu)
-            out = out + torch.bmm(middle, w_out).sum(dim=0)
+            out = out + self._experts(routed_in, None).sum(dim=0)
         return self.comm.all_sum(out.view(shape))
+
+    def _experts(self, routed_in: torch.Tensor, which: Optional[torch.Tensor]) -> torch.Tensor:
+        """[n, rows, D]: SwiGLU expert which[i] (None: expert i) of this rank's slices on routed_in[i].
+        Float experts are read in place (gathered: copied); quantized ones are dequantised a block of
+        whole experts at a time, in the activation dtype, and dropped."""
+        n = routed_in.shape[0]
+        block = n if self.scheme is None else max(1, DEQUANTIZED_VALUES // self.values_per_expert)
+        parts = []
+        for start in range(0, n, block):
+            pick = slice(start, start + block) if which is None else which[start:start + block]
+            w_in, w_swiglu, w_out = (self._matrices(getattr(self.experts, name), pick, routed_in.dtype)
+                                     for name in _EXPERT_NAMES)      # [b, D, F/N] x 2, [b, F/N, D]
+            x = routed_in[start:start + block]
+            parts.append(torch.bmm(F.silu(torch.bmm(x, w_in)) * torch.bmm(x, w_swiglu), w_out))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _matrices(self, stack: nn.Module, pick, dtype: torch.dtype) -> torch.Tensor:
+        """The experts `pick` (a slice or indices) of one stack as float [b, in, out]."""
+        experts = stack.weight.view(self.num_experts, -1, stack.weight.shape[1])[pick]
+        if self.scheme is None:
+            return experts
+        scales = stack.scales.view(self.num_experts, -1, stack.scales.shape[1])[pick]
+        return quantized_experts.dequantize(experts, scales, self.scheme, dtype)

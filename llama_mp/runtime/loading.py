@@ -20,6 +20,7 @@ from ..checkpoints.quantize import quantize_into, rank_slices, require_scheme_fi
 from ..checkpoints.synth import random_tensor
 from ..distributed import Group, agree
 from ..errors import LlamaMPError
+from ..quant import experts as quantized_experts
 from ..quant.scheme import Scheme
 from .decode import Decoder
 from .footprint import require_fit
@@ -84,11 +85,18 @@ def random_model(args: ModelArgs, group: Group, dtype: torch.dtype, decoder: Dec
             if quantized is None:
                 for rows in target.split(1024):  # float32 draws of a few MiB, converted as they are copied
                     rows.copy_(random_tensor(key, rows.shape, full[key][-1], g))
-            elif key.endswith(".weight"):  # its .scales are written with it
-                scales, (out, inputs) = targets[key[:-len(".weight")] + ".scales"], local[key]
-                for start in range(0, out, 1024):
-                    stop = min(start + 1024, out)
-                    quantize_into(random_tensor(key, (stop - start, inputs), full[key][-1], g), quantized,
+            elif not key.endswith(".scales"):  # its .scales are written with it
+                scales, (rows, cols) = targets[layout.scales_key(key, args)], local[key]
+                experts = layout.stacked_experts(key, args)
+                if experts:  # a stack of experts [E * in, out]: one expert's [in, out] at a time
+                    for e in range(experts):
+                        quantized_experts.quantize_into(
+                            random_tensor(key, (rows // experts, cols), full[key][-1], g), 1, quantized,
+                            target.view(experts, -1, cols)[e], scales.view(experts, -1, cols)[e])
+                    continue
+                for start in range(0, rows, 1024):
+                    stop = min(start + 1024, rows)
+                    quantize_into(random_tensor(key, (stop - start, cols), full[key][-1], g), quantized,
                                   target[start:stop], scales[start:stop])
     return model
 

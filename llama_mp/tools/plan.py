@@ -13,6 +13,7 @@ import functools
 import json
 from typing import Dict, List, Optional
 
+from .. import families
 from ..checkpoints import layout
 from ..checkpoints import meta as checkpoint
 from ..checkpoints.params import ModelArgs, load_params, load_preset, preset_names
@@ -105,6 +106,9 @@ def make_plan(args: ModelArgs, name: str, gpus: int, gpu_mem_gb: float, dtype: s
         raise LlamaMPError(f"Unknown --decoder {decoder!r}; use one of {', '.join(DECODERS)}.")
     packed = decoder == "compiled"
     args = quantized_args(args, name, quantize, group_size)
+    problem = families.family_of(args).compiled_quantized_problem
+    if packed and args.scheme is not None and problem:
+        raise LlamaMPError(problem)
     for flag, value, low in (("--gpus", gpus, 1), ("--max_seq_len", max_seq_len, 2), ("--max_batch_size", max_batch_size, 1)):
         require_int(flag, value, low)
     if not is_number(gpu_mem_gb) or gpu_mem_gb <= 0:
