@@ -10,16 +10,18 @@ tokens), and it computes each mask lazily from a context-free grammar. It is kep
 used by llama.cpp, vLLM and SGLang.
 
 A `Constraint` lives on rank 0 with its sequence: before each choice it has consumed every token chosen
-so far (`catch_up`) and gives the ids allowed next, or those banned (`limits`, whichever are fewer, on the
-logits' device), which `sampling.choose_from_logits` applies with the row's other adjustments. The
-server's scheduler computes them on a thread of its own while the step computes. Ending the answer (a stop
-token) is allowed only where the grammar is complete.
+so far (`catch_up`) and gives the ids it excludes next (`excluded`: a [vocab] bool mask, unpacked from the
+bitmask llguidance writes into the constraint's own buffer), which `sampling.choose_from_logits` applies
+with the row's other adjustments, in place. The server's scheduler computes them when the step asks for
+its rows' settings: after the step's forward is queued, so on a GPU they overlap it; on a CPU the forward
+is already done, and no thread of their own competes with the ranks for the cores. Ending the answer (a
+stop token) is allowed only where the grammar is complete.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -131,6 +133,7 @@ class Constraint:
         if self.matcher.is_error():
             raise LlamaMPError(f"The grammar cannot be used: {self.matcher.get_error()}")
         self.consumed = 0      # tokens of the answer fed to the matcher
+        self.words = np.zeros((self.vocab + 31) // 32, dtype=np.uint32)  # the mask: one bit per id, reused
         self.failed: Optional[str] = None  # why it stopped constraining (a token it refused)
 
     def catch_up(self, tokens: Sequence[int]) -> None:
@@ -140,18 +143,18 @@ class Constraint:
                 self.failed = self.matcher.get_error() or f"token {token} was not allowed"
             self.consumed += 1
 
-    def limits(self, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(allowed ids, banned ids) of the next choice, on `device`, whichever set is the smaller (the other
-        None): outside a string a few structural tokens, inside one nearly every token, so either way the
-        logits are changed at few places. (None, None) when the constraint no longer applies (it failed,
-        which a matcher never does on tokens from its own masks)."""
+    def excluded(self, device) -> Optional[torch.Tensor]:
+        """The ids the next choice may not take: a [vocab] bool tensor on `device`, True where excluded (outside a
+        string most of the vocabulary, inside one a few ids). None when the constraint no longer applies (it
+        failed, which a matcher never does on tokens from its own masks)."""
         if self.failed is not None or self.matcher.is_error():
-            return None, None
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        mask = np.unpackbits(bits, bitorder="little")[:self.vocab].view(bool)
-        allowed = np.flatnonzero(mask)
-        if not len(allowed):  # the grammar is over (an end was chosen and the answer goes on: ignore_eos)
-            allowed = np.array(self.ends, dtype=np.int64)
-        if 2 * len(allowed) <= self.vocab:
-            return upload(torch.from_numpy(allowed), device), None
-        return None, upload(torch.from_numpy(np.flatnonzero(~mask)), device)
+            return None
+        words = self.words
+        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        if not words.any():  # the grammar is over (an end was chosen and the answer goes on: ignore_eos)
+            for end in self.ends:
+                words[end >> 5] |= np.uint32(1 << (end & 31))
+        np.invert(words, out=words)  # set bits: the excluded ids
+        # bit i of word k is id 32k + i: the words' bytes low to high, each byte's bits low to high
+        bits = np.unpackbits(words.astype("<u4", copy=False).view(np.uint8), count=self.vocab, bitorder="little")
+        return upload(torch.from_numpy(bits.view(bool)), device, torch.bool)
