@@ -59,7 +59,7 @@ def choice(tok, constrained, steps=96):
         sampling = list(rows)
         for i, g in enumerate(grammars):
             g.catch_up(answers[i])
-            sampling[i] = replace(rows[i], excluded=g.excluded("cpu"))
+            sampling[i] = replace(rows[i], logit_cap=g.logit_cap("cpu"))
         ids = choose_from_logits(logits, sampling).ids.tolist()
         times.append(time.perf_counter() - started)
         for i, t in enumerate(ids):

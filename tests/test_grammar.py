@@ -1,6 +1,6 @@
 """A grammar's mask (runtime/grammar.Constraint) and its application where the token is chosen
-(runtime/sampling.choose_from_logits), against llguidance's own bitmask read bit by bit: the excluded ids
-are exactly those llguidance does not allow (the ends once the grammar is over), a greedy row takes the
+(runtime/sampling.choose_from_logits), against llguidance's own bitmask read bit by bit: the cap is +inf
+at exactly the ids llguidance allows (the ends once the grammar is over) and -inf elsewhere, a greedy row takes the
 likeliest allowed id and a sampled row only allowed ones, in both tokenizer families, and the answers
 validate against their schema."""
 
@@ -47,13 +47,13 @@ def test_only_what_the_grammar_allows_is_chosen_greedy_or_sampled(tok):
         rows, allowed = [], []
         for c, s, answer in zip(constraints, settings, answers):
             c.catch_up(answer)
-            excluded = c.excluded("cpu")
-            assert excluded.dtype == torch.bool and excluded.shape == (tok.n_words,)
+            cap = c.logit_cap("cpu")
+            assert cap.dtype == torch.float32 and cap.shape == (tok.n_words,)
             allowed.append(allowed_by_llguidance(c, tok.n_words))
-            assert torch.equal(~excluded, allowed[-1])
+            assert torch.equal(cap == float("inf"), allowed[-1]) and torch.equal(cap == float("-inf"), ~allowed[-1])
             if set(answer) & set(ends):  # over: it may only end again (ignore_eos)
                 assert torch.flatten(torch.nonzero(allowed[-1])).tolist() == ends
-            rows.append(replace(s, excluded=excluded))
+            rows.append(replace(s, logit_cap=cap))
         ids = choose_from_logits(logits.clone(), rows).ids.tolist()
         assert ids[0] == int(logits[0].masked_fill(~allowed[0], float("-inf")).argmax())
         assert allowed[1][ids[1]]
@@ -73,15 +73,15 @@ def test_rows_that_adjust_change_their_own_logits_and_the_logprobs_stay_the_mode
     leaves the other rows' alone, and scores the chosen ids by the model's own softmax."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
     original = logits.clone()
-    excluded = torch.ones(50, dtype=torch.bool)
-    excluded[[4, 9]] = False
-    rows = [RowSampling(0.0, logprobs=1), RowSampling(0.0, excluded=excluded, logprobs=1),
+    cap = torch.full((50,), float("-inf"))
+    cap[[4, 9]] = float("inf")
+    rows = [RowSampling(0.0, logprobs=1), RowSampling(0.0, logit_cap=cap, logprobs=1),
             RowSampling(0.7, generator=make_generator("cpu", 1), ban=torch.tensor([int(original[2].argmax())]))]
     choice = choose_from_logits(logits, rows)
     assert choice.ids[0] == original[0].argmax() and choice.ids[1] == (4 if original[1, 4] > original[1, 9] else 9)
     assert choice.ids[2] != original[2].argmax()
     assert torch.equal(logits[0], original[0])
-    assert torch.equal(logits[1], original[1].masked_fill(excluded, float("-inf")))
+    assert torch.equal(logits[1], original[1].masked_fill(cap < 0, float("-inf")))
     assert logits[2, original[2].argmax()] == float("-inf")
     expected = torch.log_softmax(original, -1).gather(-1, choice.ids[:, None])[:, 0]
     torch.testing.assert_close(choice.logprobs, expected, rtol=0, atol=0)

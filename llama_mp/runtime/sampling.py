@@ -81,14 +81,15 @@ class RowSampling:
     # (logit_bias). `counts` [vocab] float: how often each id was chosen so far, which `choose_from_logits`
     # adds this step's choice to; with it, `presence_penalty` is taken from every id chosen before and
     # `frequency_penalty` times its count. `ban` [n] ids: never chosen (stop tokens before min_tokens).
-    # `excluded` [vocab] bool: True at the ids that may not be chosen (a grammar's mask, runtime/grammar.py).
+    # `logit_cap` [vocab]: each logit is capped at it, +inf where a grammar allows the id (its logit stays what
+    # it is) and -inf where it excludes it (runtime/grammar.py).
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     bias: Optional[torch.Tensor] = None
     counts: Optional[torch.Tensor] = None
     ban: Optional[torch.Tensor] = None
-    excluded: Optional[torch.Tensor] = None
+    logit_cap: Optional[torch.Tensor] = None
 
     @property
     def greedy(self) -> bool:
@@ -96,8 +97,9 @@ class RowSampling:
 
     @property
     def adjusts(self) -> bool:
-        """Whether the logits are changed before the choice (bias, penalties, banned or excluded ids)."""
-        return self.bias is not None or self.counts is not None or self.ban is not None or self.excluded is not None
+        """Whether the logits are changed before the choice (bias, penalties, banned ids, a grammar's cap)."""
+        return self.bias is not None or self.counts is not None or self.ban is not None or \
+            self.logit_cap is not None
 
     @property
     def needs_logits(self) -> bool:
@@ -167,7 +169,7 @@ def choose_from_logits(logits: torch.Tensor, rows: Sequence[RowSampling], forced
 
 def _adjust(logits: torch.Tensor, rows: Sequence[RowSampling]) -> None:
     """Change `logits` in place into those the choice is made from: rows that ask for it get their bias
-    added, penalties taken and banned ids (and those a grammar excludes) at -inf (see `RowSampling`)."""
+    added, penalties taken, banned ids at -inf and a grammar's cap applied (see `RowSampling`)."""
     for i, r in enumerate(rows):
         if not r.adjusts:
             continue
@@ -178,8 +180,8 @@ def _adjust(logits: torch.Tensor, rows: Sequence[RowSampling]) -> None:
             row -= r.presence_penalty * (r.counts > 0) + r.frequency_penalty * r.counts
         if r.ban is not None:
             row.index_fill_(0, r.ban, float("-inf"))
-        if r.excluded is not None:
-            row.masked_fill_(r.excluded, float("-inf"))
+        if r.logit_cap is not None:
+            row.clamp_(max=r.logit_cap)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,

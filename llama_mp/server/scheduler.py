@@ -426,9 +426,9 @@ class Scheduler:
         return list(self.by_slot.values()) + (list(in_flight[1].values()) if in_flight is not None else [])
 
     def _sampling_of(self, slots: Sequence[int]) -> List[RowSampling]:
-        """Each row's settings, from its own request; a constrained row's with the ids its grammar excludes
-        (runtime/grammar.Constraint: the grammar takes the tokens chosen so far, the last from the step in
-        flight, and gives its mask). The step asks once its forward is queued: on a GPU the grammar's work
+        """Each row's settings, from its own request; a constrained row's with the cap its grammar puts on the
+        logits (runtime/grammar.Constraint: the grammar takes the tokens chosen so far, the last from the
+        step in flight, and gives its mask). The step asks once its forward is queued: on a GPU the grammar's work
         overlaps the forward; on a CPU the forward has run on this thread, and the grammar adds its own time
         only, where a thread of its own would take a core (and this interpreter's lock) from the ranks
         while they compute (docs/server.md, "What constrained rows cost the others")."""
@@ -438,7 +438,7 @@ class Scheduler:
             sampling = seq.sampling
             if seq.constraint is not None:
                 seq.constraint.catch_up(seq.answer + self._in_flight_token(seq))
-                sampling = replace(sampling, excluded=seq.constraint.excluded(self.device))
+                sampling = replace(sampling, logit_cap=seq.constraint.logit_cap(self.device))
             rows.append(sampling)
         return rows
 
