@@ -138,6 +138,7 @@ class Constraint:
         # the mask, one bit per id, rewritten each step: bit i of word k is id 32k + i, so byte j of the
         # words (little-endian) holds ids 8j to 8j + 7, its bit i id 8j + i
         self.words = np.zeros((self.vocab + 31) // 32, dtype="<u4")
+        self.bytes = torch.from_numpy(self.words.view(np.uint8))  # the same memory
         self.index = torch.empty(self.words.nbytes, dtype=torch.int32, device="cpu")  # its bytes, as table rows
         self.caps: Optional[torch.Tensor] = None  # [bytes, 8] on the logits' device, made at the first step
         self.failed: Optional[str] = None  # why it stopped constraining (a token it refused)
@@ -162,7 +163,7 @@ class Constraint:
                 words[end >> 5] |= np.uint32(1 << (end & 31))
         # each mask byte's 8 caps from a table (no per-id branch: a masked_fill by a bool mask is ~10x slower),
         # into buffers made once (fresh ones cost page faults, as much again)
-        self.index.copy_(torch.from_numpy(words.view(np.uint8)))
+        self.index.copy_(self.bytes)
         table = _cap_table(device)
         if self.caps is None or self.caps.device != table.device:
             self.caps = torch.empty((len(self.index), 8), dtype=torch.float32, device=table.device)
