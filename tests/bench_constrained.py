@@ -4,7 +4,7 @@
 Two measurements, with Meta's Llama 3 tokenizer (128256 ids, the vocabulary the grammar masks):
 
 1. Rank 0's token choice for a batch of 4 sampled rows, alone and with 2 of them constrained (the grammar's
-   state, its limits and the changed logits), one torch thread: `choice` below.
+   state, its mask and the changed logits), one torch thread: `choice` below.
 2. A 2-rank CPU server of a tiny random-weight Llama 3 model (dim 64: the vocabulary-wide work of a step is
    most of it, so a mask's cost shows as large as it can), 4 streamed answers of 96 tokens (ignore_eos) at
    once: batch A, 4 unconstrained; batch B, 2 unconstrained and 2 json_schema ones (which stay in the batch
@@ -59,8 +59,7 @@ def choice(tok, constrained, steps=96):
         sampling = list(rows)
         for i, g in enumerate(grammars):
             g.catch_up(answers[i])
-            allowed, banned = g.limits("cpu")
-            sampling[i] = replace(rows[i], allowed=allowed, ban=banned)
+            sampling[i] = replace(rows[i], logit_cap=g.logit_cap("cpu"))
         ids = choose_from_logits(logits, sampling).ids.tolist()
         times.append(time.perf_counter() - started)
         for i, t in enumerate(ids):

@@ -270,6 +270,27 @@ def test_the_servers_batch_loop_reads_each_step_one_step_late_and_nothing_else(b
     assert all(read_at == made + 1 for _, made, read_at in late[:-1]) and late[-1][1] == late[-1][2]
 
 
+def test_a_constrained_row_reads_only_the_copy_of_the_step_in_flight(built, syncs, monkeypatch):
+    """A constrained row's mask needs the token the step in flight chose: the scheduler reads it from that
+    step's copy to the host during the next step (once its forward is queued), and reads nothing else; the
+    answer matches its grammar."""
+    from llama_mp.runtime.grammar import schema_grammar
+
+    llama = built
+    batcher = Batcher(llama.engine)
+    _count_steps(monkeypatch, syncs, batcher, ("step",))
+    scheduler = Scheduler(batcher, llama.tokenizer, max_queue=8, seed=5)
+    prompt = llama.tokenizer.encode("Hello there", bos=True, eos=False)
+    specs = [SequenceSpec(prompt, 8, 0.9, 0.95, 11, [], None, ignore_eos=True),
+             SequenceSpec(prompt, 12, 1.0, 1.0, 3, [], None, grammar=schema_grammar({"enum": ["yes", "no"]}))]
+    _, events = run_to_end(scheduler, specs, 60, around=lambda: syncs)
+    assert syncs.reads() == [] and syncs.uploads() == []
+    assert "".join(e.text for e in events if e.index == 1) in ('"yes"', '"no"')
+    late = [e for e in syncs.log if e[0] == "late"]
+    assert len(late) > scheduler.steps  # the constrained row's reads of the step in flight besides each step's
+    assert all(read_at == made + 1 for _, made, read_at in late[:-1]) and late[-1][1] == late[-1][2]
+
+
 def test_a_gpu_decoder_checks_for_stops_every_few_steps_and_a_cpu_decoder_every_step():
     from llama_mp.runtime.decode import GPU_STOP_CHECK_STEPS, choose_decoder
 

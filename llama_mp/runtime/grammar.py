@@ -10,16 +10,19 @@ tokens), and it computes each mask lazily from a context-free grammar. It is kep
 used by llama.cpp, vLLM and SGLang.
 
 A `Constraint` lives on rank 0 with its sequence: before each choice it has consumed every token chosen
-so far (`catch_up`) and gives the ids allowed next, or those banned (`limits`, whichever are fewer, on the
-logits' device), which `sampling.choose_from_logits` applies with the row's other adjustments. The
-server's scheduler computes them on a thread of its own while the step computes. Ending the answer (a stop
-token) is allowed only where the grammar is complete.
+so far (`catch_up`) and gives the ids it allows next as a cap on each logit (`logit_cap`: +inf where
+allowed, -inf where not, expanded on the logits' device from the bitmask llguidance writes into the
+constraint's own buffer), which `sampling.choose_from_logits` applies with the row's other adjustments, in
+place. The server's scheduler computes them when the step asks for
+its rows' settings: after the step's forward is queued, so on a GPU they overlap it; on a CPU the forward
+is already done, and no thread of their own competes with the ranks for the cores. Ending the answer (a
+stop token) is allowed only where the grammar is complete.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ from .tokenizer import Tokenizer
 from .transfer import upload
 
 _VOCABULARIES: Dict[tuple, object] = {}  # (tokenizer path, end ids) -> llguidance.LLTokenizer
+_CAP_TABLES: Dict[torch.device, torch.Tensor] = {}  # device -> [256, 8] float32 (see `_cap_table`)
 
 
 def _llguidance():
@@ -132,6 +136,12 @@ class Constraint:
         if self.matcher.is_error():
             raise LlamaMPError(f"The grammar cannot be used: {self.matcher.get_error()}")
         self.consumed = 0      # tokens of the answer fed to the matcher
+        # the mask, one bit per id, rewritten each step: bit i of word k is id 32k + i, so byte j of the
+        # words (little-endian) holds ids 8j to 8j + 7, its bit i id 8j + i
+        self.words = np.zeros((self.vocab + 31) // 32, dtype="<u4")
+        self.bytes = torch.from_numpy(self.words.view(np.uint8))  # the same memory
+        self.index = torch.empty(self.words.nbytes, dtype=torch.int32, device="cpu")  # its bytes, as table rows
+        self.caps: Optional[torch.Tensor] = None  # [bytes, 8] on the logits' device, made at the first step
         self.failed: Optional[str] = None  # why it stopped constraining (a token it refused)
 
     def catch_up(self, tokens: Sequence[int]) -> None:
@@ -141,18 +151,32 @@ class Constraint:
                 self.failed = self.matcher.get_error() or f"token {token} was not allowed"
             self.consumed += 1
 
-    def limits(self, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(allowed ids, banned ids) of the next choice, on `device`, whichever set is the smaller (the other
-        None): outside a string a few structural tokens, inside one nearly every token, so either way the
-        logits are changed at few places. (None, None) when the constraint no longer applies (it failed,
+    def logit_cap(self, device) -> Optional[torch.Tensor]:
+        """The next choice's cap on each logit, [vocab] float32 on `device`: +inf at the ids the grammar allows
+        (they keep their logits), -inf at the others. None when the constraint no longer applies (it failed,
         which a matcher never does on tokens from its own masks)."""
         if self.failed is not None or self.matcher.is_error():
-            return None, None
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        mask = np.unpackbits(bits, bitorder="little")[:self.vocab].view(bool)
-        allowed = np.flatnonzero(mask)
-        if not len(allowed):  # the grammar is over (an end was chosen and the answer goes on: ignore_eos)
-            allowed = np.array(self.ends, dtype=np.int64)
-        if 2 * len(allowed) <= self.vocab:
-            return upload(torch.from_numpy(allowed), device), None
-        return None, upload(torch.from_numpy(np.flatnonzero(~mask)), device)
+            return None
+        words = self.words
+        self.matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        if not words.any():  # the grammar is over (an end was chosen and the answer goes on: ignore_eos)
+            for end in self.ends:
+                words[end >> 5] |= np.uint32(1 << (end & 31))
+        # each mask byte's 8 caps from a table (no per-id branch: a masked_fill by a bool mask is ~10x slower),
+        # into buffers made once (fresh ones cost page faults, as much again)
+        self.index.copy_(self.bytes)
+        table = _cap_table(device)
+        if self.caps is None or self.caps.device != table.device:
+            self.caps = torch.empty((len(self.index), 8), dtype=torch.float32, device=table.device)
+        torch.index_select(table, 0, upload(self.index, device, torch.int32), out=self.caps)
+        return self.caps.view(-1)[:self.vocab]
+
+
+def _cap_table(device) -> torch.Tensor:
+    """[256, 8] float32 on `device`: row b holds, for i = 0..7, +inf where bit i of b is set, -inf where not."""
+    device = torch.device(device)
+    if device not in _CAP_TABLES:
+        bits = (torch.arange(256, device="cpu")[:, None] >> torch.arange(8, device="cpu")) & 1
+        host = torch.where(bits == 1, float("inf"), float("-inf"))
+        _CAP_TABLES[device] = upload(host, device, torch.float32)
+    return _CAP_TABLES[device]

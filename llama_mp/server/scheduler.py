@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -231,7 +230,6 @@ class Scheduler:
         # what HTTP work on the loop's thread would lengthen while the step itself does not.
         self.steps, self.rows, self.step_s, self.loop_s = 0, 0, 0.0, 0.0
         self.counts = {"finished": 0, "cancelled": 0, "failed": 0}  # sequences, by how they ended
-        self.grammar_thread: Optional[concurrent.futures.ThreadPoolExecutor] = None  # made at the first grammar
 
     # ------------------------------------------------------------------------------------------
     # The HTTP side (event loop thread)
@@ -348,9 +346,8 @@ class Scheduler:
                 continue  # idle; releases wait for the next real step
             started = time.perf_counter()
             self.stepping = True
-            limits = self._limits_during_step()
             try:
-                result = self.batcher.run(plan, lambda slots: self._sampling_of(slots, limits))
+                result = self.batcher.run(plan, self._sampling_of)
             except BaseException as e:
                 if isinstance(e, PeerLostError) or peer_lost(e) is not None:
                     self.fail("rank 0 lost contact with another rank of the job (it died or stopped answering); "
@@ -363,8 +360,6 @@ class Scheduler:
                 raise
             finally:
                 self.stepping = False
-                if limits is not None:  # done before the tokens it read are delivered (or the loop fails)
-                    concurrent.futures.wait([limits])
             self.steps, self.rows = self.steps + 1, self.rows + len(result.slots)
             self.step_s += time.perf_counter() - started
             owners = dict(self.by_slot)
@@ -430,50 +425,32 @@ class Scheduler:
         in_flight = self.in_flight
         return list(self.by_slot.values()) + (list(in_flight[1].values()) if in_flight is not None else [])
 
-    def _limits_during_step(self) -> Optional["concurrent.futures.Future"]:
-        """Start computing the constrained rows' limits for the step about to run, on a thread of their own,
-        while the step computes: each grammar takes the tokens chosen so far (the last from the step in
-        flight) and gives the ids it allows next (runtime/grammar.Constraint). None when no row is constrained."""
-        constrained = [seq for seq in self.by_slot.values() if seq.constraint is not None]
-        if not constrained:
-            return None
-        tokens = [seq.answer + self._in_flight_token(seq) for seq in constrained]
-
-        def compute():
-            out = {}
-            for seq, answer in zip(constrained, tokens):
-                seq.constraint.catch_up(answer)
-                out[id(seq)] = seq.constraint.limits(self.device)
-            return out
-
-        if self.grammar_thread is None:
-            self.grammar_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar")
-        return self.grammar_thread.submit(compute)
-
-    def _sampling_of(self, slots: Sequence[int], limits: Optional["concurrent.futures.Future"] = None
-                     ) -> List[RowSampling]:
-        """Each row's settings, from its own request; a constrained row's with the limits its grammar gives
-        (`limits`: their computation, started with the step)."""
-        computed = limits.result() if limits is not None else {}
+    def _sampling_of(self, slots: Sequence[int]) -> List[RowSampling]:
+        """Each row's settings, from its own request; a constrained row's with the cap its grammar puts on the
+        logits (runtime/grammar.Constraint: the grammar takes the tokens chosen so far, the last from the
+        step in flight, and gives its mask). The step asks once its forward is queued: on a GPU the grammar's work
+        overlaps the forward; on a CPU the forward has run on this thread, and the grammar adds its own time
+        only, where a thread of its own would take a core (and this interpreter's lock) from the ranks
+        while they compute (docs/server.md, "What constrained rows cost the others")."""
         rows = []
         for slot in slots:
             seq = self.by_slot[slot]
             sampling = seq.sampling
             if seq.constraint is not None:
-                allowed, banned = computed[id(seq)]
-                if banned is not None and sampling.ban is not None:
-                    banned = torch.cat((banned, sampling.ban))
-                sampling = replace(sampling, allowed=allowed, ban=banned if banned is not None else sampling.ban)
+                seq.constraint.catch_up(seq.answer + self._in_flight_token(seq))
+                sampling = replace(sampling, logit_cap=seq.constraint.logit_cap(self.device))
             rows.append(sampling)
         return rows
 
     def _in_flight_token(self, seq: Generation) -> List[int]:
-        """The token the step in flight chose for `seq` (not read back yet), as a list of none or one: the
-        one read on the host before the step is (a constrained row's next mask depends on it)."""
+        """The token the step in flight chose for `seq` (not delivered yet), as a list of none or one, from
+        that step's copy to the host (started as it was queued: on a GPU a wait for that step alone, while
+        the step now queued computes). A constrained row's next mask depends on it."""
         if self.in_flight is None or self.in_flight[1].get(seq.slot) is not seq:
             return []
         result = self.in_flight[0]
-        return [int(result.choice.ids[result.slots.index(seq.slot)])]
+        ids = result.copy_to_host().copy.get()[0]
+        return [int(ids[result.slots.index(seq.slot)])]
 
     def _deliver(self, result: StepResult, owners: Dict[int, Generation]) -> None:
         """Hand a step's tokens to the sequences that were in its slots (`owners`) as events."""
