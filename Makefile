@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29517 launch/text_completion.py \
 		--ckpt_dir $(DEMO) --tokenizer_path $(DEMO)/tokenizer.model --max_gen_len 32 --backend gloo --device cpu
 
-# Decode speed on this machine (see README "Speed"): llama2.c's 15M and 110M shapes, 1 and 2 ranks.
+# Decode speed on this machine (docs/performance.md): llama2.c's 15M and 110M shapes, 1 and 2 ranks.
 bench: $(STAMP)
 	$(PY) -m llama_mp bench --dim 288 --n_layers 6 --n_heads 6 --multiple_of 32 $(BENCH_ARGS) --compare transformers
 	$(VENV)/bin/torchrun --nproc_per_node 2 --master_port 29518 launch/bench.py --dim 288 --n_layers 6 --n_heads 6 \

@@ -142,7 +142,7 @@ def peer_lost(error: BaseException) -> Optional[PeerLostError]:
 
     Gloo notices a closed connection at once ("Connection reset/closed by peer") and a silent peer
     after the group's timeout ("Timed out waiting ..."); both arrive as RuntimeErrors naming gloo's
-    sources. NCCL's arrive as DistBackendErrors (with TORCH_NCCL_BLOCKING_WAIT=1, see README).
+    sources. NCCL's arrive as DistBackendErrors (with TORCH_NCCL_BLOCKING_WAIT=1, see docs/multi-node.md).
     """
     text = str(error)
     if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and
