@@ -283,9 +283,10 @@ class Transformer(nn.Module):
         super().__init__()
         assert args.vocab_size > 0, "resolve vocab_size from the checkpoint before building the model"
         self.args = args
-        # Chosen once: a step asks the family for its attention chunk and its layers for the temperature.
+        # Chosen once: the family's attention chunk, and its layers, which a step asks for the temperature.
         self.family = families.family_of(args)
         self.own_layers, self.own_fields = self.family.layers_module, self.family.own_fields(args)
+        self.attention_chunk = self.family.attention_chunk(args)  # positions a RoPE layer sees (None: all)
         self.rank, self.world_size = (group.rank, group.world_size) if group is not None else (0, 1)
         self.comm = group.collectives if group is not None else Collectives(0, 1, "none")
         # The holders take the float shapes [out, in]; a quantized model's projections (materialize) then
@@ -431,7 +432,7 @@ class Transformer(nn.Module):
         if not (causal and rows.index is None and (seq == 1 or seq == span)):
             bias = self._attention_bias(positions, span, rows, n, seq)
         chunk_bias, query_scale = bias, None
-        chunk = self.family.attention_chunk(self.args)
+        chunk = self.attention_chunk
         if chunk is not None and span > chunk:  # else the chunk holds every key the call reads
             chunk_bias = self._attention_bias(positions, span, rows, n, seq, chunk)
         if self.own_layers is not None:
