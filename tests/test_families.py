@@ -72,7 +72,7 @@ def test_a_new_family_is_one_registration_away(toy_family):
 FAMILY_BRANCH = re.compile(r"""(==|!=) *['"]llama[34]?['"]|['"]llama[34]?['"] *(==|!=)|in \(['"]llama[34]?['"]"""
                            r"""|llama4 is (not )?None|['"]llama[34]?['"]: """)
 # The family's own implementation modules, which the Family objects point at.
-OWN_MODULES = {"checkpoints/llama4.py", "runtime/llama4.py", "runtime/llama4_tokenizer.py"}
+OWN_MODULES = {"checkpoints/llama4.py", "checkpoints/hf_llama4.py", "runtime/llama4.py", "runtime/llama4_tokenizer.py"}
 
 
 def test_no_generic_module_branches_on_a_family_name():

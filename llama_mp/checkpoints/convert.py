@@ -162,21 +162,24 @@ def write_hf_dir(source: Source, dst: str, overwrite: bool = False, dtype: Optio
     with staged_output_dir(dst, overwrite, src=src, needs_bytes=output_bytes(source, torch_dtype)) as out, \
             tqdm(total=len(keys), desc="writing safetensors", unit="tensor", file=sys.stderr,
                  disable=not progress) as bar:
-        copy_tokenizer(out, tokenizer, source.tokenizer)  # first: a wrong --tokenizer fails before the writing
-        copied = _copied_tokenizer(out)
+        # The tokenizer first: a wrong --tokenizer (or one that cannot be written) fails before the weights.
+        copy_tokenizer(out, tokenizer, source.tokenizer)
+        copied = _copied_tokenizer(out, source.args)
+        if copied is not None:
+            write_hf_tokenizer(out, copied)
         special_ids = (copied.bos_id, list(copied.stop_ids)) if copied else None
         write_hf(out, source.args, keys, tensor, progress=bar.update, special_ids=special_ids,
                  tie_word_embeddings=getattr(source, "ties_output", False))
-        if copied is not None:
-            write_hf_tokenizer(out, copied)
 
 
-def _copied_tokenizer(out_dir: str):
-    """The tokenizer copied into `out_dir` (read, so config.json gets its bos and stop ids), or None."""
+def _copied_tokenizer(out_dir: str, args: ModelArgs):
+    """The tokenizer copied into `out_dir`, read as the model's family reads it (so config.json gets its bos
+    and stop ids), or None."""
+    from .. import families
     from ..runtime.tokenizer import Tokenizer
 
     path = os.path.join(out_dir, "tokenizer.model")
-    return Tokenizer(path) if os.path.isfile(path) else None
+    return Tokenizer(path, families.family_of(args).name) if os.path.isfile(path) else None
 
 
 def convert(src: str, dst: str, mp: int = 1, to: str = "meta", overwrite: bool = False,

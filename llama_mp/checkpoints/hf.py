@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -86,6 +87,53 @@ def _heads_for(meta_key: str, args: ModelArgs) -> Optional[int]:
     return None
 
 
+@dataclass(frozen=True)
+class Join:
+    """Meta tensors and the Hugging Face tensors they are, both ways: `to_hf(*meta tensors)` gives the HF
+    tensors in `hf`'s order, `to_meta(*hf tensors)` the Meta ones in `meta`'s (whole tensors; views where
+    they can be). Each Meta tensor and each HF tensor is in one Join of a model."""
+
+    meta: Tuple[str, ...]
+    hf: Tuple[str, ...]
+    to_hf: Callable[..., Tuple[torch.Tensor, ...]]
+    to_meta: Callable[..., Tuple[torch.Tensor, ...]]
+
+
+def same(t: torch.Tensor) -> Tuple[torch.Tensor]:
+    return (t,)
+
+
+def hf_format(args: ModelArgs):
+    """The module of the family's own Hugging Face format (`Family.hf_format`), or None for LlamaForCausalLM."""
+    family = families.family_of(args)
+    return None if family.hf_format is None else families.piece(family.hf_format)
+
+
+def joins(args: ModelArgs) -> List[Join]:
+    """Every tensor of the model, Meta's order, as its family's Hugging Face format holds it."""
+    own = hf_format(args)
+    if own is not None:
+        return own.joins(args)
+
+    def llama_join(key: str) -> Join:
+        heads = _heads_for(key, args)
+        if heads is None:
+            return Join((key,), (hf_name(key),), same, same)
+        return Join((key,), (hf_name(key),), lambda w: (to_hf_rows(w, heads),), lambda w: (from_hf_rows(w, heads),))
+
+    return [llama_join(key) for key in layout.full_shapes(args)]
+
+
+def hf_shapes(args: ModelArgs) -> Dict[str, Tuple[int, ...]]:
+    """{HF name: shape} of every tensor, from Meta's shapes (on the meta device: nothing is allocated)."""
+    shapes = layout.full_shapes(args)
+    out = {}
+    for join in joins(args):
+        made = join.to_hf(*(torch.empty(shapes[k], device="meta") for k in join.meta))
+        out.update({name: tuple(t.shape) for name, t in zip(join.hf, made)})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 
@@ -103,13 +151,13 @@ def args_from_config(config: dict, where: str) -> ModelArgs:
 
     model_type = config.get("model_type", "llama")  # transformers' LlamaForCausalLM, for Llama 1/2/3
     named = next((f for f in families.FAMILIES if model_type in f.hf_model_types), None)
-    if named is not None and named.hf_convert_problem:
-        raise LlamaMPError(f"{where} describes a Hugging Face {named.title} model, which llama_mp cannot convert yet "
-                           f"({named.hf_convert_problem}); run Meta's own checkpoint folder (consolidated.NN.pth, "
-                           "params.json: the `original/` folder of Meta's repositories) as it is.")
+    if named is not None and named.hf_format is not None:
+        return families.piece(named.hf_format).args_from_config(config, where)
     if named is None:
-        raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; only Llama "
-                           "(model_type 'llama', LlamaForCausalLM) checkpoints can be converted.")
+        known = ", ".join(repr(t) for t in dict.fromkeys(t for f in families.FAMILIES for t in f.hf_model_types))
+        raise LlamaMPError(f"{where} describes a {config.get('model_type')!r} model; convert reads Hugging Face "
+                           f"models of type {known} (LlamaForCausalLM, Llama4ForCausalLM and the Hub's Llama 4 "
+                           "folders).")
     # transformers 5 writes `rope_parameters` (with rope_theta inside); 4.x wrote `rope_scaling` beside a
     # top-level rope_theta. Either may be present, or both.
     rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
@@ -256,35 +304,59 @@ class HFSource:
         self.tokenizer = hf_tokenizer_model(model_dir)
         self._files = _weight_files(model_dir)
         self._open: Dict[str, object] = {}
-        self._tied = "lm_head.weight" not in self._files
+        self._joins = {key: join for join in joins(self.args) for key in join.meta}
+        own = hf_format(self.args)
+        # A family's model may sit under a prefix (Llama 4's language model in a multimodal folder).
+        embedding = self._joins["tok_embeddings.weight"].hf[0]
+        self._prefix = next((p for p in (own.NAME_PREFIXES if own else ("",)) if p + embedding in self._files), "")
+        output = self._joins["output.weight"].hf[0]
+        self._tied = self._prefix + output not in self._files
         self.ties_output = self._tied
         if self._tied and not self.config.get("tie_word_embeddings", False):
-            raise LlamaMPError(f"{model_dir} has no lm_head.weight and its config does not tie it to the "
+            raise LlamaMPError(f"{model_dir} has no {self._prefix + output} and its config does not tie it to the "
                                "embedding; the weights are incomplete.")
-        missing = [hf_name(k) for k in self.keys()
-                   if hf_name(k) not in self._files and not (k == "output.weight" and self._tied)]
+        missing = list(dict.fromkeys(name for key in self.keys() for name in self._names(key) if name not in self._files))
         if missing:
-            raise LlamaMPError(f"{model_dir} lacks {len(missing)} tensor(s) a Llama model needs, e.g. "
-                               f"{', '.join(missing[:4])}. The download is incomplete or not a Llama model.")
+            title = families.family_of(self.args).title
+            raise LlamaMPError(f"{model_dir} lacks {len(missing)} tensor(s) a {title} model needs, e.g. "
+                               f"{', '.join(missing[:4])}. The download is incomplete or not a {title} model.")
 
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
 
-    def _locate(self, meta_key: str):
-        """(open weights file, HF name) holding `meta_key`; files are opened on first use."""
-        name = hf_name("tok_embeddings.weight" if meta_key == "output.weight" and self._tied else meta_key)
+    def _names(self, meta_key: str) -> List[str]:
+        """The names in the files of the HF tensors `meta_key` is made of."""
+        if meta_key == "output.weight" and self._tied:
+            meta_key = "tok_embeddings.weight"
+        return [self._prefix + name for name in self._joins[meta_key].hf]
+
+    def _handle(self, name: str):
         path = self._files[name]
         if path not in self._open:
             self._open[path] = _open_weights(path)
-        return self._open[path], name
+        return self._open[path]
+
+    def _hf_shape(self, name: str) -> Tuple[int, ...]:
+        handle = self._handle(name)
+        return tuple(self._read(name, lambda: handle.get_slice(name).get_shape()
+                                if hasattr(handle, "get_slice") else handle.get_tensor(name).shape))
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        """Every tensor's shape from the file headers, without reading any weights."""
+        """Every tensor's shape from the file headers, without reading any weights (HF tensors that cannot
+        make a Meta one, as a fused tensor's parts of mismatched widths, are named in an error)."""
         out = {}
         for key in self.keys():
-            handle, name = self._locate(key)
-            out[key] = tuple(self._read(name, lambda: handle.get_slice(name).get_shape()
-                                        if hasattr(handle, "get_slice") else handle.get_tensor(name).shape))
+            names = self._names(key)
+            shapes = [self._hf_shape(name) for name in names]
+            join = self._joins["tok_embeddings.weight" if key == "output.weight" and self._tied else key]
+            try:
+                made = join.to_meta(*(torch.empty(shape, device="meta") for shape in shapes))
+            except RuntimeError:
+                raise LlamaMPError("Hugging Face tensors " + ", ".join(f"{n} {list(sh)}" for n, sh in zip(names, shapes))
+                                   + f" do not make Meta's {', '.join(join.meta)} of this config ("
+                                   + ", ".join(f"{list(sh)}" for sh in (layout.full_shapes(self.args)[k] for k in join.meta))
+                                   + "). The files are incomplete or from different models.") from None
+            out[key] = tuple(made[join.meta.index(key) if key in join.meta else 0].shape)
         return out
 
     def dtypes(self) -> Dict[str, object]:
@@ -292,10 +364,11 @@ class HFSource:
         "BF16" or "I8") or the loaded state dict of a pytorch_model*.bin (a torch.dtype)."""
         out = {}
         for key in self.keys():
-            handle, name = self._locate(key)
-            dtype = self._read(name, lambda: handle.get_slice(name).get_dtype()
-                               if hasattr(handle, "get_slice") else handle.get_tensor(name).dtype)
-            out[f"{os.path.basename(self._files[name])}: {name}"] = dtype
+            for name in self._names(key):
+                handle = self._handle(name)
+                dtype = self._read(name, lambda: handle.get_slice(name).get_dtype()
+                                   if hasattr(handle, "get_slice") else handle.get_tensor(name).dtype)
+                out[f"{os.path.basename(self._files[name])}: {name}"] = dtype
         return out
 
     def _read(self, name: str, read: Callable[[], object]):
@@ -306,10 +379,10 @@ class HFSource:
             raise _damaged(self._files[name], f"{_reason(e)} (reading {name})") from None
 
     def tensor(self, meta_key: str) -> torch.Tensor:
-        handle, name = self._locate(meta_key)
-        t = self._read(name, lambda: handle.get_tensor(name))
-        heads = _heads_for(meta_key, self.args)
-        return from_hf_rows(t, heads) if heads else t
+        join = self._joins["tok_embeddings.weight" if meta_key == "output.weight" and self._tied else meta_key]
+        hf = [self._read(name, lambda: self._handle(name).get_tensor(name)) for name in self._names(meta_key)]
+        made = join.to_meta(*hf)
+        return made[join.meta.index(meta_key) if meta_key in join.meta else 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,13 +399,18 @@ def hf_rope(args: ModelArgs) -> Tuple[dict, Optional[dict]]:
 
 def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Optional[int] = None,
               tie_word_embeddings: bool = False, special_ids: Optional[Tuple[int, List[int]]] = None) -> dict:
-    """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x).
+    """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x), or the
+    family's own model class (`Family.hf_format`).
 
     `max_position_embeddings` defaults to the context the model was made for (Llama 3.x), else 4096;
     `special_ids` (bos id, stop ids) to the family's (`Family.hf_special_ids`)."""
+    special_ids = special_ids or families.family_of(args).hf_special_ids
+    own = hf_format(args)
+    if own is not None:
+        return own.hf_config(args, dtype, max_position_embeddings, tie_word_embeddings, special_ids)
     dtype_name = str(dtype).replace("torch.", "")
     rope_parameters, rope_scaling = hf_rope(args)
-    bos, stops = special_ids or families.family_of(args).hf_special_ids
+    bos, stops = special_ids
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -361,15 +439,13 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Opti
     return config
 
 
-def to_hf_tensor(meta_key: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """A whole Meta tensor as transformers stores it (wq/wk rows reordered, others unchanged)."""
-    heads = _heads_for(meta_key, args)
-    return to_hf_rows(t, heads) if heads else t
-
-
 def hf_state_dict(args: ModelArgs, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A whole-model Meta state dict as a `LlamaForCausalLM` state dict (views where possible)."""
-    return {hf_name(k): to_hf_tensor(k, v, args) for k, v in state.items() if k not in layout.IGNORED_KEYS}
+    """A whole-model Meta state dict as the family's transformers model's state dict (views where possible)."""
+    out: Dict[str, torch.Tensor] = {}
+    for join in joins(args):
+        if all(key in state for key in join.meta):
+            out.update(zip(join.hf, join.to_hf(*(state[key] for key in join.meta))))
+    return out
 
 
 def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[str], torch.Tensor],
@@ -377,49 +453,52 @@ def write_hf(out_dir: str, args: ModelArgs, keys: List[str], tensor: Callable[[s
              progress: Callable[[], None] = None, tie_word_embeddings: bool = False,
              special_ids: Optional[Tuple[int, List[int]]] = None) -> None:
     """Write `model.safetensors` (or size-capped `model-0000i-of-0000n.safetensors` + index) from whole
-    Meta tensors fetched one at a time by `tensor(key)`; one file's tensors are in memory at once.
-    With `tie_word_embeddings` no lm_head.weight is written (transformers uses the embedding)."""
+    Meta tensors fetched one at a time by `tensor(key)`, each once; one file's tensors are in memory at
+    once, and `progress()` is called after each Meta tensor. With `tie_word_embeddings` no lm_head.weight
+    is written (transformers uses the embedding)."""
     from safetensors.torch import save_file
 
-    family = families.family_of(args)
-    if family.hf_convert_problem:
-        raise LlamaMPError(f"Converting {family.title} to Hugging Face format is not implemented yet "
-                           f"({family.hf_convert_problem}); {family.title} runs from Meta's folder as it is, and "
-                           "`llama-mp reshard` changes its shard count.")
-
-    shapes = layout.full_shapes(args)
     if tie_word_embeddings:
         keys = [key for key in keys if key != "output.weight"]
+    wanted = set(keys)
+    order = {key: i for i, key in enumerate(keys)}
+    model_joins = sorted((j for j in joins(args) if set(j.meta) <= wanted), key=lambda j: order[j.meta[0]])
+    hf_sizes = hf_shapes(args)
     # The first tensor gives the dtype (hence file sizes) and is the first one written: fetched once,
     # and not held past its own file.
     pending = {keys[0]: tensor(keys[0])}
+    itemsize = pending[keys[0]].dtype.itemsize
     dtype = pending[keys[0]].dtype
-    itemsize = dtype.itemsize
-    groups: List[List[str]] = [[]]
+
+    def nbytes(join: Join) -> int:
+        return sum(itemsize * torch.Size(hf_sizes[name]).numel() for name in join.hf)
+
+    groups: List[List[Join]] = [[]]
     size = 0
-    for key in keys:
-        nbytes = itemsize * torch.Size(shapes[key]).numel()
-        if groups[-1] and size + nbytes > max_file_bytes:
+    for join in model_joins:
+        if groups[-1] and size + nbytes(join) > max_file_bytes:
             groups.append([])
             size = 0
-        groups[-1].append(key)
-        size += nbytes
+        groups[-1].append(join)
+        size += nbytes(join)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     weight_map = {}
     for name, group in zip(names, groups):
         out = {}
-        for key in group:
-            t = pending.pop(key) if key in pending else tensor(key)
-            out[hf_name(key)] = to_hf_tensor(key, t, args).clone(memory_format=torch.contiguous_format)
-            del t
-            weight_map[hf_name(key)] = name
+        for join in group:
+            meta = [pending.pop(key) if key in pending else tensor(key) for key in join.meta]
+            for hf, t in zip(join.hf, join.to_hf(*meta)):
+                out[hf] = t.clone(memory_format=torch.contiguous_format)
+                weight_map[hf] = name
+            del meta
             if progress:
-                progress()
+                for _ in join.meta:
+                    progress()
         save_file(out, os.path.join(out_dir, name), metadata={"format": "pt"})
         del out
     if len(names) > 1:
-        total = sum(itemsize * torch.Size(shapes[key]).numel() for key in keys)
+        total = sum(nbytes(join) for join in model_joins)
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

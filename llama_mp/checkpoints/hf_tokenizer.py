@@ -13,6 +13,10 @@ transformers install has):
 * tiktoken (Llama 3.x): transformers 5 builds a fast tokenizer from the tiktoken file itself when the
   config names PreTrainedTokenizerFast (after a logged failed attempt to read it as SentencePiece),
   given the special tokens in id order after the BPE ranks, which is how Meta numbers them.
+* tiktoken with another split pattern (Llama 4's o200k): transformers' own reading of the file splits
+  text by Llama 3's pattern, so convert writes tokenizer.json with the right one, made by transformers'
+  tiktoken converter (the library's own, so its merges are exactly what transformers would build);
+  writing it needs transformers installed, as using the folder does.
 """
 
 from __future__ import annotations
@@ -22,16 +26,21 @@ import os
 from typing import Dict, List, Tuple
 
 from .. import families
+from ..errors import LlamaMPError
+from ..runtime.tokenizer import LLAMA3_SPLIT_PATTERN
 
 SPACE = "\u2581"  # SentencePiece's space marker
 
 
 def write_hf_tokenizer(out_dir: str, tokenizer) -> None:
-    """tokenizer_config.json (both families) and tokenizer.json (SentencePiece) beside the tokenizer.model
-    copied into `out_dir`."""
+    """tokenizer_config.json (every family) and, where transformers could not build the tokenizer from the
+    tokenizer.model copied into `out_dir` itself, tokenizer.json."""
     if families.named(tokenizer.family).tokenizer_format == "sentencepiece":
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             json.dump(sentencepiece_tokenizer_json(tokenizer.sp), f, ensure_ascii=False)
+    elif tokenizer.split_pattern != LLAMA3_SPLIT_PATTERN:
+        tiktoken_tokenizer_json(os.path.join(out_dir, "tokenizer.model"), tokenizer).save(
+            os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(hf_tokenizer_config(tokenizer), f, indent=2)
 
@@ -96,3 +105,27 @@ def sentencepiece_tokenizer_json(sp) -> dict:
                   "vocab": {sp.id_to_piece(i): i for i in range(sp.vocab_size())},
                   "merges": [[left, right] for left, right in sentencepiece_merges(sp)]},
     }
+
+
+def tiktoken_tokenizer_json(model_path: str, tokenizer):
+    """A `tokenizers.Tokenizer` of the tiktoken file at `model_path` with `tokenizer`'s split pattern and its
+    special tokens (in id order, after the ranks), built by transformers' TikTokenConverter."""
+    try:
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError:
+        raise LlamaMPError(f"Writing a {families.named(tokenizer.family).title} tokenizer for Hugging Face needs the "
+                           "transformers package, which builds its tokenizer.json (its split pattern is not the "
+                           "one transformers assumes for a tiktoken file): `pip install transformers`, then run "
+                           "convert again.") from None
+    from tokenizers import processors
+
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    built = TikTokenConverter(vocab_file=model_path, pattern=tokenizer.split_pattern,
+                              extra_special_tokens=specials).converted()
+    # Meta's leading BOS, which transformers' add_bos_token does not add to a tokenizer.json's texts.
+    bos = "<|begin_of_text|>"
+    built.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tokenizer.bos_id)])])
+    return built

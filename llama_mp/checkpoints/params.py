@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from ..checks import JsonProblem, read_json_file
 from ..errors import LlamaMPError
@@ -142,19 +142,26 @@ def ffn_fields_for(dim: int, hidden: int) -> Dict[str, Any]:
     power of two that rounds 2/3 * 4 * dim up to `hidden`; widths no rounding reaches (Llama 2 70B) get
     the shortest decimal `ffn_dim_multiplier` that works (1.3 for 70B, as Meta wrote it).
     """
+    for fields in ffn_field_choices(dim, hidden):
+        return fields
+    raise LlamaMPError(f"No params.json can describe an FFN width of {hidden} for dim {dim}.")
+
+
+def ffn_field_choices(dim: int, hidden: int) -> Iterator[Dict[str, Any]]:
+    """Every choice `ffn_fields_for` considers that gives `hidden`, best first (a family whose params
+    derive another width from the same fields, as Llama 4's experts, takes the first that fits both)."""
     def width(**fields) -> int:
         return ModelArgs(dim=dim, n_layers=1, n_heads=1, **fields).ffn_hidden_dim
 
     powers = [256] + [1 << p for p in range(hidden.bit_length(), -1, -1) if 1 << p != 256]
     for m in powers:
         if width(multiple_of=m) == hidden:
-            return {"multiple_of": m}
+            yield {"multiple_of": m}
     ratio = hidden / int(2 * (4 * dim) / 3)
     for multiplier in [round(ratio, digits) for digits in range(1, 7)] + [ratio]:
         for m in powers:
             if multiplier > 0 and width(multiple_of=m, ffn_dim_multiplier=multiplier) == hidden:
-                return {"multiple_of": m, "ffn_dim_multiplier": multiplier}
-    raise LlamaMPError(f"No params.json can describe an FFN width of {hidden} for dim {dim}.")
+                yield {"multiple_of": m, "ffn_dim_multiplier": multiplier}
 
 
 _OWN_ATTRIBUTES = {own.attribute for own in families.own_params()}

@@ -73,7 +73,9 @@ class Family:
     shipped_names: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None
     hf_model_types: Tuple[str, ...] = ()         # config.json model_type values of its HF checkpoints
     hf_special_ids: Optional[Tuple[int, List[int]]] = None  # (bos, stop ids) of its HF config.json
-    hf_convert_problem: Optional[str] = None     # why `convert` cannot write or read it in HF format
+    # "module" of its own Hugging Face format (args_from_config, joins, hf_config, NAME_PREFIXES; see
+    # checkpoints/hf.py); None: LlamaForCausalLM's, which hf.py holds.
+    hf_format: Optional[str] = None
     max_context: Callable[[Any], Optional[int]] = lambda args: None  # what Meta states (None: nothing)
     rope_scale: Callable[[Any], float] = lambda args: 8.0           # scaled rope's stretch, unless in params
     rope_high_freq_factor: Callable[[Any], float] = lambda args: 4.0
