@@ -25,7 +25,7 @@ from llama_mp.checkpoints.params import load_params, parse_params
 from llama_mp.checkpoints.synth import SHARED_TOKENIZERS, write_random_checkpoint, write_tiny_tiktoken
 from llama_mp.errors import LlamaMPError
 from llama_mp.runtime.tokenizer import LLAMA3_SPLIT_PATTERN, Tokenizer
-from test_llama4 import SCOUT
+from test_llama4 import SCOUT, add_meta_extras
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +66,7 @@ def meta_state(ckpt_dir):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny random Llama 4 (MoE + dense, NoPE, chunks, qk norm, temperature tuning) in Meta's layout with 2
-    shards, converted to Hugging Face, and that folder converted back to Meta with 1 and 4 shards."""
+    shards (with what Meta's shards hold besides the text weights), converted to Hugging Face, and that folder converted back to Meta with 1 and 4 shards."""
     root = tmp_path_factory.mktemp("llama4_hf")
     tok_path = write_tiny_tiktoken(str(root / "tokenizer.model"))
     tok = Tokenizer(tok_path, "llama4")
@@ -74,6 +74,7 @@ def world(tmp_path_factory):
     meta = str(root / "meta")
     os.makedirs(meta)
     state = write_random_checkpoint(meta, args, 2, seed=5)
+    add_meta_extras(meta, args)  # _extra_state entries, gate statistics and vision weights: not converted
     shutil.copy(tok_path, os.path.join(meta, "tokenizer.model"))
     convert(meta, str(root / "hf"), to="hf", progress=False)
     for mp in (1, 4):
