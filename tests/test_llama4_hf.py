@@ -199,7 +199,7 @@ def test_what_params_json_cannot_state_is_refused_by_name():
         args_from_config({"model_type": "llama4_text"}, "config.json")
 
 
-def test_a_truncated_hf_llama4_folder_names_a_missing_tensor(world, tmp_path):
+def test_a_truncated_or_misshapen_hf_llama4_folder_is_one_message_naming_the_tensor(world, tmp_path):
     from safetensors.torch import load_file, save_file
 
     src = tmp_path / "hf"
@@ -209,6 +209,13 @@ def test_a_truncated_hf_llama4_folder_names_a_missing_tensor(world, tmp_path):
     save_file(tensors, str(src / "model.safetensors"))
     with pytest.raises(LlamaMPError, match=r"lacks 1 tensor\(s\) a Llama 4 model needs, e.g. "
                                            r"model.layers.1.feed_forward.experts.gate_up_proj"):
+        convert(str(src), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+    tensors["model.layers.1.feed_forward.experts.gate_up_proj"] = torch.zeros(32, 64, 90)  # not 2 x 48
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(LlamaMPError, match=r"Hugging Face tensors model.layers.1.feed_forward.experts.gate_up_proj "
+                                           r"\[32, 64, 90\] do not make Meta's .*moe_w_in_eD_F, .*moe_w_swiglu_eD_F of "
+                                           r"this config \(\[2048, 48\], \[2048, 48\]\)"):
         convert(str(src), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
 
