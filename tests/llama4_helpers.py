@@ -38,6 +38,15 @@ def tiny_args(vocab_size, **changes):
     return parse_params({**TINY_LLAMA4, "vocab_size": vocab_size, **changes}, where="test params")
 
 
+def hf_rope(args):
+    """transformers' rope parameters of the model: plain, or Meta's Llama 4 scaling (Scout: factor 16,
+    high- and low-frequency factors 1, over an original context of 8192)."""
+    if not args.use_scaled_rope:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    return {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scale, "low_freq_factor": 1.0,
+            "high_freq_factor": args.rope_high_freq_factor, "original_max_position_embeddings": 8192}
+
+
 def hf_model(args, state):
     """transformers' Llama4ForCausalLM (float32, text) holding the whole-model state dict `state` (Meta's names)."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig
@@ -53,7 +62,7 @@ def hf_model(args, state):
         no_rope_layers=[int(not l4.is_nope_layer(i)) for i in range(args.n_layers)],
         attention_chunk_size=l4.attention_chunk_size, attn_temperature_tuning=l4.attn_temperature_tuning,
         floor_scale=int(l4.floor_scale), attn_scale=l4.attn_scale, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta}, tie_word_embeddings=False,
+        rope_parameters=hf_rope(args), tie_word_embeddings=False,
         pad_token_id=None, bos_token_id=None, eos_token_id=None)
     hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
           "lm_head.weight": state["output.weight"]}

@@ -101,7 +101,7 @@ class ModelArgs:
             del out["n_kv_heads"]
         if out["ffn_dim_multiplier"] is None:
             del out["ffn_dim_multiplier"]
-        if out["rope_theta"] == 10000.0:
+        if out["rope_theta"] == self._theta_left_out():
             del out["rope_theta"]
         if not out["use_scaled_rope"]:
             del out["use_scaled_rope"]
@@ -115,6 +115,12 @@ class ModelArgs:
             if out.pop(own.attribute) is not None:
                 out.update(getattr(self, own.attribute).to_json_fields())
         return out
+
+    def _theta_left_out(self) -> float:
+        """The rope_theta a params.json of this model's family means when it leaves the field out (Llama 4's
+        is 500000), so a theta written only when it differs reads back as itself."""
+        own = families.family_of(self).own_params
+        return (own.with_defaults({}, {}) if own else {}).get("rope_theta", 10000.0)
 
     def parameters_text(self) -> str:
         """The parameter count as a person reads it: "4.2M parameters", "6.74B parameters"."""
