@@ -1,5 +1,10 @@
 """Hugging Face Llama checkpoints (`LlamaForCausalLM`): read them as Meta tensors, write Meta as them.
 
+A model's tensors are a list of `Join`s, each saying which Meta tensors are which Hugging Face ones, both
+ways; the reader (`HFSource`) and the writer (`write_hf`) only follow them. This module holds Llama 1/2/3's
+(one tensor each, renamed); a family with a model class of its own names its module in
+`Family.hf_format` (Llama 4: checkpoints/hf_llama4.py, fused and stacked tensors).
+
 Two differences from Meta's layout besides the names:
 
 * Rotary embeddings. Meta rotates adjacent pairs of each head's features (2i, 2i+1); transformers
@@ -324,11 +329,17 @@ class HFSource:
     def keys(self) -> List[str]:
         return list(layout.full_shapes(self.args))
 
-    def _names(self, meta_key: str) -> List[str]:
-        """The names in the files of the HF tensors `meta_key` is made of."""
+    def _join(self, meta_key: str) -> Tuple[Join, int]:
+        """The Join that makes `meta_key`, and its place among the Join's Meta tensors (a tied output is made
+        as the embedding)."""
         if meta_key == "output.weight" and self._tied:
             meta_key = "tok_embeddings.weight"
-        return [self._prefix + name for name in self._joins[meta_key].hf]
+        join = self._joins[meta_key]
+        return join, join.meta.index(meta_key)
+
+    def _names(self, meta_key: str) -> List[str]:
+        """The names in the files of the HF tensors `meta_key` is made of."""
+        return [self._prefix + name for name in self._join(meta_key)[0].hf]
 
     def _handle(self, name: str):
         path = self._files[name]
@@ -348,7 +359,7 @@ class HFSource:
         for key in self.keys():
             names = self._names(key)
             shapes = [self._hf_shape(name) for name in names]
-            join = self._joins["tok_embeddings.weight" if key == "output.weight" and self._tied else key]
+            join, place = self._join(key)
             try:
                 made = join.to_meta(*(torch.empty(shape, device="meta") for shape in shapes))
             except RuntimeError:
@@ -356,7 +367,7 @@ class HFSource:
                                    + f" do not make Meta's {', '.join(join.meta)} of this config ("
                                    + ", ".join(f"{list(sh)}" for sh in (layout.full_shapes(self.args)[k] for k in join.meta))
                                    + "). The files are incomplete or from different models.") from None
-            out[key] = tuple(made[join.meta.index(key) if key in join.meta else 0].shape)
+            out[key] = tuple(made[place].shape)
         return out
 
     def dtypes(self) -> Dict[str, object]:
@@ -379,10 +390,9 @@ class HFSource:
             raise _damaged(self._files[name], f"{_reason(e)} (reading {name})") from None
 
     def tensor(self, meta_key: str) -> torch.Tensor:
-        join = self._joins["tok_embeddings.weight" if meta_key == "output.weight" and self._tied else meta_key]
+        join, place = self._join(meta_key)
         hf = [self._read(name, lambda: self._handle(name).get_tensor(name)) for name in self._names(meta_key)]
-        made = join.to_meta(*hf)
-        return made[join.meta.index(meta_key) if meta_key in join.meta else 0]
+        return join.to_meta(*hf)[place]
 
 
 # ----------------------------------------------------------------------------------------------
