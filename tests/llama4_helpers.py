@@ -37,26 +37,28 @@ def one_thread():
 
 @contextlib.contextmanager
 def moe_paths():
-    """Counts the routed experts' paths taken while it is open, in this process: {"grouped": calls of
-    torch._grouped_mm, "gathered": calls multiplying gathered experts, "every": calls running every expert}."""
+    """Counts the routed experts' calls by path while it is open, in this process: {"grouped": pairs grouped
+    by expert (torch._grouped_mm), "gathered": gathered experts, "every": every expert on every token}.
+    (The MoE's methods are wrapped, not torch._grouped_mm: dynamo records torch's functions when it first
+    compiles, and would take a wrapper for torch's own.)"""
     from llama_mp.runtime.llama4 import MoE
 
     counts = {"grouped": 0, "gathered": 0, "every": 0}
-    grouped_mm, experts = torch._grouped_mm, MoE._experts
+    grouped, experts = MoE._grouped, MoE._experts
 
-    def counted_grouped_mm(*args, **kwargs):
+    def counted_grouped(self, *args):
         counts["grouped"] += 1
-        return grouped_mm(*args, **kwargs)
+        return grouped(self, *args)
 
     def counted_experts(self, routed_in, which):
         counts["every" if which is None else "gathered"] += 1
         return experts(self, routed_in, which)
 
-    torch._grouped_mm, MoE._experts = counted_grouped_mm, counted_experts
+    MoE._grouped, MoE._experts = counted_grouped, counted_experts
     try:
         yield counts
     finally:
-        torch._grouped_mm, MoE._experts = grouped_mm, experts
+        MoE._grouped, MoE._experts = grouped, experts
 
 
 def with_moe_paths(fn, *args):

@@ -263,19 +263,27 @@ def test_the_compiled_step_decodes_transformers_ids(l4, reference, l4_tokenizer_
 
 
 @pytest.mark.spawn
-@pytest.mark.parametrize("world_size,shards", [(2, (2, 1)), (4, (4, 2))])
-def test_ranks_match_transformers_from_any_shard_count(l4, reference, one_rank, l4_tokenizer_path, world_size, shards):
-    """2 ranks from 2 and 1 shards, 4 ranks from 4 and 2: each rank holds its F/N slice of every expert
-    (4 ranks: 12 values, 48 bytes a row in float32, still grouped by expert)."""
-    args, _, dirs, prompts = l4
-    stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
-    per_rank = run_ranks(world_size, with_moe_paths, logits_and_greedy,
-                         [(dirs[shards[0]], "static"), (dirs[shards[1]], "pytorch")], l4_tokenizer_path, prompts, STEPS)
-    for rank, paths in per_rank:
-        check_against_reference(rank, reference, stops)
-        assert [sampled for *_, sampled in rank] == [one_rank[0][0][2]] * 2  # seeded samples as on one rank
-        assert only_grouped(paths), paths
-    assert all(logits is None for r, _ in per_rank[1:] for logits, *_ in r)  # gathered on rank 0 only
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_compiled_step_groups_by_expert_in_bfloat16_only(l4, l4_tokenizer_path, dtype):
+    """--decoder compiled: its traced step calls torch._grouped_mm in bfloat16 and not in float32 (the
+    operator's meta function takes bfloat16 only), and its logits agree with the eager decoder's, which
+    groups in both. (Seen by the profiler: a counting wrapper traced into the step would recompile it.)"""
+    from workers import build
+
+    _, _, dirs, prompts = l4
+    prompt, logits, kernels = prompts[2], [], {}
+    for decoder in ("compiled", "pytorch"):
+        model = build(dirs[1], l4_tokenizer_path, max_seq_len=16, max_batch_size=1, dtype=dtype, decoder=decoder).model
+        with torch.inference_mode():
+            model.hidden(torch.tensor([prompt[:-3]]), 0)
+            with torch.profiler.profile() as profile:  # decode steps only
+                logits.append(torch.cat([model.logits(model.hidden(torch.tensor([[prompt[pos]]]), pos))
+                                         for pos in range(len(prompt) - 3, len(prompt))], dim=1))
+        kernels[decoder] = {event.name for event in profile.events()}
+    assert ("aten::_grouped_mm" in kernels["compiled"]) == (dtype == "bfloat16")
+    assert "aten::_grouped_mm" in kernels["pytorch"]
+    scale = logits[1].abs().max().item()
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=(4e-2 if dtype == "bfloat16" else 1e-5) * scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,16 +367,28 @@ def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syn
     assert only_grouped(paths) if quantize is None else paths["grouped"] == 0 and paths["gathered"] > 0, paths
 
 
-def test_bench_counts_only_the_chosen_experts_of_a_decode_step(l4, l4_tokenizer_path):
+def test_bench_counts_only_the_chosen_experts_of_a_decode_step(l4, l4_tokenizer_path, monkeypatch):
+    """Grouped, a step of r rows reads min(E, r * top_k) experts at most; gathering (a compiled float32 step),
+    r * top_k while that is at most E / 3, else all."""
     from llama_mp.tools.bench import bytes_read_per_token
     from workers import build
 
     args, state, dirs, _ = l4
     model = build(dirs[1], l4_tokenizer_path, decoder="pytorch").model
-    expert_bytes = sum(t.numel() * 4 for k, t in state.items() if ".experts." in k)  # float32, both MoE layers
-    every = bytes_read_per_token(model, batch=100)  # a large batch runs every expert
+    layer_bytes = sum(t.numel() * 4 for k, t in state.items() if ".experts." in k) // 2  # float32, 2 MoE layers
     e, k = args.llama4.num_experts, args.llama4.top_k
-    assert every - bytes_read_per_token(model, batch=1) == expert_bytes * (e - k) // e // 2 * 2
+
+    def unread(read):  # bytes of routed experts two MoE layers do not read when each reads `read` experts
+        return 2 * (layer_bytes * (e - read) // e)
+
+    every = bytes_read_per_token(model, batch=100)  # 200 pairs: every expert may be chosen
+    assert bytes_read_per_token(model, batch=1) == every - unread(k)
+    assert bytes_read_per_token(model, batch=8) == every - unread(8 * k)  # 16 pairs > E / 3, half the experts
+    assert bytes_read_per_token(model, batch=16) == every
+    for moe in (layer.feed_forward for layer in model.layers if hasattr(layer.feed_forward, "grouped")):
+        monkeypatch.setattr(moe, "steps_traced", True)  # as --decoder compiled's float32 steps: not grouped
+    assert bytes_read_per_token(model, batch=1) == every - unread(k)
+    assert bytes_read_per_token(model, batch=8) == every
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,9 +451,11 @@ def test_grouped_experts_match_the_layer_computed_by_hand(moe32, monkeypatch, wa
         assert torch.topk(tokens.reshape(len(wanted), -1) @ moe.router_DE.weight, 2).indices.tolist() == \
             [list(w) for w in wanted]
         expected = moe_by_hand(moe, tokens)
-        with moe_paths() as paths:
+        with moe_paths() as paths, torch.profiler.profile() as profile:
             grouped = moe(tokens)
-        assert paths == {"grouped": 3, "gathered": 0, "every": 0}  # w_in, w_swiglu, w_out: one call each
+        assert paths == {"grouped": 1, "gathered": 0, "every": 0}
+        kernels = [event.name for event in profile.events() if "mm" in event.name]
+        assert kernels.count("aten::_grouped_mm") == 3 and "aten::bmm" not in kernels, kernels  # w_in, w_swiglu, w_out
         monkeypatch.setattr(moe, "grouped", (False, False))
         assert moe.gathers(2 * len(wanted))
         gathered = moe(tokens)
