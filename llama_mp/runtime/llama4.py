@@ -13,8 +13,8 @@ Llama 4 (`ModelArgs.llama4`; its checkpoint layout is checkpoints/llama4.py's).
   SwiGLU FFN stored as Meta's `mlp.fc1_weight` ([w1; w3] of each shard) and `mlp.fc2_weight`.
 
 Routing needs no host read. Where `grouped_mm_runs` says torch's grouped GEMM runs (float experts; on a
-CPU eagerly in float32, bfloat16 or float16; on an H100/H200 or Blackwell in bfloat16; traced by
-torch.compile in bfloat16 only), every call, a decode step or a prompt chunk, sorts its (token, choice)
+CPU eagerly in float32, bfloat16 or float16; on GPUs of compute capability 9.x or 10.x, H100, H200,
+B200, in bfloat16; traced by torch.compile in bfloat16 only), every call, a decode step or a prompt chunk, sorts its (token, choice)
 pairs by expert and multiplies each chosen expert's slice once by all of its pairs
 (`torch._grouped_mm`); an expert no pair chose is a group of 0 rows, which reads nothing. Elsewhere a call
 with at most E / 3 pairs (decoding a few rows) gathers the chosen experts' slices (a copy per pair) and
@@ -184,9 +184,9 @@ class MoE(nn.Module):
         return 3 * pairs <= self.num_experts
 
     def unread_bytes(self, rows: int) -> int:
-        """Bytes of routed-expert weights a decode step of `rows` rows does not read, at least: grouped, it
-        reads each chosen expert once, at most min(E, rows * top_k) of them; gathering, one slice per
-        (row, choice) pair, rows * top_k; otherwise every expert."""
+        """Bytes of routed-expert weights that a decode step of `rows` rows leaves unread, at least (the
+        step's path decides): grouped, it reads each chosen expert once, at most min(E, rows * top_k) of
+        them; gathering, one slice per (row, choice) pair, rows * top_k; otherwise every expert."""
         pairs, e = rows * self.top_k, self.num_experts
         if self.grouped[self.steps_traced]:
             read = min(e, pairs)
