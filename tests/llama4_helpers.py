@@ -11,8 +11,9 @@ from llama_mp.checkpoints.params import parse_params
 
 # 8 heads sharing 4 kv heads (1, 2 or 4 ranks). 4 layers: 0 RoPE + dense, 1 RoPE + MoE, 2 NoPE + dense,
 # 3 RoPE + MoE; chunks of 8 positions; qk norm; temperature tuning from position 3 on (floor_scale 4); top-2
-# of 32 experts (F = 48), dense FFN 176: decoding 3 rows reads 6 chosen experts (the gathering path), a
-# prompt runs every expert (the dense path).
+# of 32 experts (F = 48), dense FFN 176. In float32 on a CPU every MoE call groups its pairs by expert
+# (rows of D = 64 and F/N = 48, 24 or 12 values: 256, 192, 96 or 48 bytes, multiples of 16 on 1, 2 and 4
+# ranks); without grouping, decoding 3 rows gathers 6 chosen experts and a prompt runs every expert.
 TINY_LLAMA4 = {
     "dim": 64, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 16, "ffn_dim_multiplier": 1.0,
     "ffn_exp": 2.0, "norm_eps": 1e-5, "rope_theta": 500000.0,
@@ -32,6 +33,43 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def moe_paths():
+    """Counts the routed experts' calls by path while it is open, in this process: {"grouped": pairs grouped
+    by expert (torch._grouped_mm), "gathered": gathered experts, "every": every expert on every token}.
+    (The MoE's methods are wrapped, not torch._grouped_mm: dynamo records torch's functions when it first
+    compiles, and would take a wrapper for torch's own.)"""
+    from llama_mp.runtime.llama4 import MoE
+
+    counts = {"grouped": 0, "gathered": 0, "every": 0}
+    grouped, experts = MoE._grouped, MoE._experts
+
+    def counted_grouped(self, *args):
+        counts["grouped"] += 1
+        return grouped(self, *args)
+
+    def counted_experts(self, routed_in, which):
+        counts["every" if which is None else "gathered"] += 1
+        return experts(self, routed_in, which)
+
+    MoE._grouped, MoE._experts = counted_grouped, counted_experts
+    try:
+        yield counts
+    finally:
+        MoE._grouped, MoE._experts = grouped, experts
+
+
+def with_moe_paths(fn, *args):
+    """(fn(*args), the MoE paths it took on this rank), for run_ranks."""
+    with moe_paths() as counts:
+        out = fn(*args)
+    return out, counts
+
+
+def only_grouped(counts):
+    return counts["grouped"] > 0 and counts["gathered"] == counts["every"] == 0
 
 
 def tiny_args(vocab_size, **changes):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama4_helpers import (check_against_reference, greedy_in_slots, hf_logits_and_greedy, hf_model,
-                            logits_and_greedy, tiny_args)
+                            logits_and_greedy, moe_paths, only_grouped, tiny_args, with_moe_paths)
 from llama_mp.checkpoints import layout
 from llama_mp.checkpoints import meta as checkpoint
 from llama_mp.checkpoints.llama4 import expert_hidden_dim
@@ -228,22 +228,28 @@ def test_bad_llama4_inputs_are_one_message_each(l4, tmp_path, l4_tokenizer_path)
 
 @pytest.fixture(scope="module")
 def one_rank(l4, l4_tokenizer_path):
-    """The PyTorch decoder from the 2-shard checkpoint (with Meta's extras), the static one as a GPU gets it."""
+    """The PyTorch decoder from the 2-shard checkpoint (with Meta's extras), the static one as a GPU gets it;
+    and the MoE paths they took."""
     _, _, dirs, prompts = l4
-    return logits_and_greedy([(dirs[2], "pytorch"), (dirs[1], "gpu:static")], l4_tokenizer_path, prompts, STEPS)
+    return with_moe_paths(logits_and_greedy, [(dirs[2], "pytorch"), (dirs[1], "gpu:static")], l4_tokenizer_path,
+                          prompts, STEPS)
 
 
 def test_one_rank_matches_transformers(one_rank, reference, l4_tokenizer_path):
-    check_against_reference(one_rank, reference, Tokenizer(l4_tokenizer_path, "llama4").stop_ids)
-    assert one_rank[0][2] == one_rank[1][2]  # seeded samples: the same whatever the decoder
+    results, paths = one_rank
+    check_against_reference(results, reference, Tokenizer(l4_tokenizer_path, "llama4").stop_ids)
+    assert results[0][2] == results[1][2]  # seeded samples: the same whatever the decoder
+    assert only_grouped(paths), paths  # prompts and decode steps, every MoE call grouped by expert
 
 
 @pytest.mark.parametrize("decoder", ["pytorch", "static"])
 def test_the_servers_scattered_rows_match_transformers(l4, reference, l4_tokenizer_path, decoder):
     """Continuous batching's calls: prompts prefilled into rows 2, 0 and 1, then decoded together, out of order."""
     _, _, dirs, prompts = l4
-    ids = greedy_in_slots(dirs[1], l4_tokenizer_path, prompts, [2, 0, 1], STEPS, decoder)
+    with moe_paths() as paths:
+        ids = greedy_in_slots(dirs[1], l4_tokenizer_path, prompts, [2, 0, 1], STEPS, decoder)
     assert ids == reference[1]
+    assert only_grouped(paths), paths
 
 
 @pytest.mark.spawn  # inductor starts processes of its own
@@ -257,17 +263,27 @@ def test_the_compiled_step_decodes_transformers_ids(l4, reference, l4_tokenizer_
 
 
 @pytest.mark.spawn
-@pytest.mark.parametrize("world_size,shards", [(2, (2, 1)), (4, (4, 2))])
-def test_ranks_match_transformers_from_any_shard_count(l4, reference, one_rank, l4_tokenizer_path, world_size, shards):
-    """2 ranks from 2 and 1 shards, 4 ranks from 4 and 2: each rank holds its F/N slice of every expert."""
-    args, _, dirs, prompts = l4
-    stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
-    per_rank = run_ranks(world_size, logits_and_greedy, [(dirs[shards[0]], "static"), (dirs[shards[1]], "pytorch")],
-                         l4_tokenizer_path, prompts, STEPS)
-    for rank in per_rank:
-        check_against_reference(rank, reference, stops)
-        assert [sampled for *_, sampled in rank] == [one_rank[0][2]] * 2  # seeded samples as on one rank
-    assert all(logits is None for r in per_rank[1:] for logits, *_ in r)  # gathered on rank 0 only
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_compiled_step_groups_by_expert_in_bfloat16_only(l4, l4_tokenizer_path, dtype):
+    """--decoder compiled: its traced step calls torch._grouped_mm in bfloat16 and not in float32 (the
+    operator's meta function takes bfloat16 only), and its logits agree with the eager decoder's, which
+    groups in both. (Seen by the profiler: a counting wrapper traced into the step would recompile it.)"""
+    from workers import build
+
+    _, _, dirs, prompts = l4
+    prompt, logits, kernels = prompts[2], [], {}
+    for decoder in ("compiled", "pytorch"):
+        model = build(dirs[1], l4_tokenizer_path, max_seq_len=16, max_batch_size=1, dtype=dtype, decoder=decoder).model
+        with torch.inference_mode():
+            model.hidden(torch.tensor([prompt[:-3]]), 0)
+            with torch.profiler.profile() as profile:  # decode steps only
+                logits.append(torch.cat([model.logits(model.hidden(torch.tensor([[prompt[pos]]]), pos))
+                                         for pos in range(len(prompt) - 3, len(prompt))], dim=1))
+        kernels[decoder] = {event.name for event in profile.events()}
+    assert ("aten::_grouped_mm" in kernels["compiled"]) == (dtype == "bfloat16")
+    assert "aten::_grouped_mm" in kernels["pytorch"]
+    scale = logits[1].abs().max().item()
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=(4e-2 if dtype == "bfloat16" else 1e-5) * scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +343,8 @@ from test_host_syncs import K, _count_steps, _mark_model, syncs  # noqa: E402,F4
 @pytest.mark.parametrize("decoder,quantize", [("pytorch", None), ("static", None), ("static", "int8")])
 def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syncs, monkeypatch, decoder,  # noqa: F811
                                                       quantize):
-    """Also with quantized experts (int8: dequantised per step, only the chosen ones while decoding)."""
+    """Through the grouped path (float experts), and with quantized experts (int8: dequantised per step,
+    only the chosen ones while decoding)."""
     from llama4_helpers import one_thread
     from workers import build
 
@@ -341,20 +358,164 @@ def test_llama4_decode_steps_read_nothing_on_the_host(l4, l4_tokenizer_path, syn
         _count_steps(monkeypatch, syncs, llama.model.decoder, ("step", "prefill"))
         real_results = llama.engine._results
         monkeypatch.setattr(llama.engine, "_results", lambda *a: (setattr(syncs, "counting", False), real_results(*a))[1])
-        with syncs:
+        with syncs, moe_paths() as paths:
             llama.generate([prompts[1], prompts[2]], 10, temperature=0)
     reads = syncs.reads()
     assert [r[1] for r in reads] == ["__bool__"] * (syncs.steps // K), reads  # the stop check only
     assert syncs.uploads() == []
+    # float experts group their pairs by expert; quantized ones are dequantised per call, never grouped
+    assert only_grouped(paths) if quantize is None else paths["grouped"] == 0 and paths["gathered"] > 0, paths
 
 
-def test_bench_counts_only_the_chosen_experts_of_a_decode_step(l4, l4_tokenizer_path):
+def test_bench_counts_only_the_chosen_experts_of_a_decode_step(l4, l4_tokenizer_path, monkeypatch):
+    """Grouped, a step of r rows reads min(E, r * top_k) experts at most; gathering (a compiled float32 step),
+    r * top_k while that is at most E / 3, else all."""
     from llama_mp.tools.bench import bytes_read_per_token
     from workers import build
 
     args, state, dirs, _ = l4
     model = build(dirs[1], l4_tokenizer_path, decoder="pytorch").model
-    expert_bytes = sum(t.numel() * 4 for k, t in state.items() if ".experts." in k)  # float32, both MoE layers
-    every = bytes_read_per_token(model, batch=100)  # a large batch runs every expert
+    layer_bytes = sum(t.numel() * 4 for k, t in state.items() if ".experts." in k) // 2  # float32, 2 MoE layers
     e, k = args.llama4.num_experts, args.llama4.top_k
-    assert every - bytes_read_per_token(model, batch=1) == expert_bytes * (e - k) // e // 2 * 2
+
+    def unread(read):  # bytes of routed experts two MoE layers do not read when each reads `read` experts
+        return 2 * (layer_bytes * (e - read) // e)
+
+    every = bytes_read_per_token(model, batch=100)  # 200 pairs: every expert may be chosen
+    assert bytes_read_per_token(model, batch=1) == every - unread(k)
+    assert bytes_read_per_token(model, batch=8) == every - unread(8 * k)  # 16 pairs > E / 3, half the experts
+    assert bytes_read_per_token(model, batch=16) == every
+    for moe in (layer.feed_forward for layer in model.layers if hasattr(layer.feed_forward, "grouped")):
+        monkeypatch.setattr(moe, "steps_traced", True)  # as --decoder compiled's float32 steps: not grouped
+    assert bytes_read_per_token(model, batch=1) == every - unread(k)
+    assert bytes_read_per_token(model, batch=8) == every
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouping (token, choice) pairs by expert
+
+
+def routed_to(moe, wanted, seed=0):
+    """Tokens [rows, 1, D] that moe's router (replaced here) sends to the experts `wanted[i]`, in that order
+    of score: row i is mostly the unit vector i, whose router row favours those experts by 1.0, 0.5, ..."""
+    g = torch.Generator().manual_seed(seed)
+    dim, e = moe.router_DE.weight.shape
+    router = torch.randn(dim, e, generator=g) * 0.01
+    tokens = torch.randn(len(wanted), 1, dim, generator=g) * 0.05
+    for i, experts in enumerate(wanted):
+        tokens[i, 0, i] += 1.0
+        for rank, expert in enumerate(experts):
+            router[i, expert] = 1.0 / (1 + rank)
+    moe.router_DE.weight.copy_(router)
+    return tokens
+
+
+def moe_by_hand(moe, tokens):
+    """The MoE layer token by token from Meta's stored experts: each chosen expert's SwiGLU on the token
+    scaled by the sigmoid of its score, plus the shared expert."""
+    from llama_mp.runtime.model import swiglu
+
+    e, dim = moe.num_experts, tokens.shape[-1]
+    w_in, w_swiglu, w_out = (getattr(moe.experts, name).weight.view(e, -1, getattr(moe.experts, name).weight.shape[1])
+                             for name in ("moe_w_in_eD_F", "moe_w_swiglu_eD_F", "moe_w_out_eF_D"))
+    rows = []
+    for x in tokens.reshape(-1, dim):
+        scores, chosen = torch.topk(x @ moe.router_DE.weight, moe.top_k)
+        y = swiglu(moe.shared_gate_up, moe.shared_down, x[None])[0]
+        for score, expert in zip(scores, chosen.tolist()):
+            routed = torch.sigmoid(score) * x
+            y = y + (torch.nn.functional.silu(routed @ w_in[expert]) * (routed @ w_swiglu[expert])) @ w_out[expert]
+        rows.append(y)
+    return torch.stack(rows).view(tokens.shape)
+
+
+@pytest.fixture(scope="module")
+def moe32(l4, l4_tokenizer_path):
+    """A float32 MoE layer of the tiny model on one rank (32 experts, top 2)."""
+    from workers import build
+
+    _, _, dirs, _ = l4
+    return build(dirs[1], l4_tokenizer_path, decoder="pytorch").model.layers[1].feed_forward
+
+
+@pytest.mark.parametrize("wanted", [
+    [(5, 7), (7, 5), (5, 7), (31, 0), (7, 30)],  # 5 and 7 chosen by 4 rows each; 27 experts by none
+    [(12, 3)] * 4,                                # every row the same two experts
+    [(0, 1), (30, 31), (15, 16)],                 # the first, last and middle groups; empty ones between
+])
+def test_grouped_experts_match_the_layer_computed_by_hand(moe32, monkeypatch, wanted):
+    moe = moe32
+    assert moe.grouped == (True, False)  # float32 on a CPU: eagerly yes, in a compiled step no
+    with torch.inference_mode():
+        tokens = routed_to(moe, wanted)
+        assert torch.topk(tokens.reshape(len(wanted), -1) @ moe.router_DE.weight, 2).indices.tolist() == \
+            [list(w) for w in wanted]
+        expected = moe_by_hand(moe, tokens)
+        with moe_paths() as paths, torch.profiler.profile() as profile:
+            grouped = moe(tokens)
+        assert paths == {"grouped": 1, "gathered": 0, "every": 0}
+        kernels = [event.name for event in profile.events() if "mm" in event.name]
+        assert kernels.count("aten::_grouped_mm") == 3 and "aten::bmm" not in kernels, kernels  # w_in, w_swiglu, w_out
+        monkeypatch.setattr(moe, "grouped", (False, False))
+        assert moe.gathers(2 * len(wanted))
+        gathered = moe(tokens)
+        monkeypatch.setattr(moe, "gathers", lambda pairs: False)
+        every = moe(tokens)
+    for out in (grouped, gathered, every):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_a_prompt_groups_by_expert_instead_of_running_every_expert(moe32, monkeypatch):
+    moe = moe32
+    x = torch.randn(2, 9, moe.router_DE.weight.shape[0], generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert not moe.gathers(x.shape[0] * x.shape[1] * moe.top_k)
+        with moe_paths() as paths:
+            grouped = moe(x)
+        assert only_grouped(paths), paths
+        expected = moe_by_hand(moe, x)
+        monkeypatch.setattr(moe, "grouped", (False, False))
+        every = moe(x)
+    torch.testing.assert_close(grouped, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(every, expected, rtol=0, atol=1e-5)
+
+
+def test_grouped_mm_runs_where_pytorch_says():
+    from llama_mp.runtime.llama4 import grouped_mm_runs
+
+    cpu = torch.device("cpu")
+    assert grouped_mm_runs(torch.float32, cpu, (64, 12), 32, traced=False)       # 48-byte rows
+    assert not grouped_mm_runs(torch.bfloat16, cpu, (64, 12), 32, traced=False)  # 24-byte rows
+    assert grouped_mm_runs(torch.bfloat16, cpu, (64, 24), 32, traced=False)
+    assert not grouped_mm_runs(torch.float32, cpu, (64, 48), 32, traced=True)    # the meta function: bf16 only
+    assert grouped_mm_runs(torch.bfloat16, cpu, (64, 48), 32, traced=True)
+    assert not grouped_mm_runs(torch.float64, cpu, (64, 48), 32, traced=False)
+    # what the CPU accepts is what the predicate says: a 24-byte bfloat16 row is refused by the kernel
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    torch._grouped_mm(torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(2, 64, 24, dtype=torch.bfloat16), offs)
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):
+        torch._grouped_mm(torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(2, 64, 12, dtype=torch.bfloat16), offs)
+
+
+@pytest.fixture(scope="module")
+def moe_bf16(l4, l4_tokenizer_path):
+    from workers import build
+
+    _, _, dirs, _ = l4
+    return build(dirs[1], l4_tokenizer_path, decoder="pytorch", dtype="bfloat16").model.layers[1].feed_forward
+
+
+@pytest.mark.parametrize("rows,seq", [(3, 1), (2, 9)])  # a decode step (gathers) and a prompt (every expert)
+def test_bfloat16_grouped_experts_match_the_other_paths(moe_bf16, monkeypatch, rows, seq):
+    moe = moe_bf16
+    assert moe.grouped == (True, True)  # bfloat16 rows of 128 and 96 bytes: eagerly and compiled
+    x = torch.randn(rows, seq, moe.router_DE.weight.shape[0], generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        x = x.to(torch.bfloat16)
+        with moe_paths() as paths:
+            grouped = moe(x)
+        assert only_grouped(paths)
+        monkeypatch.setattr(moe, "grouped", (False, False))
+        other = moe(x)
+    assert grouped.dtype == torch.bfloat16
+    torch.testing.assert_close(grouped.float(), other.float(), rtol=2e-2, atol=2e-2 * other.float().abs().max().item())

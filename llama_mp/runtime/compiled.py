@@ -79,6 +79,7 @@ class CompiledDecoder(StaticDecoder):
     there are; a later load with the same TORCHINDUCTOR_CACHE_DIR reuses inductor's compiled kernels."""
 
     packs_quantized = True
+    traces_steps = True
 
     def __init__(self, float_projection: Optional[Type[Projection]] = None, steps_per_stop_check: int = 1,
                  device_type: str = "cpu"):

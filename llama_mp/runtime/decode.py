@@ -48,6 +48,9 @@ class Decoder:
     steps_per_stop_check: int = 1
     # Whether quantized matrices multiply through packed kernels (no dequantised matrix): `plan`'s memory.
     packs_quantized: bool = False
+    # Whether decode steps run traced by torch.compile (fake tensors: an operator's meta registration, not
+    # its kernel, says what a step may call).
+    traces_steps: bool = False
 
     def __init__(self, float_projection: Optional[Type[Projection]] = None, steps_per_stop_check: int = 1):
         self.float_projection = float_projection  # None: the choice for the device it is materialized on

@@ -12,16 +12,22 @@ Llama 4 (`ModelArgs.llama4`; its checkpoint layout is checkpoints/llama4.py's).
   the ranks' partial outputs meet in one sum per layer, as in a dense FFN. Other layers are a dense
   SwiGLU FFN stored as Meta's `mlp.fc1_weight` ([w1; w3] of each shard) and `mlp.fc2_weight`.
 
-Routing needs no host read: a step with at most E / 3 (token, choice) pairs (decoding a few rows)
-gathers only the chosen experts' slices and multiplies by them; a longer call (a prompt chunk, a large
-batch) runs every expert on every token with the unchosen ones' inputs scaled by 0 (exactly Meta's
-reference), which costs E / top_k times the routed FLOPs but no data-dependent shapes.
+Routing needs no host read. Where `grouped_mm_runs` says torch's grouped GEMM runs (float experts; on a
+CPU eagerly in float32, bfloat16 or float16; on GPUs of compute capability 9.x or 10.x, H100, H200,
+B200, in bfloat16; traced by torch.compile in bfloat16 only), every call, a decode step or a prompt chunk, sorts its (token, choice)
+pairs by expert and multiplies each chosen expert's slice once by all of its pairs
+(`torch._grouped_mm`); an expert no pair chose is a group of 0 rows, which reads nothing. Elsewhere a call
+with at most E / 3 pairs (decoding a few rows) gathers the chosen experts' slices (a copy per pair) and
+multiplies by them, and a longer one runs every expert on every token with the unchosen ones' inputs
+scaled by 0 (exactly Meta's reference), which costs E / top_k times the routed FLOPs. No path has
+data-dependent shapes.
 
 Quantized (`--quantize`, or a quantized folder): attention, the dense layers and the shared expert are the
 decoder's quantized projections, like any family's; the routed experts keep their integers and scales in
 the stored layout (quant/experts.py) and each call multiplies by the dequantised matrices of the experts
 it reads (the chosen ones when it gathers, else all), `DEQUANTIZED_VALUES` float values of one matrix at
-a time at most: correct everywhere, fast nowhere, like the portable dense path. The router stays float.
+a time at most: correct everywhere, fast nowhere, like the portable dense path; they are never grouped.
+The router stays float.
 """
 
 from __future__ import annotations
@@ -57,6 +63,34 @@ def dequantized_bytes(args: ModelArgs, ranks: int, dtype_size: int) -> int:
         return 0
     per_expert = args.dim * expert_hidden_dim(args) // ranks
     return 3 * max(DEQUANTIZED_VALUES, per_expert) * (4 + dtype_size)
+
+
+def grouped_mm_runs(dtype: torch.dtype, device: torch.device, row_sizes, groups: int, traced: bool) -> bool:
+    """Whether `torch._grouped_mm` multiplies rows [pairs, K] sorted into `groups` groups by stacks
+    [groups, K, N] on `device` in `dtype` with no host read, for products whose K and N are `row_sizes`,
+    eagerly or (`traced`) inside a torch.compile trace. What PyTorch accepts (torch 2.13's CPU build, tried;
+    for CUDA its source, aten/src/ATen/native: GroupedMMUtils.h, cuda/GroupedBlas.cpp `_grouped_mm_cuda`,
+    cuda/GroupMM.cu, as stored at pytorch/pytorch 00d4eaf; not run on a GPU here):
+    - every matrix's row stride a multiple of 16 bytes (`check_valid_strides_and_return_transposed`, on
+      the CPU too); the matrices here are row-major, the stacks Meta's layout viewed as [E, K, N];
+    - CPU: float32, bfloat16 or float16, a loop of one mm per group over offsets already in host memory;
+    - CUDA: bfloat16 on compute capability 9.x or 10.x (`_scaled_mm_allowed_device(sm90_only, sm100_only)`)
+      takes the CUTLASS kernel, which reads the offsets on the device, for fewer than 1024 groups; any
+      other dtype or GPU takes `_grouped_mm_fallback`, which copies the offsets to the host (a sync per
+      call), so not here. Data pointers must be 16-byte aligned there: the stacks are whole parameters and
+      the rows fresh tensors, which the caching allocator aligns. ROCm's kernel depends on its build: not used;
+    - traced: the meta registration (torch/_meta_registrations.py, `_meta_grouped_mm_common`) accepts
+      bfloat16 only, so a compiled float32 step keeps the other paths."""
+    if any(n * dtype.itemsize % 16 for n in row_sizes):
+        return False
+    if traced and dtype != torch.bfloat16:
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda" and torch.version.hip is None:
+        return (dtype == torch.bfloat16 and groups < 1024
+                and torch.cuda.get_device_capability(device)[0] in (9, 10))
+    return False
 
 
 def layer_kind(args: ModelArgs, index: int) -> LayerKind:
@@ -115,6 +149,10 @@ class MoE(nn.Module):
         self.shared_gate_up = self.shared_down = None
         self.scheme: Optional[Scheme] = None  # how the routed experts are stored (None: in the model dtype)
         self.values_per_expert = 0
+        # Whether a call groups its pairs by expert (torch._grouped_mm), eagerly and inside a compiled step
+        # (indexed by torch.compiler.is_compiling()), and whether this model's decode steps are compiled.
+        self.grouped = (False, False)
+        self.steps_traced = False
 
     def materialize(self, decoder: "Decoder", dtype: torch.dtype, device: torch.device,
                     scheme: Optional[Scheme] = None) -> None:
@@ -123,6 +161,11 @@ class MoE(nn.Module):
         self.router_DE.weight = nn.Parameter(torch.empty(self.router_DE.weight.shape, dtype=dtype, device=device),
                                              requires_grad=False)
         self.scheme = scheme
+        dim, e = self.router_DE.weight.shape[0], self.num_experts
+        row_sizes = (dim, self.experts.moe_w_out_eF_D.weight.shape[0] // e)  # D and F/N
+        self.grouped = tuple(scheme is None and grouped_mm_runs(dtype, device, row_sizes, e, traced)
+                             for traced in (False, True))
+        self.steps_traced = decoder.traces_steps
         for name in _EXPERT_NAMES:
             holder = getattr(self.experts, name)
             rows, cols = holder.weight.shape
@@ -141,13 +184,17 @@ class MoE(nn.Module):
         return 3 * pairs <= self.num_experts
 
     def unread_bytes(self, rows: int) -> int:
-        """Bytes of routed-expert weights a decode step of `rows` rows does not read (at most rows * top_k
-        experts are chosen when it gathers; every expert is read otherwise)."""
-        if not self.gathers(rows * self.top_k):
-            return 0
+        """Bytes of routed-expert weights that a decode step of `rows` rows leaves unread, at least (the
+        step's path decides): grouped, it reads each chosen expert once, at most min(E, rows * top_k) of
+        them; gathering, one slice per (row, choice) pair, rows * top_k; otherwise every expert."""
+        pairs, e = rows * self.top_k, self.num_experts
+        if self.grouped[self.steps_traced]:
+            read = min(e, pairs)
+        else:
+            read = pairs if self.gathers(pairs) else e
         size = sum(t.numel() * t.element_size() for name in _EXPERT_NAMES
                    for t in getattr(self.experts, name).parameters())  # weights, and scales if quantized
-        return size * (self.num_experts - rows * self.top_k) // self.num_experts
+        return size * (e - read) // e
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dim, e = x.shape, x.shape[-1], self.num_experts
@@ -155,7 +202,9 @@ class MoE(nn.Module):
         scores, chosen = torch.topk(tokens @ self.router_DE.weight, self.top_k, dim=-1)  # [a, k]
         gates = torch.sigmoid(scores.float()).to(x.dtype)
         out = swiglu(self.shared_gate_up, self.shared_down, tokens)
-        if self.gathers(chosen.numel()):  # few tokens (decoding): only the chosen experts' slices are read
+        if self.grouped[torch.compiler.is_compiling()]:  # each chosen expert read once, by all its pairs
+            out = out + self._grouped(tokens, chosen, gates)
+        elif self.gathers(chosen.numel()):  # few tokens (decoding): only the chosen experts' slices are read
             routed_in = (tokens[:, None, :] * gates[..., None]).reshape(-1, 1, dim)   # [a*k, 1, D]
             out = out + self._experts(routed_in, chosen.reshape(-1)).view(tokens.shape[0], -1, dim).sum(dim=1)
         else:  # every expert on every token, the unchosen ones' inputs scaled by 0
@@ -163,6 +212,25 @@ class MoE(nn.Module):
             routed_in = weights.t()[:, :, None] * tokens[None]                          # [E, a, D]
             out = out + self._experts(routed_in, None).sum(dim=0)
         return self.comm.all_sum(out.view(shape))
+
+    def _grouped(self, tokens: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """[a, D]: each token's routed experts, summed. The a*k (token, choice) pairs are sorted by expert
+        on the device and each expert's group of rows is multiplied by its slice (torch._grouped_mm;
+        `offs` holds where each group ends, so an expert no pair chose is an empty group)."""
+        e, k = self.num_experts, self.top_k
+        expert_of_pair = chosen.reshape(-1)                                           # [a*k]
+        order = torch.argsort(expert_of_pair, stable=True)
+        counts = torch.zeros(e, dtype=torch.int32, device=tokens.device).scatter_add_(
+            0, expert_of_pair, torch.ones_like(expert_of_pair, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)
+        routed_in = tokens[order // k] * gates.reshape(-1, 1)[order]                 # [a*k, D], by expert
+        w_in, w_swiglu, w_out = (self._matrices(getattr(self.experts, name), slice(None), tokens.dtype)
+                                 for name in _EXPERT_NAMES)                           # views, no copy
+        hidden = (F.silu(torch._grouped_mm(routed_in, w_in, offs))
+                  * torch._grouped_mm(routed_in, w_swiglu, offs))
+        routed_out = torch._grouped_mm(hidden, w_out, offs)                           # [a*k, D], by expert
+        by_pair = torch.empty_like(routed_out).index_copy_(0, order, routed_out)      # back in (token, choice) order
+        return by_pair.view(-1, k, routed_out.shape[-1]).sum(dim=1)
 
     def _experts(self, routed_in: torch.Tensor, which: Optional[torch.Tensor]) -> torch.Tensor:
         """[n, rows, D]: SwiGLU expert which[i] (None: expert i) of this rank's slices on routed_in[i].

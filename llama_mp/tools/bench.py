@@ -103,7 +103,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def bytes_read_per_token(model: Transformer, batch: int = 1) -> int:
     """Weights one decode step of `batch` rows streams from memory on this rank: all but the embedding
-    table, of which only one row is read, and (Llama 4) the routed experts no row chose."""
+    table, of which only one row is read, and (Llama 4) the routed experts the step's path leaves unread
+    (`MoE.unread_bytes`: grouped, at most min(E, batch * top_k) experts are read, so this is an upper
+    bound; fewer when rows choose the same experts)."""
     emb = model.tok_embeddings.weight
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     unread = sum(layer.feed_forward.unread_bytes(batch) for layer in model.layers
