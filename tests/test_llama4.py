@@ -286,6 +286,22 @@ def test_the_compiled_step_groups_by_expert_in_bfloat16_only(l4, l4_tokenizer_pa
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=(4e-2 if dtype == "bfloat16" else 1e-5) * scale)
 
 
+@pytest.mark.spawn
+@pytest.mark.parametrize("world_size,shards", [(2, (2, 1)), (4, (4, 2))])
+def test_ranks_match_transformers_from_any_shard_count(l4, reference, one_rank, l4_tokenizer_path, world_size, shards):
+    """2 ranks from 2 and 1 shards, 4 ranks from 4 and 2: each rank holds its F/N slice of every expert
+    (4 ranks: 12 values, 48 bytes a row in float32, still grouped by expert)."""
+    args, _, dirs, prompts = l4
+    stops = Tokenizer(l4_tokenizer_path, "llama4").stop_ids
+    per_rank = run_ranks(world_size, with_moe_paths, logits_and_greedy,
+                         [(dirs[shards[0]], "static"), (dirs[shards[1]], "pytorch")], l4_tokenizer_path, prompts, STEPS)
+    for rank, paths in per_rank:
+        check_against_reference(rank, reference, stops)
+        assert [sampled for *_, sampled in rank] == [one_rank[0][0][2]] * 2  # seeded samples as on one rank
+        assert only_grouped(paths), paths
+    assert all(logits is None for r, _ in per_rank[1:] for logits, *_ in r)  # gathered on rank 0 only
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer and chat format
 
