@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import LlamaMPError
+from .hf import Join, same
 from .llama4 import LLAMA4_ROPE_HIGH_FREQ_FACTOR, LLAMA4_ROPE_SCALE, LLAMA4_ROPE_THETA, Llama4Args, expert_hidden_dim
 from .params import ModelArgs, ffn_field_choices, parse_params
 
@@ -210,10 +211,8 @@ def ffn_fields(raw: Dict[str, Any], dense_width: int, expert_width: int, dense: 
 # Tensors
 
 
-def joins(args: ModelArgs) -> List["Join"]:
+def joins(args: ModelArgs) -> List[Join]:
     """How each Meta tensor is made of Hugging Face ones and back (hf.Join), whole tensors, Meta's order."""
-    from .hf import Join, same
-
     l4 = args.llama4
     q, kv, dim = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.dim
     out = [Join(("tok_embeddings.weight",), ("model.embed_tokens.weight",), same, same)]
