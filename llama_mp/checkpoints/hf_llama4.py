@@ -74,13 +74,13 @@ def args_from_config(config: Dict[str, Any], where: str) -> ModelArgs:
         problems.append(f"hidden_act {c['hidden_act']!r} (Llama 4's is silu)")
     if c["attention_bias"]:
         problems.append("attention_bias true (Meta's layout has no biases)")
-    for name in ("quantization_config",):
-        if config.get(name) or c.get(name):
-            problems.append(f"{name} (quantized weights, such as Maverick's FP8 experts; convert the bfloat16 "
-                            "download)")
+    if config.get("quantization_config") or c.get("quantization_config"):
+        problems.append("quantization_config (quantized weights, such as Maverick's FP8 experts; convert the "
+                        "bfloat16 download)")
+    # Values pass as they are: parse_params checks each one's type and range, naming the field.
     raw: Dict[str, Any] = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads,
                            "n_kv_heads": c.get("num_key_value_heads") or n_heads, "vocab_size": c["vocab_size"],
-                           "norm_eps": float(c["rms_norm_eps"])}
+                           "norm_eps": c["rms_norm_eps"]}
     raw.update(_rope_fields(c, problems))
     moe_step = _every_kth("moe_layers", _moe_layers(c), n_layers, problems)
     nope = _no_rope_layers(c, n_layers, problems)
@@ -101,7 +101,7 @@ def args_from_config(config: Dict[str, Any], where: str) -> ModelArgs:
         raw["attention_chunk_size"] = chunk
     raw["use_qk_norm"] = bool(c["use_qk_norm"])
     if c["attn_temperature_tuning"]:  # transformers tests it for truth (older configs wrote 4)
-        raw.update(attn_temperature_tuning=True, floor_scale=float(c["floor_scale"]), attn_scale=float(c["attn_scale"]))
+        raw.update(attn_temperature_tuning=True, floor_scale=c["floor_scale"], attn_scale=c["attn_scale"])
     if moe_step:
         raw["moe_args"] = {"num_experts": c["num_local_experts"], "top_k": c["num_experts_per_tok"],
                            "interleave_moe_layer_step": moe_step, "capacity_factor": 1.0}
@@ -112,7 +112,7 @@ def args_from_config(config: Dict[str, Any], where: str) -> ModelArgs:
 
 def _rope_fields(c: Dict[str, Any], problems: List[str]) -> Dict[str, Any]:
     rope = {**(c.get("rope_scaling") or {}), **(c.get("rope_parameters") or {})}
-    out = {"rope_theta": float(rope.get("rope_theta") or c.get("rope_theta") or LLAMA4_ROPE_THETA)}
+    out = {"rope_theta": rope.get("rope_theta") or c.get("rope_theta") or LLAMA4_ROPE_THETA}
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind == "default":
         return out
