@@ -104,13 +104,13 @@ def test_a_compile_failure_is_one_message_naming_the_pytorch_decoder(monkeypatch
     decoder = compiled.CompiledDecoder()
     decoder.compiled = fails
     with pytest.raises(LlamaMPError) as raised:
-        decoder._run(None, torch.zeros((2, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.long), 16)
+        decoder._run(None, torch.zeros((2, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.long), None, 16)
     message = str(raised.value)
     assert "--decoder pytorch" in message and "2 cache row(s) and 16 positions" in message
     assert "CppCompileError" in message and "many lines" not in message
     decoder.compiled = lost  # a collective's failure inside a step is not a compile failure
     with pytest.raises(RuntimeError, match="Connection closed"):
-        decoder._run(None, torch.zeros((2, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.long), 16)
+        decoder._run(None, torch.zeros((2, 1), dtype=torch.long), torch.zeros((2, 1), dtype=torch.long), None, 16)
 
 
 def test_buckets_cover_every_step():

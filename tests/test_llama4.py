@@ -535,3 +535,31 @@ def test_bfloat16_grouped_experts_match_the_other_paths(moe_bf16, monkeypatch, r
         other = moe(x)
     assert grouped.dtype == torch.bfloat16
     torch.testing.assert_close(grouped.float(), other.float(), rtol=2e-2, atol=2e-2 * other.float().abs().max().item())
+
+
+@pytest.mark.parametrize("decoder", ["static", "gpu:static"])
+def test_a_static_steps_idle_rows_read_no_expert_of_their_own(l4, reference, l4_tokenizer_path, monkeypatch, decoder):
+    """The static decoder runs every cache row; rows no sequence holds follow a live row's experts with gate
+    0, so a step with one live row groups top_k experts per MoE layer, not up to rows * top_k."""
+    from llama4_helpers import one_thread
+    from llama_mp.runtime.llama4 import MoE
+    from workers import build
+
+    _, _, dirs, prompts = l4
+    k, calls, grouped = 2, [], MoE._grouped
+
+    def recording(self, tokens, chosen, gates):
+        raw = torch.topk(tokens @ self.router_DE.weight, self.top_k).indices  # the router's own choice
+        calls.append((raw, chosen.clone(), gates.clone()))
+        return grouped(self, tokens, chosen, gates)
+
+    monkeypatch.setattr(MoE, "_grouped", recording)
+    with one_thread():
+        llama = build(dirs[1], l4_tokenizer_path, max_batch_size=4, decoder=decoder)
+        ids, _ = llama.generate([prompts[1]], STEPS, temperature=0)
+    assert ids == [reference[1][1]]
+    steps = [call for call in calls if call[1].shape[0] == 4]  # 4 cache rows x 1 token: decode steps
+    assert steps
+    for raw, chosen, gates in steps:
+        assert len(set(chosen.flatten().tolist())) <= k and (gates[1:] == 0).all()  # slot 0 holds the sequence
+    assert any(len(set(raw.flatten().tolist())) > k for raw, _, _ in steps)  # the idle rows would have chosen more

@@ -66,10 +66,12 @@ def span_buckets(max_seq_len: int) -> List[int]:
     return spans + [max_seq_len]
 
 
-def _bucket_step(model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+def _bucket_step(model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor, live: Optional[torch.Tensor],
+                 span: int) -> torch.Tensor:
     """What each compiled graph is: the model's one pass over cache rows 0..count-1 (tokens and positions
-    [count, 1]), attention reading `span` positions; hidden states [count, 1, dim]."""
-    return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]))
+    [count, 1]; `live` [count], for a model with routed layers, the rows a step continues), attention reading `span` positions; hidden
+    states [count, 1, dim]."""
+    return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]), live=live)
 
 
 class CompiledDecoder(StaticDecoder):
@@ -138,18 +140,20 @@ class CompiledDecoder(StaticDecoder):
             for rows, span in self.buckets:
                 tokens = torch.zeros((rows, 1), dtype=torch.long, device=device)
                 positions = torch.full((rows, 1), model.max_seq_len - 1, dtype=torch.long, device=device)
+                live = torch.zeros(rows, dtype=torch.bool, device=device) if model.routes_rows else None
                 for _ in range(2 if self.cuda_graphs else 1):
-                    self._run(model, tokens, positions, span)
+                    self._run(model, tokens, positions, live, span)
         if self.cuda_graphs:
             torch.cuda.synchronize(device)
         self.warmup_s = time.perf_counter() - begin
         self.graphs = len(self.buckets)
 
-    def _run(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+    def _run(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor,
+             live: Optional[torch.Tensor], span: int) -> torch.Tensor:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         try:
-            return self.compiled(model, tokens, positions, span)
+            return self.compiled(model, tokens, positions, live, span)
         except COMPILE_ERRORS as e:  # what dynamo and inductor raise; a collective's failure passes as it is
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise LlamaMPError(
@@ -179,11 +183,11 @@ class CompiledDecoder(StaticDecoder):
         return self.padded_step(model, tokens, upload(slots, device), upload(positions, device), span, count)
 
     def block_step(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor,
-                   span: int) -> torch.Tensor:
+                   span: int, live: Optional[torch.Tensor]) -> torch.Tensor:
         if self.compiled is None:
             raise LlamaMPError("The compiled decoder was used before the model was loaded (its `start` compiles "
                                "the step); build the model with Llama.build.")
-        return self._run(model, tokens, positions, span)
+        return self._run(model, tokens, positions, live, span)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ class StaticDecoder(Decoder):
     compiling or graph-capturing decoder is a subclass of this one. The rows a call does not continue
     take token 0 at the cache's last position, max_seq_len - 1: no row has anything there that it will
     read before writing it (a row's last position is written by the step that first reads it), so the
-    write disturbs no sequence. Eager, it decodes the same ids as `pytorch`; its attention reads every
+    write disturbs no sequence; a model with routed layers is told which rows are live (`StepInputs.live`),
+    so those rows add no expert to what a step reads. Eager, it decodes the same ids as `pytorch`; its attention reads every
     cache row and up to twice the positions the `pytorch` decoder reads (masked)."""
 
     name = "PyTorch, static shapes"
@@ -145,14 +146,17 @@ class StaticDecoder(Decoder):
         every_token = torch.zeros((count, 1), dtype=tokens.dtype, device=tokens.device).index_copy_(0, slots, tokens)
         every_position = torch.full((count, 1), model.max_seq_len - 1, dtype=torch.long,
                                     device=tokens.device).index_copy_(0, slots, positions[:, None])
-        h = self.block_step(model, every_token, every_position, span)
+        live = (torch.zeros(count, dtype=torch.bool, device=tokens.device).index_fill_(0, slots, True)
+                if model.routes_rows else None)  # only routed layers read it
+        h = self.block_step(model, every_token, every_position, span, live)
         return h.index_select(0, slots)
 
     def block_step(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor,
-                   span: int) -> torch.Tensor:
-        """`Transformer.step` over cache rows 0..count-1, one token each (tokens, positions [count, 1]):
-        eager here, one compiled graph per shape in the `compiled` decoder (runtime/compiled.py)."""
-        return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]))
+                   span: int, live: Optional[torch.Tensor]) -> torch.Tensor:
+        """`Transformer.step` over cache rows 0..count-1, one token each (tokens, positions [count, 1]; `live`
+        [count]: the rows the call continues, for a model with routed layers): eager here, one compiled graph per shape in the `compiled`
+        decoder (runtime/compiled.py)."""
+        return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]), live=live)
 
 
 # The fewest cache positions the static decoder's attention reads (its smallest bucket).

@@ -43,7 +43,7 @@ from ..checkpoints.params import ModelArgs
 from ..distributed.collectives import Collectives
 from ..quant import experts as quantized_experts
 from ..quant.scheme import Scheme
-from .model import FeedForward, LayerKind, Weight, swiglu
+from .model import FeedForward, LayerKind, StepInputs, Weight, swiglu
 
 if TYPE_CHECKING:
     from .decode import Decoder
@@ -137,6 +137,8 @@ class MoE(nn.Module):
     `moe_w_out_eF_D` [E*F/N, dim]; quantized: integers and `scales` as quant/experts.py stores them), and
     of the shared expert."""
 
+    routes_rows = True  # a row that carries no sequence must not add experts to a step (forward)
+
     def __init__(self, args: ModelArgs, shapes, prefix: str, comm: Collectives):
         super().__init__()
         self.num_experts, self.top_k, self.comm = args.llama4.num_experts, args.llama4.top_k, comm
@@ -196,11 +198,13 @@ class MoE(nn.Module):
                    for t in getattr(self.experts, name).parameters())  # weights, and scales if quantized
         return size * (e - read) // e
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Optional[StepInputs] = None) -> torch.Tensor:
         shape, dim, e = x.shape, x.shape[-1], self.num_experts
         tokens = x.reshape(-1, dim)                                                   # [a, D]
         scores, chosen = torch.topk(tokens @ self.router_DE.weight, self.top_k, dim=-1)  # [a, k]
         gates = torch.sigmoid(scores.float()).to(x.dtype)
+        if at is not None and at.live is not None:
+            chosen, gates = self._idle_rows_follow_a_live_one(chosen, gates, at.live, shape[1])
         out = swiglu(self.shared_gate_up, self.shared_down, tokens)
         if self.grouped[torch.compiler.is_compiling()]:  # each chosen expert read once, by all its pairs
             out = out + self._grouped(tokens, chosen, gates)
@@ -212,6 +216,16 @@ class MoE(nn.Module):
             routed_in = weights.t()[:, :, None] * tokens[None]                          # [E, a, D]
             out = out + self._experts(routed_in, None).sum(dim=0)
         return self.comm.all_sum(out.view(shape))
+
+    @staticmethod
+    def _idle_rows_follow_a_live_one(chosen: torch.Tensor, gates: torch.Tensor, live: torch.Tensor, seq: int):
+        """(chosen, gates) with the tokens of rows that carry no sequence (`live` [rows] False: they only fill
+        a static step's shapes) sent to a live token's experts with gate 0: they add rows to groups that
+        are read anyway, never an expert of their own, and their outputs (which nothing reads) are 0."""
+        live_tokens = live[:, None].expand(-1, seq).reshape(-1, 1)                    # [a, 1]
+        first_live = torch.argmax(live_tokens[:, 0].to(torch.int32)).reshape(1)      # a tensor index: no host read
+        lead = chosen.index_select(0, first_live)                                     # [1, k]: a live token's
+        return torch.where(live_tokens, chosen, lead), torch.where(live_tokens, gates, torch.zeros_like(gates))
 
     def _grouped(self, tokens: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """[a, D]: each token's routed experts, summed. The a*k (token, choice) pairs are sorted by expert

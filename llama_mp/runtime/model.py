@@ -136,6 +136,9 @@ class StepInputs(NamedTuple):
                                     # None: every query sees the keys up to its own, the last seq of span
     chunk_bias: Optional[torch.Tensor] = None   # as bias, for chunked attention (Llama 4's RoPE layers)
     query_scale: Optional[torch.Tensor] = None  # [rows or 1, seq, 1, 1]: Llama 4's attention temperature
+    # [rows] bool: the rows that carry a sequence, where a call also runs rows that only fill its shapes (the
+    # static decoder's); None: every row. Routing keeps those rows off experts no sequence chose (llama4.py).
+    live: Optional[torch.Tensor] = None
 
 
 class LayerKind(NamedTuple):
@@ -222,6 +225,10 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    # Whether its output for a row depends on which rows of the call carry a sequence (`StepInputs.live`):
+    # a routed layer's does, in what it reads (runtime/llama4.py's MoE).
+    routes_rows = False
+
     def __init__(self, shapes, prefix: str, comm: Collectives):
         super().__init__()
         self.w1, self.w2, self.w3 = (Weight(shapes[f"{prefix}{name}.weight"]) for name in ("w1", "w2", "w3"))
@@ -234,7 +241,7 @@ class FeedForward(nn.Module):
         self.gate_up = decoder.projection([self.w1, self.w3], dtype, device, scheme)
         self.down = decoder.projection([self.w2], dtype, device, scheme)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Optional[StepInputs] = None) -> torch.Tensor:
         return self.comm.all_sum(swiglu(self.gate_up, self.down, x))
 
 
@@ -265,7 +272,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, at: StepInputs) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), at)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), at)
 
 
 class Transformer(nn.Module):
@@ -295,6 +302,8 @@ class Transformer(nn.Module):
                   for key, shape in layout.shard_shapes(args.with_scheme(None), self.world_size).items()}
         self.tok_embeddings = Weight(shapes["tok_embeddings.weight"])  # this rank's slice, until shared
         self.layers = nn.ModuleList(TransformerBlock(args, shapes, i, self.comm) for i in range(args.n_layers))
+        # Whether a step over rows that only fill its shapes tells the layers which rows are live.
+        self.routes_rows = any(layer.feed_forward.routes_rows for layer in self.layers)
         self.norm = RMSNorm(shapes["norm.weight"], args.norm_eps)
         self.output = Weight(shapes["output.weight"])
         self.max_batch_size = 0
@@ -412,7 +421,7 @@ class Transformer(nn.Module):
         return h if h.dtype == self.act_dtype else h.to(self.act_dtype)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, span: int, rows: CacheRows,
-             all_positions: bool = True, causal: bool = False) -> torch.Tensor:
+             all_positions: bool = True, causal: bool = False, live: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The model's one pass over new tokens, which every PyTorch decoder's decode step and every
         prefill run: tokens [n, seq], token (i, j) at position positions[i, j] (int64 [n or 1, seq], on
         the device: positions are only ever indices and compared, never read on the host) in cache row
@@ -423,7 +432,8 @@ class Transformer(nn.Module):
         continuing its rows; one new token per row at span - 1): then no mask is needed. The shapes
         depend only on n, seq, span and the block, so with them fixed this compiles into one graph
         (`torch.compile(fullgraph=True)`) and can be captured. Final normed hidden states [n, seq, dim]
-        (`all_positions`), or of each row's last token [n, 1, dim]."""
+        (`all_positions`), or of each row's last token [n, 1, dim]. `live` ([n] bool on the device, or None
+        for all) says which rows carry a sequence when the others only fill the call's shapes."""
         n, seq = tokens.shape
         h = self._embed(tokens)                                                      # [n, seq, dim]
         first = rows.first
@@ -437,7 +447,8 @@ class Transformer(nn.Module):
             chunk_bias = self._attention_bias(positions, span, rows, n, seq, chunk)
         if self.own_layers is not None:
             query_scale = self.own_layers.query_scale(self.own_fields, positions)
-        at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias, chunk_bias, query_scale)
+        at = StepInputs(self.rotation[positions], cache_rows, positions, rows, span, bias, chunk_bias, query_scale,
+                        live)
         for layer in self.layers:
             h = layer(h, at)
         return self.norm(h if all_positions else h[:, -1:])
