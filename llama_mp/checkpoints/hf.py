@@ -320,7 +320,8 @@ class HFSource:
         if self._tied and not self.config.get("tie_word_embeddings", False):
             raise LlamaMPError(f"{model_dir} has no {self._prefix + output} and its config does not tie it to the "
                                "embedding; the weights are incomplete.")
-        missing = list(dict.fromkeys(name for key in self.keys() for name in self._names(key) if name not in self._files))
+        missing = list(dict.fromkeys(name for key in self.keys() for name in self._names(key)
+                                     if name not in self._files))
         if missing:
             title = families.family_of(self.args).title
             raise LlamaMPError(f"{model_dir} lacks {len(missing)} tensor(s) a {title} model needs, e.g. "
@@ -363,10 +364,10 @@ class HFSource:
             try:
                 made = join.to_meta(*(torch.empty(shape, device="meta") for shape in shapes))
             except RuntimeError:
-                raise LlamaMPError("Hugging Face tensors " + ", ".join(f"{n} {list(sh)}" for n, sh in zip(names, shapes))
-                                   + f" do not make Meta's {', '.join(join.meta)} of this config ("
-                                   + ", ".join(f"{list(sh)}" for sh in (layout.full_shapes(self.args)[k] for k in join.meta))
-                                   + "). The files are incomplete or from different models.") from None
+                found = ", ".join(f"{n} {list(sh)}" for n, sh in zip(names, shapes))
+                wanted = ", ".join(f"{list(layout.full_shapes(self.args)[k])}" for k in join.meta)
+                raise LlamaMPError(f"Hugging Face tensors {found} do not make Meta's {', '.join(join.meta)} of this "
+                                   f"config ({wanted}). The files are incomplete or from different models.") from None
             out[key] = tuple(made[place].shape)
         return out
 

@@ -190,7 +190,8 @@ def ffn_fields(raw: Dict[str, Any], dense_width: int, expert_width: int, dense: 
             # F ~ 2/3 * ffn_exp * dim * multiplier (halved by auto_scale_F), rounded up to multiple_of
             guess = 3 * expert_width * (2 if auto else 1) / (2 * dim * base["ffn_dim_multiplier"])
             near = int(guess * dim)
-            for exp in [round(guess, digits) for digits in range(7)] + [(t + 0.5) / dim for t in range(near - 8, near + 9)]:
+            exact = [(t + 0.5) / dim for t in range(near - 8, near + 9)]  # int(exp * dim) == t
+            for exp in [round(guess, digits) for digits in range(7)] + exact:
                 if exp > 0:
                     yield {**base, "ffn_exp": exp, "auto_scale_F": auto}
 

@@ -69,8 +69,8 @@ def span_buckets(max_seq_len: int) -> List[int]:
 def _bucket_step(model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor, live: Optional[torch.Tensor],
                  span: int) -> torch.Tensor:
     """What each compiled graph is: the model's one pass over cache rows 0..count-1 (tokens and positions
-    [count, 1]; `live` [count], for a model with routed layers, the rows a step continues), attention reading `span` positions; hidden
-    states [count, 1, dim]."""
+    [count, 1]; `live` [count], for a model with routed layers, the rows a step continues), attention
+    reading `span` positions; hidden states [count, 1, dim]."""
     return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]), live=live)
 
 

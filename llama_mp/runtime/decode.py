@@ -117,8 +117,8 @@ class StaticDecoder(Decoder):
     take token 0 at the cache's last position, max_seq_len - 1: no row has anything there that it will
     read before writing it (a row's last position is written by the step that first reads it), so the
     write disturbs no sequence; a model with routed layers is told which rows are live (`StepInputs.live`),
-    so those rows add no expert to what a step reads. Eager, it decodes the same ids as `pytorch`; its attention reads every
-    cache row and up to twice the positions the `pytorch` decoder reads (masked)."""
+    so those rows add no expert to what a step reads. Eager, it decodes the same ids as `pytorch`; its
+    attention reads every cache row and up to twice the positions the `pytorch` decoder reads (masked)."""
 
     name = "PyTorch, static shapes"
 
@@ -154,8 +154,8 @@ class StaticDecoder(Decoder):
     def block_step(self, model: "Transformer", tokens: torch.Tensor, positions: torch.Tensor,
                    span: int, live: Optional[torch.Tensor]) -> torch.Tensor:
         """`Transformer.step` over cache rows 0..count-1, one token each (tokens, positions [count, 1]; `live`
-        [count]: the rows the call continues, for a model with routed layers): eager here, one compiled graph per shape in the `compiled`
-        decoder (runtime/compiled.py)."""
+        [count]: the rows the call continues, for a model with routed layers): eager here, one compiled
+        graph per shape in the `compiled` decoder (runtime/compiled.py)."""
         return model.step(tokens, positions, span, CacheRows(0, tokens.shape[0]), live=live)
 
 
