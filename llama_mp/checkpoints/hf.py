@@ -408,6 +408,20 @@ def hf_rope(args: ModelArgs) -> Tuple[dict, Optional[dict]]:
     return {**scaling, "rope_theta": args.rope_theta}, scaling
 
 
+def common_config(args: ModelArgs, dtype: torch.dtype, tie_word_embeddings: bool,
+                  special_ids: Tuple[int, List[int]]) -> dict:
+    """The config.json fields every family's transformers class reads alike: the attention's shape, the
+    vocabulary, the norm, rope's theta, the activation, the tie, the bos and stop ids and the dtype."""
+    dtype_name = str(dtype).replace("torch.", "")
+    bos, stops = special_ids
+    return {"hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "hidden_act": "silu",
+            "attention_bias": False, "tie_word_embeddings": tie_word_embeddings, "bos_token_id": bos,
+            "eos_token_id": stops[0] if len(stops) == 1 else list(stops), "torch_dtype": dtype_name,
+            "dtype": dtype_name}
+
+
 def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Optional[int] = None,
               tie_word_embeddings: bool = False, special_ids: Optional[Tuple[int, List[int]]] = None) -> dict:
     """config.json for `LlamaForCausalLM` (rope given both ways, for transformers 4.x and 5.x), or the
@@ -419,31 +433,15 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Opti
     own = hf_format(args)
     if own is not None:
         return own.hf_config(args, dtype, max_position_embeddings, tie_word_embeddings, special_ids)
-    dtype_name = str(dtype).replace("torch.", "")
     rope_parameters, rope_scaling = hf_rope(args)
-    bos, stops = special_ids
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": args.dim,
+        **common_config(args, dtype, tie_word_embeddings, special_ids),
         "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
         "rope_parameters": rope_parameters,
         "max_position_embeddings": max_position_embeddings or args.max_context or 4096,
-        "hidden_act": "silu",
-        "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": tie_word_embeddings,
-        "bos_token_id": bos,
-        "eos_token_id": stops[0] if len(stops) == 1 else list(stops),
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
     }
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import LlamaMPError
-from .hf import Join, same
+from .hf import Join, common_config, same
 from .llama4 import LLAMA4_ROPE_HIGH_FREQ_FACTOR, LLAMA4_ROPE_SCALE, LLAMA4_ROPE_THETA, Llama4Args, expert_hidden_dim
 from .params import ModelArgs, ffn_field_choices, parse_params
 
@@ -257,8 +257,6 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Opti
     if l4.floor_scale != int(l4.floor_scale):
         raise LlamaMPError(f"This Llama 4's floor_scale {l4.floor_scale:g} is not a whole number, which transformers' "
                            "Llama4TextConfig requires (an int); it cannot be written as a Hugging Face folder.")
-    dtype_name = str(dtype).replace("torch.", "")
-    bos, stops = special_ids
     rope: Dict[str, Any] = {"rope_type": "default"}
     if args.use_scaled_rope:
         rope = {"rope_type": "llama3", "factor": args.rope_scale, "high_freq_factor": args.rope_high_freq_factor,
@@ -267,16 +265,9 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Opti
     config = {
         "architectures": ["Llama4ForCausalLM"],
         "model_type": TEXT_MODEL_TYPE,
-        "hidden_size": args.dim,
+        **common_config(args, dtype, tie_word_embeddings, special_ids),
         "intermediate_size": expert_hidden_dim(args) if l4.num_experts is not None else args.ffn_hidden_dim,
         "intermediate_size_mlp": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
         "rope_parameters": {**rope, "rope_theta": args.rope_theta},
         "num_local_experts": l4.num_experts or 1,
         "num_experts_per_tok": l4.top_k,
@@ -289,14 +280,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, max_position_embeddings: Opti
         "floor_scale": int(l4.floor_scale),
         "attn_scale": l4.attn_scale,
         "max_position_embeddings": max_position_embeddings or args.max_context or 4096 * 32,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "tie_word_embeddings": tie_word_embeddings,
-        "bos_token_id": bos,
-        "eos_token_id": stops[0] if len(stops) == 1 else list(stops),
         "pad_token_id": None,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
     }
     if args.use_scaled_rope:
         config["rope_scaling"] = rope
